@@ -1,0 +1,43 @@
+"""erasus-ray: machine unlearning at scale - coreset selection, unlearning strategies, honest evaluation, on Ray."""
+
+from erasus_ray import fabric
+from erasus_ray.data import IdDataset, as_id_dataset
+from erasus_ray.errors import (
+    ErasusError,
+    InvalidConfigError,
+    InvalidDataError,
+    NonFiniteLossError,
+    TaskMismatchError,
+    UnknownNameError,
+)
+from erasus_ray.evaluation import evaluate
+from erasus_ray.selectors import SELECTORS, Coreset, Selector
+from erasus_ray.strategies import STRATEGIES, Strategy
+from erasus_ray.tasks import CausalLMTask, ClassificationTask, Task, get_task
+from erasus_ray.unlearner import ErasusUnlearner, UnlearningResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SELECTORS",
+    "STRATEGIES",
+    "CausalLMTask",
+    "ClassificationTask",
+    "Coreset",
+    "ErasusError",
+    "ErasusUnlearner",
+    "IdDataset",
+    "InvalidConfigError",
+    "InvalidDataError",
+    "NonFiniteLossError",
+    "Selector",
+    "Strategy",
+    "Task",
+    "TaskMismatchError",
+    "UnknownNameError",
+    "UnlearningResult",
+    "as_id_dataset",
+    "evaluate",
+    "fabric",
+    "get_task",
+]

@@ -1,0 +1,38 @@
+"""Offline benchmark tasks (``digits``, ``mnist5k``, ``authors``) with cached original and gold models.
+
+``load_benchmark("digits", scenario="class", seed=0)`` returns a :class:`Benchmark`: forget/retain/test splits by
+id, the task adapter, the training recipe, the original model and the gold model retrained on the retain set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from erasus_ray.benchmarks.base import Benchmark, BenchmarkSpec, TaskData, build_benchmark, cache_root
+from erasus_ray.errors import UnknownNameError
+
+# Imported lazily: ``authors`` pulls in transformers.
+BENCHMARKS: dict[str, str] = {
+    "digits": "erasus_ray.benchmarks.vision:DigitsBenchmark",
+    "mnist5k": "erasus_ray.benchmarks.vision:Mnist5kBenchmark",
+    "authors": "erasus_ray.benchmarks.authors:AuthorsBenchmark",
+}
+
+
+def get_benchmark_spec(name: str, **options: Any) -> BenchmarkSpec:
+    if name not in BENCHMARKS:
+        raise UnknownNameError(f"Unknown benchmark {name!r}. Known benchmarks: {', '.join(sorted(BENCHMARKS))}")
+    module, cls = BENCHMARKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(**options)
+
+
+def load_benchmark(
+    name: str, scenario: str | None = None, seed: int = 0, cache_dir: str | os.PathLike | None = None, **options: Any
+) -> Benchmark:
+    """Build benchmark ``name`` (data, task, recipe) and its original and gold models (cached on disk)."""
+    return build_benchmark(get_benchmark_spec(name, **options), scenario=scenario, seed=seed, cache_dir=cache_dir)
+
+
+__all__ = ["BENCHMARKS", "Benchmark", "BenchmarkSpec", "TaskData", "build_benchmark", "cache_root", "get_benchmark_spec", "load_benchmark"]

@@ -1,0 +1,170 @@
+"""Offline benchmark tasks: data, model, recipe, and the cached original and gold (retrained) models.
+
+A :class:`BenchmarkSpec` says how to build a task's data and model; :func:`load_benchmark` trains (or loads from
+the on-disk cache, keyed by a hash of the full config and seed) the *original* model on the whole training set
+and the *gold* model on the retain set with the same recipe. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from erasus_ray.training import TrainRecipe, train_model
+from erasus_ray.data import IdDataset
+from erasus_ray.errors import InvalidConfigError
+from erasus_ray.tasks import Task
+from erasus_ray.utils import seed_everything
+
+CACHE_VERSION = 1
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$ERASUS_RAY_CACHE``, else ``~/.cache/erasus-ray``."""
+    root = cache_dir or os.environ.get("ERASUS_RAY_CACHE") or Path.home() / ".cache" / "erasus-ray"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class TaskData:
+    """What a spec builds: the training set (ids = stable sample ids), the test/held-out set, the forget ids."""
+
+    train: IdDataset
+    test: IdDataset
+    forget_ids: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class BenchmarkSpec(ABC):
+    """A benchmark task. Subclasses build data and models; caching and training are shared."""
+
+    name: str = "benchmark"
+    scenarios: tuple[str, ...] = ()
+    default_scenario: str = ""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    @abstractmethod
+    def build_data(self, scenario: str, seed: int) -> TaskData: ...
+
+    @abstractmethod
+    def build_model(self, seed: int) -> nn.Module: ...
+
+    @abstractmethod
+    def make_task(self) -> Task: ...
+
+    @abstractmethod
+    def recipe(self, seed: int) -> TrainRecipe: ...
+
+    def config(self, scenario: str, seed: int) -> dict[str, Any]:
+        return {
+            "benchmark": self.name,
+            "scenario": scenario,
+            "seed": seed,
+            "options": self.options,
+            "recipe": self.recipe(seed).to_dict(),
+            "cache_version": CACHE_VERSION,
+        }
+
+
+@dataclass
+class Benchmark:
+    """A built benchmark: data splits by id, task adapter, recipe, original and gold models, and their costs."""
+
+    name: str
+    scenario: str
+    seed: int
+    task: Task
+    train: IdDataset
+    test: IdDataset
+    forget_ids: np.ndarray
+    retain_ids: np.ndarray
+    recipe: TrainRecipe
+    model_factory: Callable[[], nn.Module]
+    original: nn.Module
+    gold: nn.Module
+    seconds: dict[str, float]
+    info: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def forget(self) -> IdDataset:
+        return self.train.subset(self.forget_ids)
+
+    @property
+    def retain(self) -> IdDataset:
+        return self.train.subset(self.retain_ids)
+
+
+def _train_cached(
+    path: Path, factory: Callable[[], nn.Module], data: IdDataset, task: Task, recipe: TrainRecipe, desc: str
+) -> tuple[nn.Module, float]:
+    model = factory()
+    meta_path = path.with_suffix(".json")
+    if path.exists() and meta_path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.eval()
+        return model, float(json.loads(meta_path.read_text())["train_seconds"])
+    start = time.perf_counter()
+    train_model(model, data, task, recipe, progress=True, desc=desc)
+    seconds = time.perf_counter() - start
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    meta_path.write_text(json.dumps({"train_seconds": seconds, "n_train": len(data)}))
+    return model, seconds
+
+
+def build_benchmark(
+    spec: BenchmarkSpec, scenario: str | None = None, seed: int = 0, cache_dir: str | os.PathLike | None = None
+) -> Benchmark:
+    """Build ``spec``: data splits, then the original and gold models (trained once, then loaded from cache)."""
+    scenario = scenario or spec.default_scenario
+    if scenario not in spec.scenarios:
+        raise InvalidConfigError(f"unknown scenario {scenario!r} for {spec.name}; known: {', '.join(spec.scenarios)}")
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("ERASUS_RAY_THREADS", "1")))))
+    seed_everything(seed)
+    data = spec.build_data(scenario, seed)
+    task = spec.make_task()
+    recipe = spec.recipe(seed)
+    config = spec.config(scenario, seed)
+    key = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    root = cache_root(cache_dir)
+    forget_ids = np.sort(np.asarray(data.forget_ids, dtype=np.int64))
+    retain = data.train.exclude(forget_ids)
+
+    def factory() -> nn.Module:
+        return spec.build_model(seed)
+
+    original, t_orig = _train_cached(root / f"{spec.name}-{key}-original.pt", factory, data.train, task, recipe, "original")
+    gold, t_gold = _train_cached(root / f"{spec.name}-{key}-gold.pt", factory, retain, task, recipe, "retrain (gold)")
+    return Benchmark(
+        name=spec.name,
+        scenario=scenario,
+        seed=seed,
+        task=task,
+        train=data.train,
+        test=data.test,
+        forget_ids=forget_ids,
+        retain_ids=np.sort(retain.ids),
+        recipe=recipe,
+        model_factory=factory,
+        original=original,
+        gold=gold,
+        seconds={"train_original": t_orig, "retrain": t_gold},
+        info=data.info,
+        config=config,
+    )

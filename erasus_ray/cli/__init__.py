@@ -1,0 +1,92 @@
+"""The ``erasus-ray`` command line: ``demo``, ``unlearn --config``, ``list``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from erasus_ray.errors import ErasusError
+
+
+def _common_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from erasus_ray.cli.demo import run_demo
+
+    run_demo(
+        benchmark=args.task,
+        scenario=args.scenario,
+        strategy=args.strategy,
+        selector=args.selector,
+        fraction=args.fraction,
+        seed=args.seed,
+        out=Path(args.out),
+        progress=not args.no_progress,
+        variant=args.variant,
+    )
+    return 0
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from erasus_ray.cli.demo import run_config
+
+    run_config(Path(args.config), out=args.out, progress=not args.no_progress)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from erasus_ray.benchmarks import BENCHMARKS
+    from erasus_ray.selectors import SELECTORS
+    from erasus_ray.strategies import STRATEGIES
+
+    print("strategies:", ", ".join(STRATEGIES.names()))
+    print("selectors: ", ", ".join(SELECTORS.names()))
+    print("benchmarks:", ", ".join(sorted(BENCHMARKS)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="erasus-ray", description="Machine unlearning at scale: coreset selection, unlearning, evaluation against retraining.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="original vs retrain vs full-forget-set vs coreset unlearning on a bundled task")
+    demo.add_argument("--task", default="digits", choices=["digits", "mnist5k", "authors"], help="benchmark task")
+    demo.add_argument("--scenario", default=None, help="digits/mnist5k: class | random10; authors: forget01 | forget05 | forget10")
+    demo.add_argument("--strategy", default=None, help="strategy (default: the task's demo default)")
+    demo.add_argument("--selector", default="el2n")
+    demo.add_argument("--fraction", type=float, default=0.1, help="coreset fraction of the forget set, in (0, 1]")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--variant", default=None, help="authors: full | ci (small, fast)")
+    demo.add_argument("--out", default="results/demo", help="output folder for results.json and the plot")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    unlearn = sub.add_parser("unlearn", help="run one configured job (YAML) and evaluate it against the gold model")
+    unlearn.add_argument("--config", required=True, help="job YAML (see examples/configs/)")
+    unlearn.add_argument("--out", default=None, help="output folder (default: the config's 'output' or results/<benchmark>)")
+    unlearn.add_argument("--no-progress", action="store_true")
+    unlearn.set_defaults(func=cmd_unlearn)
+
+    lst = sub.add_parser("list", help="list registered strategies, selectors and benchmarks")
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _common_env()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ErasusError as err:
+        print(f"erasus-ray: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

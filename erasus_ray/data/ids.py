@@ -1,0 +1,178 @@
+"""Stable sample ids.
+
+Users hand us a ``Dataset``, a ``Subset`` or a ``DataLoader`` (possibly shuffled). We rebuild every one
+as an :class:`IdDataset` whose rows carry the id of the sample in the user's *base* dataset: its index,
+or the value of an ``ids`` attribute the dataset provides. Coresets, results and ledgers speak in these
+ids, never in loader positions, so selection does not depend on the order a loader happens to yield.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from erasus_ray.errors import InvalidDataError
+
+
+class IdDataset(Dataset):
+    """A view of ``base`` whose row ``j`` is ``(ids[j], base[positions[j]])``.
+
+    Args:
+        base: any indexable dataset (not a ``Subset``; :func:`as_id_dataset` unwraps those).
+        positions: rows of ``base`` in this view.
+        ids: the stable id of each row (unique integers).
+    """
+
+    def __init__(self, base: Any, positions: Sequence[int] | np.ndarray, ids: Sequence[int] | np.ndarray) -> None:
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        ids = np.asarray(ids).reshape(-1)
+        if ids.dtype.kind not in "iu":
+            raise InvalidDataError(f"sample ids must be integers, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        if len(ids) != len(positions):
+            raise InvalidDataError(f"{len(ids)} ids for {len(positions)} rows")
+        if len(np.unique(ids)) != len(ids):
+            values, counts = np.unique(ids, return_counts=True)
+            raise InvalidDataError(f"sample ids must be unique; repeated: {values[counts > 1][:10].tolist()}")
+        self.base = base
+        self.positions = positions
+        self._ids = ids
+        self._row_of: dict[int, int] | None = None
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The stable ids of the rows, in row order (read-only copy semantics: do not mutate)."""
+        return self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, row: int) -> tuple[int, Any]:
+        return int(self._ids[row]), self.base[int(self.positions[row])]
+
+    def row_of(self) -> dict[int, int]:
+        if self._row_of is None:
+            self._row_of = {int(i): r for r, i in enumerate(self._ids)}
+        return self._row_of
+
+    def subset(self, ids: Iterable[int]) -> "IdDataset":
+        """The rows with these ids, in the given order. Unknown ids raise :class:`InvalidDataError` naming them."""
+        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64).reshape(-1)
+        row_of = self.row_of()
+        missing = [int(i) for i in ids if int(i) not in row_of]
+        if missing:
+            raise InvalidDataError(
+                f"{len(missing)} id(s) are not in the dataset: {missing[:20]}{' ...' if len(missing) > 20 else ''}"
+            )
+        rows = np.fromiter((row_of[int(i)] for i in ids), dtype=np.int64, count=len(ids))
+        return IdDataset(self.base, self.positions[rows], self._ids[rows])
+
+    def exclude(self, ids: Iterable[int]) -> "IdDataset":
+        """All rows except those with these ids (ids not present are ignored)."""
+        drop = np.isin(self._ids, np.asarray(list(ids), dtype=np.int64))
+        return IdDataset(self.base, self.positions[~drop], self._ids[~drop])
+
+    def sorted(self) -> "IdDataset":
+        """Rows ordered by id: the canonical order every selector works in."""
+        order = np.argsort(self._ids, kind="stable")
+        return IdDataset(self.base, self.positions[order], self._ids[order])
+
+
+def as_id_dataset(data: Any) -> IdDataset:
+    """Rebuild a Dataset / Subset / DataLoader (or an IdDataset) as an :class:`IdDataset`.
+
+    Ids come from, in order: an existing ``IdDataset``; a ``Subset`` maps its indices through the ids of the
+    dataset it wraps; a dataset with an ``ids`` attribute uses it; otherwise a row's index is its id.
+    """
+    if isinstance(data, IdDataset):
+        return data
+    if isinstance(data, DataLoader):
+        return as_id_dataset(data.dataset)
+    if isinstance(data, Subset):
+        inner = as_id_dataset(data.dataset)
+        idx = np.asarray(list(data.indices), dtype=np.int64)
+        return IdDataset(inner.base, inner.positions[idx], inner.ids[idx])
+    if data is None:
+        raise InvalidDataError("data is None: pass a Dataset, Subset or DataLoader")
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise InvalidDataError(
+            f"cannot address samples of {type(data).__name__} by id: pass a map-style Dataset, Subset or DataLoader"
+        )
+    n = len(data)
+    ids = getattr(data, "ids", None)
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids)
+    return IdDataset(data, np.arange(n, dtype=np.int64), ids)
+
+
+def loader_batch_size(data: Any, default: int) -> int:
+    """The batch size of a user's DataLoader, or ``default`` for a plain dataset."""
+    if isinstance(data, DataLoader) and data.batch_size:
+        return int(data.batch_size)
+    return default
+
+
+@dataclass
+class Batch:
+    """A collated batch: the stable ``ids``, the task's ``data`` and optional per-sample ``weights``."""
+
+    ids: torch.Tensor
+    data: Any
+    weights: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.ids, _to_device(self.data, device), None if self.weights is None else self.weights.to(device))
+
+
+def _to_device(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return type(obj)({k: _to_device(v, device) for k, v in obj.items()}) if isinstance(obj, dict) else {
+            k: _to_device(v, device) for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def make_loader(
+    dataset: IdDataset,
+    collate: Callable[[list[Any]], Any],
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    weights: Mapping[int, float] | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """An id-carrying DataLoader over ``dataset`` that yields :class:`Batch` objects.
+
+    ``collate`` is the task adapter's collate for the underlying items; ``weights`` (id -> weight) attaches
+    per-sample weights, e.g. coreset weights.
+    """
+    if batch_size < 1:
+        raise InvalidDataError(f"batch_size must be >= 1, got {batch_size}")
+
+    def collate_fn(rows: list[tuple[int, Any]]) -> Batch:
+        ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+        w = None
+        if weights is not None:
+            w = torch.tensor([float(weights.get(int(i), 1.0)) for i in ids], dtype=torch.float32)
+        return Batch(ids=ids, data=collate([r[1] for r in rows]), weights=w)
+
+    generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=collate_fn,
+        drop_last=drop_last,
+    )

@@ -1,0 +1,173 @@
+"""One configured unlearning job on a benchmark task, evaluated against its gold (retrained) model.
+
+Shared by ``erasus-ray demo``, ``erasus-ray unlearn --config``, the benchmark scripts and (later) Ray Tune trials,
+so every number they report comes from the same code path as :class:`~erasus_ray.ErasusUnlearner`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from erasus_ray.benchmarks import BENCHMARKS, Benchmark, load_benchmark
+from erasus_ray.errors import InvalidConfigError
+from erasus_ray.evaluation import SUITES, evaluate
+from erasus_ray.selectors import SELECTORS
+from erasus_ray.strategies import STRATEGIES
+from erasus_ray.unlearner import ErasusUnlearner
+
+RUNNER_KEYS = {
+    "lr", "epochs", "optimizer", "batch_size", "retain_batch_size", "grad_clip", "precision", "forget_target", "max_steps",
+}
+
+#: Per-benchmark defaults of the demo and of configs that leave the strategy out.
+DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"strategy": "grad_diff", "selector": "el2n", "runner": {"retain_batch_size": 128}},
+    "mnist5k": {"strategy": "grad_diff", "selector": "el2n", "runner": {"retain_batch_size": 128}},
+    "authors": {"strategy": "npo", "selector": "el2n", "runner": {}},
+}
+
+
+@dataclass
+class JobConfig:
+    """A job: which benchmark, which strategy/selector/fraction, runner settings, where to write results."""
+
+    benchmark: str = "digits"
+    scenario: str | None = None
+    seed: int = 0
+    benchmark_options: dict[str, Any] = field(default_factory=dict)
+    strategy: str | None = None
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    selector: str | None = "el2n"
+    selector_params: dict[str, Any] = field(default_factory=dict)
+    fraction: float | None = 0.1
+    k: int | None = None
+    runner: dict[str, Any] = field(default_factory=dict)
+    output: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobConfig":
+        """Validate and build; errors name the offending key before anything heavy starts."""
+        if not isinstance(data, dict):
+            raise InvalidConfigError(f"a job config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "JobConfig":
+        path = Path(path)
+        if not path.exists():
+            raise InvalidConfigError(f"config file {path} does not exist")
+        return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+
+    def validate(self) -> None:
+        if self.benchmark not in BENCHMARKS:
+            raise InvalidConfigError(f"benchmark: unknown {self.benchmark!r}; known: {', '.join(sorted(BENCHMARKS))}")
+        defaults = DEMO_DEFAULTS.get(self.benchmark, {})
+        self.strategy = self.strategy or defaults.get("strategy", "grad_diff")
+        STRATEGIES.get(self.strategy)  # raises UnknownNameError with the known names
+        if self.selector is not None:
+            SELECTORS.get(self.selector)
+        if self.fraction is not None:
+            f = self.fraction
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f <= 1) or math.isnan(f):
+                raise InvalidConfigError(f"fraction: must be in (0, 1], got {f!r}")
+        bad = sorted(set(self.runner) - RUNNER_KEYS)
+        if bad:
+            raise InvalidConfigError(f"runner: unknown key(s) {bad}; known: {sorted(RUNNER_KEYS)}")
+        self.runner = {**defaults.get("runner", {}), **self.runner}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_WARM = False
+
+
+def warm_up() -> None:
+    """Pay one-time process costs before anything is timed: torch imports ``torch._dynamo`` (~3 s here) the first
+    time an optimizer is built, which would otherwise be charged to whichever run happens to come first."""
+    global _WARM
+    if not _WARM:
+        import torch
+
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+        _WARM = True
+
+
+def run_job(
+    cfg: JobConfig,
+    *,
+    bench: Benchmark | None = None,
+    gold_metrics: dict[str, float] | None = None,
+    progress: bool = True,
+    label: str | None = None,
+    fraction: float | None | str = "config",
+) -> dict[str, Any]:
+    """Run ``cfg`` and evaluate against the gold model. Returns a JSON-able row with metrics, timings and cost.
+
+    ``fraction`` overrides the config's (e.g. 1.0 for the full-forget-set reference run).
+    """
+    bench = bench or load_benchmark(cfg.benchmark, cfg.scenario, cfg.seed, **cfg.benchmark_options)
+    warm_up()
+    if gold_metrics is None:
+        gold_metrics = evaluate(bench.gold, forget=bench.forget, retain=bench.retain, test=bench.test, task=bench.task, seed=cfg.seed)
+    frac = cfg.fraction if fraction == "config" else fraction
+    unlearner = ErasusUnlearner(
+        bench.original,
+        strategy=cfg.strategy or "grad_diff",
+        selector=cfg.selector,
+        fraction=frac,
+        k=cfg.k if fraction == "config" else None,
+        task=bench.task,
+        seed=cfg.seed,
+        progress=progress,
+        selector_kwargs=cfg.selector_params,
+        model_factory=bench.model_factory,
+        recipe=bench.recipe,
+        **cfg.runner,
+        **cfg.strategy_params,
+    )
+    result = unlearner.fit(forget_data=bench.forget, retain_data=bench.retain)
+    metrics = evaluate(
+        result.model, forget=bench.forget, retain=bench.retain, test=bench.test, task=bench.task, gold_metrics=gold_metrics, seed=cfg.seed
+    )
+    result.metrics = metrics
+    return {
+        "label": label or f"{cfg.strategy}/{cfg.selector}@{frac}",
+        "benchmark": bench.name,
+        "scenario": bench.scenario,
+        "seed": cfg.seed,
+        "metrics": metrics,
+        "timings": result.timings,
+        "coreset_size": len(result.coreset),
+        "n_forget": len(bench.forget_ids),
+        "report": result.report.to_dict(),
+        "config": result.config,
+        "result": result,
+    }
+
+
+def reference_rows(bench: Benchmark, gold_metrics: dict[str, float], seed: int) -> list[dict[str, Any]]:
+    """The original and gold rows every results table starts with."""
+    original = evaluate(bench.original, forget=bench.forget, retain=bench.retain, test=bench.test, task=bench.task, gold_metrics=gold_metrics, seed=seed)
+    gold = evaluate(bench.gold, forget=bench.forget, retain=bench.retain, test=bench.test, task=bench.task, gold_metrics=gold_metrics, seed=seed)
+    return [
+        {"label": "original", "metrics": original, "timings": {"total": bench.seconds["train_original"]}, "coreset_size": 0},
+        {"label": "retrain (gold)", "metrics": gold, "timings": {"total": bench.seconds["retrain"]}, "coreset_size": 0},
+    ]
+
+
+def display_keys(bench: Benchmark) -> tuple[str, ...]:
+    return SUITES[bench.task.name].display_keys

@@ -1,0 +1,53 @@
+"""Name -> class registries for selectors and strategies.
+
+An unknown name fails with the full list of known names and the closest match, so a typo
+in a config or on the command line is fixed in one step.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Generic, Iterator, TypeVar
+
+from erasus_ray.errors import UnknownNameError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A named collection of classes (``kind`` is used in error messages)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, type[T]] = {}
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        def decorator(cls: type[T]) -> type[T]:
+            if name in self._entries and self._entries[name] is not cls:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._entries[name] = cls
+            cls.name = name  # type: ignore[attr-defined]
+            return cls
+
+        return decorator
+
+    def get(self, name: str) -> type[T]:
+        key = str(name).strip().lower().replace("-", "_")
+        if key in self._entries:
+            return self._entries[key]
+        known = sorted(self._entries)
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownNameError(f"Unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(known)}")
+
+    def create(self, name: str, **kwargs) -> T:
+        return self.get(name)(**kwargs)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())

@@ -1,0 +1,214 @@
+"""The in-process runner: executes a loss-based strategy with paired forget/retain steps.
+
+The step logic (:class:`StepExecutor`) is separate from the loop that feeds it (:class:`LocalRunner`), so the
+Ray Train and Flower runners reuse the same step on their own shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from erasus_ray.training import make_optimizer
+from erasus_ray.data import Batch, make_loader
+from erasus_ray.errors import InvalidConfigError, NonFiniteLossError
+from erasus_ray.strategies.base import Strategy, UnlearnContext
+
+
+@dataclass
+class RunnerConfig:
+    """How a strategy is executed.
+
+    Attributes:
+        epochs: passes over the forget coreset; each forget batch is paired with one retain batch.
+        lr: learning rate.
+        optimizer: ``adam`` | ``adamw`` | ``sgd``.
+        batch_size: forget batch size; ``retain_batch_size`` defaults to it.
+        grad_clip: max gradient norm (None: no clipping; the norm is still checked for NaN/inf).
+        precision: ``"32"`` or ``"bf16-mixed"`` (autocast where the device supports bf16).
+        forget_target: stop early once the accuracy on the coreset falls to or below this value.
+        max_steps: hard cap on optimizer steps.
+        progress: show a progress bar.
+        seed: seeds the shuffling of both loaders.
+    """
+
+    epochs: int = 10
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    batch_size: int = 32
+    retain_batch_size: int | None = None
+    grad_clip: float | None = None
+    precision: str = "32"
+    forget_target: float | None = None
+    max_steps: int | None = None
+    progress: bool = True
+    seed: int = 0
+
+    def validate(self) -> "RunnerConfig":
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise InvalidConfigError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InvalidConfigError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.batch_size < 1 or (self.retain_batch_size is not None and self.retain_batch_size < 1):
+            raise InvalidConfigError("batch sizes must be >= 1")
+        if self.precision not in ("32", "bf16-mixed"):
+            raise InvalidConfigError(f"precision must be '32' or 'bf16-mixed', got {self.precision!r}")
+        if self.forget_target is not None and not 0.0 <= self.forget_target <= 1.0:
+            raise InvalidConfigError(f"forget_target must be in [0, 1], got {self.forget_target!r}")
+        return self
+
+
+@dataclass
+class RunReport:
+    """What a run did: steps taken, samples touched (the cost driver), why it stopped, per-epoch logs."""
+
+    steps: int = 0
+    epochs: int = 0
+    forget_samples: int = 0
+    retain_samples: int = 0
+    stopped: str = "completed"
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cycle(loader: DataLoader) -> Iterator[Batch]:
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return
+
+
+class StepExecutor:
+    """One optimizer step of a strategy on a (forget batch, retain batch) pair. Where it runs is not its concern."""
+
+    def __init__(self, strategy: Strategy, ctx: UnlearnContext, config: RunnerConfig) -> None:
+        self.strategy = strategy
+        self.ctx = ctx
+        self.config = config
+        self.params = [p for p in ctx.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise InvalidConfigError("the model has no trainable parameters")
+        self.optimizer = make_optimizer(config.optimizer, self.params, config.lr)
+        use_bf16 = config.precision == "bf16-mixed"
+        self._autocast = (
+            (lambda: torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16))
+            if use_bf16
+            else contextlib.nullcontext
+        )
+
+    def step(self, forget: Batch | None, retain: Batch | None) -> dict[str, float]:
+        """Compute the loss, check it, backpropagate, check gradients, step. Raises NonFiniteLossError
+        *before* touching the weights if the loss or the gradient norm is NaN/inf."""
+        ctx = self.ctx
+        ctx.model.train()
+        with self._autocast():
+            loss, logs = self.strategy.loss(ctx, forget, retain)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite loss ({loss.item()})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.strategy.before_step(ctx)
+        max_norm = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"non-finite gradient norm ({norm.item()})")
+        self.optimizer.step()
+        return {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}
+
+
+@torch.no_grad()
+def coreset_accuracy(ctx: UnlearnContext, loader: DataLoader) -> float:
+    ctx.model.eval()
+    correct, total = 0.0, 0
+    for batch in loader:
+        out = ctx.forward(batch.to(ctx.device))
+        acc = out.sample_accuracy()
+        correct += float(acc.sum())
+        total += acc.numel()
+    return correct / max(total, 1)
+
+
+class LocalRunner:
+    """Runs a strategy in this process: epochs over the coreset, paired retain steps, early stop, NaN guard."""
+
+    def __init__(self, config: RunnerConfig | None = None) -> None:
+        self.config = (config or RunnerConfig()).validate()
+
+    def loaders(self, strategy: Strategy, ctx: UnlearnContext) -> tuple[DataLoader, DataLoader | None]:
+        cfg = self.config
+        forget_loader = make_loader(
+            ctx.forget, ctx.task.collate, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, weights=ctx.forget_weights
+        )
+        retain_loader = None
+        if strategy.needs_retain and ctx.retain is not None and len(ctx.retain):
+            retain_loader = make_loader(
+                ctx.retain, ctx.task.collate, batch_size=cfg.retain_batch_size or cfg.batch_size, shuffle=True, seed=cfg.seed + 1
+            )
+        return forget_loader, retain_loader
+
+    def run(self, strategy: Strategy, ctx: UnlearnContext) -> RunReport:
+        cfg = self.config
+        forget_loader, retain_loader = self.loaders(strategy, ctx)
+        executor = StepExecutor(strategy, ctx, cfg)
+        retain_iter = _cycle(retain_loader) if retain_loader is not None else None
+        report = RunReport()
+        strategy.setup(ctx)
+        total = cfg.epochs * len(forget_loader)
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=f"unlearn[{strategy.name}]", leave=False)
+        try:
+            for epoch in range(cfg.epochs):
+                sums: dict[str, float] = {}
+                n = 0
+                for forget in forget_loader:
+                    if cfg.max_steps is not None and report.steps >= cfg.max_steps:
+                        break
+                    retain = next(retain_iter) if retain_iter is not None else None
+                    logs = executor.step(forget.to(ctx.device), None if retain is None else retain.to(ctx.device))
+                    report.steps += 1
+                    report.forget_samples += len(forget)
+                    report.retain_samples += 0 if retain is None else len(retain)
+                    for k, v in logs.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{logs['loss']:.3f}")
+                report.epochs = epoch + 1
+                entry = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()}}
+                if cfg.forget_target is not None:
+                    entry["coreset_acc"] = coreset_accuracy(ctx, forget_loader)
+                report.history.append(entry)
+                if cfg.forget_target is not None and entry["coreset_acc"] <= cfg.forget_target:
+                    report.stopped = f"forget_target reached at epoch {epoch + 1}"
+                    break
+                if cfg.max_steps is not None and report.steps >= cfg.max_steps:
+                    report.stopped = f"max_steps={cfg.max_steps} reached"
+                    break
+        except NonFiniteLossError as err:
+            report.stopped = f"stopped at step {report.steps + 1}: {err}; kept the weights of the last good step"
+            warnings.warn(f"{strategy.name}: {report.stopped}", RuntimeWarning, stacklevel=2)
+        finally:
+            if bar is not None:
+                bar.close()
+        strategy.finish(ctx)
+        ctx.model.eval()
+        return report

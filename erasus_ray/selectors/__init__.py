@@ -1,0 +1,33 @@
+"""Coreset selectors. ``SELECTORS`` maps registry names to classes; ``get_selector`` builds one by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from erasus_ray.selectors.base import SELECTORS, Coreset, ScoreSelector, Selector, resolve_budget
+from erasus_ray.selectors.el2n import EL2NSelector
+from erasus_ray.selectors.gradient_norm import GradientNormSelector, per_sample_grad_norms, trainable_params
+from erasus_ray.selectors.random_subset import FullSelector, RandomSelector
+
+
+def get_selector(selector: Selector | str | None, **kwargs: Any) -> Selector:
+    """An instance from a name (``None`` means ``"full"``) or pass an instance through."""
+    if isinstance(selector, Selector):
+        return selector
+    return SELECTORS.create("full" if selector is None else selector, **kwargs)
+
+
+__all__ = [
+    "SELECTORS",
+    "Coreset",
+    "EL2NSelector",
+    "FullSelector",
+    "GradientNormSelector",
+    "RandomSelector",
+    "ScoreSelector",
+    "Selector",
+    "get_selector",
+    "per_sample_grad_norms",
+    "resolve_budget",
+    "trainable_params",
+]

@@ -1,0 +1,180 @@
+"""The selector contract: choose a coreset of forget ids.
+
+Every selector works on the forget set rebuilt as an :class:`~erasus_ray.data.IdDataset` sorted by id, scores or
+picks samples, and returns a :class:`Coreset` of *dataset ids* - never loader positions - so the result does not
+depend on how the user's loader orders or shuffles the data. Ties are broken by id.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from erasus_ray.data import IdDataset, as_id_dataset, make_loader
+from erasus_ray.errors import InvalidConfigError, InvalidDataError
+from erasus_ray.registry import Registry
+from erasus_ray.tasks import Task, get_task
+from erasus_ray.utils import model_device
+
+SELECTORS: Registry["Selector"] = Registry("selector")
+
+
+@dataclass
+class Coreset:
+    """A chosen subset of the forget set.
+
+    Attributes:
+        ids: chosen forget ids (int64), in selection order.
+        weights: one weight per chosen id: how many forget samples it stands for (``n / k`` unless the selector
+            computes its own, e.g. cluster sizes). Strategies use them normalised to mean 1.
+        scores: every forget id's score, or None for selectors without scores.
+        selector: the selector's registry name.
+        info: anything the selector wants to report (e.g. a fallback it took).
+    """
+
+    ids: np.ndarray
+    weights: np.ndarray
+    scores: dict[int, float] | None = None
+    selector: str = "full"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(len(self.ids))
+
+    def weight_map(self) -> dict[int, float]:
+        w = np.asarray(self.weights, dtype=np.float64)
+        w = w / w.mean() if len(w) and w.mean() > 0 else np.ones_like(w)
+        return {int(i): float(x) for i, x in zip(self.ids, w)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "selector": self.selector,
+            "size": len(self),
+            "ids": [int(i) for i in self.ids],
+            "weights": [float(w) for w in self.weights],
+            "scores": None if self.scores is None else {str(k): float(v) for k, v in self.scores.items()},
+            "info": self.info,
+        }
+
+    @classmethod
+    def full(cls, forget: IdDataset) -> "Coreset":
+        ids = np.sort(forget.ids)
+        return cls(ids=ids, weights=np.ones(len(ids)), scores=None, selector="full")
+
+
+def resolve_budget(n: int, k: int | None = None, fraction: float | None = None) -> int:
+    """Number of samples to select from ``n``: ``k``, or ``ceil(fraction * n)`` (at least 1), or all ``n``."""
+    if k is not None and fraction is not None:
+        raise InvalidConfigError("pass k or fraction, not both")
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InvalidConfigError(f"k must be a positive integer, got {k!r}")
+        if k > n:
+            raise InvalidConfigError(f"k={k} is larger than the forget set ({n} samples)")
+        return int(k)
+    if fraction is not None:
+        try:
+            frac = float(fraction)
+        except (TypeError, ValueError):
+            raise InvalidConfigError(f"fraction must be a number in (0, 1], got {fraction!r}") from None
+        if not (0.0 < frac <= 1.0) or math.isnan(frac):
+            raise InvalidConfigError(f"fraction must be in (0, 1], got {fraction!r}")
+        return max(1, min(n, math.ceil(frac * n - 1e-9)))
+    return n
+
+
+class Selector:
+    """Base class. Subclasses implement :meth:`_select` (or :meth:`score`, via :class:`ScoreSelector`).
+
+    The constructor only stores parameters; all work happens in :meth:`select`.
+    """
+
+    name: ClassVar[str] = "selector"
+    #: True when the selector only needs forward passes (no gradients).
+    forward_only: ClassVar[bool] = True
+
+    def __init__(self, batch_size: int = 128) -> None:
+        self.batch_size = int(batch_size)
+
+    def select(
+        self,
+        model: nn.Module,
+        forget_data: Any,
+        *,
+        task: Task | str = "auto",
+        k: int | None = None,
+        fraction: float | None = None,
+        seed: int = 0,
+        **context: Any,
+    ) -> Coreset:
+        """Choose ``k`` (or ``fraction`` of the) forget samples. Returns a :class:`Coreset` of dataset ids."""
+        forget = as_id_dataset(forget_data).sorted()
+        if len(forget) == 0:
+            raise InvalidDataError("the forget set is empty: nothing to select")
+        budget = resolve_budget(len(forget), k, fraction)
+        task = get_task(task, model)
+        was_training = model.training
+        model.eval()
+        try:
+            coreset = self._select(model, forget, task, budget, int(seed), **context)
+        finally:
+            model.train(was_training)
+        coreset.selector = self.name
+        return coreset
+
+    def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
+        raise NotImplementedError
+
+    def loader(self, forget: IdDataset, task: Task):
+        return make_loader(forget, task.collate, batch_size=self.batch_size, shuffle=False)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+class ScoreSelector(Selector):
+    """A selector that scores every forget sample and keeps the top ``budget`` (ties broken by smaller id).
+
+    ``order="high"`` keeps the highest scores, ``"low"`` the lowest.
+    """
+
+    default_order: ClassVar[str] = "high"
+
+    def __init__(self, batch_size: int = 128, order: str | None = None) -> None:
+        super().__init__(batch_size=batch_size)
+        order = order or self.default_order
+        if order not in ("high", "low"):
+            raise InvalidConfigError(f"order must be 'high' or 'low', got {order!r}")
+        self.order = order
+
+    def score(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> np.ndarray:
+        """One score per row of ``forget`` (which is sorted by id)."""
+        raise NotImplementedError
+
+    def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
+        scores = np.asarray(self.score(model, forget, task, seed, **context), dtype=np.float64)
+        if scores.shape != (len(forget),):
+            raise RuntimeError(f"{self.name} returned {scores.shape} scores for {len(forget)} samples")
+        if not np.all(np.isfinite(scores)):
+            raise InvalidDataError(f"{self.name} produced non-finite scores for ids {forget.ids[~np.isfinite(scores)][:10].tolist()}")
+        key = -scores if self.order == "high" else scores
+        order = np.lexsort((forget.ids, key))[:budget]
+        n = len(forget)
+        return Coreset(
+            ids=forget.ids[order].copy(),
+            weights=np.full(budget, n / budget),
+            scores={int(i): float(s) for i, s in zip(forget.ids, scores)},
+            info={"order": self.order},
+        )
+
+    @torch.no_grad()
+    def forward_scores(self, model: nn.Module, forget: IdDataset, task: Task, fn) -> np.ndarray:
+        """Apply ``fn(TaskOutput) -> [B]`` over the forget set in batches (no gradients)."""
+        device = model_device(model)
+        out = [fn(task.forward(model, b.to(device).data)).float().cpu() for b in self.loader(forget, task)]
+        return torch.cat(out).numpy()

@@ -1,0 +1,113 @@
+"""GraNd: the expected per-sample gradient norm (Paul, Ganguli & Dziugaite, NeurIPS 2021,
+"Deep Learning on a Data Diet: Finding Important Examples Early in Training")."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
+
+from erasus_ray.data import IdDataset
+from erasus_ray.errors import InvalidConfigError
+from erasus_ray.selectors.base import SELECTORS, ScoreSelector
+from erasus_ray.tasks import Task
+from erasus_ray.utils import model_device
+
+
+def trainable_params(model: nn.Module, scope: str | Sequence[str] = "all") -> dict[str, torch.Tensor]:
+    """Named trainable parameters in ``scope``: ``"all"``, ``"last"`` (the parameters of the last module that has
+    any, e.g. the output layer), or a list of module-name prefixes."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise InvalidConfigError("the model has no trainable parameters to take gradients of")
+    if scope == "all":
+        chosen = named
+    elif scope == "last":
+        prefix = named[-1][0].rsplit(".", 1)[0] if "." in named[-1][0] else named[-1][0]
+        chosen = [(n, p) for n, p in named if n.startswith(prefix + ".") or n == prefix]
+    else:
+        prefixes = [scope] if isinstance(scope, str) else list(scope)
+        chosen = [(n, p) for n, p in named if any(n == q or n.startswith(q + ".") for q in prefixes)]
+        if not chosen:
+            raise InvalidConfigError(f"no trainable parameters under {prefixes}")
+    return {n: p.detach() for n, p in chosen}
+
+
+def per_sample_grad_norms(
+    model: nn.Module, task: Task, data: Any, params: dict[str, torch.Tensor], chunk_size: int | None = None
+) -> torch.Tensor:
+    """``[B]`` L2 norms of each sample's loss gradient w.r.t. ``params``, with ``torch.func`` (``vmap(grad)``).
+
+    One vectorised backward per batch - no Python loop over samples. Parameters outside ``params`` are held
+    fixed at their current values.
+    """
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    buffers = dict(model.named_buffers())
+
+    def loss_one(p: dict[str, torch.Tensor], sample: Any) -> torch.Tensor:
+        one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
+        args, kwargs = task.functional_inputs(one)
+        raw = functional_call(model, ({**fixed, **p}, buffers), args, kwargs)
+        return task.dense_sample_loss(raw, one).sum()
+
+    grads = vmap(grad(loss_one), in_dims=(None, 0), chunk_size=chunk_size)(params, data)
+    sq = sum(g.reshape(g.shape[0], -1).float().pow(2).sum(1) for g in grads.values())
+    return sq.sqrt()
+
+
+@SELECTORS.register("gradient_norm")
+class GradientNormSelector(ScoreSelector):
+    """Score each forget sample by the norm of its loss gradient ``||grad_theta l(x, y)||_2`` (GraNd).
+
+    ``scope`` chooses the parameters: ``"all"`` (the paper's definition, default), ``"last"`` (the output layer,
+    DeepCore's cheap variant) or module-name prefixes. Pass ``checkpoints`` to average over several models as in
+    the paper; otherwise the current model is the single scorer.
+
+    Cost: one vectorised forward+backward per sample (``torch.func``), ~0.1-0.2x training throughput on CPU
+    (STACK.md); memory per chunk is ``chunk_size x |params|``.
+
+    Example:
+        >>> coreset = GradientNormSelector(scope="last").select(model, forget_loader, k=20)
+    """
+
+    default_order = "high"
+    forward_only = False
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        order: str | None = None,
+        scope: str | Sequence[str] = "all",
+        chunk_size: int | None = None,
+        checkpoints: Sequence[dict] | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, order=order)
+        self.scope = scope
+        self.chunk_size = chunk_size
+        self.checkpoints = list(checkpoints) if checkpoints else None
+
+    def _scores_for(self, model: nn.Module, forget: IdDataset, task: Task) -> np.ndarray:
+        params = trainable_params(model, self.scope)
+        device = model_device(model)
+        out = []
+        for batch in self.loader(forget, task):
+            norms = per_sample_grad_norms(model, task, batch.to(device).data, params, self.chunk_size)
+            out.append(norms.detach().cpu())
+        return torch.cat(out).numpy()
+
+    def score(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> np.ndarray:
+        if not self.checkpoints:
+            return self._scores_for(model, forget, task)
+        original = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            total = np.zeros(len(forget))
+            for state in self.checkpoints:
+                model.load_state_dict(state)
+                total += self._scores_for(model, forget, task)
+            return total / len(self.checkpoints)
+        finally:
+            model.load_state_dict(original)

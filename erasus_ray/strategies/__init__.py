@@ -1,0 +1,36 @@
+"""Unlearning strategies. ``STRATEGIES`` maps registry names to classes; ``get_strategy`` builds one by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
+from erasus_ray.strategies.fine_tune import FineTune
+from erasus_ray.strategies.grad_diff import GradDiff
+from erasus_ray.strategies.gradient_ascent import GradientAscent
+from erasus_ray.strategies.npo import NPO, npo_loss
+from erasus_ray.strategies.retrain import Retrain
+
+
+def get_strategy(strategy: Strategy | str, **kwargs: Any) -> Strategy:
+    """An instance from a registry name, or pass an instance through."""
+    if isinstance(strategy, Strategy):
+        if kwargs:
+            raise TypeError("hyperparameters go to the strategy's constructor when passing an instance")
+        return strategy
+    return STRATEGIES.create(strategy, **kwargs)
+
+
+__all__ = [
+    "STRATEGIES",
+    "FineTune",
+    "GradDiff",
+    "GradientAscent",
+    "NPO",
+    "Retrain",
+    "Strategy",
+    "UnlearnContext",
+    "get_strategy",
+    "npo_loss",
+    "weighted_mean",
+]

@@ -1,0 +1,126 @@
+"""The strategy contract: an objective on a paired (forget batch, retain batch) step.
+
+Following OpenUnlearning, a method is a loss and the loop is shared: a loss-based strategy defines
+:meth:`Strategy.loss` (plus optional :meth:`setup` / :meth:`before_step` / :meth:`finish` hooks) and a runner
+(:mod:`erasus_ray.runners`) executes it - in process, in Ray Train workers, or in a Flower client. Methods that
+are not losses (retraining, Fisher noise, Newton steps, shard retraining) override :meth:`unlearn` directly.
+
+Each runner step pairs one forget batch of the coreset with one retain batch drawn from a cycling retain
+iterator, so the cost of an epoch is proportional to the coreset size, not to the retain set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from erasus_ray.data import Batch, IdDataset
+from erasus_ray.errors import InvalidConfigError
+from erasus_ray.registry import Registry
+from erasus_ray.tasks import Task, TaskOutput
+
+if TYPE_CHECKING:
+    from erasus_ray.runners.local import LocalRunner, RunReport
+
+STRATEGIES: Registry["Strategy"] = Registry("strategy")
+
+
+def weighted_mean(values: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean of per-sample ``values`` weighted by the batch's coreset weights (plain mean without weights)."""
+    if batch.weights is None:
+        return values.mean()
+    w = batch.weights.to(values.device, values.dtype)
+    return (values * w).sum() / w.sum().clamp_min(1e-12)
+
+
+@dataclass
+class UnlearnContext:
+    """Everything a strategy may read during a run.
+
+    Attributes:
+        model: the model being unlearned (modified in place).
+        task: its task adapter.
+        forget: the forget samples the strategy runs on (the coreset), by id.
+        retain: the retain set, by id (may be None for forget-only strategies).
+        device: where the model lives.
+        seed: the run's seed.
+        full_forget: the whole forget set (for strategies or monitors that need it; never iterated by default).
+        model_factory: builds a fresh, untrained model (used by ``retrain``).
+        recipe: the original training recipe (used by ``retrain``).
+        state: scratch space for the strategy (reference outputs, masks, ...).
+    """
+
+    model: nn.Module
+    task: Task
+    forget: IdDataset
+    retain: IdDataset | None
+    device: torch.device
+    seed: int = 0
+    full_forget: IdDataset | None = None
+    model_factory: Callable[[], nn.Module] | None = None
+    recipe: Any = None
+    forget_weights: dict[int, float] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def forward(self, batch: Batch, *, model: nn.Module | None = None, features: bool = False) -> TaskOutput:
+        return self.task.forward(model or self.model, batch.data, features=features)
+
+
+class Strategy:
+    """Base class for unlearning strategies.
+
+    Class attributes say how the runner drives it:
+        needs_retain: a retain batch is paired with every forget step (error if no retain data is given).
+        uses_forget: the objective reads the forget batch (False only for retain-only baselines).
+        default_lr / default_epochs: used when the caller does not set them; chosen so that the defaults
+            measurably unlearn a converged model (see the effect tests).
+    """
+
+    name: ClassVar[str] = "strategy"
+    needs_retain: ClassVar[bool] = False
+    uses_forget: ClassVar[bool] = True
+    default_lr: ClassVar[float] = 1e-3
+    default_epochs: ClassVar[int] = 10
+    default_optimizer: ClassVar[str] = "adam"
+    #: Only for these task names (None: any task).
+    supported_tasks: ClassVar[tuple[str, ...] | None] = None
+
+    def __init__(self, **hparams: Any) -> None:
+        if hparams:
+            raise InvalidConfigError(f"{self.name} got unknown hyperparameters: {sorted(hparams)}")
+
+    # --- hooks -----------------------------------------------------------------------------------------
+    def setup(self, ctx: UnlearnContext) -> None:
+        """Called once before the first step (reference outputs, masks, Fisher, ...)."""
+
+    def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective of one paired step; returns ``(loss, logs)``. Minimised by the runner."""
+        raise NotImplementedError(f"{self.name} is not loss-based; it overrides unlearn()")
+
+    def before_step(self, ctx: UnlearnContext) -> None:
+        """Called after backward, before the optimizer step (e.g. to mask gradients)."""
+
+    def finish(self, ctx: UnlearnContext) -> None:
+        """Called once after the last step."""
+
+    # --- entry point -----------------------------------------------------------------------------------
+    def unlearn(self, ctx: UnlearnContext, runner: "LocalRunner") -> "RunReport":
+        """Run the strategy. Loss-based strategies let the runner drive them; others override this."""
+        return runner.run(self, ctx)
+
+    def hparams(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def check_range(self, name: str, value: float, low: float, high: float, *, low_open: bool = False) -> float:
+        value = float(value)
+        ok = (value > low if low_open else value >= low) and value <= high
+        if not ok:
+            bracket = "(" if low_open else "["
+            raise InvalidConfigError(f"{self.name}: {name}={value} is outside {bracket}{low}, {high}]")
+        return value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hparams().items())})"

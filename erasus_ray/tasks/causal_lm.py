@@ -1,0 +1,119 @@
+"""Adapter for Hugging Face causal LMs (GPT-2, Llama, ...): dict batches, shifted labels, masked padding.
+
+Items are dicts with ``input_ids`` and optionally ``attention_mask``, ``labels`` (``-100`` = not supervised) and
+``answer_start`` (index of the first answer token, for answer-only loss and for prompting generation).
+Position ``t``'s logits predict token ``t+1``; padding and ``-100`` labels are never supervised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from erasus_ray.errors import TaskMismatchError
+from erasus_ray.tasks.base import Task, TaskOutput
+
+IGNORE = -100
+
+
+class CausalLMTask(Task):
+    """Causal language modelling: one prediction unit per supervised (shifted) label token.
+
+    Args:
+        pad_token_id: id used to right-pad ``input_ids`` (its positions get attention 0 and label -100).
+        answer_only: when an item has ``answer_start``, supervise only tokens from there on.
+    """
+
+    name = "causal_lm"
+
+    def __init__(self, pad_token_id: int = 0, answer_only: bool = True) -> None:
+        self.pad_token_id = int(pad_token_id)
+        self.answer_only = answer_only
+
+    def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        if not isinstance(items[0], dict) or "input_ids" not in items[0]:
+            raise TaskMismatchError("causal_lm items must be dicts with 'input_ids'")
+        seqs = [torch.as_tensor(it["input_ids"], dtype=torch.long).reshape(-1) for it in items]
+        length = max(len(s) for s in seqs)
+        n = len(seqs)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((n, length), dtype=torch.long)
+        labels = torch.full((n, length), IGNORE, dtype=torch.long)
+        answer_start = torch.zeros(n, dtype=torch.long)
+        for row, (item, seq) in enumerate(zip(items, seqs)):
+            m = len(seq)
+            input_ids[row, :m] = seq
+            mask = item.get("attention_mask")
+            attention[row, :m] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long).reshape(-1)
+            lab = item.get("labels")
+            lab = seq.clone() if lab is None else torch.as_tensor(lab, dtype=torch.long).reshape(-1)
+            lab = torch.where(attention[row, :m] > 0, lab, torch.full_like(lab, IGNORE))
+            start = int(item.get("answer_start", 0))
+            answer_start[row] = start
+            if self.answer_only and start > 0:
+                lab[:start] = IGNORE
+            labels[row, :m] = lab
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "answer_start": answer_start}
+
+    def model_inputs(self, data: Any) -> tuple[tuple, dict]:
+        return (), {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]}
+
+    def functional_inputs(self, data: Any) -> tuple[tuple, dict]:
+        # Padding is on the right and attention is causal, so a sample's supervised logits are the same with or
+        # without the mask; dropping it avoids the mask-building control flow that vmap cannot trace.
+        return (), {"input_ids": data["input_ids"]}
+
+    def batch_size(self, data: Any) -> int:
+        return int(data["input_ids"].shape[0])
+
+    @staticmethod
+    def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, cols)`` of logits positions that are supervised, i.e. where ``labels[:, 1:] != -100``."""
+        shifted = labels[:, 1:]
+        rows, cols = (shifted != IGNORE).nonzero(as_tuple=True)
+        return rows, cols
+
+    def read_output(self, raw: Any, data: Any, *, features: torch.Tensor | None = None) -> TaskOutput:
+        logits = getattr(raw, "logits", raw)
+        labels = data["labels"].to(logits.device) if isinstance(logits, torch.Tensor) else None
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.shape[:2] != labels.shape:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(raw).__name__
+            raise TaskMismatchError(
+                f"causal_lm task expects logits [B, T, V] matching input_ids {tuple(data['input_ids'].shape)}; got {shape}"
+            )
+        rows, cols = self.shifted_targets(labels)
+        targets = labels[rows, cols + 1]
+        if targets.numel() and int(targets.max()) >= logits.shape[-1]:
+            raise TaskMismatchError(f"label token {int(targets.max())} >= vocabulary size {logits.shape[-1]}")
+        return TaskOutput(logits[rows, cols], targets, rows, int(labels.shape[0]), features)
+
+    def dense_sample_loss(self, raw: Any, data: Any) -> torch.Tensor:
+        logits = getattr(raw, "logits", raw)[:, :-1].float()
+        labels = data["labels"][:, 1:]
+        mask = (labels != IGNORE).float()
+        unit = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1), reduction="none"
+        ).view_as(mask)
+        return (unit * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    def _forward_with_features(self, model: nn.Module, args: tuple, kwargs: dict, data: Any) -> TaskOutput:
+        raw = model(*args, **kwargs, output_hidden_states=True)
+        hidden = raw.hidden_states[-1]
+        labels = data["labels"].to(hidden.device)
+        # Mean of the final hidden state over the positions that predict supervised tokens.
+        mask = torch.zeros_like(labels, dtype=hidden.dtype)
+        mask[:, :-1] = (labels[:, 1:] != IGNORE).to(hidden.dtype)
+        empty = mask.sum(1) == 0
+        mask[empty] = data["attention_mask"].to(hidden.device)[empty].to(hidden.dtype)
+        feats = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        return self.read_output(raw, data, features=feats)
+
+    def prompts(self, data: Any) -> list[torch.Tensor]:
+        """The prompt (tokens before ``answer_start``) of each row, for generation."""
+        out = []
+        for row in range(data["input_ids"].shape[0]):
+            start = int(data["answer_start"][row])
+            out.append(data["input_ids"][row, :start] if start > 0 else data["input_ids"][row, :1])
+        return out

@@ -1,0 +1,90 @@
+"""Adapter for classifiers: items are ``(x, y)``, the model maps ``x`` to ``[B, C]`` logits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import default_collate
+
+from erasus_ray.errors import TaskMismatchError
+from erasus_ray.tasks.base import Task, TaskOutput
+
+
+def _logits_of(raw: Any) -> torch.Tensor:
+    if isinstance(raw, torch.Tensor):
+        return raw
+    logits = getattr(raw, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], torch.Tensor):
+        return raw[0]
+    raise TaskMismatchError(
+        f"classification task expects the model to return logits [B, C]; got {type(raw).__name__}"
+    )
+
+
+class ClassificationTask(Task):
+    """Classification: one prediction unit per sample.
+
+    Args:
+        head: name of the module whose *input* is the penultimate feature (default: the last ``nn.Linear``).
+    """
+
+    name = "classification"
+
+    def __init__(self, head: str | None = None) -> None:
+        self.head = head
+
+    def collate(self, items: list[Any]) -> Any:
+        x, y = default_collate(items)[:2] if isinstance(items[0], (tuple, list)) else (None, None)
+        if x is None:
+            raise TaskMismatchError("classification items must be (input, label) pairs")
+        return x, torch.as_tensor(y).long()
+
+    def model_inputs(self, data: Any) -> tuple[tuple, dict]:
+        return (data[0],), {}
+
+    def labels_of(self, data: Any) -> torch.Tensor:
+        return data[1]
+
+    def read_output(self, raw: Any, data: Any, *, features: torch.Tensor | None = None) -> TaskOutput:
+        logits = _logits_of(raw)
+        targets = data[1].to(logits.device)
+        if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
+            raise TaskMismatchError(
+                f"classification task expects logits of shape [B, C] with B={targets.shape[0]}; "
+                f"the model returned {tuple(logits.shape)}"
+            )
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
+            raise TaskMismatchError(
+                f"labels range over [{int(targets.min())}, {int(targets.max())}] but the model has "
+                f"{logits.shape[1]} output classes"
+            )
+        owner = torch.arange(targets.shape[0], device=logits.device)
+        return TaskOutput(logits, targets, owner, int(targets.shape[0]), features)
+
+    def dense_sample_loss(self, raw: Any, data: Any) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(_logits_of(raw).float(), data[1], reduction="none")
+
+    def head_module(self, model: nn.Module) -> nn.Module:
+        if self.head is not None:
+            return model.get_submodule(self.head)
+        last = None
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                last = module
+        if last is None:
+            raise TaskMismatchError("no nn.Linear head found for features; pass ClassificationTask(head='name')")
+        return last
+
+    def _forward_with_features(self, model: nn.Module, args: tuple, kwargs: dict, data: Any) -> TaskOutput:
+        captured: list[torch.Tensor] = []
+        handle = self.head_module(model).register_forward_hook(lambda m, i, o: captured.append(i[0]))
+        try:
+            raw = model(*args, **kwargs)
+        finally:
+            handle.remove()
+        feats = captured[-1].flatten(1)
+        return self.read_output(raw, data, features=feats)

@@ -1,0 +1,262 @@
+"""``ErasusUnlearner``: select a coreset of the forget set, run a strategy on it, report what happened.
+
+Data flows one way: forget ids -> selector -> coreset (ids, weights, scores) -> strategy run by a runner ->
+unlearned model -> :class:`UnlearningResult` (JSON). Evaluation against the retrained model is
+:func:`erasus_ray.evaluation.evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from erasus_ray.data import IdDataset, as_id_dataset, loader_batch_size, make_loader
+from erasus_ray.errors import InvalidConfigError, InvalidDataError
+from erasus_ray.runners import LocalRunner, RunnerConfig, RunReport
+from erasus_ray.selectors import Coreset, Selector, get_selector, resolve_budget
+from erasus_ray.strategies import Strategy, UnlearnContext, get_strategy
+from erasus_ray.tasks import Task, get_task
+from erasus_ray.utils import Timer, clone_model, model_device, model_hash, seed_everything
+
+
+@dataclass
+class UnlearningResult:
+    """The outcome of :meth:`ErasusUnlearner.fit`.
+
+    Attributes:
+        model: the unlearned model (a copy unless ``inplace=True``).
+        coreset: the forget ids the strategy ran on, their weights and every forget id's score.
+        timings: seconds for ``select``, ``unlearn`` and ``total``.
+        config: everything needed to re-run it (strategy, selector, fraction, seed, runner settings).
+        report: steps, samples touched, why it stopped, per-epoch logs.
+        metrics: filled by callers that evaluate (e.g. the demo).
+    """
+
+    model: nn.Module
+    coreset: Coreset
+    timings: dict[str, float]
+    config: dict[str, Any]
+    report: RunReport
+    model_hash_before: str = ""
+    model_hash_after: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "coreset": self.coreset.to_dict(),
+            "timings": self.timings,
+            "report": self.report.to_dict(),
+            "model_hash_before": self.model_hash_before,
+            "model_hash_after": self.model_hash_after,
+            "metrics": self.metrics,
+        }
+
+    def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        text = json.dumps(self.to_dict(), indent=indent, default=_json_default)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return repr(obj)
+
+
+def check_model_fits(model: nn.Module, task: Task, data: IdDataset) -> None:
+    """One forward pass on the first two samples; raises TaskMismatchError if the output does not fit the task."""
+    batch = next(iter(make_loader(data.subset(data.ids[:2]), task.collate, batch_size=2)))
+    with torch.no_grad():
+        task.forward(model, batch.to(model_device(model)).data)
+
+
+class ErasusUnlearner:
+    """Coreset unlearning with one call.
+
+    Args:
+        model: the trained model to unlearn from.
+        strategy: a registry name (see ``erasus_ray.strategies.STRATEGIES``) or a :class:`Strategy`.
+        selector: a registry name, a :class:`Selector`, or None for the full forget set.
+        fraction: coreset size as a fraction of the forget set in (0, 1]; 1.0 means the full forget set.
+        k: coreset size as a count (instead of ``fraction``).
+        task: a task adapter or ``"classification"`` / ``"causal_lm"`` / ``"auto"``.
+        seed: seeds selection, shuffling and any noise.
+        lr, epochs, optimizer: runner settings; None uses the strategy's defaults.
+        batch_size, retain_batch_size, grad_clip, precision, forget_target, max_steps, progress: see
+            :class:`~erasus_ray.runners.RunnerConfig`.
+        inplace: modify ``model`` itself instead of a copy.
+        selector_kwargs: constructor arguments of the selector.
+        model_factory, recipe: how to build and train a fresh model (used by ``retrain``).
+        **strategy_kwargs: hyperparameters of the strategy (e.g. ``beta=0.1`` for NPO).
+
+    Example:
+        >>> result = ErasusUnlearner(model, strategy="grad_diff", selector="el2n", fraction=0.1).fit(
+        ...     forget_data=forget_loader, retain_data=retain_loader)
+        >>> result.coreset.ids, result.timings["total"]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: Strategy | str = "grad_diff",
+        selector: Selector | str | None = "el2n",
+        fraction: float | None = 0.1,
+        *,
+        k: int | None = None,
+        task: Task | str = "auto",
+        seed: int = 0,
+        lr: float | None = None,
+        epochs: int | None = None,
+        optimizer: str | None = None,
+        batch_size: int | None = None,
+        retain_batch_size: int | None = None,
+        grad_clip: float | None = None,
+        precision: str = "32",
+        forget_target: float | None = None,
+        max_steps: int | None = None,
+        progress: bool = True,
+        inplace: bool = False,
+        device: str | torch.device | None = None,
+        selector_kwargs: dict[str, Any] | None = None,
+        model_factory: Callable[[], nn.Module] | None = None,
+        recipe: Any = None,
+        **strategy_kwargs: Any,
+    ) -> None:
+        self.model = model
+        self.strategy = get_strategy(strategy, **strategy_kwargs)
+        self.selector = None if selector is None else get_selector(selector, **(selector_kwargs or {}))
+        if k is not None:
+            fraction = None
+        if fraction is not None:
+            resolve_budget(1, fraction=fraction)  # validates the range now, not after training data is loaded
+        self.fraction = fraction
+        self.k = k
+        self.task = get_task(task, model)
+        if self.strategy.supported_tasks is not None and self.task.name not in self.strategy.supported_tasks:
+            raise InvalidConfigError(
+                f"strategy {self.strategy.name!r} supports tasks {list(self.strategy.supported_tasks)}, not {self.task.name!r}"
+            )
+        self.seed = int(seed)
+        self.runner_kwargs = dict(
+            lr=lr,
+            epochs=epochs,
+            optimizer=optimizer,
+            batch_size=batch_size,
+            retain_batch_size=retain_batch_size,
+            grad_clip=grad_clip,
+            precision=precision,
+            forget_target=forget_target,
+            max_steps=max_steps,
+            progress=progress,
+        )
+        self.inplace = inplace
+        self.device = device
+        self.model_factory = model_factory
+        self.recipe = recipe
+
+    def runner_config(self, forget_data: Any, epochs: int | None) -> RunnerConfig:
+        kw = dict(self.runner_kwargs)
+        kw["epochs"] = epochs or kw["epochs"] or self.strategy.default_epochs
+        kw["lr"] = kw["lr"] or self.strategy.default_lr
+        kw["optimizer"] = kw["optimizer"] or self.strategy.default_optimizer
+        kw["batch_size"] = kw["batch_size"] or loader_batch_size(forget_data, 32)
+        return RunnerConfig(seed=self.seed, **kw).validate()
+
+    def _coreset(self, model: nn.Module, forget: IdDataset, retain: IdDataset | None) -> Coreset:
+        full = self.selector is None or (self.k is None and (self.fraction is None or float(self.fraction) == 1.0))
+        if full:
+            return Coreset.full(forget)
+        assert self.selector is not None
+        return self.selector.select(
+            model, forget, task=self.task, k=self.k, fraction=self.fraction, seed=self.seed, retain=retain
+        )
+
+    def fit(
+        self, forget_data: Any, retain_data: Any = None, *, epochs: int | None = None, coreset: Coreset | None = None
+    ) -> UnlearningResult:
+        """Select a coreset of ``forget_data`` and unlearn it, keeping ``retain_data``.
+
+        ``forget_data`` / ``retain_data``: a Dataset, Subset or DataLoader (over a Subset of the same base dataset,
+        sample ids are the base indices). ``coreset``: reuse an earlier selection instead of selecting again.
+        """
+        forget = as_id_dataset(forget_data).sorted()
+        if len(forget) == 0:
+            raise InvalidDataError("the forget set is empty: nothing to unlearn")
+        retain = None if retain_data is None else as_id_dataset(retain_data)
+        if retain is not None and retain.base is forget.base:
+            overlap = np.intersect1d(forget.ids, retain.ids)
+            if len(overlap):
+                raise InvalidDataError(
+                    f"{len(overlap)} id(s) are in both the forget and the retain set: {overlap[:20].tolist()}"
+                )
+        if self.strategy.needs_retain and (retain is None or len(retain) == 0):
+            raise InvalidDataError(f"strategy {self.strategy.name!r} needs retain_data")
+        config = self.runner_config(forget_data, epochs)
+
+        model = self.model if self.inplace else clone_model(self.model)
+        if self.device is not None:
+            model.to(self.device)
+        check_model_fits(model, self.task, forget)
+        hash_before = model_hash(model)
+        seed_everything(self.seed)
+        timer = Timer()
+        with timer("total"):
+            with timer("select"):
+                chosen = coreset if coreset is not None else self._coreset(model, forget, retain)
+            unknown = np.setdiff1d(chosen.ids, forget.ids)
+            if len(unknown):
+                raise InvalidDataError(f"coreset ids not in the forget set: {unknown[:20].tolist()}")
+            ctx = UnlearnContext(
+                model=model,
+                task=self.task,
+                forget=forget.subset(chosen.ids),
+                retain=retain,
+                device=model_device(model),
+                seed=self.seed,
+                full_forget=forget,
+                model_factory=self.model_factory,
+                recipe=self.recipe,
+                forget_weights=chosen.weight_map(),
+            )
+            with timer("unlearn"):
+                report = self.strategy.unlearn(ctx, LocalRunner(config))
+        model.eval()
+        return UnlearningResult(
+            model=model,
+            coreset=chosen,
+            timings=dict(timer.seconds),
+            config=self.describe(config, len(forget)),
+            report=report,
+            model_hash_before=hash_before,
+            model_hash_after=model_hash(model),
+        )
+
+    def describe(self, config: RunnerConfig | None = None, n_forget: int | None = None) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {
+            "strategy": self.strategy.name,
+            "strategy_params": self.strategy.hparams(),
+            "selector": None if self.selector is None else self.selector.name,
+            "selector_params": None if self.selector is None else {k: v for k, v in vars(self.selector).items() if k != "checkpoints"},
+            "fraction": self.fraction,
+            "k": self.k,
+            "n_forget": n_forget,
+            "task": self.task.name,
+            "seed": self.seed,
+            "runner": None if config is None else asdict(config),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
