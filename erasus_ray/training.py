@@ -54,7 +54,7 @@ def train_model(
     if progress:
         from tqdm.auto import tqdm
 
-        epochs = tqdm(epochs, desc=desc, leave=False)
+        epochs = tqdm(epochs, desc=desc, leave=False, disable=None)
     for _ in epochs:
         for batch in loader:
             batch = batch.to(device)

@@ -166,7 +166,8 @@ def greedy_answers(
     return answers
 
 
-def _auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
+def membership_auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
+    """ROC AUC of attack scores, members labelled 1 (higher score = member); NaN scores dropped, NaN if one class."""
     from sklearn.metrics import roc_auc_score
 
     scores = np.concatenate([members, nonmembers])
@@ -188,11 +189,13 @@ def evaluate_lm(
     max_new_tokens: int | None = None,
     mink_k: float = 0.2,
     eos_token_id: int | None = None,
+    seed: int = 0,
 ) -> dict[str, float]:
     """TOFU-style metrics of ``model`` on the forget / retain / test sets (see the module docstring for definitions).
 
     ``max_new_tokens`` defaults to the longest reference answer (over all sets) + 2. ``eos_token_id`` defaults to
-    the model's generation / model config. The model is left in the train/eval mode it came in.
+    the model's generation / model config. ``seed`` is accepted for the common ``evaluate`` signature; decoding is
+    greedy, so nothing here is random. The model is left in the train/eval mode it came in.
     """
     sets = {name: ds for name, ds in (("forget", forget), ("retain", retain), ("test", test)) if ds is not None and len(ds)}
     was_training = model.training
@@ -214,11 +217,11 @@ def evaluate_lm(
             )
             metrics[f"{name}_rougeL"] = float(np.mean([rouge_l_recall(r, a) for r, a in zip(s["references"], answers)]))
         if "forget" in scores and "test" in scores:
-            metrics["mia_mink_auc"] = _auc(scores["forget"]["mink"], scores["test"]["mink"])
-            metrics["mia_loss_auc"] = _auc(-scores["forget"]["loss"], -scores["test"]["loss"])
+            metrics["mia_mink_auc"] = membership_auc(scores["forget"]["mink"], scores["test"]["mink"])
+            metrics["mia_loss_auc"] = membership_auc(-scores["forget"]["loss"], -scores["test"]["loss"])
     finally:
         model.train(was_training)
     return metrics
 
 
-__all__ = ["evaluate_lm", "rouge_l_recall", "mink_scores", "lm_sample_scores", "greedy_answers"]
+__all__ = ["evaluate_lm", "rouge_l_recall", "mink_scores", "membership_auc", "lm_sample_scores", "greedy_answers"]

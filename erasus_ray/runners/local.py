@@ -173,7 +173,7 @@ class LocalRunner:
         if cfg.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, desc=f"unlearn[{strategy.name}]", leave=False)
+            bar = tqdm(total=total, desc=f"unlearn[{strategy.name}]", leave=False, disable=None)
         try:
             for epoch in range(cfg.epochs):
                 sums: dict[str, float] = {}

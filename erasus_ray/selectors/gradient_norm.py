@@ -54,7 +54,8 @@ def per_sample_grad_norms(
         raw = functional_call(model, ({**fixed, **p}, buffers), args, kwargs)
         return task.dense_sample_loss(raw, one).sum()
 
-    grads = vmap(grad(loss_one), in_dims=(None, 0), chunk_size=chunk_size)(params, data)
+    with task.functional_context(model):
+        grads = vmap(grad(loss_one), in_dims=(None, 0), chunk_size=chunk_size)(params, data)
     sq = sum(g.reshape(g.shape[0], -1).float().pow(2).sum(1) for g in grads.values())
     return sq.sqrt()
 

@@ -9,9 +9,10 @@ so the same code serves both families. A new modality is a new adapter.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,10 @@ class Task(ABC):
     def functional_inputs(self, data: Any) -> tuple[tuple, dict]:
         """Inputs for one sample under ``torch.func`` (``vmap``); defaults to :meth:`model_inputs`."""
         return self.model_inputs(data)
+
+    def functional_context(self, model: nn.Module) -> ContextManager[None]:
+        """A context in which the model may be called under ``vmap`` (e.g. with data-dependent checks off)."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def read_output(self, raw: Any, data: Any, *, features: torch.Tensor | None = None) -> TaskOutput:

@@ -7,7 +7,8 @@ Position ``t``'s logits predict token ``t+1``; padding and ``-100`` labels are n
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -64,6 +65,20 @@ class CausalLMTask(Task):
         # Padding is on the right and attention is causal, so a sample's supervised logits are the same with or
         # without the mask; dropping it avoids the mask-building control flow that vmap cannot trace.
         return (), {"input_ids": data["input_ids"]}
+
+    @contextlib.contextmanager
+    def functional_context(self, model: nn.Module) -> Iterator[None]:
+        # Hugging Face models check ``pad_token_id in input_ids`` to warn about missing masks; that data-dependent
+        # check cannot run under vmap, and right padding needs no mask (see functional_inputs).
+        config = getattr(model, "config", None)
+        pad = getattr(config, "pad_token_id", None)
+        if config is not None and pad is not None:
+            config.pad_token_id = None
+        try:
+            yield
+        finally:
+            if config is not None and pad is not None:
+                config.pad_token_id = pad
 
     def batch_size(self, data: Any) -> int:
         return int(data["input_ids"].shape[0])
