@@ -1,0 +1,62 @@
+"""The command line: the demo writes its table, JSON and plot; configs are validated before work starts."""
+
+import json
+
+import pytest
+import yaml
+
+from erasus_ray.cli import main
+from erasus_ray.errors import InvalidConfigError, UnknownNameError
+from erasus_ray.experiment import JobConfig
+
+
+def test_demo_writes_results_and_plot(tmp_path, digits_class, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    labels = [r["label"] for r in doc["rows"]]
+    assert labels == ["original", "retrain (gold)", "grad_diff full", "grad_diff el2n 10%"]
+    core = doc["rows"][3]
+    assert core["coreset_size"] == 15 and core["metrics"]["forget_acc"] <= 0.05
+    assert doc["rows"][1]["metrics"]["avg_gap"] == 0.0 and doc["rows"][0]["metrics"]["avg_gap"] > 0.3
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "Avg.Gap" in out and "coreset end-to-end" in out
+
+
+def test_unlearn_config(tmp_path, digits_class):
+    cfg = {"benchmark": "digits", "scenario": "class", "strategy": "npo", "selector": "random", "fraction": 0.2,
+           "runner": {"epochs": 5}, "output": str(tmp_path / "out")}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["unlearn", "--config", str(path), "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["config"]["strategy"] == "npo" and len(doc["coreset"]["ids"]) == 30
+    assert "avg_gap" in doc["metrics"] and (tmp_path / "out" / "model.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "cfg, match, exc",
+    [
+        ({"strategy": "scrubb"}, "scrub|Known strategy", UnknownNameError),
+        ({"fraction": 1.5}, "fraction", InvalidConfigError),
+        ({"benchmark": "cifar10"}, "benchmark", InvalidConfigError),
+        ({"runner": {"learning_rate": 1}}, "runner", InvalidConfigError),
+        ({"strateg": "npo"}, "strateg", InvalidConfigError),
+    ],
+)
+def test_bad_configs_fail_naming_the_key(cfg, match, exc):
+    with pytest.raises(exc, match=match):
+        JobConfig.from_dict(cfg)
+
+
+def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("fraction: 0\n")
+    assert main(["unlearn", "--config", str(path)]) == 2
+    assert "fraction" in capsys.readouterr().err
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "grad_diff" in out and "el2n" in out and "digits" in out
