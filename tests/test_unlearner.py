@@ -142,3 +142,11 @@ def test_fabric_primitives(digits_class):
     fabric.apply_gradient_ascent(model, b.forget.subset(core.ids), lr=1e-3, epochs=6, progress=False)
     m = fabric.evaluate(model, forget=b.forget, retain=b.retain, test=b.test, gold=b.gold)
     assert m["forget_acc"] < 0.5 and "avg_gap" in m
+
+
+def test_bf16_autocast_and_grad_clip_still_unlearn(digits_class):
+    b = digits_class
+    res = _u(b.original, precision="bf16-mixed", grad_clip=1.0, retain_batch_size=128).fit(forget_data=b.forget, retain_data=b.retain)
+    m = fabric.evaluate(res.model, forget=b.forget, retain=b.retain, test=b.test)
+    assert res.config["runner"]["precision"] == "bf16-mixed"
+    assert m["forget_acc"] <= 0.1 and m["retain_acc"] > 0.95

@@ -224,7 +224,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def plot_tradeoff(summary: list[dict[str, Any]], path: Path) -> None:
+def plot_tradeoff(summary: list[dict[str, Any]], refs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,8 +232,12 @@ def plot_tradeoff(summary: list[dict[str, Any]], path: Path) -> None:
 
     panels = sorted({(s["task"], s["scenario"]) for s in summary})
     markers = {"el2n": "o", "random": "s", "gradient_norm": "^", "full": "*", "retrain": "P"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
-    for ax, (task, scen) in zip(axes[0], panels):
+    ncols = min(len(panels), 2)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (task, scen) in zip(axes.flat, panels):
         ss = [s for s in summary if s["task"] == task and s["scenario"] == scen]
         full = next(s for s in ss if s["config"] == "full")
         for s in ss:
@@ -248,8 +252,16 @@ def plot_tradeoff(summary: list[dict[str, Any]], path: Path) -> None:
         ax.axvline(GOAL_RATIO, ls=":", c="grey")
         ax.axhline(full["avg_gap_pts_mean"] + GOAL_GAP_PTS, ls=":", c="grey")
         ax.fill_between([0, GOAL_RATIO], 0, full["avg_gap_pts_mean"] + GOAL_GAP_PTS, color="green", alpha=0.08, lw=0)
+        orig_gap = float(np.mean([r["original_avg_gap_pts"] for r in refs if r["task"] == task and r["scenario"] == scen]))
+        ax.axhline(orig_gap, ls="--", c="red", lw=0.8, label=f"original (no unlearning): {orig_gap:.1f}")
         ax.set_xscale("log")
-        ax.set_ylim(bottom=0)
+        ticks = [0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        xs = [s["ratio_to_full_mean"] for s in ss if s["config"] != "retrain"]
+        ax.set_xlim(min(0.04, min(xs) * 0.8), 1.4)
+        ys = [s["avg_gap_pts_mean"] + s["avg_gap_pts_std"] for s in ss if s["config"] != "retrain"]
+        ax.set_ylim(0, max(max(ys), full["avg_gap_pts_mean"] + GOAL_GAP_PTS) * 1.15)
         ax.set_xlabel("end-to-end seconds / full forget set (log)")
         ax.set_ylabel("Avg.Gap to retrain (points)")
         ax.set_title(f"{task}/{scen}  (n={full['n_seeds']} seeds)", fontsize=10)
@@ -459,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     summary = summarise(rows)
     write_csv(summary, out / "summary.csv")
-    plot_tradeoff(summary, out / "tradeoff.png")
+    plot_tradeoff(summary, refs, out / "tradeoff.png")
     write_markdown(out / "RESULTS.md", command=command, args=args, summary=summary, rows=rows, refs=refs,
                    keys_by_task=keys_by_task, notes=notes, wall_s=wall)
     (out / "run_meta.json").write_text(json.dumps({"command": command, "wall_s": wall, "args": vars(args)}, indent=2))
