@@ -98,6 +98,10 @@ class ErasusUnlearner:
         batch_size, retain_batch_size, grad_clip, precision, forget_target, max_steps, progress: see
             :class:`~erasus_ray.runners.RunnerConfig`.
         inplace: modify ``model`` itself instead of a copy.
+        distributed: ``"ray"`` scores the forget set on the Ray actor pool of ``actors/scoring.yaml``; ``"auto"``
+            does so when Ray is already initialised or the forget set has at least
+            ``erasus_ray.distributed.AUTO_THRESHOLD`` samples; None runs selection in process.
+        pool_spec: a :class:`~erasus_ray.distributed.PoolSpec` or a path to a pool YAML (default: actors/scoring.yaml).
         selector_kwargs: constructor arguments of the selector.
         model_factory, recipe: how to build and train a fresh model (used by ``retrain``).
         **strategy_kwargs: hyperparameters of the strategy (e.g. ``beta=0.1`` for NPO).
@@ -133,6 +137,8 @@ class ErasusUnlearner:
         selector_kwargs: dict[str, Any] | None = None,
         model_factory: Callable[[], nn.Module] | None = None,
         recipe: Any = None,
+        distributed: str | None = None,
+        pool_spec: Any = None,
         **strategy_kwargs: Any,
     ) -> None:
         self.model = model
@@ -166,6 +172,10 @@ class ErasusUnlearner:
         self.device = device
         self.model_factory = model_factory
         self.recipe = recipe
+        if distributed not in (None, "none", "ray", "auto"):
+            raise InvalidConfigError(f"distributed must be None, 'ray' or 'auto', got {distributed!r}")
+        self.distributed = None if distributed == "none" else distributed
+        self.pool_spec = pool_spec
 
     def runner_config(self, forget_data: Any, epochs: int | None) -> RunnerConfig:
         kw = dict(self.runner_kwargs)
@@ -180,9 +190,29 @@ class ErasusUnlearner:
         if full:
             return Coreset.full(forget)
         assert self.selector is not None
+        if self._use_ray(len(forget)):
+            from erasus_ray.distributed import PoolSpec, ScoringPool
+
+            spec = self.pool_spec if isinstance(self.pool_spec, PoolSpec) else PoolSpec.load(self.pool_spec)
+            return ScoringPool(spec).select(
+                self.selector, model, forget, task=self.task, k=self.k, fraction=self.fraction, seed=self.seed, retain=retain
+            )
         return self.selector.select(
             model, forget, task=self.task, k=self.k, fraction=self.fraction, seed=self.seed, retain=retain
         )
+
+    def _use_ray(self, n_forget: int) -> bool:
+        if self.distributed == "ray":
+            return True
+        if self.distributed == "auto":
+            from erasus_ray.distributed import AUTO_THRESHOLD
+
+            try:
+                import ray
+            except ImportError:
+                return False
+            return ray.is_initialized() or n_forget >= AUTO_THRESHOLD
+        return False
 
     def fit(
         self, forget_data: Any, retain_data: Any = None, *, epochs: int | None = None, coreset: Coreset | None = None
@@ -257,6 +287,7 @@ class ErasusUnlearner:
             "n_forget": n_forget,
             "task": self.task.name,
             "seed": self.seed,
+            "distributed": self.distributed,
             "runner": None if config is None else asdict(config),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -97,6 +97,10 @@ class Selector:
     name: ClassVar[str] = "selector"
     #: True when the selector only needs forward passes (no gradients).
     forward_only: ClassVar[bool] = True
+    #: How a sharded (Ray) run merges shards: ``"scores"`` (score every shard, global top-k: identical to one
+    #: process), ``"greedi"`` (local selection per shard, then the selector again over the union: GreeDi,
+    #: Mirzasoleiman et al. 2013), ``"central"`` (cheap or model-free: run in the driver).
+    distributed_merge: ClassVar[str] = "greedi"
 
     def __init__(self, batch_size: int = 128) -> None:
         self.batch_size = int(batch_size)
@@ -144,6 +148,7 @@ class ScoreSelector(Selector):
     """
 
     default_order: ClassVar[str] = "high"
+    distributed_merge: ClassVar[str] = "scores"
 
     def __init__(self, batch_size: int = 128, order: str | None = None) -> None:
         super().__init__(batch_size=batch_size)
@@ -157,18 +162,22 @@ class ScoreSelector(Selector):
         raise NotImplementedError
 
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
-        scores = np.asarray(self.score(model, forget, task, seed, **context), dtype=np.float64)
-        if scores.shape != (len(forget),):
-            raise RuntimeError(f"{self.name} returned {scores.shape} scores for {len(forget)} samples")
+        return self.coreset_from_scores(forget.ids, self.score(model, forget, task, seed, **context), budget)
+
+    def coreset_from_scores(self, ids: np.ndarray, scores: np.ndarray, budget: int) -> Coreset:
+        """The top ``budget`` ids by score (ties: smaller id first). Also merges shards scored in parallel."""
+        ids = np.asarray(ids, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.shape != ids.shape:
+            raise RuntimeError(f"{self.name} returned {scores.shape} scores for {len(ids)} samples")
         if not np.all(np.isfinite(scores)):
-            raise InvalidDataError(f"{self.name} produced non-finite scores for ids {forget.ids[~np.isfinite(scores)][:10].tolist()}")
+            raise InvalidDataError(f"{self.name} produced non-finite scores for ids {ids[~np.isfinite(scores)][:10].tolist()}")
         key = -scores if self.order == "high" else scores
-        order = np.lexsort((forget.ids, key))[:budget]
-        n = len(forget)
+        order = np.lexsort((ids, key))[:budget]
         return Coreset(
-            ids=forget.ids[order].copy(),
-            weights=np.full(budget, n / budget),
-            scores={int(i): float(s) for i, s in zip(forget.ids, scores)},
+            ids=ids[order].copy(),
+            weights=np.full(budget, len(ids) / budget),
+            scores={int(i): float(s) for i, s in zip(ids, scores)},
             info={"order": self.order},
         )
 

@@ -23,6 +23,8 @@ class RandomSelector(Selector):
         >>> coreset = RandomSelector().select(model, forget_loader, fraction=0.1, seed=0)
     """
 
+    distributed_merge = "central"
+
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
         rng = np.random.default_rng(seed)
         chosen = rng.permutation(len(forget))[:budget]
@@ -32,6 +34,8 @@ class RandomSelector(Selector):
 @SELECTORS.register("full")
 class FullSelector(Selector):
     """The whole forget set (no coreset): the reference every coreset is compared with."""
+
+    distributed_merge = "central"
 
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
         return Coreset.full(forget)

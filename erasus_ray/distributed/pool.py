@@ -1,0 +1,189 @@
+"""A Ray actor pool that shards the forget set for coreset selection.
+
+Each actor receives the model once (through the object store) and a shard of forget ids, and returns either
+per-id scores (score selectors: the driver takes the global top-k, identical to a single-process run) or a
+local coreset (greedy/geometric selectors: the driver runs the selector again over the union of the local
+coresets - the two-round GreeDi scheme of Mirzasoleiman et al., NeurIPS 2013). Pool size, resources and restart
+policy come from ``actors/scoring.yaml``.
+
+Ray starts in-process on one machine (embedded default) or joins ``RAY_ADDRESS``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from torch import nn
+
+from erasus_ray.data import IdDataset
+from erasus_ray.errors import InvalidConfigError, InvalidDataError
+from erasus_ray.selectors.base import Coreset, Selector, resolve_budget
+from erasus_ray.tasks import Task
+
+#: ``distributed="auto"`` uses the pool when Ray is already initialised or the forget set is at least this large.
+AUTO_THRESHOLD = 50_000
+
+
+def require_ray() -> Any:
+    try:
+        import ray
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ImportError("distributed='ray' needs Ray: pip install 'erasus-ray[ray]'") from err
+    return ray
+
+
+def ensure_ray(num_cpus: int | None = None) -> Any:
+    """Initialise Ray if needed: join ``RAY_ADDRESS`` when set, else start a local in-process cluster."""
+    ray = require_ray()
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
+    return ray
+
+
+@dataclass
+class PoolSpec:
+    """Size, resources and fault tolerance of the scoring pool (see ``actors/scoring.yaml``)."""
+
+    num_actors: int = 2
+    num_cpus: float = 1
+    num_gpus: float = 0
+    max_restarts: int = 1
+    max_task_retries: int = 1
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_actors, int) or self.num_actors < 1:
+            raise InvalidConfigError(f"num_actors must be a positive integer, got {self.num_actors!r}")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise InvalidConfigError("num_cpus and num_gpus must be >= 0")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> "PoolSpec":
+        """From ``path``, else ``$ERASUS_RAY_ACTORS/scoring.yaml``, else ``./actors/scoring.yaml``, else defaults."""
+        candidates = [Path(path)] if path else []
+        if os.environ.get("ERASUS_RAY_ACTORS"):
+            candidates.append(Path(os.environ["ERASUS_RAY_ACTORS"]) / "scoring.yaml")
+        candidates.append(Path.cwd() / "actors" / "scoring.yaml")
+        for candidate in candidates:
+            if candidate.exists():
+                data = yaml.safe_load(candidate.read_text()) or {}
+                known = {f.name for f in fields(cls)}
+                unknown = sorted(set(data) - known)
+                if unknown:
+                    raise InvalidConfigError(f"{candidate}: unknown key(s) {unknown}; known: {sorted(known)}")
+                return cls(**data)
+            if path and candidate == Path(path):
+                raise InvalidConfigError(f"actor spec {path} does not exist")
+        return cls()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def materialise(dataset: IdDataset) -> IdDataset:
+    """A self-contained copy holding only these rows, so a shard ships without the whole base dataset."""
+    rows = [dataset.base[int(p)] for p in dataset.positions]
+    return IdDataset(rows, np.arange(len(rows)), dataset.ids.copy())
+
+
+def shard_ids(ids: np.ndarray, num_shards: int) -> list[np.ndarray]:
+    """Split sorted ids into at most ``num_shards`` contiguous, non-empty shards."""
+    ids = np.sort(np.asarray(ids, dtype=np.int64))
+    if len(ids) == 0:
+        raise InvalidDataError("the forget set is empty: nothing to shard")
+    return [s for s in np.array_split(ids, min(num_shards, len(ids))) if len(s)]
+
+
+class _ScoringWorker:
+    """Holds one copy of the model; scores or selects on the shards it is given."""
+
+    def __init__(self, model: nn.Module, task: Task, torch_threads: int = 1) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, int(torch_threads)))
+        self.model = model.eval()
+        self.task = task
+
+    def score(self, selector: Selector, shard: IdDataset, seed: int, context: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        return shard.ids, np.asarray(selector.score(self.model, shard, self.task, seed, **context), dtype=np.float64)
+
+    def select(self, selector: Selector, shard: IdDataset, k: int, seed: int, context: dict[str, Any]) -> Coreset:
+        return selector.select(self.model, shard, task=self.task, k=min(k, len(shard)), seed=seed, **context)
+
+
+class ScoringPool:
+    """Shards the forget set over Ray actors and merges their results into one coreset.
+
+    Example:
+        >>> pool = ScoringPool(PoolSpec(num_actors=2))
+        >>> coreset = pool.select(get_selector("el2n"), model, forget, task=task, fraction=0.1)
+    """
+
+    def __init__(self, spec: PoolSpec | None = None) -> None:
+        self.spec = spec or PoolSpec.load()
+
+    def _actors(self, model: nn.Module, task: Task) -> list[Any]:
+        ray = ensure_ray()
+        worker = ray.remote(
+            num_cpus=self.spec.num_cpus,
+            num_gpus=self.spec.num_gpus,
+            max_restarts=self.spec.max_restarts,
+            max_task_retries=self.spec.max_task_retries,
+        )(_ScoringWorker)
+        model_ref = ray.put(model)  # shipped to the object store once; each actor fetches it once
+        return [worker.remote(model_ref, task, self.spec.torch_threads) for _ in range(self.spec.num_actors)]
+
+    def select(
+        self,
+        selector: Selector,
+        model: nn.Module,
+        forget: IdDataset,
+        *,
+        task: Task,
+        k: int | None = None,
+        fraction: float | None = None,
+        seed: int = 0,
+        **context: Any,
+    ) -> Coreset:
+        forget = forget.sorted()
+        if len(forget) == 0:
+            raise InvalidDataError("the forget set is empty: nothing to select")
+        budget = resolve_budget(len(forget), k, fraction)
+        if selector.distributed_merge == "central":
+            coreset = selector.select(model, forget, task=task, k=budget, seed=seed, **context)
+            coreset.info["distributed"] = "central (selector needs no model passes)"
+            return coreset
+        ray = ensure_ray()
+        context = {k2: (materialise(v) if isinstance(v, IdDataset) else v) for k2, v in context.items()}
+        context_ref = ray.put(context)
+        shards = [materialise(forget.subset(s)) for s in shard_ids(forget.ids, self.spec.num_actors)]
+        actors = self._actors(model, task)
+        was_training = model.training
+        model.eval()
+        try:
+            if selector.distributed_merge == "scores":
+                parts = ray.get([actors[i % len(actors)].score.remote(selector, shard, seed, context_ref) for i, shard in enumerate(shards)])
+                ids = np.concatenate([p[0] for p in parts])
+                scores = np.concatenate([p[1] for p in parts])
+                coreset = selector.coreset_from_scores(ids, scores, budget)
+            else:
+                local = ray.get([actors[i % len(actors)].select.remote(selector, shard, budget, seed, context_ref) for i, shard in enumerate(shards)])
+                union = np.unique(np.concatenate([c.ids for c in local]))
+                coreset = selector.select(model, forget.subset(union), task=task, k=min(budget, len(union)), seed=seed, **context)
+                coreset.info["greedi_union"] = int(len(union))
+        finally:
+            model.train(was_training)
+            for actor in actors:
+                ray.kill(actor)
+        coreset.selector = selector.name
+        coreset.info.update({"distributed": f"ray:{selector.distributed_merge}", "shards": len(shards), "pool": self.spec.to_dict()})
+        return coreset
