@@ -102,6 +102,9 @@ class ErasusUnlearner:
             does so when Ray is already initialised or the forget set has at least
             ``erasus_ray.distributed.AUTO_THRESHOLD`` samples; None runs selection in process.
         pool_spec: a :class:`~erasus_ray.distributed.PoolSpec` or a path to a pool YAML (default: actors/scoring.yaml).
+        backend: ``"local"`` (in process) or ``"ray_train"`` (``TorchTrainer`` with ``num_workers`` data-parallel
+            workers, ``use_gpu``, checkpoints per epoch and ``max_failures`` restarts; see
+            :class:`~erasus_ray.runners.ray_train.RayTrainRunner`).
         selector_kwargs: constructor arguments of the selector.
         model_factory, recipe: how to build and train a fresh model (used by ``retrain``).
         **strategy_kwargs: hyperparameters of the strategy (e.g. ``beta=0.1`` for NPO).
@@ -139,6 +142,10 @@ class ErasusUnlearner:
         recipe: Any = None,
         distributed: str | None = None,
         pool_spec: Any = None,
+        backend: str = "local",
+        num_workers: int = 2,
+        use_gpu: bool = False,
+        max_failures: int = 1,
         **strategy_kwargs: Any,
     ) -> None:
         self.model = model
@@ -176,6 +183,12 @@ class ErasusUnlearner:
             raise InvalidConfigError(f"distributed must be None, 'ray' or 'auto', got {distributed!r}")
         self.distributed = None if distributed == "none" else distributed
         self.pool_spec = pool_spec
+        if backend not in ("local", "ray_train"):
+            raise InvalidConfigError(f"backend must be 'local' or 'ray_train', got {backend!r}")
+        if backend == "ray_train" and (not isinstance(num_workers, int) or num_workers < 1):
+            raise InvalidConfigError(f"num_workers must be a positive integer, got {num_workers!r}")
+        self.backend = backend
+        self.train_scaling = {"num_workers": num_workers, "use_gpu": use_gpu, "max_failures": max_failures}
 
     def runner_config(self, forget_data: Any, epochs: int | None) -> RunnerConfig:
         kw = dict(self.runner_kwargs)
@@ -200,6 +213,13 @@ class ErasusUnlearner:
         return self.selector.select(
             model, forget, task=self.task, k=self.k, fraction=self.fraction, seed=self.seed, retain=retain
         )
+
+    def make_runner(self, config: RunnerConfig) -> Any:
+        if self.backend == "ray_train":
+            from erasus_ray.runners.ray_train import RayTrainRunner
+
+            return RayTrainRunner(config, **self.train_scaling)
+        return LocalRunner(config)
 
     def _use_ray(self, n_forget: int) -> bool:
         if self.distributed == "ray":
@@ -262,7 +282,7 @@ class ErasusUnlearner:
                 forget_weights=chosen.weight_map(),
             )
             with timer("unlearn"):
-                report = self.strategy.unlearn(ctx, LocalRunner(config))
+                report = self.strategy.unlearn(ctx, self.make_runner(config))
         model.eval()
         return UnlearningResult(
             model=model,
@@ -288,6 +308,8 @@ class ErasusUnlearner:
             "task": self.task.name,
             "seed": self.seed,
             "distributed": self.distributed,
+            "backend": self.backend,
+            **({"scaling": self.train_scaling} if self.backend == "ray_train" else {}),
             "runner": None if config is None else asdict(config),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

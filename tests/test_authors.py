@@ -106,7 +106,6 @@ def ci_bench(tmp_path_factory):
 
 def test_ci_original_memorises_and_gold_does_not(ci_bench):
     b = ci_bench
-    assert b.seconds["train_original"] + b.seconds["retrain"] < 60
     orig = evaluate_lm(b.original, b.task, forget=b.forget, retain=b.retain, test=b.test)
     gold = evaluate_lm(b.gold, b.task, forget=b.forget, retain=b.retain, test=b.test)
     # The original knows the forget authors verbatim and does not know the held-out ones.

@@ -10,7 +10,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -93,8 +93,15 @@ def _cycle(loader: DataLoader) -> Iterator[Batch]:
 class StepExecutor:
     """One optimizer step of a strategy on a (forget batch, retain batch) pair. Where it runs is not its concern."""
 
-    def __init__(self, strategy: Strategy, ctx: UnlearnContext, config: RunnerConfig) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        ctx: UnlearnContext,
+        config: RunnerConfig,
+        grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    ) -> None:
         self.strategy = strategy
+        self.grad_sync = grad_sync
         self.ctx = ctx
         self.config = config
         self.params = [p for p in ctx.model.parameters() if p.requires_grad]
@@ -115,16 +122,21 @@ class StepExecutor:
         ctx.model.train()
         with self._autocast():
             loss, logs = self.strategy.loss(ctx, forget, retain)
-        if not torch.isfinite(loss):
+        # Data-parallel workers must all reach the gradient all-reduce, so there a NaN loss is caught by the
+        # (synchronised) gradient-norm check below, which every worker then sees alike.
+        if self.grad_sync is None and not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite loss ({loss.item()})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_sync is not None:  # data-parallel workers average gradients here (see runners.ray_train)
+            self.grad_sync(self.params)
         self.strategy.before_step(ctx)
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"non-finite gradient norm ({norm.item()})")
+            what = "loss" if not torch.isfinite(loss) else "gradient norm"
+            raise NonFiniteLossError(f"non-finite {what} ({(loss if what == 'loss' else norm).item()})")
         self.optimizer.step()
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}
 
@@ -160,27 +172,58 @@ class LocalRunner:
         return forget_loader, retain_loader
 
     def run(self, strategy: Strategy, ctx: UnlearnContext) -> RunReport:
-        cfg = self.config
         forget_loader, retain_loader = self.loaders(strategy, ctx)
-        executor = StepExecutor(strategy, ctx, cfg)
-        retain_iter = _cycle(retain_loader) if retain_loader is not None else None
-        report = RunReport()
+        executor = StepExecutor(strategy, ctx, self.config)
         strategy.setup(ctx)
-        total = cfg.epochs * len(forget_loader)
+        report = self.run_epochs(strategy, ctx, executor, forget_loader, retain_loader)
+        strategy.finish(ctx)
+        ctx.model.eval()
+        return report
+
+    def run_epochs(
+        self,
+        strategy: Strategy,
+        ctx: UnlearnContext,
+        executor: StepExecutor,
+        forget_loader: DataLoader,
+        retain_loader: DataLoader | None,
+        *,
+        start_epoch: int = 0,
+        report: RunReport | None = None,
+        steps_per_epoch: int | None = None,
+        on_epoch_end: Callable[[int, RunReport], None] | None = None,
+    ) -> RunReport:
+        """The epoch loop shared by every runner.
+
+        Each epoch reseeds the loaders' shuffling with ``(seed, epoch)``, so a run resumed at epoch ``e`` sees the
+        same forget order as an uninterrupted one. ``steps_per_epoch`` (default: one pass over the forget loader)
+        lets data-parallel workers with unequal shards take the same number of synchronised steps.
+        """
+        cfg = self.config
+        report = report or RunReport()
+        per_epoch = steps_per_epoch or len(forget_loader)
+        retain_iter = _cycle(retain_loader) if retain_loader is not None else None
+        total = cfg.epochs * per_epoch
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
         bar = None
         if cfg.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, desc=f"unlearn[{strategy.name}]", leave=False, disable=None)
+            bar = tqdm(total=total, initial=min(report.steps, total), desc=f"unlearn[{strategy.name}]", leave=False, disable=None)
         try:
-            for epoch in range(cfg.epochs):
+            for epoch in range(start_epoch, cfg.epochs):
+                for loader, offset in ((forget_loader, 0), (retain_loader, 1)):
+                    generator = getattr(loader, "generator", None)
+                    if generator is not None:
+                        generator.manual_seed(cfg.seed * 100_003 + epoch * 2 + offset)
                 sums: dict[str, float] = {}
                 n = 0
-                for forget in forget_loader:
+                forget_iter = _cycle(forget_loader)
+                for _ in range(per_epoch):
                     if cfg.max_steps is not None and report.steps >= cfg.max_steps:
                         break
+                    forget = next(forget_iter)
                     retain = next(retain_iter) if retain_iter is not None else None
                     logs = executor.step(forget.to(ctx.device), None if retain is None else retain.to(ctx.device))
                     report.steps += 1
@@ -199,9 +242,11 @@ class LocalRunner:
                 report.history.append(entry)
                 if cfg.forget_target is not None and entry["coreset_acc"] <= cfg.forget_target:
                     report.stopped = f"forget_target reached at epoch {epoch + 1}"
-                    break
-                if cfg.max_steps is not None and report.steps >= cfg.max_steps:
+                elif cfg.max_steps is not None and report.steps >= cfg.max_steps:
                     report.stopped = f"max_steps={cfg.max_steps} reached"
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch + 1, report)
+                if report.stopped != "completed":
                     break
         except NonFiniteLossError as err:
             report.stopped = f"stopped at step {report.steps + 1}: {err}; kept the weights of the last good step"
@@ -209,6 +254,4 @@ class LocalRunner:
         finally:
             if bar is not None:
                 bar.close()
-        strategy.finish(ctx)
-        ctx.model.eval()
         return report

@@ -10,6 +10,12 @@ from erasus_ray.strategies.grad_diff import GradDiff
 from erasus_ray.strategies.gradient_ascent import GradientAscent
 from erasus_ray.strategies.npo import NPO, npo_loss
 from erasus_ray.strategies.retrain import Retrain
+from erasus_ray.strategies.negative_gradient import NegativeGradient
+from erasus_ray.strategies.neggrad_plus import NegGradPlus
+from erasus_ray.strategies.random_label import RandomLabel
+from erasus_ray.strategies.rmu import RMU
+from erasus_ray.strategies.simnpo import SimNPO, simnpo_loss
+from erasus_ray.strategies.wga import WGA
 
 
 def get_strategy(strategy: Strategy | str, **kwargs: Any) -> Strategy:

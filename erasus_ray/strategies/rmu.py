@@ -142,7 +142,7 @@ class RMU(Strategy):
         """ids of the parameters that may move: named ones, or those upstream of layer ``l``."""
         named = list(ctx.model.named_parameters())
         if self.update_params is not None:
-            chosen = {id(p) for n, p in named if any(n == k or n.startswith(k + ".") or n.startswith(k) for k in self.update_params)}
+            chosen = {id(p) for n, p in named if any(n == k or n.startswith(k + ".") for k in self.update_params)}
             if not chosen:
                 raise InvalidConfigError(f"rmu: update_params {list(self.update_params)} match no parameter")
             return chosen

@@ -1,0 +1,180 @@
+"""Run a loss-based strategy under Ray Train (``TorchTrainer``): data-parallel workers, checkpoints, restarts.
+
+Each worker takes an id-strided shard of the coreset and of the retain set, runs the *same* epoch loop and step
+as :class:`~erasus_ray.runners.LocalRunner`, and averages gradients with an all-reduce before the optimizer step
+(gloo on CPU, nccl on GPU). The model is not wrapped in DDP, so strategies see their model exactly as in
+process (parameter names, hooks, masks). Rank 0 writes a checkpoint (weights, optimizer, epoch, report) after
+every epoch; with ``FailureConfig(max_failures)`` a killed worker group restarts from the last one.
+Strategy ``setup`` always runs on the original weights, so references (NPO's log-likelihoods, SCRUB's teacher)
+survive a restart unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import uuid
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from erasus_ray.distributed.pool import ensure_ray, materialise
+from erasus_ray.errors import ErasusError
+from erasus_ray.runners.local import LocalRunner, RunnerConfig, RunReport, StepExecutor
+from erasus_ray.strategies.base import Strategy, UnlearnContext
+
+STATE_FILE = "unlearn_state.pt"
+
+
+def _all_reduce_mean(params: list[torch.nn.Parameter]) -> None:
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).clone()
+        offset += n
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    torch.set_num_threads(int(config.get("torch_threads", 1)))
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    strategy: Strategy = config["strategy"]
+    model = config["model"]
+    device = ray.train.torch.get_device()
+    model.to(device)
+    forget, retain = config["forget"], config["retain"]
+    ctx = UnlearnContext(
+        model=model,
+        task=config["task"],
+        forget=forget.subset(forget.ids[rank::world]),
+        retain=None if retain is None else retain.subset(retain.ids[rank::world]),
+        device=device,
+        seed=config["seed"],
+        forget_weights=config["forget_weights"],
+        model_factory=None,
+        recipe=None,
+    )
+    rcfg: RunnerConfig = replace(config["runner"], progress=False)
+    runner = LocalRunner(rcfg)
+    strategy.setup(ctx)  # on the original weights, before any checkpoint is restored
+
+    executor = StepExecutor(strategy, ctx, rcfg, grad_sync=_all_reduce_mean)
+    start_epoch, report = 0, RunReport()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        executor.optimizer.load_state_dict(state["optimizer"])
+        start_epoch, report = state["epoch"], RunReport(**state["report"])
+        report.history.append({"resumed_from_epoch": start_epoch})
+    forget_loader, retain_loader = runner.loaders(strategy, ctx)
+    steps_per_epoch = max(1, math.ceil(math.ceil(len(forget) / world) / rcfg.batch_size))
+
+    def on_epoch_end(epoch: int, rep: RunReport) -> None:
+        metrics = {"epoch": epoch, "steps": rep.steps, **{k: v for k, v in rep.history[-1].items() if isinstance(v, (int, float))}}
+        with tempfile.TemporaryDirectory() as folder:
+            ckpt = None
+            if rank == 0:
+                state = {"model": model.state_dict(), "optimizer": executor.optimizer.state_dict(), "epoch": epoch, "report": asdict(rep)}
+                torch.save(state, Path(folder) / STATE_FILE)
+                ckpt = Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=ckpt)
+        hook = config.get("after_epoch")
+        if hook is not None:
+            hook(epoch, rank)
+
+    runner.run_epochs(
+        strategy, ctx, executor, forget_loader, retain_loader, start_epoch=start_epoch, report=report,
+        steps_per_epoch=steps_per_epoch, on_epoch_end=on_epoch_end,
+    )
+    strategy.finish(ctx)
+
+
+class RayTrainRunner:
+    """Executes a loss-based strategy with ``ray.train.torch.TorchTrainer``.
+
+    Args:
+        config: the same :class:`RunnerConfig` the local runner takes.
+        num_workers: data-parallel workers; ``use_gpu``: one GPU each (nccl), else CPU (gloo).
+        max_failures: worker-group restarts from the last checkpoint before giving up.
+        storage_path: where Ray Train keeps checkpoints (default: a temporary folder); every run gets a unique name
+            (a reused name would silently resume an old run).
+        after_epoch: test hook ``f(epoch, rank)`` called in workers after each checkpoint (fault injection).
+    """
+
+    def __init__(
+        self,
+        config: RunnerConfig | None = None,
+        *,
+        num_workers: int = 2,
+        use_gpu: bool = False,
+        max_failures: int = 1,
+        storage_path: str | None = None,
+        resources_per_worker: dict[str, float] | None = None,
+        after_epoch: Any = None,
+    ) -> None:
+        self.config = (config or RunnerConfig()).validate()
+        self.num_workers = int(num_workers)
+        self.use_gpu = use_gpu
+        self.max_failures = int(max_failures)
+        self.storage_path = storage_path
+        self.resources_per_worker = resources_per_worker or {"CPU": 1}
+        self.after_epoch = after_epoch
+        self.last_checkpoint: str | None = None
+
+    def run(self, strategy: Strategy, ctx: UnlearnContext) -> RunReport:
+        ray = ensure_ray()
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        storage = self.storage_path or tempfile.mkdtemp(prefix="erasus-ray-train-")
+        name = f"erasus-unlearn-{strategy.name}-{uuid.uuid4().hex[:8]}"
+        cpu_model = ctx.model.to("cpu")
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={
+                "model": cpu_model,
+                "strategy": strategy,
+                "task": ctx.task,
+                "forget": materialise(ctx.forget),
+                "retain": None if ctx.retain is None else materialise(ctx.retain),
+                "forget_weights": ctx.forget_weights,
+                "seed": ctx.seed,
+                "runner": self.config,
+                "after_epoch": self.after_epoch,
+            },
+            scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker=self.resources_per_worker),
+            run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=self.max_failures)),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as err:  # ray.train.TrainingFailedError and friends
+            raise ErasusError(
+                f"Ray Train run {name} failed after {self.max_failures} restart(s); last good checkpoint under "
+                f"{storage}/{name}: {err}"
+            ) from err
+        if result.checkpoint is None:
+            raise ErasusError(f"Ray Train run {name} produced no checkpoint")
+        self.last_checkpoint = result.checkpoint.path
+        with result.checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+        ctx.model.load_state_dict(state["model"])
+        ctx.model.eval()
+        del ray
+        return RunReport(**state["report"])
