@@ -37,7 +37,7 @@ from torch import nn
 
 from erasus_ray.benchmarks.authors_data import authors_sha, load_authors
 from erasus_ray.benchmarks.base import BenchmarkSpec, TaskData
-from erasus_ray.benchmarks.training import TrainRecipe
+from erasus_ray.training import TrainRecipe
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.tasks import CausalLMTask
@@ -236,8 +236,14 @@ class AuthorsBenchmark(BenchmarkSpec):
         )
 
     def config(self, scenario: str, seed: int) -> dict[str, Any]:
-        # The data file and the tokenizer are inputs of the trained models: a change to either retrains them.
-        return {**super().config(scenario, seed), "data_sha": authors_sha(), "tokenizer_sha": tokenizer_sha(self.tokenizer)}
+        # The architecture, the data file and the tokenizer are inputs of the trained models: a change to any of them
+        # (even to a variant's defaults in this file) gives a new cache key and retrains.
+        return {
+            **super().config(scenario, seed),
+            "variant_config": asdict(self.variant),
+            "data_sha": authors_sha(),
+            "tokenizer_sha": tokenizer_sha(self.tokenizer),
+        }
 
 
 __all__ = ["AuthorsBenchmark", "AuthorsVariant", "VARIANTS", "build_tokenizer", "qa_text", "HELDOUT_ID_OFFSET"]

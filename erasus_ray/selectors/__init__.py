@@ -5,9 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from erasus_ray.selectors.base import SELECTORS, Coreset, ScoreSelector, Selector, resolve_budget
+from erasus_ray.selectors.contextual_diversity import ContextualDiversitySelector
+from erasus_ray.selectors.craig import CraigSelector
 from erasus_ray.selectors.el2n import EL2NSelector
+from erasus_ray.selectors.farthest_first import FarthestFirstSelector
+from erasus_ray.selectors.glister import GlisterSelector
 from erasus_ray.selectors.gradient_norm import GradientNormSelector, per_sample_grad_norms, trainable_params
+from erasus_ray.selectors.gradmatch import GradMatchSelector
+from erasus_ray.selectors.herding import HerdingSelector
+from erasus_ray.selectors.influence import InfluenceSelector
+from erasus_ray.selectors.k_center import KCenterSelector
+from erasus_ray.selectors.kmeans_pp import KMeansPPSelector
 from erasus_ray.selectors.random_subset import FullSelector, RandomSelector
+from erasus_ray.selectors.representer import RepresenterSelector
+from erasus_ray.selectors.submodular import SubmodularSelector
+from erasus_ray.selectors.tracin import TracInSelector
 
 
 def get_selector(selector: Selector | str | None, **kwargs: Any) -> Selector:

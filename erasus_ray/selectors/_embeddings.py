@@ -89,13 +89,13 @@ def gradient_factors(
 
 @torch.no_grad()
 def output_distributions(model: nn.Module, forget: IdDataset, task: Task, batch_size: int = 128) -> torch.Tensor:
-    """``[n, C]`` predictive distribution per sample: the softmax (classifier), or the entropy-weighted mean of the
+    """``[n, C]`` (float64) predictive distribution per sample: the softmax (classifier), or the entropy-weighted mean of the
     unit softmax vectors over an LM sample's supervised tokens (the ``w_r`` weighting of Agarwal et al. 2020)."""
     rows = []
     for out in _batches(model, forget, task, batch_size):
-        logp = out.logits.detach().float().log_softmax(-1)
+        logp = out.logits.detach().double().log_softmax(-1)  # float64: a confident model's small probabilities matter
         p = logp.exp()
-        w = -(p * logp).sum(-1, keepdim=True).clamp_min(1e-12)  # entropy of each unit
+        w = (-(p * logp).sum(-1, keepdim=True)).clamp_min(1e-12)  # entropy of each unit
         num = _per_sample_mean(w * p, out)
         den = _per_sample_mean(w, out).clamp_min(1e-12)
         rows.append(num / den)
@@ -223,11 +223,12 @@ KERNELS = ("euclidean", "rbf", "cosine", "linear")
 
 
 class Similarity:
-    """Columns of the ``n x n`` similarity matrix of ``x``, precomputed (``n <= max_dense``) or on demand.
+    """Rows of the symmetric ``n x n`` similarity matrix of ``x``, precomputed (``n <= max_dense``) or on demand.
 
     Kernels: ``"euclidean"``: ``d_max - ||x_i - x_j||`` (CRAIG's non-negative similarity; not PSD);
     ``"rbf"``: ``exp(-gamma ||x_i - x_j||^2)`` with ``gamma = 1 / mean squared distance`` by default;
-    ``"cosine"``: ``(1 + cos) / 2`` in ``[0, 1]``; ``"linear"``: ``<x_i, x_j>``. All in float64.
+    ``"cosine"``: ``(1 + cos) / 2`` in ``[0, 1]``; ``"linear"``: ``<x_i, x_j>``. All in float64. Rows (not
+    columns) are the access unit: contiguous in memory, and equal to columns by symmetry.
     """
 
     def __init__(self, x: torch.Tensor, kernel: str = "euclidean", *, gamma: float | None = None, max_dense: int = 5000) -> None:
@@ -238,6 +239,7 @@ class Similarity:
             self.x = F.normalize(self.x, dim=1)
         self.kernel = kernel
         self.n = len(x)
+        self.device = self.x.device
         self.gamma = float(gamma) if gamma is not None else (1.0 / max(mean_sq_distance(self.x), 1e-12))
         self.d_max = 0.0
         self.matrix: torch.Tensor | None = None
@@ -250,48 +252,65 @@ class Similarity:
             step = _chunk_rows(self.n)
             self.d_max = max(float(pairwise_distances(self.x[i : i + step], self.x).max()) for i in range(0, self.n, step))
 
-    def _raw(self, cols: torch.Tensor) -> torch.Tensor:
+    def _raw(self, points: torch.Tensor) -> torch.Tensor:
+        """``[m, n]`` kernel (raw distance for euclidean) between ``points`` and every row of ``x``."""
         if self.kernel == "euclidean":
-            return pairwise_distances(self.x, cols)
+            return pairwise_distances(points, self.x)
         if self.kernel == "rbf":
-            return torch.exp(-self.gamma * pairwise_distances(self.x, cols, squared=True))
+            return torch.exp(-self.gamma * pairwise_distances(points, self.x, squared=True))
         if self.kernel == "cosine":
-            return (1.0 + self.x @ cols.T) / 2.0
-        return self.x @ cols.T
+            return (1.0 + points @ self.x.T) / 2.0
+        return points @ self.x.T
 
-    def cols(self, idx: torch.Tensor | np.ndarray | list[int]) -> torch.Tensor:
-        """``[n, len(idx)]`` similarity columns."""
-        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64), device=self.x.device).reshape(-1)
-        if self.matrix is not None:
-            return self.matrix[:, idx]
-        raw = self._raw(self.x[idx])
+    def _computed(self, points: torch.Tensor) -> torch.Tensor:
+        raw = self._raw(points)
         return self.d_max - raw if self.kernel == "euclidean" else raw
+
+    def row(self, j: int) -> torch.Tensor:
+        """``[n]`` similarities of row ``j`` to every row (a view when precomputed)."""
+        if self.matrix is not None:
+            return self.matrix[int(j)]
+        return self._computed(self.x[int(j)][None])[0]
+
+    def rows(self, idx: Any) -> torch.Tensor:
+        """``[len(idx), n]`` similarity rows (= columns: the matrix is symmetric)."""
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64), device=self.device).reshape(-1)
+        if self.matrix is not None:
+            return self.matrix[idx]
+        return self._computed(self.x[idx])
+
+    def cols(self, idx: Any) -> torch.Tensor:
+        """``[n, len(idx)]`` similarity columns."""
+        return self.rows(idx).T
 
     def diag(self) -> torch.Tensor:
         if self.matrix is not None:
             return self.matrix.diagonal().clone()
         if self.kernel == "euclidean":
-            return torch.full((self.n,), self.d_max, dtype=torch.float64, device=self.x.device)
+            return torch.full((self.n,), self.d_max, dtype=torch.float64, device=self.device)
         if self.kernel == "rbf":
-            return torch.ones(self.n, dtype=torch.float64, device=self.x.device)
+            return torch.ones(self.n, dtype=torch.float64, device=self.device)
         if self.kernel == "cosine":
             return (1.0 + self.x.pow(2).sum(1)) / 2.0
         return self.x.pow(2).sum(1)
 
-    def colsum(self) -> torch.Tensor:
-        """``[n]`` column sums (the matrix is symmetric), in chunks."""
-        if self.matrix is not None:
-            return self.matrix.sum(0)
+    def reduce_rows(self, idx: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``cat(fn(rows(chunk)))`` over chunks of ``idx`` (``None``: all rows, as views of the precomputed matrix),
+        holding at most ~``CHUNK_ELEMENTS`` entries at once; ``fn`` maps ``[m, n]`` rows to ``[m]``."""
         step = _chunk_rows(self.n)
-        return torch.cat([self.cols(torch.arange(i, min(i + step, self.n))).sum(0) for i in range(0, self.n, step)])
+        if idx is None:
+            if self.matrix is not None:
+                parts = [fn(self.matrix[i : i + step]) for i in range(0, self.n, step)]
+            else:
+                parts = [fn(self._computed(self.x[i : i + step])) for i in range(0, self.n, step)]
+        else:
+            idx = torch.as_tensor(np.asarray(idx, dtype=np.int64)).reshape(-1)
+            parts = [fn(self.rows(idx[i : i + step])) for i in range(0, len(idx), step)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=self.device)
 
-    def for_each_chunk(self, idx: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``cat(fn(chunk_idx, cols(chunk_idx)))`` over chunks of ``idx`` so that at most ~``CHUNK_ELEMENTS`` entries
-        are held at once."""
-        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64)).reshape(-1)
-        step = _chunk_rows(self.n)
-        parts = [fn(idx[i : i + step], self.cols(idx[i : i + step])) for i in range(0, len(idx), step)]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    def rowsum(self) -> torch.Tensor:
+        """``[n]`` row sums (= column sums), in chunks."""
+        return self.reduce_rows(None, lambda r: r.sum(1))
 
 
 def similarity_columns(x: torch.Tensor, idx: Any, kernel: str = "euclidean", gamma: float | None = None) -> torch.Tensor:
@@ -299,9 +318,10 @@ def similarity_columns(x: torch.Tensor, idx: Any, kernel: str = "euclidean", gam
     return Similarity(x, kernel, gamma=gamma).cols(idx)
 
 
-def symmetric_kl_to(p: torch.Tensor, j: int | torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def symmetric_kl_to(p: torch.Tensor, j: int | torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``[n]`` symmetric KL ``0.5 (KL(p_i || p_j) + KL(p_j || p_i)) = 0.5 sum_c (p_ic - p_jc)(log p_ic - log p_jc)``
-    between every row of ``p`` and row(s) ``j`` (vectorised: two matrix products)."""
+    between every row of ``p`` and row(s) ``j`` (vectorised: two matrix products). Probabilities are floored at
+    ``eps`` (and renormalised) so that the logarithms are finite."""
     p = p.double().clamp_min(eps)
     p = p / p.sum(1, keepdim=True)
     logp = p.log()

@@ -16,11 +16,11 @@ from erasus_ray.selectors.k_center import geometric_coreset, greedy_k_center
 from erasus_ray.tasks import Task
 
 
-def kl_medoid(p: torch.Tensor) -> int:
+def kl_medoid(p: torch.Tensor, eps: float = 1e-12) -> int:
     """Row minimising the summed symmetric KL to all rows (ties: smallest row), in column chunks."""
     n = len(p)
     step = _chunk_rows(n)
-    sums = torch.cat([symmetric_kl_to(p, torch.arange(i, min(i + step, n))).reshape(n, -1).sum(0) for i in range(0, n, step)])
+    sums = torch.cat([symmetric_kl_to(p, torch.arange(i, min(i + step, n)), eps).reshape(n, -1).sum(0) for i in range(0, n, step)])
     return int(torch.argmin(sums))
 
 
@@ -35,7 +35,8 @@ class ContextualDiversitySelector(Selector):
     The paper additionally splits a sample's regions by predicted class; with one unit per sample that split only
     decides which of two samples' classes overlap, and (as in DeepCore's implementation) it is not applied.
 
-    The greedy starts from the KL-medoid (or the smallest id with ``start="first"``); deterministic, ``seed``
+    Probabilities are computed in float64 and floored at ``eps`` (a confident model's distributions differ mostly in
+    their small entries). The greedy starts from the KL-medoid (or the smallest id with ``start="first"``); deterministic, ``seed``
     unused. ``Coreset.scores``: contextual distance to the chosen set when picked (unchosen: final distance);
     ``info["objective"]``: the final covering radius in that distance.
 
@@ -46,7 +47,7 @@ class ContextualDiversitySelector(Selector):
         >>> coreset.info["objective"]
     """
 
-    def __init__(self, batch_size: int = 128, start: str = "medoid", eps: float = 1e-8) -> None:
+    def __init__(self, batch_size: int = 128, start: str = "medoid", eps: float = 1e-12) -> None:
         super().__init__(batch_size=batch_size)
         if start not in ("medoid", "first"):
             raise InvalidConfigError(f"start must be 'medoid' or 'first', got {start!r}")
@@ -55,6 +56,6 @@ class ContextualDiversitySelector(Selector):
 
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
         p = output_distributions(model, forget, task, self.batch_size)
-        first = kl_medoid(p) if self.start == "medoid" else 0
+        first = kl_medoid(p, self.eps) if self.start == "medoid" else 0
         rows, scores, radius = greedy_k_center(lambda j: symmetric_kl_to(p, j, self.eps), len(p), budget, first)
         return geometric_coreset(forget, rows, budget, scores, objective=radius, start_id=int(forget.ids[first]))

@@ -22,7 +22,7 @@ def cluster_sizes(sim: Similarity, rows: list[int]) -> np.ndarray:
     (ties: the chosen row with the smaller index). Sums to ``n``."""
     order = np.argsort(rows, kind="stable")  # chosen rows by index, so argmax's first maximum is the smaller row
     by_index = np.asarray(rows)[order]
-    nearest = torch.argmax(sim.cols(by_index), dim=1).cpu().numpy()  # [n, k] columns: first maximum on ties
+    nearest = torch.argmax(sim.rows(by_index), dim=0).cpu().numpy()  # [k, n]: first maximum (smaller row) on ties
     counts_by_index = np.bincount(nearest, minlength=len(rows))
     sizes = np.empty(len(rows), dtype=np.int64)
     sizes[order] = counts_by_index
@@ -35,7 +35,9 @@ class CraigSelector(Selector):
     forget samples' last-layer gradient embeddings ``g_i = (softmax - onehot) (x) features`` - the medoids
     whose weighted sum best approximates the full gradient (the paper's bound on the gradient error) - and weight
     each medoid by the number of samples closest to it. ``Coreset.weights`` are those cluster sizes (they sum to
-    ``n``), so a weighted step on the coreset approximates a step on the whole forget set.
+    ``n``; ties go to the smaller id, so an exact duplicate of an earlier medoid, picked only once everything is
+    covered, gets weight 0), so a weighted step on the coreset approximates a step on the whole forget set. Under
+    the Ray pool's GreeDi merge the final weights count the shard union, not the whole forget set.
 
     ``optimizer="lazy"`` (default, as in the paper), ``"naive"`` or ``"stochastic"`` (``epsilon``, ``seed``).
     ``Coreset.scores``: facility-location marginal gains (see ``submodular``); ``info["objective"]``: ``F(S)``.

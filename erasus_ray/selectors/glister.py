@@ -4,7 +4,7 @@ gradient step on the subset (GLISTER-ONLINE, last-layer approximation)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ class GlisterObjective:
         self.e = errors.double()
         self.f = features.double()
         self.val = val
-        self.lr = float(lr)
+        self.lr = None if lr is None else float(lr)
         self.n = len(errors)
         self.value = 0.0
         self.delta = torch.zeros(val.m, self.e.shape[1], dtype=torch.float64, device=self.e.device)
@@ -76,12 +76,15 @@ class GlisterObjective:
         ev, self.loss = self.val.errors_and_loss(self.delta)
         self.g_val = ev.T @ self.val.features / self.val.m  # [C, D] gradient of the validation loss w.r.t. W
 
-    def gains(self, idx: torch.Tensor) -> torch.Tensor:
-        idx = torch.as_tensor(idx).to(self.e.device)
-        return self.lr * ((self.e[idx] @ self.g_val) * self.f[idx]).sum(1)
+    def gains(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        e, f = (self.e, self.f) if idx is None else (self.e[torch.as_tensor(idx).to(self.e.device)], self.f[torch.as_tensor(idx).to(self.e.device)])
+        return self.lr * ((e @ self.g_val) * f).sum(1)
+
+    def gain(self, j: int) -> float:
+        return float(self.lr * (self.e[j] @ self.g_val @ self.f[j]))
 
     def add(self, j: int) -> float:
-        gain = float(self.gains(torch.tensor([j]))[0])
+        gain = self.gain(j)
         self.delta -= self.lr * (self.val.features @ self.f[j])[:, None] * self.e[j][None, :]
         self._refresh()
         self.value += gain
@@ -92,7 +95,8 @@ class GlisterObjective:
 class GlisterSelector(Selector):
     """GLISTER: greedily add the forget sample whose gradient step most increases the (first-order) validation
     log-likelihood, with the validation gradient re-evaluated after a step on the samples chosen so far
-    (``lr``: the step size of that simulated step). Gradients are taken w.r.t. the output layer in closed form
+    (``lr``: the step size of that simulated step; default ``0.1 / mean ||f||^2`` over the forget features, so the
+    step stays in the Taylor approximation's range whatever the feature scale). Gradients are taken w.r.t. the output layer in closed form
     (``(softmax - onehot) (x) features``, as in the paper's last-layer approximation).
 
     Validation data: ``select(..., validation=...)``, else the constructor's ``validation``, else the retain set
@@ -115,11 +119,14 @@ class GlisterSelector(Selector):
         >>> coreset.info["validation_loss_after"]
     """
 
+    #: Like ``Strategy.needs_retain``: ``select`` needs ``retain=`` (or ``validation=``) context.
+    needs_retain: ClassVar[bool] = True
+
     def __init__(
         self,
         batch_size: int = 128,
         validation: Any = None,
-        lr: float = 0.01,
+        lr: float | None = None,
         optimizer: str = "naive",
         epsilon: float = 0.01,
         max_validation: int | None = 1000,
@@ -127,12 +134,12 @@ class GlisterSelector(Selector):
         super().__init__(batch_size=batch_size)
         if optimizer not in ("naive", "stochastic"):
             raise InvalidConfigError(f"glister optimizer must be 'naive' or 'stochastic' (it is not submodular), got {optimizer!r}")
-        if not float(lr) > 0:
-            raise InvalidConfigError(f"lr must be > 0, got {lr!r}")
+        if lr is not None and not float(lr) > 0:
+            raise InvalidConfigError(f"lr must be > 0 (or None for automatic), got {lr!r}")
         if max_validation is not None and int(max_validation) < 1:
             raise InvalidConfigError(f"max_validation must be a positive integer or None, got {max_validation!r}")
         self.validation = validation
-        self.lr = float(lr)
+        self.lr = None if lr is None else float(lr)
         self.optimizer = optimizer
         self.epsilon = float(epsilon)
         self.max_validation = None if max_validation is None else int(max_validation)
@@ -160,7 +167,10 @@ class GlisterSelector(Selector):
         val_data = self.validation_set(seed, context)
         errors, feats = gradient_factors(model, forget, task, self.batch_size)
         val = _ValidationSet(model, val_data, task, self.batch_size)
-        fn = GlisterObjective(errors, feats, val, self.lr)
+        # Default step: 0.1 / mean ||f||^2, so one step moves a sample's own logits by at most ~0.1 ||e|| (the
+        # Taylor approximation stays local whatever the feature scale; 0.01 overshoots on digits: 27-norm features).
+        lr = self.lr if self.lr is not None else 0.1 / max(float(feats.double().pow(2).sum(1).mean()), 1e-12)
+        fn = GlisterObjective(errors, feats, val, lr)
         rows, gains, evals = maximize(fn, budget, self.optimizer, epsilon=self.epsilon, seed=seed)  # type: ignore[arg-type]
         return Coreset(
             ids=to_numpy_ids(forget, rows),
@@ -173,6 +183,6 @@ class GlisterSelector(Selector):
                 "validation_loss_after": fn.loss,
                 "validation_size": val.m,
                 "optimizer": self.optimizer,
-                "lr": self.lr,
+                "lr": lr,
             },
         )

@@ -44,7 +44,7 @@ def herd_kernel(sim: Similarity, k: int) -> tuple[list[int], list[float]]:
     ``2/(t+1) m_j - (2 sum_{s in S} K_js + K_jj) / (t+1)^2`` with ``m_j = mean_i K_ij``. Returns ``(rows, mmd)``,
     ``mmd[t]`` the MMD between the first ``t+1`` rows and the whole set."""
     n = sim.n
-    m = sim.colsum() / n
+    m = sim.rowsum() / n
     mean_k = float(m.mean())
     diag = sim.diag()
     acc = torch.zeros(n, dtype=torch.float64, device=m.device)
@@ -58,7 +58,7 @@ def herd_kernel(sim: Similarity, k: int) -> tuple[list[int], list[float]]:
         within += 2.0 * float(acc[j]) + float(diag[j])
         rows.append(j)
         free[j] = False
-        acc = acc + sim.cols([j])[:, 0]
+        acc = acc + sim.row(j)
         s = len(rows)
         sq = mean_k - 2.0 / s * float(m[rows].sum()) + within / s**2
         mmd.append(float(np.sqrt(max(sq, 0.0))))

@@ -210,9 +210,12 @@ class LiSSAIHVP(_IHVP):
 
         h_0 = v,  h_j = v + h_{j-1} - (H_j h_{j-1} + damping h_{j-1}) / scale,   (H + damping I)^-1 v ~= h_depth / scale
 
-    where ``H_j`` is the Hessian on a fresh seeded minibatch of ``batch_size`` Hessian samples (the full Hessian
-    sample when ``batch_size`` is None or larger), averaged over ``repeat`` runs. It converges when every minibatch
-    Hessian + damping has eigenvalues in ``(0, 2 scale)``; the error shrinks like ``(1 - (l_min + damping)/scale)^depth``.
+    where ``H_j`` is the Hessian on a minibatch of ``lissa_batch_size`` Hessian samples drawn at random (seeded) at
+    each step from a seeded partition of the Hessian sample (the full sample when ``lissa_batch_size`` is None or
+    larger; then the recursion is deterministic; a remainder smaller than a minibatch is dropped), averaged over
+    ``repeat`` runs. The partition's autograd graphs are built once, so memory is that of the whole Hessian
+    sample's graphs (as for cg). It converges when every minibatch Hessian + damping has eigenvalues in
+    ``(0, 2 scale)``; the error shrinks like ``(1 - (l_min + damping)/scale)^depth``.
     ``scale=None`` sets ``1.1 (l_max + damping)`` from 20 power iterations on the full Hessian sample. Damping
     enters as ``+damping I`` (the same meaning as in the other back-ends, not Koh & Liang's ``(1 - damping)``
     shrink factor).
@@ -222,19 +225,28 @@ class LiSSAIHVP(_IHVP):
                  device: torch.device, depth: int, repeat: int, scale: float | None, lissa_batch_size: int | None,
                  seed: int) -> None:
         super().__init__()
-        self.loss, self.task, self.data, self.device = loss, task, data, device
-        self.batch_size = batch_size
         self.damping, self.depth, self.repeat, self.seed = float(damping), int(depth), int(repeat), int(seed)
-        self.minibatch = None if lissa_batch_size is None or lissa_batch_size >= len(data) else int(lissa_batch_size)
-        self.full = _HVP(loss, task, data, batch_size, device) if (self.minibatch is None or scale is None) else None
+        if self.depth < 1 or self.repeat < 1:
+            raise InvalidConfigError(f"lissa_depth and lissa_repeat must be >= 1, got {depth!r}, {repeat!r}")
+        self.flat = flatten(loss.params, batch_dims=0)
+        n = len(data)
+        size = n if lissa_batch_size is None or lissa_batch_size >= n else int(lissa_batch_size)
+        # A seeded partition of the Hessian sample into minibatches whose graphs are built once; each recursion
+        # step draws one of them at random (seeded).
+        perm = np.random.default_rng([self.seed, 1]).permutation(n)
+        self.minibatches = []
+        for start in range(0, n - size + 1, size):
+            rows = np.sort(perm[start : start + size])
+            sub = IdDataset(data.base, data.positions[rows], data.ids[rows])
+            self.minibatches.append(_HVP(loss, task, sub, batch_size, device))
         if scale is None:
+            full = self.minibatches[0] if len(self.minibatches) == 1 else None
             gen = torch.Generator().manual_seed(self.seed)
-            flat = flatten(loss.params, batch_dims=0)
-            v = torch.randn(1, flat.numel(), generator=gen, dtype=torch.float64).to(flat)
+            v = torch.randn(1, self.flat.numel(), generator=gen, dtype=torch.float64).to(self.flat)
             lam = 0.0
             for _ in range(20):
                 v = v / v.norm()
-                hv = self.full(v)
+                hv = full(v) if full else sum(h(v) * h.n for h in self.minibatches) / sum(h.n for h in self.minibatches)
                 lam = float((v * hv).sum())
                 v = hv
             scale = 1.1 * (abs(lam) + self.damping)
@@ -242,24 +254,16 @@ class LiSSAIHVP(_IHVP):
             raise InvalidConfigError(f"lissa_scale must be positive, got {scale!r}")
         self.scale = float(scale)
         self.info = {"lissa_scale": self.scale, "lissa_depth": self.depth, "lissa_repeat": self.repeat,
-                     "lissa_batch_size": self.minibatch or len(data)}
-
-    def _minibatch_hvp(self, rng: np.random.Generator):
-        if self.minibatch is None:
-            return self.full
-        rows = np.sort(rng.choice(len(self.data), size=self.minibatch, replace=False))
-        sub = IdDataset(self.data.base, self.data.positions[rows], self.data.ids[rows])
-        return _HVP(self.loss, self.task, sub, self.batch_size, self.device)
+                     "lissa_batch_size": size}
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
-        v = v.to(flatten(self.loss.params, batch_dims=0).dtype)
+        v = v.to(self.flat.dtype)
         total = torch.zeros_like(v)
         for r in range(self.repeat):
-            rng = np.random.default_rng([self.seed, r])
+            picks = np.random.default_rng([self.seed, 2, r]).integers(len(self.minibatches), size=self.depth)
             h = v.clone()
-            for _ in range(self.depth):
-                hvp = self._minibatch_hvp(rng)
-                h = v + h - (hvp(h) + self.damping * h) / self.scale
+            for j in picks:
+                h = v + h - (self.minibatches[j](h) + self.damping * h) / self.scale
             if not bool(torch.isfinite(h).all()):
                 raise InvalidConfigError("LiSSA diverged: raise lissa_scale (or damping)")
             total = total + h / self.scale
@@ -316,8 +320,11 @@ class KFACIHVP(_IHVP):
                 for m in self.layers:
                     a = acts[m].double() @ self.qa[m]
                     g = gouts[m].double() @ self.qg[m]
-                    dw = torch.einsum("sbto,bti->sboi", g, a)
-                    lam[m] = lam[m] + dw.pow(2).sum((0, 1)) / g.shape[0]
+                    # per-sample gradients in the eigenbasis, a few samples at a time (<= ~2^24 entries)
+                    step = max(1, (1 << 24) // max(1, g.shape[0] * g.shape[-1] * a.shape[-1]))
+                    for i in range(0, a.shape[0], step):
+                        dw = torch.einsum("sbto,bti->sboi", g[:, i : i + step], a[i : i + step])
+                        lam[m] = lam[m] + dw.pow(2).sum((0, 1)) / g.shape[0]
             self.lam = {m: lam[m] / n for m in self.layers}
         self.info = {"kfac_layers": list(self.layers), "kfac_fisher": fisher, "kfac_correction": bool(correction)}
 
@@ -475,7 +482,7 @@ class InfluenceSelector(ScoreSelector):
     ``D`` HVPs over the Hessian sample once and ``O(D^2)`` per sample; cg up to ``cg_iters`` HVPs over the Hessian
     sample per forget batch (for ``"self"``; one solve in total for forget/retain targets); lissa ``depth x repeat``
     minibatch HVPs per forget batch; kfac two passes over the Hessian sample, then ``O(in^2 out + in out^2)`` per
-    sample and layer.
+    sample and layer. ``hessian_batch_size`` rows go through each Hessian pass; ``chunk_size`` bounds ``vmap``.
 
     Example:
         >>> sel = InfluenceSelector(ihvp="cg", damping=1e-3)
@@ -496,6 +503,7 @@ class InfluenceSelector(ScoreSelector):
         damping: float = 0.01,
         hessian_samples: int | None = 512,
         hessian_data: str = "retain",
+        hessian_batch_size: int = 256,
         chunk_size: int | None = None,
         max_exact_params: int = 4096,
         cg_iters: int = 100,
@@ -523,6 +531,7 @@ class InfluenceSelector(ScoreSelector):
         self.damping = float(damping)
         self.hessian_samples = hessian_samples
         self.hessian_data = hessian_data
+        self.hessian_batch_size = int(hessian_batch_size)
         self.chunk_size = chunk_size
         self.max_exact_params = int(max_exact_params)
         self.cg_iters, self.cg_tol = int(cg_iters), float(cg_tol)
@@ -546,7 +555,7 @@ class InfluenceSelector(ScoreSelector):
         method = self._method(model, params)
         device = model_device(model)
         loss = FunctionalLoss(model, task, params)
-        common = dict(batch_size=self.batch_size, damping=self.damping, device=device)
+        common = dict(batch_size=self.hessian_batch_size, damping=self.damping, device=device)
         if method == "exact":
             solver: _IHVP = ExactIHVP(loss, task, data, max_params=self.max_exact_params, chunk_size=self.chunk_size, **common)
         elif method == "cg":

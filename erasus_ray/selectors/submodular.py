@@ -27,8 +27,9 @@ OPTIMIZERS = ("naive", "lazy", "stochastic")
 class SetFunction:
     """A submodular ``F`` with ``F(empty) = 0`` over the rows of a :class:`Similarity`, with incremental state.
 
-    ``gains(idx)`` returns the marginal gains ``F(S + j) - F(S)`` (float64) of rows ``idx`` given the current
-    ``S``; ``add(j)`` adds row ``j`` to ``S``; ``value`` is ``F(S)``.
+    ``gains(idx)`` returns the marginal gains ``F(S + j) - F(S)`` (float64) of rows ``idx`` (``None``: all rows)
+    given the current ``S``; ``gain(j)`` the same for one row; ``add(j)`` adds row ``j`` to ``S`` and returns its
+    gain; ``value`` is ``F(S)``.
     """
 
     def __init__(self, sim: Similarity) -> None:
@@ -36,14 +37,17 @@ class SetFunction:
         self.n = sim.n
         self.value = 0.0
 
-    def gains(self, idx: torch.Tensor) -> torch.Tensor:
+    def gains(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def gain(self, j: int) -> float:
+        return float(self.gains(torch.tensor([j]))[0])
 
     def _add(self, j: int) -> None:
         raise NotImplementedError
 
     def add(self, j: int) -> float:
-        gain = float(self.gains(torch.tensor([j]))[0])
+        gain = self.gain(j)
         self._add(j)
         self.value += gain
         return gain
@@ -55,13 +59,16 @@ class FacilityLocation(SetFunction):
 
     def __init__(self, sim: Similarity) -> None:
         super().__init__(sim)
-        self.cover = torch.zeros(self.n, dtype=torch.float64, device=sim.x.device)
+        self.cover = torch.zeros(self.n, dtype=torch.float64, device=sim.device)
 
-    def gains(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.sim.for_each_chunk(idx, lambda _, cols: (cols - self.cover[:, None]).clamp_min(0).sum(0))
+    def gains(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        return self.sim.reduce_rows(idx, lambda r: (r - self.cover).clamp_min(0).sum(1))
+
+    def gain(self, j: int) -> float:
+        return float((self.sim.row(j) - self.cover).clamp_min(0).sum())
 
     def _add(self, j: int) -> None:
-        self.cover = torch.maximum(self.cover, self.sim.cols([j])[:, 0])
+        self.cover = torch.maximum(self.cover, self.sim.row(j))
 
 
 class GraphCut(SetFunction):
@@ -71,16 +78,19 @@ class GraphCut(SetFunction):
     def __init__(self, sim: Similarity, lam: float = 0.5) -> None:
         super().__init__(sim)
         self.lam = float(lam)
-        self.colsum = sim.colsum()
+        self.total = sim.rowsum()
         self.diag = sim.diag()
-        self.within = torch.zeros(self.n, dtype=torch.float64, device=sim.x.device)  # sum_{s in S} s_is
+        self.within = torch.zeros(self.n, dtype=torch.float64, device=sim.device)  # sum_{s in S} s_is
 
-    def gains(self, idx: torch.Tensor) -> torch.Tensor:
-        idx = torch.as_tensor(idx).to(self.colsum.device)
-        return self.colsum[idx] - self.lam * (2.0 * self.within[idx] + self.diag[idx])
+    def gains(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        g = self.total - self.lam * (2.0 * self.within + self.diag)
+        return g if idx is None else g[torch.as_tensor(idx).to(g.device)]
+
+    def gain(self, j: int) -> float:
+        return float(self.total[j] - self.lam * (2.0 * self.within[j] + self.diag[j]))
 
     def _add(self, j: int) -> None:
-        self.within = self.within + self.sim.cols([j])[:, 0]
+        self.within = self.within + self.sim.row(j)
 
 
 class LogDeterminant(SetFunction):
@@ -93,15 +103,18 @@ class LogDeterminant(SetFunction):
         if sim.kernel == "euclidean":
             raise InvalidConfigError("log_det needs a PSD kernel: use kernel='rbf', 'cosine' or 'linear', not 'euclidean'")
         self.d2 = 1.0 + sim.diag()
-        self.factor = torch.zeros(self.n, 0, dtype=torch.float64, device=sim.x.device)
+        self.factor = torch.zeros(self.n, 0, dtype=torch.float64, device=sim.device)
 
-    def gains(self, idx: torch.Tensor) -> torch.Tensor:
-        idx = torch.as_tensor(idx).to(self.d2.device)
-        return torch.log(self.d2[idx].clamp_min(1e-300))
+    def gains(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        g = torch.log(self.d2.clamp_min(1e-300))
+        return g if idx is None else g[torch.as_tensor(idx).to(g.device)]
+
+    def gain(self, j: int) -> float:
+        return math.log(max(float(self.d2[j]), 1e-300))
 
     def _add(self, j: int) -> None:
-        col = self.sim.cols([j])[:, 0].clone()
-        col[j] += 1.0  # column of I + K
+        col = self.sim.row(j).clone()
+        col[j] += 1.0  # row of I + K
         dj = math.sqrt(max(float(self.d2[j]), 1e-300))
         e = (col - self.factor @ self.factor[j]) / dj
         self.factor = torch.cat([self.factor, e[:, None]], 1)
@@ -128,24 +141,23 @@ def maximize(fn: SetFunction, k: int, optimizer: str = "lazy", *, epsilon: float
     gains: list[float] = []
     evals = 0
     if optimizer == "naive":
-        free = torch.ones(n, dtype=torch.bool)
         for _ in range(k):
-            cand = torch.nonzero(free).reshape(-1)
-            g = fn.gains(cand)
-            evals += len(cand)
-            j = int(cand[int(torch.argmax(g))])  # argmax returns the first maximum: smallest row on ties
+            g = fn.gains(None).clone()  # all rows at once (no gather), chosen ones masked
+            evals += n - len(rows)
+            if rows:
+                g[torch.as_tensor(rows, device=g.device)] = -float("inf")
+            j = int(torch.argmax(g))  # argmax returns the first maximum: smallest row on ties
             gains.append(fn.add(j))
             rows.append(j)
-            free[j] = False
     elif optimizer == "lazy":
-        initial = fn.gains(torch.arange(n)).cpu().tolist()
+        initial = fn.gains(None).cpu().tolist()
         evals += n
         heap = [(-g, i) for i, g in enumerate(initial)]
         heapq.heapify(heap)
         for _ in range(k):
             while True:
                 _, j = heapq.heappop(heap)
-                g = float(fn.gains(torch.tensor([j]))[0])
+                g = fn.gain(j)
                 evals += 1
                 # A fresh gain that still beats every stale upper bound (ties: smaller row) is the true argmax.
                 if not heap or (-g, j) <= heap[0]:
@@ -176,12 +188,7 @@ def maximize(fn: SetFunction, k: int, optimizer: str = "lazy", *, epsilon: float
 def greedy_scores(fn: SetFunction, rows: list[int], gains: list[float]) -> torch.Tensor:
     """Per-row scores: a chosen row's marginal gain when it was picked; an unchosen row's marginal gain given
     the final set (what it would still add)."""
-    scores = torch.zeros(fn.n, dtype=torch.float64)
-    free = torch.ones(fn.n, dtype=torch.bool)
-    free[rows] = False
-    rest = torch.nonzero(free).reshape(-1)
-    if len(rest):
-        scores[rest] = fn.gains(rest).cpu()
+    scores = fn.gains(None).double().cpu().clone()
     scores[torch.as_tensor(rows)] = torch.tensor(gains, dtype=torch.float64)
     return scores
 

@@ -19,14 +19,19 @@ class NegGradPlus(GradDiff):
 
     A convex combination of descent on the retain batch and ascent on the forget batch: ``beta`` near 1 keeps
     utility, ``beta`` near 0 is plain gradient ascent. It is :class:`GradDiff` with ``alpha = beta`` and
-    ``gamma = 1 - beta``; the paper's form is uncapped, so ``forget_loss_cap`` defaults to None here.
+    ``gamma = 1 - beta``, including its per-sample cap on the forget loss.
 
     Args:
         beta: weight of the retain term in [0, 1); the forget term gets ``1 - beta``.
-        forget_loss_cap: as in :class:`GradDiff` (``"uniform"`` caps each forget loss at ``log C``).
+        forget_loss_cap: as in :class:`GradDiff`: ``"uniform"`` (default) caps each forget sample's loss at
+            ``log C`` so ascent stops once the sample is predicted no better than chance; ``None`` is the paper's
+            uncapped form.
 
-    Defaults (lr 1e-3, 10 epochs, beta 0.9, Adam) measured on digits, class 3 forgotten (full forget set, batch 32):
-    see ``DIGITS_RESULT`` below.
+    Defaults (lr 1e-3, 10 epochs, beta 0.9, cap "uniform", Adam), measured on digits with class 3 forgotten (full
+    forget set of 146, batch 32; gold retrained model: retain acc 0.998, test acc 0.869): forget acc 1.0 -> 0.0,
+    retain acc 0.995, test acc 0.864. Uncapped at beta 0.9 ascent runs away (forget loss 189, retain acc 0.883);
+    uncapped needs beta >= 0.99 to keep retain acc >= 0.99 on digits, but then barely moves the tiny memorising
+    LM of the contract test (forget loss 0.018 -> 0.126 at beta 0.99); capped beta 0.9 takes it to 4.7.
 
     Cost: one forward+backward on a forget batch and one on a retain batch per step.
 
@@ -38,7 +43,7 @@ class NegGradPlus(GradDiff):
     default_lr = 1e-3
     default_epochs = 10
 
-    def __init__(self, beta: float = 0.9, forget_loss_cap: float | str | None = None) -> None:
+    def __init__(self, beta: float = 0.9, forget_loss_cap: float | str | None = "uniform") -> None:
         Strategy.__init__(self)
         self.beta = self.check_range("beta", beta, 0.0, 1.0)
         if self.beta == 1.0:  # no forget term left: it would only fine-tune

@@ -45,7 +45,10 @@ class RandomLabel(Strategy):
     Args:
         alpha: weight of the retain cross-entropy.
 
-    Defaults (lr 1e-3, 10 epochs, alpha 1, Adam) measured on digits, class 3 forgotten: see ``RESULTS`` below.
+    Defaults (lr 1e-3, 30 epochs, alpha 10, Adam), measured on digits with class 3 forgotten (full forget set of
+    146, batch 32; gold retrained model: retain acc 0.998, test acc 0.869): forget acc 1.0 -> 0.0, retain acc
+    0.996, test acc 0.867. Fitting random labels drags nearby retain classes along, so the retain term needs a
+    large weight and time to repair them: alpha 1 x 10 epochs leaves retain acc 0.963, alpha 10 x 20 epochs 0.991.
 
     Cost: one forward+backward on a forget batch and one on a retain batch per step.
 
@@ -55,9 +58,9 @@ class RandomLabel(Strategy):
 
     needs_retain = True
     default_lr = 1e-3
-    default_epochs = 10
+    default_epochs = 30
 
-    def __init__(self, alpha: float = 1.0) -> None:
+    def __init__(self, alpha: float = 10.0) -> None:
         super().__init__()
         self.alpha = self.check_range("alpha", alpha, 0.0, 1e6)
 

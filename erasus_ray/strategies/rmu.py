@@ -75,8 +75,12 @@ class RMU(Strategy):
         update_params: names (or name prefixes) of the parameters to update; None = every parameter the
             layer-``l`` activations depend on (found by autograd in :meth:`setup`). Others get no gradient step.
 
-    Defaults (lr 1e-3, 10 epochs, steering_scale 4, alpha 10, Adam) measured on digits, class 3 forgotten: see
-    ``RESULTS`` below.
+    Defaults (lr 3e-3, 20 epochs, steering_scale 4, alpha 10, Adam), measured on digits with class 3 forgotten
+    (full forget set of 146, batch 32; ``layer="auto"`` = the 128-d input of the head, c = 110; gold retrained
+    model: retain acc 0.998, test acc 0.869): forget acc 1.0 -> 0.0, retain acc 0.990, test acc 0.869. At lr 1e-3 x
+    10 epochs the features do not reach c*u (forget acc 0.71); alpha 1 reaches it but costs retain acc (0.90).
+    On a classifier the steered features all map to the head's class for ``u`` (here 8): with few classes, check
+    it is not the forgotten one (another seed changes ``u``).
 
     Cost: setup = one forward+backward on a coreset batch, one forward over the coreset, a frozen copy of the model;
     per step one forward+backward on forget and retain and one frozen forward on retain.
@@ -86,8 +90,8 @@ class RMU(Strategy):
     """
 
     needs_retain = True
-    default_lr = 1e-3
-    default_epochs = 10
+    default_lr = 3e-3
+    default_epochs = 20
 
     def __init__(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from erasus_ray.data import Batch
+from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.tasks import TaskOutput
 
@@ -23,15 +25,26 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-def sample_kl(student: TaskOutput, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def sample_kl(
+    student: TaskOutput, teacher_logits: torch.Tensor, temperature: float = 1.0, cap: float | str | None = None
+) -> torch.Tensor:
     """``[B]`` ``T^2 * KL(softmax(t/T) || softmax(s/T))`` per prediction unit, averaged over each sample's units.
 
     ``teacher_logits`` are the teacher's logits for the same units (same batch, so the same rows). The ``T^2``
     factor keeps gradient magnitudes comparable across temperatures (Hinton et al. 2015; SCRUB's ``DistillKL``).
+    ``cap`` clamps each unit's KL (before the ``T^2`` factor), so a unit past the cap contributes no gradient;
+    ``"uniform"`` caps each unit at ``KL(teacher || uniform) = log C - H(teacher)``: the student is then no closer
+    to the teacher than a uniform guess.
     """
     log_s = F.log_softmax(student.logits.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    unit = (log_t.exp() * (log_t - log_s)).sum(-1) * temperature**2
+    p_t = log_t.exp()
+    unit = (p_t * (log_t - log_s)).sum(-1)
+    if cap == "uniform":
+        unit = torch.minimum(unit, math.log(log_t.shape[-1]) + (p_t * log_t).sum(-1))
+    elif cap is not None:
+        unit = unit.clamp(max=float(cap))
+    unit = unit * temperature**2
     total = unit.new_zeros(student.batch_size).index_add(0, student.owner, unit)
     count = unit.new_zeros(student.batch_size).index_add(0, student.owner, torch.ones_like(unit))
     return total / count.clamp_min(1)
@@ -83,12 +96,24 @@ class SCRUB(Strategy):
     default_lr = 1e-3
     default_epochs = 10
 
-    def __init__(self, alpha: float = 0.5, gamma: float = 1.0, msteps: int = 5, temperature: float = 4.0) -> None:
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        gamma: float = 1.0,
+        msteps: int = 5,
+        temperature: float = 4.0,
+        forget_kl_cap: float | str | None = "uniform",
+    ) -> None:
         super().__init__()
         self.alpha = self.check_range("alpha", alpha, 0.0, 1e6)
         self.gamma = self.check_range("gamma", gamma, 0.0, 1e6)
+        if int(msteps) != msteps:
+            raise InvalidConfigError(f"scrub: msteps must be an integer number of epochs, got {msteps!r}")
         self.msteps = int(self.check_range("msteps", msteps, 0, 1e9))
         self.temperature = self.check_range("temperature", temperature, 0.0, 1e3, low_open=True)
+        if forget_kl_cap is not None and forget_kl_cap != "uniform":
+            forget_kl_cap = self.check_range("forget_kl_cap", forget_kl_cap, 0.0, 1e6, low_open=True)
+        self.forget_kl_cap = forget_kl_cap
 
     def setup(self, ctx: UnlearnContext) -> None:
         ctx.state["scrub_teacher"] = frozen_copy(ctx.model)
@@ -109,7 +134,8 @@ class SCRUB(Strategy):
         """``KL(teacher || student)`` on the forget batch (to be maximised)."""
         teacher = ctx.state["scrub_teacher"]
         out = ctx.forward(forget)
-        return weighted_mean(sample_kl(out, teacher_logits(ctx, teacher, forget), self.temperature), forget)
+        kl = sample_kl(out, teacher_logits(ctx, teacher, forget), self.temperature, self.forget_kl_cap)
+        return weighted_mean(kl, forget)
 
     def min_terms(self, ctx: UnlearnContext, retain: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(KL(teacher || student), CE)`` on the retain batch (to be minimised)."""

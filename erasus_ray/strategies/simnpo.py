@@ -32,8 +32,9 @@ class SimNPO(Strategy):
         gamma: reward margin (paper: 0 on TOFU).
         alpha: weight of the retain NLL term (0 = forget term only; retain data is still required).
 
-    Defaults (lr 1e-3, 10 epochs, beta 2.5, gamma 0, alpha 1, Adam) measured on digits, class 3 forgotten:
-    see ``RESULTS`` below.
+    Defaults (lr 3e-4, 10 epochs, beta 2.5, gamma 0, alpha 1, Adam), measured on digits with class 3 forgotten
+    (full forget set of 146, batch 32; gold retrained model: retain acc 0.998, test acc 0.869): forget acc
+    1.0 -> 0.0, retain acc 0.998, test acc 0.875 (at lr 1e-3: retain 0.992, test 0.861).
 
     Cost: one forward+backward on a forget batch and one on a retain batch per step; no reference model.
 
@@ -42,7 +43,7 @@ class SimNPO(Strategy):
     """
 
     needs_retain = True
-    default_lr = 1e-3
+    default_lr = 3e-4
     default_epochs = 10
 
     def __init__(self, beta: float = 2.5, gamma: float = 0.0, alpha: float = 1.0) -> None:

@@ -37,8 +37,9 @@ class WGA(Strategy):
         alpha: exponent of the confidence weight (OpenUnlearning's ``beta``; 1.0 there).
         retain_weight: weight of the retain cross-entropy (0 = forget term only; retain data is still required).
 
-    Defaults (lr 1e-3, 10 epochs, alpha 1, retain_weight 1, Adam) measured on digits, class 3 forgotten (full
-    forget set of 146 samples, batch 32): see the report numbers in ``RESULTS`` below.
+    Defaults (lr 3e-4, 10 epochs, alpha 1, retain_weight 1, Adam), measured on digits with class 3 forgotten
+    (full forget set of 146, batch 32; gold retrained model: retain acc 0.998, test acc 0.869): forget acc
+    1.0 -> 0.0, retain acc 0.997, test acc 0.872 (at lr 1e-3: retain 0.991, test 0.864).
 
     Cost: one forward+backward on a forget batch and one on a retain batch per step.
 
@@ -47,7 +48,7 @@ class WGA(Strategy):
     """
 
     needs_retain = True
-    default_lr = 1e-3
+    default_lr = 3e-4
     default_epochs = 10
 
     def __init__(self, alpha: float = 1.0, retain_weight: float = 1.0) -> None:
