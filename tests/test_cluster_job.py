@@ -3,7 +3,6 @@
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -34,12 +33,16 @@ def test_ray_job_submit_runs_unlearn_config(tmp_path):
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "HF_HUB_OFFLINE": "1",
            "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180"}  # loaded 2-core CI machines
     env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={ray_tmp}", "--block"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    # Not --block: under --block any Ray subprocess that dies (e.g. the client server timing out on a loaded
+    # machine) takes the whole head down. Every process of this head has our private temp dir on its command
+    # line, which is how the test finds and ends them by PID afterwards.
     try:
+        start = subprocess.run(
+            [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}", "--num-cpus=2", f"--temp-dir={ray_tmp}"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
         out = tmp_path / "results"
         deadline = time.time() + 300
         while True:  # wait until the job server answers (its port opens before its modules are ready)
@@ -49,7 +52,7 @@ def test_ray_job_submit_runs_unlearn_config(tmp_path):
                         break
             except (OSError, http.client.HTTPException):
                 pass
-            if time.time() > deadline or head.poll() is not None:
+            if time.time() > deadline:
                 raise RuntimeError("the Ray head's job server did not come up")
             time.sleep(2)
         job = subprocess.run(
@@ -61,10 +64,22 @@ def test_ray_job_submit_runs_unlearn_config(tmp_path):
         doc = json.loads((out / "results.json").read_text())
         assert doc["config"]["strategy"] == "grad_diff" and doc["metrics"]["forget_acc"] <= 0.05
     finally:
+        _end_processes_mentioning(ray_tmp)
+
+
+def _end_processes_mentioning(marker: str) -> None:
+    """SIGTERM, then SIGKILL, every process whose command line contains ``marker`` (this test's Ray head)."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    for p in procs:
         try:
-            os.killpg(head.pid, signal.SIGTERM)  # the head and everything it started, by PID
-            head.wait(timeout=30)
-        except ProcessLookupError:
+            p.terminate()
+        except psutil.NoSuchProcess:
             pass
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from erasus_ray.data import as_id_dataset
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors import get_selector
 from erasus_ray.selectors._embeddings import (
@@ -226,7 +225,8 @@ def test_glister_contract_with_retain(digits_class, tiny_lm):
     assert len(core.ids) == math.ceil(0.1 * len(b.forget)) == len(set(core.ids.tolist()))
     assert set(core.ids.tolist()) <= set(b.forget_ids.tolist()) and set(core.scores) == set(b.forget_ids.tolist())
     assert core.ids.tolist() == sel(b.forget, retain=b.retain).ids.tolist()
-    shuffled = DataLoader(Subset(b.forget.base, [int(p) for p in np.random.default_rng(1).permutation(b.forget.positions)]), batch_size=7, shuffle=True)
+    perm = np.random.default_rng(1).permutation(b.forget.positions)
+    shuffled = DataLoader(Subset(b.forget.base, [int(p) for p in perm]), batch_size=7, shuffle=True)
     assert sorted(sel(shuffled, retain=b.retain).ids.tolist()) == sorted(core.ids.tolist())
     # validation= takes precedence over retain=; the simulated step lowers the validation loss
     assert core.info["validation_loss_after"] < core.info["validation_loss_before"]

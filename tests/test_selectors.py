@@ -24,15 +24,16 @@ def _shuffled_loader(ds, seed):
 def test_contract_classifier(name, digits_class):
     b = digits_class
     sel = get_selector(name)
-    core = sel.select(b.original, b.forget, task=b.task, fraction=0.1, seed=0)
+    # retain= is what ErasusUnlearner passes to every selector (validation-set selectors default to it)
+    core = sel.select(b.original, b.forget, task=b.task, fraction=0.1, seed=0, retain=b.retain)
     forget_ids = set(b.forget_ids.tolist())
     budget = len(b.forget_ids) if name == "full" else int(np.ceil(0.1 * len(b.forget_ids)))
     assert len(core.ids) == budget == len(core.weights)
     assert len(set(core.ids.tolist())) == len(core.ids), "ids must be unique"
     assert set(core.ids.tolist()) <= forget_ids, "ids must be forget ids, not positions"
-    again = get_selector(name).select(b.original, b.forget, task=b.task, fraction=0.1, seed=0)
+    again = get_selector(name).select(b.original, b.forget, task=b.task, fraction=0.1, seed=0, retain=b.retain)
     assert core.ids.tolist() == again.ids.tolist(), "deterministic under a seed"
-    shuffled = get_selector(name).select(b.original, _shuffled_loader(b.forget, 1), task=b.task, fraction=0.1, seed=0)
+    shuffled = get_selector(name).select(b.original, _shuffled_loader(b.forget, 1), task=b.task, fraction=0.1, seed=0, retain=b.retain)
     assert sorted(core.ids.tolist()) == sorted(shuffled.ids.tolist()), "invariant to loader order"
     if core.scores is not None:
         assert set(core.scores) == forget_ids
@@ -41,11 +42,11 @@ def test_contract_classifier(name, digits_class):
 @pytest.mark.parametrize("name", ALL)
 def test_contract_lm(name, tiny_lm):
     forget = tiny_lm["forget"]
-    core = get_selector(name).select(tiny_lm["model"], forget, task=tiny_lm["task"], k=3, seed=0)
+    core = get_selector(name).select(tiny_lm["model"], forget, task=tiny_lm["task"], k=3, seed=0, retain=tiny_lm["retain"])
     expected = len(forget) if name == "full" else 3
     assert len(core.ids) == expected and set(core.ids.tolist()) <= set(forget.ids.tolist())
     rev = forget.subset(forget.ids[::-1])
-    core2 = get_selector(name).select(tiny_lm["model"], rev, task=tiny_lm["task"], k=3, seed=0)
+    core2 = get_selector(name).select(tiny_lm["model"], rev, task=tiny_lm["task"], k=3, seed=0, retain=tiny_lm["retain"])
     assert sorted(core.ids.tolist()) == sorted(core2.ids.tolist())
 
 
@@ -83,6 +84,7 @@ def test_gradient_norm_matches_autograd_loop(digits_class, tiny_lm):
 def test_gradient_norm_last_scope_is_output_layer(digits_class):
     params = trainable_params(digits_class.original, "last")
     assert set(params) == {"net.5.weight", "net.5.bias"}
+    assert set(trainable_params(torch.nn.Linear(3, 2), "last")) == {"weight", "bias"}
 
 
 def test_random_depends_on_seed(digits_class):

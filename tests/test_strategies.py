@@ -46,6 +46,9 @@ def test_contract_lm(name, tiny_lm):
     from erasus_ray.training import TrainRecipe
 
     t = tiny_lm
+    supported = STRATEGIES.get(name).supported_tasks
+    if supported is not None and t["task"].name not in supported:
+        pytest.skip(f"{name} supports {supported} only")
     before = mean_loss(t["model"], t["task"], t["forget"])
     recipe = TrainRecipe(epochs=30, lr=1e-2, batch_size=8, optimizer="adamw", seed=0)
     res = _run(name, t["model"], t["task"], t["forget"], t["retain"], t["factory"], recipe, epochs=30, lr=3e-3, batch_size=4)
@@ -107,7 +110,7 @@ def test_npo_uses_reference_sequence_loglik(tiny_lm):
     ref_logp = -torch.nn.functional.cross_entropy(ref_out.logits, ref_out.targets, reduction="none")
     ref_seq = torch.zeros(8).index_add(0, ref_out.owner, ref_logp)
     manual = (-(2 / 0.1) * torch.nn.functional.logsigmoid(-0.1 * (seq - ref_seq))).mean()
-    assert float(loss) == pytest.approx(float(manual), rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(float(manual), rel=1e-4)
 
 
 def test_grad_diff_cap_stops_ascent_beyond_uniform(digits_class):

@@ -35,22 +35,25 @@ def _batch(ds, task, n, start=0):
     return next(iter(make_loader(ds.subset(ds.ids[start : start + n]), task.collate, batch_size=n)))
 
 
-def _ctx(bench_or_lm, model=None, seed=0):
-    if isinstance(bench_or_lm, dict):
-        t = bench_or_lm
-        return UnlearnContext(model=model or copy.deepcopy(t["model"]), task=t["task"], forget=t["forget"], retain=t["retain"], device=CPU, seed=seed)
-    b = bench_or_lm
-    return UnlearnContext(model=model or copy.deepcopy(b.original), task=b.task, forget=b.forget, retain=b.retain, device=CPU, seed=seed)
+def _ctx(src, model=None, seed=0):
+    """A context on a copy of the digits original (a Benchmark) or of the tiny LM (the fixture's dict)."""
+    if isinstance(src, dict):
+        model, task, forget, retain = model or copy.deepcopy(src["model"]), src["task"], src["forget"], src["retain"]
+    else:
+        model, task, forget, retain = model or copy.deepcopy(src.original), src.task, src.forget, src.retain
+    return UnlearnContext(model=model, task=task, forget=forget, retain=retain, device=CPU, seed=seed)
 
 
 # --- negative_gradient -------------------------------------------------------------------------------------------
 def test_negative_gradient_is_gradient_ascent_bit_for_bit(digits_class):
     b = digits_class
     assert issubclass(NegativeGradient, GradientAscent)
-    assert (NegativeGradient.default_lr, NegativeGradient.default_epochs) == (GradientAscent.default_lr, GradientAscent.default_epochs)
+    for attr in ("default_lr", "default_epochs", "needs_retain"):
+        assert getattr(NegativeGradient, attr) == getattr(GradientAscent, attr)
     hashes = []
     for name in ("gradient_ascent", "negative_gradient"):
-        res = ErasusUnlearner(b.original, strategy=name, selector=None, fraction=None, seed=3, progress=False).fit(forget_data=b.forget)
+        unlearner = ErasusUnlearner(b.original, strategy=name, selector=None, fraction=None, seed=3, progress=False)
+        res = unlearner.fit(forget_data=b.forget)
         hashes.append(model_hash(res.model))
     assert hashes[0] == hashes[1]
 
@@ -103,7 +106,8 @@ def test_wga_loss_weights_each_lm_token(tiny_lm):
         out = t["task"].forward(ctx.model, fb.data)
         ce = F.cross_entropy(out.logits, out.targets, reduction="none")
         w = torch.exp(-ce) ** alpha  # per token, not per sample
-        per_sample = torch.zeros(4).index_add(0, out.owner, w * ce) / torch.zeros(4).index_add(0, out.owner, torch.ones_like(ce))
+        counts = torch.zeros(4).index_add(0, out.owner, torch.ones_like(ce))
+        per_sample = torch.zeros(4).index_add(0, out.owner, w * ce) / counts
     assert float(loss.detach()) == pytest.approx(float(-per_sample.mean()), rel=1e-5)
     # The gradient is the ascent gradient rescaled per unit: at alpha = 0 WGA is gradient ascent.
     ga, _ = GradientAscent().loss(ctx, fb, None)

@@ -108,8 +108,6 @@ def flat_row(job: dict[str, Any], *, task: str, scenario: str, seed: int, config
         if k.startswith("gap_"):
             row[k + "_pts"] = 100 * v
     row[f"gold_{forget_key}"] = 100 * m[f"gold_{forget_key}"]
-    retain_key = forget_key.replace("forget", "retain")
-    row[f"gold_{retain_key}"] = 100 * m.get(f"gold_{retain_key}", math.nan)
     # How much of the forget set is forgotten: the main forget metric on the forget samples that were NOT in the
     # coreset (NaN for full / retrain), next to the original model's value on those same samples.
     result = job["result"]
@@ -377,7 +375,8 @@ def findings(summary: list[dict[str, Any]], refs: list[dict[str, Any]]) -> list[
         rk = fk.replace("forget", "retain")
         if f"{rk}_mean" in full:
             vals = [s[f"{rk}_mean"] for s in cores]
-            why += (f" Retain side ({rk}, points): gold {full[f'gold_{rk}_mean'] if f'gold_{rk}_mean' in full else float('nan'):.1f}, "
+            gold_rk = 100 * float(np.mean([r[f"gold_{rk}"] for r in refs if r["task"] == task and r["scenario"] == scen]))
+            why += (f" Retain side ({rk}, points): gold {gold_rk:.1f}, "
                     f"full {full[f'{rk}_mean']:.1f}, coresets {min(vals):.1f}-{max(vals):.1f}.")
         lines.append(head + verdict + detail + why)
     return lines

@@ -56,6 +56,8 @@ class BenchmarkSpec(ABC):
 
     def __init__(self, **options: Any) -> None:
         self.options = options
+        #: where the task may cache derived files (set by :func:`build_benchmark`)
+        self.cache_dir: Path | None = None
 
     @abstractmethod
     def build_data(self, scenario: str, seed: int) -> TaskData: ...
@@ -135,14 +137,14 @@ def build_benchmark(
     scenario = scenario or spec.default_scenario
     if scenario not in spec.scenarios:
         raise InvalidConfigError(f"unknown scenario {scenario!r} for {spec.name}; known: {', '.join(spec.scenarios)}")
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("ERASUS_RAY_THREADS", "1")))))
     seed_everything(seed)
+    root = cache_root(cache_dir)
+    spec.cache_dir = root
     data = spec.build_data(scenario, seed)
     task = spec.make_task()
     recipe = spec.recipe(seed)
     config = spec.config(scenario, seed)
     key = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    root = cache_root(cache_dir)
     forget_ids = np.sort(np.asarray(data.forget_ids, dtype=np.int64))
     retain = data.train.exclude(forget_ids)
 

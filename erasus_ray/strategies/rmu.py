@@ -67,6 +67,7 @@ class RMU(Strategy):
         layer: ``"auto"`` (the adapter's penultimate features: the input of a classifier's head, an LM's final
             hidden state over the answer tokens) or the name of a module whose output is steered (e.g.
             ``"transformer.h.3"`` for the 4th GPT-2 block). No model-type branching: names or the adapter only.
+            A named module's MSE averages over all its positions (padding included).
         steering_coef: ``c``. ``None`` (default) sets ``c = steering_scale * mean ||h_l(x^f)||`` of the frozen
             model on the coreset, since the paper's absolute values (6.5 for Zephyr-7B layer 7) depend on the
             model's activation scale.
@@ -74,6 +75,7 @@ class RMU(Strategy):
         alpha: weight of the retain MSE (paper: 1200 for Zephyr, where activations are small relative to c).
         update_params: names (or name prefixes) of the parameters to update; None = every parameter the
             layer-``l`` activations depend on (found by autograd in :meth:`setup`). Others get no gradient step.
+            A weight tied to an upstream one (GPT-2's ``lm_head`` is ``wte``) moves with it.
 
     Defaults (lr 3e-3, 20 epochs, steering_scale 4, alpha 10, Adam), measured on digits with class 3 forgotten
     (full forget set of 146, batch 32; ``layer="auto"`` = the 128-d input of the head, c = 110; gold retrained
@@ -105,7 +107,9 @@ class RMU(Strategy):
         if not isinstance(layer, str) or not layer:
             raise InvalidConfigError(f"rmu: layer must be 'auto' or a module name, got {layer!r}")
         self.layer = layer
-        self.steering_coef = None if steering_coef is None else self.check_range("steering_coef", steering_coef, 0.0, 1e6, low_open=True)
+        if steering_coef is not None:
+            steering_coef = self.check_range("steering_coef", steering_coef, 0.0, 1e6, low_open=True)
+        self.steering_coef = steering_coef
         self.steering_scale = self.check_range("steering_scale", steering_scale, 0.0, 1e6, low_open=True)
         self.alpha = self.check_range("alpha", alpha, 0.0, 1e9)
         if isinstance(update_params, str):
@@ -132,7 +136,9 @@ class RMU(Strategy):
                 acts = activations(ctx, batch.to(ctx.device), self.layer, model=frozen)
                 norms.append(acts.float().norm(dim=-1).flatten())
         dim = acts.shape[-1]
-        coef = self.steering_coef if self.steering_coef is not None else self.steering_scale * float(torch.cat(norms).mean())
+        coef = self.steering_coef
+        if coef is None:
+            coef = self.steering_scale * float(torch.cat(norms).mean())
         g = torch.Generator().manual_seed(int(ctx.seed))
         direction = torch.rand(dim, generator=g)
         control = (coef * direction / direction.norm()).to(ctx.device)

@@ -19,6 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half/bfloat16 logits for a stable loss; keep float32 and float64 as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 @dataclass
 class TaskOutput:
     """Prediction units of one forward pass.
@@ -47,7 +52,7 @@ class TaskOutput:
         return out / counts.clamp_min(1)
 
     def unit_loss(self) -> torch.Tensor:
-        return F.cross_entropy(self.logits.float(), self.targets, reduction="none")
+        return F.cross_entropy(at_least_fp32(self.logits), self.targets, reduction="none")
 
     def sample_loss(self) -> torch.Tensor:
         """``[B]`` mean cross-entropy over each sample's units (answer tokens for an LM)."""
@@ -67,7 +72,7 @@ class TaskOutput:
 
     def sample_el2n(self) -> torch.Tensor:
         """``[B]`` EL2N error ``||softmax(logits) - onehot(target)||_2`` averaged over units (Paul et al. 2021)."""
-        probs = self.logits.float().softmax(-1)
+        probs = at_least_fp32(self.logits).softmax(-1)
         onehot = F.one_hot(self.targets, probs.shape[-1]).to(probs.dtype)
         return self._per_sample((probs - onehot).norm(dim=-1), "mean")
 

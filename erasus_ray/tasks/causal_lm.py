@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from erasus_ray.errors import TaskMismatchError
-from erasus_ray.tasks.base import Task, TaskOutput
+from erasus_ray.tasks.base import Task, TaskOutput, at_least_fp32
 
 IGNORE = -100
 
@@ -105,7 +105,7 @@ class CausalLMTask(Task):
         return TaskOutput(logits[rows, cols], targets, rows, int(labels.shape[0]), features)
 
     def dense_sample_loss(self, raw: Any, data: Any) -> torch.Tensor:
-        logits = getattr(raw, "logits", raw)[:, :-1].float()
+        logits = at_least_fp32(getattr(raw, "logits", raw)[:, :-1])
         labels = data["labels"][:, 1:]
         mask = (labels != IGNORE).float()
         unit = torch.nn.functional.cross_entropy(

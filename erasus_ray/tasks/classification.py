@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from erasus_ray.errors import TaskMismatchError
-from erasus_ray.tasks.base import Task, TaskOutput
+from erasus_ray.tasks.base import Task, TaskOutput, at_least_fp32
 
 
 def _logits_of(raw: Any) -> torch.Tensor:
@@ -66,7 +66,7 @@ class ClassificationTask(Task):
         return TaskOutput(logits, targets, owner, int(targets.shape[0]), features)
 
     def dense_sample_loss(self, raw: Any, data: Any) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(_logits_of(raw).float(), data[1], reduction="none")
+        return torch.nn.functional.cross_entropy(at_least_fp32(_logits_of(raw)), data[1], reduction="none")
 
     def head_module(self, model: nn.Module) -> nn.Module:
         if self.head is not None:
