@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from erasus_ray.data import as_id_dataset
 from erasus_ray.evaluation import evaluate
 from erasus_ray.selectors import Coreset, get_selector
 from erasus_ray.tasks import Task, get_task
@@ -21,10 +22,17 @@ def select_coreset(
     fraction: float | None = None,
     task: Task | str = "auto",
     seed: int = 0,
+    retain: Any = None,
     **selector_kwargs: Any,
 ) -> Coreset:
-    """Select ``k`` (or ``fraction`` of) samples of ``data`` with selector ``name``; returns dataset ids."""
-    return get_selector(name, **selector_kwargs).select(model, data, task=get_task(task, model), k=k, fraction=fraction, seed=seed)
+    """Select ``k`` (or ``fraction`` of) samples of ``data`` with selector ``name``; returns dataset ids.
+
+    ``retain`` is passed to selectors that use it (e.g. ``glister``'s default validation set, influence Hessians).
+    """
+    context = {} if retain is None else {"retain": as_id_dataset(retain)}
+    return get_selector(name, **selector_kwargs).select(
+        model, data, task=get_task(task, model), k=k, fraction=fraction, seed=seed, **context
+    )
 
 
 def unlearn(

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from erasus_ray import ErasusUnlearner
 from erasus_ray.distributed import PoolSpec, ScoringPool, shard_ids
@@ -32,14 +33,43 @@ def test_score_selectors_sharded_equal_single_process(name, digits_class, ray_cl
 
 
 GREEDI = [n for n in SELECTORS.names() if SELECTORS.get(n).distributed_merge == "greedi"]
+# one geometric selector in the default suite; the rest (an actor pool each) behind the slow marker
+FAST_GREEDI = ["k_center"]
 
 
-@pytest.mark.parametrize("name", GREEDI)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n in FAST_GREEDI else [pytest.mark.slow]) for n in GREEDI]
+)
 def test_greedi_selectors_return_valid_coresets(name, digits_class, ray_cluster):
     b = digits_class
     pooled = ScoringPool(PoolSpec(num_actors=2)).select(get_selector(name), b.original, b.forget, task=b.task, k=10, seed=0, retain=b.retain)
     assert len(pooled.ids) == 10 and set(pooled.ids.tolist()) <= set(b.forget_ids.tolist())
     assert pooled.info["greedi_union"] >= 10
+
+
+def _facility_location(features: torch.Tensor, rows: list[int]) -> float:
+    d = torch.cdist(features.double(), features.double())
+    sim = d.max() - d  # the non-negative similarity facility location needs
+    return float(sim[:, rows].max(dim=1).values.sum())
+
+
+def test_greedi_facility_location_close_to_centralised(digits_class, ray_cluster):
+    """GreeDi (local greedy per shard, then greedy over the union) keeps >= 0.9 of the centralised objective."""
+    if "submodular" not in SELECTORS:
+        pytest.skip("submodular selector not registered")
+    b = digits_class
+    forget = b.forget.sorted()
+    selector = get_selector("submodular", function="facility_location")
+    central = selector.select(b.original, forget, task=b.task, k=15, seed=0)
+    greedi = ScoringPool(PoolSpec(num_actors=4)).select(selector, b.original, forget, task=b.task, k=15, seed=0)
+    from erasus_ray.selectors._embeddings import feature_matrix
+
+    feats = feature_matrix(b.original, forget, b.task)
+    row_of = forget.row_of()
+    f_central = _facility_location(feats, [row_of[int(i)] for i in central.ids])
+    f_greedi = _facility_location(feats, [row_of[int(i)] for i in greedi.ids])
+    assert greedi.info["shards"] == 4
+    assert f_greedi >= 0.9 * f_central, (f_greedi, f_central)
 
 
 def test_unlearner_distributed_ray_matches_local(digits_class, ray_cluster):

@@ -152,3 +152,11 @@ def test_unknown_strategy_and_bad_hparams():
         get_strategy("npo", beta=0.0)
     with pytest.raises(InvalidConfigError, match="unknown hyperparameters"):
         get_strategy("gradient_ascent", gamma=2.0)
+
+
+def test_retrain_refuses_models_it_cannot_reinitialise(tiny_lm):
+    """GPT-2's Conv1D has no reset_parameters: without a model_factory retrain must say so, not keep weights."""
+    t = tiny_lm
+    with pytest.raises(InvalidConfigError, match="model_factory"):
+        ErasusUnlearner(t["model"], strategy="retrain", selector=None, task=t["task"], progress=False).fit(
+            forget_data=t["forget"], retain_data=t["retain"])

@@ -140,7 +140,13 @@ class ScoringPool:
             max_task_retries=self.spec.max_task_retries,
         )(_ScoringWorker)
         model_ref = ray.put(model)  # shipped to the object store once; each actor fetches it once
-        return [worker.remote(model_ref, task, self.spec.torch_threads) for _ in range(self.spec.num_actors)]
+        # Never ask for more actors than the cluster can place (pending actors would block forever); shards are
+        # dealt round-robin, so fewer actors just take more shards each.
+        count = self.spec.num_actors
+        total_cpu = float(ray.cluster_resources().get("CPU", 0))
+        if self.spec.num_cpus > 0 and total_cpu > 0:
+            count = max(1, min(count, int(total_cpu // self.spec.num_cpus)))
+        return [worker.remote(model_ref, task, self.spec.torch_threads) for _ in range(count)]
 
     def select(
         self,

@@ -16,6 +16,12 @@ from erasus_ray.strategies.random_label import RandomLabel
 from erasus_ray.strategies.rmu import RMU
 from erasus_ray.strategies.simnpo import SimNPO, simnpo_loss
 from erasus_ray.strategies.wga import WGA
+from erasus_ray.strategies.fisher_forgetting import FisherForgetting
+from erasus_ray.strategies.knowledge_distillation import KnowledgeDistillation
+from erasus_ray.strategies.l1_sparse import L1Sparse
+from erasus_ray.strategies.saliency_unlearning import SaliencyUnlearning
+from erasus_ray.strategies.scrub import SCRUB
+from erasus_ray.strategies.ssd import SSD
 
 
 def get_strategy(strategy: Strategy | str, **kwargs: Any) -> Strategy:
@@ -30,10 +36,16 @@ def get_strategy(strategy: Strategy | str, **kwargs: Any) -> Strategy:
 __all__ = [
     "STRATEGIES",
     "FineTune",
+    "FisherForgetting",
     "GradDiff",
     "GradientAscent",
+    "KnowledgeDistillation",
+    "L1Sparse",
     "NPO",
     "Retrain",
+    "SCRUB",
+    "SSD",
+    "SaliencyUnlearning",
     "Strategy",
     "UnlearnContext",
     "get_strategy",

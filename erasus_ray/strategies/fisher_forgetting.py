@@ -69,6 +69,18 @@ def diagonal_fisher(
     return {n: f / max(total_weight, 1e-12) for n, f in fisher.items()}, batches
 
 
+def retain_subset(ctx: UnlearnContext, max_retain: int | None) -> IdDataset:
+    """The retain set, or a seeded random subset of ``max_retain`` of its samples (for the Fisher estimate)."""
+    retain = ctx.retain
+    if retain is None or len(retain) == 0:
+        raise InvalidConfigError("this strategy needs retain data")
+    if max_retain is None or len(retain) <= max_retain:
+        return retain
+    g = torch.Generator().manual_seed(ctx.seed)
+    rows = torch.randperm(len(retain), generator=g)[:max_retain].sort().values.numpy()
+    return retain.subset(retain.ids[rows])
+
+
 def fisher_noise_variance(fisher: torch.Tensor, alpha: float, max_var: float, eps: float = 1e-8) -> torch.Tensor:
     """Per-parameter noise variance ``alpha * min(1 / (F + eps), max_var)``."""
     return alpha * (1.0 / (fisher + eps)).clamp(max=max_var)
@@ -81,23 +93,29 @@ class FisherForgetting(Strategy):
     ``var = alpha * min(1 / (F_retain + eps), max_var)`` per parameter, with ``F_retain`` the diagonal empirical
     Fisher of the retain set (:func:`diagonal_fisher`). Parameters the retain set relies on (large Fisher) get little
     noise; those it does not (information only about the forget set) are scrubbed by large noise. This is the
-    paper's Fisher forgetting (its Hessian approximated by the Fisher, noise ``(lambda sigma_h^2)^(1/4) F^(-1/4)`` on
-    the standard deviation folded into ``alpha``); the reference code's class-specific tweaks (zeroing the forgotten
-    class's output row, per-row variance averaging, x10 for the last layer) are model- and scenario-specific and
-    left out. The noise is drawn from a generator seeded with the run's seed.
+    paper's Fisher forgetting in the form of its reference code (noise variance ``alpha / F`` with the inverse
+    clamped); that code's class-specific tweaks (zeroing the forgotten class's output row, per-row variance
+    averaging, x10 for the last layer) are model- and scenario-specific and left out, and the Fisher is the
+    empirical one (squared gradients at the true labels), which works for any task adapter. The noise is drawn
+    from a generator seeded with the run's seed.
 
     The step is training-free, so the runner's ``lr`` / ``epochs`` do not apply; the report counts the Fisher
     batches as steps.
 
     Args:
-        alpha: noise scale (paper code: 1e-6 to 3e-6 on CIFAR ResNets; larger for small models).
+        alpha: noise scale (the reference code uses values around 1e-6).
         max_var: clamp of the inverse Fisher (paper code: 1e3), which bounds the noise where ``F ~ 0``.
         eps: added to ``F`` before inverting.
         max_retain: estimate the Fisher on at most this many retain samples (a seeded random subset); None: all.
         batch_size / chunk_size: per-sample-gradient batching (``chunk_size`` bounds ``vmap`` memory).
 
-    Defaults measured on digits (class 3, full retain set of 1290): forget accuracy 1.00 -> XXX, retain accuracy
-    XXX (gold model 0.998), test accuracy on the other classes XXX (gold 0.969).
+    Measured on digits (class 3, full retain set of 1290; defaults alpha 1e-6, max_var 1e4): the noise is *not*
+    selective for a forgotten class. Seed 0: forget accuracy 1.00 -> 0.42 (forget loss 0.04 -> 1.46), retain
+    accuracy 0.998 -> 0.982 (gold 0.998), other-class test accuracy 0.975 -> 0.957 (gold 0.969). Seeds 1/2/3:
+    forget accuracy stays 0.97/0.96/0.95 while retain accuracy drops to 0.959/0.862/0.980. Every (alpha, max_var)
+    tried (alpha 1e-8..3e-5, max_var 1e3..1e7, also with the true Fisher) costs retain accuracy before it removes
+    class 3; the reference code's class forgetting comes from its class-specific step (zeroing that output row),
+    not from the noise. Treat it as the weak baseline it is in the SCRUB and SalUn comparisons.
 
     Cost: one forward+backward per retain sample (vectorised), then one noise draw per parameter.
 
@@ -111,7 +129,7 @@ class FisherForgetting(Strategy):
     def __init__(
         self,
         alpha: float = 1e-6,
-        max_var: float = 1e3,
+        max_var: float = 1e4,
         eps: float = 1e-8,
         max_retain: int | None = None,
         batch_size: int = 64,
@@ -126,16 +144,6 @@ class FisherForgetting(Strategy):
         self.max_retain = None if max_retain is None else int(max_retain)
         self.batch_size = int(self.check_range("batch_size", batch_size, 1, 1e9))
         self.chunk_size = None if chunk_size is None else int(self.check_range("chunk_size", chunk_size, 1, 1e9))
-
-    def retain_sample(self, ctx: UnlearnContext) -> IdDataset:
-        retain = ctx.retain
-        if retain is None or len(retain) == 0:
-            raise InvalidConfigError(f"{self.name} needs retain data")
-        if self.max_retain is None or len(retain) <= self.max_retain:
-            return retain
-        g = torch.Generator().manual_seed(ctx.seed)
-        rows = torch.randperm(len(retain), generator=g)[: self.max_retain].sort().values.numpy()
-        return retain.subset(retain.ids[rows])
 
     @torch.no_grad()
     def add_noise(self, model: nn.Module, fisher: dict[str, torch.Tensor], seed: int) -> None:
@@ -152,8 +160,10 @@ class FisherForgetting(Strategy):
     def unlearn(self, ctx: UnlearnContext, runner: "LocalRunner") -> "RunReport":
         from erasus_ray.runners.local import RunReport
 
-        retain = self.retain_sample(ctx)
-        fisher, batches = diagonal_fisher(ctx.model, ctx.task, retain, batch_size=self.batch_size, chunk_size=self.chunk_size)
+        retain = retain_subset(ctx, self.max_retain)
+        fisher, batches = diagonal_fisher(
+            ctx.model, ctx.task, retain, batch_size=self.batch_size, chunk_size=self.chunk_size
+        )
         self.add_noise(ctx.model, fisher, ctx.seed)
         ctx.model.eval()
         return RunReport(steps=batches, epochs=1, retain_samples=len(retain))

@@ -51,11 +51,15 @@ class KnowledgeDistillation(Strategy):
 
     Args:
         temperature: distillation temperature (paper: ``KL_temperature = 1``).
-        retain_weight: weight of the retain (competent-teacher) term.
+        retain_weight: weight of the retain (competent-teacher) term. The paper's mixed loader holds ~3 retain
+            samples per forget sample (30% of the retain set); here each step pairs one forget with one retain
+            batch, so the weight stands in for that ratio. At 1 digits retain accuracy is 0.989.
 
-    Defaults measured on digits (class 3, full forget set, Adam lr 1e-4, 10 epochs): forget accuracy 1.00 ->
-    0.00, retain accuracy 0.998 -> 0.998 (gold model 0.998), test accuracy on the other classes 0.975
-    (gold 0.969). (The paper runs 1 epoch at lr 1e-4 over a 30% retain subset plus the forget set.)
+    Defaults measured on digits (class 3, full forget set, selector=None, seed 0; Adam lr 3e-3, 20 epochs;
+    the paper's 1 epoch at lr 1e-4 leaves forget accuracy at 0.96 here): forget accuracy 1.00 -> 0.02 (forget
+    loss 0.04 -> 2.44, about log 10: the incompetent teacher is near-uniform), retain accuracy 0.998 -> 0.995
+    (gold model 0.998), test accuracy on the other classes 0.975 -> 0.975 (gold 0.969). Tiny GPT-2 (contract
+    setting): forget loss 0.02 -> 1.6, retain loss 0.03.
 
     Cost: per step, one forward+backward on the forget and on the retain batch plus one forward of each teacher;
     two extra copies of the model in memory.
@@ -65,10 +69,10 @@ class KnowledgeDistillation(Strategy):
     """
 
     needs_retain = True
-    default_lr = 1e-4
-    default_epochs = 10
+    default_lr = 3e-3
+    default_epochs = 20
 
-    def __init__(self, temperature: float = 1.0, retain_weight: float = 1.0) -> None:
+    def __init__(self, temperature: float = 1.0, retain_weight: float = 5.0) -> None:
         super().__init__()
         self.temperature = self.check_range("temperature", temperature, 0.0, 1e3, low_open=True)
         self.retain_weight = self.check_range("retain_weight", retain_weight, 0.0, 1e6)

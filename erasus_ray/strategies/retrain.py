@@ -16,11 +16,25 @@ if TYPE_CHECKING:
 
 
 def reinitialise(model: nn.Module, seed: int) -> nn.Module:
-    """Reset every submodule that defines ``reset_parameters`` (seeded)."""
-    torch.manual_seed(seed)
-    for module in model.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+    """Reset every submodule via its ``reset_parameters`` (seeded, without touching the global RNG).
+
+    Raises :class:`InvalidConfigError` when a module owns parameters but cannot reset them (e.g. Hugging Face
+    ``Conv1D``): keeping trained weights there would not be retraining, so pass ``model_factory`` instead.
+    """
+    stuck = [
+        name or type(model).__name__
+        for name, module in model.named_modules()
+        if any(True for _ in module.parameters(recurse=False)) and not hasattr(module, "reset_parameters")
+    ]
+    if stuck:
+        raise InvalidConfigError(
+            f"retrain cannot re-initialise modules {stuck[:5]} (no reset_parameters); pass model_factory= to build a fresh model"
+        )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
     return model
 
 
