@@ -88,3 +88,15 @@ def tiny_lm():
         "retain": full.exclude(forget_ids),
         "factory": tiny_gpt2,
     }
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test run (start-up costs 5-9 s); shut down only if we started it."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
+    yield ray
+    if started:
+        ray.shutdown()

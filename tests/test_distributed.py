@@ -12,16 +12,6 @@ from erasus_ray.selectors import SELECTORS, get_selector
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.parametrize("name", ["el2n", "gradient_norm"])
 def test_score_selectors_sharded_equal_single_process(name, digits_class, ray_cluster):
     b = digits_class

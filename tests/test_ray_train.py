@@ -12,16 +12,6 @@ from erasus_ray.evaluation import evaluate
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def _fit(b, **kw):
     return ErasusUnlearner(b.original, strategy="npo", selector="el2n", fraction=0.2, epochs=4, progress=False, retain_batch_size=64, **kw).fit(
         forget_data=b.forget, retain_data=b.retain
