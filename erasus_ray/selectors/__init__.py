@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from erasus_ray.selectors.base import SELECTORS, Coreset, ScoreSelector, Selector, resolve_budget
@@ -20,6 +22,11 @@ from erasus_ray.selectors.random_subset import FullSelector, RandomSelector
 from erasus_ray.selectors.representer import RepresenterSelector
 from erasus_ray.selectors.submodular import SubmodularSelector
 from erasus_ray.selectors.tracin import TracInSelector
+
+# Every public module of this package registers itself on import: a new algorithm is a new file, no edit here.
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def get_selector(selector: Selector | str | None, **kwargs: Any) -> Selector:

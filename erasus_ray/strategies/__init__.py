@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
@@ -22,6 +24,11 @@ from erasus_ray.strategies.l1_sparse import L1Sparse
 from erasus_ray.strategies.saliency_unlearning import SaliencyUnlearning
 from erasus_ray.strategies.scrub import SCRUB
 from erasus_ray.strategies.ssd import SSD
+
+# Every public module of this package registers itself on import: a new algorithm is a new file, no edit here.
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def get_strategy(strategy: Strategy | str, **kwargs: Any) -> Strategy:

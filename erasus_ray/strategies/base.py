@@ -87,6 +87,9 @@ class Strategy:
     default_optimizer: ClassVar[str] = "adam"
     #: Only for these task names (None: any task).
     supported_tasks: ClassVar[tuple[str, ...] | None] = None
+    #: Why the generic registry contract (a plain model + forget/retain sets) cannot run this strategy, e.g. it
+    #: needs a SISA-trained ensemble or a convex head; such strategies carry their own method-specific tests.
+    contract_exempt_reason: ClassVar[str | None] = None
 
     def __init__(self, **hparams: Any) -> None:
         if hparams:
