@@ -25,6 +25,9 @@ from erasus_ray.unlearner import ErasusUnlearner
 RUNNER_KEYS = {
     "lr", "epochs", "optimizer", "batch_size", "retain_batch_size", "grad_clip", "precision", "forget_target", "max_steps",
 }
+#: Where the job runs: coreset scoring on the Ray actor pool (``distributed``: none | ray | auto) and the strategy
+#: in process or under Ray Train (``backend``: local | ray_train, with ``num_workers``, ``use_gpu``, ``max_failures``).
+EXECUTION_KEYS = {"distributed", "backend", "num_workers", "use_gpu", "max_failures"}
 
 #: Per-benchmark defaults of the demo and of configs that leave the strategy out.
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -49,6 +52,7 @@ class JobConfig:
     fraction: float | None = 0.1
     k: int | None = None
     runner: dict[str, Any] = field(default_factory=dict)
+    execution: dict[str, Any] = field(default_factory=dict)
     output: str | None = None
 
     @classmethod
@@ -87,6 +91,15 @@ class JobConfig:
         if bad:
             raise InvalidConfigError(f"runner: unknown key(s) {bad}; known: {sorted(RUNNER_KEYS)}")
         self.runner = {**defaults.get("runner", {}), **self.runner}
+        if not isinstance(self.execution, dict):
+            raise InvalidConfigError(f"execution: must be a mapping, got {type(self.execution).__name__}")
+        bad = sorted(set(self.execution) - EXECUTION_KEYS)
+        if bad:
+            raise InvalidConfigError(f"execution: unknown key(s) {bad}; known: {sorted(EXECUTION_KEYS)}")
+        if self.execution.get("distributed", "none") not in (None, "none", "ray", "auto"):
+            raise InvalidConfigError(f"execution.distributed: must be none, ray or auto, got {self.execution['distributed']!r}")
+        if self.execution.get("backend", "local") not in ("local", "ray_train"):
+            raise InvalidConfigError(f"execution.backend: must be local or ray_train, got {self.execution['backend']!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,6 +149,7 @@ def run_job(
         selector_kwargs=cfg.selector_params,
         model_factory=bench.model_factory,
         recipe=bench.recipe,
+        **cfg.execution,
         **cfg.runner,
         **cfg.strategy_params,
     )

@@ -10,7 +10,8 @@ from erasus_ray.errors import InvalidConfigError, UnknownNameError
 from erasus_ray.experiment import JobConfig
 
 
-def test_demo_writes_results_and_plot(tmp_path, digits_class, capsys):
+def test_demo_writes_results_and_plot(tmp_path, digits_class, capsys, ray_cluster):
+    # The demo scores the coreset on the Ray actor pool by default (here: the session's local cluster).
     assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     labels = [r["label"] for r in doc["rows"]]
@@ -20,7 +21,23 @@ def test_demo_writes_results_and_plot(tmp_path, digits_class, capsys):
     assert doc["rows"][1]["metrics"]["avg_gap"] == 0.0 and doc["rows"][0]["metrics"]["avg_gap"] > 0.3
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     out = capsys.readouterr().out
-    assert "Avg.Gap" in out and "coreset end-to-end" in out
+    assert "Avg.Gap" in out and "coreset end-to-end" in out and "on the Ray scoring pool" in out
+    assert doc["config"]["execution"] == {"distributed": "ray"}
+
+
+def test_demo_no_ray_scores_in_process(tmp_path, digits_class, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--no-progress", "--no-ray"]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["config"]["execution"] == {"distributed": "none"}
+    assert doc["rows"][3]["metrics"]["forget_acc"] <= 0.05
+    assert "in process" in capsys.readouterr().out
+
+
+def test_execution_key_is_validated():
+    with pytest.raises(InvalidConfigError, match="execution"):
+        JobConfig.from_dict({"execution": {"workers": 2}})
+    with pytest.raises(InvalidConfigError, match="execution.backend"):
+        JobConfig.from_dict({"execution": {"backend": "spark"}})
 
 
 def test_unlearn_config(tmp_path, digits_class):

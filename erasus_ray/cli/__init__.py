@@ -33,6 +33,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out=Path(args.out),
         progress=not args.no_progress,
         variant=args.variant,
+        use_ray=not args.no_ray,
     )
     return 0
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--variant", default=None, help="authors: full | ci (small, fast)")
     demo.add_argument("--out", default="results/demo", help="output folder for results.json and the plot")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--no-ray", action="store_true", help="score the coreset in process instead of on the local Ray actor pool")
     demo.set_defaults(func=cmd_demo)
 
     unlearn = sub.add_parser("unlearn", help="run one configured job (YAML) and evaluate it against the gold model")
