@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -128,8 +128,10 @@ class ScoringPool:
         >>> coreset = pool.select(get_selector("el2n"), model, forget, task=task, fraction=0.1)
     """
 
-    def __init__(self, spec: PoolSpec | None = None) -> None:
+    def __init__(self, spec: PoolSpec | None = None, on_dispatch: Callable[[list[Any]], None] | None = None) -> None:
         self.spec = spec or PoolSpec.load()
+        # Called with the actor handles right after the shard tasks are submitted (fault-injection tests kill one).
+        self.on_dispatch = on_dispatch
 
     def _actors(self, model: nn.Module, task: Task) -> list[Any]:
         ray = ensure_ray()
@@ -147,6 +149,10 @@ class ScoringPool:
         if self.spec.num_cpus > 0 and total_cpu > 0:
             count = max(1, min(count, int(total_cpu // self.spec.num_cpus)))
         return [worker.remote(model_ref, task, self.spec.torch_threads) for _ in range(count)]
+
+    def _dispatched(self, actors: list[Any]) -> None:
+        if self.on_dispatch is not None:
+            self.on_dispatch(actors)
 
     def select(
         self,
@@ -177,12 +183,16 @@ class ScoringPool:
         model.eval()
         try:
             if selector.distributed_merge == "scores":
-                parts = ray.get([actors[i % len(actors)].score.remote(selector, shard, seed, context_ref) for i, shard in enumerate(shards)])
+                futures = [actors[i % len(actors)].score.remote(selector, shard, seed, context_ref) for i, shard in enumerate(shards)]
+                self._dispatched(actors)
+                parts = ray.get(futures)
                 ids = np.concatenate([p[0] for p in parts])
                 scores = np.concatenate([p[1] for p in parts])
                 coreset = selector.coreset_from_scores(ids, scores, budget)
             else:
-                local = ray.get([actors[i % len(actors)].select.remote(selector, shard, budget, seed, context_ref) for i, shard in enumerate(shards)])
+                futures = [actors[i % len(actors)].select.remote(selector, shard, budget, seed, context_ref) for i, shard in enumerate(shards)]
+                self._dispatched(actors)
+                local = ray.get(futures)
                 union = np.unique(np.concatenate([c.ids for c in local]))
                 coreset = selector.select(model, forget.subset(union), task=task, k=min(budget, len(union)), seed=seed, **context)
                 coreset.info["greedi_union"] = int(len(union))
