@@ -1,5 +1,6 @@
 """Streamed per-sample gradients and their seeded JL projection (erasus_ray.selectors._per_sample)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,44 @@ def test_flatten_roundtrip():
     g = {"a": torch.randn(5, 2, 3), "b": torch.randn(5, 4)}
     back = unflatten(flatten(g), params)
     assert all(torch.equal(back[k], g[k]) for k in g)
+
+
+def _loop_norms(model, task, ds, names):
+    from erasus_ray.data import make_loader
+
+    out = []
+    for i in ds.ids:
+        one = next(iter(make_loader(ds.subset([int(i)]), task.collate, batch_size=1)))
+        model.zero_grad()
+        task.forward(model, one.data).sample_loss().sum().backward()
+        out.append(float(torch.sqrt(sum((p.grad.double() ** 2).sum() for n, p in model.named_parameters() if n in names and p.grad is not None))))
+    model.zero_grad()
+    return out
+
+
+def test_factored_norms_equal_per_sample_autograd(digits_class, tiny_lm):
+    """Norms from layer factors (one backward, Gram form for sequences) equal a per-sample autograd loop: the MLP
+    (all layers) and the GPT-2 block's Conv1D layers (the tied embedding / LayerNorms excluded from scope)."""
+    from erasus_ray.data import make_loader
+    from erasus_ray.selectors import per_sample_grad_norms, trainable_params
+    from erasus_ray.selectors._factored import factored_supported
+
+    b = digits_class
+    mlp_ds = b.forget.subset(b.forget_ids[:8])
+    lm = tiny_lm["model"].eval()
+    conv_names = [n for n, _ in lm.named_parameters() if any(k in n for k in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))]
+    cases = [
+        (b.original.eval(), b.task, mlp_ds, trainable_params(b.original)),
+        (lm, tiny_lm["task"], tiny_lm["forget"], trainable_params(lm, [n.rsplit(".", 1)[0] for n in conv_names])),
+    ]
+    for model, task, ds, params in cases:
+        assert factored_supported(model, set(params))
+        batch = next(iter(make_loader(ds, task.collate, batch_size=len(ds))))
+        fast = per_sample_grad_norms(model, task, batch.data, params, method="factored")
+        ref = _loop_norms(model, task, ds, set(params))
+        np.testing.assert_allclose(fast.numpy(), ref, rtol=1e-4)
+    # the tied GPT-2 embedding / lm_head cannot be factored: auto falls back, factored refuses
+    assert not factored_supported(lm, set(trainable_params(lm)))
+    with pytest.raises(InvalidConfigError, match="factored"):
+        batch = next(iter(make_loader(tiny_lm["forget"], tiny_lm["task"].collate, batch_size=4)))
+        per_sample_grad_norms(lm, tiny_lm["task"], batch.data, trainable_params(lm), method="factored")

@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_map
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
+from erasus_ray.selectors._factored import factored_grad_sq_norms, factored_supported
 from erasus_ray.selectors.base import SELECTORS, ScoreSelector
 from erasus_ray.tasks import Task
 from erasus_ray.utils import model_device
@@ -39,13 +40,31 @@ def trainable_params(model: nn.Module, scope: str | Sequence[str] = "all") -> di
 
 
 def per_sample_grad_norms(
-    model: nn.Module, task: Task, data: Any, params: dict[str, torch.Tensor], chunk_size: int | None = None
+    model: nn.Module,
+    task: Task,
+    data: Any,
+    params: dict[str, torch.Tensor],
+    chunk_size: int | None = None,
+    method: str = "func",
 ) -> torch.Tensor:
-    """``[B]`` L2 norms of each sample's loss gradient w.r.t. ``params``, with ``torch.func`` (``vmap(grad)``).
+    """``[B]`` L2 norms of each sample's loss gradient w.r.t. ``params``.
 
-    One vectorised backward per batch - no Python loop over samples. Parameters outside ``params`` are held
-    fixed at their current values.
+    ``method="func"``: ``torch.func`` (``vmap(grad)``), one vectorised backward per batch - no Python loop over
+    samples - for any differentiable model. ``"factored"``: from layer factors in one ordinary backward
+    (:mod:`erasus_ray.selectors._factored`; Linear/Conv1D parameters only). ``"auto"``: factored when exact for
+    ``params``, else func. Parameters outside ``params`` are held fixed at their current values.
     """
+    if method not in ("func", "factored", "auto"):
+        raise InvalidConfigError(f"method must be 'auto', 'factored' or 'func', got {method!r}")
+    if method != "func":
+        supported = factored_supported(model, set(params))
+        if supported:
+            return factored_grad_sq_norms(model, task, data, set(params)).sqrt().to(torch.float32)
+        if method == "factored":
+            raise InvalidConfigError(
+                "method='factored' needs every parameter in scope to belong to an unshared nn.Linear/Conv1D layer; "
+                "use method='auto' or 'func', or a narrower scope"
+            )
     fixed = {n: p.detach() for n, p in model.named_parameters() if n not in params}
     buffers = dict(model.named_buffers())
 
@@ -69,8 +88,13 @@ class GradientNormSelector(ScoreSelector):
     DeepCore's cheap variant) or module-name prefixes. Pass ``checkpoints`` to average over several models as in
     the paper; otherwise the current model is the single scorer.
 
-    Cost: one vectorised forward+backward per sample (``torch.func``), ~0.1-0.2x training throughput on CPU
-    (STACK.md); memory per chunk is ``chunk_size x |params|``.
+    ``method``: ``"auto"`` (default) computes the norms from layer factors in one ordinary forward+backward
+    when every parameter in scope is an unshared Linear/Conv1D weight or bias (MLP heads, GPT-2 blocks with
+    ``scope`` excluding the tied embedding); otherwise ``torch.func`` per-sample gradients (``"func"``).
+
+    Cost: factored - about one training step per batch (see ``benchmarks/selector_scoring``); ``torch.func`` -
+    one vectorised forward+backward per sample, ~0.1-0.2x training throughput on CPU (STACK.md), memory per
+    chunk ``chunk_size x |params|``.
 
     Example:
         >>> coreset = GradientNormSelector(scope="last").select(model, forget_loader, k=20)
@@ -86,8 +110,12 @@ class GradientNormSelector(ScoreSelector):
         scope: str | Sequence[str] = "all",
         chunk_size: int | None = None,
         checkpoints: Sequence[dict] | None = None,
+        method: str = "auto",
     ) -> None:
         super().__init__(batch_size=batch_size, order=order)
+        if method not in ("func", "factored", "auto"):
+            raise InvalidConfigError(f"gradient_norm: method must be 'auto', 'factored' or 'func', got {method!r}")
+        self.method = method
         self.scope = scope
         self.chunk_size = chunk_size
         self.checkpoints = list(checkpoints) if checkpoints else None
@@ -97,7 +125,7 @@ class GradientNormSelector(ScoreSelector):
         device = model_device(model)
         out = []
         for batch in self.loader(forget, task):
-            norms = per_sample_grad_norms(model, task, batch.to(device).data, params, self.chunk_size)
+            norms = per_sample_grad_norms(model, task, batch.to(device).data, params, self.chunk_size, method=self.method)
             out.append(norms.detach().cpu())
         return torch.cat(out).numpy()
 
