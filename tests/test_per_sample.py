@@ -109,3 +109,24 @@ def test_factored_norms_equal_per_sample_autograd(digits_class, tiny_lm):
     with pytest.raises(InvalidConfigError, match="factored"):
         batch = next(iter(make_loader(tiny_lm["forget"], tiny_lm["task"].collate, batch_size=4)))
         per_sample_grad_norms(lm, tiny_lm["task"], batch.data, trainable_params(lm), method="factored")
+
+
+def test_factored_norms_conv2d_equal_per_sample_autograd():
+    """Conv2d layers as linear maps of unfolded patches: factored norms equal the per-sample autograd loop."""
+    from erasus_ray.benchmarks.models import SmallCNN
+    from erasus_ray.data import as_id_dataset, make_loader
+    from erasus_ray.selectors import per_sample_grad_norms, trainable_params
+    from erasus_ray.selectors._factored import factored_supported
+    from erasus_ray.tasks import get_task
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(6, 1, 28, 28)
+    y = torch.randint(0, 10, (6,))
+    ds = as_id_dataset(torch.utils.data.TensorDataset(x, y))
+    task = get_task("classification", model)
+    params = trainable_params(model)
+    assert factored_supported(model, set(params))
+    batch = next(iter(make_loader(ds, task.collate, batch_size=6)))
+    fast = per_sample_grad_norms(model, task, batch.data, params, method="factored")
+    np.testing.assert_allclose(fast.numpy(), _loop_norms(model, task, ds, set(params)), rtol=1e-4)

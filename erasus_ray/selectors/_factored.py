@@ -11,8 +11,9 @@ For a sequence (tokens ``t`` of one sample share ``W``) ``dl/dW = sum_t d_t a_t^
 the inner product of the two ``T x T`` Gram matrices; ``||dl/db||^2 = ||sum_t d_t||^2``.
 
 Cost: one forward + one backward of the batch (like a training step) plus, per layer, ``O(B d)`` for vectors or
-``O(B T^2 d)`` for sequences. The caller's scope must consist of ``nn.Linear`` (and Hugging Face GPT-2 ``Conv1D``)
-parameters, each module called once per forward, with no parameter shared between modules; otherwise
+``O(B T^2 d)`` for sequences (or ``O(B T d_in d_out)`` by forming ``D^T A`` when that is cheaper, e.g. a
+convolution's many positions). ``nn.Conv2d`` (groups 1) is handled as a linear map of unfolded patches. The caller's
+scope must consist of ``nn.Linear``, ``nn.Conv2d`` and Hugging Face GPT-2 ``Conv1D`` parameters, each module called once per forward, with no parameter shared between modules; otherwise
 :func:`factored_supported` says no and callers fall back to ``torch.func``.
 """
 
@@ -24,6 +25,10 @@ import torch
 from torch import nn
 
 from erasus_ray.tasks import Task
+
+
+def _is_conv2d(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -44,7 +49,7 @@ def _layer_modules(model: nn.Module, param_names: set[str]) -> dict[str, nn.Modu
                 return None  # tied weights: per-sample gradients add across modules, cross terms are not factored
             seen.setdefault(id(p), full)
             if full in param_names:
-                if not (isinstance(module, nn.Linear) or _is_conv1d(module)) or p_name not in ("weight", "bias"):
+                if not (isinstance(module, nn.Linear) or _is_conv1d(module) or _is_conv2d(module)) or p_name not in ("weight", "bias"):
                     return None
                 owners[mod_name] = module
                 covered.add(full)
@@ -103,14 +108,25 @@ def factored_grad_sq_norms(model: nn.Module, task: Task, data: Any, param_names:
             continue
         a = acts[name].to(torch.float64)
         d = grads[name].to(torch.float64)
+        if isinstance(module, nn.Conv2d):
+            # a conv is a linear map of unfolded patches: positions play the role of tokens
+            a = torch.nn.functional.unfold(
+                a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+            ).transpose(1, 2)  # [B, positions, C_in * kh * kw]
+            d = d.flatten(2).transpose(1, 2)  # [B, positions, C_out]
         a = a.reshape(batch_size, -1, a.shape[-1])  # [B, T, in] (T = 1 for plain vectors)
         d = d.reshape(batch_size, -1, d.shape[-1])  # [B, T, out]
         prefix = f"{name}." if name else ""
         if f"{prefix}weight" in param_names:
-            if a.shape[1] == 1:
+            steps, d_in, d_out = a.shape[1], a.shape[2], d.shape[2]
+            if steps == 1:
                 total += a.pow(2).sum((1, 2)) * d.pow(2).sum((1, 2))
-            else:
+            elif steps * steps <= d_in * d_out:
+                # Gram form: O(T^2 (in + out)) per sample, never forms the gradient
                 total += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
+            else:
+                # long sequences / many conv positions, small layer: the per-sample gradient d^T a is cheaper
+                total += torch.bmm(d.transpose(1, 2), a).pow(2).sum((1, 2))
         if f"{prefix}bias" in param_names and getattr(module, "bias", None) is not None:
             total += d.sum(1).pow(2).sum(1)
     return total
