@@ -1,0 +1,247 @@
+#!/usr/bin/env python
+"""Scoring throughput, peak memory and Ray actor scaling of the coreset selectors (issue #3's benchmarks).
+
+1. ``throughput``: samples/s of ``el2n``, ``gradient_norm`` (factored norms from layer factors, and ``torch.func``
+   per-sample gradients) and ``influence`` (self-influence with its IHVP set-up included) against plain batched
+   training (forward + backward + Adam step, same model, same batch size) on the digits MLP, the MNIST-5k CNN and
+   the authors GPT-2. Goals: per-sample gradient scoring >= 0.5x training throughput; influence <= 3x one
+   training epoch over the forget set.
+2. ``memory``: peak RSS growth while scoring ``gradient_norm`` on n = 500 .. 4000 MNIST-5k samples, each in a
+   fresh subprocess (should be flat in n: batches are streamed).
+3. ``actors``: the Ray scoring pool with 1 vs 2 actors on MNIST-5k (goal >= 1.6x with 2 actors) and in-process vs
+   2 actors over forget-set sizes (where Ray starts to pay off, pool start-up included).
+
+Writes ``results.json`` and ``RESULTS.md`` into ``--out``. Example (the command RESULTS.md records)::
+
+    ERASUS_RAY_CACHE=/tmp/erasus-bench-cache python benchmarks/selector_scoring/run.py --parts throughput,memory,actors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TASKS = {"digits": ("digits", "class", {}), "mnist5k": ("mnist5k", "class", {}), "authors": ("authors", "forget10", {"variant": "ci"})}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", default="throughput,memory,actors")
+    p.add_argument("--tasks", default="digits,mnist5k,authors")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--sizes", default="500,1000,2000,4000", help="memory part: scored set sizes")
+    p.add_argument("--actor-sizes", default="250,1000,4000", help="actors part: forget-set sizes")
+    p.add_argument("--out", default="benchmarks/selector_scoring")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def median_time(fn: Any, repeats: int) -> float:
+    fn()  # warm-up (first-call costs, allocator)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def load(name: str) -> Any:
+    from erasus_ray.benchmarks import load_benchmark
+
+    bench, scenario, options = TASKS[name]
+    return load_benchmark(bench, scenario, 0, **options)
+
+
+def batch_size_for(bench: Any) -> int:
+    return 16 if bench.task.name == "causal_lm" else 128
+
+
+def train_epoch(bench: Any, data: Any, batch_size: int) -> None:
+    import copy
+
+    from erasus_ray.data import make_loader
+
+    model = copy.deepcopy(bench.original).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    for batch in make_loader(data, bench.task.collate, batch_size=batch_size):
+        opt.zero_grad()
+        bench.task.forward(model, batch.data).sample_loss().mean().backward()
+        opt.step()
+
+
+def throughput(names: list[str], repeats: int) -> list[dict[str, Any]]:
+    from erasus_ray.selectors import get_selector
+
+    rows = []
+    for name in names:
+        bench = load(name)
+        bs = batch_size_for(bench)
+        # score the whole training set (forget + retain) so every method sees the same, reasonably large input
+        data = bench.train.sorted()
+        n = len(data)
+        model = bench.original.eval()
+        forget = bench.train.subset(bench.forget_ids)
+        t_train = median_time(lambda: train_epoch(bench, data, bs), repeats)
+        t_train_forget = median_time(lambda: train_epoch(bench, forget, bs), repeats)
+        row: dict[str, Any] = {"task": name, "n_scored": n, "n_forget": len(forget), "batch_size": bs,
+                               "train_samples_per_s": n / t_train, "train_epoch_forget_s": t_train_forget}
+        methods = {
+            "el2n": (get_selector("el2n", batch_size=bs), data),
+            "gradient_norm[auto]": (get_selector("gradient_norm", batch_size=bs, method="auto"), data),
+            "gradient_norm[func]": (get_selector("gradient_norm", batch_size=bs, method="func"), data),
+        }
+        for label, (selector, scored) in methods.items():
+            t = median_time(lambda s=selector, d=scored: s.score(model, d, bench.task, 0), repeats)
+            row[f"{label}_samples_per_s"] = len(scored) / t
+            row[f"{label}_vs_train"] = (len(scored) / t) / row["train_samples_per_s"]
+        influence = get_selector("influence")
+        t_inf = median_time(lambda: influence.score(model, forget, bench.task, 0, retain=bench.train.subset(bench.retain_ids)), 1)
+        row["influence_forget_s"] = t_inf
+        row["influence_vs_train_epoch_forget"] = t_inf / t_train_forget
+        row["gradient_norm_auto_path"] = "factored" if _factored(model, get_selector("gradient_norm")) else "func (fallback)"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _factored(model: Any, selector: Any) -> bool:
+    from erasus_ray.selectors import trainable_params
+    from erasus_ray.selectors._factored import factored_supported
+
+    return factored_supported(model, set(trainable_params(model, selector.scope)))
+
+
+def memory_child(n: int) -> None:
+    """Runs in a fresh process: peak RSS after loading + a 64-sample warm-up, and after scoring n samples."""
+    from erasus_ray.selectors import get_selector
+
+    torch.set_num_threads(1)
+    bench = load("mnist5k")
+    data = bench.train.sorted()
+    data = data.subset(data.ids[:n])
+    selector = get_selector("gradient_norm", batch_size=128, method="func")
+    selector.score(bench.original.eval(), data.subset(data.ids[:64]), bench.task, 0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    selector.score(bench.original.eval(), data, bench.task, 0)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"n": n, "peak_rss_mb_before": before / 1024, "peak_rss_mb_after": after / 1024,
+                      "growth_mb": (after - before) / 1024}))
+
+
+def memory(sizes: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for n in sizes:
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(n)], capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def actors(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+    import ray
+
+    from erasus_ray.distributed import PoolSpec, ScoringPool
+    from erasus_ray.selectors import get_selector
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
+    bench = load("mnist5k")
+    data = bench.train.sorted()
+    selector = get_selector("gradient_norm", method="func")  # the expensive path, where sharding matters
+    rows = []
+    try:
+        for n in sizes:
+            part = data.subset(data.ids[:n])
+            t_local = median_time(lambda: selector.select(bench.original, part, task=bench.task, fraction=0.1, seed=0), repeats)
+            row: dict[str, Any] = {"n": n, "in_process_s": t_local}
+            for k in (1, 2):
+                pool = ScoringPool(PoolSpec(num_actors=k, num_cpus=1))
+                row[f"actors_{k}_s"] = median_time(
+                    lambda p=pool: p.select(selector, bench.original, part, task=bench.task, fraction=0.1, seed=0), repeats
+                )
+            row["speedup_2_vs_1_actor"] = row["actors_1_s"] / row["actors_2_s"]
+            row["speedup_2_actors_vs_in_process"] = t_local / row["actors_2_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def write_report(out: Path, results: dict[str, Any], command: str) -> None:
+    lines = ["# Selector scoring: throughput, memory, Ray actors", "", f"Command: `{command}`", "",
+             f"Machine: {results['machine']}. One torch thread per process. Medians of {results['repeats']} runs after a warm-up.", ""]
+    if results.get("throughput"):
+        lines += ["## Throughput (samples/s; ratio to batched training on the same model and batch size)", "",
+                  "| task | n | train | el2n | gradient_norm auto (path) | gradient_norm func | influence / 1 train epoch on forget |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in results["throughput"]:
+            lines.append(
+                f"| {r['task']} | {r['n_scored']} | {r['train_samples_per_s']:.0f} | {r['el2n_samples_per_s']:.0f} ({r['el2n_vs_train']:.2f}x) | "
+                f"{r['gradient_norm[auto]_samples_per_s']:.0f} ({r['gradient_norm[auto]_vs_train']:.2f}x, {r['gradient_norm_auto_path']}) | "
+                f"{r['gradient_norm[func]_samples_per_s']:.0f} ({r['gradient_norm[func]_vs_train']:.2f}x) | "
+                f"{r['influence_forget_s']:.2f}s / {r['train_epoch_forget_s']:.3f}s = {r['influence_vs_train_epoch_forget']:.1f}x |"
+            )
+        lines.append("")
+    if results.get("memory"):
+        lines += ["## Peak memory vs scored-set size (MNIST-5k CNN, gradient_norm torch.func, fresh process each)", "",
+                  "| n | peak RSS before scoring (MB) | after (MB) | growth (MB) |", "| --- | --- | --- | --- |"]
+        for r in results["memory"]:
+            lines.append(f"| {r['n']} | {r['peak_rss_mb_before']:.0f} | {r['peak_rss_mb_after']:.0f} | {r['growth_mb']:.1f} |")
+        lines.append("")
+    if results.get("actors"):
+        lines += ["## Ray scoring pool (MNIST-5k CNN, gradient_norm torch.func, 10% coreset, pool start-up included)", "",
+                  "| n | in process (s) | 1 actor (s) | 2 actors (s) | 2 vs 1 actor | 2 actors vs in process |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in results["actors"]:
+            lines.append(f"| {r['n']} | {r['in_process_s']:.2f} | {r['actors_1_s']:.2f} | {r['actors_2_s']:.2f} | "
+                         f"{r['speedup_2_vs_1_actor']:.2f}x | {r['speedup_2_actors_vs_in_process']:.2f}x |")
+        lines.append("")
+    lines += ["## Findings", "", "(see the note below, written after the run)", ""]
+    (out / "RESULTS.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.memory_child:
+        memory_child(int(args.memory_child))
+        return 0
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from erasus_ray.experiment import warm_up
+
+    warm_up()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, loadavg at start {os.getloadavg()[0]:.2f}",
+                               "repeats": args.repeats}
+    if "throughput" in parts:
+        results["throughput"] = throughput([t for t in args.tasks.split(",") if t], args.repeats)
+    if "memory" in parts:
+        results["memory"] = memory([int(s) for s in args.sizes.split(",")])
+    if "actors" in parts:
+        results["actors"] = actors([int(s) for s in args.actor_sizes.split(",")], args.repeats)
+    results["loadavg_at_end"] = os.getloadavg()[0]
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    command = "python benchmarks/selector_scoring/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    write_report(out, results, command)
+    print(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
