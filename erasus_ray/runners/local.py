@@ -75,6 +75,8 @@ class RunReport:
     retain_samples: int = 0
     stopped: str = "completed"
     history: list[dict[str, float]] = field(default_factory=list)
+    #: strategy-specific facts about the run (variant used, shards retrained, certificate), JSON-serialisable
+    info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,8 +175,10 @@ class LocalRunner:
 
     def run(self, strategy: Strategy, ctx: UnlearnContext) -> RunReport:
         forget_loader, retain_loader = self.loaders(strategy, ctx)
-        executor = StepExecutor(strategy, ctx, self.config)
+        # setup first (as the Ray Train runner does): it may add trainable parameters (LoRA adapters, masks)
+        # or freeze some, and the optimizer must see the result
         strategy.setup(ctx)
+        executor = StepExecutor(strategy, ctx, self.config)
         report = self.run_epochs(strategy, ctx, executor, forget_loader, retain_loader)
         strategy.finish(ctx)
         ctx.model.eval()

@@ -107,7 +107,7 @@ class FisherForgetting(Strategy):
         max_var: clamp of the inverse Fisher (paper code: 1e3), which bounds the noise where ``F ~ 0``.
         eps: added to ``F`` before inverting.
         max_retain: estimate the Fisher on at most this many retain samples (a seeded random subset); None: all.
-        batch_size / chunk_size: per-sample-gradient batching (``chunk_size`` bounds ``vmap`` memory).
+        fisher_batch_size / chunk_size: per-sample-gradient batching (``chunk_size`` bounds ``vmap`` memory).
 
     Measured on digits (class 3, full retain set of 1290; defaults alpha 1e-6, max_var 1e4): the noise is *not*
     selective for a forgotten class. Seed 0: forget accuracy 1.00 -> 0.42 (forget loss 0.04 -> 1.46), retain
@@ -132,7 +132,7 @@ class FisherForgetting(Strategy):
         max_var: float = 1e4,
         eps: float = 1e-8,
         max_retain: int | None = None,
-        batch_size: int = 64,
+        fisher_batch_size: int = 64,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -142,7 +142,7 @@ class FisherForgetting(Strategy):
         if max_retain is not None and int(max_retain) < 1:
             raise InvalidConfigError(f"{self.name}: max_retain must be >= 1, got {max_retain!r}")
         self.max_retain = None if max_retain is None else int(max_retain)
-        self.batch_size = int(self.check_range("batch_size", batch_size, 1, 1e9))
+        self.fisher_batch_size = int(self.check_range("fisher_batch_size", fisher_batch_size, 1, 1e9))
         self.chunk_size = None if chunk_size is None else int(self.check_range("chunk_size", chunk_size, 1, 1e9))
 
     @torch.no_grad()
@@ -162,7 +162,7 @@ class FisherForgetting(Strategy):
 
         retain = retain_subset(ctx, self.max_retain)
         fisher, batches = diagonal_fisher(
-            ctx.model, ctx.task, retain, batch_size=self.batch_size, chunk_size=self.chunk_size
+            ctx.model, ctx.task, retain, batch_size=self.fisher_batch_size, chunk_size=self.chunk_size
         )
         self.add_noise(ctx.model, fisher, ctx.seed)
         ctx.model.eval()

@@ -46,7 +46,7 @@ class SSD(Strategy):
         alpha: selection threshold (paper: 10; 20 here, see below).
         lam: dampening constant lambda (paper: 1).
         max_retain: estimate ``[]_r`` on at most this many retain samples (seeded random subset); None: all.
-        batch_size / chunk_size: per-sample-gradient batching.
+        fisher_batch_size / chunk_size: per-sample-gradient batching.
 
     Defaults measured on digits (class 3, full forget set, retain importances against the retain set): forget
     accuracy 1.00 -> 0.00 (forget loss 0.04 -> 5.2), retain accuracy 0.998 -> 0.997 (gold model 0.998), test
@@ -69,7 +69,7 @@ class SSD(Strategy):
         alpha: float = 20.0,
         lam: float = 1.0,
         max_retain: int | None = None,
-        batch_size: int = 64,
+        fisher_batch_size: int = 64,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -78,14 +78,14 @@ class SSD(Strategy):
         if max_retain is not None and int(max_retain) < 1:
             raise InvalidConfigError(f"{self.name}: max_retain must be >= 1, got {max_retain!r}")
         self.max_retain = None if max_retain is None else int(max_retain)
-        self.batch_size = int(self.check_range("batch_size", batch_size, 1, 1e9))
+        self.fisher_batch_size = int(self.check_range("fisher_batch_size", fisher_batch_size, 1, 1e9))
         self.chunk_size = None if chunk_size is None else int(self.check_range("chunk_size", chunk_size, 1, 1e9))
 
     def importances(
         self, ctx: UnlearnContext, retain: IdDataset
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
         """``(forget importance, retain importance, batches)`` by parameter name."""
-        kw = dict(batch_size=self.batch_size, chunk_size=self.chunk_size)
+        kw = dict(batch_size=self.fisher_batch_size, chunk_size=self.chunk_size)
         forget_imp, nf = diagonal_fisher(ctx.model, ctx.task, ctx.forget, weights=ctx.forget_weights, **kw)
         retain_imp, nr = diagonal_fisher(ctx.model, ctx.task, retain, **kw)
         return forget_imp, retain_imp, nf + nr

@@ -1,0 +1,74 @@
+"""Strategies that train with another strategy's objective under a structural constraint (adapters, frozen layers,
+sparsity masks): the objective is composed, never copied."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from erasus_ray.data import Batch
+from erasus_ray.errors import InvalidConfigError
+from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
+
+
+class ComposedStrategy(Strategy):
+    """Delegates ``setup`` / ``loss`` / ``before_step`` / ``finish`` to a loss-based registry strategy
+    (``objective`` with ``objective_params``); subclasses add their constraint around it."""
+
+    def _init_objective(self, objective: str, objective_params: dict[str, Any] | None) -> None:
+        if objective == self.name:
+            raise InvalidConfigError(f"{self.name}: objective cannot be {objective!r} itself")
+        inner = STRATEGIES.create(objective, **(objective_params or {}))
+        if type(inner).unlearn is not Strategy.unlearn:
+            raise InvalidConfigError(
+                f"{self.name}: objective {objective!r} is not loss-based; choose e.g. grad_diff, npo, gradient_ascent"
+            )
+        self.objective = objective
+        self.objective_params = dict(objective_params or {})
+        self._inner = inner
+        # the runner reads these from the strategy it drives
+        self.needs_retain = inner.needs_retain  # type: ignore[misc]
+        self.supported_tasks = inner.supported_tasks  # type: ignore[misc]
+
+    def hparams(self) -> dict[str, Any]:
+        return {k: v for k, v in super().hparams().items() if k not in ("needs_retain", "supported_tasks")}
+
+    def setup(self, ctx: UnlearnContext) -> None:
+        self._inner.setup(ctx)
+
+    def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self._inner.loss(ctx, forget, retain)
+
+    def before_step(self, ctx: UnlearnContext) -> None:
+        self._inner.before_step(ctx)
+
+    def finish(self, ctx: UnlearnContext) -> None:
+        self._inner.finish(ctx)
+
+
+def freeze_except(ctx: UnlearnContext, trainable: set[int]) -> None:
+    """Turn off ``requires_grad`` for every trainable parameter whose ``id`` is not in ``trainable``; remembered in
+    ``ctx.state`` so :func:`unfreeze` restores exactly those."""
+    frozen = []
+    for p in ctx.model.parameters():
+        if p.requires_grad and id(p) not in trainable:
+            p.requires_grad_(False)
+            frozen.append(p)
+    ctx.state.setdefault("frozen_params", []).extend(frozen)
+
+
+def unfreeze(ctx: UnlearnContext) -> None:
+    for p in ctx.state.pop("frozen_params", []):
+        p.requires_grad_(True)
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that own a weight matrix (Linear, Conv, GPT-2 Conv1D, Embedding), in registration order."""
+    out = []
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, nn.Parameter) and w.dim() >= 2 and not isinstance(module, (nn.LayerNorm,)):
+            out.append((name, module))
+    return out
