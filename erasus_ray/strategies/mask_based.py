@@ -59,12 +59,12 @@ class MaskBased(ComposedStrategy):
         >>> ErasusUnlearner(model, strategy="mask_based", sparsity=0.1).fit(forget_data=f, retain_data=r)
     """
 
-    default_lr = 1e-1
+    default_lr = 1e-2
     default_epochs = 20
 
     def __init__(
         self,
-        init: float = 1.0,
+        init: float = 0.05,
         sparsity: float = 0.1,
         target: str | list[str] = "all_linear",
         objective: str = "grad_diff",

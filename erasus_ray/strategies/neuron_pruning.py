@@ -89,10 +89,12 @@ class NeuronPruning(Strategy):
     Pochinkov & Schoots measure post-activation MLP neurons; this measures the layer output (pre-activation),
     which is what can be read from a Linear layer without knowing the activation that follows.
 
-    No gradients, no learning rate: the runner's ``lr`` / ``epochs`` do not apply. Deterministic.
+    No gradients, no learning rate (the runner's ``lr`` does not apply). Deterministic.
 
     Args:
-        prune_fraction: share of hidden neurons pruned per iteration. iterations: number of iterations.
+        prune_fraction: share of hidden neurons pruned per iteration.
+        iterations: number of prune-and-rescore rounds; None (default) takes the runner's ``epochs`` (default 5),
+            so ``epochs=`` on the unlearner sets how far pruning goes.
         max_retain: measure ``I_r`` on at most this many retain samples (seeded subset).
 
     Cost: per iteration one forward pass over the coreset and the (sub-sampled) retain set.
@@ -103,10 +105,12 @@ class NeuronPruning(Strategy):
 
     needs_retain = True
 
-    def __init__(self, prune_fraction: float = 0.02, iterations: int = 5, max_retain: int | None = 1024) -> None:
+    default_epochs = 5
+
+    def __init__(self, prune_fraction: float = 0.02, iterations: int | None = None, max_retain: int | None = 1024) -> None:
         super().__init__()
         self.prune_fraction = self.check_range("prune_fraction", prune_fraction, 0.0, 1.0, low_open=True)
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
             raise InvalidConfigError(f"{self.name}: iterations must be a positive integer, got {iterations!r}")
         self.iterations = iterations
         if max_retain is not None and int(max_retain) < 1:
@@ -123,8 +127,9 @@ class NeuronPruning(Strategy):
         pruned = {name: torch.zeros(m.weight.shape[0] if isinstance(m, nn.Linear) else m.weight.shape[1], dtype=torch.bool) for name, m in layers}
         total = sum(int(v.numel()) for v in pruned.values())
         per_iteration = max(1, int(round(self.prune_fraction * total)))
-        report = RunReport(epochs=self.iterations)
-        for it in range(self.iterations):
+        iterations = self.iterations if self.iterations is not None else runner.config.epochs
+        report = RunReport(epochs=iterations)
+        for it in range(iterations):
             scores = selectivity_scores(
                 mean_abs_activation(ctx.model, ctx.task, ctx.forget, layers), mean_abs_activation(ctx.model, ctx.task, retain, layers)
             )

@@ -64,10 +64,14 @@ class SparseAware(ComposedStrategy):
     @torch.no_grad()
     def setup(self, ctx: UnlearnContext) -> None:
         super().setup(ctx)
+        counts: dict[int, int] = {}
+        for _, p in ctx.model.named_parameters(remove_duplicate=False):
+            counts[id(p)] = counts.get(id(p), 0) + 1
         prunable = {
             f"{name}.weight" if name else "weight": module.weight
             for name, module in weight_layers(ctx.model)
-            if not isinstance(module, torch.nn.Embedding) and module.weight.requires_grad
+            # embeddings, and weights tied to them (GPT-2's LM head), are not pruned
+            if not isinstance(module, torch.nn.Embedding) and module.weight.requires_grad and counts[id(module.weight)] == 1
         }
         masks = magnitude_masks(prunable, self.sparsity)
         params = dict(ctx.model.named_parameters())
