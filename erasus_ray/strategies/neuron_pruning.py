@@ -97,6 +97,10 @@ class NeuronPruning(Strategy):
             so ``epochs=`` on the unlearner sets how far pruning goes.
         max_retain: measure ``I_r`` on at most this many retain samples (seeded subset).
 
+    Measured on digits (class 3, full forget set, seed 0, defaults: 5 x 2% = 10% of hidden neurons): forget /
+    retain / test accuracy 0.000 / 0.916 / 0.792, Avg.Gap 4.0 pts (gold model 0.000 / 0.998 / 0.869, original 1.000 / 0.998 / 0.975, Avg.Gap 50.6 pts); 3 x 1% keeps retain at 0.995
+    but leaves forget accuracy at 0.73. Pruning trades retain fit for forgetting more than the gradient methods.
+
     Cost: per iteration one forward pass over the coreset and the (sub-sampled) retain set.
 
     Example:
