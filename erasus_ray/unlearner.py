@@ -175,6 +175,9 @@ class ErasusUnlearner:
             max_steps=max_steps,
             progress=progress,
         )
+        # Fail at construction on an out-of-range runner setting (e.g. lr=-1 or lr=0, which runner_config's
+        # ``or`` would otherwise replace by the default).
+        RunnerConfig(**{k: v for k, v in self.runner_kwargs.items() if v is not None}).validate()
         self.inplace = inplace
         self.device = device
         self.model_factory = model_factory
@@ -280,9 +283,13 @@ class ErasusUnlearner:
                 model_factory=self.model_factory,
                 recipe=self.recipe,
                 forget_weights=chosen.weight_map(),
+                # The runner settings the caller chose (not defaults), for strategies that run other strategies.
+                state={"runner_overrides": {"lr": self.runner_kwargs["lr"], "epochs": epochs or self.runner_kwargs["epochs"],
+                                            "optimizer": self.runner_kwargs["optimizer"]}},
             )
             with timer("unlearn"):
                 report = self.strategy.unlearn(ctx, self.make_runner(config))
+        model = ctx.model  # inference-time strategies (dexperts, activation_steering) return a wrapper around it
         model.eval()
         return UnlearningResult(
             model=model,

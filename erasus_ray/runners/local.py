@@ -57,7 +57,9 @@ class RunnerConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InvalidConfigError(f"lr must be a positive finite number, got {self.lr!r}")
         if self.batch_size < 1 or (self.retain_batch_size is not None and self.retain_batch_size < 1):
-            raise InvalidConfigError("batch sizes must be >= 1")
+            raise InvalidConfigError(
+                f"batch_size and retain_batch_size must be >= 1, got {self.batch_size!r} and {self.retain_batch_size!r}"
+            )
         if self.precision not in ("32", "bf16-mixed"):
             raise InvalidConfigError(f"precision must be '32' or 'bf16-mixed', got {self.precision!r}")
         if self.forget_target is not None and not 0.0 <= self.forget_target <= 1.0:
