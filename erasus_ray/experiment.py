@@ -127,8 +127,11 @@ def run_job(
     progress: bool = True,
     label: str | None = None,
     fraction: float | None | str = "config",
+    unlearner_cls: type[ErasusUnlearner] = ErasusUnlearner,
 ) -> dict[str, Any]:
     """Run ``cfg`` and evaluate against the gold model. Returns a JSON-able row with metrics, timings and cost.
+
+    ``unlearner_cls``: an :class:`ErasusUnlearner` subclass (e.g. one whose runner reports each epoch to Ray Tune).
 
     ``fraction`` overrides the config's (e.g. 1.0 for the full-forget-set reference run).
     """
@@ -137,7 +140,7 @@ def run_job(
     if gold_metrics is None:
         gold_metrics = evaluate(bench.gold, forget=bench.forget, retain=bench.retain, test=bench.test, task=bench.task, seed=cfg.seed)
     frac = cfg.fraction if fraction == "config" else fraction
-    unlearner = ErasusUnlearner(
+    unlearner = unlearner_cls(
         bench.original,
         strategy=cfg.strategy or "grad_diff",
         selector=cfg.selector,

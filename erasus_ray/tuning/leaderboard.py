@@ -1,0 +1,398 @@
+"""Leaderboards of a sweep: ``leaderboard.csv``, ``leaderboard.md`` and ``pareto.png``, from the sweep directory.
+
+The trials are read from Tune's files (``<trial>/params.json`` and the last line of ``<trial>/result.json``), so a
+leaderboard is rebuilt without Ray from a finished, interrupted or copied sweep directory; a ``ResultGrid`` works
+too (its ``experiment_path``). ``sweep.json`` (written by :func:`~erasus_ray.tuning.sweep.run_sweep`) adds the
+original and retrain (gold) rows and the config.
+
+Rows are ranked by the sweep's primary metric (Avg.Gap to retrain for multi-objective sweeps), ties by the other;
+``pareto`` marks the trials no other trial beats on both Avg.Gap and seconds. The top ``top_k`` configurations
+(the Pareto front first, by gap, for multi-objective sweeps) are re-run in this process under each of
+``rerun_seeds`` (a seed changes the benchmark's models too, as in every job config) and shown as mean +- std;
+re-runs are cached in ``reruns.json``, so rebuilding does not repeat them. Cost: nothing for the tables and plot;
+one job per (configuration, seed) for the re-runs, plus training that seed's original and gold models once.
+
+Example::
+
+    build_leaderboard("results/sweeps/ci_digits-20260101-120000")          # or: erasus-ray leaderboard <dir>
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from erasus_ray.errors import InvalidDataError
+from erasus_ray.tuning.config import SweepConfig
+from erasus_ray.tuning.search_space import job_config, trial_params
+
+CSV_FILE, MD_FILE, PNG_FILE, RERUN_FILE = "leaderboard.csv", "leaderboard.md", "pareto.png", "reruns.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------------------------------
+def _last_json_line(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                last = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by an interruption
+                continue
+    return last
+
+
+def load_trials(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One dict per trial: ``trial_id``, ``status`` (ok | error), ``params`` and the reported values."""
+    sweep_dir = Path(sweep_dir)
+    rows = []
+    for params_path in sorted(sweep_dir.glob("*/params.json")):
+        trial_dir = params_path.parent
+        params = json.loads(params_path.read_text())
+        result = _last_json_line(trial_dir / "result.json") or {}
+        ok = isinstance(result.get("avg_gap"), (int, float)) and math.isfinite(result["avg_gap"])
+        row = {
+            "trial_id": result.get("trial_id") or trial_dir.name,
+            "trial_dir": trial_dir.name,
+            # ASHA stops a trial after one of its per-epoch reports ("running (epoch k)"): not a finished run
+            "status": ("early_stopped" if str(result.get("stopped", "")).startswith("running") else "ok") if ok else "error",
+            "params": trial_params(params),
+        }
+        for key in ("avg_gap", "seconds", "select_s", "unlearn_s", "coreset_size", "n_forget", "steps", "stopped", "seed", "lr", "epochs"):
+            row[key] = result.get(key)
+        row["metrics"] = result.get("metrics") or {}
+        rows.append(row)
+    return rows
+
+
+def load_meta(sweep_dir: Path) -> dict[str, Any]:
+    from erasus_ray.tuning.sweep import META_FILE
+
+    path = sweep_dir / META_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ranking
+# ----------------------------------------------------------------------------------------------------------------------
+def pareto_mask(gap: Sequence[float], seconds: Sequence[float]) -> np.ndarray:
+    """True where no other point is <= on both objectives and < on one (both minimised)."""
+    g, s = np.asarray(gap, float), np.asarray(seconds, float)
+    mask = np.ones(len(g), bool)
+    for i in range(len(g)):
+        dominated = (g <= g[i]) & (s <= s[i]) & ((g < g[i]) | (s < s[i]))
+        mask[i] = not dominated.any()
+    return mask
+
+
+def rank_trials(rows: list[dict[str, Any]], primary: str = "avg_gap") -> list[dict[str, Any]]:
+    """Sort finished trials by ``primary`` then the other objective; flag the Pareto front; errored trials last."""
+    other = "seconds" if primary == "avg_gap" else "avg_gap"
+    ok = [r for r in rows if r["status"] == "ok"]
+    bad = [r for r in rows if r["status"] != "ok"]
+    mask = pareto_mask([r["avg_gap"] for r in ok], [r["seconds"] for r in ok]) if ok else np.zeros(0, bool)
+    for r, m in zip(ok, mask):
+        r["pareto"] = bool(m)
+    ok.sort(key=lambda r: (r[primary], r[other], r["trial_id"]))
+    for i, r in enumerate(ok, 1):
+        r["rank"] = i
+    for r in bad:
+        r["pareto"], r["rank"] = False, None
+    bad.sort(key=lambda r: (r["status"] != "early_stopped", r.get(primary) if r.get(primary) is not None else math.inf))
+    return ok + bad
+
+
+def top_configs(ranked: list[dict[str, Any]], k: int, multi: bool) -> list[dict[str, Any]]:
+    ok = [r for r in ranked if r["status"] == "ok"]
+    if multi:
+        ok = [r for r in ok if r["pareto"]] + [r for r in ok if not r["pareto"]]
+    seen, out = set(), []
+    for r in ok:
+        key = json.dumps(r["params"], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+        if len(out) >= k:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# re-runs
+# ----------------------------------------------------------------------------------------------------------------------
+def rerun_configs(cfg: SweepConfig, configs: list[dict[str, Any]], seeds: Sequence[int], sweep_dir: Path,
+          log: Any = print) -> dict[str, list[dict[str, Any]]]:
+    """Re-run each configuration under each seed (cached in ``reruns.json``); returns params-key -> runs."""
+    from erasus_ray.evaluation import evaluate
+    from erasus_ray.experiment import run_job, warm_up
+    from erasus_ray.tuning.sweep import flat_result, load_cached_benchmark
+
+    path = sweep_dir / RERUN_FILE
+    cache: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    warm_up()
+    gold_by_seed: dict[int, dict[str, float]] = {}
+    for conf in configs:
+        key = json.dumps(conf["params"], sort_keys=True, default=str)
+        out[key] = []
+        for seed in seeds:
+            cache_key = f"{key}|{seed}"
+            if cache_key not in cache:
+                job = job_config(cfg, conf["params"], seed=seed)
+                bench = load_cached_benchmark(job)
+                if seed not in gold_by_seed:
+                    gold_by_seed[seed] = evaluate(bench.gold, forget=bench.forget, retain=bench.retain, test=bench.test,
+                                                  task=bench.task, seed=seed)
+                result = flat_result(run_job(job, bench=bench, gold_metrics=gold_by_seed[seed], progress=False))
+                cache[cache_key] = result
+                path.write_text(json.dumps(cache, indent=1, default=str))
+                log(f"  re-run #{conf['rank']} seed {seed}: Avg.Gap {100 * result['avg_gap']:.2f} pts, {result['seconds']:.2f}s")
+            out[key].append({**cache[cache_key], "seed": seed})
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray(values, float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------------------------------
+def _display_keys(cfg: SweepConfig | None, rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    from erasus_ray.evaluation import SUITES
+
+    if cfg is not None:
+        try:
+            return tuple(SUITES[cfg.task_name()].display_keys)
+        except KeyError:
+            pass
+    keys = set().union(*(r["metrics"] for r in rows)) if rows else set()
+    for suite in SUITES.values():
+        if set(suite.display_keys) <= keys:
+            return tuple(suite.display_keys)
+    return ()
+
+
+def _pts(v: Any, key: str = "") -> float:
+    if v is None:
+        return math.nan
+    return float(v) if key.endswith("_loss") else 100 * float(v)
+
+
+def leaderboard_rows(ranked: list[dict[str, Any]], refs: list[dict[str, Any]], keys: Sequence[str],
+                     reruns: dict[str, list[dict[str, Any]]], sweep_seed: int | None) -> list[dict[str, Any]]:
+    """Flat CSV rows: the reference rows, then one per trial (metrics in points, losses as is)."""
+    out = []
+    for ref in refs:
+        out.append({"rank": "", "kind": "reference", "label": ref["label"], "avg_gap_pts": 100 * ref["avg_gap"],
+                    "seconds": ref["seconds"], **{k: _pts(ref["metrics"].get(k), k) for k in keys}})
+    for r in ranked:
+        p = r["params"]
+        strategy = p.get("strategy")
+        extra = {k.split(".", 1)[1]: v for k, v in p.items() if k.startswith(f"{strategy}.") and k.split(".", 1)[1] not in ("lr", "epochs")}
+        row = {
+            "rank": r["rank"] if r["rank"] is not None else "", "kind": "trial", "label": f"{strategy}/{p.get('selector')}@{p.get('fraction', math.nan):.3g}",
+            "trial_id": r["trial_id"], "status": r["status"], "strategy": strategy, "selector": p.get("selector"),
+            "fraction": p.get("fraction"), "lr": r.get("lr"), "epochs": r.get("epochs"),
+            "strategy_params": json.dumps(extra, sort_keys=True) if extra else "",
+            "avg_gap_pts": _pts(r.get("avg_gap")), "seconds": r.get("seconds"), "select_s": r.get("select_s"),
+            "unlearn_s": r.get("unlearn_s"), "coreset_size": r.get("coreset_size"), "n_forget": r.get("n_forget"),
+            "steps": r.get("steps"), "pareto": r.get("pareto"), "seed": r.get("seed"),
+            **{k: _pts(r["metrics"].get(k), k) for k in keys},
+            "params": json.dumps(p, sort_keys=True, default=str),
+        }
+        runs = reruns.get(json.dumps(p, sort_keys=True, default=str))
+        if runs:
+            gm, gs = _mean_std([100 * x["avg_gap"] for x in runs])
+            sm, ss = _mean_std([x["seconds"] for x in runs])
+            row.update({"rerun_seeds": " ".join(str(x["seed"]) for x in runs), "rerun_avg_gap_pts_mean": gm,
+                        "rerun_avg_gap_pts_std": gs, "rerun_seconds_mean": sm, "rerun_seconds_std": ss})
+            same = [x for x in runs if x["seed"] == sweep_seed]
+            if same and r.get("avg_gap") is not None:
+                row["rerun_same_seed_gap_diff_pts"] = abs(100 * same[0]["avg_gap"] - 100 * r["avg_gap"])
+        out.append(row)
+    return out
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    fields: list[str] = []
+    for r in rows:
+        fields.extend(k for k in r if k not in fields)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """``leaderboard.csv`` back as dicts (numbers parsed, empty cells as None)."""
+    def parse(v: str) -> Any:
+        if v == "":
+            return None
+        if v in ("True", "False"):
+            return v == "True"
+        for cast in (int, float):
+            try:
+                return cast(v)
+            except ValueError:
+                pass
+        return v
+
+    with Path(path).open() as f:
+        return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def _f(v: Any, fmt: str = ".2f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
+        return "-"
+    if fmt == "d" and isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def write_markdown(path: Path, rows: list[dict[str, Any]], keys: Sequence[str], meta: dict[str, Any], title: str,
+                   max_rows: int = 50) -> None:
+    cfg = meta.get("config", {})
+    trials = [r for r in rows if r["kind"] == "trial"]
+    ok = [r for r in trials if r["status"] == "ok"]
+    L = [f"# Leaderboard: {title}\n"]
+    L.append(f"benchmark `{cfg.get('benchmark', '?')}` / `{cfg.get('scenario') or 'default'}`, seed {cfg.get('seed', '?')}; "
+             f"objective `{cfg.get('objective', '?')}`"
+             + (f" (`{cfg.get('metric')}`)" if cfg.get("objective") == "single" else " (Avg.Gap to retrain, seconds; both minimised)")
+             + f"; {len(trials)} trials, {len(trials) - len(ok)} errored"
+             + (f"; sweep wall time {meta['wall_s']:.0f}s" if meta.get("wall_s") else "") + ".\n")
+    L.append("Avg.Gap = mean |metric - retrained model's metric| over the task's metrics, in points (x100); "
+             "seconds = coreset selection + unlearning (evaluation not timed); metrics in points, losses as is. "
+             "`P` = on the Pareto front (no trial has both lower gap and fewer seconds). The original row's seconds are "
+             "its training time; the retrain row's, the gold model's training time.\n")
+    head = ["rank", "run", "lr", "epochs", "params", "Avg.Gap", "seconds", "coreset", "P", *keys]
+    L.append("| " + " | ".join(head) + " |")
+    L.append("|" + "---|" * len(head))
+    for r in [x for x in rows if x["kind"] == "reference"] + ok[:max_rows]:
+        L.append("| " + " | ".join([
+            _f(r.get("rank"), "d"), r["label"], _f(r.get("lr"), ".2e"), _f(r.get("epochs"), "d"), r.get("strategy_params") or "",
+            _f(r["avg_gap_pts"]), _f(r["seconds"]), _f(r.get("coreset_size"), "d"), "P" if r.get("pareto") else "",
+            *[_f(r.get(k), ".3f" if k.endswith("_loss") else ".1f") for k in keys]]) + " |")
+    if len(ok) > max_rows:
+        L.append(f"\n({len(ok) - max_rows} more rows in leaderboard.csv)")
+    reran = [r for r in ok if r.get("rerun_seeds")]
+    if reran:
+        L.append(f"\n## Top {len(reran)} configurations re-run with seeds {reran[0]['rerun_seeds']} (mean +- std)\n")
+        L.append("A seed changes the benchmark's original and gold models as well as selection and shuffling.\n")
+        L.append("| rank | run | Avg.Gap (sweep) | Avg.Gap mean +- std | seconds mean +- std | same-seed re-run gap diff |")
+        L.append("|---|---|---|---|---|---|")
+        for r in reran:
+            L.append(f"| {r['rank']} | {r['label']} | {_f(r['avg_gap_pts'])} | {r['rerun_avg_gap_pts_mean']:.2f} +- "
+                     f"{r['rerun_avg_gap_pts_std']:.2f} | {r['rerun_seconds_mean']:.2f} +- {r['rerun_seconds_std']:.2f} | "
+                     f"{_f(r.get('rerun_same_seed_gap_diff_pts'), '.4f')} |")
+    early = [r for r in trials if r["status"] == "early_stopped"]
+    if early:
+        L.append(f"\nStopped early by ASHA (Avg.Gap and seconds at the stopping epoch, not ranked): "
+                 + ", ".join(f"{r['label']} ({_f(r['avg_gap_pts'])} pts)" for r in early))
+    errored = [r for r in trials if r["status"] == "error"]
+    if errored:
+        L.append(f"\nErrored trials (no result; see their error.txt): {', '.join(str(r['trial_id']) for r in errored)}")
+    L.append("\nFiles: `leaderboard.csv` (every trial, its params as JSON), `pareto.png` (gap vs seconds), `reruns.json`.")
+    path.write_text("\n".join(L) + "\n")
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Avg.Gap (points) vs seconds (log): marker per strategy, colour per selector, the front as a step line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    ok = [r for r in rows if r["kind"] == "trial" and r["status"] == "ok"]
+    refs = [r for r in rows if r["kind"] == "reference"]
+    strategies = sorted({r["strategy"] for r in ok})
+    selectors = sorted({r["selector"] for r in ok})
+    markers = "osD^v<>PX*hp8d"
+    cmap = plt.get_cmap("tab20" if len(selectors) > 10 else "tab10")
+    m_of = {s: markers[i % len(markers)] for i, s in enumerate(strategies)}
+    c_of = {s: cmap(i % cmap.N) for i, s in enumerate(selectors)}
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for r in ok:
+        ax.scatter(max(r["seconds"], 1e-3), r["avg_gap_pts"], marker=m_of[r["strategy"]], color=c_of[r["selector"]],
+                   s=70 if r.get("pareto") else 35, edgecolors="black" if r.get("pareto") else "none", alpha=0.9, zorder=3)
+        if r.get("rerun_avg_gap_pts_mean") is not None:
+            ax.errorbar(r["rerun_seconds_mean"], r["rerun_avg_gap_pts_mean"], xerr=r["rerun_seconds_std"],
+                        yerr=r["rerun_avg_gap_pts_std"], color="grey", alpha=0.6, capsize=3, zorder=2)
+    front = sorted((r for r in ok if r.get("pareto")), key=lambda r: r["seconds"])
+    if front:
+        ax.step([max(r["seconds"], 1e-3) for r in front], [r["avg_gap_pts"] for r in front], where="post", color="black",
+                lw=1, alpha=0.6, zorder=1, label="Pareto front")
+    for r, style in zip(refs, ("r--", "g--")):
+        ax.axhline(r["avg_gap_pts"], color=style[0], ls=":", lw=1)
+        ax.scatter(max(r["seconds"], 1e-3), r["avg_gap_pts"], marker="*", s=160, color=style[0], zorder=4)
+        ax.annotate(r["label"], (max(r["seconds"], 1e-3), r["avg_gap_pts"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds (selection + unlearning; references: training time), log")
+    ax.set_ylabel("Avg.Gap to retrain (points)")
+    ax.set_title(title)
+    handles = [Line2D([], [], marker=m_of[s], ls="", color="grey", label=s) for s in strategies]
+    handles += [Patch(color=c_of[s], label=s) for s in selectors]
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="marker: strategy\ncolour: selector",
+              title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_leaderboard(source: Any, *, rerun: bool = True, top_k: int | None = None,
+                      seeds: Sequence[int] | None = None, out: str | Path | None = None, log: Any = print) -> Path:
+    """Write ``leaderboard.csv``, ``leaderboard.md`` and ``pareto.png`` for a sweep directory or ``ResultGrid``.
+
+    ``rerun``: re-run the top ``top_k`` (default: the config's) configurations under ``seeds`` (default: the
+    config's ``rerun_seeds``); needs the sweep's ``sweep.json``. ``out``: where to write (default: the sweep dir).
+    Returns the folder written to.
+    """
+    sweep_dir = Path(getattr(source, "experiment_path", source))
+    if not sweep_dir.is_dir():
+        raise InvalidDataError(f"sweep dir {sweep_dir} does not exist")
+    rows = load_trials(sweep_dir)
+    if not rows:
+        raise InvalidDataError(f"{sweep_dir} holds no trials (no */params.json): is it a Tune sweep directory?")
+    meta = load_meta(sweep_dir)
+    cfg = SweepConfig.from_dict(meta["config"]) if meta.get("config") else None
+    multi = cfg is None or cfg.objective == "multi"
+    primary = "avg_gap" if cfg is None or multi else cfg.metric
+    ranked = rank_trials(rows, primary)
+    keys = _display_keys(cfg, rows)
+    reruns: dict[str, list[dict[str, Any]]] = {}
+    k = cfg.top_k if (cfg is not None and top_k is None) else (top_k or 0)
+    if rerun and cfg is not None and k > 0:
+        chosen = top_configs(ranked, k, multi)
+        seeds = list(cfg.rerun_seeds if seeds is None else seeds)
+        if chosen and seeds:
+            log(f"[erasus-ray] re-running the top {len(chosen)} configuration(s) with seeds {seeds}")
+            reruns = rerun_configs(cfg, chosen, seeds, sweep_dir, log=log)
+    elif (sweep_dir / RERUN_FILE).exists() and cfg is not None:  # keep earlier re-runs in a rebuilt leaderboard
+        cache = json.loads((sweep_dir / RERUN_FILE).read_text())
+        for key, value in cache.items():
+            params, seed = key.rsplit("|", 1)
+            reruns.setdefault(params, []).append({**value, "seed": int(seed)})
+    table = leaderboard_rows(ranked, meta.get("references", []), keys, reruns, cfg.seed if cfg else None)
+    folder = Path(out) if out else sweep_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    title = f"{cfg.name if cfg else sweep_dir.name} ({sweep_dir.name})"
+    write_csv(table, folder / CSV_FILE)
+    write_markdown(folder / MD_FILE, table, keys, meta, title)
+    plot_pareto(table, folder / PNG_FILE, title)
+    best = next((r for r in table if r["kind"] == "trial" and r["status"] == "ok"), None)
+    if best:
+        log(f"[erasus-ray] best: {best['label']} Avg.Gap {best['avg_gap_pts']:.2f} pts in {best['seconds']:.2f}s")
+    log(f"[erasus-ray] wrote {folder / CSV_FILE}, {folder / MD_FILE}, {folder / PNG_FILE}")
+    return folder
