@@ -28,3 +28,35 @@ class TaskMismatchError(ErasusError, ValueError):
 
 class NonFiniteLossError(ErasusError, FloatingPointError):
     """A loss or gradient became NaN/inf during unlearning."""
+
+
+class InvalidRequestError(ErasusError, ValueError):
+    """A deletion request is malformed, empty, too large, names unknown ids, or exceeds a rate limit.
+
+    ``code`` is a short machine-readable reason (``malformed``, ``empty_ids``, ``too_many_ids``, ``unknown_ids``,
+    ``not_owner``, ``rate_limited``, ``conflict``); ``request_id`` the request it concerns, when known.
+    """
+
+    def __init__(self, message: str, *, code: str = "malformed", request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+class UnauthorizedRequestError(InvalidRequestError):
+    """A client asked to delete ids it does not own (another client's data)."""
+
+
+class LedgerError(ErasusError):
+    """The deletion ledger refused an operation: an unknown request id or an illegal state transition."""
+
+
+class IllegalTransitionError(LedgerError, ValueError):
+    """A request cannot move from its current state to the requested one (e.g. verified -> scheduled)."""
+
+
+class UnknownRequestError(LedgerError, KeyError):
+    """No request with this id is in the ledger."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,97 @@
+"""``erasus-ray ledger list|show <id>|export``: read the deletion ledger (``--db`` URL or SQLite path)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from erasus_ray.errors import InvalidConfigError
+
+DEFAULT_DB_ENV = "ERASUS_RAY_LEDGER"
+
+
+def add_ledger_parser(sub: Any) -> None:
+    """Register ``ledger`` and its sub-commands on the top-level sub-parser set."""
+    ledger = sub.add_parser("ledger", help="inspect the deletion ledger: list | show <request_id> | export")
+    ledger.add_argument(
+        "--db",
+        default=None,
+        help=f"SQLAlchemy URL or SQLite file of the ledger (default: ${DEFAULT_DB_ENV}, else ./erasus-ledger.db)",
+    )
+    actions = ledger.add_subparsers(dest="ledger_command", required=True)
+    lst = actions.add_parser("list", help="one line per request, oldest first")
+    lst.add_argument("--state", action="append", default=None, help="only these states (repeatable)")
+    lst.add_argument("--client", default=None, help="only this client's requests")
+    lst.add_argument("--pending", action="store_true", help="only unfinished requests (what a restarted server resumes)")
+    lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lst.set_defaults(func=cmd_ledger_list)
+    show = actions.add_parser("show", help="one request with its results and every transition")
+    show.add_argument("request_id")
+    show.add_argument("--hash-ids", action="store_true", help="print the ids' SHA-256 instead of the ids")
+    show.set_defaults(func=cmd_ledger_show)
+    export = actions.add_parser("export", help="the audit trail as JSON")
+    export.add_argument("--out", default=None, help="write to this file (default: print)")
+    export.add_argument("--hash-ids", action="store_true", help="replace ids and coreset ids by their SHA-256")
+    export.add_argument("--state", action="append", default=None, help="only these states (repeatable)")
+    export.set_defaults(func=cmd_ledger_export)
+
+
+def open_ledger(db: str | None) -> Any:
+    """Open an existing ledger; a SQLite file that does not exist is an error (a typo must not create an empty ledger)."""
+    from erasus_ray.ledger import DeletionLedger
+
+    url = db or os.environ.get(DEFAULT_DB_ENV) or "erasus-ledger.db"
+    if "://" not in url:
+        path = Path(url).expanduser()
+        if not path.exists():
+            raise InvalidConfigError(f"--db: no ledger file at {str(path)!r}")
+    elif url.startswith("sqlite:///") and url not in ("sqlite:///:memory:",):
+        path = Path(url[len("sqlite:///"):])
+        if not path.exists():
+            raise InvalidConfigError(f"--db: no ledger file at {str(path)!r}")
+    return DeletionLedger(url)
+
+
+def cmd_ledger_list(args: argparse.Namespace) -> int:
+    from erasus_ray.ledger import PENDING_STATES
+
+    with open_ledger(args.db) as ledger:
+        states = PENDING_STATES if args.pending else args.state
+        entries = ledger.entries(states, client_id=args.client)
+        if args.json:
+            print(json.dumps([e.to_dict(hash_ids=True) for e in entries], indent=2))
+            return 0
+        header = f"{'request_id':<28} {'client':<14} {'level':<7} {'n_ids':>6} {'state':<10} {'updated (UTC)':<24} reason"
+        print(header)
+        for e in entries:
+            d = e.to_dict()
+            n_ids = "-" if d["n_ids"] is None else str(d["n_ids"])
+            what = e.state_reason or ""
+            print(f"{e.request_id[:28]:<28} {e.client_id[:14]:<14} {e.level[:7]:<7} {n_ids:>6} {e.state:<10} {d['updated_at'][:23]:<24} {what[:60]}")
+        counts = ledger.counts()
+        print(f"{len(entries)} request(s); all states: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def cmd_ledger_show(args: argparse.Namespace) -> int:
+    with open_ledger(args.db) as ledger:
+        entry = ledger.get(args.request_id)
+        doc = entry.to_dict(hash_ids=args.hash_ids)
+        doc["transitions"] = [t.to_dict() for t in ledger.history(args.request_id)]
+        print(json.dumps(doc, indent=2))
+    return 0
+
+
+def cmd_ledger_export(args: argparse.Namespace) -> int:
+    with open_ledger(args.db) as ledger:
+        records = ledger.export(args.out, hash_ids=args.hash_ids, states=args.state)
+        if args.out is None:
+            json.dump(records, sys.stdout, indent=2)
+            print()
+        else:
+            print(f"wrote {len(records)} request(s) to {args.out}")
+    return 0

@@ -1,0 +1,416 @@
+"""Continual unlearning: deletion requests keep arriving; each call unlearns only what is new.
+
+:class:`UnlearningDataset` is a training set plus a growing set of ids marked to forget (each
+:meth:`~UnlearningDataset.mark_forget` call is one batch). :meth:`ContinualUnlearner.incremental_fit` unlearns the ids
+marked since the last call as **one** deletion request (one ledger entry, one coreset selection, one strategy run, on
+top of the model the previous call returned), then measures every batch forgotten so far, the retain set and,
+optionally, a test set, so utility is tracked request after request (``result.history``).
+
+This is the "sequential/continual unlearning" setting of e.g. Nguyen et al. 2022 ("A survey of machine unlearning",
+section on continual removal) and the ``ContinualUnlearner`` of the erasus 0.2 README; no single paper is implemented.
+Choices we made:
+
+- **Only new ids are unlearned.** The forget set of request *t* is ``marked - already_processed``; the retain set is
+  every unmarked id (so samples forgotten earlier are never used as retain data again).
+- **Reuse of earlier coresets (the rule).** An earlier batch's stored coreset is *reused* - its ids join the current
+  request's coreset as replay, with their stored weights and without re-scoring - when (a) it is still valid: every id
+  in it is still marked to forget and present in the dataset (always true for a dataset that only grows its marks;
+  false when ``previous_result`` comes from another dataset, which is refused), and (b) that batch has *rebounded*:
+  measured on the current model just before the new request, its forget accuracy is higher than when it was verified
+  by more than ``rebound_tolerance`` (default 0.05). Batches that did not rebound are left alone: pushing an
+  already-forgotten batch again with a gradient-ascent objective overshoots and costs utility. Replay is off with
+  ``replay=False``.
+- **Ledger.** Every request goes through :class:`~erasus_ray.ledger.DeletionLedger`: submitted (``validated``),
+  ``scheduled``, ``unlearned`` (coreset ids, strategy, model hashes before/after, timings) and ``verified`` (the
+  metrics after it). A failure moves it to ``failed`` with the error and re-raises. Default: an in-memory SQLite
+  ledger (pass a URL or a ledger for a durable one; ``ledger=False`` records nothing).
+
+Cost per request: one selection over the new ids (the selector's cost), one strategy run on the coreset (+ replay),
+and forward passes over the forgotten ids, the retain set (capped at ``max_eval_samples``, seeded) and the test set.
+
+Example:
+    >>> ds = UnlearningDataset(train_set, forget_indices=[0, 5, 12])
+    >>> cu = ContinualUnlearner(model, strategy="grad_diff", selector="el2n", fraction=0.5, progress=False)
+    >>> r1 = cu.incremental_fit(ds)
+    >>> ds.mark_forget([42, 88])
+    >>> r2 = cu.incremental_fit(ds, previous_result=r1)     # unlearns 42 and 88 only
+    >>> [h["n_new"] for h in r2.history], cu.ledger.counts()
+    ([3, 2], {'verified': 2})
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+from torch import nn
+
+from erasus_ray.data import IdDataset, as_id_dataset
+from erasus_ray.errors import InvalidConfigError, InvalidDataError, InvalidRequestError
+from erasus_ray.evaluation.classification import per_sample_stats
+from erasus_ray.selectors import Coreset, Selector
+from erasus_ray.strategies import Strategy
+from erasus_ray.unlearner import ErasusUnlearner, UnlearningResult
+
+
+def _as_id_array(ids: Iterable[int], name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+    except TypeError:
+        raise InvalidDataError(f"{name} must be a list of integer ids, got {type(ids).__name__}") from None
+    arr = arr.reshape(-1)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise InvalidDataError(f"{name} must hold integer ids, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+class UnlearningDataset:
+    """A training set and the ids marked to forget so far.
+
+    Args:
+        base: a Dataset, Subset, DataLoader or :class:`~erasus_ray.data.IdDataset`; ids as everywhere in erasus-ray
+            (a plain dataset's row index, or its ``ids`` attribute).
+        forget_indices: ids to mark now (the first batch); ``[]`` for none yet.
+
+    Attributes:
+        data: the whole set as an :class:`IdDataset`.
+        batches: the id arrays of each :meth:`mark_forget` call that marked something new, in order.
+    """
+
+    def __init__(self, base: Any, forget_indices: Iterable[int] = ()) -> None:
+        self.data: IdDataset = as_id_dataset(base)
+        self._marked: set[int] = set()
+        self.batches: list[np.ndarray] = []
+        self.mark_forget(forget_indices, _name="forget_indices")
+
+    def mark_forget(self, ids: Iterable[int], *, _name: str = "ids") -> np.ndarray:
+        """Mark ids to forget; returns the newly marked ones (sorted). Unknown ids raise :class:`InvalidDataError`."""
+        arr = _as_id_array(ids, _name)
+        known = self.data.row_of()
+        unknown = [int(i) for i in arr if int(i) not in known]
+        if unknown:
+            raise InvalidDataError(f"{_name}: {len(unknown)} id(s) are not in the dataset: {unknown[:20]}")
+        new = np.unique(arr[~np.isin(arr, np.fromiter(self._marked, dtype=np.int64, count=len(self._marked)))])
+        if len(new):
+            self._marked.update(int(i) for i in new)
+            self.batches.append(new)
+        return new
+
+    @property
+    def forget_ids(self) -> np.ndarray:
+        """Every id marked so far, sorted."""
+        return np.sort(np.fromiter(self._marked, dtype=np.int64, count=len(self._marked)))
+
+    @property
+    def forget(self) -> IdDataset:
+        """View of the marked samples (sorted by id)."""
+        return self.data.subset(self.forget_ids)
+
+    @property
+    def retain(self) -> IdDataset:
+        """View of every sample not marked to forget."""
+        return self.data.exclude(self.forget_ids)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"UnlearningDataset(n={len(self.data)}, forget={len(self._marked)}, batches={len(self.batches)})"
+
+
+@dataclass
+class ForgottenBatch:
+    """One processed request: its ids, the coreset it ran on and its forget metrics when verified."""
+
+    request_id: str
+    ids: np.ndarray
+    coreset_ids: np.ndarray
+    coreset_weights: np.ndarray
+    forget_acc: float
+    forget_loss: float
+
+
+@dataclass
+class ContinualResult:
+    """The state after a request; pass it as ``previous_result`` to the next :meth:`ContinualUnlearner.incremental_fit`.
+
+    Attributes:
+        model: the model with every request so far unlearned.
+        request_id: the ledger id of this request (None when nothing new was marked).
+        new_ids: ids unlearned by this request.
+        processed_ids: every id unlearned so far.
+        coreset: what the strategy ran on in this request (new coreset + replayed ones).
+        replayed: request ids whose stored coreset was reused (rebounded batches).
+        batches: every processed request, oldest first.
+        history: one dict per request: ``n_new``, ``n_coreset``, ``replayed``, per-batch ``forget_acc``/``forget_loss``
+            (``batches``), ``forget_acc`` over all forgotten ids, ``retain_acc``, ``retain_loss``, ``test_acc``,
+            ``seconds``.
+        step_result: the :class:`UnlearningResult` of this request's strategy run.
+    """
+
+    model: nn.Module
+    request_id: str | None
+    new_ids: np.ndarray
+    processed_ids: np.ndarray
+    coreset: Coreset | None
+    replayed: list[str]
+    batches: list[ForgottenBatch]
+    history: list[dict[str, Any]]
+    step_result: UnlearningResult | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class ContinualUnlearner:
+    """Unlearn deletion requests as they arrive, each on top of the last result.
+
+    Args:
+        model: the trained model (not modified; each request works on a copy of the previous result's model).
+        strategy, selector: as in :class:`~erasus_ray.unlearner.ErasusUnlearner`.
+        ledger: a :class:`~erasus_ray.ledger.DeletionLedger`, a SQLAlchemy URL / SQLite path, None for an in-memory
+            SQLite ledger, or False for none.
+        client_id: who the ledger records as the requester.
+        test_data: optional held-out set measured after each request (``test_acc``).
+        replay: reuse rebounded batches' coresets (see the module docstring for the rule).
+        rebound_tolerance: how much a batch's forget accuracy may rise above its verified value before it is replayed.
+        max_eval_samples: cap on the retain samples measured per request (a seeded subset); None measures all.
+        **unlearner_kwargs: everything else :class:`ErasusUnlearner` takes (``fraction``, ``k``, ``seed``, ``lr``,
+            ``epochs``, ``progress``, ``task``, strategy hyperparameters, ...).
+
+    Example:
+        >>> cu = ContinualUnlearner(model, strategy="grad_diff", selector="el2n", fraction=0.5, seed=0)
+        >>> r = cu.incremental_fit(UnlearningDataset(train, forget_indices=ids_a))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: Strategy | str = "grad_diff",
+        selector: Selector | str | None = "el2n",
+        *,
+        ledger: Any = None,
+        client_id: str = "operator",
+        test_data: Any = None,
+        replay: bool = True,
+        rebound_tolerance: float = 0.05,
+        max_eval_samples: int | None = 5000,
+        **unlearner_kwargs: Any,
+    ) -> None:
+        if unlearner_kwargs.get("inplace"):
+            raise InvalidConfigError("inplace=True is not supported: each request works on a copy of the last model")
+        self.engine = ErasusUnlearner(model, strategy=strategy, selector=selector, **unlearner_kwargs)
+        self.model = model
+        if not (isinstance(rebound_tolerance, (int, float)) and 0 <= rebound_tolerance <= 1):
+            raise InvalidConfigError(f"rebound_tolerance must be in [0, 1], got {rebound_tolerance!r}")
+        if max_eval_samples is not None and (not isinstance(max_eval_samples, int) or max_eval_samples < 1):
+            raise InvalidConfigError(f"max_eval_samples must be a positive integer or None, got {max_eval_samples!r}")
+        self.replay = bool(replay)
+        self.rebound_tolerance = float(rebound_tolerance)
+        self.max_eval_samples = max_eval_samples
+        self.client_id = client_id
+        self.test_data = None if test_data is None else as_id_dataset(test_data)
+        self.ledger = self._open_ledger(ledger)
+        self.last_result: ContinualResult | None = None
+
+    @staticmethod
+    def _open_ledger(ledger: Any) -> Any:
+        if ledger is False:
+            return None
+        try:
+            from erasus_ray.ledger import DeletionLedger
+        except ImportError as err:  # SQLAlchemy is in the [fl] extra
+            raise InvalidConfigError(
+                f"the deletion ledger needs SQLAlchemy ({err}); pip install 'erasus-ray[fl]', or pass ledger=False"
+            ) from None
+        if ledger is None or isinstance(ledger, str) or hasattr(ledger, "__fspath__"):
+            return DeletionLedger(ledger)
+        if isinstance(ledger, DeletionLedger):
+            return ledger
+        raise InvalidConfigError(f"ledger must be a DeletionLedger, a URL, None or False, got {type(ledger).__name__}")
+
+    # ---- measurement ----------------------------------------------------------------------------------------------
+    def _stats(self, model: nn.Module, data: IdDataset) -> tuple[float, float]:
+        if len(data) == 0:
+            return float("nan"), float("nan")
+        s = per_sample_stats(model, self.engine.task, data)
+        return float(np.mean(s["correct"])), float(np.mean(s["loss"]))
+
+    def _eval_retain(self, model: nn.Module, retain: IdDataset) -> tuple[float, float]:
+        if self.max_eval_samples is not None and len(retain) > self.max_eval_samples:
+            rng = np.random.default_rng(self.engine.seed)
+            retain = retain.subset(np.sort(rng.choice(retain.ids, self.max_eval_samples, replace=False)))
+        return self._stats(model, retain)
+
+    # ---- the request ----------------------------------------------------------------------------------------------
+    def incremental_fit(
+        self,
+        dataset: UnlearningDataset,
+        previous_result: ContinualResult | None = None,
+        *,
+        request_id: str | None = None,
+        reason: str = "",
+    ) -> ContinualResult:
+        """Unlearn the ids marked since the last request, as one ledger request.
+
+        Args:
+            dataset: the :class:`UnlearningDataset` with its current marks.
+            previous_result: the state to continue from; None continues from this unlearner's last result (or the
+                original model on the first call).
+            request_id: the ledger's idempotency key (default: ``continual-<random>``); an id already in the ledger
+                is refused (:class:`InvalidRequestError` ``conflict``).
+            reason: recorded in the ledger.
+
+        Returns the new :class:`ContinualResult`; when nothing new is marked, the previous one unchanged.
+        """
+        if not isinstance(dataset, UnlearningDataset):
+            raise InvalidDataError(f"dataset must be an UnlearningDataset, got {type(dataset).__name__}")
+        state = previous_result if previous_result is not None else self.last_result
+        model = state.model if state is not None else self.model
+        processed = state.processed_ids if state is not None else np.zeros(0, dtype=np.int64)
+        batches = list(state.batches) if state is not None else []
+        history = list(state.history) if state is not None else []
+        forget_ids = dataset.forget_ids
+        not_marked = np.setdiff1d(processed, forget_ids)
+        if len(not_marked):
+            raise InvalidDataError(
+                f"previous_result unlearned {len(not_marked)} id(s) this dataset does not mark to forget "
+                f"(e.g. {not_marked[:10].tolist()}): pass the same UnlearningDataset"
+            )
+        new_ids = np.setdiff1d(forget_ids, processed)
+        if len(new_ids) == 0:
+            if state is None:
+                raise InvalidDataError("no ids are marked to forget: call dataset.mark_forget([...]) first")
+            return state
+        retain = dataset.retain
+        if self.engine.strategy.needs_retain and len(retain) == 0:
+            raise InvalidDataError(f"strategy {self.engine.strategy.name!r} needs retain data, and every id is marked")
+
+        rid = request_id or f"continual-{uuid.uuid4().hex[:16]}"
+        if self.ledger is not None:
+            from erasus_ray.ledger import DeletionRequest
+
+            if self.ledger.find(rid) is not None:
+                raise InvalidRequestError(f"request_id {rid!r} is already in the ledger; use a new one", code="conflict", request_id=rid)
+            entry = self.ledger.submit(DeletionRequest(rid, self.client_id, "sample", ids=new_ids.tolist(), reason=reason))
+            if entry.state != "validated":
+                raise InvalidRequestError(f"the ledger rejected {rid!r}: {entry.state_reason}", code=entry.error_code or "malformed", request_id=rid)
+
+        start = time.perf_counter()
+        # the rule for reusing earlier coresets: still valid and rebounded (module docstring)
+        replayed: list[ForgottenBatch] = []
+        if self.replay and batches:
+            valid_ids = set(forget_ids.tolist())
+            for batch in batches:
+                if not set(batch.coreset_ids.tolist()) <= valid_ids:
+                    continue
+                acc, _ = self._stats(model, dataset.data.subset(batch.ids))
+                if acc > batch.forget_acc + self.rebound_tolerance:
+                    replayed.append(batch)
+        if self.ledger is not None:
+            self.ledger.transition(
+                rid, "scheduled", expected="validated", step=len(history) + 1, n_new=len(new_ids), replay=[b.request_id for b in replayed]
+            )
+        try:
+            forget_new = dataset.data.subset(new_ids).sorted()
+            t0 = time.perf_counter()
+            new_coreset = self.engine._coreset(model, forget_new, retain)
+            select_s = time.perf_counter() - t0
+            if replayed:
+                replay_ids = np.concatenate([b.coreset_ids for b in replayed])
+                keep = ~np.isin(replay_ids, new_coreset.ids)
+                replay_ids = replay_ids[keep]
+                replay_w = np.concatenate([b.coreset_weights for b in replayed])[keep]
+                coreset = Coreset(
+                    ids=np.concatenate([new_coreset.ids, replay_ids]).astype(np.int64),
+                    weights=np.concatenate([np.asarray(new_coreset.weights, dtype=np.float64), replay_w]),
+                    scores=new_coreset.scores,
+                    selector=new_coreset.selector,
+                    info={**new_coreset.info, "replayed": [b.request_id for b in replayed], "n_replay": int(len(replay_ids))},
+                )
+                forget_data = dataset.data.subset(np.union1d(new_ids, replay_ids))
+            else:
+                coreset, forget_data = new_coreset, forget_new
+            self.engine.model = model
+            step = self.engine.fit(forget_data, retain, coreset=coreset)
+        except Exception as err:
+            if self.ledger is not None:
+                self.ledger.transition(rid, "failed", reason=f"{type(err).__name__}: {str(err)[:500]}")
+            raise
+        finally:
+            self.engine.model = self.model
+        step.timings["select"] = step.timings.get("select", 0.0) + select_s
+        step.timings["total"] = step.timings.get("total", 0.0) + select_s
+        if self.ledger is not None:
+            self.ledger.record_result(
+                rid,
+                coreset_ids=coreset.ids.tolist(),
+                strategy=self.engine.strategy.name,
+                model_hash_before=step.model_hash_before,
+                model_hash_after=step.model_hash_after,
+                new_state="unlearned",
+                expected="scheduled",
+                timings=step.timings,
+            )
+
+        new_model = step.model
+        acc_new, loss_new = self._stats(new_model, dataset.data.subset(new_ids))
+        new_batch = ForgottenBatch(
+            request_id=rid,
+            ids=new_ids,
+            coreset_ids=np.asarray(new_coreset.ids, dtype=np.int64),
+            coreset_weights=np.asarray(new_coreset.weights, dtype=np.float64),
+            forget_acc=acc_new,
+            forget_loss=loss_new,
+        )
+        replayed_ids = {b.request_id for b in replayed}
+        per_batch: dict[str, dict[str, float]] = {}
+        updated: list[ForgottenBatch] = []
+        for batch in batches:
+            acc, loss = self._stats(new_model, dataset.data.subset(batch.ids))
+            per_batch[batch.request_id] = {"forget_acc": acc, "forget_loss": loss}
+            if batch.request_id in replayed_ids:  # its verified level is what replay brought it back to
+                batch = ForgottenBatch(batch.request_id, batch.ids, batch.coreset_ids, batch.coreset_weights, acc, loss)
+            updated.append(batch)
+        per_batch[rid] = {"forget_acc": acc_new, "forget_loss": loss_new}
+        updated.append(new_batch)
+        all_forgotten = np.union1d(processed, new_ids)
+        forget_acc, forget_loss = self._stats(new_model, dataset.data.subset(all_forgotten))
+        retain_acc, retain_loss = self._eval_retain(new_model, retain)
+        record: dict[str, Any] = {
+            "request_id": rid,
+            "step": len(history) + 1,
+            "n_new": int(len(new_ids)),
+            "n_coreset": int(len(coreset)),
+            "replayed": [b.request_id for b in replayed],
+            "batches": per_batch,
+            "forget_acc": forget_acc,
+            "forget_loss": forget_loss,
+            "retain_acc": retain_acc,
+            "retain_loss": retain_loss,
+            "seconds": time.perf_counter() - start,
+            "timings": dict(step.timings),
+            "model_hash_after": step.model_hash_after,
+        }
+        if self.test_data is not None:
+            record["test_acc"], record["test_loss"] = self._stats(new_model, self.test_data)
+        history.append(record)
+        if self.ledger is not None:
+            metrics = {k: record[k] for k in ("forget_acc", "forget_loss", "retain_acc", "retain_loss", "test_acc") if k in record}
+            metrics["new_forget_acc"] = acc_new
+            self.ledger.record_result(rid, metrics=metrics, new_state="verified", expected="unlearned", **metrics)
+        result = ContinualResult(
+            model=new_model,
+            request_id=rid,
+            new_ids=new_ids,
+            processed_ids=all_forgotten,
+            coreset=coreset,
+            replayed=[b.request_id for b in replayed],
+            batches=updated,
+            history=history,
+            step_result=step,
+            info={"model_hash_before": step.model_hash_before, "model_hash_after": step.model_hash_after},
+        )
+        self.last_result = result
+        return result

@@ -1,0 +1,35 @@
+"""The deletion ledger: deletion requests, their validation, and a durable record of their progress (issue #5).
+
+- :class:`DeletionRequest`, :class:`OwnershipRegistry`, :class:`RequestLimits`, :func:`validate` (``requests.py``);
+- :class:`DeletionLedger`, :class:`LedgerEntry`, :class:`Transition` and the state machine (``ledger.py``).
+
+Needs SQLAlchemy 2 (``pip install 'erasus-ray[fl]'``).
+"""
+
+from erasus_ray.ledger.ledger import (
+    ALLOWED,
+    FINAL_STATES,
+    PENDING_STATES,
+    STATES,
+    DeletionLedger,
+    LedgerEntry,
+    Transition,
+    hash_id_list,
+)
+from erasus_ray.ledger.requests import LEVELS, DeletionRequest, OwnershipRegistry, RequestLimits, validate
+
+__all__ = [
+    "ALLOWED",
+    "FINAL_STATES",
+    "LEVELS",
+    "PENDING_STATES",
+    "STATES",
+    "DeletionLedger",
+    "DeletionRequest",
+    "LedgerEntry",
+    "OwnershipRegistry",
+    "RequestLimits",
+    "Transition",
+    "hash_id_list",
+    "validate",
+]

@@ -1,0 +1,773 @@
+"""The durable deletion ledger: every deletion request, every state it passed through, and what was done for it.
+
+States::
+
+    received -> validated -> scheduled -> unlearned -> verified
+         \\           \\           \\            \\
+          rejected     rejected    failed       failed        (+ received/validated -> failed)
+
+:meth:`DeletionLedger.submit` writes ``received`` and ``validated``/``rejected`` in one transaction, so a crash never
+leaves a request stored but unjudged. ``scheduled -> scheduled`` (re-scheduled after a crash or a later round) and ``unlearned -> scheduled`` (verification
+asked for another pass) are allowed; ``verified``, ``rejected`` and ``failed`` are final. Each transition is one committed
+row (from, to, timestamp, details) in the ``transitions`` table, written in the same transaction as the request's new
+state, so the state always equals the last transition. Requests are idempotent by their client-supplied
+``request_id``: resubmitting returns the stored entry, never a second one; resubmitting the same id with a different
+content is refused (``conflict``).
+
+Crash safety: every write is one transaction (SQLite in WAL mode with ``synchronous=FULL`` by default, ``BEGIN
+IMMEDIATE`` so a read-then-write cannot interleave with another writer). A restarted server calls :meth:`pending` and
+resumes each unfinished request from its state. To unlearn a request exactly once, the server must make the model
+update idempotent per request - the pattern the crash test exercises: the saved model checkpoint lists the request ids
+it already contains; a resumed ``scheduled`` request whose id is in the checkpoint skips straight to
+:meth:`record_result` (``new_state="unlearned"``).
+
+Storage: SQLAlchemy 2 Core; ``sqlite:///path.db`` (default, embedded), ``sqlite://`` (in memory, one process) or any
+SQLAlchemy URL (e.g. ``postgresql+psycopg://...`` for several server nodes; rows are then locked with
+``SELECT ... FOR UPDATE``).
+
+Example:
+    >>> ledger = DeletionLedger("sqlite:///deletions.db")
+    >>> entry = ledger.submit(DeletionRequest("r-1", "alice", "sample", ids=[3, 17]), ownership=owners)
+    >>> ledger.transition("r-1", "scheduled", round=4)
+    >>> ledger.record_result("r-1", coreset_ids=[17], strategy="grad_diff", new_state="unlearned")
+    >>> ledger.transition("r-1", "verified", forget_acc=0.0)
+    >>> ledger.export("audit.json", hash_ids=True)
+
+Cost: one transaction per call (a few ms on SQLite with fsync); :meth:`export` reads every row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from sqlalchemy import (
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
+
+from erasus_ray.errors import (
+    IllegalTransitionError,
+    InvalidConfigError,
+    InvalidRequestError,
+    UnknownRequestError,
+)
+from erasus_ray.ledger.requests import (
+    NAME_PATTERN,
+    DeletionRequest,
+    OwnershipRegistry,
+    RequestLimits,
+    validate,
+)
+
+STATES: tuple[str, ...] = ("received", "validated", "scheduled", "unlearned", "verified", "rejected", "failed")
+FINAL_STATES: frozenset[str] = frozenset({"verified", "rejected", "failed"})
+#: states a restarted server resumes (everything not final)
+PENDING_STATES: tuple[str, ...] = ("received", "validated", "scheduled", "unlearned")
+ALLOWED: dict[str | None, frozenset[str]] = {
+    None: frozenset({"received"}),
+    "received": frozenset({"validated", "rejected", "failed"}),
+    "validated": frozenset({"scheduled", "rejected", "failed"}),
+    "scheduled": frozenset({"scheduled", "unlearned", "failed"}),
+    "unlearned": frozenset({"verified", "scheduled", "failed"}),
+    "verified": frozenset(),
+    "rejected": frozenset(),
+    "failed": frozenset(),
+}
+SCHEMA_VERSION = 1
+logger = logging.getLogger("erasus_ray.ledger")
+
+metadata = MetaData()
+requests_table = Table(
+    "deletion_requests",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(256), nullable=False, unique=True),
+    Column("client_id", String(256), nullable=False),
+    Column("level", String(16), nullable=False),
+    Column("ids", Text),  # JSON list of ints, or NULL
+    Column("label", Integer),
+    Column("reason", Text, nullable=False, default=""),
+    Column("created_at", Float),
+    Column("fingerprint", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("state_reason", Text),  # why it was rejected / failed
+    Column("error_code", String(32)),
+    Column("received_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("coreset_ids", Text),  # JSON
+    Column("strategy", String(128)),
+    Column("metrics", Text),  # JSON
+    Column("model_hash_before", String(128)),
+    Column("model_hash_after", String(128)),
+    Column("payload", Text),  # the raw submission, for malformed requests that cannot be parsed
+)
+Index("ix_deletion_requests_state", requests_table.c.state, requests_table.c.seq)
+transitions_table = Table(
+    "deletion_transitions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(256), ForeignKey("deletion_requests.request_id"), nullable=False, index=True),
+    Column("from_state", String(16)),
+    Column("to_state", String(16), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("details", Text),  # JSON
+)
+meta_table = Table("ledger_meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _json_safe(obj: Any) -> Any:
+    """JSON-serialisable copy: numpy/torch scalars to Python numbers, non-finite floats to strings."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        np = None  # type: ignore[assignment]
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_json_safe(v) for v in obj]
+    if np is not None and isinstance(obj, np.ndarray):
+        return [_json_safe(v) for v in obj.tolist()]
+    if np is not None and isinstance(obj, np.generic):
+        obj = obj.item()
+    if hasattr(obj, "item") and callable(obj.item) and not isinstance(obj, (str, bytes)):
+        try:
+            obj = obj.item()
+        except Exception:
+            return repr(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)
+
+
+def _dumps(obj: Any) -> str | None:
+    return None if obj is None else json.dumps(_json_safe(obj), sort_keys=True)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def hash_id_list(ids: Sequence[int] | None) -> str | None:
+    """SHA-256 of the sorted ids as canonical JSON (the audit export's ``ids_sha256``)."""
+    if ids is None:
+        return None
+    return hashlib.sha256(json.dumps(sorted(int(i) for i in ids)).encode()).hexdigest()
+
+
+@dataclass
+class Transition:
+    """One committed state change."""
+
+    request_id: str
+    from_state: str | None
+    to_state: str
+    at: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"from": self.from_state, "to": self.to_state, "at": _iso(self.at), "details": self.details}
+
+
+@dataclass
+class LedgerEntry:
+    """A request as the ledger stores it: the request's fields, its state and what was done for it."""
+
+    request_id: str
+    client_id: str
+    level: str
+    ids: list[int] | None
+    label: int | None
+    reason: str
+    created_at: float | None
+    state: str
+    state_reason: str | None
+    error_code: str | None
+    received_at: float
+    updated_at: float
+    coreset_ids: list[int] | None = None
+    strategy: str | None = None
+    metrics: dict[str, Any] | None = None
+    model_hash_before: str | None = None
+    model_hash_after: str | None = None
+    seq: int = 0
+
+    @property
+    def accepted(self) -> bool:
+        """Validated (and not rejected): the ledger owes this request an outcome."""
+        return self.state not in ("received", "rejected")
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def request(self) -> DeletionRequest:
+        """The :class:`DeletionRequest` (raises :class:`InvalidRequestError` for a stored malformed submission)."""
+        return DeletionRequest(
+            request_id=self.request_id,
+            client_id=self.client_id,
+            level=self.level,
+            ids=self.ids,
+            label=self.label,
+            reason=self.reason,
+            created_at=self.created_at or 0.0,
+        )
+
+    def to_dict(self, *, hash_ids: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "request_id": self.request_id,
+            "client_id": self.client_id,
+            "level": self.level,
+            "label": self.label,
+            "reason": self.reason,
+            "created_at": _iso(self.created_at),
+            "received_at": _iso(self.received_at),
+            "updated_at": _iso(self.updated_at),
+            "state": self.state,
+            "state_reason": self.state_reason,
+            "error_code": self.error_code,
+            "n_ids": None if self.ids is None else len(self.ids),
+            "strategy": self.strategy,
+            "metrics": self.metrics,
+            "model_hash_before": self.model_hash_before,
+            "model_hash_after": self.model_hash_after,
+            "n_coreset": None if self.coreset_ids is None else len(self.coreset_ids),
+        }
+        if hash_ids:
+            out["ids_sha256"] = hash_id_list(self.ids)
+            out["coreset_ids_sha256"] = hash_id_list(self.coreset_ids)
+        else:
+            out["ids"] = self.ids
+            out["coreset_ids"] = self.coreset_ids
+        return out
+
+
+def _row_to_entry(row: Any) -> LedgerEntry:
+    m = row._mapping
+    return LedgerEntry(
+        request_id=m["request_id"],
+        client_id=m["client_id"],
+        level=m["level"],
+        ids=_loads(m["ids"]),
+        label=m["label"],
+        reason=m["reason"] or "",
+        created_at=m["created_at"],
+        state=m["state"],
+        state_reason=m["state_reason"],
+        error_code=m["error_code"],
+        received_at=m["received_at"],
+        updated_at=m["updated_at"],
+        coreset_ids=_loads(m["coreset_ids"]),
+        strategy=m["strategy"],
+        metrics=_loads(m["metrics"]),
+        model_hash_before=m["model_hash_before"],
+        model_hash_after=m["model_hash_after"],
+        seq=m["seq"],
+    )
+
+
+def _normalise_url(url: str | Path | None) -> str:
+    if url is None:
+        return "sqlite://"
+    if isinstance(url, Path) or "://" not in str(url):
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    return str(url)
+
+
+class DeletionLedger:
+    """A durable record of deletion requests and their progress.
+
+    Args:
+        url: a SQLAlchemy URL (``sqlite:///path.db``, ``postgresql+psycopg://...``), a file path (SQLite), or None for
+            an in-memory SQLite ledger (tests, one process).
+        wal: SQLite only: use write-ahead logging (concurrent readers, one writer, crash-safe).
+        synchronous: SQLite only: ``FULL`` (default; a committed transition survives power loss) or ``NORMAL``
+            (survives a process crash, not a power loss; faster).
+        busy_timeout_s: SQLite only: how long a writer waits for another writer's lock.
+    """
+
+    def __init__(
+        self,
+        url: str | Path | None = None,
+        *,
+        wal: bool = True,
+        synchronous: str = "FULL",
+        busy_timeout_s: float = 30.0,
+        echo: bool = False,
+    ) -> None:
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise InvalidConfigError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
+        self.url = _normalise_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        kwargs: dict[str, Any] = {"echo": echo}
+        memory = self.is_sqlite and self.url in ("sqlite://", "sqlite:///:memory:")
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"timeout": busy_timeout_s, "check_same_thread": False}
+            if memory:
+                kwargs["poolclass"] = StaticPool  # one shared connection, or every checkout sees an empty database
+        self.engine: Engine = create_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            self._configure_sqlite(wal=wal and not memory, synchronous=synchronous.upper(), busy_ms=int(busy_timeout_s * 1000))
+        metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            if conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first() is None:
+                try:
+                    conn.execute(insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
+                except IntegrityError:  # another process created it first
+                    pass
+
+    def _configure_sqlite(self, *, wal: bool, synchronous: str, busy_ms: int) -> None:
+        @event.listens_for(self.engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # pysqlite's own transaction handling defers BEGIN and breaks BEGIN IMMEDIATE: take it over (SQLAlchemy docs,
+            # "Serializable isolation / Savepoints / Transactional DDL").
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            if wal:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(self.engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            # IMMEDIATE takes the write lock at BEGIN: a read-check-write (transition) cannot lose a race.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "DeletionLedger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"DeletionLedger({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    # ---- writes ---------------------------------------------------------------------------------------------------
+    def submit(
+        self,
+        request: DeletionRequest | Mapping[str, Any],
+        ownership: OwnershipRegistry | None = None,
+        limits: RequestLimits | None = None,
+        *,
+        now: float | None = None,
+        sender: str | None = None,
+    ) -> LedgerEntry:
+        """Record a request and validate it: returns its entry, ``validated`` or ``rejected`` (with ``state_reason``).
+
+        Idempotent: a ``request_id`` already in the ledger returns the stored entry unchanged (no second row, no second
+        validation, no rate-limit charge) - also when it was rejected: retry with a new ``request_id``. The same id
+        with a different content raises :class:`InvalidRequestError` ``conflict`` and changes nothing.
+
+        A submission that cannot be parsed (a dict with wrong fields or types) is stored as ``rejected`` with the
+        parser's reason; without a usable ``request_id`` it is stored under ``invalid-<sha256 of the payload>``.
+        The rejected entry is returned, not raised: the caller answers the client with ``entry.state_reason``.
+
+        ``ownership`` / ``limits`` enable the ownership and size/rate checks of :func:`validate`; without them only the
+        fields are checked. ``sender``: the authenticated client that delivered it; a request in another client's
+        name is then rejected (``impersonation``) in the same transaction.
+        """
+        now_wall = time.time()
+        parsed: DeletionRequest | None = None
+        error: InvalidRequestError | None = None
+        payload_text: str | None = None
+        # an instance is re-checked too: its fields may have been changed after construction
+        source: Any = request
+        if isinstance(request, DeletionRequest):
+            source = {k: getattr(request, k, None) for k in ("request_id", "client_id", "level", "ids", "label", "reason", "created_at")}
+        try:
+            parsed = DeletionRequest.from_dict(source)
+        except InvalidRequestError as err:
+            error = err
+        except Exception as err:  # noqa: BLE001 - a hostile payload must not crash the server
+            error = InvalidRequestError(f"cannot parse the request: {type(err).__name__}: {str(err)[:200]}")
+        if error is not None:
+            payload_text = _safe_payload(source)
+        if parsed is not None:
+            rid = parsed.request_id
+            fingerprint = parsed.fingerprint()
+        else:
+            assert error is not None
+            raw_id = error.request_id
+            if raw_id is None and isinstance(source, Mapping):
+                try:
+                    candidate = source.get("request_id")
+                except Exception:  # noqa: BLE001
+                    candidate = None
+                raw_id = candidate if isinstance(candidate, str) else None
+            fingerprint = hashlib.sha256((payload_text or "").encode()).hexdigest()
+            rid = raw_id if raw_id is not None and NAME_PATTERN.fullmatch(raw_id) else f"invalid-{fingerprint[:32]}"
+        existing = self.find(rid)
+        if existing is not None:
+            return self._same_or_conflict(existing, fingerprint)
+        if parsed is not None:
+            try:
+                validate(parsed, ownership, limits, now=now, sender=sender)
+            except InvalidRequestError as err:
+                error = err
+        row = self._row_for(parsed, source, rid, fingerprint, payload_text, now_wall)
+        final = "validated" if error is None else "rejected"
+        details = {} if error is None else {"reason": str(error), "code": error.code}
+        row.update(state=final, state_reason=None if error is None else str(error), error_code=None if error is None else error.code)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(requests_table).values(**row))
+                conn.execute(
+                    insert(transitions_table),
+                    [
+                        {"request_id": rid, "from_state": None, "to_state": "received", "at": now_wall, "details": None},
+                        {"request_id": rid, "from_state": "received", "to_state": final, "at": time.time(), "details": _dumps(details) if details else None},
+                    ],
+                )
+        except IntegrityError:
+            # a concurrent submit of the same request_id won the insert: answer as a resubmission
+            stored = self.find(rid)
+            if stored is None:
+                raise
+            return self._same_or_conflict(stored, fingerprint)
+        if error is not None:
+            # refused requests are logged (security: e.g. a client asking to delete another client's ids)
+            logger.warning("deletion request %s from %r rejected (%s): %s", rid, row["client_id"], error.code, error)
+        return self.get(rid)
+
+    def _same_or_conflict(self, existing: LedgerEntry, fingerprint: str) -> LedgerEntry:
+        with self.engine.connect() as conn:
+            stored = conn.execute(
+                select(requests_table.c.fingerprint).where(requests_table.c.request_id == existing.request_id)
+            ).scalar_one()
+        if stored != fingerprint:
+            raise InvalidRequestError(
+                f"request_id {existing.request_id!r} was already used for a different request (state {existing.state}); "
+                "use a new request_id",
+                code="conflict",
+                request_id=existing.request_id,
+            )
+        return existing
+
+    @staticmethod
+    def _row_for(
+        parsed: DeletionRequest | None, raw: Any, rid: str, fingerprint: str, payload_text: str | None, now: float
+    ) -> dict[str, Any]:
+        if parsed is not None:
+            return {
+                "request_id": rid,
+                "client_id": parsed.client_id,
+                "level": parsed.level,
+                "ids": _dumps(parsed.ids),
+                "label": parsed.label,
+                "reason": parsed.reason,
+                "created_at": parsed.created_at,
+                "fingerprint": fingerprint,
+                "received_at": now,
+                "updated_at": now,
+                "payload": None,
+            }
+
+        def text_field(key: str, limit: int) -> str:
+            try:
+                value = raw.get(key) if isinstance(raw, Mapping) else None
+            except Exception:  # noqa: BLE001
+                value = None
+            return value[:limit] if isinstance(value, str) else ""
+
+        return {
+            "request_id": rid,
+            "client_id": text_field("client_id", 256),
+            "level": text_field("level", 16),
+            "ids": None,
+            "label": None,
+            "reason": text_field("reason", 2000),
+            "created_at": None,
+            "fingerprint": fingerprint,
+            "received_at": now,
+            "updated_at": now,
+            "payload": payload_text,
+        }
+
+    def transition(
+        self, request_id: str, new_state: str, *, expected: str | Iterable[str] | None = None, reason: str | None = None, **details: Any
+    ) -> LedgerEntry:
+        """Move a request to ``new_state`` and commit a transition row (``details`` are stored as JSON).
+
+        ``expected``: the state(s) the caller believes the request is in; if it is elsewhere (another worker moved
+        it), raises :class:`IllegalTransitionError` and writes nothing - a compare-and-set. ``reason`` is required for
+        ``rejected`` and ``failed``.
+
+        Raises:
+            UnknownRequestError: no such request.
+            IllegalTransitionError: the move is not in the state machine (e.g. from a final state).
+        """
+        if new_state not in STATES:
+            raise IllegalTransitionError(f"unknown state {new_state!r}; states are {list(STATES)}")
+        if new_state in ("rejected", "failed") and not reason:
+            raise InvalidConfigError(f"moving {request_id!r} to {new_state!r} needs a reason")
+        with self.engine.begin() as conn:
+            self._move(conn, request_id, new_state, expected=expected, reason=reason, details=details)
+        return self.get(request_id)
+
+    def _move(
+        self,
+        conn: Connection,
+        request_id: str,
+        new_state: str,
+        *,
+        expected: str | Iterable[str] | None,
+        reason: str | None,
+        details: Mapping[str, Any],
+        values: Mapping[str, Any] | None = None,
+    ) -> None:
+        current = conn.execute(
+            select(requests_table.c.state).where(requests_table.c.request_id == request_id).with_for_update()
+        ).scalar_one_or_none()
+        if current is None:
+            raise UnknownRequestError(f"no request {request_id!r} in the ledger")
+        if expected is not None:
+            allowed_from = {expected} if isinstance(expected, str) else set(expected)
+            if current not in allowed_from:
+                raise IllegalTransitionError(
+                    f"request {request_id!r} is {current!r}, not {sorted(allowed_from)}: another worker moved it"
+                )
+        if new_state not in ALLOWED[current]:
+            raise IllegalTransitionError(
+                f"request {request_id!r} cannot go from {current!r} to {new_state!r}; from {current!r} it may go to "
+                f"{sorted(ALLOWED[current]) or 'nowhere (final state)'}"
+            )
+        now = time.time()
+        changes: dict[str, Any] = {"state": new_state, "updated_at": now}
+        if new_state in ("rejected", "failed"):
+            changes["state_reason"] = reason
+            changes["error_code"] = details.get("code") if isinstance(details.get("code"), str) else new_state
+        if values:
+            changes.update(values)
+        conn.execute(update(requests_table).where(requests_table.c.request_id == request_id).values(**changes))
+        stored = dict(details)
+        if reason is not None:
+            stored["reason"] = reason
+        conn.execute(
+            insert(transitions_table).values(
+                request_id=request_id, from_state=current, to_state=new_state, at=now, details=_dumps(stored) if stored else None
+            )
+        )
+
+    def schedule_pending(
+        self, *, limit: int | None = None, client_id: str | None = None, **details: Any
+    ) -> list[LedgerEntry]:
+        """Move validated requests (oldest first, at most ``limit``) to ``scheduled`` in one transaction and return
+        them: the batch of one unlearning round (``details``, e.g. ``round=7``, go on each transition row).
+
+        Requests already ``scheduled`` (a round interrupted by a crash) are not returned: resume those with
+        ``pending(states=["scheduled"])``.
+        """
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise InvalidConfigError(f"limit must be a positive integer or None, got {limit!r}")
+        query = select(requests_table.c.request_id).where(requests_table.c.state == "validated").order_by(requests_table.c.seq)
+        if client_id is not None:
+            query = query.where(requests_table.c.client_id == client_id)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.begin() as conn:
+            ids = list(conn.execute(query.with_for_update()).scalars())
+            for rid in ids:
+                self._move(conn, rid, "scheduled", expected="validated", reason=None, details=details)
+        return [self.get(rid) for rid in ids]
+
+    def record_result(
+        self,
+        request_id: str,
+        *,
+        coreset_ids: Sequence[int] | None = None,
+        strategy: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        model_hash_before: str | None = None,
+        model_hash_after: str | None = None,
+        new_state: str | None = None,
+        expected: str | Iterable[str] | None = None,
+        **details: Any,
+    ) -> LedgerEntry:
+        """Store what was done for a request (only the arguments given are written; ``metrics`` are merged).
+
+        With ``new_state`` (e.g. ``"unlearned"``) the result and the transition are one transaction: a crash leaves
+        either both or neither.
+        """
+        values: dict[str, Any] = {}
+        if coreset_ids is not None:
+            values["coreset_ids"] = _dumps(sorted(int(i) for i in coreset_ids))
+        if strategy is not None:
+            values["strategy"] = str(strategy)
+        if model_hash_before is not None:
+            values["model_hash_before"] = str(model_hash_before)
+        if model_hash_after is not None:
+            values["model_hash_after"] = str(model_hash_after)
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(requests_table.c.metrics, requests_table.c.state).where(requests_table.c.request_id == request_id).with_for_update()
+            ).first()
+            if row is None:
+                raise UnknownRequestError(f"no request {request_id!r} in the ledger")
+            if metrics is not None:
+                merged = dict(_loads(row.metrics) or {})
+                merged.update(_json_safe(dict(metrics)))
+                values["metrics"] = _dumps(merged)
+            if new_state is not None:
+                self._move(conn, request_id, new_state, expected=expected, reason=details.pop("reason", None), details=details, values=values)
+            elif values:
+                if row.state in ("rejected",):
+                    raise IllegalTransitionError(f"request {request_id!r} was rejected: it has no result to record")
+                values["updated_at"] = time.time()
+                conn.execute(update(requests_table).where(requests_table.c.request_id == request_id).values(**values))
+        return self.get(request_id)
+
+    # ---- reads ----------------------------------------------------------------------------------------------------
+    def find(self, request_id: str) -> LedgerEntry | None:
+        """The entry, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(requests_table).where(requests_table.c.request_id == request_id)).first()
+        return None if row is None else _row_to_entry(row)
+
+    def get(self, request_id: str) -> LedgerEntry:
+        """The entry; raises :class:`UnknownRequestError` if there is none."""
+        entry = self.find(request_id)
+        if entry is None:
+            raise UnknownRequestError(f"no request {request_id!r} in the ledger")
+        return entry
+
+    def entries(self, states: Iterable[str] | None = None, client_id: str | None = None) -> list[LedgerEntry]:
+        """All entries (optionally in ``states`` / of one client), oldest first."""
+        query = select(requests_table).order_by(requests_table.c.seq)
+        if states is not None:
+            wanted = self._check_states(states)
+            query = query.where(requests_table.c.state.in_(wanted))
+        if client_id is not None:
+            query = query.where(requests_table.c.client_id == client_id)
+        with self.engine.connect() as conn:
+            return [_row_to_entry(r) for r in conn.execute(query)]
+
+    def pending(self, states: Iterable[str] | None = None, client_id: str | None = None) -> list[LedgerEntry]:
+        """Unfinished requests, oldest first: what a restarted server resumes (default: every non-final state)."""
+        return self.entries(PENDING_STATES if states is None else states, client_id=client_id)
+
+    def history(self, request_id: str) -> list[Transition]:
+        """Every committed transition of a request, in order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(transitions_table).where(transitions_table.c.request_id == request_id).order_by(transitions_table.c.id)
+            ).all()
+        if not rows and self.find(request_id) is None:
+            raise UnknownRequestError(f"no request {request_id!r} in the ledger")
+        return [
+            Transition(r.request_id, r.from_state, r.to_state, r.at, _loads(r.details) or {}) for r in rows
+        ]
+
+    def counts(self) -> dict[str, int]:
+        """Number of requests per state."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(requests_table.c.state, func.count()).group_by(requests_table.c.state)).all()
+        return {state: int(n) for state, n in rows}
+
+    def export(
+        self, path: str | Path | None = None, *, hash_ids: bool = False, states: Iterable[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The audit trail: per request its ids (or ``ids_sha256`` with ``hash_ids=True``), coreset ids, strategy,
+        metrics, model hashes, state and every transition. Written as JSON to ``path`` when given.
+
+        Note: a SHA-256 of small integer ids hides them from a casual reader, not from someone who hashes candidate
+        id lists; treat a hashed export as pseudonymised, not anonymised.
+        """
+        entries = self.entries(states)
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(transitions_table).order_by(transitions_table.c.id)).all()
+        by_request: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_request.setdefault(r.request_id, []).append(
+                Transition(r.request_id, r.from_state, r.to_state, r.at, _loads(r.details) or {}).to_dict()
+            )
+        out = []
+        for entry in entries:
+            item = entry.to_dict(hash_ids=hash_ids)
+            item["transitions"] = by_request.get(entry.request_id, [])
+            out.append(item)
+        if path is not None:
+            doc = {"schema_version": SCHEMA_VERSION, "exported_at": _iso(time.time()), "hash_ids": hash_ids, "requests": out}
+            Path(path).write_text(json.dumps(doc, indent=2, sort_keys=False))
+        return out
+
+    def check_integrity(self) -> list[str]:
+        """Problems found (empty when consistent): every request's state equals its last transition, transitions
+        chain through legal moves from ``received``, no transition is orphaned."""
+        problems: list[str] = []
+        with self.engine.connect() as conn:
+            states = {r.request_id: r.state for r in conn.execute(select(requests_table.c.request_id, requests_table.c.state))}
+            rows = conn.execute(select(transitions_table).order_by(transitions_table.c.id)).all()
+        chains: dict[str, list[Any]] = {}
+        for r in rows:
+            if r.request_id not in states:
+                problems.append(f"transition {r.id} refers to unknown request {r.request_id!r}")
+                continue
+            chains.setdefault(r.request_id, []).append(r)
+        for rid, state in states.items():
+            chain = chains.get(rid, [])
+            if not chain:
+                problems.append(f"{rid!r} has no transitions")
+                continue
+            prev: str | None = None
+            for t in chain:
+                if t.from_state != prev or t.to_state not in ALLOWED[prev]:
+                    problems.append(f"{rid!r}: illegal or broken transition {t.from_state!r} -> {t.to_state!r} after {prev!r}")
+                prev = t.to_state
+            if prev != state:
+                problems.append(f"{rid!r}: state {state!r} but last transition ends in {prev!r}")
+        return problems
+
+    @staticmethod
+    def _check_states(states: Iterable[str]) -> list[str]:
+        wanted = [states] if isinstance(states, str) else list(states)
+        unknown = [s for s in wanted if s not in STATES]
+        if unknown:
+            raise InvalidConfigError(f"unknown state(s) {unknown}; states are {list(STATES)}")
+        return wanted
+
+
+def _safe_payload(payload: Any, limit: int = 4000) -> str:
+    """A bounded, JSON-safe text of a raw submission (for the audit of malformed requests)."""
+    try:
+        text = json.dumps(_json_safe(payload), sort_keys=True) if isinstance(payload, Mapping) else repr(payload)
+    except Exception:  # noqa: BLE001 - keys that cannot be sorted, hostile __repr__, ...
+        try:
+            text = repr(payload)
+        except Exception:  # noqa: BLE001
+            text = f"<unprintable {type(payload).__name__}>"
+    return text[:limit]
