@@ -37,9 +37,11 @@ def model_hash(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:  # 0-d tensors cannot be viewed as bytes
+            t = torch.as_tensor(t).reshape(1)
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
+        h.update(str(tuple(tensor.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 

@@ -1,0 +1,188 @@
+"""Shared pieces of the inference-time strategies (``dexperts``, ``activation_steering``) and the locate-and-edit
+ones (``causal_tracing``, ``attention_surgery``): a wrapper base class whose forward returns the model's output with
+new logits (so task adapters, ``evaluate`` and ``model_hash`` accept it unchanged), a greedy ``generate`` for causal
+LMs, and helpers to read and replace a module's activation.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from erasus_ray.errors import InvalidConfigError
+from erasus_ray.strategies.base import UnlearnContext
+from erasus_ray.tasks.causal_lm import IGNORE
+
+
+def logits_of(raw: Any) -> torch.Tensor:
+    """The logits of a model's raw output (a tensor, an object with ``.logits`` or a tuple led by the logits)."""
+    if isinstance(raw, torch.Tensor):
+        return raw
+    logits = getattr(raw, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], torch.Tensor):
+        return raw[0]
+    raise InvalidConfigError(f"cannot read logits from a model output of type {type(raw).__name__}")
+
+
+def with_logits(raw: Any, logits: torch.Tensor) -> Any:
+    """``raw`` with its logits replaced, keeping its type (tensor, Hugging Face ``ModelOutput``, tuple)."""
+    if isinstance(raw, torch.Tensor):
+        return logits
+    if isinstance(getattr(raw, "logits", None), torch.Tensor):
+        raw.logits = logits  # ModelOutput keeps attribute and key in sync
+        return raw
+    if isinstance(raw, tuple):
+        return (logits, *raw[1:])
+    if isinstance(raw, list):
+        return [logits, *raw[1:]]
+    raise InvalidConfigError(f"cannot replace logits in a model output of type {type(raw).__name__}")
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The activation a module produced (transformer blocks return tuples led by the hidden state)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise InvalidConfigError(f"the hooked module returned {type(output).__name__}, not a tensor")
+
+
+def replace_first(output: Any, value: torch.Tensor) -> Any:
+    """``output`` with its leading tensor replaced by ``value`` (same container type)."""
+    if isinstance(output, torch.Tensor):
+        return value
+    if isinstance(output, tuple):
+        return (value, *output[1:])
+    return [value, *output[1:]]
+
+
+def get_module(model: nn.Module, name: str, who: str) -> nn.Module:
+    """``model.get_submodule(name)`` with an error that names the argument and lists some valid names."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError as err:
+        names = [n for n, _ in model.named_modules() if n][:40]
+        raise InvalidConfigError(f"{who}: layer {name!r} is not a module of the model; some names: {names}") from err
+
+
+def head_module(ctx: UnlearnContext, model: nn.Module | None = None) -> nn.Module:
+    """The module whose *input* is the adapter's penultimate feature: a classifier's head, an LM's output embedding."""
+    model = model or ctx.model
+    head_of = getattr(ctx.task, "head_module", None)
+    if head_of is not None:
+        return head_of(model)
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if get_out is not None else None
+    if out is None:
+        raise InvalidConfigError("layer='auto' needs a classifier head or a model with get_output_embeddings()")
+    return out
+
+
+def answer_position_mask(data: Any, length: int) -> torch.Tensor | None:
+    """``[B, T]`` float mask of the LM positions whose logits predict a supervised token (None for a classifier).
+
+    Rows without any supervised token fall back to their attention mask.
+    """
+    if not isinstance(data, dict) or "labels" not in data:
+        return None
+    labels = data["labels"]
+    mask = torch.zeros(labels.shape[0], length, dtype=torch.float32, device=labels.device)
+    mask[:, : length - 1] = (labels[:, 1:length] != IGNORE).float()  # position t predicts token t + 1
+    empty = mask.sum(1) == 0
+    if bool(empty.any()):
+        mask[empty] = data["attention_mask"][empty, :length].float()
+    return mask
+
+
+def pooled(acts: torch.Tensor, data: Any) -> torch.Tensor:
+    """``[B, D]``: a classifier's ``[B, D]`` activation as is; an LM's ``[B, T, D]`` averaged over the positions that
+    predict supervised (answer) tokens. Other shapes are flattened to ``[B, -1]``."""
+    if acts.ndim == 3 and isinstance(data, dict):
+        mask = answer_position_mask(data, acts.shape[1]).to(acts.device, acts.dtype)
+        return (acts * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    return acts.flatten(1)
+
+
+def copy_config_for_wrapper(model: nn.Module) -> Any:
+    """The base model's config with ``architectures`` naming the base class, so ``get_task('auto', wrapper)``
+    resolves the wrapper to the same adapter as the base model."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    config = copy.copy(config)
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(model).__name__]
+    return config
+
+
+def sub_context(ctx: UnlearnContext, model: nn.Module) -> UnlearnContext:
+    """A copy of ``ctx`` that trains ``model`` instead (fresh scratch state)."""
+    return replace(ctx, model=model, state={})
+
+
+class InferenceWrapper(nn.Module):
+    """Base class of the models that inference-time strategies return.
+
+    Subclasses implement :meth:`combine` (raw outputs of the members -> logits). ``forward`` takes the base model's
+    arguments and returns the base model's output type with the new logits, so task adapters, ``evaluate`` and
+    ``model_hash`` (its ``state_dict`` holds every member and the coefficients as buffers) work unchanged. For
+    Hugging Face causal LMs :meth:`generate` decodes greedily with the combined logits (no KV cache: one full
+    forward of every member per new token, fine for evaluation-size prompts).
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.config = copy_config_for_wrapper(base)
+        self.generation_config = copy.deepcopy(getattr(base, "generation_config", None))
+        try:
+            self._takes_positions = "position_ids" in inspect.signature(base.forward).parameters
+        except (TypeError, ValueError):
+            self._takes_positions = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        num_beams: int = 1,
+        pad_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        **unused: Any,
+    ) -> torch.Tensor:
+        """Greedy decoding with the wrapper's logits; left padding is handled as Hugging Face does (position ids from
+        the attention mask). Returns ``[B, prompt + new]`` token ids; finished rows are padded with ``pad_token_id``."""
+        if do_sample or num_beams != 1:
+            raise InvalidConfigError("the inference-time wrappers decode greedily only (do_sample=False, num_beams=1)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = set() if eos_token_id is None else set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+        pad = 0 if pad_token_id is None else int(pad_token_id)
+        ids, mask = input_ids, attention_mask
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+            if self._takes_positions:
+                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
+            nxt = logits_of(self(**kwargs))[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, (~done).long()[:, None].to(mask.dtype)], dim=1)
+            if eos:
+                done = done | torch.tensor([int(t) in eos for t in nxt.tolist()], device=ids.device)
+                if bool(done.all()):
+                    break
+        return ids
