@@ -24,6 +24,7 @@ from erasus_ray.unlearner import ErasusUnlearner
 
 RUNNER_KEYS = {
     "lr", "epochs", "optimizer", "batch_size", "retain_batch_size", "grad_clip", "precision", "forget_target", "max_steps",
+    "gradient_checkpointing",
 }
 #: Where the job runs: coreset scoring on the Ray actor pool (``distributed``: none | ray | auto) and the strategy
 #: in process or under Ray Train (``backend``: local | ray_train, with ``num_workers``, ``use_gpu``, ``max_failures``).

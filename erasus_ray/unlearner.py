@@ -7,11 +7,12 @@ unlearned model -> :class:`UnlearningResult` (JSON). Evaluation against the retr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -74,6 +75,36 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return repr(obj)
+
+
+def _checkpointing_switch(model: nn.Module) -> tuple[Callable[[], None], Callable[[], None]] | None:
+    """``(enable, disable)`` of a Hugging Face model's activation (gradient) checkpointing, or None."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        return (
+            lambda: model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}),
+            model.activation_checkpointing_disable,
+        )
+    if hasattr(model, "gradient_checkpointing_enable"):
+        return (
+            lambda: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}),
+            model.gradient_checkpointing_disable,
+        )
+    return None
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Recompute activations in the backward pass (memory for compute) while unlearning; the returned model has
+    checkpointing off again, as the caller gave it."""
+    switch = _checkpointing_switch(model) if enabled else None
+    if switch is None:
+        yield
+        return
+    switch[0]()
+    try:
+        yield
+    finally:
+        switch[1]()
 
 
 def check_model_fits(model: nn.Module, task: Task, data: IdDataset) -> None:
@@ -146,6 +177,7 @@ class ErasusUnlearner:
         num_workers: int = 2,
         use_gpu: bool = False,
         max_failures: int = 1,
+        gradient_checkpointing: bool = False,
         **strategy_kwargs: Any,
     ) -> None:
         self.model = model
@@ -180,6 +212,12 @@ class ErasusUnlearner:
         RunnerConfig(**{k: v for k, v in self.runner_kwargs.items() if v is not None}).validate()
         self.inplace = inplace
         self.device = device
+        if gradient_checkpointing and not _checkpointing_switch(model):
+            raise InvalidConfigError(
+                "gradient_checkpointing=True needs a model with activation_checkpointing_enable() / "
+                f"gradient_checkpointing_enable() (a Hugging Face PreTrainedModel); {type(model).__name__} has neither"
+            )
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         self.model_factory = model_factory
         self.recipe = recipe
         if distributed not in (None, "none", "ray", "auto"):
@@ -288,7 +326,8 @@ class ErasusUnlearner:
                                             "optimizer": self.runner_kwargs["optimizer"]}},
             )
             with timer("unlearn"):
-                report = self.strategy.unlearn(ctx, self.make_runner(config))
+                with activation_checkpointing(model, self.gradient_checkpointing):
+                    report = self.strategy.unlearn(ctx, self.make_runner(config))
         model = ctx.model  # inference-time strategies (dexperts, activation_steering) return a wrapper around it
         model.eval()
         return UnlearningResult(
@@ -316,6 +355,7 @@ class ErasusUnlearner:
             "seed": self.seed,
             "distributed": self.distributed,
             "backend": self.backend,
+            "gradient_checkpointing": self.gradient_checkpointing,
             **({"scaling": self.train_scaling} if self.backend == "ray_train" else {}),
             "runner": None if config is None else asdict(config),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

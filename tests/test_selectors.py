@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from erasus_ray.data import as_id_dataset, make_loader
-from erasus_ray.errors import InvalidConfigError, InvalidDataError, UnknownNameError
+from erasus_ray.errors import InvalidConfigError, InvalidDataError, TaskMismatchError, UnknownNameError
 from erasus_ray.selectors import SELECTORS, get_selector, per_sample_grad_norms, trainable_params
 
 ALL = SELECTORS.names()
@@ -42,6 +42,11 @@ def test_contract_classifier(name, digits_class):
 @pytest.mark.parametrize("name", ALL)
 def test_contract_lm(name, tiny_lm):
     forget = tiny_lm["forget"]
+    if "causal_lm" not in getattr(SELECTORS.get(name), "supported_tasks", ("causal_lm",)):
+        # classifier-only selectors (e.g. deepfool perturbs float inputs) must say so, naming themselves
+        with pytest.raises(TaskMismatchError, match=name):
+            get_selector(name).select(tiny_lm["model"], forget, task=tiny_lm["task"], k=3, seed=0, retain=tiny_lm["retain"])
+        return
     core = get_selector(name).select(tiny_lm["model"], forget, task=tiny_lm["task"], k=3, seed=0, retain=tiny_lm["retain"])
     expected = len(forget) if name == "full" else 3
     assert len(core.ids) == expected and set(core.ids.tolist()) <= set(forget.ids.tolist())

@@ -150,3 +150,41 @@ def test_bf16_autocast_and_grad_clip_still_unlearn(digits_class):
     m = fabric.evaluate(res.model, forget=b.forget, retain=b.retain, test=b.test)
     assert res.config["runner"]["precision"] == "bf16-mixed"
     assert m["forget_acc"] <= 0.1 and m["retain_acc"] > 0.95
+
+
+def test_gradient_checkpointing_passes_through_to_hf_models(tiny_lm, monkeypatch):
+    """``gradient_checkpointing=True`` turns on the HF model's activation checkpointing for the run (the
+    recomputation really happens), gives the same weights as without it, and hands the model back with it off."""
+    from torch.utils import checkpoint as ckpt
+
+    import transformers.modeling_utils as mu
+
+    calls = []
+    real = ckpt.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mu, "checkpoint", counting, raising=False)
+    import copy
+
+    t = tiny_lm
+    model = copy.deepcopy(t["model"])
+    for m in model.modules():  # checkpointing forks the RNG, so dropout masks would differ between the two runs
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    kw = dict(strategy="grad_diff", selector=None, fraction=None, task=t["task"], seed=0, progress=False, epochs=2, lr=1e-3, batch_size=4)
+    plain = ErasusUnlearner(model, **kw).fit(forget_data=t["forget"], retain_data=t["retain"])
+    assert not calls
+    with_ckpt = ErasusUnlearner(model, gradient_checkpointing=True, **kw).fit(forget_data=t["forget"], retain_data=t["retain"])
+    assert calls, "activation checkpointing must actually run during the unlearning steps"
+    assert with_ckpt.config["gradient_checkpointing"] is True
+    assert not with_ckpt.model.is_activation_checkpointing
+    for (n, a), (_, b) in zip(plain.model.named_parameters(), with_ckpt.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_gradient_checkpointing_refused_for_plain_modules(digits_class):
+    with pytest.raises(InvalidConfigError, match="gradient_checkpointing"):
+        ErasusUnlearner(digits_class.original, strategy="grad_diff", gradient_checkpointing=True)
