@@ -348,7 +348,12 @@ class SweepConfig:
     def selector_names(self) -> list[str]:
         from erasus_ray.selectors import SELECTORS
 
-        names = SELECTORS.names() if self.selectors == "all" else list(self.selectors)
+        if self.selectors == "all":
+            # only selectors that run on this benchmark's task (some are classifier-only, e.g. deepfool)
+            task = self.task_name()
+            names = [n for n in SELECTORS.names() if getattr(SELECTORS.get(n), "supported_tasks", None) in (None,) or task in SELECTORS.get(n).supported_tasks]
+        else:
+            names = list(self.selectors)
         return [n for n in names if n not in self.exclude_selectors]
 
     def strategy_param_ranges(self, strategy: str) -> dict[str, Range | Any]:
