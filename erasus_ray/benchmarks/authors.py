@@ -228,7 +228,7 @@ class AuthorsBenchmark(BenchmarkSpec):
         return model
 
     def make_task(self) -> CausalLMTask:
-        return CausalLMTask(pad_token_id=self.tokenizer.pad_token_id, answer_only=True)
+        return CausalLMTask(pad_token_id=self.tokenizer.pad_token_id, answer_only=True, tokenizer=self.tokenizer)
 
     def recipe(self, seed: int) -> TrainRecipe:
         v = self.variant

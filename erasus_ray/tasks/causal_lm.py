@@ -25,13 +25,16 @@ class CausalLMTask(Task):
     Args:
         pad_token_id: id used to right-pad ``input_ids`` (its positions get attention 0 and label -100).
         answer_only: when an item has ``answer_start``, supervise only tokens from there on.
+        tokenizer: optional tokenizer of the model, for strategies that tokenise text of their own (e.g. the refusal
+            answers of ``idk_dpo`` / ``flat``); never used to read batches.
     """
 
     name = "causal_lm"
 
-    def __init__(self, pad_token_id: int = 0, answer_only: bool = True) -> None:
+    def __init__(self, pad_token_id: int = 0, answer_only: bool = True, tokenizer: Any = None) -> None:
         self.pad_token_id = int(pad_token_id)
         self.answer_only = answer_only
+        self.tokenizer = tokenizer
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         if not isinstance(items[0], dict) or "input_ids" not in items[0]:
