@@ -1,6 +1,7 @@
 """erasus-ray: machine unlearning at scale - coreset selection, unlearning strategies, honest evaluation, on Ray."""
 
 from erasus_ray import fabric
+from erasus_ray.continual import ContinualResult, ContinualUnlearner, UnlearningDataset
 from erasus_ray.data import IdDataset, as_id_dataset
 from erasus_ray.errors import (
     ErasusError,
@@ -14,7 +15,10 @@ from erasus_ray.evaluation import evaluate
 from erasus_ray.selectors import SELECTORS, Coreset, Selector
 from erasus_ray.strategies import STRATEGIES, Strategy
 from erasus_ray.tasks import CausalLMTask, ClassificationTask, Task, get_task
+from erasus_ray.training_sisa import SISAEnsemble, SISATrainer
 from erasus_ray.unlearner import ErasusUnlearner, UnlearningResult
+from erasus_ray.module import Callback, TrainerResult, UnlearningModule, UnlearningTrainer
+from erasus_ray.strategies.pipeline import StrategyPipeline
 
 __version__ = "0.1.0"
 
@@ -23,6 +27,8 @@ __all__ = [
     "STRATEGIES",
     "CausalLMTask",
     "ClassificationTask",
+    "ContinualResult",
+    "ContinualUnlearner",
     "Coreset",
     "ErasusError",
     "ErasusUnlearner",
@@ -30,12 +36,20 @@ __all__ = [
     "InvalidConfigError",
     "InvalidDataError",
     "NonFiniteLossError",
+    "SISAEnsemble",
+    "SISATrainer",
     "Selector",
     "Strategy",
     "Task",
     "TaskMismatchError",
     "UnknownNameError",
+    "UnlearningDataset",
     "UnlearningResult",
+    "Callback",
+    "StrategyPipeline",
+    "TrainerResult",
+    "UnlearningModule",
+    "UnlearningTrainer",
     "as_id_dataset",
     "evaluate",
     "fabric",

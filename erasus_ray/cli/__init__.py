@@ -45,6 +45,19 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from erasus_ray.cli.sweep import run_sweep_command
+
+    return run_sweep_command(args)
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from erasus_ray.tuning.leaderboard import build_leaderboard
+
+    build_leaderboard(args.sweep_dir, rerun=not args.no_rerun, top_k=args.top_k, out=args.out)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from erasus_ray.benchmarks import BENCHMARKS
     from erasus_ray.selectors import SELECTORS
@@ -79,8 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--no-progress", action="store_true")
     unlearn.set_defaults(func=cmd_unlearn)
 
+    from erasus_ray.cli.sweep import add_sweep_parsers
+
+    add_sweep_parsers(sub, cmd_sweep, cmd_leaderboard)
+
     lst = sub.add_parser("list", help="list registered strategies, selectors and benchmarks")
     lst.set_defaults(func=cmd_list)
+
+    from erasus_ray.cli.fl import add_parser as add_fl_parser
+
+    add_fl_parser(sub)
+
+    from erasus_ray.cli.ledger import add_ledger_parser
+
+    add_ledger_parser(sub)
     return parser
 
 
