@@ -57,3 +57,22 @@ def test_bad_backend_arguments(digits_class):
         ErasusUnlearner(digits_class.original, backend="spark")
     with pytest.raises(InvalidConfigError, match="num_workers"):
         ErasusUnlearner(digits_class.original, backend="ray_train", num_workers=0)
+
+
+@pytest.mark.slow
+def test_retries_exhausted_error_names_the_last_good_checkpoint(digits_class, ray_cluster):
+    """A worker that dies every time after epoch 2, with no restarts allowed: a clear error naming the checkpoint
+    of the last completed epoch."""
+    from erasus_ray.errors import ErasusError
+    from erasus_ray.runners.ray_train import RayTrainRunner
+
+    def always_die(epoch, rank):
+        if epoch == 2 and rank == 1:
+            os._exit(1)
+
+    b = digits_class
+    unlearner = ErasusUnlearner(b.original, strategy="grad_diff", selector="el2n", fraction=0.2, progress=False,
+                                retain_batch_size=64, backend="ray_train", num_workers=2, max_failures=0)
+    unlearner.make_runner = lambda cfg: RayTrainRunner(cfg, num_workers=2, max_failures=0, after_epoch=always_die)
+    with pytest.raises(ErasusError, match=r"failed after 0 restart\(s\); last good checkpoint: .*checkpoint_"):
+        unlearner.fit(forget_data=b.forget, retain_data=b.retain)

@@ -165,9 +165,10 @@ class RayTrainRunner:
         try:
             result = trainer.fit()
         except Exception as err:  # ray.train.TrainingFailedError and friends
+            saved = sorted(Path(storage, name).rglob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+            last = str(saved[-1]) if saved else f"none (no epoch finished; run folder {storage}/{name})"
             raise ErasusError(
-                f"Ray Train run {name} failed after {self.max_failures} restart(s); last good checkpoint under "
-                f"{storage}/{name}: {err}"
+                f"Ray Train run {name} failed after {self.max_failures} restart(s); last good checkpoint: {last}: {err}"
             ) from err
         if result.checkpoint is None:
             raise ErasusError(f"Ray Train run {name} produced no checkpoint")
