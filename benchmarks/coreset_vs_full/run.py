@@ -198,15 +198,7 @@ def run_task(task: str, scenario: str, seeds: list[int], fractions: list[float],
 # ----------------------------------------------------------------------------------------------------------------------
 # outputs
 # ----------------------------------------------------------------------------------------------------------------------
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    fields: list[str] = []
-    for r in rows:
-        fields.extend(k for k in r if k not in fields)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+from erasus_ray.cli.report import write_csv  # noqa: E402  (one CSV writer for results and leaderboards)
 
 
 def config_order(config: str) -> tuple[int, float, str]:

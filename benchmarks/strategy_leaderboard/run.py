@@ -20,7 +20,6 @@ Example (the command RESULTS.md records)::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -162,14 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         task, scenario = pair.split(":")
         options = {"variant": args.authors_variant} if task == "authors" else {}
         rows += run_task(task, scenario, seeds, names, options)
-    fields: list[str] = []
-    for r in rows:
-        fields.extend(k for k in r if k not in fields)
-    with (out / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    from erasus_ray.cli.report import write_csv
+
+    write_csv(rows, out / "results.csv")
     board = leaderboard(rows)
     (out / "leaderboard.md").write_text(board)
     rt = ray_train_timing({"variant": args.authors_variant}) if args.ray_train else []

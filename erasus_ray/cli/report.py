@@ -81,3 +81,17 @@ def plot_rows(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: Path, t
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Rows (dicts) to CSV: the union of their keys in first-seen order, floats with 6 significant digits."""
+    import csv
+
+    fields: list[str] = []
+    for r in rows:
+        fields.extend(k for k in r if k not in fields)
+    with Path(path).open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})

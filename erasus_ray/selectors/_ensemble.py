@@ -78,3 +78,39 @@ def borda_points(coreset: Coreset, ids: np.ndarray) -> np.ndarray:
 def minmax(x: np.ndarray) -> np.ndarray:
     span = float(x.max() - x.min()) if len(x) else 0.0
     return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+
+def check_weights(weights: Sequence[float] | None, n: int, owner: str) -> list[float]:
+    """One non-negative, finite weight per member (default: all 1)."""
+    if weights is None:
+        return [1.0] * n
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise InvalidConfigError(f"{owner}: weights has {len(w)} entries for {n} selectors")
+    if any(not np.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+        raise InvalidConfigError(f"{owner}: weights must be finite, >= 0 and not all 0, got {list(weights)!r}")
+    return w
+
+
+class EnsembleSelector(Selector):
+    """Base of the selectors that combine member selectors (``voting``, ``weighted_fusion``): builds the members
+    and checks their weights; subclasses set ``default_members`` and combine in ``_select``."""
+
+    #: Members run over the whole forget set: run centrally.
+    distributed_merge = "central"
+    default_members: tuple[str, ...] = ("el2n", "active_learning")
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        selectors: Sequence[MemberSpec] | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size)
+        selectors = self.default_members if selectors is None else selectors
+        self.selectors = list(selectors) if not isinstance(selectors, str) else selectors
+        self.members = build_members(self.selectors, self.name)
+        self.weights = check_weights(weights, len(self.members), self.name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(selectors={self.selectors!r}, weights={self.weights!r})"

@@ -3,19 +3,19 @@ ensembles of rankers, Dwork, Kumar, Naor & Sivakumar, WWW 2001, "Rank Aggregatio
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from torch import nn
 
 from erasus_ray.data import IdDataset
-from erasus_ray.selectors._ensemble import MemberSpec, borda_points, build_members, has_full_scores, run_member
-from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
+from erasus_ray.selectors._ensemble import EnsembleSelector, borda_points, has_full_scores, run_member
+from erasus_ray.selectors.base import SELECTORS, Coreset
 from erasus_ray.tasks import Task
 
 
 @SELECTORS.register("voting")
-class VotingSelector(Selector):
+class VotingSelector(EnsembleSelector):
     """Run several selectors on the forget set and keep the ids with the most Borda points.
 
     Each member ranks the forget ids: by its scores when it scores every id (respecting its ``order``), otherwise
@@ -37,19 +37,7 @@ class VotingSelector(Selector):
         >>> ErasusUnlearner(model, selector="voting", selector_kwargs={"selectors": ["el2n", "loss"]}, fraction=0.1)
     """
 
-    #: Members run over the whole forget set: run centrally.
-    distributed_merge = "central"
-
-    def __init__(
-        self,
-        batch_size: int = 128,
-        selectors: Sequence[MemberSpec] = ("el2n", "active_learning", "k_center"),
-        weights: Sequence[float] | None = None,
-    ) -> None:
-        super().__init__(batch_size=batch_size)
-        self.selectors = list(selectors) if not isinstance(selectors, str) else selectors
-        self.members = build_members(self.selectors, self.name)
-        self.weights = _check_weights(weights, len(self.members), self.name)
+    default_members = ("el2n", "active_learning", "k_center")
 
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
         ids = forget.ids
@@ -66,19 +54,3 @@ class VotingSelector(Selector):
             scores={int(i): float(s) for i, s in zip(ids, total)},
             info={"order": "high", "members": members, "weights": list(self.weights)},
         )
-
-    def __repr__(self) -> str:
-        return f"VotingSelector(selectors={self.selectors!r}, weights={self.weights!r})"
-
-
-def _check_weights(weights: Sequence[float] | None, n: int, owner: str) -> list[float]:
-    from erasus_ray.errors import InvalidConfigError
-
-    if weights is None:
-        return [1.0] * n
-    w = [float(x) for x in weights]
-    if len(w) != n:
-        raise InvalidConfigError(f"{owner}: weights has {len(w)} entries for {n} selectors")
-    if any(not np.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
-        raise InvalidConfigError(f"{owner}: weights must be finite, >= 0 and not all 0, got {list(weights)!r}")
-    return w

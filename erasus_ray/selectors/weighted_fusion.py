@@ -4,21 +4,20 @@ Normalization for Metasearch")."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.selectors._ensemble import MemberSpec, build_members, has_full_scores, minmax, oriented_scores, run_member
-from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
-from erasus_ray.selectors.voting import _check_weights
+from erasus_ray.selectors._ensemble import EnsembleSelector, has_full_scores, minmax, oriented_scores, run_member
+from erasus_ray.selectors.base import SELECTORS, Coreset
 from erasus_ray.tasks import Task
 
 
 @SELECTORS.register("weighted_fusion")
-class WeightedFusionSelector(Selector):
+class WeightedFusionSelector(EnsembleSelector):
     """Fuse several *scoring* selectors: ``score(i) = sum_m w_m norm_m(i)`` and keep the top ``k``.
 
     ``norm_m`` min-max scales member ``m``'s scores over the forget set to ``[0, 1]``, flipped for a member that
@@ -39,18 +38,7 @@ class WeightedFusionSelector(Selector):
         >>> WeightedFusionSelector(selectors=["el2n", "gradient_norm"], weights=[0.7, 0.3]).select(model, forget, k=20)
     """
 
-    distributed_merge = "central"
-
-    def __init__(
-        self,
-        batch_size: int = 128,
-        selectors: Sequence[MemberSpec] = ("el2n", "active_learning"),
-        weights: Sequence[float] | None = None,
-    ) -> None:
-        super().__init__(batch_size=batch_size)
-        self.selectors = list(selectors) if not isinstance(selectors, str) else selectors
-        self.members = build_members(self.selectors, self.name)
-        self.weights = _check_weights(weights, len(self.members), self.name)
+    default_members = ("el2n", "active_learning")
 
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
         ids = forget.ids
@@ -72,6 +60,3 @@ class WeightedFusionSelector(Selector):
             scores={int(i): float(s) for i, s in zip(ids, total)},
             info={"order": "high", "members": members, "weights": list(self.weights)},
         )
-
-    def __repr__(self) -> str:
-        return f"WeightedFusionSelector(selectors={self.selectors!r}, weights={self.weights!r})"

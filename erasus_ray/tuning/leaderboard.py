@@ -30,6 +30,7 @@ import numpy as np
 from erasus_ray.errors import InvalidDataError
 from erasus_ray.tuning.config import SweepConfig
 from erasus_ray.tuning.search_space import job_config, trial_params
+from erasus_ray.cli.report import write_csv
 
 CSV_FILE, MD_FILE, PNG_FILE, RERUN_FILE = "leaderboard.csv", "leaderboard.md", "pareto.png", "reruns.json"
 
@@ -223,15 +224,6 @@ def leaderboard_rows(ranked: list[dict[str, Any]], refs: list[dict[str, Any]], k
     return out
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    fields: list[str] = []
-    for r in rows:
-        fields.extend(k for k in r if k not in fields)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
 def read_csv(path: str | Path) -> list[dict[str, Any]]:
