@@ -1,10 +1,21 @@
 """Ray Tune sweeps and leaderboards: configs fail before Ray starts, the space is conditional and built from the
-registries, leaderboards rank and mark the Pareto front correctly, and a 4-trial CLI sweep re-runs to its metrics."""
+registries, leaderboards rank and mark the Pareto front correctly, a 4-trial CLI sweep re-runs to its metrics, a
+single-objective ASHA sweep stops trials through a real Tuner, seeded search repeats, a killed sweep resumes, trials
+get the gold reference through the object store, logger callbacks are wired, and the sweep runs on a joined cluster
+and under ``ray job submit`` (slow)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +29,7 @@ from erasus_ray.tuning.leaderboard import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_CONFIG = ROOT / "tune_configs" / "ci_digits.yaml"
+BIN = Path(sys.executable).parent
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -40,6 +52,8 @@ CI_CONFIG = ROOT / "tune_configs" / "ci_digits.yaml"
         ({"objective": "pareto"}, "objective"),
         ({"scheduler": {"type": "asha"}}, "scheduler"),  # ASHA needs a single objective
         ({"callbacks": ["tensorboardx"]}, "callbacks"),
+        ({"callbacks": {"mlflow": {"trackin_uri": "file:/tmp/x"}}}, "callbacks.mlflow"),
+        ({"callbacks": {"wandb": "offline"}}, "callbacks.wandb"),
         ({"resources": {"cpu": -1}}, "resources.cpu"),
         ({"benchmark": "cifar"}, "benchmark"),
     ],
@@ -166,7 +180,7 @@ def stored_sweep(tmp_path):
     _write_trial(root, "run_trial_a_1", p("grad_diff", "el2n", 0.1), [_result("a", 0.90, 9.0, 0.9), _result("a", 0.05, 2.0, 0.02)])
     _write_trial(root, "run_trial_b_2", p("npo", "random", 0.2), [_result("b", 0.02, 5.0, 0.01)])
     _write_trial(root, "run_trial_c_3", p("grad_diff", "random", 0.5), [_result("c", 0.10, 3.0, 0.2)])  # dominated by a
-    _write_trial(root, "run_trial_d_4", p("gradient_ascent", "el2n", 0.05), [_result("d", 0.30, 0.5, 0.5)])
+    _write_trial(root, "run_trial_d_4", p("gradient_ascent", "el2n", 0.05), [_result("4e12", 0.30, 0.5, 0.5)])  # a Tune id that looks like a float
     _write_trial(root, "run_trial_e_5", p("npo", "el2n", 0.9), None)  # errored: no result
     cfg = SweepConfig.from_dict({"name": "stored", "strategies": ["grad_diff", "npo", "gradient_ascent"], "selectors": ["el2n", "random"]})
     refs = [{"label": "original", "avg_gap": 0.5, "seconds": 4.0, "metrics": {"forget_acc": 1.0, "avg_gap": 0.5}},
@@ -186,9 +200,9 @@ def test_leaderboard_from_stored_sweep_without_ray(stored_sweep, tmp_path):
     assert [r["label"] for r in refs] == ["original", "retrain (gold)"] and refs[0]["avg_gap_pts"] == pytest.approx(50)
     assert len(trials) == 5
     ok = [r for r in trials if r["status"] == "ok"]
-    # ranked by Avg.Gap: b (2 pts), a (5), c (10), d (30); Pareto: b, a, d (c has more gap and seconds than a)
-    assert [r["trial_id"] for r in ok] == ["b", "a", "c", "d"] and [r["rank"] for r in ok] == [1, 2, 3, 4]
-    assert {r["trial_id"]: r["pareto"] for r in ok} == {"b": True, "a": True, "c": False, "d": True}
+    # ranked by Avg.Gap: b (2 pts), a (5), c (10), 4e12 (30); Pareto: b, a, 4e12 (c has more gap and seconds than a)
+    assert [r["trial_id"] for r in ok] == ["b", "a", "c", "4e12"] and [r["rank"] for r in ok] == [1, 2, 3, 4]
+    assert {r["trial_id"]: r["pareto"] for r in ok} == {"b": True, "a": True, "c": False, "4e12": True}
     assert [r["avg_gap_pts"] for r in ok] == pytest.approx([2, 5, 10, 30])
     assert ok[0]["forget_acc"] == pytest.approx(1.0)  # metrics in points
     assert json.loads(ok[0]["params"])["npo.lr"] == 1e-3
@@ -232,7 +246,7 @@ def test_cli_sweep_writes_a_sane_leaderboard(ci_sweep):
     assert sorted(r["avg_gap_pts"] for r in trials) == [r["avg_gap_pts"] for r in trials]  # ranked by gap
     assert any(r["pareto"] for r in trials)
     best = trials[0]
-    assert best["rerun_seeds"] == "0 1" and best["rerun_same_seed_gap_diff_pts"] < 1e-4
+    assert best["rerun_seeds"] == "0 1 2" and best["rerun_same_seed_gap_diff_pts"] < 1e-4
     assert (ci_sweep / "pareto.png").stat().st_size > 10_000
 
 
@@ -281,3 +295,336 @@ def test_epoch_reports_for_asha_do_not_change_the_run(digits_class):
     assert reports[0]["avg_gap"] > reports[-1]["avg_gap"]  # unlearning progresses towards the gold model
     # evaluation time is not charged to the unlearning
     assert final["epoch_eval_s"] > 0 and 0 < final["seconds"] < plain["seconds"] + final["epoch_eval_s"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the leaderboard from a real ResultGrid, with the seed re-runs' mean +- std
+# ----------------------------------------------------------------------------------------------------------------------
+def test_leaderboard_from_a_real_result_grid_shows_rerun_mean_std(ci_sweep, tmp_path):
+    from ray import tune
+
+    from erasus_ray.tuning.sweep import run_trial
+
+    grid = tune.Tuner.restore(str(ci_sweep), trainable=run_trial).get_results()
+    assert len(grid) == 4 and grid.num_errors == 0
+    out = build_leaderboard(grid, out=tmp_path / "board", log=lambda m: None)  # re-runs come from reruns.json
+    rows = [r for r in read_csv(out / "leaderboard.csv") if r["kind"] == "trial"]
+    df = grid.get_dataframe()
+    assert sorted(r["trial_id"] for r in rows) == sorted(df["trial_id"])
+    # (the CSV keeps 6 significant digits)
+    assert {r["trial_id"]: r["avg_gap_pts"] for r in rows} == pytest.approx({t: 100 * g for t, g in zip(df["trial_id"], df["avg_gap"])},
+                                                                             rel=1e-5)
+    best = rows[0]
+    reruns = json.loads((ci_sweep / "reruns.json").read_text())
+    runs = [reruns[f"{json.dumps(json.loads(best['params']), sort_keys=True, default=str)}|{s}"] for s in (0, 1, 2)]
+    gaps, secs = np.array([100 * r["avg_gap"] for r in runs]), np.array([r["seconds"] for r in runs])
+    close = lambda x: pytest.approx(x, rel=1e-5)  # noqa: E731
+    assert best["rerun_avg_gap_pts_mean"] == close(gaps.mean()) and best["rerun_avg_gap_pts_std"] == close(gaps.std(ddof=1))
+    assert best["rerun_seconds_mean"] == close(secs.mean()) and best["rerun_seconds_std"] == close(secs.std(ddof=1))
+    assert len(set(gaps.round(6))) > 1  # other seeds are other models: the std is not a constant 0
+    md = (out / "leaderboard.md").read_text()
+    assert "## Top 1 configurations re-run with seeds 0 1 2 (mean +- std)" in md
+    line = next(x for x in md.splitlines() if x.startswith(f"| 1 | {best['label']} |") and "+-" in x)
+    assert f"{gaps.mean():.2f} +- {gaps.std(ddof=1):.2f}" in line and f"{secs.mean():.2f} +- {secs.std(ddof=1):.2f}" in line
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# seeded search: the same config and seed sample the same trials
+# ----------------------------------------------------------------------------------------------------------------------
+def _drive_searcher(cfg: SweepConfig, n: int) -> list[dict]:
+    """Ask the sweep's searcher for ``n`` trials one at a time (as max_concurrent 1 does) and report a result that
+    depends only on the params, so TPE's model (after its 10 random start-up trials) sees the same history."""
+    from erasus_ray.tuning.sweep import build_searcher
+
+    searcher = build_searcher(cfg)
+    out = []
+    for i in range(n):
+        params = searcher.suggest(f"t{i}")
+        assert params is not None
+        out.append(params)
+        gap = abs(math.log(params["fraction"]) + 2) + (0.1 if params["selector"] == "random" else 0.0)
+        searcher.on_trial_complete(f"t{i}", {"avg_gap": gap, "seconds": 1 / params["fraction"]})
+    return out
+
+
+def test_seeded_searcher_samples_the_same_trials():
+    pytest.importorskip("optuna")
+    base = yaml.safe_load(CI_CONFIG.read_text())
+    cfg = SweepConfig.from_dict({**base, "max_concurrent": 1})
+    first, second = _drive_searcher(cfg, 14), _drive_searcher(cfg, 14)
+    assert first == second
+    assert len({json.dumps(p, sort_keys=True) for p in first}) == 14  # really sampled, not one point repeated
+    other = _drive_searcher(SweepConfig.from_dict({**base, "max_concurrent": 1, "seed": 1}), 14)
+    assert other != first
+    single = SweepConfig.from_dict({**base, "max_concurrent": 1, "objective": "single"})
+    assert _drive_searcher(single, 12) == _drive_searcher(single, 12)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# what trials get from the driver: gold metrics and model files through the object store, not a driver path
+# ----------------------------------------------------------------------------------------------------------------------
+def test_trial_on_a_node_without_the_driver_cache_loads_the_shipped_models(digits_class, tmp_path, monkeypatch):
+    import erasus_ray.benchmarks.base as base_mod
+    from erasus_ray.benchmarks import load_benchmark
+    from erasus_ray.tuning.sweep import benchmark_cache_files, trial_cache_dir
+
+    files = benchmark_cache_files(digits_class, os.environ["ERASUS_RAY_CACHE"])
+    assert sorted(n.rsplit("-", 1)[1] for n in files) == ["gold.json", "gold.pt", "original.json", "original.pt"]
+    # the driver's folder is used when it holds the files (same node / shared file system)
+    assert trial_cache_dir(os.environ["ERASUS_RAY_CACHE"], files) == os.environ["ERASUS_RAY_CACHE"]
+    # another node: the driver's path does not exist there
+    monkeypatch.setenv("ERASUS_RAY_TRIAL_CACHE", str(tmp_path / "node-local"))
+    local = trial_cache_dir(str(tmp_path / "driver-only" / "cache"), files)
+    assert local == str(tmp_path / "node-local") and not (tmp_path / "driver-only").exists()
+    assert {p.name: p.read_bytes() for p in Path(local).glob("digits-*")} == files
+
+    def no_training(*a, **k):
+        raise AssertionError("the trial retrained a model the driver shipped")
+
+    monkeypatch.setattr(base_mod, "train_model", no_training)
+    bench = load_benchmark("digits", "class", 0, cache_dir=local)
+    for a, b in zip(bench.original.state_dict().values(), digits_class.original.state_dict().values()):
+        assert torch_equal(a, b)
+    assert trial_cache_dir(str(tmp_path / "driver-only" / "cache"), files) == local  # second trial: files already there
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_run_sweep_ships_gold_metrics_and_model_files_to_trials(tmp_path, monkeypatch, digits_class):
+    """run_sweep puts the gold metrics and the cached model files into tune.with_parameters (the object store),
+    and no driver-local path is needed to read them; stopped right before the Tuner starts."""
+    from ray import tune
+
+    import erasus_ray.tuning.sweep as sweep
+
+    captured = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(trainable, **params):
+        captured.update(params)
+        raise Stop
+
+    monkeypatch.setattr(tune, "with_parameters", capture)
+    monkeypatch.setattr(sweep, "_init_ray", lambda cfg: False)
+    cfg = SweepConfig.from_yaml(CI_CONFIG)
+    with pytest.raises(Stop):
+        sweep.run_sweep(cfg, storage_path=str(tmp_path), name="ship")
+    from erasus_ray.evaluation import evaluate
+
+    b = digits_class
+    gold = evaluate(b.gold, forget=b.forget, retain=b.retain, test=b.test, task=b.task, seed=0)
+    assert captured["gold_metrics"] == pytest.approx(gold)
+    assert set(captured["cache_files"]) == set(sweep.benchmark_cache_files(b, os.environ["ERASUS_RAY_CACHE"]))
+    assert all(isinstance(v, bytes) and v for v in captured["cache_files"].values())
+    assert json.loads((tmp_path / "ship" / "sweep.json").read_text())["gold_metrics"] == pytest.approx(gold)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# _init_ray: join RAY_ADDRESS, else the embedded local Ray; never a runtime_env that would clash with a job's
+# ----------------------------------------------------------------------------------------------------------------------
+def test_init_ray_branches(monkeypatch, capsys):
+    import ray
+
+    import erasus_ray.tuning.sweep as sweep
+
+    calls = []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        return types.SimpleNamespace(address_info={"gcs_address": "127.0.0.1:6399"})
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    cfg = SweepConfig.from_yaml(CI_CONFIG)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert sweep._init_ray(cfg) is True
+    assert calls[-1] == {"include_dashboard": False, "log_to_driver": False}
+    assert "started an embedded local Ray" in capsys.readouterr().out
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6399")
+    assert sweep._init_ray(cfg) is True
+    assert calls[-1] == {"address": "127.0.0.1:6399", "log_to_driver": False}
+    assert "joined the cluster at 127.0.0.1:6399" in capsys.readouterr().out
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(gcs_address="127.0.0.1:1"))
+    assert sweep._init_ray(cfg) is False and len(calls) == 2  # an initialised Ray is used, not started again
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MLflow / W&B: neither is installed here; fake modules stand in for them
+# ----------------------------------------------------------------------------------------------------------------------
+def _fake_mlflow(calls: list) -> dict[str, types.ModuleType]:
+    """A stand-in ``mlflow`` (real module objects, so Tune can pickle the callback) recording what Ray's
+    ``MLflowLoggerCallback`` calls."""
+    mlflow = types.ModuleType("mlflow")
+    mlflow.__version__ = "2.9.0"
+    state: dict = {"uri": None}
+
+    class Run:
+        def __init__(self, run_id: str) -> None:
+            self.info = types.SimpleNamespace(run_id=run_id)
+
+    class MlflowClient:
+        def __init__(self, tracking_uri=None, registry_uri=None) -> None:
+            pass
+
+        def create_run(self, experiment_id, run_name=None, tags=None):
+            calls.append(("create_run", experiment_id, run_name))
+            return Run(f"run-{len(calls)}")
+
+        def log_param(self, run_id, key, value):
+            calls.append(("param", run_id, key, value))
+
+        def log_metric(self, run_id, key, value, step=None):
+            calls.append(("metric", run_id, key, value, step))
+
+        def set_terminated(self, run_id, status=None):
+            calls.append(("end", run_id, status))
+
+    def set_tracking_uri(uri):
+        state["uri"] = uri
+        calls.append(("tracking_uri", uri))
+
+    def create_experiment(name, artifact_location=None):
+        calls.append(("create_experiment", name))
+        return "exp-1"
+
+    mlflow.set_tracking_uri = set_tracking_uri
+    mlflow.set_registry_uri = lambda uri: None
+    mlflow.get_tracking_uri = lambda: state["uri"]
+    mlflow.get_registry_uri = lambda: None
+    mlflow.get_experiment_by_name = lambda name=None: None
+    mlflow.create_experiment = create_experiment
+    mlflow.get_run = lambda run_id=None: Run(run_id)
+    mlflow.active_run = lambda: None
+    tracking = types.ModuleType("mlflow.tracking")
+    tracking.MlflowClient = MlflowClient
+    exceptions = types.ModuleType("mlflow.exceptions")
+    exceptions.MlflowException = type("MlflowException", (Exception,), {})
+    utils = types.ModuleType("mlflow.utils")
+    tags = types.ModuleType("mlflow.utils.mlflow_tags")
+    tags.MLFLOW_RUN_NAME = "mlflow.runName"
+    mlflow.tracking, mlflow.exceptions, mlflow.utils, utils.mlflow_tags = tracking, exceptions, utils, tags
+    return {"mlflow": mlflow, "mlflow.tracking": tracking, "mlflow.exceptions": exceptions, "mlflow.utils": utils,
+            "mlflow.utils.mlflow_tags": tags}
+
+
+def test_logger_callbacks_are_rays_classes_with_the_config_settings(monkeypatch):
+    import ray.air.integrations.wandb as ray_wandb
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    from erasus_ray.tuning.sweep import _callbacks
+
+    for name, module in _fake_mlflow([]).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    fake_wandb = types.ModuleType("wandb")
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    monkeypatch.setattr(ray_wandb, "wandb", fake_wandb)  # Ray read `import wandb` when it was first imported
+    base = yaml.safe_load(CI_CONFIG.read_text())
+    cfg = SweepConfig.from_dict({**base, "callbacks": {
+        "mlflow": {"tracking_uri": "file:///tmp/erasus-mlruns", "tags": {"team": "privacy"}, "save_artifact": True},
+        "wandb": {"project": "erasus", "group": "digits", "mode": "offline"}}})
+    mlf, wb = _callbacks(cfg, "ci-sweep-dir")
+    assert type(mlf) is MLflowLoggerCallback and type(wb) is WandbLoggerCallback
+    assert (mlf.tracking_uri, mlf.experiment_name, mlf.tags, mlf.should_save_artifact) == (
+        "file:///tmp/erasus-mlruns", "ci-sweep-dir", {"team": "privacy"}, True)
+    assert (wb.project, wb.group, wb.kwargs) == ("erasus", "digits", {"mode": "offline"})
+    # the list form: Ray's defaults, named after the sweep folder
+    mlf, wb = _callbacks(SweepConfig.from_dict({**base, "callbacks": ["mlflow", "wandb"]}), "ci-sweep-dir")
+    assert mlf.experiment_name == "ci-sweep-dir" and mlf.tracking_uri is None and wb.project == "ci-sweep-dir"
+
+
+def test_logger_callbacks_missing_packages_warn_and_are_skipped(monkeypatch):
+    from erasus_ray.tuning.sweep import _callbacks
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    cfg = SweepConfig.from_dict({**yaml.safe_load(CI_CONFIG.read_text()), "callbacks": ["mlflow", "wandb"]})
+    with pytest.warns(RuntimeWarning) as record:
+        assert _callbacks(cfg, "x") == []
+    assert sorted(str(w.message).split()[1] for w in record) == ["mlflow", "wandb"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# single objective + ASHA through a real Tuner, with the MLflow callback wired (fake mlflow in this process)
+# ----------------------------------------------------------------------------------------------------------------------
+SINGLE = {
+    "name": "single_asha", "benchmark": "digits", "scenario": "class", "seed": 0,
+    "strategies": ["grad_diff"], "selectors": ["el2n", "random"], "fraction": {"low": 0.05, "high": 0.5, "log": True},
+    "lr": {"low": 1.0e-4, "high": 3.0e-3, "log": True}, "epochs": 4, "runner": {"retain_batch_size": 128},
+    "objective": "single", "metric": "avg_gap", "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    "num_samples": 5, "max_concurrent": 1, "top_k": 0,
+}
+
+
+def _trial_params_in_order(sweep_dir: Path) -> list[dict]:
+    """Searched params of each trial in the order Tune created them (the counter in the trial folder name)."""
+    trials = sorted(sweep_dir.glob("*/params.json"), key=lambda p: int(p.parent.name.split("_")[3]))
+    return [json.loads(p.read_text()) for p in trials]
+
+
+@pytest.fixture(scope="module")
+def single_sweep(tmp_path_factory, ray_cluster, digits_class):
+    from erasus_ray.tuning.sweep import run_sweep
+
+    calls: list = []
+    saved = {k: sys.modules.get(k) for k in _fake_mlflow([])}
+    sys.modules.update(_fake_mlflow(calls))
+    try:
+        cfg = SweepConfig.from_dict({**SINGLE, "callbacks": {"mlflow": {"tracking_uri": "file:///tmp/erasus-fake-mlruns"}}})
+        storage = tmp_path_factory.mktemp("single")
+        sweep_dir = run_sweep(cfg, storage_path=str(storage), name="asha", leaderboard=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return sweep_dir, calls
+
+
+def test_single_objective_asha_sweep_through_a_real_tuner(single_sweep, tmp_path):
+    sweep_dir, calls = single_sweep
+    out = build_leaderboard(sweep_dir, out=tmp_path / "board", log=lambda m: None)
+    trials = [r for r in read_csv(out / "leaderboard.csv") if r["kind"] == "trial"]
+    assert len(trials) == SINGLE["num_samples"]
+    by_id = {t["trial_id"]: t for t in load_trials(sweep_dir)}
+    early = [t for t in trials if t["status"] == "early_stopped"]
+    done = [t for t in trials if t["status"] == "ok"]
+    assert early and done, "ASHA (grace 1, factor 2, trials one at a time) must stop at least one of 5 trials"
+    for t in trials:
+        lines = [json.loads(x) for x in (sweep_dir / by_id[t["trial_id"]]["trial_dir"] / "result.json").read_text().splitlines()]
+        epochs = [x["epoch"] for x in lines if "epoch" in x]
+        if t["status"] == "ok":  # one report per epoch, then the final result
+            assert epochs == [1, 2, 3, 4] and len(lines) == 5 and lines[-1]["stopped"] != "running (epoch 4)"
+        else:  # stopped by ASHA at a rung (1 or 2 epochs), never reached the final report
+            assert epochs == list(range(1, len(lines) + 1)) and len(lines) in (1, 2)
+            assert lines[-1]["stopped"].startswith("running")
+    # single objective: ranked by Avg.Gap alone; stopped trials are not ranked
+    assert [t["avg_gap_pts"] for t in done] == sorted(t["avg_gap_pts"] for t in done)
+    assert [t["rank"] for t in done] == list(range(1, len(done) + 1)) and all(t["rank"] is None for t in early)
+    md = (out / "leaderboard.md").read_text()
+    assert "objective `single` (`avg_gap`)" in md and "Stopped early by ASHA" in md
+    # the MLflow logger callback ran in the driver with the config's tracking URI and the sweep folder as experiment
+    assert ("tracking_uri", "file:///tmp/erasus-fake-mlruns") in calls and ("create_experiment", "asha") in calls
+    runs = [c for c in calls if c[0] == "create_run"]
+    assert len(runs) == SINGLE["num_samples"]
+    gap_logs = [c for c in calls if c[0] == "metric" and c[2] == "avg_gap"]
+    assert len(gap_logs) == sum(len((sweep_dir / t["trial_dir"] / "result.json").read_text().splitlines()) for t in by_id.values())
+    assert len([c for c in calls if c[0] == "end"]) == SINGLE["num_samples"]
+
+
+@pytest.mark.slow
+def test_seeded_sweep_through_a_real_tuner_samples_the_same_trials(single_sweep, tmp_path):
+    from erasus_ray.tuning.sweep import run_sweep
+
+    first = _trial_params_in_order(single_sweep[0])
+    again = run_sweep(SweepConfig.from_dict(SINGLE), storage_path=str(tmp_path), name="again", leaderboard=False)
+    assert _trial_params_in_order(again) == first
+    assert len({json.dumps(p, sort_keys=True) for p in first}) == len(first)

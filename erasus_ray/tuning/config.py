@@ -30,6 +30,13 @@ DEFAULT_DENY_STRATEGIES: tuple[str, ...] = ("retrain",)
 OBJECTIVES = ("multi", "single")
 METRICS = ("avg_gap", "seconds")
 CALLBACKS = ("mlflow", "wandb")
+#: Settings each logger callback accepts (keyword arguments of Ray's ``MLflowLoggerCallback`` /
+#: ``WandbLoggerCallback``; W&B passes any other key on to ``wandb.init``, e.g. ``mode: offline``).
+CALLBACK_KEYS: dict[str, tuple[str, ...] | None] = {
+    "mlflow": ("tracking_uri", "registry_uri", "experiment_name", "tags", "tracking_token", "save_artifact",
+               "log_params_on_trial_end"),
+    "wandb": None,
+}
 #: Runner settings the sweep searches itself; the rest (batch sizes, clipping, ...) are fixed in ``runner``.
 SEARCHED_RUNNER_KEYS = ("lr", "epochs")
 
@@ -136,7 +143,8 @@ class SweepConfig:
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1})
     storage_path: str = "results/sweeps"
     time_budget_s: float | None = None
-    callbacks: list[str] = field(default_factory=list)
+    #: ``[mlflow, wandb]`` (default settings) or ``{mlflow: {tracking_uri: ..., experiment_name: ...}, wandb: {project: ...}}``
+    callbacks: list[str] | dict[str, dict[str, Any] | None] = field(default_factory=list)
     # --- leaderboard
     top_k: int = 3
     rerun_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -223,8 +231,7 @@ class SweepConfig:
             raise InvalidConfigError(f"storage_path: must be a non-empty path, got {self.storage_path!r}")
         if self.time_budget_s is not None and _num(self.time_budget_s, "time_budget_s") <= 0:
             raise InvalidConfigError(f"time_budget_s: must be > 0, got {self.time_budget_s!r}")
-        if not isinstance(self.callbacks, list) or any(c not in CALLBACKS for c in self.callbacks):
-            raise InvalidConfigError(f"callbacks: must be a list drawn from {list(CALLBACKS)}, got {self.callbacks!r}")
+        self._validate_callbacks()
 
     def _name_list(self, key: str, registry: Any) -> list[str] | str:
         value = getattr(self, key)
@@ -301,6 +308,29 @@ class SweepConfig:
                 cls(**params)
             except (TypeError, InvalidConfigError) as err:
                 raise InvalidConfigError(f"selector_params.{name}: {err}") from None
+
+    def _validate_callbacks(self) -> None:
+        value = self.callbacks
+        if isinstance(value, list):
+            value = {c: None for c in value} if all(isinstance(c, str) for c in value) else None
+        if not isinstance(value, dict) or any(c not in CALLBACKS for c in value):
+            raise InvalidConfigError(
+                f"callbacks: must be a list drawn from {list(CALLBACKS)} or a mapping of those names to settings, got {self.callbacks!r}")
+        for name, settings in value.items():
+            if settings is None:
+                continue
+            if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
+                raise InvalidConfigError(f"callbacks.{name}: must be a mapping of settings, got {settings!r}")
+            known = CALLBACK_KEYS[name]
+            bad = sorted(set(settings) - set(known)) if known is not None else []
+            if bad:
+                raise InvalidConfigError(f"callbacks.{name}: unknown setting(s) {bad}; known: {sorted(known)}")
+
+    def callback_settings(self) -> dict[str, dict[str, Any]]:
+        """Logger callbacks to add: name -> keyword arguments of Ray's callback class (empty: its defaults)."""
+        if isinstance(self.callbacks, dict):
+            return {k: dict(v or {}) for k, v in self.callbacks.items()}
+        return {k: {} for k in self.callbacks}
 
     def _validate_scheduler(self) -> None:
         if self.scheduler is None:

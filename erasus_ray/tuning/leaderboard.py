@@ -226,11 +226,17 @@ def leaderboard_rows(ranked: list[dict[str, Any]], refs: list[dict[str, Any]], k
 
 
 
+#: Columns read back as text: a Tune trial id such as ``558e4731`` would otherwise parse as a float.
+TEXT_COLUMNS = ("kind", "label", "trial_id", "status", "strategy", "selector", "strategy_params", "params", "rerun_seeds")
+
+
 def read_csv(path: str | Path) -> list[dict[str, Any]]:
-    """``leaderboard.csv`` back as dicts (numbers parsed, empty cells as None)."""
-    def parse(v: str) -> Any:
+    """``leaderboard.csv`` back as dicts (numbers parsed except in :data:`TEXT_COLUMNS`, empty cells as None)."""
+    def parse(v: str, key: str = "") -> Any:
         if v == "":
             return None
+        if key in TEXT_COLUMNS:
+            return v
         if v in ("True", "False"):
             return v == "True"
         for cast in (int, float):
@@ -241,7 +247,7 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
         return v
 
     with Path(path).open() as f:
-        return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: parse(v, k) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def _f(v: Any, fmt: str = ".2f") -> str:

@@ -4,18 +4,26 @@ How it runs:
 
 1. the config is validated (:class:`SweepConfig`) before anything starts;
 2. the driver builds the benchmark once - data, original and gold models, trained or loaded from the cache in
-   ``$ERASUS_RAY_CACHE`` - and evaluates the gold model, so trials only load cached weights;
-3. Ray is joined (``RAY_ADDRESS`` / an initialised Ray) or started in process; a ``Tuner`` runs
-   :func:`run_trial` with ``OptunaSearch`` (TPE, seeded; multi-objective ``[avg_gap, seconds]`` or one metric)
-   behind a ``ConcurrencyLimiter``, optional ASHA, per-trial resources from the config, MLflow/W&B logger callbacks
-   when requested and installed;
-4. each trial is one :func:`erasus_ray.experiment.run_job` - the code path of ``ErasusUnlearner`` and the demo -
-   evaluated against the gold model, and reports ``avg_gap`` (mean |metric - gold metric|) and ``seconds``
+   ``$ERASUS_RAY_CACHE`` - and evaluates the gold model;
+3. Ray is joined (``RAY_ADDRESS``, e.g. inside ``ray job submit``, or an initialised Ray) or started in process; a
+   ``Tuner`` runs :func:`run_trial` with ``OptunaSearch`` (TPE, seeded; multi-objective ``[avg_gap, seconds]`` or
+   one metric) behind a ``ConcurrencyLimiter``, optional ASHA, per-trial resources from the config, MLflow/W&B
+   logger callbacks when requested and installed;
+4. what a trial needs from the driver travels with the trainable (``tune.with_parameters``, i.e. the object
+   store), not through a driver-local path: the gold model's metrics and the bytes of the cached original and gold
+   model files. A trial uses the driver's cache folder when that folder holds those files (same machine or a
+   shared file system), else writes the shipped files into a node-local cache (:func:`trial_cache_dir`), so a
+   worker on another node never retrains the models;
+5. each trial is one :func:`erasus_ray.experiment.run_job` - the code path of ``ErasusUnlearner`` and the demo -
+   evaluated against the gold metrics, and reports ``avg_gap`` (mean |metric - gold metric|) and ``seconds``
    (selection + unlearning; evaluation untimed);
-5. ``sweep.json`` (the config, the original and gold rows) is written next to Tune's files, then the leaderboard.
+6. ``sweep.json`` (the config, the original and gold rows) is written next to Tune's files, then the leaderboard
+   is built from the ``ResultGrid``.
 
-An interrupted sweep resumes with ``run_sweep(cfg, resume=<sweep dir>)`` (``Tuner.restore``: finished trials are
-kept, unfinished and errored ones re-run). Cost per trial: one benchmark load from cache plus one job (~1 s on
+An interrupted (even killed) sweep resumes with ``run_sweep(cfg, resume=<sweep dir>)`` (``Tuner.restore``:
+finished trials are kept, unfinished and errored ones re-run). Tune's experiment state is saved every
+``TUNE_GLOBAL_CHECKPOINT_S`` seconds (set to 1 here unless given; Tune's own default is 10), so a kill loses at
+most about a second of finished trials. Cost per trial: one benchmark load from cache plus one job (~1 s on
 digits); Tune's own overhead is ~20 s per sweep on a 2-core machine.
 
 Example::
@@ -27,8 +35,10 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +50,10 @@ from erasus_ray.tuning.search_space import SearchSpace, job_config
 
 #: Written by the driver into the sweep directory; the leaderboard reads it.
 META_FILE = "sweep.json"
+#: Seconds between Tune's experiment-state snapshots (what a killed sweep resumes from); Tune's default is 10.
+CHECKPOINT_PERIOD_S = "1"
+#: Set in every trial (trials get no ``runtime_env`` from us: inside ``ray job submit`` it would clash with the job's).
+TRIAL_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 _BENCHMARKS: dict[tuple, Any] = {}
 
@@ -53,6 +67,42 @@ def load_cached_benchmark(job: Any) -> Any:
         _BENCHMARKS.clear()  # one benchmark at a time: a worker never needs two
         _BENCHMARKS[key] = load_benchmark(job.benchmark, job.scenario, job.seed, **job.benchmark_options)
     return _BENCHMARKS[key]
+
+
+def benchmark_cache_files(bench: Any, cache_dir: str | os.PathLike) -> dict[str, bytes]:
+    """The cached original and gold model files of ``bench`` (name -> bytes), to ship to trials.
+
+    Named as :func:`erasus_ray.benchmarks.base.build_benchmark` names them: ``<name>-<sha1(config)[:16]>-{original,
+    gold}.{pt,json}``. Empty (with a warning) when they are not there, e.g. a benchmark built without the cache.
+    """
+    key = hashlib.sha1(json.dumps(bench.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    names = [f"{bench.name}-{key}-{which}{ext}" for which in ("original", "gold") for ext in (".pt", ".json")]
+    paths = [Path(cache_dir) / n for n in names]
+    if not all(p.exists() for p in paths):
+        warnings.warn(f"the cached model files {names} are not in {cache_dir}; trials on other nodes will train them",
+                      RuntimeWarning, stacklevel=2)
+        return {}
+    return {p.name: p.read_bytes() for p in paths}
+
+
+def trial_cache_dir(driver_cache_dir: str, cache_files: dict[str, bytes] | None) -> str:
+    """Where a trial loads the benchmark's models from: the driver's cache folder if it holds the shipped files
+    (same node, or a shared file system), else a node-local folder the shipped files are written into (atomically:
+    trials on one node may do this at the same time)."""
+    files = cache_files or {}
+    driver = Path(driver_cache_dir)
+    if all((driver / n).is_file() and (driver / n).stat().st_size == len(b) for n, b in files.items()):
+        return str(driver)
+    digest = hashlib.sha1(str(driver).encode()).hexdigest()[:12]
+    local = Path(os.environ.get("ERASUS_RAY_TRIAL_CACHE") or Path(tempfile.gettempdir()) / f"erasus-ray-trial-cache-{digest}")
+    local.mkdir(parents=True, exist_ok=True)
+    for n, b in files.items():
+        target = local / n
+        if not (target.is_file() and target.stat().st_size == len(b)):
+            tmp = local / f".{n}.{os.getpid()}.tmp"
+            tmp.write_bytes(b)
+            os.replace(tmp, target)
+    return str(local)
 
 
 def flat_result(row: dict[str, Any]) -> dict[str, Any]:
@@ -148,10 +198,15 @@ def evaluate_trial(config: dict[str, Any], sweep: dict[str, Any], gold_metrics: 
 
 
 def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], gold_metrics: dict[str, float], cache_dir: str,
-              threads: int = 1) -> None:
-    """One Tune trial: :func:`evaluate_trial`, reported once with ``tune.report``."""
-    os.environ["ERASUS_RAY_CACHE"] = cache_dir  # the driver's cache: trials load the models it trained
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+              cache_files: dict[str, bytes] | None = None, threads: int = 1) -> None:
+    """One Tune trial: :func:`evaluate_trial`, reported once with ``tune.report`` (and per epoch under ASHA).
+
+    ``gold_metrics`` and ``cache_files`` (the cached model files' bytes) come through the object store; see
+    :func:`trial_cache_dir` for where the models are loaded from.
+    """
+    for k, v in TRIAL_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ["ERASUS_RAY_CACHE"] = trial_cache_dir(cache_dir, cache_files)
     import torch
     from ray import tune
 
@@ -179,20 +234,22 @@ def reference_info(cfg: SweepConfig) -> tuple[Any, dict[str, float], list[dict[s
 
 
 def _callbacks(cfg: SweepConfig, name: str) -> list[Any]:
-    """MLflow / W&B logger callbacks, only when the package is installed (otherwise a warning)."""
+    """Ray Tune's MLflow / W&B logger callbacks with the config's settings (``callbacks: {mlflow: {...}}``), only
+    when the package is installed (otherwise a warning). Defaults: MLflow ``experiment_name`` and W&B ``project``
+    = the sweep's folder name."""
     out = []
-    for cb in cfg.callbacks:
+    for cb, settings in cfg.callback_settings().items():
         try:
             if cb == "mlflow":
                 import mlflow  # noqa: F401
                 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-                out.append(MLflowLoggerCallback(experiment_name=name))
+                out.append(MLflowLoggerCallback(**{"experiment_name": name, **settings}))
             elif cb == "wandb":
                 import wandb  # noqa: F401
                 from ray.air.integrations.wandb import WandbLoggerCallback
 
-                out.append(WandbLoggerCallback(project=name))
+                out.append(WandbLoggerCallback(**{"project": name, **settings}))
         except ImportError:
             warnings.warn(f"callbacks: {cb} is not installed; the sweep runs without it", RuntimeWarning, stacklevel=2)
     return out
@@ -219,22 +276,27 @@ def _progress_callback() -> Any:
     return TrialLines()
 
 
-def _init_ray(cfg: SweepConfig, cache_dir: str) -> bool:
-    """Join RAY_ADDRESS / an initialised Ray, else start the embedded local Ray. Returns True if we started it."""
+def _init_ray(cfg: SweepConfig) -> bool:
+    """Join an initialised Ray or ``RAY_ADDRESS`` (set by ``ray job submit``), else start the embedded local Ray.
+    Returns True if this call started Ray (the caller shuts it down). No ``runtime_env``: inside a submitted job it
+    would be merged with the job's (working dir, env vars) and clash; trials set their environment themselves."""
     import ray
 
     if ray.is_initialized():
+        print(f"[erasus-ray] Ray: using the initialised Ray at {ray.get_runtime_context().gcs_address}", flush=True)
         return False
-    env = {"ERASUS_RAY_CACHE": cache_dir, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=False)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ctx = ray.init(address=address, log_to_driver=False)
+        print(f"[erasus-ray] Ray: joined the cluster at {ctx.address_info['gcs_address']} (RAY_ADDRESS={address})", flush=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+        ctx = ray.init(include_dashboard=False, log_to_driver=False)
+        print(f"[erasus-ray] Ray: started an embedded local Ray at {ctx.address_info['gcs_address']}", flush=True)
     return True
 
 
-def build_tuner(cfg: SweepConfig, trainable: Any, name: str, storage_path: str) -> Any:
-    from ray import tune
+def build_searcher(cfg: SweepConfig) -> Any:
+    """``OptunaSearch`` (TPE seeded by ``cfg.seed``) over :class:`SearchSpace`, behind a ``ConcurrencyLimiter``."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -244,7 +306,13 @@ def build_tuner(cfg: SweepConfig, trainable: Any, name: str, storage_path: str) 
     else:
         metric, mode = cfg.metric, "min"
     searcher = OptunaSearch(space=SearchSpace(cfg), metric=metric, mode=mode, seed=cfg.seed)
-    search_alg = ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent)
+    return ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent)
+
+
+def build_tuner(cfg: SweepConfig, trainable: Any, name: str, storage_path: str) -> Any:
+    from ray import tune
+
+    search_alg = build_searcher(cfg)
     scheduler = None
     if cfg.scheduler is not None:
         from ray.tune.schedulers import ASHAScheduler
@@ -283,15 +351,18 @@ def run_sweep(cfg: SweepConfig, *, resume: str | os.PathLike | None = None, name
             raise InvalidConfigError(f"name: {sweep_dir} already exists; pass resume={str(sweep_dir)!r} to continue it")
     print(f"[erasus-ray] sweep {cfg.name}: {cfg.benchmark}/{cfg.scenario or 'default'}; building the benchmark and the gold model "
           "in the driver (cached after the first run)")
-    _, gold, refs = reference_info(cfg)
+    bench, gold, refs = reference_info(cfg)
     meta: dict[str, Any] = {"config": cfg.to_dict(), "references": refs, "gold_metrics": gold, "cache_dir": cache_dir}
+    cache_files = benchmark_cache_files(bench, cache_dir)
     if resume is None:  # written first, so an interrupted sweep still has its reference rows
         sweep_dir.mkdir(parents=True)
         (sweep_dir / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-    started = _init_ray(cfg, cache_dir)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", CHECKPOINT_PERIOD_S)  # read when the Tuner's controller starts
+    started = _init_ray(cfg)
     try:
+        # with_parameters puts these in the object store: trials on any node get them without a driver-local path
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, sweep=cfg.to_dict(), gold_metrics=gold, cache_dir=cache_dir,
+            tune.with_parameters(run_trial, sweep=cfg.to_dict(), gold_metrics=gold, cache_dir=cache_dir, cache_files=cache_files,
                                  threads=max(1, int(os.environ.get("ERASUS_RAY_THREADS", "1")))),
             {k: float(v) for k, v in cfg.resources.items()},
         )
@@ -316,8 +387,9 @@ def run_sweep(cfg: SweepConfig, *, resume: str | os.PathLike | None = None, name
     if leaderboard:
         from erasus_ray.tuning.leaderboard import build_leaderboard
 
-        build_leaderboard(sweep_dir, rerun=rerun)
+        build_leaderboard(grid, rerun=rerun)
     return sweep_dir
 
 
-__all__ = ["META_FILE", "build_tuner", "evaluate_trial", "flat_result", "reference_info", "run_sweep", "run_trial"]
+__all__ = ["META_FILE", "benchmark_cache_files", "build_searcher", "build_tuner", "evaluate_trial", "flat_result", "reference_info",
+           "run_sweep", "run_trial", "trial_cache_dir"]
