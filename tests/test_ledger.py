@@ -485,3 +485,67 @@ def test_submit_with_an_authenticated_sender_refuses_impersonation(ledger: Delet
     assert entry.state == "rejected" and entry.error_code == "impersonation" and "'bob'" in entry.state_reason
     assert [t.to_state for t in ledger.history("r-1")] == ["received", "rejected"]
     assert ledger.submit(DeletionRequest("r-2", "alice", ids=[1]), owners, sender="alice").state == "validated"
+
+
+# ---- batches and the persisted rate limit ----------------------------------------------------------------------------
+def test_batches_are_scheduled_and_recorded_together(ledger: DeletionLedger, owners: OwnershipRegistry) -> None:
+    for k in range(3):
+        ledger.submit(DeletionRequest(f"r-{k}", "alice", ids=[k]), owners)
+    first = ledger.schedule_pending(batch_id="batch-1", round=3)
+    assert [e.batch_id for e in first] == ["batch-1"] * 3
+    assert ledger.history("r-0")[-1].details == {"batch": "batch-1", "round": 3}
+    ledger.submit(DeletionRequest("r-3", "alice", ids=[3]), owners)
+    # a waiting batch takes in a request validated later; entries(batch_id=) lists the whole batch
+    assert [e.request_id for e in ledger.schedule_pending(batch_id="batch-1", round=4)] == ["r-3"]
+    assert [e.request_id for e in ledger.entries(batch_id="batch-1")] == ["r-0", "r-1", "r-2", "r-3"]
+    with pytest.raises(InvalidConfigError, match="batch_id"):
+        ledger.schedule_pending(batch_id="bad id")
+
+    # record_results is one transaction: an illegal move anywhere leaves every request of the batch as it was
+    moves = {f"r-{k}": {"new_state": "unlearned", "coreset_ids": [k], "batch": "batch-1"} for k in range(4)}
+    with pytest.raises(IllegalTransitionError):
+        ledger.record_results({**moves, "r-3": {"new_state": "verified"}})
+    assert {e.state for e in ledger.entries(batch_id="batch-1")} == {"scheduled"}
+    assert all(e.coreset_ids is None for e in ledger.entries())
+    done = ledger.record_results(moves)
+    assert [(e.state, e.coreset_ids) for e in done] == [("unlearned", [k]) for k in range(4)]
+    ledger.record_results({"r-0": {"new_state": "verified"}, "r-1": {"new_state": "failed", "reason": "gap 0.9"}})
+    assert ledger.get("r-1").state_reason == "gap 0.9" and ledger.history("r-2")[-1].details == {"batch": "batch-1"}
+    with pytest.raises(InvalidConfigError, match="needs a reason"):
+        ledger.record_results({"r-2": {"new_state": "failed"}})
+    assert ledger.export()[0]["batch_id"] == "batch-1" and ledger.check_integrity() == []
+
+
+def test_a_version_1_ledger_file_gains_the_batch_column(tmp_path: Path, owners: OwnershipRegistry) -> None:
+    path = tmp_path / "v1.db"
+    with DeletionLedger(path) as led:
+        led.submit(DeletionRequest("old", "alice", ids=[1]), owners)
+        with led.engine.begin() as conn:  # what a ledger written before batches looks like
+            conn.exec_driver_sql("ALTER TABLE deletion_requests DROP COLUMN batch_id")
+            conn.exec_driver_sql("UPDATE ledger_meta SET value = '1' WHERE key = 'schema_version'")
+    with DeletionLedger(path) as led:
+        assert led.get("old").batch_id is None and led.get("old").state == "validated"
+        assert led.schedule_pending(batch_id="b-1")[0].batch_id == "b-1"
+        with led.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT value FROM ledger_meta WHERE key = 'schema_version'").scalar() == "2"
+
+
+def test_rate_limit_is_counted_from_the_ledger_and_survives_a_reopen(tmp_path: Path, owners: OwnershipRegistry) -> None:
+    path = tmp_path / "rate.db"
+    t0 = 1_700_000_000.0
+    with DeletionLedger(path) as led:
+        limits = RequestLimits(max_ids=10, max_requests_per_minute=2)
+        assert led.submit(DeletionRequest("a-1", "alice", ids=[0]), owners, limits, now=t0).state == "validated"
+        assert led.submit(DeletionRequest("a-bad", "alice", ids=[15]), owners, limits, now=t0 + 1).state == "rejected"
+        assert led.submit(DeletionRequest("a-2", "alice", ids=[1]), owners, limits, now=t0 + 2).state == "validated"
+    # a restarted server: new ledger object, new limits object - the window is in the rows, not in memory
+    with DeletionLedger(path) as led:
+        limits = RequestLimits(max_ids=10, max_requests_per_minute=2)
+        over = led.submit(DeletionRequest("a-3", "alice", ids=[2]), owners, limits, now=t0 + 30)
+        assert over.state == "rejected" and over.error_code == "rate_limited" and "2 accepted request(s)" in over.state_reason
+        assert led.submit(DeletionRequest("b-1", "bob", ids=[10]), owners, limits, now=t0 + 30).state == "validated"  # own budget
+        assert led.submit(DeletionRequest("a-4", "alice", ids=[3]), owners, limits, now=t0 + 60.5).state == "validated"
+        assert led.submit(DeletionRequest("a-5", "alice", ids=[4]), owners, limits, now=t0 + 61).state == "rejected"
+        assert led.submit(DeletionRequest("a-6", "alice", ids=[5]), owners, limits, now=t0 + 62.5).state == "validated"
+        assert led.submit(DeletionRequest("a-4", "alice", ids=[3]), owners, limits, now=t0 + 63).state == "validated"  # idempotent
+        assert led.check_integrity() == []

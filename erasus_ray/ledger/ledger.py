@@ -21,6 +21,11 @@ update idempotent per request - the pattern the crash test exercises: the saved 
 it already contains; a resumed ``scheduled`` request whose id is in the checkpoint skips straight to
 :meth:`record_result` (``new_state="unlearned"``).
 
+Batches: :meth:`schedule_pending` moves every validated request (or a chosen set) to ``scheduled`` under one
+``batch_id`` in one transaction - the requests one unlearning round serves together - and :meth:`record_results`
+moves a whole batch on (``unlearned``, then ``verified``/``failed``) in one transaction, so a crash never leaves half
+a batch recorded. The federated coordinator uses both (``erasus_ray/federated/coordinator.py``).
+
 Storage: SQLAlchemy 2 Core; ``sqlite:///path.db`` (default, embedded), ``sqlite://`` (in memory, one process) or any
 SQLAlchemy URL (e.g. ``postgresql+psycopg://...`` for several server nodes; rows are then locked with
 ``SELECT ... FOR UPDATE``).
@@ -38,6 +43,7 @@ Cost: one transaction per call (a few ms on SQLite with fsync); :meth:`export` r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -97,7 +103,7 @@ ALLOWED: dict[str | None, frozenset[str]] = {
     "rejected": frozenset(),
     "failed": frozenset(),
 }
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: deletion_requests.batch_id (added in place to a version-1 file on open)
 logger = logging.getLogger("erasus_ray.ledger")
 
 metadata = MetaData()
@@ -124,8 +130,10 @@ requests_table = Table(
     Column("model_hash_before", String(128)),
     Column("model_hash_after", String(128)),
     Column("payload", Text),  # the raw submission, for malformed requests that cannot be parsed
+    Column("batch_id", String(64)),  # the unlearning round (batch) that scheduled it; NULL until scheduled
 )
 Index("ix_deletion_requests_state", requests_table.c.state, requests_table.c.seq)
+Index("ix_deletion_requests_client_time", requests_table.c.client_id, requests_table.c.received_at)
 transitions_table = Table(
     "deletion_transitions",
     metadata,
@@ -220,6 +228,7 @@ class LedgerEntry:
     model_hash_before: str | None = None
     model_hash_after: str | None = None
     seq: int = 0
+    batch_id: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -261,6 +270,7 @@ class LedgerEntry:
             "model_hash_before": self.model_hash_before,
             "model_hash_after": self.model_hash_after,
             "n_coreset": None if self.coreset_ids is None else len(self.coreset_ids),
+            "batch_id": self.batch_id,
         }
         if hash_ids:
             out["ids_sha256"] = hash_id_list(self.ids)
@@ -292,6 +302,7 @@ def _row_to_entry(row: Any) -> LedgerEntry:
         model_hash_before=m["model_hash_before"],
         model_hash_after=m["model_hash_after"],
         seq=m["seq"],
+        batch_id=m["batch_id"],
     )
 
 
@@ -338,12 +349,28 @@ class DeletionLedger:
         if self.is_sqlite:
             self._configure_sqlite(wal=wal and not memory, synchronous=synchronous.upper(), busy_ms=int(busy_timeout_s * 1000))
         metadata.create_all(self.engine)
+        self._migrate()
         with self.engine.begin() as conn:
             if conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first() is None:
                 try:
                     conn.execute(insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
                 except IntegrityError:  # another process created it first
                     pass
+            else:
+                conn.execute(update(meta_table).where(meta_table.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
+
+    def _migrate(self) -> None:
+        """Bring a version-1 file up to date in place: add ``batch_id`` (NULL for its old rows)."""
+        from sqlalchemy import inspect
+
+        columns = {c["name"] for c in inspect(self.engine).get_columns("deletion_requests")}
+        if "batch_id" not in columns:
+            try:
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql("ALTER TABLE deletion_requests ADD COLUMN batch_id VARCHAR(64)")
+            except Exception:  # noqa: BLE001 - another process added it first
+                if "batch_id" not in {c["name"] for c in inspect(self.engine).get_columns("deletion_requests")}:
+                    raise
 
     def _configure_sqlite(self, *, wal: bool, synchronous: str, busy_ms: int) -> None:
         @event.listens_for(self.engine, "connect")
@@ -397,11 +424,18 @@ class DeletionLedger:
         parser's reason; without a usable ``request_id`` it is stored under ``invalid-<sha256 of the payload>``.
         The rejected entry is returned, not raised: the caller answers the client with ``entry.state_reason``.
 
-        ``ownership`` / ``limits`` enable the ownership and size/rate checks of :func:`validate`; without them only the
+        ``ownership`` / ``limits`` enable the ownership and size checks of :func:`validate`; without them only the
         fields are checked. ``sender``: the authenticated client that delivered it; a request in another client's
         name is then rejected (``impersonation``) in the same transaction.
+
+        Rate limit (``limits.max_requests_per_minute``): counted from the ledger's own rows, not in memory - the
+        client's requests *accepted* (not rejected) with ``received_at`` in the 60 s before ``now`` - inside the
+        transaction that inserts the new one (SQLite ``BEGIN IMMEDIATE``: two writers cannot both take the last slot).
+        So the window survives a server restart and is shared by every server process on the same ledger. Refused
+        requests do not use up the budget (they change nothing); a request over the limit is ``rejected``
+        (``rate_limited``). ``now``: the receive time, seconds since the epoch (default: the clock).
         """
-        now_wall = time.time()
+        now_wall = time.time() if now is None else float(now)
         parsed: DeletionRequest | None = None
         error: InvalidRequestError | None = None
         payload_text: str | None = None
@@ -434,23 +468,42 @@ class DeletionLedger:
         existing = self.find(rid)
         if existing is not None:
             return self._same_or_conflict(existing, fingerprint)
+        size_limits = None if limits is None else dataclasses.replace(limits, max_requests_per_minute=None)
         if parsed is not None:
             try:
-                validate(parsed, ownership, limits, now=now, sender=sender)
+                validate(parsed, ownership, size_limits, sender=sender)
             except InvalidRequestError as err:
                 error = err
         row = self._row_for(parsed, source, rid, fingerprint, payload_text, now_wall)
-        final = "validated" if error is None else "rejected"
-        details = {} if error is None else {"reason": str(error), "code": error.code}
-        row.update(state=final, state_reason=None if error is None else str(error), error_code=None if error is None else error.code)
         try:
             with self.engine.begin() as conn:
+                rpm = None if limits is None else limits.max_requests_per_minute
+                if error is None and rpm is not None and parsed is not None:
+                    recent = conn.execute(
+                        select(func.count()).select_from(requests_table).where(
+                            requests_table.c.client_id == parsed.client_id,
+                            requests_table.c.state != "rejected",
+                            requests_table.c.received_at > now_wall - 60.0,
+                            requests_table.c.received_at <= now_wall,
+                        )
+                    ).scalar_one()
+                    if recent >= rpm:
+                        error = InvalidRequestError(
+                            f"client {parsed.client_id!r} already has {recent} accepted request(s) in the last 60 s; at most "
+                            f"{rpm} per minute - retry later with a new request_id",
+                            code="rate_limited",
+                            request_id=rid,
+                        )
+                final = "validated" if error is None else "rejected"
+                details = {} if error is None else {"reason": str(error), "code": error.code}
+                row.update(state=final, state_reason=None if error is None else str(error), error_code=None if error is None else error.code)
                 conn.execute(insert(requests_table).values(**row))
                 conn.execute(
                     insert(transitions_table),
                     [
                         {"request_id": rid, "from_state": None, "to_state": "received", "at": now_wall, "details": None},
-                        {"request_id": rid, "from_state": "received", "to_state": final, "at": time.time(), "details": _dumps(details) if details else None},
+                        {"request_id": rid, "from_state": "received", "to_state": final, "at": now_wall if now is not None else time.time(),
+                         "details": _dumps(details) if details else None},
                     ],
                 )
         except IntegrityError:
@@ -584,25 +637,35 @@ class DeletionLedger:
         )
 
     def schedule_pending(
-        self, *, limit: int | None = None, client_id: str | None = None, **details: Any
+        self, *, limit: int | None = None, client_id: str | None = None, batch_id: str | None = None,
+        request_ids: Iterable[str] | None = None, **details: Any
     ) -> list[LedgerEntry]:
-        """Move validated requests (oldest first, at most ``limit``) to ``scheduled`` in one transaction and return
-        them: the batch of one unlearning round (``details``, e.g. ``round=7``, go on each transition row).
+        """Move validated requests (oldest first, at most ``limit``; only ``request_ids`` when given) to ``scheduled``
+        in one transaction and return them: the batch of one unlearning round. ``batch_id`` is stored on each request
+        (``LedgerEntry.batch_id``, :meth:`entries` ``batch_id=``) and on its transition row with ``details`` (e.g.
+        ``round=7``); scheduling more requests under an existing ``batch_id`` adds them to that batch.
 
         Requests already ``scheduled`` (a round interrupted by a crash) are not returned: resume those with
-        ``pending(states=["scheduled"])``.
+        ``pending(states=["scheduled"])`` / ``entries(batch_id=...)``.
         """
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise InvalidConfigError(f"limit must be a positive integer or None, got {limit!r}")
+        if batch_id is not None and (not isinstance(batch_id, str) or not NAME_PATTERN.fullmatch(batch_id) or len(batch_id) > 64):
+            raise InvalidConfigError(f"batch_id must be 1-64 characters of letters, digits and '._:@/-', got {batch_id!r}")
         query = select(requests_table.c.request_id).where(requests_table.c.state == "validated").order_by(requests_table.c.seq)
         if client_id is not None:
             query = query.where(requests_table.c.client_id == client_id)
+        if request_ids is not None:
+            query = query.where(requests_table.c.request_id.in_(list(request_ids)))
         if limit is not None:
             query = query.limit(limit)
+        if batch_id is not None:
+            details = {"batch": batch_id, **details}
         with self.engine.begin() as conn:
             ids = list(conn.execute(query.with_for_update()).scalars())
             for rid in ids:
-                self._move(conn, rid, "scheduled", expected="validated", reason=None, details=details)
+                self._move(conn, rid, "scheduled", expected="validated", reason=None, details=details,
+                           values=None if batch_id is None else {"batch_id": batch_id})
         return [self.get(rid) for rid in ids]
 
     def record_result(
@@ -623,6 +686,40 @@ class DeletionLedger:
         With ``new_state`` (e.g. ``"unlearned"``) the result and the transition are one transaction: a crash leaves
         either both or neither.
         """
+        with self.engine.begin() as conn:
+            self._record(
+                conn, request_id, coreset_ids=coreset_ids, strategy=strategy, metrics=metrics, model_hash_before=model_hash_before,
+                model_hash_after=model_hash_after, new_state=new_state, expected=expected, details=details,
+            )
+        return self.get(request_id)
+
+    def record_results(self, results: Mapping[str, Mapping[str, Any]]) -> list[LedgerEntry]:
+        """:meth:`record_result` for several requests in **one** transaction (``{request_id: keyword arguments}``):
+        a batch's requests change state together or not at all - a crash never leaves half a batch recorded."""
+        if not results:
+            return []
+        known = {"coreset_ids", "strategy", "metrics", "model_hash_before", "model_hash_after", "new_state", "expected"}
+        with self.engine.begin() as conn:
+            for rid, kwargs in results.items():
+                kwargs = dict(kwargs)
+                details = {k: kwargs.pop(k) for k in list(kwargs) if k not in known}
+                self._record(conn, rid, details=details, **kwargs)
+        return [self.get(rid) for rid in results]
+
+    def _record(
+        self,
+        conn: Connection,
+        request_id: str,
+        *,
+        coreset_ids: Sequence[int] | None = None,
+        strategy: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        model_hash_before: str | None = None,
+        model_hash_after: str | None = None,
+        new_state: str | None = None,
+        expected: str | Iterable[str] | None = None,
+        details: dict[str, Any],
+    ) -> None:
         values: dict[str, Any] = {}
         if coreset_ids is not None:
             values["coreset_ids"] = _dumps(sorted(int(i) for i in coreset_ids))
@@ -632,24 +729,25 @@ class DeletionLedger:
             values["model_hash_before"] = str(model_hash_before)
         if model_hash_after is not None:
             values["model_hash_after"] = str(model_hash_after)
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                select(requests_table.c.metrics, requests_table.c.state).where(requests_table.c.request_id == request_id).with_for_update()
-            ).first()
-            if row is None:
-                raise UnknownRequestError(f"no request {request_id!r} in the ledger")
-            if metrics is not None:
-                merged = dict(_loads(row.metrics) or {})
-                merged.update(_json_safe(dict(metrics)))
-                values["metrics"] = _dumps(merged)
-            if new_state is not None:
-                self._move(conn, request_id, new_state, expected=expected, reason=details.pop("reason", None), details=details, values=values)
-            elif values:
-                if row.state in ("rejected",):
-                    raise IllegalTransitionError(f"request {request_id!r} was rejected: it has no result to record")
-                values["updated_at"] = time.time()
-                conn.execute(update(requests_table).where(requests_table.c.request_id == request_id).values(**values))
-        return self.get(request_id)
+        row = conn.execute(
+            select(requests_table.c.metrics, requests_table.c.state).where(requests_table.c.request_id == request_id).with_for_update()
+        ).first()
+        if row is None:
+            raise UnknownRequestError(f"no request {request_id!r} in the ledger")
+        if metrics is not None:
+            merged = dict(_loads(row.metrics) or {})
+            merged.update(_json_safe(dict(metrics)))
+            values["metrics"] = _dumps(merged)
+        if new_state is not None:
+            reason = details.pop("reason", None)
+            if new_state in ("rejected", "failed") and not reason:
+                raise InvalidConfigError(f"moving {request_id!r} to {new_state!r} needs a reason")
+            self._move(conn, request_id, new_state, expected=expected, reason=reason, details=details, values=values)
+        elif values:
+            if row.state in ("rejected",):
+                raise IllegalTransitionError(f"request {request_id!r} was rejected: it has no result to record")
+            values["updated_at"] = time.time()
+            conn.execute(update(requests_table).where(requests_table.c.request_id == request_id).values(**values))
 
     # ---- reads ----------------------------------------------------------------------------------------------------
     def find(self, request_id: str) -> LedgerEntry | None:
@@ -665,9 +763,13 @@ class DeletionLedger:
             raise UnknownRequestError(f"no request {request_id!r} in the ledger")
         return entry
 
-    def entries(self, states: Iterable[str] | None = None, client_id: str | None = None) -> list[LedgerEntry]:
-        """All entries (optionally in ``states`` / of one client), oldest first."""
+    def entries(
+        self, states: Iterable[str] | None = None, client_id: str | None = None, batch_id: str | None = None
+    ) -> list[LedgerEntry]:
+        """All entries (optionally in ``states`` / of one client / of one batch), oldest first."""
         query = select(requests_table).order_by(requests_table.c.seq)
+        if batch_id is not None:
+            query = query.where(requests_table.c.batch_id == batch_id)
         if states is not None:
             wanted = self._check_states(states)
             query = query.where(requests_table.c.state.in_(wanted))

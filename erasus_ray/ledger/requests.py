@@ -285,9 +285,12 @@ class RequestLimits:
 
     Attributes:
         max_ids: most ids one sample-level request may name.
-        max_requests_per_minute: most requests a client may submit in any sliding 60-second window (every submission
-            that names a well-formed client id counts, accepted or not, so a flood of bad requests is throttled too).
-            The window lives in this object (one server process); ``None`` disables it.
+        max_requests_per_minute: most requests a client may submit in any sliding 60-second window; ``None``
+            disables it. Through :meth:`DeletionLedger.submit <erasus_ray.ledger.DeletionLedger.submit>` (what the
+            servers use) the window is counted from the ledger's rows - the client's accepted requests received in
+            the last 60 s - so it survives a restart and is shared by every process on that ledger. Only the
+            standalone :func:`validate` uses the in-memory window of this object (:meth:`admit`: every submission that
+            names a well-formed client id counts, accepted or not).
     """
 
     max_ids: int = 10_000
