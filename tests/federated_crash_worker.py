@@ -2,11 +2,13 @@
 
 ``serve(state_dir, outbox, kill_at, count_path)`` runs the real coordinator over ``InProcessTransport`` (the
 ClientApp handler functions, Flower record encoding) on a small digits federation: discover, FedAvg training
-(resumed from the stored history after a crash), ``query.delete`` collection from the clients' outboxes,
-unlearning / FedEraser / repair, verification against the federated retrain baseline. Nothing in the coordinator
+(resumed from the stored history after a crash) with ``query.delete`` collection from the clients' outboxes between
+rounds, one batch for every accepted request (FedEraser + one unlearning round + repair), verification of the batch
+against one federated retrain baseline. Nothing in the coordinator
 is changed; crash points are added *around* its durable operations by wrapping, on this instance only:
 
-- every ledger write (``submit``, ``transition``, ``record_result``) - after it commits;
+- every ledger write (``submit``, ``transition``, ``record_result``, ``record_results``, ``schedule_pending``) - after
+  it commits;
 - ``save_global`` (the global model + the request ids it contains) - after the atomic replace;
 - ``FederatedHistory.record`` / ``finish`` (training rounds on disk) - after;
 - every message exchange with the clients - before it is sent and after the replies arrive.
@@ -88,7 +90,7 @@ def serve(state_dir: str, outbox: str, kill_at: int = 0, count_path: str | None 
     point = _Points(kill_at, count_path)
     sp = spec()
     co = DeletionCoordinator(sp, _CrashTransport(InProcessTransport(sp, outbox=outbox), point), state_dir, config=ServerConfig(**CONFIG))
-    for name in ("submit", "transition", "record_result"):
+    for name in ("submit", "transition", "record_result", "record_results", "schedule_pending"):
         setattr(co.ledger, name, _after(getattr(co.ledger, name), point))
     co.save_global = _after(co.save_global, point)
     co.history.record = _after(co.history.record, point)

@@ -20,6 +20,7 @@ requests move to ``acked/`` with the server's answer.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ def client_train(instr: TrainInstruction, client_id: str) -> ModelUpdate:
 
 
 def resolve_forget_ids(instr: UnlearnInstruction, client_id: str) -> np.ndarray:
-    """The ids of this client that the request forgets: the named ids it holds, or its samples with ``label``."""
+    """The ids of this client that the instruction forgets: the named ids it holds, or its samples with ``label``."""
     fed = load_federation(instr.spec)
     held = fed.client_data(client_id, instr.exclude_ids).ids
     if instr.level == "sample":
@@ -86,43 +87,58 @@ def resolve_forget_ids(instr: UnlearnInstruction, client_id: str) -> np.ndarray:
 
 def client_unlearn(instr: UnlearnInstruction, client_id: str) -> ModelUpdate:
     """Select a coreset of the client's forget ids and unlearn it with the strategy; the FedAvg weight is the
-    client's partition size. Cost: the selector's scoring of the forget ids plus the strategy's epochs over the
-    coreset (each step pairs a forget batch with a local retain batch)."""
+    client's partition size.
+
+    A batched instruction has several groups of forget ids (e.g. an operator's class removal and a user's samples,
+    each with its own stopping target): the strategy runs once per group, in order, on the same model, and every
+    group's ids are kept out of the retain set. Cost: per group, the selector's scoring of its ids plus the strategy's
+    epochs over the coreset (each step pairs a forget batch with a local retain batch).
+    """
     from erasus_ray.unlearner import ErasusUnlearner
 
     torch.set_num_threads(1)
     fed = load_federation(instr.spec)
     held = fed.client_data(client_id, instr.exclude_ids)
-    forget_ids = resolve_forget_ids(instr, client_id)
     model = fed.model_factory()
     model.load_state_dict(instr.state)
-    if len(forget_ids) == 0:
+    if instr.level == "sample":
+        groups = [(np.intersect1d(np.asarray(ids, dtype=np.int64), held.ids), target) for ids, target in instr.groups()]
+    else:
+        groups = [(resolve_forget_ids(instr, client_id), instr.forget_target)]
+    groups = [(ids, target) for ids, target in groups if len(ids)]
+    if not groups:
         return ModelUpdate(state=model.state_dict(), num_examples=0, request_id=instr.request_id)
-    forget = held.subset(forget_ids)
+    forget_ids = np.unique(np.concatenate([ids for ids, _ in groups]))
     retain = held.exclude(forget_ids)
     selector = instr.selector if instr.selector not in ("", "full", "none") else None
-    unlearner = ErasusUnlearner(
-        model,
-        strategy=instr.strategy,
-        selector=selector,
-        fraction=instr.fraction,
-        seed=instr.seed,
-        lr=instr.lr or None,
-        epochs=instr.epochs or None,
-        forget_target=instr.forget_target,
-        progress=False,
-        model_factory=fed.model_factory,
-        recipe=fed.recipe,
-        inplace=True,
-    )
-    result = unlearner.fit(forget, retain if len(retain) else None)
+    coreset: list[int] = []
+    seconds = 0.0
+    for ids, target in groups:
+        unlearner = ErasusUnlearner(
+            model,
+            strategy=instr.strategy,
+            selector=selector,
+            fraction=instr.fraction,
+            seed=instr.seed,
+            lr=instr.lr or None,
+            epochs=instr.epochs or None,
+            forget_target=target,
+            progress=False,
+            model_factory=fed.model_factory,
+            recipe=fed.recipe,
+            inplace=True,
+        )
+        result = unlearner.fit(held.subset(ids), retain if len(retain) else None)
+        model = result.model
+        coreset += [int(i) for i in result.coreset.ids]
+        seconds += result.timings["total"]
     return ModelUpdate(
-        state=result.model.state_dict(),
+        state=model.state_dict(),
         num_examples=len(held),
-        metrics={"n_forget": float(len(forget_ids)), "coreset": float(len(result.coreset.ids)), "seconds": result.timings["total"]},
+        metrics={"n_forget": float(len(forget_ids)), "coreset": float(len(set(coreset))), "groups": float(len(groups)), "seconds": seconds},
         request_id=instr.request_id,
         forget_ids=[int(i) for i in forget_ids],
-        coreset_ids=[int(i) for i in result.coreset.ids],
+        coreset_ids=sorted(set(coreset)),
     )
 
 
@@ -146,13 +162,20 @@ def client_delete_query(query: DeleteQuery, client_id: str, root: str | os.PathL
     """File the acks (acked requests move to ``acked/``), then return every request still waiting in the outbox.
 
     Unacknowledged requests are sent again on every query: the ledger is idempotent by request id, so a lost reply
-    never loses a request.
+    never loses a request. The server's rejection of a reply it could not read (``scope="message"``) is logged and
+    appended to ``<outbox>/<client>/rejections.jsonl``.
     """
     from erasus_ray.ledger.requests import DeletionRequest
 
     folder = outbox_dir(client_id, root)
     acked = folder / "acked"
     for ack in query.acks:
+        if ack.scope == "message":
+            logging.getLogger("erasus_ray.federated").warning("server rejected a query.delete reply of %s: %s", client_id, ack.reason)
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / "rejections.jsonl", "a") as fh:
+                fh.write(json.dumps({"at": time.time(), **ack.__dict__}) + "\n")
+            continue
         path = folder / f"{ack.request_id.replace('/', '_')}.json"
         if path.exists():
             acked.mkdir(parents=True, exist_ok=True)

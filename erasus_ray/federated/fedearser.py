@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -155,20 +155,30 @@ def calibrate(
     return {k: v.to(next(iter(new_updates.values()))[0][k].dtype) for k, v in out.items()}
 
 
+def _removed_set(removed: str | Iterable[str]) -> set[str]:
+    out = {removed} if isinstance(removed, str) else set(removed)
+    if not out:
+        raise InvalidDataError("name at least one client to remove")
+    return out
+
+
 def federaser_unlearn(
-    history: FederatedHistory, removed: str, train_round: TrainRound, *, calibration_epochs: int = 1, calibrate_first: bool = False
+    history: FederatedHistory, removed: str | Iterable[str], train_round: TrainRound, *, calibration_epochs: int = 1,
+    calibrate_first: bool = False,
 ) -> tuple[State, dict]:
-    """Rebuild the global model without ``removed`` from the stored updates (FedEraser). Returns the state and a
+    """Rebuild the global model without the ``removed`` client(s) from the stored updates (FedEraser; several clients
+    leaving in one batch are removed in one rebuild from the first round any of them joined). Returns the state and a
     report (calibration rounds run, clients used). ``calibrate_first``: calibrate the first stored round too (needed
     when other data was deleted since training, so the stored updates are no longer valid as they are)."""
-    start = history.joined_round(removed)
+    gone = _removed_set(removed)
+    start = min(history.joined_round(c) for c in sorted(gone))
     stored = history.stored_rounds(start)
     if not stored:
         raise InvalidDataError("the history stores no client updates: record training with FederatedHistory first")
     model = history.checkpoint(start)
     calibration_rounds = 0
     for j, t in enumerate(stored):
-        old = {c: u for c, u in history.rounds[t]["updates"].items() if c != removed}
+        old = {c: u for c, u in history.rounds[t]["updates"].items() if c not in gone}
         if not old:
             continue
         if j == 0 and t == start and not calibrate_first:
@@ -186,14 +196,16 @@ def federaser_unlearn(
 
 
 def rollback_retrain(
-    history: FederatedHistory, removed: str, train_round: TrainRound, *, epochs: int, rounds: int | None = None
+    history: FederatedHistory, removed: str | Iterable[str], train_round: TrainRound, *, epochs: int, rounds: int | None = None
 ) -> tuple[State, dict]:
-    """The exact baseline: the checkpoint before ``removed`` joined, then FedAvg without it for the remaining rounds."""
-    start = history.joined_round(removed)
+    """The exact baseline: the checkpoint before the first of ``removed`` joined, then FedAvg without them for the
+    remaining rounds."""
+    gone = _removed_set(removed)
+    start = min(history.joined_round(c) for c in sorted(gone))
     total = history.n_rounds if rounds is None else int(rounds)
     model = history.checkpoint(start)
     for t in range(start, total):
-        clients = [c for c in history.rounds.get(t, {"participants": []})["participants"] if c != removed]
+        clients = [c for c in history.rounds.get(t, {"participants": []})["participants"] if c not in gone]
         if not clients:
             continue
         states = train_round(model, clients, t, epochs)

@@ -10,7 +10,9 @@ message type           server -> client           client -> server (reply)
 =====================  =========================  ===========================================================
 ``query.hello``        :class:`Hello`             :class:`HelloReply` (client id, number of ids held)
 ``query.delete``       :class:`DeleteQuery`       :class:`DeleteSubmission` (requests the client's users filed)
-                       (acks of earlier requests)
+                       (acks of earlier requests,
+                       rejections of malformed
+                       replies)
 ``train``              :class:`TrainInstruction`  :class:`ModelUpdate` (FedAvg local training)
 ``train.unlearn``      :class:`UnlearnInstruction` :class:`ModelUpdate` (coreset + strategy on the forget ids)
 ``train.repair``       :class:`TrainInstruction`  :class:`ModelUpdate` (a few retain-only FedAvg steps)
@@ -164,14 +166,23 @@ class HelloReply:
 # ---------------------------------------------------------------- query.delete
 
 
+ACK_SCOPES = ("request", "message")
+
+
 @dataclass
 class DeleteAck:
-    """The server's answer to one submitted request: ``state`` is its ledger state, ``reason`` why if rejected."""
+    """The server's answer to one submitted request: ``state`` is its ledger state, ``reason`` why if rejected.
+
+    ``scope="message"``: the answer to a reply that could not be read as requests at all (no ``config`` record, a bad
+    ``n_requests``, a ``request.<i>`` that is not a ConfigRecord, unexpected records); ``request_id`` is then empty
+    and ``reason`` says what was wrong. Nothing of such a reply reaches the ledger.
+    """
 
     request_id: str
     accepted: bool
     state: str
     reason: str = ""
+    scope: str = "request"
 
 
 @dataclass
@@ -198,15 +209,28 @@ class DeleteQuery:
             accepted = _get(a, "accepted", where)
             if not isinstance(accepted, bool):
                 raise InvalidDataError(f"{where}: field 'accepted' must be a bool")
+            scope = _as_str(a.get("scope", "request"), "scope", where)
+            if scope not in ACK_SCOPES:
+                raise InvalidDataError(f"{where}: field 'scope' must be one of {list(ACK_SCOPES)}, got {scope[:40]!r}")
             acks.append(
                 DeleteAck(
-                    _as_str(_get(a, "request_id", where), "request_id", where, allow_empty=False),
+                    _as_str(_get(a, "request_id", where), "request_id", where, allow_empty=scope == "message"),
                     accepted,
                     _as_str(_get(a, "state", where), "state", where),
                     _as_str(a.get("reason", ""), "reason", where, max_len=4096),
+                    scope,
                 )
             )
         return cls(acks)
+
+
+@dataclass
+class MalformedRecord:
+    """A ``request.<i>`` slot of a ``query.delete`` reply that holds no ConfigRecord (missing, or another record
+    type): there is nothing to hand to the ledger, only a reason to send back."""
+
+    index: int
+    reason: str
 
 
 @dataclass
@@ -223,20 +247,48 @@ class DeleteSubmission:
         return content
 
     @classmethod
-    def parse(cls, content: Any, max_requests: int = 64) -> tuple["DeleteSubmission", list[str]]:
-        """The well-formed requests and a reason per malformed one (a bad record never hides the good ones)."""
+    def records(cls, content: Any, max_requests: int = 64) -> list[Any]:
+        """The envelope checked, then one item per ``request.<i>``: its ConfigRecord as it came (the ledger parses
+        and judges it, storing a malformed one as ``rejected`` with the reason) or a :class:`MalformedRecord`.
+
+        Raises InvalidDataError for an envelope that cannot be read: content not a RecordDict, no ``config``
+        ConfigRecord, ``n_requests`` missing / not an integer / negative / over ``max_requests``, or records other
+        than ``config`` and ``request.0 .. request.<n-1>``.
+        """
+        _, ConfigRecord, _, _ = _records()
         where = f"{MSG_DELETE} reply"
         rec = _config(content, "config", where)
         n = _as_int(_get(rec, "n_requests", where), "n_requests", where, minimum=0)
         if n > max_requests:
             raise InvalidDataError(f"{where}: {n} requests in one message; at most {max_requests}")
+        expected = {"config", *(f"request.{i}" for i in range(n))}
+        unexpected = sorted(str(k)[:40] for k in content.keys() if k not in expected)
+        if unexpected:
+            raise InvalidDataError(f"{where}: unexpected record(s) {unexpected[:5]} (n_requests={n})")
+        items: list[Any] = []
+        for i in range(n):
+            key = f"request.{i}"
+            if key not in content:
+                items.append(MalformedRecord(i, f"{key}: missing (n_requests={n})"))
+            elif not isinstance(content[key], ConfigRecord):
+                items.append(MalformedRecord(i, f"{key}: must be a ConfigRecord, got {type(content[key]).__name__}"))
+            else:
+                items.append(content[key])
+        return items
+
+    @classmethod
+    def parse(cls, content: Any, max_requests: int = 64) -> tuple["DeleteSubmission", list[str]]:
+        """The well-formed requests and a reason per malformed one (a bad record never hides the good ones)."""
         from erasus_ray.errors import InvalidRequestError
         from erasus_ray.ledger.requests import DeletionRequest
 
         good, errors = [], []
-        for i in range(n):
+        for i, item in enumerate(cls.records(content, max_requests)):
+            if isinstance(item, MalformedRecord):
+                errors.append(item.reason)
+                continue
             try:
-                good.append(DeletionRequest.from_record(_config(content, f"request.{i}", f"{where} request.{i}")))
+                good.append(DeletionRequest.from_record(item))
             except (InvalidDataError, InvalidRequestError) as err:
                 errors.append(f"request.{i}: {err}")
         return cls(good), errors
@@ -311,7 +363,14 @@ class TrainInstruction:
 
 @dataclass
 class UnlearnInstruction:
-    """``train.unlearn``: unlearn this request's forget ids locally (coreset by ``selector``, then ``strategy``)."""
+    """``train.unlearn``: unlearn forget ids locally (coreset by ``selector``, then ``strategy``).
+
+    One instruction serves a whole batch on one client (``request_id`` is then the batch id): ``ids`` are every
+    forget id of the batch on this client, split into ``groups`` that differ in when to stop - e.g. an operator's
+    class removal runs the strategy's epochs (``None``), samples of a client stop at the global test accuracy. Sent as
+    ``ids`` (the groups concatenated), ``group_sizes`` and ``group_targets`` (-1 = None); without groups, ``ids`` is
+    one group with ``forget_target``.
+    """
 
     state: dict[str, torch.Tensor]
     spec: FederationSpec
@@ -327,12 +386,35 @@ class UnlearnInstruction:
     seed: int = 0
     exclude_ids: list[int] = field(default_factory=list)
     forget_target: float | None = None  # stop once local forget accuracy is at or below this (None: run all epochs)
+    group_sizes: list[int] = field(default_factory=list)
+    group_targets: list[float | None] = field(default_factory=list)
+
+    @classmethod
+    def for_groups(cls, state: Any, spec: "FederationSpec", request_id: str, groups: list[tuple[list[int], float | None]], **kwargs: Any) -> "UnlearnInstruction":
+        """A sample-level instruction for ``[(ids, forget_target), ...]`` (empty groups dropped)."""
+        groups = [(list(map(int, ids)), t) for ids, t in groups if len(ids)]
+        return cls(
+            state, spec, request_id, "sample", ids=[i for ids, _ in groups for i in ids],
+            group_sizes=[len(ids) for ids, _ in groups], group_targets=[t for _, t in groups], **kwargs,
+        )
+
+    def groups(self) -> list[tuple[list[int], float | None]]:
+        """``[(ids, forget_target), ...]``: the groups, or ``ids`` as one group with ``forget_target``."""
+        if not self.group_sizes:
+            return [(list(self.ids), self.forget_target)]
+        out, start = [], 0
+        for size, target in zip(self.group_sizes, self.group_targets):
+            out.append((list(self.ids[start:start + size]), target))
+            start += size
+        return out
 
     def to_content(self) -> Any:
         _, ConfigRecord, _, RecordDict = _records()
         cfg = {
             **self.spec.to_config(),
             "forget_target": -1.0 if self.forget_target is None else float(self.forget_target),
+            "group_sizes": [int(n) for n in self.group_sizes],
+            "group_targets": [-1.0 if t is None else float(t) for t in self.group_targets],
             "request_id": self.request_id,
             "level": self.level,
             "ids": [int(i) for i in self.ids],
@@ -361,13 +443,28 @@ class UnlearnInstruction:
         target = _as_float(_get(rec, "forget_target", where), "forget_target", where)
         if target > 1:
             raise InvalidDataError(f"{where}: field 'forget_target' must be <= 1, got {target}")
+        ids = _as_ids(_get(rec, "ids", where), "ids", where)
+        sizes = _as_ids(rec.get("group_sizes", []), "group_sizes", where)
+        raw_targets = rec.get("group_targets", [])
+        if not isinstance(raw_targets, list):
+            raise InvalidDataError(f"{where}: field 'group_targets' must be a list of numbers")
+        targets = [_as_float(t, "group_targets", where) for t in raw_targets]
+        if len(targets) != len(sizes) or (sizes and sum(sizes) != len(ids)) or any(t > 1 for t in targets):
+            raise InvalidDataError(
+                f"{where}: 'group_sizes' ({len(sizes)} groups, {sum(sizes)} ids) and 'group_targets' ({len(targets)}, each <= 1) "
+                f"must describe the {len(ids)} ids"
+            )
+        if sizes and level != "sample":
+            raise InvalidDataError(f"{where}: groups are for sample-level instructions")
         return cls(
+            group_sizes=sizes,
+            group_targets=[None if t < 0 else t for t in targets],
             forget_target=None if target < 0 else target,
             state=arrays_to_state(content.get("arrays"), where),
             spec=FederationSpec.from_config(rec, where),
             request_id=_as_str(_get(rec, "request_id", where), "request_id", where, allow_empty=False),
             level=level,
-            ids=_as_ids(_get(rec, "ids", where), "ids", where),
+            ids=ids,
             label=None if label < 0 else label,
             strategy=_as_str(_get(rec, "strategy", where), "strategy", where, allow_empty=False),
             selector=_as_str(_get(rec, "selector", where), "selector", where),
@@ -431,7 +528,7 @@ def content_bytes(content: Any) -> int:
 
 
 __all__ = [
-    "MSG_DELETE", "MSG_HELLO", "MSG_REPAIR", "MSG_TRAIN", "MSG_UNLEARN", "DeleteAck", "DeleteQuery", "DeleteSubmission",
+    "MSG_DELETE", "MSG_HELLO", "MSG_REPAIR", "MSG_TRAIN", "MSG_UNLEARN", "DeleteAck", "DeleteQuery", "DeleteSubmission", "MalformedRecord",
     "FederationSpec", "Hello", "HelloReply", "ModelUpdate", "TrainInstruction", "UnlearnInstruction", "arrays_to_state",
     "content_bytes", "state_to_arrays",
 ]
