@@ -639,32 +639,46 @@ def test_deployment_superlink_three_supernodes_sample_request(tmp_path):
 @pytest.mark.slow
 def test_deployment_tls_and_node_auth_refuse_an_unregistered_supernode(tmp_path):
     """TLS with a locally generated CA, SuperNode authentication on: two registered SuperNodes take part; a third
-    with an unregistered key is refused by the SuperLink, so the request in its outbox never reaches the ledger."""
+    with an unregistered key is refused by the SuperLink, so the request in its outbox never reaches the ledger. A
+    fourth node is registered (it authenticates) with the key bound to client-1 in ``node-keys`` but claims
+    partition 2: the ServerApp refuses it, so its request for client-2's ids never reaches the ledger either."""
     from erasus_ray.federated.client_app import submit_to_outbox
     from erasus_ray.federated.deployment import LocalDeployment, make_node_keys
     from erasus_ray.federated.partition import load_federation
+    from erasus_ray.federated.server_app import key_fingerprint
 
     fed = load_federation(FederationSpec(n_clients=3))
-    outbox, state = tmp_path / "outbox", tmp_path / "state"
+    outbox, state, evil = tmp_path / "outbox", tmp_path / "state", tmp_path / "impostor-outbox"
     submit_to_outbox(DeletionRequest("intruder", "client-2", "sample", ids=fed.partitions["client-2"][:5].tolist()), root=outbox)
     submit_to_outbox(DeletionRequest("samples-0", "client-0", "sample", ids=fed.partitions["client-0"][:10].tolist()), root=outbox)
+    submit_to_outbox(DeletionRequest("impostor", "client-2", "sample", ids=fed.partitions["client-2"][5:10].tolist()), root=evil)
+    bindings = {}
     with LocalDeployment(tmp_path / "dep", tls=True, auth=True) as dep:
         dep.start_superlink()
         for k in range(2):
             keys = make_node_keys(tmp_path / "keys", f"node-{k}")
             registered = dep.register_node(keys)
             assert registered.returncode == 0, registered.stdout + registered.stderr
-            dep.start_supernode(k, 3, outbox=str(outbox), keys=keys)
+            bindings[f"client-{k}"] = key_fingerprint(keys["public"])
+            if k == 0:
+                dep.start_supernode(0, 3, outbox=str(outbox), keys=keys)
+            else:  # client-1's registered key, on a node that claims partition 2
+                dep.start_supernode(2, 3, outbox=str(evil), keys=keys, name="impostor")
         dep.start_supernode(2, 3, outbox=str(outbox), keys=make_node_keys(tmp_path / "keys", "intruder"))
-        result = dep.run_app(APP_DIR, {**DEPLOY_CONFIG, "state-dir": str(state), "min-clients": 2, "wait-clients-s": 20.0}, timeout=1500)
+        node_keys = tmp_path / "node-keys.json"
+        node_keys.write_text(json.dumps(bindings))
+        result = dep.run_app(APP_DIR, {**DEPLOY_CONFIG, "state-dir": str(state), "min-clients": 1, "wait-clients-s": 20.0,
+                                       "node-keys": str(node_keys)}, timeout=1500)
         intruder_log = (tmp_path / "dep" / "supernode-2.log").read_text()
         superlink_log = (tmp_path / "dep" / "superlink.log").read_text()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = _ledger_states(state)
-    assert "intruder" not in got and got["samples-0"].state == "verified"
+    assert "intruder" not in got and "impostor" not in got and got["samples-0"].state == "verified"
+    assert (evil / "client-2" / "impostor.json").exists()  # never collected
     # measured: the SuperLink answers "No SuperNode found with the given public key"; the node exits with code 305
     assert "Receiving" not in intruder_log and "Failed to activate SuperNode" in intruder_log
     assert "No SuperNode found with the given public key" in superlink_log
+    assert "claims 'client-2' but is registered for 'client-1'" in result.stdout + result.stderr
 
 
 @pytest.mark.slow
