@@ -15,6 +15,12 @@ class InvalidConfigError(ErasusError, ValueError):
     """An argument is out of range (fraction, k, a hyperparameter) or malformed."""
 
 
+class NonDifferentiableModelError(InvalidConfigError):
+    """A gradient-based selector cannot differentiate the model: some scoped parameters receive no gradient (a
+    ``torch.round`` / ``argmax`` / ``.item()`` / ``.detach()`` sits between them and the loss), or ``torch.func``
+    cannot trace the forward per sample. The message names the parameters and modules."""
+
+
 class UnknownNameError(ErasusError, KeyError):
     """A registry lookup failed; the message lists the known names and the closest match."""
 

@@ -130,3 +130,30 @@ def test_factored_norms_conv2d_equal_per_sample_autograd():
     batch = next(iter(make_loader(ds, task.collate, batch_size=6)))
     fast = per_sample_grad_norms(model, task, batch.data, params, method="factored")
     np.testing.assert_allclose(fast.numpy(), _loop_norms(model, task, ds, set(params)), rtol=1e-4)
+
+
+def test_factored_per_sample_grads_equal_torch_func(digits_class, tiny_lm):
+    """Per-sample gradients from layer factors (one ordinary backward) equal torch.func's vmap(grad): MLP layers,
+    Conv2d, and the GPT-2's Conv1D layers and LayerNorms (the tied embedding excluded)."""
+    from erasus_ray.benchmarks.models import SmallCNN
+    from erasus_ray.data import as_id_dataset
+    from erasus_ray.selectors._per_sample import gradient_method
+    from erasus_ray.tasks import get_task
+
+    torch.manual_seed(0)
+    cnn = SmallCNN().eval()
+    cnn_ds = as_id_dataset(torch.utils.data.TensorDataset(torch.randn(5, 1, 28, 28), torch.randint(0, 10, (5,))))
+    lm = tiny_lm["model"].eval()
+    lm_scope = [n.rsplit(".", 1)[0] for n, _ in lm.named_parameters() if "wte" not in n and "wpe" not in n]
+    b = digits_class
+    cases = [
+        (b.original.eval(), b.task, b.forget.subset(b.forget_ids[:9]), "all"),
+        (cnn, get_task("classification", cnn), cnn_ds, "all"),
+        (lm, tiny_lm["task"], tiny_lm["forget"], lm_scope),
+    ]
+    for model, task, ds, scope in cases:
+        params = trainable_params(model, scope)
+        assert gradient_method(model, params) == "factored"
+        fast = per_sample_gradients(model, task, ds, scope=scope, batch_size=4)
+        ref = per_sample_gradients(model, task, ds, scope=scope, batch_size=4, method="func")
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-6)

@@ -12,19 +12,26 @@ the inner product of the two ``T x T`` Gram matrices; ``||dl/db||^2 = ||sum_t d_
 
 Cost: one forward + one backward of the batch (like a training step) plus, per layer, ``O(B d)`` for vectors or
 ``O(B T^2 d)`` for sequences (or ``O(B T d_in d_out)`` by forming ``D^T A`` when that is cheaper, e.g. a
-convolution's many positions). ``nn.Conv2d`` (groups 1) is handled as a linear map of unfolded patches. The caller's
-scope must consist of ``nn.Linear``, ``nn.Conv2d`` and Hugging Face GPT-2 ``Conv1D`` parameters, each module called once per forward, with no parameter shared between modules; otherwise
-:func:`factored_supported` says no and callers fall back to ``torch.func``.
+convolution's many positions). ``nn.Conv2d`` (groups 1) is handled as a linear map of unfolded patches, and an
+affine ``nn.LayerNorm`` (``y = w * xhat + b``) by its normalised input: ``dl/dw = sum_t d_t * xhat_t``,
+``dl/db = sum_t d_t``. The caller's scope must consist of ``nn.Linear``, ``nn.Conv2d``, ``nn.LayerNorm`` and Hugging
+Face GPT-2 ``Conv1D`` parameters, each module called once per forward, with no parameter shared between modules;
+otherwise :func:`factored_supported` says no and callers fall back to ``torch.func``.
+
+The same factors give the per-sample gradients themselves (:func:`factored_backward`: one forward with hooks, one
+ordinary backward per loss - e.g. the data loss, or losses with labels sampled from the model for a Fisher
+estimate), at about the cost of a training step instead of ``torch.func``'s per-sample forward and backward.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from erasus_ray.tasks import Task
+from erasus_ray.tasks.base import TaskOutput
 
 
 def _is_conv2d(module: nn.Module) -> bool:
@@ -34,6 +41,10 @@ def _is_conv2d(module: nn.Module) -> bool:
 def _is_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 Conv1D: y = x @ W + b with W of shape [in, out]
     return type(module).__name__ == "Conv1D" and hasattr(module, "weight") and hasattr(module, "nf")
+
+
+def _is_layer_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) and module.elementwise_affine
 
 
 def _layer_modules(model: nn.Module, param_names: set[str]) -> dict[str, nn.Module] | None:
@@ -49,7 +60,8 @@ def _layer_modules(model: nn.Module, param_names: set[str]) -> dict[str, nn.Modu
                 return None  # tied weights: per-sample gradients add across modules, cross terms are not factored
             seen.setdefault(id(p), full)
             if full in param_names:
-                if not (isinstance(module, nn.Linear) or _is_conv1d(module) or _is_conv2d(module)) or p_name not in ("weight", "bias"):
+                supported = isinstance(module, nn.Linear) or _is_conv1d(module) or _is_conv2d(module) or _is_layer_norm(module)
+                if not supported or p_name not in ("weight", "bias"):
                     return None
                 owners[mod_name] = module
                 covered.add(full)
@@ -108,6 +120,12 @@ def factored_grad_sq_norms(model: nn.Module, task: Task, data: Any, param_names:
             continue
         a = acts[name].to(torch.float64)
         d = grads[name].to(torch.float64)
+        prefix = f"{name}." if name else ""
+        if _is_layer_norm(module):  # small vectors: form the per-sample gradients
+            wanted = {n for n in (f"{prefix}weight", f"{prefix}bias") if n in param_names}
+            for g in layer_per_sample_grads(name, module, a, d, batch_size, wanted).values():
+                total += g.reshape(batch_size, -1).pow(2).sum(1)
+            continue
         if isinstance(module, nn.Conv2d):
             # a conv is a linear map of unfolded patches: positions play the role of tokens
             a = torch.nn.functional.unfold(
@@ -116,7 +134,6 @@ def factored_grad_sq_norms(model: nn.Module, task: Task, data: Any, param_names:
             d = d.flatten(2).transpose(1, 2)  # [B, positions, C_out]
         a = a.reshape(batch_size, -1, a.shape[-1])  # [B, T, in] (T = 1 for plain vectors)
         d = d.reshape(batch_size, -1, d.shape[-1])  # [B, T, out]
-        prefix = f"{name}." if name else ""
         if f"{prefix}weight" in param_names:
             steps, d_in, d_out = a.shape[1], a.shape[2], d.shape[2]
             if steps == 1:
@@ -130,3 +147,122 @@ def factored_grad_sq_norms(model: nn.Module, task: Task, data: Any, param_names:
         if f"{prefix}bias" in param_names and getattr(module, "bias", None) is not None:
             total += d.sum(1).pow(2).sum(1)
     return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-sample gradients from layer factors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class LayerCapture:
+    """Forward hooks recording each module's input (detached) and output (kept in the autograd graph, so gradients
+    w.r.t. it can be asked for) and how many times it ran. Use as a context manager around one forward."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "LayerCapture":
+        def make_hook(name: str):
+            def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+                self.calls[name] = self.calls.get(name, 0) + 1
+                self.inputs[name] = inputs[0].detach()
+                self.outputs[name] = output
+
+            return hook
+
+        self._handles = [m.register_forward_hook(make_hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def check_single_calls(self) -> None:
+        if any(c != 1 for c in self.calls.values()):
+            raise ValueError("a layer in scope ran more than once per forward; factored gradients would miss cross terms")
+
+
+def layer_rows(module: nn.Module, act: torch.Tensor, grad: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a [B, T, in], d [B, T, out])``: a Linear / Conv1D / Conv2d layer as ``T`` applications of one linear map
+    per sample (a convolution's positions become tokens over unfolded patches)."""
+    if isinstance(module, nn.Conv2d):
+        act = torch.nn.functional.unfold(
+            act, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+        ).transpose(1, 2)
+        grad = grad.flatten(2).transpose(1, 2)
+    return act.reshape(batch_size, -1, act.shape[-1]), grad.reshape(batch_size, -1, grad.shape[-1])
+
+
+def layer_per_sample_grads(
+    name: str, module: nn.Module, act: torch.Tensor, grad: torch.Tensor, batch_size: int, wanted: set[str]
+) -> dict[str, torch.Tensor]:
+    """Per-sample gradients ``{param name: [B, *param.shape]}`` of one layer from its input ``act`` and the gradient
+    ``grad`` of the (summed-over-samples) loss w.r.t. its output. Exact when samples do not interact (eval mode)."""
+    prefix = f"{name}." if name else ""
+    out: dict[str, torch.Tensor] = {}
+    if _is_layer_norm(module):
+        dims = tuple(range(act.ndim - len(module.normalized_shape), act.ndim))
+        mean = act.mean(dims, keepdim=True)
+        var = act.var(dims, unbiased=False, keepdim=True)
+        xhat = ((act - mean) / torch.sqrt(var + module.eps)).reshape(batch_size, -1, *module.normalized_shape)
+        d = grad.reshape(batch_size, -1, *module.normalized_shape)
+        if f"{prefix}weight" in wanted:
+            out[f"{prefix}weight"] = (d * xhat.to(d.dtype)).sum(1)
+        if f"{prefix}bias" in wanted and module.bias is not None:
+            out[f"{prefix}bias"] = d.sum(1)
+        return out
+    a, d = layer_rows(module, act, grad, batch_size)
+    if f"{prefix}weight" in wanted:
+        if _is_conv1d(module):
+            out[f"{prefix}weight"] = torch.einsum("bti,bto->bio", a.to(d.dtype), d)
+        else:
+            out[f"{prefix}weight"] = torch.einsum("bto,bti->boi", d, a.to(d.dtype)).reshape(batch_size, *module.weight.shape)
+    if f"{prefix}bias" in wanted and getattr(module, "bias", None) is not None:
+        out[f"{prefix}bias"] = d.sum(1)
+    return out
+
+
+def factored_backward(
+    model: nn.Module,
+    task: Task,
+    data: Any,
+    param_names: Sequence[str],
+    losses: Callable[[TaskOutput], Sequence[torch.Tensor]] | None = None,
+) -> tuple[TaskOutput, list[dict[str, torch.Tensor]]]:
+    """One forward of ``data`` with hooks on the layers owning ``param_names``, then one ordinary backward per
+    scalar loss in ``losses(output)`` (default: the summed per-sample task loss). Returns the output and, per loss,
+    the per-sample gradients ``{name: [B, *shape]}`` in the order of ``param_names`` (zeros for a layer the loss does
+    not reach). Every loss must be a sum of per-sample terms. Raises ``ValueError`` when a layer runs twice.
+
+    Cost: one forward + one backward per loss (each backward stops at the captured layers), plus
+    ``O(B T in out)`` per layer to form the gradients.
+    """
+    wanted = set(param_names)
+    modules = _layer_modules(model, wanted)
+    if modules is None:
+        raise ValueError("factored per-sample gradients need Linear/Conv1D/Conv2d/LayerNorm parameters not shared between modules")
+    capture = LayerCapture(modules)
+    with torch.enable_grad(), capture:
+        out = task.forward(model, data)
+    capture.check_single_calls()
+    names = [n for n in modules if n in capture.outputs]
+    outputs = [capture.outputs[n] for n in names]
+    todo = list(losses(out)) if losses is not None else [out.sample_loss().sum()]
+    results = []
+    for i, loss in enumerate(todo):
+        grads = torch.autograd.grad(loss, outputs, retain_graph=i + 1 < len(todo), allow_unused=True)
+        per: dict[str, torch.Tensor] = {}
+        for n, g in zip(names, grads):
+            g = torch.zeros_like(capture.outputs[n]) if g is None else g.detach()
+            per.update(layer_per_sample_grads(n, modules[n], capture.inputs[n], g, out.batch_size, wanted))
+        params = dict(model.named_parameters())
+        results.append({
+            n: per[n] if n in per else torch.zeros(out.batch_size, *params[n].shape, dtype=params[n].dtype, device=params[n].device)
+            for n in param_names
+        })
+    return out, results

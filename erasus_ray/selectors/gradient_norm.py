@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_map
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
+from erasus_ray.selectors._checks import require_gradients, torch_func_errors
 from erasus_ray.selectors._factored import factored_grad_sq_norms, factored_supported
 from erasus_ray.selectors.base import SELECTORS, ScoreSelector
 from erasus_ray.tasks import Task
@@ -74,7 +75,7 @@ def per_sample_grad_norms(
         raw = functional_call(model, ({**fixed, **p}, buffers), args, kwargs)
         return task.dense_sample_loss(raw, one).sum()
 
-    with task.functional_context(model):
+    with task.functional_context(model), torch_func_errors("gradient_norm"):
         grads = vmap(grad(loss_one), in_dims=(None, 0), chunk_size=chunk_size)(params, data)
     sq = sum(g.reshape(g.shape[0], -1).float().pow(2).sum(1) for g in grads.values())
     return sq.sqrt()
@@ -124,7 +125,9 @@ class GradientNormSelector(ScoreSelector):
         params = trainable_params(model, self.scope)
         device = model_device(model)
         out = []
-        for batch in self.loader(forget, task):
+        for i, batch in enumerate(self.loader(forget, task)):
+            if i == 0:
+                require_gradients(model, task, batch.to(device).data, params, self.name)
             norms = per_sample_grad_norms(model, task, batch.to(device).data, params, self.chunk_size, method=self.method)
             out.append(norms.detach().cpu())
         return torch.cat(out).numpy()

@@ -112,6 +112,15 @@ class Task(ABC):
         Equals ``read_output(raw, data).sample_loss()``; used for per-sample gradients.
         """
 
+    def dense_units(self, raw: Any, data: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits [B, U, C], targets [B, U], weights [B, U])`` with fixed shapes (safe under ``vmap``) such that
+        ``dense_sample_loss(raw, data) == (weights * cross_entropy(logits, targets)).sum(1)``.
+
+        Curvature estimates (Gauss-Newton / Fisher with labels sampled from the model) need the units and their
+        weights, not only the summed loss. Adapters that cannot provide them raise ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not expose its prediction units (dense_units)")
+
     def batch_size(self, data: Any) -> int:
         args, kwargs = self.model_inputs(data)
         first = args[0] if args else next(iter(kwargs.values()))

@@ -116,6 +116,13 @@ class CausalLMTask(Task):
         ).view_as(mask)
         return (unit * mask).sum(1) / mask.sum(1).clamp_min(1)
 
+    def dense_units(self, raw: Any, data: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # every position but the last is a unit; unsupervised ones (padding, prompt) get weight 0
+        logits = at_least_fp32(getattr(raw, "logits", raw)[:, :-1])
+        labels = data["labels"][:, 1:]
+        mask = (labels != IGNORE).to(logits.dtype)
+        return logits, labels.clamp_min(0), mask / mask.sum(1, keepdim=True).clamp_min(1)
+
     def _forward_with_features(self, model: nn.Module, args: tuple, kwargs: dict, data: Any) -> TaskOutput:
         raw = model(*args, **kwargs, output_hidden_states=True)
         hidden = raw.hidden_states[-1]

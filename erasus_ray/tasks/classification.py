@@ -68,6 +68,10 @@ class ClassificationTask(Task):
     def dense_sample_loss(self, raw: Any, data: Any) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(at_least_fp32(_logits_of(raw)), data[1], reduction="none")
 
+    def dense_units(self, raw: Any, data: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = at_least_fp32(_logits_of(raw))
+        return logits[:, None], data[1][:, None], torch.ones(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)
+
     def head_module(self, model: nn.Module) -> nn.Module:
         if self.head is not None:
             return model.get_submodule(self.head)
