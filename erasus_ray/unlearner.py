@@ -23,6 +23,7 @@ from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.runners import LocalRunner, RunnerConfig, RunReport
 from erasus_ray.selectors import Coreset, Selector, get_selector, resolve_budget
 from erasus_ray.strategies import Strategy, UnlearnContext, get_strategy
+from erasus_ray.strategies.base import refuse_driver_only
 from erasus_ray.tasks import Task, get_task
 from erasus_ray.utils import Timer, clone_model, model_device, model_hash, seed_everything
 
@@ -228,6 +229,8 @@ class ErasusUnlearner:
             raise InvalidConfigError(f"backend must be 'local' or 'ray_train', got {backend!r}")
         if backend == "ray_train" and (not isinstance(num_workers, int) or num_workers < 1):
             raise InvalidConfigError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if backend == "ray_train":
+            refuse_driver_only(self.strategy)  # would otherwise compute on the driver, not in the workers
         self.backend = backend
         self.train_scaling = {"num_workers": num_workers, "use_gpu": use_gpu, "max_failures": max_failures}
 

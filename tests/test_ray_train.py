@@ -1,34 +1,183 @@
-"""Ray Train runner: 1 worker matches the local runner; 2 workers unlearn; a killed worker resumes."""
+"""Ray Train runner: the config key selects it; 1 worker matches the local runner (loss-based, two-phase and
+structural strategies); 2 workers unlearn, also a causal LM; a killed worker resumes to the uninterrupted result;
+strategies that compute on the driver are refused."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from erasus_ray import ErasusUnlearner
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.evaluation import evaluate
+from erasus_ray.runners import LocalRunner
+from erasus_ray import StrategyPipeline
+from erasus_ray.strategies import STRATEGIES, Strategy
 
 ray = pytest.importorskip("ray")
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def _fit(b, **kw):
-    return ErasusUnlearner(b.original, strategy="npo", selector="el2n", fraction=0.2, epochs=4, progress=False, retain_batch_size=64, **kw).fit(
-        forget_data=b.forget, retain_data=b.retain
-    )
+
+def _fit(b, strategy="npo", **kw):
+    return ErasusUnlearner(b.original, strategy=strategy, selector="el2n", fraction=0.2, epochs=kw.pop("epochs", 4), progress=False,
+                           retain_batch_size=64, **kw).fit(forget_data=b.forget, retain_data=b.retain)
+
+
+def _assert_same_weights(a, b, atol=1e-5):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb), "same parameter names"
+    for n in sa:
+        assert torch.allclose(sa[n], sb[n], atol=atol), n
 
 
 def test_one_worker_matches_local(digits_class, ray_cluster, tmp_path):
     local = _fit(digits_class)
     remote = _fit(digits_class, backend="ray_train", num_workers=1)
-    for (n, a), (_, c) in zip(local.model.state_dict().items(), remote.model.state_dict().items()):
-        assert torch.allclose(a, c, atol=1e-5), n
+    _assert_same_weights(local.model, remote.model)
     assert remote.report.steps == local.report.steps
     assert remote.config["backend"] == "ray_train"
 
 
 @pytest.mark.slow
-def test_two_workers_unlearn_and_resume_after_a_killed_worker(digits_class, ray_cluster, tmp_path):
+@pytest.mark.parametrize("name, kw", [("scrub", {"msteps": 2}), ("lora_unlearning", {"rank": 2})])
+def test_one_worker_matches_local_for_two_phase_and_structural_strategies(name, kw, digits_class, ray_cluster):
+    """SCRUB (two optimizer steps per runner step, one optimizer per phase, its max phase read from the runner's
+    epoch) and LoRA (peft adapters injected in the worker, merged by finish() before the final checkpoint): the
+    driver gets the same finished model, with the original parameter names, as in process."""
+    local = _fit(digits_class, name, epochs=3, **kw)
+    remote = _fit(digits_class, name, epochs=3, backend="ray_train", num_workers=1, **kw)
+    _assert_same_weights(local.model, remote.model)
+    assert [n for n, _ in remote.model.named_parameters()] == [n for n, _ in digits_class.original.named_parameters()]
+
+
+def test_config_execution_key_selects_the_ray_train_runner(digits_class, monkeypatch):
+    """``execution: {backend: ray_train, num_workers: 2}`` in a job YAML builds a RayTrainRunner with 2 workers and the
+    config's runner settings (its run is replaced by the local one here: the real run is the slow tests' job)."""
+    from erasus_ray.experiment import JobConfig, run_job
+    from erasus_ray.runners.ray_train import RayTrainRunner
+
+    cfg = JobConfig.from_yaml(ROOT / "examples" / "configs" / "digits_class_ray_train.yaml")
+    assert cfg.execution == {"backend": "ray_train", "num_workers": 2, "max_failures": 1}
+    seen = []
+
+    def run(self, strategy, ctx):
+        seen.append({"num_workers": self.num_workers, "max_failures": self.max_failures, "epochs": self.config.epochs,
+                     "retain_batch_size": self.config.retain_batch_size, "strategy": strategy.name})
+        return LocalRunner(self.config).run(strategy, ctx)
+
+    monkeypatch.setattr(RayTrainRunner, "run", run)
+    cfg.runner["epochs"] = 2  # keep the stand-in run short
+    job = run_job(cfg, bench=digits_class, progress=False)
+    assert seen == [{"num_workers": 2, "max_failures": 1, "epochs": 2, "retain_batch_size": 128, "strategy": "grad_diff"}]
+    assert job["config"]["backend"] == "ray_train" and job["config"]["scaling"]["num_workers"] == 2
+
+
+# --- strategies that compute on the driver ----------------------------------------------------------------------
+def _default(name):
+    return STRATEGIES.create(name)
+
+
+DRIVER_ONLY = [n for n in STRATEGIES.names() if _default(n).driver_only()]
+
+
+def test_driver_only_list():
+    """The strategies whose work is not optimizer steps through the runner (they override unlearn())."""
+    assert set(DRIVER_ONLY) == {"fisher_forgetting", "ssd", "sisa", "certified_removal", "retrain", "neuron_pruning",
+                                "attention_surgery", "activation_steering"}
+    for name in DRIVER_ONLY:
+        assert STRATEGIES.get(name).unlearn is not Strategy.unlearn
+
+
+@pytest.mark.parametrize("name", DRIVER_ONLY)
+def test_driver_only_strategies_are_refused_by_ray_train(name, digits_class, tiny_lm):
+    supported = STRATEGIES.get(name).supported_tasks
+    model, task = (digits_class.original, digits_class.task)
+    if supported is not None and "classification" not in supported:
+        model, task = tiny_lm["model"], tiny_lm["task"]
+    with pytest.raises(InvalidConfigError, match=rf"strategy '{name}' cannot run under backend='ray_train': .*calling process.*backend='local'"):
+        ErasusUnlearner(model, strategy=name, task=task, backend="ray_train", num_workers=2)
+    ErasusUnlearner(model, strategy=name, task=task, backend="local")  # fine in process
+
+
+def test_amnesiac_with_a_log_and_meta_stages_are_refused_by_ray_train(digits_class):
+    from erasus_ray.strategies.amnesiac import AmnesiacLog, Amnesiac
+
+    b = digits_class
+    log = AmnesiacLog(param_names=[], shapes=[])
+    assert Amnesiac().driver_only() is None, "the relabelling fallback is a loss: it runs in the workers"
+    with pytest.raises(InvalidConfigError, match="'amnesiac' cannot run under backend='ray_train': with a training log"):
+        ErasusUnlearner(b.original, strategy=Amnesiac(log=log), backend="ray_train")
+    with pytest.raises(InvalidConfigError, match="'pipeline' cannot run under backend='ray_train': its stage 'ssd'"):
+        ErasusUnlearner(b.original, strategy=StrategyPipeline(["grad_diff", "ssd"]), backend="ray_train")
+    with pytest.raises(InvalidConfigError, match="'ensemble' cannot run under backend='ray_train': its stage 'fisher_forgetting'"):
+        ErasusUnlearner(b.original, strategy="ensemble", members=["grad_diff", "fisher_forgetting"], backend="ray_train")
+    # auto decides at run time: budget='exact' picks retrain, refused before any Ray Train run starts
+    auto = ErasusUnlearner(b.original, strategy="auto", budget="exact", selector=None, task=b.task, progress=False,
+                           backend="ray_train", model_factory=b.model_factory, recipe=b.recipe)
+    with pytest.raises(InvalidConfigError, match="'retrain' cannot run under a distributed runner"):
+        auto.fit(forget_data=b.forget, retain_data=b.retain)
+
+
+def _override_unlearn_but_use_the_runner():
+    names = []
+    for n in STRATEGIES.names():
+        cls = STRATEGIES.get(n)
+        if cls.unlearn is Strategy.unlearn or _default(n).driver_only() or cls.contract_exempt_reason:
+            continue
+        if cls.supported_tasks is None or "classification" in cls.supported_tasks:
+            names.append(n)
+    return names
+
+
+#: settings that exercise every training branch of a strategy's unlearn() (dexperts' retain expert is off by default)
+BRANCHES = {"dexperts": {"expert_epochs": 1}}
+
+
+@pytest.mark.parametrize("name", _override_unlearn_but_use_the_runner())
+def test_strategies_that_override_unlearn_step_only_inside_runner_run(name, digits_class):
+    """Any strategy that is not declared driver-only but has its own unlearn() (locate-then-edit, inference-time
+    experts, meta strategies, ...) takes every optimizer step inside the runner's run(), so under Ray Train they all
+    happen in the workers. A global optimizer hook catches a step taken anywhere else (e.g. a LocalRunner made on
+    the driver)."""
+    b = digits_class
+    depth = [0]
+    runs = [0]
+    outside: list[str] = []
+
+    class SpyDistributedRunner(LocalRunner):
+        distributed = True
+
+        def run(self, strategy, ctx):
+            runs[0] += 1
+            depth[0] += 1
+            try:
+                return super().run(strategy, ctx)
+            finally:
+                depth[0] -= 1
+
+    def hook(optimizer, args, kwargs):
+        if depth[0] == 0:
+            outside.append(type(optimizer).__name__)
+
+    unlearner = ErasusUnlearner(b.original, strategy=name, selector=None, fraction=None, task=b.task, progress=False, epochs=2,
+                                backend="ray_train", model_factory=b.model_factory, recipe=b.recipe, **BRANCHES.get(name, {}))
+    unlearner.make_runner = SpyDistributedRunner
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        unlearner.fit(forget_data=b.forget, retain_data=b.retain)
+    finally:
+        handle.remove()
+    assert runs[0] >= 1 and not outside, f"{name}: {len(outside)} optimizer step(s) outside runner.run ({runs[0]} runs)"
+
+
+# --- 2 workers ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_workers_unlearn_and_resume_after_a_killed_worker_to_the_uninterrupted_result(digits_class, ray_cluster, tmp_path):
+    """Kill rank 1 after epoch 2's checkpoint; the restarted group resumes at epoch 2 (model, optimizer, report
+    restored, retain stream replayed) and ends at the weights of an uninterrupted run (up to all-reduce rounding)."""
     b = digits_class
     marker = tmp_path / "killed-once"
 
@@ -38,18 +187,42 @@ def test_two_workers_unlearn_and_resume_after_a_killed_worker(digits_class, ray_
             os._exit(1)  # the worker process dies mid-run
 
     from erasus_ray.runners.ray_train import RayTrainRunner
-    from erasus_ray.runners import RunnerConfig
 
-    unlearner = ErasusUnlearner(b.original, strategy="grad_diff", selector="el2n", fraction=0.2, progress=False,
-                                retain_batch_size=64, backend="ray_train", num_workers=2, max_failures=2)
-    original_make = unlearner.make_runner
-    unlearner.make_runner = lambda cfg: RayTrainRunner(cfg, num_workers=2, max_failures=2, after_epoch=kill_once)
-    res = unlearner.fit(forget_data=b.forget, retain_data=b.retain)
+    def fit(after_epoch):
+        unlearner = ErasusUnlearner(b.original, strategy="grad_diff", selector="el2n", fraction=0.2, progress=False,
+                                    retain_batch_size=64, epochs=4, backend="ray_train", num_workers=2, max_failures=2)
+        unlearner.make_runner = lambda cfg: RayTrainRunner(cfg, num_workers=2, max_failures=2, after_epoch=after_epoch)
+        return unlearner.fit(forget_data=b.forget, retain_data=b.retain)
+
+    res = fit(kill_once)
     assert marker.exists(), "the fault was injected"
-    assert any("resumed_from_epoch" in h for h in res.report.history)
+    assert any(h.get("resumed_from_epoch") == 2 for h in res.report.history)
     m = evaluate(res.model, forget=b.forget, retain=b.retain, test=b.test, gold=b.gold)
     assert m["forget_acc"] <= 0.05 and m["retain_acc"] >= 0.95
-    del original_make
+    uninterrupted = fit(None)
+    assert not any("resumed_from_epoch" in h for h in uninterrupted.report.history)
+    assert res.report.steps == uninterrupted.report.steps
+    _assert_same_weights(res.model, uninterrupted.model, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_workers_run_npo_on_the_authors_gpt2(ray_cluster):
+    """A causal-LM strategy under Ray Train: NPO on the tiny GPT-2 of authors (ci variant, forget10), 2 workers."""
+    from erasus_ray.benchmarks import load_benchmark
+    from erasus_ray.experiment import JobConfig, run_job
+
+    b = load_benchmark("authors", "forget10", 0, variant="ci")
+    gold = evaluate(b.gold, forget=b.forget, retain=b.retain, test=b.test, task=b.task, seed=0)
+    original = evaluate(b.original, forget=b.forget, retain=b.retain, test=b.test, task=b.task, gold_metrics=gold, seed=0)
+    cfg = JobConfig.from_dict({"benchmark": "authors", "scenario": "forget10", "seed": 0, "strategy": "npo", "selector": None,
+                               "fraction": 1.0, "benchmark_options": {"variant": "ci"},
+                               "execution": {"backend": "ray_train", "num_workers": 2}})
+    job = run_job(cfg, bench=b, gold_metrics=gold, progress=False, fraction=1.0)
+    assert job["config"]["backend"] == "ray_train" and job["config"]["scaling"]["num_workers"] == 2
+    assert job["report"]["steps"] > 0 and job["timings"]["unlearn"] > 0
+    assert job["metrics"]["forget_loss"] > original["forget_loss"] + 0.5, "the forget answers lost their fit"
+    assert job["metrics"]["avg_gap"] < original["avg_gap"], (job["metrics"]["avg_gap"], original["avg_gap"])
+    assert [n for n, _ in job["result"].model.named_parameters()] == [n for n, _ in b.original.named_parameters()]
 
 
 def test_bad_backend_arguments(digits_class):

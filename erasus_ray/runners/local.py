@@ -22,6 +22,10 @@ from erasus_ray.errors import InvalidConfigError, NonFiniteLossError
 from erasus_ray.strategies.base import Strategy, UnlearnContext
 
 
+#: The phase of a loss that names none (see :meth:`~erasus_ray.strategies.Strategy.step_losses`).
+MAIN_PHASE = "main"
+
+
 @dataclass
 class RunnerConfig:
     """How a strategy is executed.
@@ -34,7 +38,8 @@ class RunnerConfig:
         grad_clip: max gradient norm (None: no clipping; the norm is still checked for NaN/inf).
         precision: ``"32"`` or ``"bf16-mixed"`` (autocast where the device supports bf16).
         forget_target: stop early once the accuracy on the coreset falls to or below this value.
-        max_steps: hard cap on optimizer steps.
+        max_steps: hard cap on runner steps (paired forget/retain steps; a strategy with several losses per step,
+            such as SCRUB, takes one optimizer step per loss).
         progress: show a progress bar.
         seed: seeds the shuffling of both loaders.
     """
@@ -95,7 +100,8 @@ def _cycle(loader: DataLoader) -> Iterator[Batch]:
 
 
 class StepExecutor:
-    """One optimizer step of a strategy on a (forget batch, retain batch) pair. Where it runs is not its concern."""
+    """One runner step of a strategy on a (forget batch, retain batch) pair: one optimizer step per loss the
+    strategy yields (usually one). Where it runs is not its concern."""
 
     def __init__(
         self,
@@ -112,6 +118,7 @@ class StepExecutor:
         if not self.params:
             raise InvalidConfigError("the model has no trainable parameters")
         self.optimizer = make_optimizer(config.optimizer, self.params, config.lr)
+        self.phase_optimizers: dict[str, torch.optim.Optimizer] = {}
         use_bf16 = config.precision == "bf16-mixed"
         self._autocast = (
             (lambda: torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16))
@@ -120,29 +127,63 @@ class StepExecutor:
         )
 
     def step(self, forget: Batch | None, retain: Batch | None) -> dict[str, float]:
-        """Compute the loss, check it, backpropagate, check gradients, step. Raises NonFiniteLossError
-        *before* touching the weights if the loss or the gradient norm is NaN/inf."""
+        """One runner step: for each loss of :meth:`Strategy.step_losses` (usually one), compute it, check it,
+        backpropagate, check the gradients and take an optimizer step (that of the loss's phase). Raises
+        NonFiniteLossError *before* touching the weights if a loss or its gradient norm is NaN/inf (earlier
+        optimizer steps of the same runner step stay applied: they were good). Logs: the strategy's, plus ``loss``
+        (the sum of the step's losses)."""
         ctx = self.ctx
         ctx.model.train()
-        with self._autocast():
-            loss, logs = self.strategy.loss(ctx, forget, retain)
+        total, logs = 0.0, {}
+        losses = self.strategy.step_losses(ctx, forget, retain)
+        while True:
+            with self._autocast():
+                item = next(losses, None)
+            if item is None:
+                break
+            loss, step_logs, *phase = item
+            self._apply(loss, self.optimizer_for(phase[0] if phase else MAIN_PHASE))
+            total += float(loss.detach())
+            logs.update({k: float(v) for k, v in step_logs.items()})
+        return {"loss": total, **logs}
+
+    def optimizer_for(self, phase: str) -> torch.optim.Optimizer:
+        """``self.optimizer`` for the main phase; another phase's own optimizer of the same kind, made on first use.
+
+        Per-phase state matters for alternating objectives: with one shared Adam, SCRUB's max-step gradients
+        enter the min-step's moment estimates and back, and on digits class 3 seed 2 the max-steps then end at
+        forget accuracy 0.99 (separate states: 0.00)."""
+        if phase == MAIN_PHASE:
+            return self.optimizer
+        if phase not in self.phase_optimizers:
+            self.phase_optimizers[phase] = make_optimizer(self.config.optimizer, self.params, self.config.lr)
+        return self.phase_optimizers[phase]
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """Every optimizer's state (for checkpoints)."""
+        return {MAIN_PHASE: self.optimizer.state_dict(), **{k: o.state_dict() for k, o in self.phase_optimizers.items()}}
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        for phase, value in state.items():
+            self.optimizer_for(phase).load_state_dict(value)
+
+    def _apply(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         # Data-parallel workers must all reach the gradient all-reduce, so there a NaN loss is caught by the
         # (synchronised) gradient-norm check below, which every worker then sees alike.
         if self.grad_sync is None and not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite loss ({loss.item()})")
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_sync is not None:  # data-parallel workers average gradients here (see runners.ray_train)
             self.grad_sync(self.params)
-        self.strategy.before_step(ctx)
+        self.strategy.before_step(self.ctx)
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             what = "loss" if not torch.isfinite(loss) else "gradient norm"
             raise NonFiniteLossError(f"non-finite {what} ({(loss if what == 'loss' else norm).item()})")
-        self.optimizer.step()
-        return {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}
+        optimizer.step()
 
 
 @torch.no_grad()
@@ -159,6 +200,9 @@ def coreset_accuracy(ctx: UnlearnContext, loader: DataLoader) -> float:
 
 class LocalRunner:
     """Runs a strategy in this process: epochs over the coreset, paired retain steps, early stop, NaN guard."""
+
+    #: whether steps run in other processes (strategies that compute on the driver are refused there)
+    distributed: bool = False
 
     def __init__(self, config: RunnerConfig | None = None) -> None:
         self.config = (config or RunnerConfig()).validate()
@@ -202,8 +246,11 @@ class LocalRunner:
         """The epoch loop shared by every runner.
 
         Each epoch reseeds the loaders' shuffling with ``(seed, epoch)``, so a run resumed at epoch ``e`` sees the
-        same forget order as an uninterrupted one. ``steps_per_epoch`` (default: one pass over the forget loader)
-        lets data-parallel workers with unequal shards take the same number of synchronised steps.
+        same forget order as an uninterrupted one; the retain stream, which cycles across epochs, is replayed
+        (data loading only, no forward pass) through the ``e`` finished epochs, so the resumed run also pairs the
+        same retain batches. ``steps_per_epoch`` (default: one pass over the forget loader) lets data-parallel
+        workers with unequal shards take the same number of synchronised steps. Before every step the runner sets
+        ``ctx.epoch``, ``ctx.step`` and ``ctx.total_steps``.
         """
         cfg = self.config
         report = report or RunReport()
@@ -212,6 +259,19 @@ class LocalRunner:
         total = cfg.epochs * per_epoch
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
+        ctx.total_steps = total
+
+        def reseed(epoch: int) -> None:
+            for loader, offset in ((forget_loader, 0), (retain_loader, 1)):
+                generator = getattr(loader, "generator", None)
+                if generator is not None:
+                    generator.manual_seed(cfg.seed * 100_003 + epoch * 2 + offset)
+
+        if retain_iter is not None:
+            for epoch in range(start_epoch):  # replay what the finished epochs drew from the retain stream
+                reseed(epoch)
+                for _ in range(min(per_epoch, max(0, total - epoch * per_epoch))):
+                    next(retain_iter)
         bar = None
         if cfg.progress:
             from tqdm.auto import tqdm
@@ -219,10 +279,8 @@ class LocalRunner:
             bar = tqdm(total=total, initial=min(report.steps, total), desc=f"unlearn[{strategy.name}]", leave=False, disable=None)
         try:
             for epoch in range(start_epoch, cfg.epochs):
-                for loader, offset in ((forget_loader, 0), (retain_loader, 1)):
-                    generator = getattr(loader, "generator", None)
-                    if generator is not None:
-                        generator.manual_seed(cfg.seed * 100_003 + epoch * 2 + offset)
+                reseed(epoch)
+                ctx.epoch = epoch
                 sums: dict[str, float] = {}
                 n = 0
                 forget_iter = _cycle(forget_loader)
@@ -231,6 +289,7 @@ class LocalRunner:
                         break
                     forget = next(forget_iter)
                     retain = next(retain_iter) if retain_iter is not None else None
+                    ctx.step = report.steps
                     logs = executor.step(forget.to(ctx.device), None if retain is None else retain.to(ctx.device))
                     report.steps += 1
                     report.forget_samples += len(forget)

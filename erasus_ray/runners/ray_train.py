@@ -6,7 +6,18 @@ as :class:`~erasus_ray.runners.LocalRunner`, and averages gradients with an all-
 process (parameter names, hooks, masks). Rank 0 writes a checkpoint (weights, optimizer, epoch, report) after
 every epoch; with ``FailureConfig(max_failures)`` a killed worker group restarts from the last one.
 Strategy ``setup`` always runs on the original weights, so references (NPO's log-likelihoods, SCRUB's teacher)
-survive a restart unchanged.
+survive a restart unchanged; the restored state is the model, the optimizer, the epoch and the report, and the
+retain stream is replayed, so a resumed run takes the same steps as an uninterrupted one (what is not
+checkpointed: the global torch RNG, which only strategies drawing random numbers per step - dropout - read).
+After the last epoch every worker runs the strategy's ``finish`` (merging LoRA adapters, folding masks) and rank
+0 writes a final checkpoint of the finished model, which the driver loads: the returned model has the
+architecture the strategy leaves, exactly as with the local runner.
+
+Only strategies whose optimizer steps all go through ``runner.run`` can run here. Strategies that compute in the
+calling process (Fisher noise, SSD, Newton steps, SISA shard retraining, pruning; see
+:meth:`~erasus_ray.strategies.Strategy.driver_only`) are refused with an error instead of silently running on the
+driver. What a strategy's ``unlearn`` puts in ``ctx.state`` before calling the runner (e.g. the layers
+``causal_tracing`` located) travels to the workers.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import torch
 from erasus_ray.distributed.pool import ensure_ray, materialise
 from erasus_ray.errors import ErasusError
 from erasus_ray.runners.local import LocalRunner, RunnerConfig, RunReport, StepExecutor
-from erasus_ray.strategies.base import Strategy, UnlearnContext
+from erasus_ray.strategies.base import Strategy, UnlearnContext, refuse_driver_only
 
 STATE_FILE = "unlearn_state.pt"
 
@@ -68,6 +79,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         forget_weights=config["forget_weights"],
         model_factory=None,
         recipe=None,
+        state=dict(config["state"]),
     )
     rcfg: RunnerConfig = replace(config["runner"], progress=False)
     runner = LocalRunner(rcfg)
@@ -79,8 +91,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
+        if state.get("final"):  # restarted after the finished model was saved: nothing left to do
+            return
         model.load_state_dict(state["model"])
-        executor.optimizer.load_state_dict(state["optimizer"])
+        executor.load_optimizer_state(state["optimizer"])
         start_epoch, report = state["epoch"], RunReport(**state["report"])
         report.history.append({"resumed_from_epoch": start_epoch})
     forget_loader, retain_loader = runner.loaders(strategy, ctx)
@@ -91,7 +105,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             ckpt = None
             if rank == 0:
-                state = {"model": model.state_dict(), "optimizer": executor.optimizer.state_dict(), "epoch": epoch, "report": asdict(rep)}
+                state = {"model": model.state_dict(), "optimizer": executor.optimizer_state(), "epoch": epoch, "report": asdict(rep)}
                 torch.save(state, Path(folder) / STATE_FILE)
                 ckpt = Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=ckpt)
@@ -99,15 +113,25 @@ def _train_loop(config: dict[str, Any]) -> None:
         if hook is not None:
             hook(epoch, rank)
 
-    runner.run_epochs(
+    report = runner.run_epochs(
         strategy, ctx, executor, forget_loader, retain_loader, start_epoch=start_epoch, report=report,
         steps_per_epoch=steps_per_epoch, on_epoch_end=on_epoch_end,
     )
-    strategy.finish(ctx)
+    strategy.finish(ctx)  # on every worker: identical weights, so identical finished models
+    with tempfile.TemporaryDirectory() as folder:
+        ckpt = None
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "final": True, "report": asdict(report)}, Path(folder) / STATE_FILE)
+            ckpt = Checkpoint.from_directory(folder)
+        ray.train.report({"epoch": report.epochs, "steps": report.steps, "final": 1}, checkpoint=ckpt)
 
 
 class RayTrainRunner:
     """Executes a loss-based strategy with ``ray.train.torch.TorchTrainer``.
+
+    Cost: a TorchTrainer start (worker group, process group; ~20-40 s on a 2-core machine) plus, per epoch, the
+    local runner's steps on ``1 / num_workers`` of the coreset and retain batches, one gradient all-reduce per
+    optimizer step and one checkpoint written by rank 0.
 
     Args:
         config: the same :class:`RunnerConfig` the local runner takes.
@@ -138,14 +162,17 @@ class RayTrainRunner:
         self.after_epoch = after_epoch
         self.last_checkpoint: str | None = None
 
+    distributed = True
+
     def run(self, strategy: Strategy, ctx: UnlearnContext) -> RunReport:
+        refuse_driver_only(strategy)
         ray = ensure_ray()
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         storage = self.storage_path or tempfile.mkdtemp(prefix="erasus-ray-train-")
         name = f"erasus-unlearn-{strategy.name}-{uuid.uuid4().hex[:8]}"
-        cpu_model = ctx.model.to("cpu")
+        cpu_model = ctx.model.to("cpu")  # workers place their copy on their own device
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={
@@ -155,6 +182,7 @@ class RayTrainRunner:
                 "forget": materialise(ctx.forget),
                 "retain": None if ctx.retain is None else materialise(ctx.retain),
                 "forget_weights": ctx.forget_weights,
+                "state": ctx.state,
                 "seed": ctx.seed,
                 "runner": self.config,
                 "after_epoch": self.after_epoch,
@@ -176,6 +204,6 @@ class RayTrainRunner:
         with result.checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
         ctx.model.load_state_dict(state["model"])
-        ctx.model.eval()
+        ctx.model.to(ctx.device).eval()
         del ray
         return RunReport(**state["report"])

@@ -3,14 +3,14 @@ sparsity masks): the objective is composed, never copied."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from erasus_ray.data import Batch
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
+from erasus_ray.strategies.base import STRATEGIES, StepLoss, Strategy, UnlearnContext
 
 
 class ComposedStrategy(Strategy):
@@ -39,7 +39,16 @@ class ComposedStrategy(Strategy):
         self._inner.setup(ctx)
 
     def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, Any]]:
-        return self._inner.loss(ctx, forget, retain)
+        return self.constrain(ctx, *self._inner.loss(ctx, forget, retain))
+
+    def step_losses(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> Iterator[StepLoss]:
+        # the objective's own sequence (e.g. SCRUB's max- then min-step), each loss under the constraint
+        for loss, logs, *phase in self._inner.step_losses(ctx, forget, retain):
+            yield (*self.constrain(ctx, loss, logs), *phase)
+
+    def constrain(self, ctx: UnlearnContext, loss: torch.Tensor, logs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A term the constraint adds to every objective loss (e.g. a mask's sparsity penalty); default: none."""
+        return loss, logs
 
     def before_step(self, ctx: UnlearnContext) -> None:
         self._inner.before_step(ctx)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
+from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, refuse_driver_only
 from erasus_ray.utils import seed_everything
 
 if TYPE_CHECKING:
@@ -138,6 +138,8 @@ def stage_config(base: "RunnerConfig", stage: Stage, overrides: Mapping[str, Any
 
 def run_stage(stage: Stage, ctx: UnlearnContext, runner: "LocalRunner") -> tuple["RunReport", "RunnerConfig", float]:
     """Run one inner strategy on ``ctx`` with a copy of ``runner``; returns (report, config used, seconds)."""
+    if getattr(runner, "distributed", False):  # e.g. auto's run-time choice; construction checks the rest
+        refuse_driver_only(stage.strategy, "a distributed runner (backend='ray_train')")
     overrides = ctx.state.get("runner_overrides", {})
     config = stage_config(runner.config, stage, overrides)
     inner = copy.copy(runner)  # same runner type and scaling (local or Ray Train), another config
@@ -182,7 +184,21 @@ def merge_reports(
 
 
 class _MetaBase(Strategy):
-    """Marker base of strategies that run other strategies (they override :meth:`unlearn`, never :meth:`loss`)."""
+    """Base of strategies that run other strategies (they override :meth:`unlearn`, never :meth:`loss`).
+
+    They pass their runner on to every inner run, so under Ray Train each stage trains in the workers; what they
+    do themselves (order stages, average or score members) is bookkeeping in the calling process."""
+
+    def inner_stages(self) -> list[Stage]:
+        """The stages known at construction (``auto`` decides its one at run time: none)."""
+        return []
+
+    def driver_only(self) -> str | None:
+        for stage in self.inner_stages():
+            reason = stage.strategy.driver_only()
+            if reason:
+                return f"its stage {stage.strategy.name!r}: {reason}"
+        return None
 
 
 @dataclass

@@ -178,6 +178,10 @@ class ActivationSteering(Strategy):
     """
 
     needs_retain = True
+    driver_only_reason = (
+        "the steering vector is computed in the calling process (forward passes only) and applied at "
+        "inference time"
+    )
     #: read by the LM registry contract (tests/test_strategies.py): its fixture forgets exchangeable random sequences.
     lm_contract_exempt_reason = (
         "a mean-difference direction needs a concept shared by the forget samples; the contract LM forgets 8 random "

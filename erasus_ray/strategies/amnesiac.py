@@ -191,6 +191,11 @@ class Amnesiac(Strategy):
         self.alpha = self.check_range("alpha", alpha, 0.0, 1e6)
         self.strict = bool(strict)
 
+    def driver_only(self) -> str | None:
+        if self.log is None:
+            return None  # the relabelling fallback is a loss the runner drives
+        return "with a training log the logged updates are subtracted and the retain fine-tuning runs in the calling process"
+
     # --- with a training log -------------------------------------------------------------------------------
     def check_log(self, model: nn.Module, log: AmnesiacLog) -> dict[str, nn.Parameter]:
         """The model's trainable parameters, after checking that the log was recorded for this model."""

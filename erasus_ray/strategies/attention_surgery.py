@@ -159,6 +159,10 @@ class AttentionSurgery(Strategy):
     """
 
     needs_retain = True
+    driver_only_reason = (
+        "head scores and head zeroing are computed in the calling process; there are no optimizer steps to "
+        "distribute"
+    )
     supported_tasks = ("causal_lm",)
     #: read by the LM registry contract (tests/test_strategies.py).
     lm_contract_exempt_reason = (

@@ -6,13 +6,16 @@ Following OpenUnlearning, a method is a loss and the loop is shared: a loss-base
 are not losses (retraining, Fisher noise, Newton steps, shard retraining) override :meth:`unlearn` directly.
 
 Each runner step pairs one forget batch of the coreset with one retain batch drawn from a cycling retain
-iterator, so the cost of an epoch is proportional to the coreset size, not to the retain set.
+iterator, so the cost of an epoch is proportional to the coreset size, not to the retain set. A step is usually one
+optimizer step on one loss; a strategy whose algorithm alternates objectives (SCRUB's max- and min-steps) yields
+several losses from :meth:`Strategy.step_losses`, each minimised by its own optimizer step at the weights the
+previous one left.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
     from erasus_ray.runners.local import LocalRunner, RunReport
 
 STRATEGIES: Registry["Strategy"] = Registry("strategy")
+
+#: One optimizer step's objective from :meth:`Strategy.step_losses`: ``(loss, logs)`` or ``(loss, logs, phase)``.
+StepLoss = tuple[torch.Tensor, dict[str, Any]] | tuple[torch.Tensor, dict[str, Any], str]
 
 
 def weighted_mean(values: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -50,7 +56,10 @@ class UnlearnContext:
         full_forget: the whole forget set (for strategies or monitors that need it; never iterated by default).
         model_factory: builds a fresh, untrained model (used by ``retrain``).
         recipe: the original training recipe (used by ``retrain``).
-        state: scratch space for the strategy (reference outputs, masks, ...).
+        state: scratch space for the strategy (reference outputs, masks, ...). Under a distributed runner what
+            ``unlearn`` put here on the driver travels to every worker (it must pickle).
+        epoch, step, total_steps: set by the runner before every step: the 0-based epoch, the runner steps already
+            taken (a resumed run continues the count) and the planned number of steps (None outside a runner).
     """
 
     model: nn.Module
@@ -64,6 +73,9 @@ class UnlearnContext:
     recipe: Any = None
     forget_weights: dict[int, float] | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    step: int = 0
+    total_steps: int | None = None
 
     def forward(self, batch: Batch, *, model: nn.Module | None = None, features: bool = False) -> TaskOutput:
         return self.task.forward(model or self.model, batch.data, features=features)
@@ -90,6 +102,10 @@ class Strategy:
     #: Why the generic registry contract (a plain model + forget/retain sets) cannot run this strategy, e.g. it
     #: needs a SISA-trained ensemble or a convex head; such strategies carry their own method-specific tests.
     contract_exempt_reason: ClassVar[str | None] = None
+    #: Why this strategy cannot run under a distributed runner (``backend="ray_train"``): it computes its update in
+    #: the calling process instead of through ``runner.run`` (Fisher noise, SSD dampening, Newton steps, shard
+    #: retraining). None: every optimizer step it takes goes through the runner. See :meth:`driver_only`.
+    driver_only_reason: ClassVar[str | None] = None
 
     def __init__(self, **hparams: Any) -> None:
         if hparams:
@@ -101,7 +117,19 @@ class Strategy:
 
     def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, float]]:
         """The objective of one paired step; returns ``(loss, logs)``. Minimised by the runner."""
-        raise NotImplementedError(f"{self.name} is not loss-based; it overrides unlearn()")
+        raise NotImplementedError(f"{self.name} defines no single paired loss; it overrides step_losses() or unlearn()")
+
+    def step_losses(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> Iterator[StepLoss]:
+        """The losses of one runner step, in order, each minimised by its own optimizer step.
+
+        A generator of ``(loss, logs)`` or ``(loss, logs, phase)``: the runner applies the optimizer step of one
+        loss before asking for the next, so a later loss is computed at the weights the earlier steps left (SCRUB's
+        min-step after its max-step). Losses of the same ``phase`` (a name; default ``"main"``) share one optimizer
+        state, each other phase gets its own optimizer of the same kind (Adam's moment estimates belong to one
+        objective). Default: the single paired :meth:`loss`. The number of losses may depend on ``ctx.epoch`` /
+        ``ctx.step`` but not on the batches' content, so data-parallel workers take the same synchronised steps.
+        """
+        yield self.loss(ctx, forget, retain)
 
     def before_step(self, ctx: UnlearnContext) -> None:
         """Called after backward, before the optimizer step (e.g. to mask gradients)."""
@@ -113,6 +141,11 @@ class Strategy:
     def unlearn(self, ctx: UnlearnContext, runner: "LocalRunner") -> "RunReport":
         """Run the strategy. Loss-based strategies let the runner drive them; others override this."""
         return runner.run(self, ctx)
+
+    def driver_only(self) -> str | None:
+        """Why this strategy, as configured, would compute in the calling process rather than through the runner
+        (so a distributed runner must refuse it), or None. Meta strategies also answer for their stages."""
+        return self.driver_only_reason
 
     def hparams(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -127,3 +160,13 @@ class Strategy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hparams().items())})"
+
+
+def refuse_driver_only(strategy: Strategy, where: str = "backend='ray_train'") -> None:
+    """Raise :class:`InvalidConfigError` if ``strategy`` would compute in the calling process (see
+    :meth:`Strategy.driver_only`): a distributed runner must not silently run it on the driver."""
+    reason = strategy.driver_only()
+    if reason:
+        raise InvalidConfigError(
+            f"strategy {strategy.name!r} cannot run under {where}: {reason}. Use backend='local' for it"
+        )

@@ -363,6 +363,9 @@ class CertifiedRemoval(Strategy):
     """
 
     needs_retain = True
+    driver_only_reason = (
+        "the Newton step on the convex head is computed in the calling process"
+    )
     supported_tasks = ("classification",)
     contract_exempt_reason = (
         "certified_removal needs a convex head fitted by train_certified_head (the exact optimum of the perturbed "

@@ -117,8 +117,6 @@ class DExperts(Strategy):
     def unlearn(self, ctx: UnlearnContext, runner: "LocalRunner") -> "RunReport":
         from dataclasses import replace
 
-        from erasus_ray.runners.local import LocalRunner
-
         base = ctx.model
         anti = copy.deepcopy(base)
         for p in anti.parameters():
@@ -133,7 +131,10 @@ class DExperts(Strategy):
                 p.requires_grad_(True)
             # the expert is the same objective on the retain set: epochs are passes over the retain set
             expert_ctx = replace(ctx, model=expert, forget=ctx.retain, forget_weights=None, state={})
-            expert_report = LocalRunner(replace(runner.config, epochs=self.expert_epochs)).run(_FitForget(), expert_ctx)
+            # the same runner (local or Ray Train) with the expert's epochs
+            expert_runner = copy.copy(runner)
+            expert_runner.config = replace(runner.config, epochs=self.expert_epochs)
+            expert_report = expert_runner.run(_FitForget(), expert_ctx)
             report.steps += expert_report.steps
             report.retain_samples += expert_report.forget_samples
         for member in (base, anti, expert):

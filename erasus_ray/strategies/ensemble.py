@@ -161,6 +161,9 @@ class Ensemble(_MetaBase):
     def members(self) -> list[Stage]:
         return list(self._members)
 
+    def inner_stages(self) -> list[Stage]:
+        return list(self._members)
+
     def hparams(self) -> dict[str, Any]:
         return {
             "members": [m.describe() for m in self._members],

@@ -124,6 +124,10 @@ class FisherForgetting(Strategy):
     """
 
     needs_retain = True
+    driver_only_reason = (
+        "the diagonal retain Fisher and the noise draw are computed in the calling process; there are no "
+        "optimizer steps to distribute"
+    )
     uses_forget = False
 
     def __init__(

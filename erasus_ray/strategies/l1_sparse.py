@@ -3,15 +3,12 @@ Machine Unlearning")."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from erasus_ray.data import Batch
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
-
-if TYPE_CHECKING:
-    from erasus_ray.runners.local import LocalRunner, RunReport
 
 
 @STRATEGIES.register("l1_sparse")
@@ -22,8 +19,9 @@ class L1Sparse(Strategy):
 
     (the paper's "l1-sparse MU" with its linearly decaying scheduler: strong sparsity pressure early, plain
     fine-tuning at the end; the reference code decays per epoch, this per step). ``T`` is the run's total number of
-    steps, read from the runner in :meth:`unlearn`; a runner that calls :meth:`loss` without it gets a constant
-    ``gamma``. Like ``fine_tune``, the forget batches only pace the run.
+    steps and ``t`` the steps taken, both set by the runner (``ctx.total_steps``, ``ctx.step``; a resumed Ray Train
+    run continues the schedule); called outside a runner, the weight is a constant ``gamma``. Like ``fine_tune``,
+    the forget batches only pace the run.
 
     Args:
         gamma: initial l1 weight (reference code: 5e-4 with SGD; the penalty's gradient is ``gamma * sign(theta)``).
@@ -49,29 +47,15 @@ class L1Sparse(Strategy):
         super().__init__()
         self.gamma = self.check_range("gamma", gamma, 0.0, 1e3)
 
-    def unlearn(self, ctx: UnlearnContext, runner: "LocalRunner") -> "RunReport":
-        cfg = runner.config
-        steps_per_epoch = -(-len(ctx.forget) // cfg.batch_size)
-        total = cfg.epochs * steps_per_epoch
-        if cfg.max_steps is not None:
-            total = min(total, cfg.max_steps)
-        ctx.state["l1_total_steps"] = max(total, 1)
-        return runner.run(self, ctx)
-
-    def setup(self, ctx: UnlearnContext) -> None:
-        ctx.state["l1_step"] = 0
-
     def coefficient(self, ctx: UnlearnContext) -> float:
         """``gamma * (1 - t / T)`` at the current step (constant ``gamma`` when ``T`` is unknown)."""
-        total = ctx.state.get("l1_total_steps")
-        if total is None:
+        if not ctx.total_steps:
             return self.gamma
-        return self.gamma * max(0.0, 1.0 - ctx.state.get("l1_step", 0) / total)
+        return self.gamma * max(0.0, 1.0 - ctx.step / ctx.total_steps)
 
     def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, Any]]:
         retain_loss = ctx.forward(retain).sample_loss().mean()
         coef = self.coefficient(ctx)
-        ctx.state["l1_step"] = ctx.state.get("l1_step", 0) + 1
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         l1 = torch.stack([p.abs().sum() for p in params]).sum()
         total = retain_loss + coef * l1

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from erasus_ray.data import Batch
 from erasus_ray.strategies._composed import ComposedStrategy, freeze_except, unfreeze
 from erasus_ray.strategies.base import STRATEGIES, UnlearnContext
 from erasus_ray.strategies.lora_unlearning import _adaptable_modules
@@ -91,8 +90,7 @@ class MaskBased(ComposedStrategy):
         ctx.state["mask_modules"] = modules
         ctx.state["masks"] = masks
 
-    def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, Any]]:
-        loss, logs = super().loss(ctx, forget, retain)
+    def constrain(self, ctx: UnlearnContext, loss: torch.Tensor, logs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         masks = ctx.state["masks"]
         removed = torch.cat([(1 - torch.sigmoid(m.logits)).flatten() for m in masks]).mean()
         with torch.no_grad():

@@ -108,6 +108,10 @@ class NeuronPruning(Strategy):
     """
 
     needs_retain = True
+    driver_only_reason = (
+        "activation statistics and pruning are computed in the calling process; there are no optimizer steps "
+        "to distribute"
+    )
 
     default_epochs = 5
 

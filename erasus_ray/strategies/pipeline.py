@@ -78,6 +78,9 @@ class StrategyPipeline(_MetaBase):
     def stages(self) -> list[Stage]:
         return list(self._stages)
 
+    def inner_stages(self) -> list[Stage]:
+        return list(self._stages)
+
     def hparams(self) -> dict[str, Any]:
         return {"stages": [stage.describe() for stage in self._stages]}
 

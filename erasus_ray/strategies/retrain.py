@@ -48,6 +48,9 @@ class Retrain(Strategy):
     """
 
     needs_retain = True
+    driver_only_reason = (
+        "retraining with the training recipe runs in the calling process"
+    )
     uses_forget = False
 
     def unlearn(self, ctx: UnlearnContext, runner: "LocalRunner") -> "RunReport":

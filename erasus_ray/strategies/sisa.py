@@ -44,6 +44,9 @@ class SISA(Strategy):
     """
 
     uses_forget = True
+    driver_only_reason = (
+        "SISATrainer retrains the affected shards in the calling process"
+    )
     supported_tasks = ("classification",)
     contract_exempt_reason = (
         "sisa unlearns a SISA-trained ensemble (SISATrainer.fit), not a plain model; "

@@ -63,6 +63,10 @@ class SSD(Strategy):
     """
 
     needs_retain = True
+    driver_only_reason = (
+        "the forget/retain Fisher importances and the dampening are computed in the calling process; there "
+        "are no optimizer steps to distribute"
+    )
 
     def __init__(
         self,
