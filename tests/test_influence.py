@@ -107,20 +107,65 @@ LISSA = [
     {"ihvp": "lissa", "lissa_batch_size": None, "lissa_depth": 200},  # deterministic Neumann series
     {"ihvp": "lissa", "lissa_batch_size": 30, "lissa_depth": 200, "lissa_repeat": 3},  # stochastic minibatches
 ]
-KFAC = [{"ihvp": "kfac"}, {"ihvp": "kfac", "kfac_fisher": "empirical"}]
+# fisher="auto" is the expected (exact true) Fisher for this 3-class classifier; MC needs many draws on 60 points
+KFAC = [{"ihvp": "kfac"}, {"ihvp": "kfac", "fisher": "mc", "fisher_samples": 200}]
+# EK-FAC's best possible rank correlation on this problem (see test_kfac_is_the_ekfac_oracle): self 0.985,
+# forget 0.984, retain 0.913 - retain's target gradient is 10% of a sample's, so dropping the off-diagonal 36% of
+# the Hessian in the Kronecker eigenbasis reorders it. 0.95 holds wherever EK-FAC can reach it.
+KFAC_BOUND = {"self": 0.95, "forget": 0.95, "retain": 0.9}
 
 
 @pytest.mark.parametrize("kwargs", LISSA + KFAC)
-@pytest.mark.parametrize("target", ["self", "retain"])
+@pytest.mark.parametrize("target", ["self", "retain", "forget"])
 def test_lissa_and_kfac_rank_like_exact(logreg, kwargs, target):
     got, core = _scores(logreg, target=target, **kwargs)
     rho = spearmanr(got, logreg["closed"][target]).statistic
-    # EK-FAC's Kronecker eigenbasis is an approximation even with the exact expected Fisher: on this problem its
-    # best possible spearman for the signed retain-target score is 0.91 (measured; 0.84-0.91 over seeds with MC
-    # labels), so that case gets 0.8.
-    bound = 0.8 if (kwargs["ihvp"] == "kfac" and target == "retain") else 0.95
+    bound = KFAC_BOUND[target] if kwargs["ihvp"] == "kfac" else 0.95
     assert rho >= bound, f"{kwargs} {target}: spearman {rho:.3f}"
     assert core.info["ihvp"] == kwargs["ihvp"]
+
+
+def _ekfac_oracle(lr):
+    """EK-FAC from the exact expected factors in closed form: A = E[a a^T], G = E[diag p - p p^T], and eigenvalues
+    = the exact Hessian's diagonal in the Kronecker eigenbasis (the Frobenius-optimal EK-FAC for that basis)."""
+    x, y, w, b = lr["x"], lr["y"], lr["w"], lr["b"]
+    xt = torch.cat([x, torch.ones(N, 1, dtype=torch.float64)], 1)
+    p = (x @ w.T + b).softmax(-1)
+    s = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    k = D + 1
+    hess = torch.einsum("ncd,nij->cidj", s, xt[:, :, None] * xt[:, None, :]).reshape(C * k, C * k) / N
+    qa = torch.linalg.eigh(xt.T @ xt / N)[1].contiguous()
+    qg = torch.linalg.eigh(s.mean(0))[1].contiguous()
+    q = torch.kron(qg, qa)
+    lam = torch.einsum("di,de,ei->i", q, hess, q)
+    g = ((p - nn.functional.one_hot(y, C).double())[:, :, None] * xt[:, None, :]).reshape(N, -1)
+    hg = ((g @ q) / (lam + LAM)) @ q.T
+    off = q.T @ hess @ q
+    off_mass = float((off - torch.diag(torch.diag(off))).norm() / off.norm())
+    scores = {"self": (g * hg).sum(1)[:FORGET], "retain": -(hg[:FORGET] @ g[FORGET:].mean(0)),
+              "forget": -(hg[:FORGET] @ g[:FORGET].mean(0))}
+    return {t: v.numpy() for t, v in scores.items()}, off_mass
+
+
+def test_kfac_is_the_ekfac_oracle(logreg):
+    """K-FAC with the expected Fisher reproduces the closed-form EK-FAC exactly (so the eigenvalue correction, the
+    bias as a homogeneous coordinate and the Fisher are right), and that oracle's rank correlation with the exact
+    scores is what bounds K-FAC here: >= 0.95 for self and forget, 0.913 for retain."""
+    oracle, off_mass = _ekfac_oracle(logreg)
+    for target in ("self", "retain", "forget"):
+        got, core = _scores(logreg, ihvp="kfac", target=target)
+        assert core.info["fisher"] == "expected"
+        np.testing.assert_allclose(got, oracle[target], rtol=1e-6, atol=1e-9)
+        rho = spearmanr(oracle[target], logreg["closed"][target]).statistic
+        assert rho >= KFAC_BOUND[target], (target, rho)
+    assert spearmanr(oracle["retain"], logreg["closed"]["retain"]).statistic < 0.95  # why retain's bound is 0.9
+    assert 0.3 < off_mass < 0.4  # the part of the Hessian the Kronecker eigenbasis leaves off the diagonal
+
+
+def test_kfac_empirical_fisher_ranks_self_influence(logreg):
+    """The empirical Fisher (data labels) is a different matrix from the Hessian; it still ranks self-influence."""
+    got, core = _scores(logreg, ihvp="kfac", fisher="empirical", target="self")
+    assert spearmanr(got, logreg["closed"]["self"]).statistic >= 0.95 and core.info["fisher"] == "empirical"
 
 
 def test_predicted_removal_effect_matches_leave_one_out(logreg):
@@ -175,3 +220,139 @@ def test_lm_methods_agree(tiny_lm):
     a = np.array([ex.scores[i] for i in sorted(ex.scores)])
     b = np.array([cg.scores[i] for i in sorted(cg.scores)])
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-3
+
+
+# --- curvature forms ------------------------------------------------------------------------------------------
+
+
+def _mlp(seed=0, hidden=6, act=True):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(D, hidden), nn.Tanh(), nn.Linear(hidden, C)] if act else [nn.Linear(D, hidden), nn.Linear(hidden, C)]
+    return nn.Sequential(*layers).double().eval()
+
+
+def test_closed_form_linear_head_equals_dense_hessian(logreg):
+    """The closed-form Hessian of a Linear head, (1/n) sum (diag p - p p^T) (x) a a^T from one forward pass, equals
+    jacrev(grad)'s dense Hessian - for the logistic regression and for the head of a nonlinear MLP."""
+    from erasus_ray.selectors import trainable_params
+    from erasus_ray.selectors._ihvp import autograd_hessian, linear_head, linear_head_hessian
+    from erasus_ray.selectors._per_sample import FunctionalLoss
+
+    task, data = ClassificationTask(), as_id_dataset(Points(logreg["x"], logreg["y"]))
+    probe = (logreg["x"][:8], logreg["y"][:8])
+    for model in (logreg["model"], _mlp()):
+        params = trainable_params(model, "last")
+        head = linear_head(model, task, params, probe)
+        assert head is not None
+        fast = linear_head_hessian(model, task, params, data, head, batch_size=17, device=torch.device("cpu"))
+        dense = autograd_hessian(FunctionalLoss(model, task, params), task, data, batch_size=17, device=torch.device("cpu"), chunk_size=None)
+        torch.testing.assert_close(fast, dense, rtol=1e-10, atol=1e-12)
+    # not a head: a hidden layer, or a head whose output is post-processed
+    mlp = _mlp()
+    assert linear_head(mlp, task, trainable_params(mlp, ["0"]), probe) is None
+    scaled = nn.Sequential(logreg["model"], nn.Tanh())
+    assert linear_head(scaled, task, trainable_params(scaled, "all"), probe) is None
+
+
+def test_auto_picks_the_closed_form_for_a_head(logreg):
+    got, core = _scores(logreg, target="self")  # ihvp="auto"
+    assert core.info["ihvp"] == "exact" and core.info["hessian"] == "closed_form"
+    ref = logreg["closed"]["self"]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-6
+
+
+def _explicit_ggn(model, params, x, y):
+    """sum_i J_i^T (diag p_i - p_i p_i^T) J_i / n with J_i = d logits_i / d params (jacrev), in flat order."""
+    from torch.func import functional_call, jacrev
+
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+
+    def logits(p):
+        return functional_call(model, {**fixed, **p}, (x,))
+
+    jac = jacrev(logits)(params)  # name -> [n, C, *shape]
+    j = torch.cat([v.reshape(len(x), C, -1) for v in jac.values()], -1)
+    p = logits(params).softmax(-1)
+    s = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("nca,ncd,ndb->ab", j, s, j) / len(x)
+
+
+@pytest.mark.parametrize("method", ["factored", "func"])
+def test_ggn_equals_explicit_gauss_newton_and_hessian_where_linear(logreg, method):
+    """ihvp='ggn' with all labels weighted (expected) is J^T S J exactly - by layer factors and by torch.func - and
+    equals the dense Hessian when the logits are linear in the scoped parameters (a hidden layer under a linear
+    head); under a tanh it is the Hessian's PSD Gauss-Newton part, not the Hessian."""
+    from erasus_ray.selectors import trainable_params
+    from erasus_ray.selectors._ihvp import autograd_hessian
+    from erasus_ray.selectors._per_sample import FunctionalLoss, fisher_gradients
+
+    x, y = logreg["x"], logreg["y"]
+    task = ClassificationTask()
+    data = as_id_dataset(Points(x, y))
+    for act in (False, True):
+        model = _mlp(act=act)
+        params = trainable_params(model, ["0"])
+        rows, weight = fisher_gradients(model, task, (x, y), params, labels="expected", method=method)
+        flat = rows.reshape(-1, rows.shape[-1])
+        ggn = weight * flat.T @ flat / len(x)
+        torch.testing.assert_close(ggn, _explicit_ggn(model, params, x, y), rtol=1e-9, atol=1e-12)
+        hess = autograd_hessian(FunctionalLoss(model, task, params), task, data, batch_size=64, device=torch.device("cpu"), chunk_size=None)
+        gap = float((ggn - hess).norm() / hess.norm())
+        assert (gap < 1e-9) if not act else (gap > 1e-3), (act, gap)
+
+
+def test_ggn_mc_labels_are_unbiased_on_lm_final_layer_norm(tiny_lm):
+    """On the GPT-2's final LayerNorm (logits linear in it: Hessian = Gauss-Newton) the Monte-Carlo Fisher from
+    model-sampled labels converges to the autograd Hessian at the 1/sqrt(draws) rate of an unbiased estimate."""
+    from erasus_ray.selectors import trainable_params
+    from erasus_ray.selectors._ihvp import autograd_hessian, ggn_hessian
+    from erasus_ray.selectors._per_sample import FunctionalLoss
+
+    model, task, data = tiny_lm["model"].eval(), tiny_lm["task"], tiny_lm["retain"]
+    params = trainable_params(model, "last")
+    assert set(params) == {"transformer.ln_f.weight", "transformer.ln_f.bias"}
+    cpu = torch.device("cpu")
+    hess = autograd_hessian(FunctionalLoss(model, task, params), task, data, batch_size=64, device=cpu, chunk_size=None)
+    errs = []
+    for draws in (50, 800):
+        g = ggn_hessian(model, task, params, data, batch_size=64, device=cpu, labels="mc", draws=draws, seed=0, chunk_size=None)
+        errs.append(float((g - hess).norm() / hess.norm()))
+    assert errs[1] < 0.2 and errs[1] < 0.5 * errs[0], errs  # 1/sqrt(16) = 0.25 expected ratio; measured 0.46 -> 0.13
+
+
+def test_hessian_samples_rule(logreg):
+    from erasus_ray.selectors._ihvp import hessian_sample_size
+
+    assert hessian_sample_size(pool=1291, forget=146, dim=1290, classes=10) == 287  # ceil(2 * 1290 / 9)
+    assert hessian_sample_size(pool=3600, forget=400, dim=650, classes=10) == 400  # the forget set dominates
+    assert hessian_sample_size(pool=180, forget=20, dim=192, classes=846) == 20
+    assert hessian_sample_size(pool=100, forget=20, dim=5000, classes=2) == 100  # never more than the pool
+    core = get_selector("influence", scope="all", damping=LAM).select(
+        logreg["model"], logreg["forget"], task=ClassificationTask(), k=3, retain=logreg["retain"])
+    assert core.info["hessian_samples"] == min(40, max(20, int(np.ceil(2 * 15 / 2))))
+    with pytest.raises(InvalidConfigError, match="hessian_samples"):
+        get_selector("influence", hessian_samples=0)
+
+
+# --- projected gradients ------------------------------------------------------------------------------------
+
+
+def test_projected_influence_ranks_like_unprojected_and_is_chunk_invariant(digits_class):
+    """proj_dim: a seeded JL projection of the (streamed) per-sample gradients, curvature P^T G P from projected
+    Fisher gradients. Scores rank like the unprojected Gauss-Newton influence and do not depend on how the forget
+    set is batched or vmap-chunked."""
+    b = digits_class
+    kw = dict(task=b.task, k=10, seed=0, retain=b.retain)
+    ref = get_selector("influence", ihvp="ggn").select(b.original, b.forget, **kw)
+    ids = sorted(ref.scores)
+    a = np.array([ref.scores[i] for i in ids])
+    runs = [get_selector("influence", proj_dim=256, batch_size=bs, chunk_size=cs).select(b.original, b.forget, **kw)
+            for bs, cs in ((64, None), (7, 3))]
+    p0, p1 = (np.array([r.scores[i] for i in ids]) for r in runs)
+    assert spearmanr(a, p0).statistic >= 0.95  # measured 0.999
+    np.testing.assert_allclose(p1, p0, rtol=1e-5)
+    assert runs[0].info["proj_dim"] == 256 and runs[0].info["ihvp"] == "ggn"
+    other = get_selector("influence", proj_dim=256).select(b.original, b.forget, task=b.task, k=10, seed=1, retain=b.retain)
+    assert not np.allclose([other.scores[i] for i in ids], p0)  # the map is seeded
+    with pytest.raises(InvalidConfigError, match="proj_dim"):
+        get_selector("influence", proj_dim=64, ihvp="cg")

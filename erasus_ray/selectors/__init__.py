@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from erasus_ray.selectors.base import SELECTORS, Coreset, ScoreSelector, Selector, resolve_budget
+from erasus_ray.selectors.base import SELECTORS, Coreset, ScoreSelector, Selector, SharedState, resolve_budget
 from erasus_ray.selectors.contextual_diversity import ContextualDiversitySelector
 from erasus_ray.selectors.craig import CraigSelector
 from erasus_ray.selectors.el2n import EL2NSelector
@@ -44,6 +44,7 @@ __all__ = [
     "GradientNormSelector",
     "RandomSelector",
     "ScoreSelector",
+    "SharedState",
     "Selector",
     "get_selector",
     "per_sample_grad_norms",

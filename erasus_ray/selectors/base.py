@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -101,9 +101,18 @@ class Selector:
     #: process), ``"greedi"`` (local selection per shard, then the selector again over the union: GreeDi,
     #: Mirzasoleiman et al. 2013), ``"central"`` (cheap or model-free: run in the driver).
     distributed_merge: ClassVar[str] = "greedi"
+    #: Whether a larger (``"max"``) or smaller (``"min"``) :meth:`set_objective` is better; None: no set objective.
+    objective_sense: ClassVar[str | None] = None
 
     def __init__(self, batch_size: int = 128) -> None:
         self.batch_size = int(batch_size)
+
+    def set_objective(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> Callable[[np.ndarray], float]:
+        """``f(ids)``: the selector's objective of a candidate coreset (dataset ids of ``forget``) evaluated on the
+        whole ``forget`` set (e.g. facility location over every forget sample, or the k-center radius), built once
+        (one embedding pass). GreeDi uses it to return the better of its merged and local solutions; selectors
+        with ``objective_sense = None`` do not define it."""
+        raise NotImplementedError(f"{self.name} defines no set objective")
 
     def select(
         self,
@@ -141,10 +150,25 @@ class Selector:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
+@dataclass
+class SharedState:
+    """Set-level statistics a score selector computes once over the *whole* forget set (and retain data) - an
+    inverse-Hessian factorisation, the mean forget gradient - and every shard then reuses, so that scores computed
+    on shards equal the single-process ones. ``value`` is the selector's own object (it must pickle: the Ray pool
+    ships it to the scoring actors once, through the object store); ``info`` goes into ``coreset.info``."""
+
+    value: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 class ScoreSelector(Selector):
     """A selector that scores every forget sample and keeps the top ``budget`` (ties broken by smaller id).
 
     ``order="high"`` keeps the highest scores, ``"low"`` the lowest.
+
+    Scores that depend on the whole set (a Hessian, a set-level target) come from :meth:`shared_state`, computed
+    once before scoring - by :meth:`select` in one process, or on the driver by the Ray pool, which passes it to
+    every shard's :meth:`score` as ``shared=``. Per-sample scores that depend only on the sample need neither.
     """
 
     default_order: ClassVar[str] = "high"
@@ -158,11 +182,21 @@ class ScoreSelector(Selector):
         self.order = order
 
     def score(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> np.ndarray:
-        """One score per row of ``forget`` (which is sorted by id)."""
+        """One score per row of ``forget`` (which is sorted by id). Receives ``shared=`` (a :class:`SharedState`)
+        when :meth:`shared_state` returns one."""
         raise NotImplementedError
 
+    def shared_state(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> SharedState | None:
+        """Set-level state over the whole ``forget`` set that every shard's :meth:`score` must share (default: none)."""
+        return None
+
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
-        return self.coreset_from_scores(forget.ids, self.score(model, forget, task, seed, **context), budget)
+        state = self.shared_state(model, forget, task, seed, **context)
+        extra = {} if state is None else {"shared": state}
+        coreset = self.coreset_from_scores(forget.ids, self.score(model, forget, task, seed, **extra, **context), budget)
+        if state is not None:
+            coreset.info.update(state.info)
+        return coreset
 
     def coreset_from_scores(self, ids: np.ndarray, scores: np.ndarray, budget: int) -> Coreset:
         """The top ``budget`` ids by score (ties: smaller id first). Also merges shards scored in parallel."""

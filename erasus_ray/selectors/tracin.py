@@ -3,7 +3,7 @@ Gradient Descent"), in its checkpoint form TracInCP."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -11,11 +11,11 @@ from torch import nn
 
 from erasus_ray.data import IdDataset, as_id_dataset
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
-from erasus_ray.selectors._per_sample import GaussianProjector, iter_per_sample_grads, mean_grad
-from erasus_ray.selectors.base import SELECTORS, Coreset, ScoreSelector
+from erasus_ray.selectors._per_sample import GaussianProjector, iter_per_sample_grads, mean_grad, require_gradients
+from erasus_ray.selectors.base import SELECTORS, ScoreSelector, SharedState
 from erasus_ray.selectors.gradient_norm import trainable_params
 from erasus_ray.tasks import Task
-from erasus_ray.utils import clone_model
+from erasus_ray.utils import clone_model, model_device
 
 TARGETS = ("self", "forget", "retain")
 
@@ -39,8 +39,12 @@ class TracInSelector(ScoreSelector):
     in expectation (the paper's random-projection variant, TracInCP-RP). Checkpoints are loaded into a copy of the
     model, so the caller's model is untouched.
 
-    Cost: per checkpoint, one vectorised forward+backward per forget sample (``torch.func``) plus, for a set
-    target, one ordinary backward pass over that set; memory ``batch_size x |params|`` (``x proj_dim`` projected).
+    The set target ``g_S`` is set-level: :meth:`shared_state` computes it once over the whole forget set, so a
+    sharded (Ray) run gives the single-process scores.
+
+    Cost: per checkpoint, one forward+backward per forget batch (layer factors for Linear / Conv1D / Conv2d /
+    LayerNorm scopes, ``torch.func`` per-sample passes otherwise) plus, for a set target, one ordinary backward
+    pass over that set; memory ``batch_size x |params|`` (``x proj_dim`` projected).
 
     Example:
         >>> ckpts = [(torch.load("epoch1.pt"), 0.1), (torch.load("epoch5.pt"), 0.01)]
@@ -80,33 +84,29 @@ class TracInSelector(ScoreSelector):
         self.proj_dim = proj_dim
         self.chunk_size = chunk_size
 
-    def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
-        info: dict[str, Any] = {}
-        coreset = super()._select(model, forget, task, budget, seed, _info=info, **context)
-        coreset.info.update(info)
-        return coreset
+    def _projector(self, params: dict[str, torch.Tensor], seed: int) -> GaussianProjector | None:
+        if self.proj_dim is None:
+            return None
+        p0 = next(iter(params.values()))
+        return GaussianProjector([p.numel() for p in params.values()], self.proj_dim, seed, dtype=p0.dtype, device=p0.device)
 
-    def _one(self, model: nn.Module, forget: IdDataset, task: Task, target_ds: IdDataset | None, seed: int) -> torch.Tensor:
-        params = trainable_params(model, self.scope)
-        projector = None
-        if self.proj_dim is not None:
-            p0 = next(iter(params.values()))
-            projector = GaussianProjector([p.numel() for p in params.values()], self.proj_dim, seed, dtype=p0.dtype, device=p0.device)
-        direction = None
-        if target_ds is not None:
-            direction = mean_grad(model, task, target_ds, params, self.batch_size).unsqueeze(0)
-            if projector is not None:
-                direction = projector.project(direction)
-        out = []
-        for _, g in iter_per_sample_grads(model, task, forget, params, batch_size=self.batch_size,
-                                          chunk_size=self.chunk_size, projector=projector):
-            g = g.double()
-            out.append((g.pow(2).sum(1) if direction is None else g @ direction[0].double()).cpu())
-        return torch.cat(out)
+    def _models(self, model: nn.Module) -> Iterator[tuple[nn.Module, float]]:
+        """``(model at checkpoint c, lr_c)``; the current model with lr 1 without checkpoints. Checkpoints load into
+        one copy, so the caller's model is untouched."""
+        if not self.checkpoints:
+            yield model, 1.0
+            return
+        scorer = clone_model(model)
+        scorer.eval()
+        for state, lr in self.checkpoints:
+            scorer.load_state_dict(state)
+            yield scorer, lr
 
-    def score(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> np.ndarray:
-        info = context.pop("_info", None)
-        info = {} if info is None else info
+    def shared_state(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> SharedState:
+        """The set-level target: per checkpoint, the (projected) mean-loss gradient ``g_S`` over the *whole* forget
+        set (or the retain set), computed once - a sharded run reuses it on every shard. None for ``"self"``."""
+        first = next(iter(self.loader(forget, task))).to(model_device(model)).data
+        require_gradients(model, task, first, trainable_params(model, self.scope), "tracin")
         target_ds = None
         if self.target == "forget":
             target_ds = forget
@@ -115,17 +115,31 @@ class TracInSelector(ScoreSelector):
             if retain is None or len(as_id_dataset(retain)) == 0:
                 raise InvalidDataError("tracin target='retain' needs retain data: pass select(..., retain=retain_data)")
             target_ds = as_id_dataset(retain).sorted()
-        info.update({"target": self.target, "scope": self.scope if isinstance(self.scope, str) else list(self.scope),
-                     "proj_dim": self.proj_dim})
+        info: dict[str, Any] = {"target": self.target, "scope": self.scope if isinstance(self.scope, str) else list(self.scope),
+                                "proj_dim": self.proj_dim, "checkpoints": len(self.checkpoints or [])}
         if not self.checkpoints:
             info["fallback"] = "current model only"
-            info["checkpoints"] = 0
-            return self._one(model, forget, task, target_ds, seed).numpy()
-        info["checkpoints"] = len(self.checkpoints)
-        scorer = clone_model(model)
-        scorer.eval()
+        directions = None
+        if target_ds is not None:
+            directions = []
+            for scorer, _ in self._models(model):
+                params = trainable_params(scorer, self.scope)
+                direction = mean_grad(scorer, task, target_ds, params, self.batch_size).unsqueeze(0)
+                projector = self._projector(params, seed)
+                directions.append((projector.project(direction) if projector is not None else direction)[0].detach())
+        return SharedState(directions, info)
+
+    def score(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, *, shared: SharedState | None = None,
+              **context: Any) -> np.ndarray:
+        state = shared if shared is not None else self.shared_state(model, forget, task, seed, **context)
         total = torch.zeros(len(forget), dtype=torch.float64)
-        for state, lr in self.checkpoints:
-            scorer.load_state_dict(state)
-            total += lr * self._one(scorer, forget, task, target_ds, seed)
+        for c, (scorer, lr) in enumerate(self._models(model)):
+            params = trainable_params(scorer, self.scope)
+            direction = None if state.value is None else state.value[c].double()
+            out = []
+            for _, g in iter_per_sample_grads(scorer, task, forget, params, batch_size=self.batch_size,
+                                              chunk_size=self.chunk_size, projector=self._projector(params, seed)):
+                g = g.double()
+                out.append((g.pow(2).sum(1) if direction is None else g @ direction.to(g.device)).cpu())
+            total += lr * torch.cat(out)
         return total.numpy()

@@ -1,0 +1,573 @@
+"""Curvature and inverse-Hessian-vector products for influence functions (:mod:`erasus_ray.selectors.influence`).
+
+Every back-end applies ``(H + damping I)^-1`` to rows of a ``[R, D]`` matrix of flat gradients, ``H`` the Hessian
+(or a Gauss-Newton approximation of it) of the mean per-sample loss over a sample of training data, w.r.t. the
+scoped parameters:
+
+* :class:`DenseIHVP` - a ``D x D`` matrix and its Cholesky factor (float64), the matrix from
+
+  - :func:`linear_head_hessian`: the *exact* Hessian of a Linear layer whose output is the logits, in closed form
+    from one forward pass: ``(1/n) sum_i (diag p_i - p_i p_i^T) (x) a_i a_i^T`` (``a_i`` the layer input with a 1
+    appended for the bias); cost ``n C^2 (in+1)^2 / 2`` flops instead of ``D`` double-backward passes;
+  - :func:`ggn_hessian`: the Gauss-Newton matrix (= true Fisher for softmax cross-entropy) from per-sample
+    gradients with labels from the model, ``G^T G / n`` (Martens 2020, "New insights and perspectives on the
+    natural gradient method"): one forward and a few backward passes, PSD, and equal to the Hessian wherever the
+    logits are linear in the scoped parameters; the influence target that Bae et al. (NeurIPS 2022, "If Influence
+    Functions are the Answer, Then What is the Question?") show deep-network influence estimates;
+  - :func:`autograd_hessian`: the dense Hessian by ``jacrev(grad)`` (``D`` double-backward passes; any model);
+
+* :class:`CGIHVP` (conjugate gradient) and :class:`LiSSAIHVP` (Agarwal, Bullins & Hazan, JMLR 2017) on exact
+  Hessian-vector products;
+* :class:`KFACIHVP` - eigenvalue-corrected K-FAC (Martens & Grosse 2015; George et al. 2018; Grosse et al. 2023)
+  for Linear layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import grad, jacrev, vjp, vmap
+from torch.utils.data import Dataset
+
+from erasus_ray.data import IdDataset, as_id_dataset, make_loader
+from erasus_ray.errors import InvalidConfigError
+from erasus_ray.selectors._factored import LayerCapture
+from erasus_ray.selectors._per_sample import (
+    FISHER_LABELS,
+    FunctionalLoss,
+    GaussianProjector,
+    fisher_gradients,
+    fisher_losses,
+    flatten,
+    torch_func_errors,
+    unflatten,
+)
+from erasus_ray.tasks import Task
+
+# --------------------------------------------------------------------------------------------------------------
+# Hessian data
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Concat(Dataset):
+    """Items of two IdDatasets back to back (their ids dropped), for pools over different base datasets."""
+
+    def __init__(self, a: IdDataset, b: IdDataset) -> None:
+        self.a, self.b = a, b
+
+    def __len__(self) -> int:
+        return len(self.a) + len(self.b)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.a[i][1] if i < len(self.a) else self.b[i - len(self.a)][1]
+
+
+def _union(a: IdDataset, b: IdDataset) -> IdDataset:
+    if a.base is b.base:
+        keep = ~np.isin(b.ids, a.ids)
+        return IdDataset(a.base, np.concatenate([a.positions, b.positions[keep]]), np.concatenate([a.ids, b.ids[keep]]))
+    both = _Concat(a, b)
+    return IdDataset(both, np.arange(len(both)), np.arange(len(both)))
+
+
+def hessian_sample_size(pool: int, forget: int, dim: int, classes: int) -> int:
+    """The ``hessian_samples="auto"`` rule: ``min(pool, max(forget, ceil(2 D / (C - 1))))``.
+
+    One sample's curvature term ``(diag p - p p^T) (x) a a^T`` (or its Jacobian pull-back) has rank ``C - 1`` for
+    ``C`` classes, so ``D / (C - 1)`` samples are the fewest that can make a ``D``-dimensional estimate full rank;
+    twice that keeps the estimate's noise below its signal. At least as many samples as the forget set keeps the
+    Hessian pass comparable in cost to one pass over the forget set (the scoring pass itself), and a large
+    forget set gets a proportionally better estimate. Never more than the pool holds.
+    """
+    need = math.ceil(2 * dim / max(1, classes - 1))
+    return int(min(pool, max(forget, need, 1)))
+
+
+def hessian_pool(
+    forget: IdDataset, retain: Any, source: str, samples: int | str | None, seed: int, *, dim: int = 0, classes: int = 2
+) -> tuple[IdDataset, dict[str, Any]]:
+    """The (seeded) sample of data the Hessian is estimated on, and a description for ``coreset.info``.
+
+    ``source="retain"`` uses ``retain``; ``"retain+forget"`` their union. Without retain data the forget set is
+    used and the fallback is recorded. ``samples``: an int, None (the whole pool) or ``"auto"``
+    (:func:`hessian_sample_size` with the scoped dimension ``dim`` and ``classes``).
+    """
+    if source not in ("retain", "retain+forget"):
+        raise InvalidConfigError(f"hessian_data must be 'retain' or 'retain+forget', got {source!r}")
+    info: dict[str, Any] = {}
+    retain_ds = None if retain is None else as_id_dataset(retain).sorted()
+    if retain_ds is None or len(retain_ds) == 0:
+        pool = forget
+        info["hessian_data"] = "forget"
+        info["fallback"] = "no retain= data given: Hessian estimated on the forget set"
+    elif source == "retain":
+        pool, info["hessian_data"] = retain_ds, "retain"
+    else:
+        pool, info["hessian_data"] = _union(retain_ds, forget), "retain+forget"
+    if samples == "auto":
+        samples = hessian_sample_size(len(pool), len(forget), dim, classes)
+        info["hessian_samples_rule"] = "min(pool, max(|forget|, ceil(2 D / (C - 1))))"
+    if samples is not None:
+        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+            raise InvalidConfigError(f"hessian_samples must be a positive integer, 'auto' or None, got {samples!r}")
+        if samples < len(pool):
+            rows = np.sort(np.random.default_rng(seed).choice(len(pool), size=int(samples), replace=False))
+            pool = IdDataset(pool.base, pool.positions[rows], pool.ids[rows])
+    info["hessian_samples"] = len(pool)
+    return pool, info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# IHVP back-ends
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _IHVP:
+    #: Whether the operator pickles small and self-contained (a matrix / factors), so one built on the driver can be
+    #: shipped to scoring actors; the others (autograd graphs) are rebuilt there from the same Hessian sample.
+    shippable = False
+
+    def __init__(self) -> None:
+        self.info: dict[str, Any] = {}
+
+    def solve(self, v: torch.Tensor) -> torch.Tensor:  # [R, D] -> [R, D]
+        raise NotImplementedError
+
+    def self_influence(self, v: torch.Tensor) -> torch.Tensor:  # [R, D] -> [R]: v_r^T (H + dI)^-1 v_r
+        return (v * self.solve(v)).sum(-1)
+
+
+class DenseIHVP(_IHVP):
+    """``(H + damping I)^-1`` from a dense ``D x D`` curvature matrix: one Cholesky factorisation in float64
+    (``D^3 / 3`` flops), then ``D^2`` per sample (self-influence by whitening ``L^-1 g``)."""
+
+    shippable = True
+
+    def __init__(self, hess: torch.Tensor, damping: float) -> None:
+        super().__init__()
+        d = hess.shape[0]
+        hess = hess.double()
+        hess = (hess + hess.T) / 2 + damping * torch.eye(d, dtype=hess.dtype, device=hess.device)
+        self.chol, status = torch.linalg.cholesky_ex(hess)
+        if int(status) != 0:
+            low = float(torch.linalg.eigvalsh(hess).min()) - damping
+            raise InvalidConfigError(
+                f"Hessian + damping is not positive definite (smallest Hessian eigenvalue {low:.3g}, damping {damping}): "
+                f"raise damping above {max(-low, 0.0):.3g}, or use ihvp='ggn' (a positive semi-definite Gauss-Newton matrix)"
+            )
+
+    def _whiten(self, v: torch.Tensor) -> torch.Tensor:  # L^-1 v^T: [D, R]
+        return torch.linalg.solve_triangular(self.chol, v.double().to(self.chol.device).T, upper=False)
+
+    def solve(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.cholesky_solve(v.double().to(self.chol.device).T, self.chol).T
+
+    def self_influence(self, v: torch.Tensor) -> torch.Tensor:
+        return self._whiten(v).pow(2).sum(0)
+
+
+def check_dense_size(d: int, max_params: int, what: str) -> None:
+    if d > max_params:
+        raise InvalidConfigError(
+            f"ihvp={what!r} builds a {d}x{d} matrix, over max_exact_params={max_params}: use ihvp='cg', 'lissa' or "
+            f"'kfac', a smaller scope, proj_dim=, or raise max_exact_params"
+        )
+
+
+def linear_head(model: nn.Module, task: Task, params: dict[str, torch.Tensor], data: Any) -> tuple[str, nn.Linear] | None:
+    """The ``(name, module)`` of the ``nn.Linear`` whose weight (and bias) are exactly the scoped parameters and whose
+    output *is* the task's logits with one unit per sample (a classifier head), checked on one batch ``data``;
+    None otherwise (then the closed-form Hessian does not apply)."""
+    named = dict(model.named_parameters())
+    owners = {n.rsplit(".", 1)[0] if "." in n else "" for n in params}
+    if len(owners) != 1 or not set(params) <= set(named):
+        return None
+    (name,) = owners
+    module = model.get_submodule(name)
+    prefix = f"{name}." if name else ""
+    if not isinstance(module, nn.Linear) or f"{prefix}weight" not in params:
+        return None
+    if sum(1 for m in model.modules() for p in m.parameters(recurse=False) if p is module.weight) != 1:
+        return None  # tied weight: the Hessian has terms from every use
+    capture = LayerCapture({name: module})
+    with torch.no_grad(), capture:
+        out = task.forward(model, data)
+    head_out = capture.outputs.get(name)
+    if capture.calls.get(name) != 1 or head_out is None or out.logits.shape != head_out.shape:
+        return None
+    if out.logits.data_ptr() != head_out.data_ptr() or out.logits.shape[0] != out.batch_size:
+        return None
+    if not torch.equal(out.owner, torch.arange(out.batch_size, device=out.owner.device)):
+        return None
+    return name, module
+
+
+def linear_head_hessian(
+    model: nn.Module, task: Task, params: dict[str, torch.Tensor], data: IdDataset, head: tuple[str, nn.Linear], *,
+    batch_size: int, device: torch.device,
+) -> torch.Tensor:
+    """The exact Hessian ``[D, D]`` (float64, in the flat order of ``params``) of the mean cross-entropy over
+    ``data`` w.r.t. a Linear head ``z = W a + b`` producing the logits: ``(1/n) sum_i S_i (x) a~_i a~_i^T`` with
+    ``S_i = diag p_i - p_i p_i^T`` and ``a~_i = [a_i, 1]`` (the 1 only when the bias is in scope). Exact because the
+    logits are linear in ``(W, b)``: the Hessian is its Gauss-Newton part. Cost: one forward pass and
+    ``n C^2 k^2`` flops (``k`` = in + 1), no backward."""
+    name, module = head
+    prefix = f"{name}." if name else ""
+    with_bias = f"{prefix}bias" in params and module.bias is not None
+    c, k_in = module.out_features, module.in_features
+    k = k_in + int(with_bias)
+    # S (x) a a^T = diag(p) (x) a a^T - (p (x) a)(p (x) a)^T: C diagonal blocks and one Gram matrix per batch,
+    # in the layer's dtype (float32 halves the cost), accumulated in float64
+    hess = torch.zeros(c * k, c * k, dtype=torch.float64, device=device)  # homogeneous layout (class, input)
+    n = 0
+    capture = LayerCapture({name: module})
+    for b in make_loader(data, task.collate, batch_size=batch_size, shuffle=False):
+        with torch.no_grad(), capture:
+            out = task.forward(model, b.to(device).data)
+        a = capture.inputs[name].reshape(out.batch_size, k_in)
+        if with_bias:
+            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        p = out.logits.to(a.dtype).softmax(-1)
+        v = (p[:, :, None] * a[:, None, :]).reshape(len(a), c * k)
+        hess -= (v.T @ v).double()
+        for ci in range(c):
+            hess[ci * k : (ci + 1) * k, ci * k : (ci + 1) * k] += ((a * p[:, ci : ci + 1]).T @ a).double()
+        n += out.batch_size
+    hess /= n
+    # flat position -> homogeneous index, in the order of params
+    order = []
+    for pname, p in params.items():
+        if pname == f"{prefix}weight":
+            order.append((torch.arange(c)[:, None] * k + torch.arange(k_in)[None, :]).reshape(-1))
+        elif pname == f"{prefix}bias":
+            order.append(torch.arange(c) * k + k_in)
+    idx = torch.cat(order).to(device)
+    return hess[idx][:, idx]
+
+
+def autograd_hessian(
+    loss: FunctionalLoss, task: Task, data: IdDataset, *, batch_size: int, device: torch.device, chunk_size: int | None
+) -> torch.Tensor:
+    """The dense Hessian ``[D, D]`` (float64) of the mean loss over ``data`` by ``jacrev(grad)``: ``D``
+    double-backward passes over every Hessian batch (vmapped in chunks). Any twice-differentiable model."""
+    flat = flatten(loss.params, batch_dims=0)
+    d = flat.numel()
+    hess = torch.zeros(d, d, dtype=torch.float64, device=flat.device)
+    with task.functional_context(loss.model), torch_func_errors("influence (Hessian)"):
+        for b in make_loader(data, task.collate, batch_size=batch_size, shuffle=False):
+            batch = b.to(device).data
+            h = jacrev(grad(lambda f: loss.flat_sum(f, batch)), chunk_size=chunk_size or 256)(flat)
+            hess += h.detach().double()
+    return hess / len(data)
+
+
+def ggn_hessian(
+    model: nn.Module, task: Task, params: dict[str, torch.Tensor], data: IdDataset, *, batch_size: int,
+    device: torch.device, labels: str, draws: int, seed: int, chunk_size: int | None,
+    projector: GaussianProjector | None = None,
+) -> torch.Tensor:
+    """The Gauss-Newton / true-Fisher matrix ``[D, D]`` (``[k, k]`` with a JL ``projector``: ``P^T G P``) of the
+    mean loss over ``data``, from :func:`~erasus_ray.selectors._per_sample.fisher_gradients` (``labels``:
+    ``"expected"`` - exact; ``"mc"`` - ``draws`` model-sampled labels per unit, unbiased; ``"empirical"``).
+    Cost: one forward and ``C`` / ``draws`` / 1 backward passes per batch, plus ``R D^2`` flops per sample."""
+    total: torch.Tensor | None = None
+    n = 0
+    for bi, b in enumerate(make_loader(data, task.collate, batch_size=batch_size, shuffle=False)):
+        rows, weight = fisher_gradients(model, task, b.to(device).data, params, labels=labels, draws=draws, seed=seed,
+                                        batch_index=bi, chunk_size=chunk_size)
+        flat = rows.reshape(-1, rows.shape[-1])
+        if projector is not None:
+            flat = projector.project(flat)
+        flat = flat.double()
+        part = weight * (flat.T @ flat)
+        total = part if total is None else total + part
+        n += rows.shape[0]
+    assert total is not None
+    return total / n
+
+
+class _HVP:
+    """Hessian-vector products of the mean loss over ``data`` (reverse-over-reverse, vmapped over the vectors).
+
+    The per-batch autograd graphs are built once and reused for every product (memory: one graph per Hessian
+    batch, like holding that many training activations).
+    """
+
+    def __init__(self, loss: FunctionalLoss, task: Task, data: IdDataset, batch_size: int, device: torch.device) -> None:
+        self.flat = flatten(loss.params, batch_dims=0)
+        self.n = len(data)
+        self.fns = []
+        with task.functional_context(loss.model), torch_func_errors("influence (Hessian-vector products)"):
+            for b in make_loader(data, task.collate, batch_size=batch_size, shuffle=False):
+                batch = b.to(device).data
+                _, fn = vjp(grad(lambda f, d=batch: loss.flat_sum(f, d)), self.flat)
+                self.fns.append(fn)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        v = v.to(self.flat.dtype)
+        return sum(vmap(fn)(v)[0] for fn in self.fns) / self.n
+
+
+class CGIHVP(_IHVP):
+    """Batched conjugate gradient on ``(H + damping I) x = v`` (one CG per row, vectorised across rows)."""
+
+    def __init__(self, loss: FunctionalLoss, task: Task, data: IdDataset, *, batch_size: int, damping: float,
+                 device: torch.device, iters: int, tol: float) -> None:
+        super().__init__()
+        self.hvp = _HVP(loss, task, data, batch_size, device)
+        self.damping, self.iters, self.tol = float(damping), int(iters), float(tol)
+        self.info = {"cg_iters": 0, "cg_max_rel_residual": 0.0}
+
+    def solve(self, v: torch.Tensor) -> torch.Tensor:
+        b = v.to(self.hvp.flat.dtype)
+        x = torch.zeros_like(b)
+        r = b.clone()
+        p = r.clone()
+        rs = (r * r).sum(-1)
+        bnorm = rs.sqrt().clamp_min(torch.finfo(b.dtype).tiny)
+        it = 0
+        for it in range(1, self.iters + 1):
+            active = rs.sqrt() > self.tol * bnorm
+            if not bool(active.any()):
+                it -= 1
+                break
+            ap = self.hvp(p) + self.damping * p
+            pap = (p * ap).sum(-1)
+            if bool((pap[active] <= 0).any()):
+                raise InvalidConfigError(
+                    "conjugate gradient met negative curvature: Hessian + damping is not positive definite; raise damping"
+                )
+            alpha = torch.where(active, rs / pap.where(active, torch.ones_like(pap)), torch.zeros_like(rs))
+            x = x + alpha[:, None] * p
+            r = r - alpha[:, None] * ap
+            rs_new = (r * r).sum(-1)
+            beta = torch.where(active, rs_new / rs.where(active, torch.ones_like(rs)), torch.zeros_like(rs))
+            p = torch.where(active[:, None], r + beta[:, None] * p, p)
+            rs = torch.where(active, rs_new, rs)
+        self.info["cg_iters"] = max(self.info["cg_iters"], it)
+        self.info["cg_max_rel_residual"] = max(self.info["cg_max_rel_residual"], float((rs.sqrt() / bnorm).max()))
+        return x
+
+
+class LiSSAIHVP(_IHVP):
+    """LiSSA (Agarwal et al. 2017): the stochastic Neumann recursion
+
+        h_0 = v,  h_j = v + h_{j-1} - (H_j h_{j-1} + damping h_{j-1}) / scale,   (H + damping I)^-1 v ~= h_depth / scale
+
+    where ``H_j`` is the Hessian on a minibatch of ``lissa_batch_size`` Hessian samples drawn at random (seeded) at
+    each step from a seeded partition of the Hessian sample (the full sample when ``lissa_batch_size`` is None or
+    larger; then the recursion is deterministic; a remainder smaller than a minibatch is dropped), averaged over
+    ``repeat`` runs. The partition's autograd graphs are built once, so memory is that of the whole Hessian
+    sample's graphs (as for cg). It converges when every minibatch Hessian + damping has eigenvalues in
+    ``(0, 2 scale)``; the error shrinks like ``(1 - (l_min + damping)/scale)^depth``.
+    ``scale=None`` sets ``1.1 (l_max + damping)`` from 20 power iterations on the full Hessian sample. Damping
+    enters as ``+damping I`` (the same meaning as in the other back-ends, not Koh & Liang's ``(1 - damping)``
+    shrink factor).
+    """
+
+    def __init__(self, loss: FunctionalLoss, task: Task, data: IdDataset, *, batch_size: int, damping: float,
+                 device: torch.device, depth: int, repeat: int, scale: float | None, lissa_batch_size: int | None,
+                 seed: int) -> None:
+        super().__init__()
+        self.damping, self.depth, self.repeat, self.seed = float(damping), int(depth), int(repeat), int(seed)
+        if self.depth < 1 or self.repeat < 1:
+            raise InvalidConfigError(f"lissa_depth and lissa_repeat must be >= 1, got {depth!r}, {repeat!r}")
+        self.flat = flatten(loss.params, batch_dims=0)
+        n = len(data)
+        size = n if lissa_batch_size is None or lissa_batch_size >= n else int(lissa_batch_size)
+        # A seeded partition of the Hessian sample into minibatches whose graphs are built once; each recursion
+        # step draws one of them at random (seeded).
+        perm = np.random.default_rng([self.seed, 1]).permutation(n)
+        self.minibatches = []
+        for start in range(0, n - size + 1, size):
+            rows = np.sort(perm[start : start + size])
+            sub = IdDataset(data.base, data.positions[rows], data.ids[rows])
+            self.minibatches.append(_HVP(loss, task, sub, batch_size, device))
+        if scale is None:
+            full = self.minibatches[0] if len(self.minibatches) == 1 else None
+            gen = torch.Generator().manual_seed(self.seed)
+            v = torch.randn(1, self.flat.numel(), generator=gen, dtype=torch.float64).to(self.flat)
+            lam = 0.0
+            for _ in range(20):
+                v = v / v.norm()
+                hv = full(v) if full else sum(h(v) * h.n for h in self.minibatches) / sum(h.n for h in self.minibatches)
+                lam = float((v * hv).sum())
+                v = hv
+            scale = 1.1 * (abs(lam) + self.damping)
+        if not scale > 0:
+            raise InvalidConfigError(f"lissa_scale must be positive, got {scale!r}")
+        self.scale = float(scale)
+        self.info = {"lissa_scale": self.scale, "lissa_depth": self.depth, "lissa_repeat": self.repeat,
+                     "lissa_batch_size": size}
+
+    def solve(self, v: torch.Tensor) -> torch.Tensor:
+        v = v.to(self.flat.dtype)
+        total = torch.zeros_like(v)
+        for r in range(self.repeat):
+            picks = np.random.default_rng([self.seed, 2, r]).integers(len(self.minibatches), size=self.depth)
+            h = v.clone()
+            for j in picks:
+                h = v + h - (self.minibatches[j](h) + self.damping * h) / self.scale
+            if not bool(torch.isfinite(h).all()):
+                raise InvalidConfigError("LiSSA diverged: raise lissa_scale (or damping)")
+            total = total + h / self.scale
+        return total / self.repeat
+
+
+class KFACIHVP(_IHVP):
+    """Eigenvalue-corrected K-FAC (EK-FAC) for ``nn.Linear`` layers.
+
+    Approximation: the Hessian is replaced by the Fisher / Gauss-Newton matrix of the loss (equal to the Hessian
+    for a linear model under cross-entropy, PSD otherwise), made block-diagonal across layers. For a layer with
+    input ``a`` (with a 1 appended for the bias: the bias is the weight of a homogeneous coordinate) and
+    output-gradient ``g``, the per-sample gradient is ``sum_t g_t a_t^T``; K-FAC approximates the block as
+    ``A (x) G`` with ``A = E[a a^T]`` (over tokens) and ``G = E_samples[sum_t g_t g_t^T]``, both collected with
+    hooks in ordinary backward passes. With ``correction=True`` (EK-FAC) only their eigenbases ``Q_A, Q_G`` are
+    kept and the eigenvalues are replaced by the exact second moments of the per-sample gradients in that basis,
+    ``E[(Q_G^T dW Q_A)^2]`` - the diagonal of the Gauss-Newton matrix in the Kronecker eigenbasis, the
+    Frobenius-optimal diagonal for that basis (George et al. 2018). What remains approximate is the basis: the
+    off-diagonal part of the block in it is dropped.
+
+    Labels for ``g`` (``fisher``, see :func:`~erasus_ray.selectors._per_sample.fisher_losses`): ``"expected"``
+    (every class weighted by its probability: the exact true Fisher; classifiers), ``"mc"`` (``fisher_samples``
+    draws from the model, seeded; unbiased) or ``"empirical"`` (data labels). The per-unit gradients are scaled by
+    ``sqrt(w_u)`` so that an LM's mean over ``T`` tokens gets its Fisher ``sum_u w_u F_u`` (not ``sum_u w_u^2 F_u``).
+
+    Cost: two forward passes and ``R`` backward passes (``R`` = classes, draws or 1) over the Hessian sample and
+    one eigendecomposition of ``A`` and ``G`` per layer; memory ``in^2 + out^2 + in*out`` per layer. The
+    operator keeps only the factors, so it ships to scoring actors.
+    """
+
+    shippable = True
+
+    def __init__(self, model: nn.Module, task: Task, params: dict[str, torch.Tensor], data: IdDataset, *,
+                 batch_size: int, damping: float, device: torch.device, fisher: str, fisher_samples: int,
+                 correction: bool, seed: int) -> None:
+        super().__init__()
+        if fisher not in FISHER_LABELS:
+            raise InvalidConfigError(f"fisher must be one of {FISHER_LABELS}, got {fisher!r}")
+        if fisher_samples < 1:
+            raise InvalidConfigError(f"fisher_samples must be >= 1, got {fisher_samples!r}")
+        self.shapes = {n: torch.empty(p.shape, device="meta") for n, p in params.items()}
+        self.damping = float(damping)
+        self.layers = kfac_layers(model, params)
+        self.fisher, self.fisher_samples, self.seed = fisher, int(fisher_samples), int(seed)
+        passes = lambda: self._passes(model, task, data, batch_size, device)  # noqa: E731
+        n = len(data)
+        A = {m: 0.0 for m in self.layers}
+        G = {m: 0.0 for m in self.layers}
+        tokens = {m: 0 for m in self.layers}
+        for acts, gouts, weight in passes():
+            for m in self.layers:
+                a, g = acts[m], gouts[m]  # [B, T, in+1], [R, B, T, out]
+                A[m] = A[m] + torch.einsum("bti,btj->ij", a, a)
+                tokens[m] += a.shape[0] * a.shape[1]
+                G[m] = G[m] + weight * torch.einsum("rbto,rbtp->op", g, g)
+        self.qa, self.qg, self.lam = {}, {}, {}
+        for m in self.layers:
+            ea, self.qa[m] = torch.linalg.eigh((A[m] / tokens[m]).double())
+            eg, self.qg[m] = torch.linalg.eigh((G[m] / n).double())
+            self.lam[m] = torch.outer(eg.clamp_min(0), ea.clamp_min(0))
+        if correction:
+            lam = {m: 0.0 for m in self.layers}
+            for acts, gouts, weight in passes():
+                for m in self.layers:
+                    a = acts[m].double() @ self.qa[m]
+                    g = gouts[m].double() @ self.qg[m]
+                    # per-sample gradients in the eigenbasis, a few samples at a time (<= ~2^24 entries)
+                    step = max(1, (1 << 24) // max(1, g.shape[0] * g.shape[-1] * a.shape[-1]))
+                    for i in range(0, a.shape[0], step):
+                        dw = torch.einsum("rbto,bti->rboi", g[:, i : i + step], a[i : i + step])
+                        lam[m] = lam[m] + weight * dw.pow(2).sum((0, 1))
+            self.lam = {m: lam[m] / n for m in self.layers}
+        self.info = {"kfac_layers": list(self.layers), "fisher": fisher, "kfac_correction": bool(correction)}
+
+    def _passes(self, model: nn.Module, task: Task, data: IdDataset, batch_size: int, device: torch.device):
+        """Per Hessian batch: layer inputs ``[B, T, in(+1)]``, output-gradients ``[R, B, T, out]`` and their weight."""
+        modules = {m: model.get_submodule(m) for m in self.layers}
+        for bi, b in enumerate(make_loader(data, task.collate, batch_size=batch_size, shuffle=False)):
+            capture = LayerCapture(modules)
+            with torch.enable_grad(), capture:
+                out = task.forward(model, b.to(device).data)
+            bsz = out.batch_size
+            acts = {}
+            for m in modules:
+                a = capture.inputs[m].reshape(bsz, -1, capture.inputs[m].shape[-1])
+                if self.layers[m]["bias"] is not None:
+                    a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+                acts[m] = a
+            losses, weight = fisher_losses(out, self.fisher, self.fisher_samples, self.seed, bi)
+            outputs = [capture.outputs[m] for m in modules]
+            gs: dict[str, list] = {m: [] for m in modules}
+            for i, loss in enumerate(losses):
+                grads = torch.autograd.grad(loss, outputs, retain_graph=i + 1 < len(losses), allow_unused=True)
+                for m, o, g in zip(modules, outputs, grads):
+                    g = torch.zeros_like(o) if g is None else g.detach()
+                    gs[m].append(g.reshape(bsz, -1, g.shape[-1]))
+            yield acts, {m: torch.stack(gs[m]) for m in modules}, weight
+
+    def _matrices(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        d = unflatten(v.double(), self.shapes)
+        mats = {}
+        for m, spec in self.layers.items():
+            w = d[spec["weight"]]
+            mats[m] = torch.cat([w, d[spec["bias"]].unsqueeze(-1)], dim=-1) if spec["bias"] else w
+        return mats
+
+    def solve(self, v: torch.Tensor) -> torch.Tensor:
+        out = {}
+        for m, mat in self._matrices(v).items():
+            rot = self.qg[m].T @ mat @ self.qa[m] / (self.lam[m] + self.damping)
+            back = self.qg[m] @ rot @ self.qa[m].T
+            spec = self.layers[m]
+            if spec["bias"]:
+                out[spec["weight"]], out[spec["bias"]] = back[..., :-1], back[..., -1]
+            else:
+                out[spec["weight"]] = back
+        return flatten({n: out[n] for n in self.shapes}, batch_dims=1)
+
+    def self_influence(self, v: torch.Tensor) -> torch.Tensor:
+        total = 0.0
+        for m, mat in self._matrices(v).items():
+            rot = self.qg[m].T @ mat @ self.qa[m]
+            total = total + (rot.pow(2) / (self.lam[m] + self.damping)).sum((-2, -1))
+        return total
+
+
+def kfac_layers(model: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, dict[str, str | None]]:
+    """Map the chosen parameters onto ``nn.Linear`` modules: ``module -> {"weight": name, "bias": name | None}``.
+
+    Raises :class:`InvalidConfigError` naming any chosen parameter that is not the weight/bias of exactly one
+    ``nn.Linear`` (K-FAC has no factorisation for it).
+    """
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    owners: dict[str, list[tuple[str, nn.Module, str]]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) in name_of:
+                owners.setdefault(name_of[id(p)], []).append((mname, mod, pname))
+    layers: dict[str, dict[str, str | None]] = {}
+    bad = []
+    for n in params:
+        own = {(m, pn) for m, mod, pn in owners.get(n, [])}
+        mods = [mod for _, mod, _ in owners.get(n, [])]
+        if len(own) != 1 or not isinstance(mods[0], nn.Linear):
+            bad.append(n)
+            continue
+        (m, pn), = own
+        spec = layers.setdefault(m, {"weight": None, "bias": None})
+        spec[pn] = n
+    for m, spec in layers.items():
+        mod = model.get_submodule(m)
+        if spec["weight"] is None or (mod.bias is not None and spec["bias"] is None):
+            bad.append(f"{m} (weight and bias must be chosen together)")
+    if bad:
+        raise InvalidConfigError(
+            f"ihvp='kfac' factorises nn.Linear layers only; not supported: {bad[:10]}. Use ihvp='exact' or 'cg', "
+            f"or a scope of Linear layers"
+        )
+    return layers
