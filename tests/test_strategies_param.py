@@ -12,7 +12,6 @@ from erasus_ray import ErasusUnlearner
 from erasus_ray.evaluation.classification import per_sample_stats
 from erasus_ray.strategies import STRATEGIES
 from erasus_ray.strategies.base import UnlearnContext
-from erasus_ray.strategies.lora_unlearning import LoRADelta, merge_lora
 from erasus_ray.strategies.neuron_pruning import hidden_layers, mean_abs_activation, selectivity_scores
 from erasus_ray.strategies.sparse_aware import magnitude_masks
 
@@ -40,27 +39,75 @@ def test_no_strategy_hyperparameter_shadows_an_unlearner_argument():
         assert not params & reserved, f"{name}: {sorted(params & reserved)} shadow ErasusUnlearner arguments (rename them)"
 
 
-def test_lora_merge_is_base_plus_scaled_low_rank_product():
+def test_lora_setup_injects_peft_layers_and_merge_is_base_plus_scaled_low_rank_product():
+    """setup() puts peft LoRA layers in place (only their A/B train); finish() merges ``W + (alpha / r) B A`` with
+    peft and gives back the original modules, names and ``requires_grad`` flags."""
+    from peft.tuners.lora import LoraLayer
+
+    from erasus_ray.strategies.lora_unlearning import LoRAUnlearning
+
     torch.manual_seed(0)
-    layer = torch.nn.Linear(6, 4)
-    base = layer.weight.detach().clone()
-    delta = LoRADelta(layer.weight.shape, rank=2, scale=0.5, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4))
+    names = [n for n, _ in model.named_parameters()]
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ctx = UnlearnContext(model=model, task=None, forget=None, retain=None, device=torch.device("cpu"), seed=3)
+    strat = LoRAUnlearning(rank=2, alpha=1.0, objective="gradient_ascent")
+    strat.setup(ctx)
+    assert isinstance(model[0], LoraLayer) and isinstance(model[2], LoraLayer), "peft's LoRA layers, in place"
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["0.lora_A.default.weight", "0.lora_B.default.weight", "2.lora_A.default.weight", "2.lora_B.default.weight"]
+    assert float(model[0].lora_B["default"].weight.detach().abs().max()) == 0.0, "B starts at 0: the adapted model equals the base"
     with torch.no_grad():
-        delta.lora_B.normal_()
-    torch.nn.utils.parametrize.register_parametrization(layer, "weight", delta)
-    expected = base + 0.5 * delta.lora_B.detach() @ delta.lora_A.detach()
-    ctx = UnlearnContext(model=layer, task=None, forget=None, retain=None, device=torch.device("cpu"))
-    ctx.state["lora_modules"] = [("", layer)]
-    merge_lora(ctx)
-    assert not torch.nn.utils.parametrize.is_parametrized(layer)
-    assert torch.equal(layer.weight.detach(), expected)
+        for i in (0, 2):
+            model[i].lora_B["default"].weight.normal_()
+    expected = {f"{i}.weight": base[f"{i}.weight"] + 0.5 * model[i].lora_B["default"].weight.detach() @ model[i].lora_A["default"].weight.detach()
+                for i in (0, 2)}
+    strat.finish(ctx)
+    assert ctx.model is model and type(model[0]) is torch.nn.Linear and type(model[2]) is torch.nn.Linear
+    assert [n for n, _ in model.named_parameters()] == names and all(p.requires_grad for p in model.parameters())
+    for name, want in expected.items():
+        assert torch.allclose(dict(model.named_parameters())[name].detach(), want, atol=1e-6), name
+    for name in ("0.bias", "2.bias"):
+        assert torch.equal(dict(model.named_parameters())[name].detach(), base[name])
+    # the adapters' A comes from the run's seed
+    again = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4))
+    a_of = {}
+    for seed in (3, 3, 4):
+        c = UnlearnContext(model=copy.deepcopy(again), task=None, forget=None, retain=None, device=torch.device("cpu"), seed=seed)
+        LoRAUnlearning(rank=2, objective="gradient_ascent").setup(c)
+        a_of.setdefault(seed, []).append(c.model[0].lora_A["default"].weight.detach().clone())
+    assert torch.equal(a_of[3][0], a_of[3][1]) and not torch.equal(a_of[3][0], a_of[4][0])
 
 
-def test_lora_unlearning_changes_weights_by_rank_r_only(digits_class):
+@pytest.fixture
+def peft_calls(monkeypatch):
+    """Counts peft's get_peft_model / merge_and_unload calls (the strategy reaches both through the peft module)."""
+    import peft
+    from peft.tuners.lora import LoraModel
+
+    calls = {"get_peft_model": 0, "merge_and_unload": 0}
+    real_get, real_merge = peft.get_peft_model, LoraModel.merge_and_unload
+
+    def get_peft_model(*a, **k):
+        calls["get_peft_model"] += 1
+        return real_get(*a, **k)
+
+    def merge_and_unload(self, *a, **k):
+        calls["merge_and_unload"] += 1
+        return real_merge(self, *a, **k)
+
+    monkeypatch.setattr(peft, "get_peft_model", get_peft_model)
+    monkeypatch.setattr(LoraModel, "merge_and_unload", merge_and_unload)  # PeftModel forwards to its LoraModel
+    return calls
+
+
+def test_lora_unlearning_changes_weights_by_rank_r_only(digits_class, peft_calls):
     b = digits_class
     res = _fit(b, "lora_unlearning", rank=2)
+    assert peft_calls == {"get_peft_model": 1, "merge_and_unload": 1}, "peft adapted and merged the model"
     before, after = dict(b.original.named_parameters()), dict(res.model.named_parameters())
     assert set(before) == set(after), "merged: the original architecture and parameter names"
+    assert [type(m) for m in res.model.modules()] == [type(m) for m in b.original.modules()]
     for name, p in before.items():
         diff = (after[name] - p).detach()
         if name.endswith("weight"):
@@ -69,6 +116,25 @@ def test_lora_unlearning_changes_weights_by_rank_r_only(digits_class):
         else:
             assert torch.equal(after[name], p), f"{name} is not adapted and must not change"
     _effect(b, res)
+
+
+def test_lora_unlearning_on_gpt2_leaves_tied_embeddings_alone(tiny_lm, peft_calls):
+    """GPT-2's Conv1D layers get rank-r updates through peft; the tied embedding / LM head is never adapted."""
+    t = tiny_lm
+    res = ErasusUnlearner(t["model"], strategy="lora_unlearning", selector=None, task=t["task"], seed=0, progress=False,
+                          rank=2, objective="npo", epochs=3, lr=1e-2, batch_size=4).fit(forget_data=t["forget"], retain_data=t["retain"])
+    assert peft_calls == {"get_peft_model": 1, "merge_and_unload": 1}
+    before, after = dict(t["model"].named_parameters()), dict(res.model.named_parameters())
+    assert set(before) == set(after) and res.model.lm_head.weight is res.model.transformer.wte.weight
+    assert torch.equal(after["transformer.wte.weight"], before["transformer.wte.weight"])
+    changed = []
+    for name, p in before.items():
+        diff = (after[name] - p).detach()
+        if diff.abs().max() > 0:
+            assert name.endswith(".weight") and diff.dim() == 2, f"{name} changed but is not an adapted weight"
+            assert torch.linalg.matrix_rank(diff.double(), rtol=1e-5) <= 2, name
+            changed.append(name)
+    assert {n.rsplit(".", 2)[-2] for n in changed} == {"c_attn", "c_proj", "c_fc"}
 
 
 def test_layer_freezing_keeps_frozen_layers_bit_identical(digits_class):
