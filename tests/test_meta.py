@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 
 import numpy as np
 import pytest
@@ -366,6 +367,57 @@ def test_negative_hyperparameters_are_refused(name, hparam, bad):
     with pytest.raises(InvalidConfigError) as err:
         STRATEGIES.create(name, **{hparam: bad})
     assert hparam in str(err.value)
+
+
+def _declared_upper_bounds():
+    """``(strategy, argument, high, default)`` for every range a strategy's constructor declares through
+    :meth:`Strategy.check_range` (recorded while constructing it with its defaults) with a finite upper bound."""
+    from unittest import mock
+
+    cases = []
+    for name in STRATEGIES.names():
+        cls = STRATEGIES.get(name)
+        params = inspect.signature(cls.__init__).parameters
+        seen: list[tuple[str, float]] = []
+        real = Strategy.check_range
+
+        def spy(self, arg, value, low, high, **kw):
+            if type(self) is cls:  # not an inner objective's own ranges
+                seen.append((arg, high))
+            return real(self, arg, value, low, high, **kw)
+
+        with mock.patch.object(Strategy, "check_range", spy):
+            cls()
+        for arg, high in dict(seen).items():
+            if arg in params and math.isfinite(high):
+                default = params[arg].default
+                cases.append(pytest.param(name, arg, high, default, id=f"{name}-{arg}"))
+    return cases
+
+
+UPPER_BOUNDS = _declared_upper_bounds()
+
+
+def test_upper_bounds_are_discovered():
+    found = {(c.values[0], c.values[1]) for c in UPPER_BOUNDS}
+    # the ranges that are fractions or probabilities, among the many sanity caps
+    for case in [("saliency_unlearning", "gamma"), ("neggrad_plus", "beta"), ("sparse_aware", "sparsity"),
+                 ("token_masking", "token_fraction"), ("certified_removal", "delta"), ("altpo", "num_alternatives")]:
+        assert case in found, case
+    assert len(found) >= 40
+
+
+@pytest.mark.parametrize("name, hparam, high, default", UPPER_BOUNDS)
+def test_hyperparameters_above_their_range_are_refused(name, hparam, high, default):
+    """Every declared upper bound of every registered strategy refuses a value above it, naming the argument and
+    the allowed range."""
+    bad = high + max(1.0, abs(high))
+    if isinstance(default, int) and not isinstance(default, bool):
+        bad = int(bad)
+    with pytest.raises(InvalidConfigError) as err:
+        STRATEGIES.create(name, **{hparam: bad})
+    assert hparam in str(err.value) and name in str(err.value)
+    assert f"{high}]" in str(err.value) or f"{float(high)}]" in str(err.value), str(err.value)
 
 
 @pytest.mark.parametrize("setting, value", [("lr", -1e-3), ("lr", 0.0), ("epochs", 0), ("epochs", -2), ("batch_size", 0)])

@@ -65,7 +65,10 @@ def test_contract_lm(name, tiny_lm):
     # Retain-only fine-tuning forgets only by interference, so it is held to a weaker bar (loss at least doubles).
     bar = before + 0.5 if STRATEGIES.get(name).uses_forget else 2 * before + 0.05
     assert after > bar, f"{name} must lower forget-set fit on the LM ({before:.3f} -> {after:.3f})"
-    assert res.report.steps > 0
+    assert res.report.steps > 0 and res.timings["unlearn"] > 0, "reports its cost"
+    assert res.model_hash_before != res.model_hash_after
+    again = _run(name, t["model"], t["task"], t["forget"], t["retain"], t["factory"], recipe, epochs=30, lr=3e-3, batch_size=4)
+    assert model_hash(again.model) == model_hash(res.model), "deterministic under a seed"
 
 
 def test_input_model_not_mutated_unless_inplace(digits_class):
