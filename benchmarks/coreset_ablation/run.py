@@ -7,18 +7,24 @@ strategy runs the full forget set (fraction 1.0) and every fraction < 1 x select
 end-to-end seconds (selection + unlearning; evaluation untimed), their ratio to the same strategy's full-forget-set
 run and to the re-measured retrain, forward+backward sample passes relative to full (load-independent cost),
 Avg.Gap to gold in points and the task's metrics. It writes ``results.csv``, ``summary.csv`` (mean/std over
-seeds), ``refs.csv``, ``ablation.png`` and ``RESULTS.md`` (with findings computed from the numbers) into ``--out``.
+seeds), ``refs.csv``, ``ablation.png`` (Avg.Gap, seconds / full, seconds / retrain per task) and ``RESULTS.md``
+(a verdict on the claim per task, and findings, computed from the numbers) into ``--out``; ``run_meta.json``
+records every run that produced the files.
 
 The row logic (``flat_row``), CSV and summary code are those of ``benchmarks/coreset_vs_full/run.py``.
 
-Quick check (one task, one seed, 3 fractions, 2 selectors, 1 strategy; ~1 min)::
+Quick check (one task, one seed, 3 fractions, 2 selectors, 1 strategy; ~20 s)::
 
     python benchmarks/coreset_ablation/run.py --quick --out /tmp/coreset_ablation_quick
 
-Full grid (the command RESULTS.md records; hours on a 2-core machine)::
+The whole grid in one command (every task, 5 selectors, grad_diff and npo, 3 seeds; hours on a 2-core machine)::
 
     ERASUS_RAY_CACHE=/tmp/erasus-bench-cache python benchmarks/coreset_ablation/run.py \\
-        --tasks digits:class,digits:random10,mnist5k:class,authors:forget10 --seeds 0,1,2
+        --tasks digits:class,digits:random10,mnist5k:class,authors:forget10 --strategies grad_diff,npo --seeds 0,1,2
+
+or in parts: ``--merge`` runs only the tasks named and replaces their rows in ``--out``'s existing CSVs (other
+tasks' rows are kept), and appends the command to ``run_meta.json``; ``RESULTS.md`` lists every recorded command in
+order, which together reproduce the files.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ FRACTIONS = "0.01,0.02,0.05,0.1,0.2,0.5,1.0"
 SELECTORS = "random,el2n,gradient_norm,k_center,craig"
 STRATEGIES = {"classification": "grad_diff,neggrad_plus,npo,scrub", "causal_lm": "npo,grad_diff,simnpo"}
 GAP_TOLERANCE_PTS = 1.0  # "matches the full forget set": mean Avg.Gap within this many points of full's
+#: The seed's claim, checked per task: "5-10% coresets match full-forget-set unlearning at 10-20x less compute".
+CLAIM = "5-10% coresets match full-forget-set unlearning at 10-20x less compute"
+CLAIM_FRACTIONS = (0.05, 0.1)
+CLAIM_SPEEDUP = 10.0  # the low end of "10-20x"
+FAR_FROM_RETRAIN_PTS = 5.0  # a full-forget-set run this far from retrain is itself a poor unlearning result
 
 
 def _load_base() -> Any:
@@ -69,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true",
                    help="digits:class, seed 0, fractions 0.05,0.2,1.0, selectors random,el2n, strategy grad_diff (a smoke run)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep --out's existing rows of other tasks: the tasks run now replace theirs; the command is appended to "
+                        "run_meta.json (default: --out's files are overwritten with this run only)")
     p.add_argument("--report-only", action="store_true", help="rebuild summary, plot and RESULTS.md from --out's CSVs")
     args = p.parse_args(argv)
     if args.quick:
@@ -94,9 +108,11 @@ def run_task(task: str, scenario: str, seeds: list[int], fractions: list[float],
         names = strategies or STRATEGIES[bench.task.name].split(",")
         gold = evaluate(bench.gold, forget=bench.forget, retain=bench.retain, test=bench.test, task=bench.task, seed=seed)
         original_row, _ = reference_rows(bench, gold, seed)
-        refs.append({"task": task, "scenario": scenario, "seed": seed, "n_forget": len(bench.forget_ids),
+        refs.append({"task": task, "scenario": scenario, "seed": seed, "options": json.dumps(options, sort_keys=True),
+                     "n_forget": len(bench.forget_ids),
                      "n_retain": len(bench.retain_ids), "load_s": time.perf_counter() - t0,
-                     "retrain_s_cached": bench.seconds["retrain"], "original_avg_gap_pts": 100 * original_row["metrics"]["avg_gap"],
+                     "retrain_s_cached": bench.seconds["retrain"], "train_original_s_cached": bench.seconds["train_original"],
+                     "original_avg_gap_pts": 100 * original_row["metrics"]["avg_gap"],
                      "loadavg_1min_at_start": os.getloadavg()[0]})
         job_base = {"benchmark": task, "scenario": scenario, "seed": seed, "benchmark_options": options,
                     "runner": dict(DEMO_DEFAULTS.get(task, {}).get("runner", {}))}
@@ -134,16 +150,20 @@ def run_task(task: str, scenario: str, seeds: list[int], fractions: list[float],
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
-    """Per task: Avg.Gap vs fraction and seconds / full vs fraction; colour = selector, line style = strategy."""
+    """Per task: Avg.Gap, seconds / full forget set and seconds / retrain vs fraction; colour = selector, line
+    style = strategy. The claim's band (5-10%) is shaded, its 10x and 20x savings drawn as dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys((s["task"], s["scenario"]) for s in summary))
-    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4.2 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 3, figsize=(17, 4.2 * len(panels)), squeeze=False)
     styles = ["-", "--", ":", "-."]
-    for (task, scen), (ax_gap, ax_cost) in zip(panels, axes):
+    columns = (("avg_gap_pts", "Avg.Gap to retrain (points)", "Avg.Gap"),
+               ("ratio_to_full", "end-to-end seconds / full forget set (log)", "cost vs full forget set"),
+               ("ratio_to_retrain", "end-to-end seconds / retrain (log)", "cost vs retrain"))
+    for (task, scen), row_axes in zip(panels, axes):
         ss = [s for s in summary if s["task"] == task and s["scenario"] == scen and s["config"] != "retrain"]
         strategies = list(dict.fromkeys(s["strategy"] for s in ss))
         selectors = sorted({s["selector"] for s in ss if s["selector"] != "full"})
@@ -155,21 +175,85 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
                 if full:
                     pts = pts + [full]
                 xs = [s["fraction"] for s in pts]
-                for ax, key in ((ax_gap, "avg_gap_pts"), (ax_cost, "ratio_to_full")):
+                for ax, (key, _, _) in zip(row_axes, columns):
                     ax.errorbar(xs, [s[f"{key}_mean"] for s in pts], yerr=[s[f"{key}_std"] for s in pts], color=colour[sel],
                                 ls=styles[si % len(styles)], marker="o", ms=3, capsize=2, label=f"{strategy} / {sel}")
-        for ax in (ax_gap, ax_cost):
+        for ax, (key, ylabel, title) in zip(row_axes, columns):
             ax.set_xscale("log")
             ax.set_xlabel("coreset fraction of the forget set (log; 1 = full)")
-        ax_cost.set_yscale("log")
-        ax_gap.set_ylabel("Avg.Gap to retrain (points)")
-        ax_cost.set_ylabel("end-to-end seconds / full forget set (log)")
-        ax_gap.set_title(f"{task}/{scen}: Avg.Gap")
-        ax_cost.set_title(f"{task}/{scen}: cost")
-        ax_cost.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{task}/{scen}: {title}")
+            ax.axvspan(CLAIM_FRACTIONS[0], CLAIM_FRACTIONS[-1], color="grey", alpha=0.12, lw=0)
+            if key != "avg_gap_pts":
+                ax.set_yscale("log")
+            if key == "ratio_to_full":
+                for y, lab in ((1 / CLAIM_SPEEDUP, "10x less"), (1 / (2 * CLAIM_SPEEDUP), "20x less")):
+                    ax.axhline(y, color="black", ls=":", lw=0.8)
+                    ax.annotate(lab, (0.011, y), fontsize=7, va="bottom")
+        row_axes[1].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"claim under test: {CLAIM} (grey band: 5-10%)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (4.2 * len(panels))))
+    fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def claim_verdicts(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task: does a 5-10% coreset come within ``GAP_TOLERANCE_PTS`` of the full forget set's mean Avg.Gap at
+    >= ``CLAIM_SPEEDUP``x fewer end-to-end seconds, for each strategy?
+
+    ``holds``: yes for every strategy; ``partly``: for some strategy; ``does not hold``: for none. ``fails_on`` says
+    which half of the claim failed (``accuracy``: no 5-10% coreset within tolerance of full; ``savings``: within
+    tolerance but under 10x). Per strategy it records how many (fraction, selector) cells match full, the best saving
+    among them, the cheapest 5-10% cell, and full's own Avg.Gap."""
+    out = []
+    for task, scen in dict.fromkeys((s["task"], s["scenario"]) for s in summary):
+        ss = [s for s in summary if s["task"] == task and s["scenario"] == scen and s["config"] != "retrain"]
+        per_strategy = []
+        for strategy in dict.fromkeys(s["strategy"] for s in ss):
+            mine = [s for s in ss if s["strategy"] == strategy]
+            full = next((s for s in mine if s["selector"] == "full"), None)
+            cells = [s for s in mine if s["selector"] != "full" and any(abs(s["fraction"] - f) < 1e-9 for f in CLAIM_FRACTIONS)]
+            if full is None or not cells:
+                continue
+            matched = [s for s in cells if s["gap_minus_full_pts_mean"] <= GAP_TOLERANCE_PTS]
+            best_match = max(matched, key=lambda s: 1 / s["ratio_to_full_mean"], default=None)
+            fastest = max(cells, key=lambda s: 1 / s["ratio_to_full_mean"])
+            holds = [s for s in matched if 1 / s["ratio_to_full_mean"] >= CLAIM_SPEEDUP]
+            per_strategy.append({
+                "strategy": strategy, "n_cells": len(cells), "n_matched": len(matched), "n_holds": len(holds),
+                "best_match": best_match, "fastest": fastest, "full": full,
+            })
+        if not per_strategy:
+            continue
+        verdict = ("holds" if all(p["n_holds"] for p in per_strategy) else
+                   "partly" if any(p["n_holds"] for p in per_strategy) else "does not hold")
+        for p in per_strategy:
+            p["fails_on"] = "" if p["n_holds"] else ("savings" if p["n_matched"] else "accuracy")
+        out.append({"task": task, "scenario": scen, "verdict": verdict, "strategies": per_strategy})
+    return out
+
+
+def _verdict_text(v: dict[str, Any]) -> str:
+    parts = []
+    for p in v["strategies"]:
+        full = p["full"]
+        head = (f"{p['strategy']}: {p['n_matched']}/{p['n_cells']} of the 5-10% coresets within {GAP_TOLERANCE_PTS:g} pt of full "
+                f"(full: {full['avg_gap_pts_mean']:.2f} pts from retrain, {full['total_s_mean']:.2f} s)")
+        if p["best_match"] is not None:
+            b = p["best_match"]
+            head += (f", best saving among them {1 / b['ratio_to_full_mean']:.1f}x ({b['selector']}@{b['fraction']:g}: "
+                     f"{b['avg_gap_pts_mean']:.2f} pts, {b['ratio_to_full_mean']:.3f}x full's seconds, "
+                     f"{b['passes_ratio_to_full_mean']:.3f}x its sample passes)")
+        else:
+            f_ = p["fastest"]
+            head += (f"; the cheapest 5-10% coreset ({f_['selector']}@{f_['fraction']:g}) saves {1 / f_['ratio_to_full_mean']:.1f}x "
+                     f"but is {f_['gap_minus_full_pts_mean']:.2f} pts worse than full")
+        if p["fails_on"]:
+            head += f" - fails on {p['fails_on']}"
+        if full["avg_gap_pts_mean"] > FAR_FROM_RETRAIN_PTS:
+            head += " (full itself is far from retrain, so matching it is a weak bar)"
+        parts.append(head)
+    return "; ".join(parts)
 
 
 def findings(summary: list[dict[str, Any]]) -> list[str]:
@@ -205,18 +289,41 @@ def findings(summary: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def write_markdown(path: Path, command: str, summary: list[dict[str, Any]], refs: list[dict[str, Any]], wall_s: float) -> None:
+def write_markdown(path: Path, runs: list[dict[str, Any]], summary: list[dict[str, Any]], refs: list[dict[str, Any]]) -> None:
+    verdicts = claim_verdicts(summary)
+    wall = sum(r.get("wall_s") or 0.0 for r in runs)
     L = ["# Coreset ablation: fraction x selector x strategy\n",
-         f"Command: `{command}` ({wall_s / 60:.1f} min wall). Seconds are end-to-end (selection + unlearning) on this "
-         "machine, one torch thread; ratios are per seed, then averaged; mean ± std over seeds.\n",
-         "## Findings (computed from the numbers below)\n", *findings(summary), "",
-         "## Tables\n"]
+         f"Produced by {'these commands, in order' if len(runs) > 1 else 'this command'} ({wall / 60:.1f} min wall in all; "
+         "a `--merge` run replaces the rows of the tasks it names and keeps the others):\n"]
+    for i, r in enumerate(runs, 1):
+        note = f" {r['note']}" if r.get("note") else ""
+        wall_txt = f"{r['wall_s'] / 60:.1f} min" if r.get("wall_s") else "wall time not recorded"
+        L.append(f"{i}. `{r['command']}` - {', '.join(r.get('tasks', []))} ({wall_txt}).{note}")
+    L.append("\nRebuild this report from the CSVs: `python benchmarks/coreset_ablation/run.py --report-only`. Seconds are "
+             "end-to-end (selection + unlearning) on this machine, one torch thread; ratios are per seed, then averaged; "
+             "mean ± std over seeds.\n")
+    L.append(f"## Verdict on the claim: \"{CLAIM}\"\n")
+    L.append(f"Per task: a 5% or 10% coreset (any of the selectors) must come within {GAP_TOLERANCE_PTS:g} pt of the full "
+             f"forget set's mean Avg.Gap to retrain at >= {CLAIM_SPEEDUP:g}x fewer end-to-end seconds (mean over seeds). "
+             "**holds**: for every strategy; **partly**: for some strategy; **does not hold**: for none. \"fails on "
+             "accuracy\": no 5-10% coreset gets within tolerance; \"fails on savings\": some do, but save less than "
+             f"{CLAIM_SPEEDUP:g}x.\n")
+    L.append("| task | verdict | detail |")
+    L.append("|---|---|---|")
+    for v in verdicts:
+        L.append(f"| {v['task']}/{v['scenario']} | **{v['verdict']}** | {_verdict_text(v)} |")
+    L += ["", "## Findings (computed from the numbers below)\n", *findings(summary), "", "## Tables\n"]
     for task, scen in dict.fromkeys((s["task"], s["scenario"]) for s in summary):
         ss = [s for s in summary if s["task"] == task and s["scenario"] == scen]
         r = [x for x in refs if x["task"] == task and x["scenario"] == scen]
+        options = r[0].get("options") or ""
+        train_s = [x.get("train_original_s_cached") for x in r if x.get("train_original_s_cached") is not None]
         L.append(f"### {task} / {scen}\n")
-        L.append(f"seeds {ss[0]['seeds']}; forget {r[0]['n_forget']} / retain {r[0]['n_retain']}; original Avg.Gap "
-                 f"{np.mean([x['original_avg_gap_pts'] for x in r]):.2f} pts.\n")
+        L.append(f"seeds {ss[0]['seeds']}; forget {r[0]['n_forget']} / retain {r[0]['n_retain']}"
+                 + (f"; options {options}" if options and options != "{}" else "")
+                 + f"; original Avg.Gap {np.mean([x['original_avg_gap_pts'] for x in r]):.2f} pts"
+                 + (f"; original model's training (cached) {np.mean(train_s):.1f} s, gold's {np.mean([x['retrain_s_cached'] for x in r]):.1f} s"
+                    if train_s else "") + ".\n")
         L.append("| config | k | passes/full | total s | ratio/full | ratio/retrain | Avg.Gap pts |")
         L.append("|---|---|---|---|---|---|---|")
         for s in ss:
@@ -224,8 +331,32 @@ def write_markdown(path: Path, command: str, summary: list[dict[str, Any]], refs
                      f"{base.pm(s, 'total_s')} | {base.pm(s, 'ratio_to_full', '.3f')} | {base.pm(s, 'ratio_to_retrain', '.3f')} | "
                      f"{base.pm(s, 'avg_gap_pts')} |")
         L.append("")
-    L.append("Files: `results.csv` (one row per task/seed/config), `summary.csv`, `refs.csv`, `ablation.png`.")
+    L.append("Files: `results.csv` (one row per task/seed/config), `summary.csv`, `refs.csv`, `ablation.png` (per task: "
+             "Avg.Gap, seconds / full, seconds / retrain vs fraction), `run_meta.json` (every run's command and arguments).")
     path.write_text("\n".join(L) + "\n")
+
+
+def load_runs(out: Path) -> list[dict[str, Any]]:
+    """The runs recorded in ``run_meta.json`` (``{"runs": [...]}``; a file from before ``--merge``, one run, is read too)."""
+    path = out / "run_meta.json"
+    if not path.exists():
+        return []
+    meta = json.loads(path.read_text())
+    if "runs" in meta:
+        return list(meta["runs"])
+    return [{"command": meta["command"], "wall_s": meta.get("wall_s"), "args": meta.get("args"), "tasks": []}]
+
+
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with the (task, scenario) groups present in ``new`` replaced by ``new``'s rows, in ``old``'s task order
+    (new tasks at the end)."""
+    key = lambda r: (str(r["task"]), str(r["scenario"]))  # noqa: E731
+    new_keys = list(dict.fromkeys(key(r) for r in new))
+    order = list(dict.fromkeys([key(r) for r in old] + new_keys))
+    out: list[dict[str, Any]] = []
+    for k in order:
+        out.extend(r for r in (new if k in new_keys else old) if key(r) == k)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,11 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.report_only:
         rows, refs = base.read_csv(out / "results.csv"), base.read_csv(out / "refs.csv")
-        meta = json.loads((out / "run_meta.json").read_text())
         summary = base.summarise(rows)
         base.write_csv(summary, out / "summary.csv")
         plot(summary, out / "ablation.png")
-        write_markdown(out / "RESULTS.md", meta["command"], summary, refs, meta["wall_s"])
+        write_markdown(out / "RESULTS.md", load_runs(out), summary, refs)
         return 0
     os.environ.setdefault("ERASUS_RAY_CACHE", "/tmp/erasus-bench-cache")
     import torch
@@ -250,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = "ERASUS_RAY_CACHE=" + os.environ["ERASUS_RAY_CACHE"] + " python benchmarks/coreset_ablation/run.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    old_rows, old_refs, runs = [], [], []
+    if args.merge and (out / "results.csv").exists():
+        old_rows, old_refs, runs = base.read_csv(out / "results.csv"), base.read_csv(out / "refs.csv"), load_runs(out)
     log_file = (out / "run.log").open("w")
 
     def log(msg: str) -> None:
@@ -261,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     refs: list[dict[str, Any]] = []
+    done: list[str] = []
     strategies = base.split_list(args.strategies) if args.strategies else None
     for spec in base.split_list(args.tasks):
         name, scenario = spec.split(":", 1) if ":" in spec else (spec, None)
@@ -273,14 +407,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.extend(task_rows)
         refs.extend(task_refs)
-        base.write_csv(rows, out / "results.csv")  # as we go: a partial run leaves usable files
-        base.write_csv(refs, out / "refs.csv")
+        done.append(spec + (f" ({args.authors_variant} variant)" if name == "authors" else ""))
+        base.write_csv(merge_rows(old_rows, rows), out / "results.csv")  # as we go: a partial run leaves usable files
+        base.write_csv(merge_rows(old_refs, refs), out / "refs.csv")
     wall = time.perf_counter() - start
+    rows, refs = merge_rows(old_rows, rows), merge_rows(old_refs, refs)
+    runs.append({"command": command, "wall_s": wall, "tasks": done, "args": vars(args)})
     summary = base.summarise(rows)
     base.write_csv(summary, out / "summary.csv")
     plot(summary, out / "ablation.png")
-    write_markdown(out / "RESULTS.md", command, summary, refs, wall)
-    (out / "run_meta.json").write_text(json.dumps({"command": command, "wall_s": wall, "args": vars(args)}, indent=2))
+    write_markdown(out / "RESULTS.md", runs, summary, refs)
+    (out / "run_meta.json").write_text(json.dumps({"runs": runs}, indent=2))
     log(f"wrote {out}/results.csv, summary.csv, refs.csv, ablation.png, RESULTS.md in {wall / 60:.1f} min")
     log_file.close()
     return 0
