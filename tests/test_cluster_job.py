@@ -1,5 +1,6 @@
 """`ray job submit` against a real local head (127.0.0.1), ended by PID - never `ray stop`."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -22,9 +23,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_ray_job_submit_runs_unlearn_config(tmp_path):
-    pytest.importorskip("ray")
+@contextlib.contextmanager
+def local_ray_head(num_cpus: int = 2):
+    """A Ray head on 127.0.0.1 (free ports, private temp dir), yielding ``(gcs_address, dashboard_url, env)``; ended
+    by PID afterwards - never ``ray stop``. ``env``: the environment to run ``ray``/``erasus-ray`` commands with."""
     import tempfile
 
     port, dash = _free_port(), _free_port()
@@ -39,11 +41,10 @@ def test_ray_job_submit_runs_unlearn_config(tmp_path):
     try:
         start = subprocess.run(
             [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}", "--num-cpus=2", f"--temp-dir={ray_tmp}"],
+             f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}", f"--num-cpus={num_cpus}", f"--temp-dir={ray_tmp}"],
             env=env, capture_output=True, text=True, timeout=300,
         )
         assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
-        out = tmp_path / "results"
         deadline = time.time() + 300
         while True:  # wait until the job server answers (its port opens before its modules are ready)
             try:
@@ -55,16 +56,24 @@ def test_ray_job_submit_runs_unlearn_config(tmp_path):
             if time.time() > deadline:
                 raise RuntimeError("the Ray head's job server did not come up")
             time.sleep(2)
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env
+    finally:
+        _end_processes_mentioning(ray_tmp)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_unlearn_config(tmp_path):
+    pytest.importorskip("ray")
+    with local_ray_head() as (_, dashboard, env):
+        out = tmp_path / "results"
         job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}", "--",
+            [str(BIN / "ray"), "job", "submit", f"--address={dashboard}", f"--working-dir={ROOT}", "--",
              str(BIN / "erasus-ray"), "unlearn", "--config", "examples/configs/digits_class.yaml", "--out", str(out), "--no-progress"],
             env=env, capture_output=True, text=True, timeout=600,
         )
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         doc = json.loads((out / "results.json").read_text())
         assert doc["config"]["strategy"] == "grad_diff" and doc["metrics"]["forget_acc"] <= 0.05
-    finally:
-        _end_processes_mentioning(ray_tmp)
 
 
 def _end_processes_mentioning(marker: str) -> None:

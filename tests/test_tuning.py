@@ -628,3 +628,161 @@ def test_seeded_sweep_through_a_real_tuner_samples_the_same_trials(single_sweep,
     again = run_sweep(SweepConfig.from_dict(SINGLE), storage_path=str(tmp_path), name="again", leaderboard=False)
     assert _trial_params_in_order(again) == first
     assert len({json.dumps(p, sort_keys=True) for p in first}) == len(first)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# an interrupted sweep: the CLI killed by PID mid-sweep, then `erasus-ray sweep --resume` completes it (slow)
+# ----------------------------------------------------------------------------------------------------------------------
+def _persisted_trials(sweep_dir: Path) -> dict[str, str]:
+    """Trial id -> status in Tune's last saved experiment state ({} while none is readable yet). Reads the state
+    file directly (``ExperimentAnalysis`` also loads every result and is too slow to poll)."""
+    try:
+        # newest by the session time in the name, as Tune picks it (a resumed run re-copies the older files too)
+        newest = max(sweep_dir.glob("experiment_state-*.json"), key=lambda p: p.name)
+        trials = [json.loads(t[0]) for t in json.loads(newest.read_text())["trial_data"]]
+        return {t["trial_id"]: t["status"] for t in trials}
+    except (ValueError, OSError, KeyError, IndexError, TypeError):  # not written yet, or caught mid-write
+        return {}
+
+
+@pytest.mark.slow
+def test_resume_of_a_killed_sweep_keeps_finished_trials_and_completes_the_rest(tmp_path, ray_cluster, digits_class):
+    import tempfile
+    import threading
+
+    import psutil
+    from test_cluster_job import _end_processes_mentioning
+
+    n = 6
+    config = tmp_path / "sweep.yaml"
+    # trials of ~2.5 s (the full forget set, 30 epochs of batch 8), one at a time: time to kill the sweep mid-way
+    config.write_text(yaml.safe_dump({**yaml.safe_load(CI_CONFIG.read_text()), "num_samples": n, "max_concurrent": 1, "top_k": 0,
+                                      "fraction": 1.0, "epochs": 30, "runner": {"retain_batch_size": 128, "batch_size": 8}}))
+    sweep_dir = tmp_path / "sweeps" / "killed"
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # the CLI's embedded Ray lives here; short socket paths
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([str(BIN / "erasus-ray"), "sweep", "--config", str(config), "--storage-path", str(sweep_dir.parent),
+                             "--name", "killed", "--no-leaderboard"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 400
+        while True:  # kill once Tune has saved >= 2 finished trials (its state is written every ~1 s)
+            persisted = _persisted_trials(sweep_dir) if sweep_dir.exists() else {}
+            if sum(s == "TERMINATED" for s in persisted.values()) >= 2:
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed:\n" + "".join(output)[-3000:]
+            assert time.time() < deadline, "no 2 finished trials in time:\n" + "".join(output)[-3000:]
+            time.sleep(0.2)
+        children = psutil.Process(proc.pid).children(recursive=True)  # its embedded Ray, ended by PID below
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for child in locals().get("children", []):
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        _end_processes_mentioning(ray_tmp)
+    persisted = _persisted_trials(sweep_dir)
+    kept = {t: s for t, s in persisted.items() if s == "TERMINATED"}
+    assert 2 <= len(kept) < n, persisted
+    before = {t["trial_dir"]: t for t in load_trials(sweep_dir)}  # Tune's folder names carry the trial ids
+    assert len(before) < n
+    kept_dirs = {d: t for d, t in before.items() if t["trial_id"] in kept}
+    assert len(kept_dirs) == len(kept)
+    kept_results = {d: (sweep_dir / d / "result.json").read_bytes() for d in kept_dirs}
+
+    assert main(["sweep", "--resume", str(sweep_dir), "--no-rerun"]) == 0
+    after = {t["trial_dir"]: t for t in load_trials(sweep_dir)}
+    assert len(after) == n and len(list(sweep_dir.glob("*/params.json"))) == n  # the search went on to num_samples
+    assert all(t["status"] == "ok" for t in after.values())
+    assert set(before) <= set(after)  # the unfinished trial re-ran under its own id and folder, not as a new trial
+    assert {after[d]["trial_id"] for d in kept_dirs} == set(kept)
+    for d, raw in kept_results.items():  # finished trials were kept, not re-run
+        assert (sweep_dir / d / "result.json").read_bytes() == raw
+    assert set(_persisted_trials(sweep_dir).values()) == {"TERMINATED"}
+    assert (sweep_dir / "leaderboard.md").exists()
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    assert meta["n_trials"] == n and meta["n_errors"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# on a cluster: RAY_ADDRESS joins a running head; `ray job submit -- erasus-ray sweep` writes the leaderboard (slow)
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sweep_joins_ray_address_and_runs_under_ray_job_submit(tmp_path):
+    pytest.importorskip("ray")
+    from test_cluster_job import local_ray_head
+
+    with local_ray_head() as (gcs, dashboard, env):
+        joined = subprocess.run(
+            [str(BIN / "erasus-ray"), "sweep", "--config", str(CI_CONFIG), "--storage-path", str(tmp_path / "joined"), "--name", "j",
+             "--num-samples", "2", "--no-rerun"],
+            env={**env, "RAY_ADDRESS": gcs}, capture_output=True, text=True, timeout=600, cwd=ROOT,
+        )
+        assert joined.returncode == 0, joined.stdout[-3000:] + joined.stderr[-3000:]
+        assert f"Ray: joined the cluster at {gcs}" in joined.stdout
+        assert len([r for r in read_csv(tmp_path / "joined" / "j" / "leaderboard.csv") if r["kind"] == "trial"]) == 2
+        job = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", f"--address={dashboard}", f"--working-dir={ROOT}", "--",
+             str(BIN / "erasus-ray"), "sweep", "--config", "tune_configs/ci_digits.yaml", "--storage-path", str(tmp_path / "job"), "--name", "ci"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert f"Ray: joined the cluster at {gcs}" in job.stdout  # the job's RAY_ADDRESS, not a second Ray
+    board = tmp_path / "job" / "ci"
+    for f in ("leaderboard.csv", "leaderboard.md", "pareto.png", "sweep.json", "reruns.json"):
+        assert (board / f).exists(), f
+    rows = read_csv(board / "leaderboard.csv")
+    assert len([r for r in rows if r["kind"] == "trial" and r["status"] == "ok"]) == 4
+    assert "re-run with seeds 0 1 2 (mean +- std)" in (board / "leaderboard.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# benchmarks/coreset_ablation/run.py: the quick smoke run, then a --merge run of another task (~20 s)
+# ----------------------------------------------------------------------------------------------------------------------
+def _ablation_module():
+    spec = importlib.util.spec_from_file_location("coreset_ablation_run", ROOT / "benchmarks" / "coreset_ablation" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_coreset_ablation_quick_then_merge(tmp_path, digits_class):
+    ablation = _ablation_module()
+    out = tmp_path / "ablation"
+    assert ablation.main(["--quick", "--out", str(out)]) == 0
+    rows = ablation.base.read_csv(out / "results.csv")
+    assert [r["config"] for r in rows] == ["retrain", "grad_diff:full@1", "grad_diff:random@0.2", "grad_diff:el2n@0.2",
+                                           "grad_diff:random@0.05", "grad_diff:el2n@0.05"]
+    full, retrain = rows[1], rows[0]
+    assert full["ratio_to_full"] == pytest.approx(1.0) and retrain["ratio_to_retrain"] == pytest.approx(1.0)
+    for r in rows[2:]:
+        assert r["ratio_to_full"] == pytest.approx(r["total_s"] / full["total_s"], rel=1e-4)
+        assert r["ratio_to_retrain"] == pytest.approx(r["total_s"] / retrain["total_s"], rel=1e-4)
+        assert r["coreset_size"] == round(r["fraction"] * r["n_forget"]) or abs(r["coreset_size"] - r["fraction"] * r["n_forget"]) <= 1
+    md = (out / "RESULTS.md").read_text()
+    assert "run.py --quick --out" in md and '## Verdict on the claim: "5-10% coresets match' in md
+    assert next(x for x in md.splitlines() if x.startswith("| digits/class | **")).split("**")[1] in ("holds", "partly", "does not hold")
+    assert (out / "ablation.png").stat().st_size > 20_000
+    # --merge: another task's rows are added, the first run's rows and command kept
+    merge = ["--tasks", "digits:random10", "--seeds", "0", "--fractions", "0.1,1.0", "--selectors", "random", "--strategies", "grad_diff",
+             "--out", str(out), "--merge"]
+    assert ablation.main(merge) == 0
+    merged = ablation.base.read_csv(out / "results.csv")
+    cols = lambda rs: [(r["scenario"], r["config"], r["total_s"], r["avg_gap_pts"]) for r in rs]  # noqa: E731  (NaNs elsewhere)
+    assert cols(merged[:6]) == cols(rows)
+    assert [(r["scenario"], r["config"]) for r in merged[6:]] == [("random10", "retrain"), ("random10", "grad_diff:full@1"),
+                                                                   ("random10", "grad_diff:random@0.1")]
+    runs = json.loads((out / "run_meta.json").read_text())["runs"]
+    assert [r["tasks"] for r in runs] == [["digits:class"], ["digits:random10"]]
+    md = (out / "RESULTS.md").read_text()
+    assert "1. `" in md and "2. `" in md and "--merge" in md and "| digits/random10 | **" in md
+    # merge_rows replaces a task's rows in place
+    old = [{"task": "a", "scenario": "x", "v": 1}, {"task": "b", "scenario": "y", "v": 2}]
+    assert ablation.merge_rows(old, [{"task": "a", "scenario": "x", "v": 3}]) == [{"task": "a", "scenario": "x", "v": 3}, old[1]]
