@@ -2,12 +2,16 @@
 
 Class 3 (a redundant forget set): every strategy that runs on a classifier must move towards the gold model
 (Avg.Gap below the original model's 50.6 pts). Random 10% (each sample its own fact): the original model is already
-within ~1.8 pts of the gold model, so "towards gold" means not overshooting; only the strategies listed in
-``RANDOM10_CLOSE`` meet that with their defaults (``benchmarks/strategy_leaderboard/digits/RESULTS.md`` has every
-number, 3 seeds). The others push the forgotten samples below the gold model's ~97% forget accuracy - their
-defaults are tuned to erase what the model memorised, and on random10 there is little to erase. That is documented
-here rather than hidden by per-scenario tuning.
+within 1.4 pts of the gold model (seed 0; its forget accuracy is 100% against the gold model's 97.2%), so "towards
+gold" leaves little room. ``RANDOM10`` lists, per strategy, what its defaults measurably do there (seed 0) and the
+test asserts exactly that: four move towards gold, two barely change the model, and the rest overshoot - their
+defaults are tuned to erase a class, and on random10 they forget *more* than retraining does (forget accuracy below
+the gold model's, or the SVC membership-inference efficacy far above its 5.6%), or they damage retain/test
+accuracy. ``benchmarks/strategy_leaderboard/digits/RESULTS.md`` has every number for 3 seeds. Random-sample
+deletion needs a stopping rule (``forget_target`` at the held-out accuracy), not stronger forgetting.
 """
+
+from dataclasses import dataclass
 
 import pytest
 
@@ -27,14 +31,20 @@ def _runnable_on_classifier() -> list[str]:
     ]
 
 
-def _gap(bench, name: str) -> tuple[float, float]:
-    gold = evaluate(bench.gold, forget=bench.forget, retain=bench.retain, test=bench.test, task=bench.task, seed=0)
+def _metrics(bench, name: str, gold: dict[str, float]) -> tuple[dict[str, float], float, float]:
+    """(the strategy's metrics, its Avg.Gap, the original model's Avg.Gap), seed 0, full forget set."""
     original = evaluate(bench.original, forget=bench.forget, retain=bench.retain, test=bench.test, task=bench.task,
                         gold_metrics=gold, seed=0)
     cfg = JobConfig.from_dict({"benchmark": "digits", "scenario": bench.scenario, "seed": 0, "strategy": name,
                                "selector": None, "fraction": 1.0})
     job = run_job(cfg, bench=bench, gold_metrics=gold, progress=False, fraction=1.0)
-    return job["metrics"]["avg_gap"], original["avg_gap"]
+    return job["metrics"], job["metrics"]["avg_gap"], original["avg_gap"]
+
+
+def _gap(bench, name: str) -> tuple[float, float]:
+    gold = evaluate(bench.gold, forget=bench.forget, retain=bench.retain, test=bench.test, task=bench.task, seed=0)
+    _, gap, original_gap = _metrics(bench, name, gold)
+    return gap, original_gap
 
 
 @pytest.mark.parametrize("name", _runnable_on_classifier())
@@ -43,14 +53,87 @@ def test_every_strategy_moves_towards_gold_on_a_class(name, digits_class):
     assert gap < original_gap, f"{name}: Avg.Gap {100 * gap:.1f} pts, original {100 * original_gap:.1f}"
 
 
-#: Strategies whose defaults do not overshoot random10 (Avg.Gap within 1 pt of the original's or better, seed 0).
-RANDOM10_CLOSE = ["neggrad_plus", "rmu", "l1_sparse", "scrub", "fine_tune", "simnpo", "ssd"]
+@dataclass(frozen=True)
+class R10:
+    """What a strategy's defaults do on digits random10, seed 0 (measured; Avg.Gap and metrics in points).
+
+    kind: ``towards`` (Avg.Gap below the original's), ``no_effect`` (within 0.5 pts of the original's and not
+    below the gold forget accuracy: it leaves the model almost as it was), ``overshoots`` (forgets more than
+    retraining: ``metric`` is the forget accuracy below the gold model's or the SVC MIA efficacy above it),
+    ``damages`` (``metric``: retain or test accuracy below the gold model's). ``value``: that metric, measured.
+    """
+
+    gap: float
+    kind: str
+    metric: str | None = None
+    value: float | None = None
 
 
-@pytest.mark.parametrize("name", RANDOM10_CLOSE)
-def test_strategies_that_do_not_overshoot_random_samples(name, digits_random10):
-    gap, original_gap = _gap(digits_random10, name)
-    assert gap < original_gap + 0.01, f"{name}: Avg.Gap {100 * gap:.1f} pts, original {100 * original_gap:.1f}"
+RANDOM10 = {
+    "activation_steering": R10(4.8, "damages", "test_acc", 89.7),
+    "altpo": R10(12.2, "overshoots", "mia_svc_efficacy", 34.7),
+    "amnesiac": R10(9.1, "overshoots", "mia_svc_efficacy", 38.9),
+    "auto": R10(14.6, "overshoots", "forget_acc", 73.6),
+    "causal_tracing": R10(9.7, "overshoots", "forget_acc", 81.9),
+    "delta_unlearning": R10(40.4, "overshoots", "forget_acc", 50.7),
+    "dexperts": R10(5.3, "overshoots", "mia_svc_efficacy", 13.9),
+    "dpo": R10(2.9, "overshoots", "mia_svc_efficacy", 16.0),
+    "embedding_alignment": R10(6.6, "overshoots", "mia_svc_efficacy", 26.4),
+    "ensemble": R10(26.6, "overshoots", "forget_acc", 59.0),
+    "fine_tune": R10(1.5, "no_effect", "forget_acc", 99.3),
+    "fisher_forgetting": R10(5.6, "overshoots", "mia_svc_efficacy", 19.4),
+    "flat": R10(83.8, "damages", "retain_acc", 13.8),
+    "grad_diff": R10(14.6, "overshoots", "forget_acc", 73.6),
+    "gradient_ascent": R10(4.4, "overshoots", "mia_svc_efficacy", 11.1),
+    "idk_dpo": R10(3.5, "overshoots", "mia_svc_efficacy", 16.0),
+    "knowledge_distillation": R10(14.3, "overshoots", "mia_svc_efficacy", 59.7),
+    "l1_sparse": R10(1.0, "towards"),
+    "layer_freezing": R10(8.2, "overshoots", "forget_acc", 85.4),
+    "lora_unlearning": R10(15.2, "overshoots", "mia_svc_efficacy", 27.8),
+    "mask_based": R10(38.4, "overshoots", "mia_svc_efficacy", 65.3),
+    "negative_gradient": R10(4.4, "overshoots", "mia_svc_efficacy", 11.1),
+    "neggrad_plus": R10(0.7, "towards"),
+    "neuron_pruning": R10(9.0, "overshoots", "mia_svc_efficacy", 18.8),
+    "npo": R10(40.6, "overshoots", "forget_acc", 47.2),
+    "pipeline": R10(5.6, "overshoots", "mia_svc_efficacy", 13.2),
+    "random_label": R10(9.1, "overshoots", "mia_svc_efficacy", 38.9),
+    "rmu": R10(0.7, "towards"),
+    "saliency_unlearning": R10(8.3, "overshoots", "mia_svc_efficacy", 36.8),
+    "scrub": R10(1.3, "towards"),
+    "simnpo": R10(1.5, "overshoots", "mia_svc_efficacy", 9.0),
+    "sparse_aware": R10(13.3, "overshoots", "forget_acc", 77.1),
+    "ssd": R10(1.6, "no_effect", "forget_acc", 100.0),
+    "undial": R10(20.8, "overshoots", "mia_svc_efficacy", 34.0),
+    "wga": R10(3.1, "overshoots", "mia_svc_efficacy", 10.4),
+}
+
+#: the side of the gold value on which an overshooting / damaging metric lies: -1 below, +1 above
+_SIDE = {"forget_acc": -1, "retain_acc": -1, "test_acc": -1, "mia_svc_efficacy": +1}
+
+
+def test_random10_table_covers_every_strategy():
+    assert set(RANDOM10) == set(_runnable_on_classifier())
+
+
+@pytest.mark.parametrize("name", sorted(RANDOM10))
+def test_random10_outcome_is_the_documented_one(name, digits_random10):
+    b = digits_random10
+    doc = RANDOM10[name]
+    gold = evaluate(b.gold, forget=b.forget, retain=b.retain, test=b.test, task=b.task, seed=0)
+    m, gap, original_gap = _metrics(b, name, gold)
+    got = f"{name}: Avg.Gap {100 * gap:.1f} pts (documented {doc.gap}), original {100 * original_gap:.1f}"
+    if doc.kind == "towards":
+        assert gap < original_gap, got
+        return
+    value = 100 * m[doc.metric]
+    got += f"; {doc.metric} {value:.1f} (documented {doc.value}) vs gold {100 * gold[doc.metric]:.1f}"
+    assert abs(value - doc.value) <= 3.0, got
+    if doc.kind == "no_effect":
+        assert abs(gap - original_gap) <= 0.005 and m["forget_acc"] >= gold["forget_acc"], got
+        return
+    assert doc.kind in ("overshoots", "damages") and gap > original_gap, got
+    assert (doc.kind == "damages") == (doc.metric in ("retain_acc", "test_acc")), got
+    assert _SIDE[doc.metric] * (m[doc.metric] - gold[doc.metric]) >= 0.01, got
 
 
 @pytest.fixture(scope="module")
