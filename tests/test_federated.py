@@ -364,7 +364,10 @@ def test_verification_rule_by_hand():
     assert not verification_checks(ev(0.08, 0.0, 0.95, 1.0), None, 150)[0]  # original not kept: tolerance only
     # 30 forgotten samples of a client: one sample is 3.3 points, so the tolerance is the sampling error, not 5 points
     ok, checks, _ = verification_checks(ev(0.9, 0.8, 0.1, 0.17), ev(0.9, 0.8, 0.1, 0.17), 30)
-    assert ok and checks["forget_acc"]["tolerance"] == pytest.approx(1.96 * math.sqrt(0.8 * 0.2 / 30))
+    q = (0.8 * 30 + 2) / 34
+    assert ok and checks["forget_acc"]["tolerance"] == pytest.approx(1.96 * math.sqrt(q * (1 - q) / 34))
+    # ... and it does not vanish when the retrain model gets all 30 right: 2 samples off (0.067) is within it
+    assert verification_checks(ev(0.933, 1.0, 0.1, 0.1), None, 30)[0] and not verification_checks(ev(0.8, 1.0, 0.1, 0.1), None, 30)[0]
 
 
 @pytest.fixture(scope="module")

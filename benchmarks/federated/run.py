@@ -8,12 +8,18 @@ directly, every message still goes through `to_content()` / `from_content()` (Fl
 bytes are those of the Flower path; only process start-up and gRPC are absent.
 
 Measured per request, split by phase (a subclass of the coordinator meters `_exchange`):
-- unlearn: `_unlearn` (sample/class: one `train.unlearn` round on the owning clients + `repair_rounds` `train.repair`
-  rounds on all clients; client: FedEraser calibration rounds) - rounds, client-rounds, bytes sent (server ->
-  clients, model arrays as Flower counts them), bytes received, seconds;
+- unlearn: `_unlearn_batch` (sample/class: one `train.unlearn` round on the owning clients + `repair_rounds`
+  `train.repair` rounds on all clients; client: FedEraser calibration rounds) - rounds, client-rounds, bytes sent
+  (server -> clients, model arrays as Flower counts them), bytes received, seconds;
 - retrain: `retrain_baseline` (sample/class: FedAvg from the common initialisation for the same rounds without the
   deleted ids; client: rollback to the round before it joined + FedAvg without it) - same counters;
 - Avg.Gap (evaluation module, mean |metric - retrained metric|) of the unlearned model and of the original model.
+
+Batching (one more fresh copy per federation, twice): 3 requests - the operator's class 3, 30 ids of client-1, 30 ids
+of client-2 - arriving in one round and served as one batch by one `process_pending()`, against the same 3 requests
+arriving one at a time (submit, `process_pending()`, next). Totals of both phases, and the Avg.Gap on the union of
+the three requests' ids of the final model against the retrain without all of them (the ledger's
+`deleted_after_avg_gap` of the last verification).
 
 Usage:
     python benchmarks/federated/run.py --clients 5,10 --seeds 0,1,2 --out benchmarks/federated
@@ -45,7 +51,7 @@ def _metered_coordinator_class():
     from erasus_ray.federated.messages import MSG_REPAIR, MSG_TRAIN, MSG_UNLEARN
 
     class MeteredCoordinator(DeletionCoordinator):
-        """The coordinator unchanged, with per-phase counters around `_exchange`, `_unlearn` and `retrain_baseline`."""
+        """The coordinator unchanged, with per-phase counters around `_exchange`, `_unlearn_batch` and `retrain_baseline`."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -71,8 +77,8 @@ def _metered_coordinator_class():
                 self.meter[phase]["seconds"] += time.perf_counter() - t0
                 self.phase = "other"
 
-        def _unlearn(self, *args, **kwargs):
-            return self._timed("unlearn", super()._unlearn, *args, **kwargs)
+        def _unlearn_batch(self, *args, **kwargs):
+            return self._timed("unlearn", super()._unlearn_batch, *args, **kwargs)
 
         def retrain_baseline(self, *args, **kwargs):
             return self._timed("retrain", super().retrain_baseline, *args, **kwargs)
@@ -93,7 +99,65 @@ def _request(level: str, fed, n_clients: int, seed: int, n_sample_ids: int):
     return DeletionRequest(f"leave-{seed}", f"client-{n_clients - 1}", "client")
 
 
-def run(args) -> list[dict]:
+def _batch_requests(fed, seed: int, n_sample_ids: int):
+    import numpy as np
+
+    from erasus_ray.ledger import DeletionRequest
+
+    rng = np.random.default_rng(seed)
+    out = [DeletionRequest(f"class3-{seed}", "operator", "class", label=3)]
+    for c in ("client-1", "client-2"):
+        ids = rng.choice(fed.partitions[c], size=n_sample_ids, replace=False)
+        out.append(DeletionRequest(f"sample-{c}-{seed}", c, "sample", ids=sorted(int(i) for i in ids)))
+    return out
+
+
+def run_batching(args, Metered, spec, base: Path, work: Path, config: dict, seed: int) -> list[dict]:
+    """The same 3 requests served as one batch vs one at a time, each from a fresh copy of the trained state."""
+    from erasus_ray.federated.coordinator import InProcessTransport, ServerConfig
+
+    rows = []
+    for mode in ("batched", "one at a time"):
+        state = work / f"batch-{mode.replace(' ', '-')}-{spec.n_clients}-{seed}"
+        shutil.copytree(base / "history", state / "history")
+        mc = Metered(spec, InProcessTransport(spec), state, config=ServerConfig(seed=seed, **config))
+        mc.discover()
+        requests = _batch_requests(mc.fed, seed, args.sample_ids)
+        t0 = time.perf_counter()
+        if mode == "batched":
+            for req in requests:
+                mc.submit(req)
+            mc.process_pending()
+        else:
+            for req in requests:
+                mc.submit(req)
+                mc.process_pending()
+        total = time.perf_counter() - t0
+        entries = [mc.ledger.get(r.request_id) for r in requests]
+        last = max(entries, key=lambda e: e.updated_at).metrics
+        first = mc.ledger.get(requests[0].request_id).metrics
+        row = {
+            "n_clients": spec.n_clients, "seed": seed, "mode": mode, "n_requests": len(requests),
+            "batches": len({e.batch_id for e in entries}), "states": sorted({e.state for e in entries}),
+            "failed": {e.request_id: e.state_reason for e in entries if e.state == "failed"},
+            "n_forget": last.get("deleted_n_forget"),
+            **{f"unlearn_{k}": v for k, v in mc.meter["unlearn"].items()},
+            **{f"retrain_{k}": v for k, v in mc.meter["retrain"].items()},
+            "process_seconds_total": total,
+            "avg_gap_after": last.get("deleted_after_avg_gap"),
+            # the original model against the same final retrain: the first batch's 'before' in batched mode
+            "avg_gap_original": first.get("deleted_before_avg_gap") if mode == "batched" else None,
+            "forget_acc_after": last.get("deleted_after_forget_acc"), "forget_acc_retrain": last.get("deleted_after_gold_forget_acc"),
+            "load_avg_1m": os.getloadavg()[0],
+        }
+        rows.append(row)
+        mc.ledger.close()
+        print(json.dumps({k: row[k] for k in ("n_clients", "seed", "mode", "batches", "states", "unlearn_rounds", "retrain_rounds",
+                                                "unlearn_seconds", "retrain_seconds", "avg_gap_after")}), flush=True)
+    return rows
+
+
+def run(args) -> tuple[list[dict], list[dict]]:
     import torch
 
     torch.set_num_threads(1)
@@ -102,7 +166,7 @@ def run(args) -> list[dict]:
 
     Metered = _metered_coordinator_class()
     config = dict(rounds=args.rounds, wait_clients_s=0.0, pass_wait_s=0.0, process_passes=1)
-    rows = []
+    rows, batch_rows = [], []
     work = Path(tempfile.mkdtemp(prefix="fl-bench-"))
     try:
         for n in args.clients:
@@ -129,7 +193,7 @@ def run(args) -> list[dict]:
                     m = entry.metrics
                     row = {
                         "n_clients": n, "seed": seed, "level": level, "request_id": req.request_id,
-                        "state": final.get(req.request_id), "n_forget": m.get("n_forget"),
+                        "state": final.get(req.request_id), "state_reason": entry.state_reason, "n_forget": m.get("n_forget"),
                         "strategy": entry.strategy,
                         **{f"unlearn_{k}": v for k, v in mc.meter["unlearn"].items()},
                         **{f"retrain_{k}": v for k, v in mc.meter["retrain"].items()},
@@ -148,9 +212,10 @@ def run(args) -> list[dict]:
                     print(json.dumps({k: row[k] for k in ("n_clients", "seed", "level", "state", "unlearn_rounds", "retrain_rounds",
                                                             "unlearn_seconds", "retrain_seconds", "avg_gap_after", "avg_gap_original")}),
                           flush=True)
+                batch_rows += run_batching(args, Metered, spec, base, work, config, seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return rows
+    return rows, batch_rows
 
 
 def _ms(values, scale=1.0, fmt="{:.2f}"):
@@ -162,7 +227,7 @@ def _ms(values, scale=1.0, fmt="{:.2f}"):
     return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
 
 
-def report(out: Path, meta: dict, rows: list[dict]) -> str:
+def report(out: Path, meta: dict, rows: list[dict], batch_rows: list[dict] | None = None) -> str:
     lines = [
         "# Federated unlearning vs federated retrain (digits, 5 and 10 clients)",
         "",
@@ -191,7 +256,7 @@ def report(out: Path, meta: dict, rows: list[dict]) -> str:
         f"- Requests, one per fresh copy of the trained state: **sample** = {meta['sample_ids']} random ids of client-1 "
         "(filed by client-1); **class** = label 3, filed by the operator (every client's samples of that label); "
         "**client** = the last client (client-4 / client-9) leaves.",
-        "- **unlearn** = the coordinator's `_unlearn`: sample/class: one `train.unlearn` round on the owning clients "
+        "- **unlearn** = the coordinator's `_unlearn_batch`: sample/class: one `train.unlearn` round on the owning clients "
         "(grad_diff through the runner) + 1 `train.repair` FedAvg round on every client's retain data; client: FedEraser "
         "calibration rounds on the remaining clients (rounds 1..R-1; round 0 reuses stored updates). **retrain** = "
         "`retrain_baseline`: FedAvg from the common initialisation, same rounds and local epochs, without the deleted ids "
@@ -202,6 +267,10 @@ def report(out: Path, meta: dict, rows: list[dict]) -> str:
         "the phase, `torch.set_num_threads(1)`.",
         "- Avg.Gap = mean |metric - federated retrain metric| over forget acc, retain acc, test acc and MIA efficacy "
         "(`erasus_ray.evaluation.evaluate`), in points (x100); **original** = the trained model before the request.",
+        "- **ledger** = the state the coordinator's verification gave the request: `verified` only if forget accuracy and "
+        "MIA efficacy on its forget ids are each within tolerance of the federated retrain model (max(0.05, the 95% Agresti-Coull "
+        "half-width of a rate on n forget ids)) "
+        "or unlearning closed >= 90% of the original model's gap; `failed` (with the measured gaps) otherwise.",
         f"- Machine: {meta['machine']}; shared, 1-min load average {meta['load_min']:.1f}-{meta['load_max']:.1f} during the "
         f"run, so seconds are inflated and noisy (rounds and bytes are exact). Total wall time {meta['wall_min']:.1f} min.",
         "",
@@ -240,6 +309,54 @@ def report(out: Path, meta: dict, rows: list[dict]) -> str:
             f"- {s['n_clients']} clients, {s['level']}: {s['bytes_ratio']:.2f}x the bytes, {s['seconds_ratio']:.2f}x the "
             f"seconds; Avg.Gap {s['gap_orig']:.2f} -> {s['gap_after']:.2f} pts."
         )
+    if batch_rows:
+        lines += [
+            "",
+            "## Batching: 3 requests arriving in one round vs one at a time",
+            "",
+            f"The operator's class 3 + {meta['sample_ids']} random ids of client-1 + {meta['sample_ids']} of client-2, "
+            "each mode from a fresh copy of the same trained state. **batched**: all three validated before the round, "
+            "one `process_pending()` - one `train.unlearn` round (the owners' ids merged per client), one repair round, "
+            "one federated retrain for verification. **one at a time**: submit, `process_pending()`, next - three of each. "
+            "Totals over unlearn + retrain; Avg.Gap on the union of the three requests' ids, final model vs the federated "
+            "retrain without all of them (the last verification's `deleted_after_avg_gap`); original = the trained model "
+            "against that same retrain.",
+            "",
+            "| clients | mode | batches | n forget | rounds (client-rounds) | MB sent | seconds (unlearn + retrain) | "
+            "Avg.Gap final (pts) | Avg.Gap original (pts) | forget acc final / retrain (%) | ledger |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        bgroups: dict[tuple, list[dict]] = {}
+        for r in batch_rows:
+            bgroups.setdefault((r["n_clients"], r["mode"]), []).append(r)
+        ratios = []
+        for (n, mode), rs in sorted(bgroups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "batched")):
+            tot = lambda k: [r[f"unlearn_{k}"] + r[f"retrain_{k}"] for r in rs]  # noqa: E731
+            col = lambda k: [r[k] for r in rs]  # noqa: E731
+            lines.append(
+                f"| {n} | {mode} | {_ms(col('batches'), fmt='{:.0f}')} | {_ms(col('n_forget'), fmt='{:.0f}')} | "
+                f"{_ms(tot('rounds'), fmt='{:.0f}')} ({_ms(tot('client_rounds'), fmt='{:.0f}')}) | {_ms(tot('bytes_sent'), 1e-6)} | "
+                f"{_ms(tot('seconds'))} | {_ms(col('avg_gap_after'), 100)} | {_ms(col('avg_gap_original'), 100)} | "
+                f"{_ms(col('forget_acc_after'), 100, '{:.1f}')} / {_ms(col('forget_acc_retrain'), 100, '{:.1f}')} | "
+                f"{', '.join(sorted({s for r in rs for s in r['states']}))} |"
+            )
+        for n in sorted({k[0] for k in bgroups}):
+            b, o = bgroups.get((n, "batched"), []), bgroups.get((n, "one at a time"), [])
+            if b and o:
+                def mean_tot(rs, k):
+                    return statistics.mean(r[f"unlearn_{k}"] + r[f"retrain_{k}"] for r in rs)
+
+                ratios.append(
+                    f"- {n} clients: batched = {mean_tot(b, 'rounds') / mean_tot(o, 'rounds'):.2f}x the rounds, "
+                    f"{mean_tot(b, 'bytes_sent') / mean_tot(o, 'bytes_sent'):.2f}x the bytes and "
+                    f"{mean_tot(b, 'seconds') / mean_tot(o, 'seconds'):.2f}x the seconds of one at a time; final Avg.Gap "
+                    f"{statistics.mean(r['avg_gap_after'] for r in b) * 100:.2f} vs {statistics.mean(r['avg_gap_after'] for r in o) * 100:.2f} pts."
+                )
+        lines += ["", *ratios]
+    failures = [f"- {r['n_clients']} clients, seed {r['seed']}, {r['level']}: {r.get('state_reason')}" for r in rows if r["state"] == "failed"]
+    failures += [f"- {r['n_clients']} clients, seed {r['seed']}, {r['mode']}, {rid}: {why}" for r in batch_rows or [] for rid, why in r.get("failed", {}).items()]
+    if failures:
+        lines += ["", "Requests the verification marked `failed` (the ledger's reason, measured numbers):", "", *failures]
     train = {}
     for r in rows:
         train.setdefault((r["n_clients"], r["seed"]), (r["train_rounds"], r["train_bytes_sent"], r["train_seconds"]))
@@ -247,7 +364,8 @@ def report(out: Path, meta: dict, rows: list[dict]) -> str:
         f"{n} clients seed {s}: {t[0]} rounds, {t[1] / 1e6:.2f} MB sent, {t[2]:.1f} s" for (n, s), t in sorted(train.items())) + "."]
     if meta.get("notes"):
         lines += ["", "## Findings and notes", ""] + [f"- {x}" for x in meta["notes"]]
-    lines += ["", "Raw rows: `results.json` / `results.csv` (one row per clients x seed x level).", ""]
+    lines += ["", "Raw rows: `results.json` / `results.csv` (one row per clients x seed x level; `batch_rows` in results.json "
+              "for the batching comparison).", ""]
     text = "\n".join(lines)
     (out / "RESULTS.md").write_text(text)
     return text
@@ -270,13 +388,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.note:  # findings written after looking at the numbers; stored with the run's metadata
             data["meta"]["notes"] = args.note
             (out / "results.json").write_text(json.dumps(data, indent=2))
-        print(report(out, data["meta"], data["rows"]))
+        print(report(out, data["meta"], data["rows"], data.get("batch_rows")))
         return 0
     t0 = time.time()
-    rows = run(args)
+    rows, batch_rows = run(args)
     import torch
 
-    loads = [r["load_avg_1m"] for r in rows]
+    loads = [r["load_avg_1m"] for r in rows + batch_rows]
     meta = {
         "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
         "path": "in-process DeletionCoordinator + InProcessTransport",
@@ -285,12 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         "load_min": min(loads), "load_max": max(loads), "wall_min": (time.time() - t0) / 60, "notes": args.note,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "batch_rows": batch_rows}, indent=2))
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(report(out, meta, rows))
+    print(report(out, meta, rows, batch_rows))
     return 0
 
 

@@ -591,12 +591,16 @@ class DeletionCoordinator:
 
         forget = {e.request_id: self.resolve(e) for e in entries}
         batch: dict[str, Any] = {}
+        # for the record: the batch's union of forget ids, and every id deleted so far (what the retrain model lacks)
+        scopes = [("deleted", np.asarray(sorted(deleted), dtype=np.int64))]
         if len(entries) > 1:
-            union = np.unique(np.concatenate(list(forget.values())))
-            u_after, u_before = measure(union)
-            batch = {f"batch_after_{k}": u_after[k] for k in ("avg_gap", "forget_acc", "gold_forget_acc", "mia_svc_efficacy", "gold_mia_svc_efficacy")}
+            scopes.insert(0, ("batch", np.unique(np.concatenate(list(forget.values())))))
+        for scope, ids in scopes:
+            u_after, u_before = measure(ids)
+            batch[f"{scope}_n_forget"] = int(len(ids))
+            batch.update({f"{scope}_after_{k}": u_after[k] for k in ("avg_gap", "forget_acc", "gold_forget_acc", "mia_svc_efficacy", "gold_mia_svc_efficacy")})
             if u_before is not None:
-                batch.update({f"batch_before_{k}": u_before[k] for k in ("avg_gap", "forget_acc", "mia_svc_efficacy")})
+                batch.update({f"{scope}_before_{k}": u_before[k] for k in ("avg_gap", "forget_acc", "mia_svc_efficacy")})
         results = {}
         for e in entries:
             after, before = measure(forget[e.request_id])
@@ -640,8 +644,8 @@ class DeletionCoordinator:
 
 VERIFY_RULE = (
     "per metric m in (forget_acc, mia_svc_efficacy) on the request's forget ids, gap(m) = |m(model) - m(federated "
-    "retrain)|: passes if gap_after <= tolerance (max(floor, 1.96 sqrt(p(1-p)/n)), p = the retrain's value, n = forget "
-    "ids), or if the original was outside tolerance and unlearning closed at least {close:.0%} of its gap "
+    "retrain)|: passes if gap_after <= tolerance (max(floor, 95% Agresti-Coull half-width of a rate p = the retrain's "
+    "value on n = forget ids)), or if the original was outside tolerance and unlearning closed at least {close:.0%} of its gap "
     "(gap_after <= (1 - {close}) gap_before); verified when every measurable metric passes"
 )
 
@@ -682,12 +686,16 @@ def verification_checks(
     return not failing, checks, "; ".join(failing)
 
 
-def verification_tolerance(gold_acc: float, n_forget: int, floor: float = 0.05) -> float:
-    """How far the forget accuracy may sit from the retrained model's and still count as equal: ``floor``, or the
-    95% sampling error of an accuracy on ``n_forget`` samples (``1.96 * sqrt(p (1 - p) / n)``) when that is larger -
-    on 15 forgotten samples one sample is already 0.067."""
-    p = min(max(float(gold_acc), 0.0), 1.0)
-    return max(float(floor), 1.96 * float(np.sqrt(p * (1 - p) / max(int(n_forget), 1))))
+def verification_tolerance(gold_value: float, n_forget: int, floor: float = 0.05) -> float:
+    """How far a rate on the forget set (accuracy, MIA efficacy) may sit from the retrained model's and still count as
+    equal: ``floor``, or the half-width of a 95% Agresti-Coull interval for a rate measured on ``n_forget`` samples when
+    that is larger: ``1.96 sqrt(q (1 - q) / (n + 4))`` with ``q = (p n + 2) / (n + 4)``. Unlike the plain
+    ``sqrt(p (1 - p) / n)`` it does not shrink to 0 when the retrained model gets every sample right (or wrong): on 30
+    forgotten samples at p = 1 it is 0.079 (one sample is 0.033); at n = 150 it is under the 0.05 floor."""
+    p = min(max(float(gold_value), 0.0), 1.0)
+    n = max(int(n_forget), 1)
+    q = (p * n + 2.0) / (n + 4.0)
+    return max(float(floor), 1.96 * float(np.sqrt(q * (1 - q) / (n + 4.0))))
 
 
 class InProcessTransport:
