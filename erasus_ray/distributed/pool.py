@@ -2,9 +2,14 @@
 
 Each actor receives the model once (through the object store) and a shard of forget ids, and returns either
 per-id scores (score selectors: the driver takes the global top-k, identical to a single-process run) or a
-local coreset (greedy/geometric selectors: the driver runs the selector again over the union of the local
-coresets - the two-round GreeDi scheme of Mirzasoleiman et al., NeurIPS 2013). Pool size, resources and restart
+local coreset (greedy/geometric selectors: the two-round GreeDi scheme of Mirzasoleiman et al., NeurIPS 2013,
+"Distributed Submodular Maximization" - local greedy per shard, greedy again over the union, and the better of
+that merged solution and the best local one, evaluated on the whole forget set). Pool size, resources and restart
 policy come from ``actors/scoring.yaml``.
+
+Scores that depend on set-level statistics (influence's Hessian and set targets, TracIn's mean forget gradient)
+are computed once on the driver over the whole forget set (``ScoreSelector.shared_state``) and shipped to every
+actor through the object store, so a sharded run equals one process.
 
 Ray starts in-process on one machine (embedded default) or joins ``RAY_ADDRESS``.
 """
@@ -22,11 +27,14 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
-from erasus_ray.selectors.base import Coreset, Selector, resolve_budget
+from erasus_ray.selectors.base import Coreset, Selector, SharedState, resolve_budget
 from erasus_ray.tasks import Task
 
 #: ``distributed="auto"`` uses the pool when Ray is already initialised or the forget set is at least this large.
 AUTO_THRESHOLD = 50_000
+#: GreeDi also runs the selector centrally, to report the centralised objective, up to this many forget samples
+#: (the size up to which the geometric selectors hold a dense similarity matrix).
+CENTRAL_OBJECTIVE_MAX = 5000
 
 
 def require_ray() -> Any:
@@ -113,8 +121,11 @@ class _ScoringWorker:
         self.model = model.eval()
         self.task = task
 
-    def score(self, selector: Selector, shard: IdDataset, seed: int, context: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        return shard.ids, np.asarray(selector.score(self.model, shard, self.task, seed, **context), dtype=np.float64)
+    def score(
+        self, selector: Selector, shard: IdDataset, seed: int, context: dict[str, Any], shared: SharedState | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        extra = {} if shared is None else {"shared": shared}
+        return shard.ids, np.asarray(selector.score(self.model, shard, self.task, seed, **extra, **context), dtype=np.float64)
 
     def select(self, selector: Selector, shard: IdDataset, k: int, seed: int, context: dict[str, Any]) -> Coreset:
         return selector.select(self.model, shard, task=self.task, k=min(k, len(shard)), seed=seed, **context)
@@ -128,10 +139,17 @@ class ScoringPool:
         >>> coreset = pool.select(get_selector("el2n"), model, forget, task=task, fraction=0.1)
     """
 
-    def __init__(self, spec: PoolSpec | None = None, on_dispatch: Callable[[list[Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        spec: PoolSpec | None = None,
+        on_dispatch: Callable[[list[Any]], None] | None = None,
+        compare_central: bool | None = None,
+    ) -> None:
         self.spec = spec or PoolSpec.load()
         # Called with the actor handles right after the shard tasks are submitted (fault-injection tests kill one).
         self.on_dispatch = on_dispatch
+        # GreeDi: also run the selector centrally to report its objective (None: up to CENTRAL_OBJECTIVE_MAX samples)
+        self.compare_central = compare_central
 
     def _actors(self, model: nn.Module, task: Task) -> list[Any]:
         ray = ensure_ray()
@@ -183,23 +201,76 @@ class ScoringPool:
         model.eval()
         try:
             if selector.distributed_merge == "scores":
-                futures = [actors[i % len(actors)].score.remote(selector, shard, seed, context_ref) for i, shard in enumerate(shards)]
+                # set-level statistics once, over the whole forget set, on the driver; every shard reuses them
+                shared_state = getattr(selector, "shared_state", None)
+                state = None if shared_state is None else shared_state(model, materialise(forget), task, seed, **context)
+                state_ref = None if state is None else ray.put(state)
+                futures = [actors[i % len(actors)].score.remote(selector, shard, seed, context_ref, state_ref)
+                           for i, shard in enumerate(shards)]
                 self._dispatched(actors)
                 parts = ray.get(futures)
                 ids = np.concatenate([p[0] for p in parts])
                 scores = np.concatenate([p[1] for p in parts])
                 coreset = selector.coreset_from_scores(ids, scores, budget)
+                if state is not None:
+                    coreset.info.update(state.info)
             else:
                 futures = [actors[i % len(actors)].select.remote(selector, shard, budget, seed, context_ref) for i, shard in enumerate(shards)]
                 self._dispatched(actors)
                 local = ray.get(futures)
-                union = np.unique(np.concatenate([c.ids for c in local]))
-                coreset = selector.select(model, forget.subset(union), task=task, k=min(budget, len(union)), seed=seed, **context)
-                coreset.info["greedi_union"] = int(len(union))
+                coreset = self._greedi(selector, model, forget, task, budget, seed, local, context)
         finally:
             model.train(was_training)
             for actor in actors:
                 ray.kill(actor)
         coreset.selector = selector.name
         coreset.info.update({"distributed": f"ray:{selector.distributed_merge}", "shards": len(shards), "pool": self.spec.to_dict()})
+        return coreset
+
+    def _greedi(
+        self, selector: Selector, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int,
+        local: list[Coreset], context: dict[str, Any],
+    ) -> Coreset:
+        """GreeDi's second round (Mirzasoleiman et al. 2013): greedy over the union of the local solutions, then the
+        better of that merged solution and the best full-size local one under the selector's objective on the whole
+        forget set (:meth:`Selector.set_objective`). ``info``: ``greedi_objective`` (merged), ``greedi_local_objectives``,
+        ``greedi_choice``, ``objective_full`` (of the returned coreset) and, when the centralised run is affordable,
+        ``centralised_objective`` and ``greedi_vs_centralised`` (``f(GreeDi) / f(central)`` for a maximised objective,
+        ``f(central) / f(GreeDi)`` for a minimised one: 1.0 is as good as centralised, below 1 worse)."""
+        union = np.unique(np.concatenate([c.ids for c in local]))
+        merged = selector.select(model, forget.subset(union), task=task, k=min(budget, len(union)), seed=seed, **context)
+        info: dict[str, Any] = {"greedi_union": int(len(union))}
+        sense = selector.objective_sense
+        if sense is None:
+            merged.info.update(info, greedi_choice="merged (the selector defines no set objective to compare with)")
+            return merged
+        f = selector.set_objective(model, forget, task, seed, **context)
+        better = max if sense == "max" else min
+        candidates = [("merged", merged)] + [(f"shard {i}", c) for i, c in enumerate(local) if len(c.ids) == budget]
+        values = {name: f(c.ids) for name, c in candidates}
+        choice = better(values, key=lambda name: values[name])  # ties keep the merged solution (first)
+        if choice == "merged":
+            coreset = merged
+        else:
+            chosen = dict(candidates)[choice]
+            # a local solution's scores and weights describe its shard only: keep the ids and relative weights
+            coreset = Coreset(ids=chosen.ids.copy(), weights=np.asarray(chosen.weights, dtype=np.float64), scores=None,
+                              info=dict(chosen.info))
+        info.update({
+            "objective_sense": sense,
+            "greedi_objective": values["merged"],
+            "greedi_local_objectives": [values[n] for n, _ in candidates[1:]],
+            "greedi_choice": choice,
+            "objective_full": values[choice],
+        })
+        central = self.compare_central if self.compare_central is not None else len(forget) <= CENTRAL_OBJECTIVE_MAX
+        if central:
+            f_central = f(selector.select(model, forget, task=task, k=budget, seed=seed, **context).ids)
+            info["centralised_objective"] = f_central
+            mine = values[choice]
+            ratio = (mine / f_central if f_central else 1.0) if sense == "max" else (f_central / mine if mine else 1.0)
+            info["greedi_vs_centralised"] = float(ratio)
+        else:
+            info["centralised_objective"] = None  # not run: the forget set is larger than CENTRAL_OBJECTIVE_MAX
+        coreset.info.update(info)
         return coreset

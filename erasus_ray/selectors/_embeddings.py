@@ -336,6 +336,12 @@ def to_numpy_ids(forget: IdDataset, rows: list[int] | np.ndarray) -> np.ndarray:
     return forget.ids[np.asarray(rows, dtype=np.int64)].astype(np.int64).copy()
 
 
+def rows_of(forget: IdDataset, ids: Any) -> np.ndarray:
+    """Rows of ``forget`` holding dataset ``ids`` (int64), in the order given."""
+    row = forget.row_of()
+    return np.asarray([row[int(i)] for i in np.asarray(ids).reshape(-1)], dtype=np.int64)
+
+
 def score_map(forget: IdDataset, scores: torch.Tensor | np.ndarray) -> dict[int, float]:
     vals = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
     return {int(i): float(s) for i, s in zip(forget.ids, vals)}

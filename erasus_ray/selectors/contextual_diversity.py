@@ -3,14 +3,16 @@ k-center greedy under the symmetric KL divergence between predicted class distri
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 import torch
 from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.selectors._embeddings import _chunk_rows, output_distributions, symmetric_kl_to
+from erasus_ray.selectors._embeddings import _chunk_rows, output_distributions, rows_of, symmetric_kl_to
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
 from erasus_ray.selectors.k_center import geometric_coreset, greedy_k_center
 from erasus_ray.tasks import Task
@@ -59,3 +61,12 @@ class ContextualDiversitySelector(Selector):
         first = kl_medoid(p, self.eps) if self.start == "medoid" else 0
         rows, scores, radius = greedy_k_center(lambda j: symmetric_kl_to(p, j, self.eps), len(p), budget, first)
         return geometric_coreset(forget, rows, budget, scores, objective=radius, start_id=int(forget.ids[first]))
+
+    objective_sense = "min"
+
+    def set_objective(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> Callable[[np.ndarray], float]:
+        """The covering radius in symmetric KL over every forget sample."""
+        p = output_distributions(model, forget, task, self.batch_size)
+        return lambda ids: float(
+            symmetric_kl_to(p, torch.as_tensor(rows_of(forget, ids))).reshape(len(p), -1).min(1).values.max()
+        )

@@ -3,7 +3,7 @@ Models"): facility location on gradient embeddings, each medoid weighted by the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.selectors._embeddings import Similarity, check_embedding, embed, score_map, to_numpy_ids
+from erasus_ray.selectors._embeddings import Similarity, check_embedding, embed, rows_of, score_map, to_numpy_ids
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
 from erasus_ray.selectors.submodular import OPTIMIZERS, FacilityLocation, greedy_scores, maximize
 from erasus_ray.tasks import Task
@@ -81,3 +81,18 @@ class CraigSelector(Selector):
             scores=score_map(forget, greedy_scores(fn, rows, gains)),
             info={"objective": fn.value, "gains": gains, "evaluations": evals, "optimizer": self.optimizer, "embedding": self.embedding},
         )
+
+    objective_sense = "max"
+
+    def set_objective(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> Callable[[np.ndarray], float]:
+        """Facility location ``F(S)`` with the ground set = every forget sample."""
+        x = embed(model, forget, task, self.embedding, self.batch_size, seed=seed, proj_dim=self.proj_dim)
+        sim = Similarity(x, "euclidean", max_dense=self.max_dense)
+
+        def value(ids: np.ndarray) -> float:
+            fn = FacilityLocation(sim)
+            for r in rows_of(forget, ids):
+                fn.add(int(r))
+            return float(fn.value)
+
+        return value

@@ -4,7 +4,7 @@ gradient."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.selectors._embeddings import check_embedding, embed, to_numpy_ids
+from erasus_ray.selectors._embeddings import check_embedding, embed, rows_of, to_numpy_ids
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
 from erasus_ray.tasks import Task
 
@@ -103,3 +103,23 @@ class GradMatchSelector(Selector):
             scores=None,
             info={"objective": errors[-1], "errors": errors, "zero_weights": int((w <= 0).sum()), "embedding": self.embedding},
         )
+
+    objective_sense = "min"
+
+    def set_objective(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> Callable[[np.ndarray], float]:
+        """The relative matching error ``||sum_S w_j g_j - sum_i g_i|| / ||sum_i g_i||`` over every forget sample,
+        ``w >= 0`` refitted by the same ridge NNLS."""
+        x = embed(model, forget, task, self.embedding, self.batch_size, seed=seed, proj_dim=self.proj_dim).double()
+        b = x.sum(0)
+        bb = float(b @ b)
+
+        def error(ids: np.ndarray) -> float:
+            xs = x[rows_of(forget, ids)]
+            gram = (xs @ xs.T).cpu().numpy()
+            gram = 0.5 * (gram + gram.T)
+            rhs = (xs @ b).cpu().numpy()
+            w = nnls_gram(gram, rhs, self.lam * max(float(np.mean(np.diag(gram))), 1e-300))
+            err2 = bb - 2.0 * float(w @ rhs) + float(w @ gram @ w)
+            return float(np.sqrt(max(err2, 0.0) / bb)) if bb > 0 else 0.0
+
+        return error

@@ -4,7 +4,7 @@ CVPR 2017, and DeepCore)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.selectors._embeddings import Similarity, check_embedding, embed
+from erasus_ray.selectors._embeddings import Similarity, check_embedding, embed, rows_of
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
 from erasus_ray.selectors.k_center import geometric_coreset
 from erasus_ray.tasks import Task
@@ -96,3 +96,22 @@ class HerdingSelector(Selector):
         return geometric_coreset(
             forget, rows, budget, None, objective=errors[-1], errors=errors, kernel=self.kernel, embedding=self.embedding
         )
+
+    objective_sense = "min"
+
+    def set_objective(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> Callable[[np.ndarray], float]:
+        """``||mean(x_S) - mean(x)||`` (linear) or the RBF-kernel MMD between the coreset and the whole forget set."""
+        x = embed(model, forget, task, self.embedding, self.batch_size, seed=seed, proj_dim=self.proj_dim).double()
+        if self.kernel == "linear":
+            mu = x.mean(0)
+            return lambda ids: float((x[rows_of(forget, ids)].mean(0) - mu).norm())
+        sim = Similarity(x, "rbf")
+        mean_all = float(sim.rowsum().sum()) / sim.n**2
+
+        def mmd(ids: np.ndarray) -> float:
+            rows = rows_of(forget, ids)
+            block = sim.rows(rows)  # [s, n]
+            sq = mean_all - 2.0 * float(block.sum()) / (len(rows) * sim.n) + float(block[:, torch.as_tensor(rows)].sum()) / len(rows) ** 2
+            return float(np.sqrt(max(sq, 0.0)))
+
+        return mmd

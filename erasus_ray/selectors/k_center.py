@@ -11,7 +11,16 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.selectors._embeddings import check_embedding, distances_to, embed, medoid_index, score_map, to_numpy_ids
+from erasus_ray.selectors._embeddings import (
+    check_embedding,
+    distances_to,
+    embed,
+    medoid_index,
+    pairwise_distances,
+    rows_of,
+    score_map,
+    to_numpy_ids,
+)
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
 from erasus_ray.tasks import Task
 
@@ -89,3 +98,10 @@ class KCenterSelector(Selector):
         first = self.first_row(x, seed)
         rows, scores, radius = greedy_k_center(lambda j: distances_to(x, j), len(x), budget, first)
         return geometric_coreset(forget, rows, budget, scores, objective=radius, start_id=int(forget.ids[first]), embedding=self.embedding)
+
+    objective_sense = "min"
+
+    def set_objective(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> Callable[[np.ndarray], float]:
+        """The covering radius ``max_i min_{c in S} d(x_i, x_c)`` over every forget sample."""
+        x = embed(model, forget, task, self.embedding, self.batch_size, seed=seed, proj_dim=self.proj_dim)
+        return lambda ids: float(pairwise_distances(x, x[rows_of(forget, ids)]).min(1).values.max())

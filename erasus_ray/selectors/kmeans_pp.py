@@ -3,14 +3,14 @@ D^2 sampling that BADGE (Ash et al., ICLR 2020) applies to gradient embeddings."
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from erasus_ray.data import IdDataset
-from erasus_ray.selectors._embeddings import check_embedding, distances_to, embed
+from erasus_ray.selectors._embeddings import check_embedding, distances_to, embed, pairwise_distances, rows_of
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
 from erasus_ray.selectors.k_center import geometric_coreset
 from erasus_ray.tasks import Task
@@ -74,3 +74,10 @@ class KMeansPPSelector(Selector):
         x = embed(model, forget, task, self.embedding, self.batch_size, seed=seed, proj_dim=self.proj_dim)
         rows, scores, potential = kmeans_pp_seeding(x, budget, np.random.default_rng(seed))
         return geometric_coreset(forget, rows, budget, scores, objective=potential, embedding=self.embedding)
+
+    objective_sense = "min"
+
+    def set_objective(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> Callable[[np.ndarray], float]:
+        """The k-means potential ``sum_i min_{c in S} ||x_i - x_c||^2`` over every forget sample."""
+        x = embed(model, forget, task, self.embedding, self.batch_size, seed=seed, proj_dim=self.proj_dim)
+        return lambda ids: float(pairwise_distances(x, x[rows_of(forget, ids)], squared=True).min(1).values.sum())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.selectors._embeddings import Similarity, check_embedding, embed, score_map, to_numpy_ids
+from erasus_ray.selectors._embeddings import Similarity, check_embedding, embed, rows_of, score_map, to_numpy_ids
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
 from erasus_ray.tasks import Task
 
@@ -276,3 +276,18 @@ class SubmodularSelector(Selector):
                 "embedding": self.embedding,
             },
         )
+
+    objective_sense = "max"
+
+    def set_objective(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> Callable[[np.ndarray], float]:
+        """``F(S)`` with the ground set = every forget sample."""
+        x = embed(model, forget, task, self.embedding, self.batch_size, seed=seed, proj_dim=self.proj_dim)
+        sim = Similarity(x, self.kernel, max_dense=self.max_dense)
+
+        def value(ids: np.ndarray) -> float:
+            fn = make_function(self.function, sim, self.graph_cut_lambda)
+            for r in rows_of(forget, ids):
+                fn.add(int(r))
+            return float(fn.value)
+
+        return value
