@@ -274,3 +274,21 @@ def test_each_selector_returns_valid_ids_on_digits(name, kwargs, digits_class):
     if core.scores is not None:
         assert set(core.scores) == set(b.forget_ids.tolist()) and all(np.isfinite(list(core.scores.values())))
     assert "objective" in core.info and np.isfinite(core.info["objective"])
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("k_center", {}), ("farthest_first", {}), ("kmeans_pp", {}), ("herding", {}), ("herding", {"kernel": "rbf"}),
+    ("submodular", {}), ("submodular", {"function": "graph_cut"}), ("submodular", {"function": "log_det"}),
+    ("craig", {}), ("gradmatch", {}), ("contextual_diversity", {}),
+])
+def test_set_objective_reproduces_the_selectors_own_objective(name, kwargs, digits_class):
+    """GreeDi compares solutions by ``set_objective`` on the whole forget set: on the set a selector chose itself,
+    it equals the objective the selector reported, with the declared sense (max / min)."""
+    b = digits_class
+    selector = get_selector(name, **kwargs)
+    core = selector.select(b.original, b.forget, task=b.task, k=12, seed=0)
+    f = selector.set_objective(b.original, b.forget.sorted(), b.task, 0)
+    assert f(core.ids) == pytest.approx(core.info["objective"], rel=1e-6, abs=1e-9)
+    assert selector.objective_sense in ("max", "min")
+    other = core.ids[::-1].copy()
+    assert f(other) == pytest.approx(f(core.ids), rel=1e-9)  # a set function: order does not matter
