@@ -282,9 +282,15 @@ def test_cli_list_show_export(tmp_path: Path, owners: OwnershipRegistry, capsys:
     assert main(["ledger", "--db", str(db), "list"]) == 0
     out = capsys.readouterr().out
     assert "r-ok" in out and "validated" in out and "does not own" in out and "2 request(s)" in out
+    with DeletionLedger(db) as led:
+        led.schedule_pending(batch_id="batch-7")
+    assert main(["ledger", "--db", str(db), "list", "--batch", "batch-7"]) == 0
+    out = capsys.readouterr().out
+    assert "batch-7" in out and "r-ok" in out and "r-bad" not in out and "1 request(s)" in out
     assert main(["ledger", "--db", f"sqlite:///{db}", "show", "r-ok"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["ids"] == [1, 2] and [t["to"] for t in shown["transitions"]] == ["received", "validated"]
+    assert shown["ids"] == [1, 2] and [t["to"] for t in shown["transitions"]] == ["received", "validated", "scheduled"]
+    assert shown["batch_id"] == "batch-7" and shown["transitions"][-1]["details"] == {"batch": "batch-7"}
     target = tmp_path / "audit.json"
     assert main(["ledger", "--db", str(db), "export", "--out", str(target), "--hash-ids"]) == 0
     audit = json.loads(target.read_text())["requests"]

@@ -27,6 +27,7 @@ def add_ledger_parser(sub: Any) -> None:
     lst.add_argument("--state", action="append", default=None, help="only these states (repeatable)")
     lst.add_argument("--client", default=None, help="only this client's requests")
     lst.add_argument("--pending", action="store_true", help="only unfinished requests (what a restarted server resumes)")
+    lst.add_argument("--batch", default=None, help="only the requests of this batch (one unlearning round)")
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lst.set_defaults(func=cmd_ledger_list)
     show = actions.add_parser("show", help="one request with its results and every transition")
@@ -61,17 +62,18 @@ def cmd_ledger_list(args: argparse.Namespace) -> int:
 
     with open_ledger(args.db) as ledger:
         states = PENDING_STATES if args.pending else args.state
-        entries = ledger.entries(states, client_id=args.client)
+        entries = ledger.entries(states, client_id=args.client, batch_id=args.batch)
         if args.json:
             print(json.dumps([e.to_dict(hash_ids=True) for e in entries], indent=2))
             return 0
-        header = f"{'request_id':<28} {'client':<14} {'level':<7} {'n_ids':>6} {'state':<10} {'updated (UTC)':<24} reason"
+        header = f"{'request_id':<28} {'client':<14} {'level':<7} {'n_ids':>6} {'state':<10} {'batch':<14} {'updated (UTC)':<24} reason"
         print(header)
         for e in entries:
             d = e.to_dict()
             n_ids = "-" if d["n_ids"] is None else str(d["n_ids"])
             what = e.state_reason or ""
-            print(f"{e.request_id[:28]:<28} {e.client_id[:14]:<14} {e.level[:7]:<7} {n_ids:>6} {e.state:<10} {d['updated_at'][:23]:<24} {what[:60]}")
+            batch = (e.batch_id or "-")[:14]
+            print(f"{e.request_id[:28]:<28} {e.client_id[:14]:<14} {e.level[:7]:<7} {n_ids:>6} {e.state:<10} {batch:<14} {d['updated_at'][:23]:<24} {what[:60]}")
         counts = ledger.counts()
         print(f"{len(entries)} request(s); all states: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     return 0

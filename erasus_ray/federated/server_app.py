@@ -48,7 +48,7 @@ def key_fingerprint(key: bytes | str | os.PathLike) -> str:
     for load in (serialization.load_ssh_public_key, serialization.load_pem_public_key, serialization.load_der_public_key):
         try:
             public = load(data)
-        except (ValueError, TypeError, Exception):  # noqa: BLE001 - not this format
+        except Exception:  # noqa: BLE001 - not this format (cryptography raises ValueError or UnsupportedAlgorithm)
             continue
         der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         return hashlib.sha256(der).hexdigest()
