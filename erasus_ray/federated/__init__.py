@@ -6,8 +6,11 @@
 - ``fedavg``: FedAvg aggregation;
 - ``fedearser``: client-level deletion (FedEraser calibration, Liu et al. IWQoS 2021) and the exact
   rollback-and-retrain baseline;
-- ``coordinator``: the server logic (train, collect requests into the ledger, unlearn, repair, verify, resume);
-- ``client_app`` / ``server_app``: the Flower ``ClientApp`` and ``ServerApp`` (``examples/federated`` is the app dir);
+- ``coordinator``: the server logic (train, collect requests into the ledger between rounds, serve every pending
+  request as one batch per unlearning round - FedEraser, merged ``train.unlearn``, repair - verify the batch against
+  one federated retrain, resume);
+- ``client_app`` / ``server_app``: the Flower ``ClientApp`` and ``ServerApp`` (``examples/federated`` is the app dir;
+  ``server_app.GridTransport`` binds nodes to clients by their registered SuperNode keys, ``node-keys``);
 - ``simulation`` / ``deployment``: run them under Flower's simulation runtime (subprocess) or as real
   SuperLink/SuperNode processes on 127.0.0.1 (TLS and SuperNode authentication optional).
 
