@@ -17,7 +17,10 @@ from erasus_ray.errors import NonDifferentiableModelError
 from erasus_ray.tasks import Task
 from erasus_ray.tasks.base import TaskOutput
 
-__all__ = ["require_gradients", "torch_func_errors"]
+__all__ = ["PROBE_SIZE", "probe_batch", "require_gradients", "torch_func_errors"]
+
+#: Rows of the forget set that the checks (and influence's planning) run one forward/backward on.
+PROBE_SIZE = 16
 
 
 
@@ -29,6 +32,13 @@ def _module_of(model: nn.Module, name: str) -> str:
     except AttributeError:  # pragma: no cover - names come from named_parameters
         kind = "?"
     return f"{owner or '<root>'} ({kind})"
+
+
+def probe_batch(dataset: Any, task: Task, device: torch.device, size: int = PROBE_SIZE) -> Any:
+    """The first ``size`` rows of ``dataset`` collated on ``device`` (for checks that need one small batch)."""
+    from erasus_ray.data import make_loader
+
+    return next(iter(make_loader(dataset, task.collate, batch_size=max(1, min(size, len(dataset)))))).to(device).data
 
 
 def require_gradients(model: nn.Module, task: Task, data: Any, params: dict[str, torch.Tensor], who: str) -> TaskOutput:

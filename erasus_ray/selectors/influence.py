@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from erasus_ray.data import IdDataset, as_id_dataset, make_loader
+from erasus_ray.data import IdDataset, as_id_dataset
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.selectors._ihvp import (
     CGIHVP,
@@ -34,6 +34,7 @@ from erasus_ray.selectors._ihvp import (
     linear_head,
     linear_head_hessian,
 )
+from erasus_ray.selectors._checks import probe_batch
 from erasus_ray.selectors._per_sample import (
     FISHER_LABELS,
     FunctionalLoss,
@@ -276,7 +277,7 @@ class InfluenceSelector(ScoreSelector):
         """The IHVP operator for ``params`` with the curvature estimated on ``data`` (exposed for tests/analysis)."""
         device = model_device(model)
         if plan is None:
-            probe = next(iter(make_loader(data, task.collate, batch_size=min(len(data), self.batch_size)))).to(device).data
+            probe = probe_batch(data, task, device)
             plan = self._plan(model, task, params, probe, len(data))
         loss = FunctionalLoss(model, task, params)
         common = dict(batch_size=self.hessian_batch_size, damping=self.damping, device=device)
@@ -319,7 +320,7 @@ class InfluenceSelector(ScoreSelector):
             raise InvalidDataError("influence target='retain' needs retain data: pass select(..., retain=retain_data)")
         params = trainable_params(model, self.scope)
         device = model_device(model)
-        probe = next(iter(self.loader(forget, task))).to(device).data
+        probe = probe_batch(forget, task, device)
         out = require_gradients(model, task, probe, params, "influence")
         d = sum(p.numel() for p in params.values())
         pool, info = hessian_pool(forget, retain, self.hessian_data, self.hessian_samples, seed,

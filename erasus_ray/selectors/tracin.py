@@ -11,6 +11,7 @@ from torch import nn
 
 from erasus_ray.data import IdDataset, as_id_dataset
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
+from erasus_ray.selectors._checks import probe_batch
 from erasus_ray.selectors._per_sample import GaussianProjector, iter_per_sample_grads, mean_grad, require_gradients
 from erasus_ray.selectors.base import SELECTORS, ScoreSelector, SharedState
 from erasus_ray.selectors.gradient_norm import trainable_params
@@ -105,8 +106,7 @@ class TracInSelector(ScoreSelector):
     def shared_state(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> SharedState:
         """The set-level target: per checkpoint, the (projected) mean-loss gradient ``g_S`` over the *whole* forget
         set (or the retain set), computed once - a sharded run reuses it on every shard. None for ``"self"``."""
-        first = next(iter(self.loader(forget, task))).to(model_device(model)).data
-        require_gradients(model, task, first, trainable_params(model, self.scope), "tracin")
+        require_gradients(model, task, probe_batch(forget, task, model_device(model)), trainable_params(model, self.scope), "tracin")
         target_ds = None
         if self.target == "forget":
             target_ds = forget
