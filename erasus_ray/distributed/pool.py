@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 import yaml
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
@@ -97,9 +99,15 @@ class PoolSpec:
         return asdict(self)
 
 
+def _compact(item: Any) -> Any:
+    # a row is often a view into the dataset's one big tensor, and pickling a view ships the whole storage
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, item)
+
+
 def materialise(dataset: IdDataset) -> IdDataset:
-    """A self-contained copy holding only these rows, so a shard ships without the whole base dataset."""
-    rows = [dataset.base[int(p)] for p in dataset.positions]
+    """A self-contained copy holding only these rows (tensors copied out of any shared storage), so a shard ships
+    without the whole base dataset."""
+    rows = [_compact(dataset.base[int(p)]) for p in dataset.positions]
     return IdDataset(rows, np.arange(len(rows)), dataset.ids.copy())
 
 
