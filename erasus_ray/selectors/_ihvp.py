@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import grad, jacrev, vjp, vmap
-from torch.utils.data import Dataset
 
 from erasus_ray.data import IdDataset, as_id_dataset, make_loader
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors._factored import LayerCapture
+from erasus_ray.selectors._reference import union_with_ids
 from erasus_ray.selectors._per_sample import (
     FISHER_LABELS,
     FunctionalLoss,
@@ -51,27 +51,6 @@ from erasus_ray.tasks import Task
 # --------------------------------------------------------------------------------------------------------------
 # Hessian data
 # --------------------------------------------------------------------------------------------------------------
-
-
-class _Concat(Dataset):
-    """Items of two IdDatasets back to back (their ids dropped), for pools over different base datasets."""
-
-    def __init__(self, a: IdDataset, b: IdDataset) -> None:
-        self.a, self.b = a, b
-
-    def __len__(self) -> int:
-        return len(self.a) + len(self.b)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.a[i][1] if i < len(self.a) else self.b[i - len(self.a)][1]
-
-
-def _union(a: IdDataset, b: IdDataset) -> IdDataset:
-    if a.base is b.base:
-        keep = ~np.isin(b.ids, a.ids)
-        return IdDataset(a.base, np.concatenate([a.positions, b.positions[keep]]), np.concatenate([a.ids, b.ids[keep]]))
-    both = _Concat(a, b)
-    return IdDataset(both, np.arange(len(both)), np.arange(len(both)))
 
 
 def hessian_sample_size(pool: int, forget: int, dim: int, classes: int) -> int:
@@ -107,7 +86,7 @@ def hessian_pool(
     elif source == "retain":
         pool, info["hessian_data"] = retain_ds, "retain"
     else:
-        pool, info["hessian_data"] = _union(retain_ds, forget), "retain+forget"
+        pool, info["hessian_data"] = union_with_ids(retain_ds, forget), "retain+forget"
     if samples == "auto":
         samples = hessian_sample_size(len(pool), len(forget), dim, classes)
         info["hessian_samples_rule"] = "min(pool, max(|forget|, ceil(2 D / (C - 1))))"
