@@ -292,25 +292,40 @@ class _HVP:
 
 
 class CGIHVP(_IHVP):
-    """Batched conjugate gradient on ``(H + damping I) x = v`` (one CG per row, vectorised across rows)."""
+    """Batched (preconditioned) conjugate gradient on ``(H + damping I) x = v`` (one CG per row, vectorised across
+    rows).
+
+    With ``preconditioner`` (another IHVP operator ``M ~= (H + damping I)^-1``, e.g. :class:`KFACIHVP`) this is
+    preconditioned CG started from ``x_0 = M v``: it converges to the exact solution in fewer iterations the better
+    ``M`` is (Hestenes & Stiefel 1952; K-FAC as a CG preconditioner: Martens & Grosse 2015, sec. 8).
+    """
 
     def __init__(self, loss: FunctionalLoss, task: Task, data: IdDataset, *, batch_size: int, damping: float,
-                 device: torch.device, iters: int, tol: float) -> None:
+                 device: torch.device, iters: int, tol: float, preconditioner: _IHVP | None = None) -> None:
         super().__init__()
         self.hvp = _HVP(loss, task, data, batch_size, device)
         self.damping, self.iters, self.tol = float(damping), int(iters), float(tol)
+        self.preconditioner = preconditioner
         self.info = {"cg_iters": 0, "cg_max_rel_residual": 0.0}
+
+    def _precondition(self, r: torch.Tensor) -> torch.Tensor:
+        return r.clone() if self.preconditioner is None else self.preconditioner.solve(r).to(r.dtype)
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
         b = v.to(self.hvp.flat.dtype)
-        x = torch.zeros_like(b)
-        r = b.clone()
-        p = r.clone()
-        rs = (r * r).sum(-1)
-        bnorm = rs.sqrt().clamp_min(torch.finfo(b.dtype).tiny)
+        bnorm = b.norm(dim=-1).clamp_min(torch.finfo(b.dtype).tiny)
+        if self.preconditioner is None:
+            x, r = torch.zeros_like(b), b.clone()
+        else:
+            x = self._precondition(b)
+            r = b - (self.hvp(x) + self.damping * x)
+        z = self._precondition(r)
+        p = z.clone()
+        rz = (r * z).sum(-1)
+        rnorm = r.norm(dim=-1)
         it = 0
         for it in range(1, self.iters + 1):
-            active = rs.sqrt() > self.tol * bnorm
+            active = rnorm > self.tol * bnorm
             if not bool(active.any()):
                 it -= 1
                 break
@@ -320,15 +335,17 @@ class CGIHVP(_IHVP):
                 raise InvalidConfigError(
                     "conjugate gradient met negative curvature: Hessian + damping is not positive definite; raise damping"
                 )
-            alpha = torch.where(active, rs / pap.where(active, torch.ones_like(pap)), torch.zeros_like(rs))
+            alpha = torch.where(active, rz / pap.where(active, torch.ones_like(pap)), torch.zeros_like(rz))
             x = x + alpha[:, None] * p
             r = r - alpha[:, None] * ap
-            rs_new = (r * r).sum(-1)
-            beta = torch.where(active, rs_new / rs.where(active, torch.ones_like(rs)), torch.zeros_like(rs))
-            p = torch.where(active[:, None], r + beta[:, None] * p, p)
-            rs = torch.where(active, rs_new, rs)
+            z = self._precondition(r)
+            rz_new = (r * z).sum(-1)
+            beta = torch.where(active, rz_new / rz.where(active, torch.ones_like(rz)), torch.zeros_like(rz))
+            p = torch.where(active[:, None], z + beta[:, None] * p, p)
+            rz = torch.where(active, rz_new, rz)
+            rnorm = torch.where(active, r.norm(dim=-1), rnorm)
         self.info["cg_iters"] = max(self.info["cg_iters"], it)
-        self.info["cg_max_rel_residual"] = max(self.info["cg_max_rel_residual"], float((rs.sqrt() / bnorm).max()))
+        self.info["cg_max_rel_residual"] = max(self.info["cg_max_rel_residual"], float((rnorm / bnorm).max()))
         return x
 
 
