@@ -297,6 +297,27 @@ def test_epoch_reports_for_asha_do_not_change_the_run(digits_class):
     assert final["epoch_eval_s"] > 0 and 0 < final["seconds"] < plain["seconds"] + final["epoch_eval_s"]
 
 
+def test_epoch_reports_keep_setup_before_the_optimizer(digits_class):
+    """Under ASHA's per-epoch runner, strategies whose setup adds the trainable parameters (LoRA adapters) still
+    train them: the run equals the unwatched one and unlearns."""
+    from erasus_ray.evaluation import evaluate
+    from erasus_ray.tuning.sweep import evaluate_trial
+
+    b = digits_class
+    gold = evaluate(b.gold, forget=b.forget, retain=b.retain, test=b.test, task=b.task, seed=0)
+    cfg = SweepConfig.from_dict({"strategies": ["lora_unlearning"], "selectors": ["el2n"], "objective": "single",
+                                 "scheduler": {"type": "asha", "grace_period": 1}, "runner": {"retain_batch_size": 128}})
+    params = {"strategy": "lora_unlearning", "selector": "el2n", "fraction": 0.2, "lora_unlearning.lr": 3e-3,
+              "lora_unlearning.epochs": 3, "seed": 0}
+    reports: list[dict] = []
+    final = evaluate_trial(params, cfg.to_dict(), gold, report_epochs=reports.append)
+    plain = evaluate_trial(params, cfg.to_dict(), gold)
+    assert [r["epoch"] for r in reports] == [1, 2, 3]
+    assert final["metrics"] == pytest.approx(plain["metrics"], abs=1e-6)
+    original = evaluate(b.original, forget=b.forget, retain=b.retain, test=b.test, task=b.task, gold_metrics=gold, seed=0)
+    assert final["metrics"]["forget_acc"] < original["forget_acc"] - 0.1  # the adapters trained (3 epochs on a 20% coreset: 1.00 -> 0.79)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the leaderboard from a real ResultGrid, with the seed re-runs' mean +- std
 # ----------------------------------------------------------------------------------------------------------------------

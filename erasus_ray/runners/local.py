@@ -219,13 +219,16 @@ class LocalRunner:
             )
         return forget_loader, retain_loader
 
-    def run(self, strategy: Strategy, ctx: UnlearnContext) -> RunReport:
+    def run(self, strategy: Strategy, ctx: UnlearnContext, *,
+            on_epoch_end: Callable[[int, RunReport], None] | None = None) -> RunReport:
+        """Set up, run the epochs (``on_epoch_end(epoch, report)`` after each, e.g. a sweep's per-epoch report),
+        finish."""
         forget_loader, retain_loader = self.loaders(strategy, ctx)
         # setup first (as the Ray Train runner does): it may add trainable parameters (LoRA adapters, masks)
         # or freeze some, and the optimizer must see the result
         strategy.setup(ctx)
         executor = StepExecutor(strategy, ctx, self.config)
-        report = self.run_epochs(strategy, ctx, executor, forget_loader, retain_loader)
+        report = self.run_epochs(strategy, ctx, executor, forget_loader, retain_loader, on_epoch_end=on_epoch_end)
         strategy.finish(ctx)
         ctx.model.eval()
         return report

@@ -135,21 +135,13 @@ def _epoch_reporting_unlearner(bench: Any, gold_metrics: dict[str, float], seed:
     """
     from erasus_ray.evaluation import evaluate
     from erasus_ray.runners import LocalRunner
-    from erasus_ray.runners.local import StepExecutor
     from erasus_ray.unlearner import ErasusUnlearner
 
     state = {"eval_s": 0.0, "t0": None}
 
     class EpochReportingRunner(LocalRunner):
-        def run(self, strategy: Any, ctx: Any) -> Any:  # LocalRunner.run with an epoch hook
-            forget_loader, retain_loader = self.loaders(strategy, ctx)
-            executor = StepExecutor(strategy, ctx, self.config)
-            strategy.setup(ctx)
-            report_ = self.run_epochs(strategy, ctx, executor, forget_loader, retain_loader,
-                                      on_epoch_end=lambda epoch, rep: on_epoch(ctx.model, epoch, rep))
-            strategy.finish(ctx)
-            ctx.model.eval()
-            return report_
+        def run(self, strategy: Any, ctx: Any, **kwargs: Any) -> Any:  # LocalRunner.run with an epoch hook
+            return super().run(strategy, ctx, on_epoch_end=lambda epoch, rep: on_epoch(ctx.model, epoch, rep))
 
     def on_epoch(model: Any, epoch: int, rep: Any) -> None:
         start = time.perf_counter()
