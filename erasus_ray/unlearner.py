@@ -251,9 +251,10 @@ class ErasusUnlearner:
             from erasus_ray.distributed import PoolSpec, ScoringPool
 
             spec = self.pool_spec if isinstance(self.pool_spec, PoolSpec) else PoolSpec.load(self.pool_spec)
-            return ScoringPool(spec).select(
-                self.selector, model, forget, task=self.task, k=self.k, fraction=self.fraction, seed=self.seed, retain=retain
-            )
+            with ScoringPool(spec) as pool:  # the actors' CPUs go back before the strategy (e.g. Ray Train) runs
+                return pool.select(
+                    self.selector, model, forget, task=self.task, k=self.k, fraction=self.fraction, seed=self.seed, retain=retain
+                )
         return self.selector.select(
             model, forget, task=self.task, k=self.k, fraction=self.fraction, seed=self.seed, retain=retain
         )

@@ -22,6 +22,28 @@ def test_score_selectors_sharded_equal_single_process(name, digits_class, ray_cl
     assert pooled.scores == pytest.approx(single.scores, rel=1e-5)
 
 
+def test_pool_reuses_its_actors_and_scores_each_requests_model(digits_class, ray_cluster):
+    """The actors start once and serve later requests; each request's model (not one cached at start-up) is scored:
+    after the weights change, the pooled scores follow the new model exactly as one process does."""
+    import copy
+
+    b = digits_class
+    selector = get_selector("el2n")
+    with ScoringPool(PoolSpec(num_actors=2)) as pool:
+        first = pool.select(selector, b.original, b.forget, task=b.task, fraction=0.1, seed=0)
+        handles = [a._actor_id.hex() for a in pool._handles]
+        changed = copy.deepcopy(b.original)
+        with torch.no_grad():
+            for p in changed.parameters():
+                p.mul_(0.5)
+        second = pool.select(selector, changed, b.forget, task=b.task, fraction=0.1, seed=0)
+        assert [a._actor_id.hex() for a in pool._handles] == handles  # same actors, no second start-up
+    assert pool._handles == []  # closed on leaving the block
+    single = selector.select(changed, b.forget, task=b.task, fraction=0.1, seed=0)
+    assert second.ids.tolist() == single.ids.tolist() and second.scores == pytest.approx(single.scores, rel=1e-5)
+    assert second.scores != pytest.approx(first.scores, rel=1e-3)
+
+
 GREEDI = [n for n in SELECTORS.names() if SELECTORS.get(n).distributed_merge == "greedi"]
 # one geometric selector in the default suite; the rest (an actor pool each) behind the slow marker
 FAST_GREEDI = ["k_center"]
