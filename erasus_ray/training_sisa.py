@@ -114,7 +114,9 @@ class SISATrainer:
         num_shards: S, number of constituents (>= 1).
         num_slices: R, slices per shard (>= 1).
         seed: seeds the id hash, constituent initialisation and shuffling.
-        task: the task adapter (``"classification"``; the ensemble aggregates class probabilities).
+        task: the task adapter: ``"classification"`` (the ensemble aggregates class probabilities),
+            ``"causal_lm"`` (it aggregates next-token probabilities at every position, and decodes greedily from them)
+            or ``"auto"`` (default: read off a model built by ``model_factory``, as ``get_task("auto", model)``).
         aggregation: ``"softmax"`` (mean of the constituents' class probabilities) or ``"vote"`` (majority vote,
             ties broken by the mean probability).
         slice_epochs: epochs of each of the R stages (overrides the default split).
@@ -137,7 +139,7 @@ class SISATrainer:
         num_slices: int = 1,
         seed: int = 0,
         *,
-        task: Task | str = "classification",
+        task: Task | str = "auto",
         aggregation: str = "softmax",
         slice_epochs: Iterable[int] | None = None,
     ) -> None:
@@ -153,9 +155,15 @@ class SISATrainer:
         self.num_shards = int(num_shards)
         self.num_slices = int(num_slices)
         self.seed = int(seed)
+        if task == "auto":
+            with torch.random.fork_rng(devices=[]):  # probing the architecture must not move the seeded RNG
+                task = get_task("auto", model_factory())
         self.task = get_task(task)
-        if self.task.name != "classification":
-            raise InvalidConfigError(f"SISATrainer aggregates class probabilities: task must be classification, got {self.task.name!r}")
+        if self.task.name not in ("classification", "causal_lm"):
+            raise InvalidConfigError(
+                f"SISATrainer aggregates class or next-token probabilities: task must be 'classification' or 'causal_lm', "
+                f"got {self.task.name!r}"
+            )
         self.aggregation = aggregation
         if slice_epochs is None:
             per = max(1, int(round(2 * self.recipe.epochs / (self.num_slices + 1))))
@@ -316,11 +324,14 @@ class SISATrainer:
 
 
 class SISAEnsemble(nn.Module):
-    """The aggregate of a SISA ensemble's constituents; returns ``[B, C]`` log-probabilities.
+    """The aggregate of a SISA ensemble's constituents; returns log-probabilities over the last axis (``[B, C]``
+    classes, or ``[B, T, V]`` next tokens for causal LMs: the paper's label aggregation applied per position).
 
     ``aggregation="softmax"``: ``log(mean_s softmax(f_s(x)))``. ``"vote"``: the log of
     ``(votes + mean softmax) / (S + 1)``, whose argmax is the majority vote (ties broken by the mean probability).
-    ``sisa`` holds the :class:`SISATrainer` (shard assignment and checkpoints) that unlearning needs.
+    Inputs are passed to every constituent unchanged (a tensor, or Hugging Face keyword inputs); for LMs,
+    :meth:`generate` decodes greedily from the aggregate. ``sisa`` holds the :class:`SISATrainer` (shard
+    assignment and checkpoints) that unlearning needs.
     """
 
     def __init__(self, constituents: list[nn.Module], trainer: SISATrainer, aggregation: str = "softmax") -> None:
@@ -328,15 +339,60 @@ class SISAEnsemble(nn.Module):
         self.constituents = nn.ModuleList(constituents)
         self.sisa = trainer
         self.aggregation = aggregation
+        # the adapter the constituents were trained with: task="auto" resolves to it (see erasus_ray.tasks.get_task)
+        self.task_adapter = getattr(trainer, "task", None)
+        first = constituents[0] if constituents else None
+        # what evaluation reads off a Hugging Face model (eos / pad ids): the constituents share it
+        for attr in ("config", "generation_config"):
+            if getattr(first, attr, None) is not None:
+                setattr(self, attr, getattr(first, attr))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.stack([m(x) for m in self.constituents])  # [S, B, C]
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("output_hidden_states"):
+            raise InvalidConfigError("a SISA ensemble has no single hidden state: features are not available")
+        outs = [m(*args, **kwargs) for m in self.constituents]
+        logits = torch.stack([getattr(o, "logits", o) for o in outs])  # [S, B, (T,) C]
         probs = logits.float().softmax(-1)
         mean = probs.mean(0)
         if self.aggregation == "vote":
             votes = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).sum(0).to(mean.dtype)
             return ((votes + mean) / (len(self.constituents) + 1)).clamp_min(1e-12).log()
         return mean.clamp_min(1e-12).log()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        pad_token_id: int = 0,
+        eos_token_id: int | list[int] | None = None,
+        do_sample: bool = False,
+        num_beams: int = 1,
+        **_: Any,
+    ) -> torch.Tensor:
+        """Greedy decoding from the aggregated next-token distribution (the subset of Hugging Face's ``generate``
+        that evaluation uses: left-padded prompts, greedy, stop at eos). No KV cache: each step re-runs the
+        constituents on the whole sequence, fine for the short answers of unlearning benchmarks."""
+        if do_sample or num_beams != 1:
+            raise InvalidConfigError("SISAEnsemble.generate decodes greedily only (do_sample=False, num_beams=1)")
+        ids = input_ids
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+        eos = set() if eos_token_id is None else set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(int(max_new_tokens)):
+            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions count real tokens only
+            logp = self(input_ids=ids, attention_mask=mask, position_ids=position_ids)[:, -1]
+            nxt = logp.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, int(pad_token_id)), nxt)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, (~done).to(mask.dtype)[:, None]], dim=1)
+            if eos:
+                done = done | torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
+                if bool(done.all()):
+                    break
+        return ids
 
     def forget(self, ids: Iterable[int]) -> SISAUnlearnStats:
         """Unlearn ``ids`` in place (see :meth:`SISATrainer.unlearn`)."""

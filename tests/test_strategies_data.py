@@ -102,6 +102,49 @@ def test_sisa_forgets_a_class_like_the_gold_model(digits_class):
     assert res.report.info["shards_retrained"] == [0, 1, 2]
 
 
+def test_sisa_on_a_causal_lm_is_exact_and_forgets(tiny_lm):
+    """SISA on the causal-LM adapter: unlearning equals SISATrainer.fit without the forget ids bit for bit; the
+    ensemble aggregates next-token probabilities per position, decodes greedily (evaluation's generate path), and
+    after unlearning the forget sequences' loss rises to held-out level while the retain loss stays."""
+    from erasus_ray.evaluation.lm import greedy_answers
+
+    lm = tiny_lm
+    tiny_gpt2 = lm["factory"]
+    full = as_id_dataset(lm["data"])
+    recipe = TrainRecipe(epochs=60, lr=1e-2, batch_size=8, optimizer="adamw", seed=0)
+    trainer = SISATrainer(tiny_gpt2, recipe, num_shards=2, num_slices=2, seed=0, task=lm["task"])
+    ensemble = trainer.fit(full)
+    forget_ids = lm["forget"].ids[:3]
+
+    def loss(model, ds):
+        batch = next(iter(make_loader(ds, lm["task"].collate, batch_size=len(ds))))
+        with torch.no_grad():
+            return float(lm["task"].forward(model, batch.data).sample_loss().mean())
+
+    forget = full.subset(forget_ids)
+    memorised = loss(ensemble, forget)
+    res = _unlearn(ensemble, "sisa", forget)
+    scratch = SISATrainer(tiny_gpt2, recipe, num_shards=2, num_slices=2, seed=0, task=lm["task"]).fit(full.exclude(forget_ids))
+    for s in range(2):
+        got, want = res.model.constituents[s].state_dict(), scratch.constituents[s].state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), f"shard {s} differs from retraining without the ids"
+    # aggregation: log of the mean next-token probabilities of the constituents, at every position
+    batch = next(iter(make_loader(forget, lm["task"].collate, batch_size=3))).data
+    with torch.no_grad():
+        mean = torch.stack([m(input_ids=batch["input_ids"]).logits.softmax(-1) for m in res.model.constituents]).mean(0)
+        assert torch.allclose(res.model(input_ids=batch["input_ids"]).exp(), mean, atol=1e-6)
+    # greedy decoding from the aggregate reproduces memorised retain answers
+    retain = full.exclude(forget_ids)
+    answers = greedy_answers(res.model, lm["task"], retain.subset(retain.ids[:4]), max_new_tokens=7)
+    targets = [lm["data"][int(i) - 1000]["input_ids"][3:].tolist() for i in retain.ids[:4]]
+    assert sum(a[: len(t)] == t for a, t in zip(answers, targets)) >= 2
+    after = loss(res.model, forget)
+    # memorised by the one shard (of 2) that saw each sequence: mean probability ~p/2, loss ~log 2; the sequences are
+    # random, so once that shard is retrained without them no constituent predicts them
+    assert memorised < 1.0 and after > memorised + 3.0, (memorised, after)
+    assert loss(res.model, retain) < 1.0
+
+
 def test_sisa_vote_aggregation_is_majority_vote():
     from erasus_ray.training_sisa import SISAEnsemble
 

@@ -61,7 +61,8 @@ def prepare_model(name: str, bench: Any, seed: int) -> tuple[Any, str, float] | 
     if name == "sisa":
         from erasus_ray import SISATrainer
 
-        model = SISATrainer(bench.model_factory, bench.recipe, num_shards=SISA_SHARDS, num_slices=SISA_SLICES, seed=seed).fit(bench.train)
+        model = SISATrainer(bench.model_factory, bench.recipe, num_shards=SISA_SHARDS, num_slices=SISA_SLICES, seed=seed,
+                            task=bench.task).fit(bench.train)
         label = f"start: sisa (an ensemble of {SISA_SHARDS} shards x {SISA_SLICES} slices, SISATrainer)"
     elif name == "certified_removal":
         from erasus_ray.strategies.certified_removal import train_certified_head

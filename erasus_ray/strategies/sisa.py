@@ -35,6 +35,10 @@ class SISA(Strategy):
     every shard, so all 5 are retrained (~99% of a full retrain's samples). Small requests are where SISA pays:
     removing 1 random id retrains 8-18% of a full retrain's samples, 5 ids 36-57%, 20 ids ~94%.
 
+    Runs on any task adapter the trainer was built with: classifiers (class probabilities averaged) and causal LMs
+    (next-token probabilities averaged per position; :meth:`SISAEnsemble.generate` decodes greedily), checked
+    bit-for-bit against retraining on both in tests/test_strategies_data.py.
+
     Cost: for each affected shard, the stages from its earliest affected slice on (``<= 1/S`` of an ensemble
     retrain per shard); nothing for shards without forget ids.
 
@@ -47,7 +51,6 @@ class SISA(Strategy):
     driver_only_reason = (
         "SISATrainer retrains the affected shards in the calling process"
     )
-    supported_tasks = ("classification",)
     contract_exempt_reason = (
         "sisa unlearns a SISA-trained ensemble (SISATrainer.fit), not a plain model; "
         "its exactness and cost tests are in tests/test_strategies_data.py"

@@ -26,12 +26,16 @@ def _looks_like_causal_lm(model: nn.Module) -> bool:
 def get_task(task: Task | str | None, model: nn.Module | None = None, **kwargs: Any) -> Task:
     """Resolve ``task`` (an adapter, ``"classification"``, ``"causal_lm"`` or ``"auto"``) to an adapter.
 
-    ``"auto"`` picks ``causal_lm`` for Hugging Face causal LMs (by their config) and ``classification`` otherwise;
+    ``"auto"`` uses the adapter a model declares in its ``task_adapter`` attribute (e.g. a SISA ensemble of causal
+    LMs), else picks ``causal_lm`` for Hugging Face causal LMs (by their config) and ``classification`` otherwise;
     for a causal LM the pad token id is read from the model config when present.
     """
     if isinstance(task, Task):
         return task
     name = "auto" if task is None else str(task).lower()
+    declared = getattr(model, "task_adapter", None) if model is not None else None
+    if name == "auto" and isinstance(declared, Task):
+        return declared
     if name == "auto":
         name = "causal_lm" if model is not None and _looks_like_causal_lm(model) else "classification"
     if name not in TASKS:
