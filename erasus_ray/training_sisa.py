@@ -20,6 +20,7 @@ from torch import nn
 from erasus_ray.data import IdDataset, as_id_dataset, make_loader
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.tasks import Task, get_task
+from erasus_ray.tasks.causal_lm import accepts_position_ids, greedy_decode
 from erasus_ray.training import TrainRecipe, make_optimizer
 
 _MASK64 = (1 << 64) - 1
@@ -372,27 +373,12 @@ class SISAEnsemble(nn.Module):
         num_beams: int = 1,
         **_: Any,
     ) -> torch.Tensor:
-        """Greedy decoding from the aggregated next-token distribution (the subset of Hugging Face's ``generate``
-        that evaluation uses: left-padded prompts, greedy, stop at eos). No KV cache: each step re-runs the
-        constituents on the whole sequence, fine for the short answers of unlearning benchmarks."""
+        """Greedy decoding from the aggregated next-token distribution (:func:`~erasus_ray.tasks.causal_lm.greedy_decode`,
+        the subset of Hugging Face's ``generate`` that evaluation uses)."""
         if do_sample or num_beams != 1:
             raise InvalidConfigError("SISAEnsemble.generate decodes greedily only (do_sample=False, num_beams=1)")
-        ids = input_ids
-        mask = torch.ones_like(ids) if attention_mask is None else attention_mask
-        eos = set() if eos_token_id is None else set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for _ in range(int(max_new_tokens)):
-            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions count real tokens only
-            logp = self(input_ids=ids, attention_mask=mask, position_ids=position_ids)[:, -1]
-            nxt = logp.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, int(pad_token_id)), nxt)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, (~done).to(mask.dtype)[:, None]], dim=1)
-            if eos:
-                done = done | torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
-                if bool(done.all()):
-                    break
-        return ids
+        return greedy_decode(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                             eos_token_id=eos_token_id, position_ids=accepts_position_ids(self.constituents[0]))
 
     def forget(self, ids: Iterable[int]) -> SISAUnlearnStats:
         """Unlearn ``ids`` in place (see :meth:`SISATrainer.unlearn`)."""

@@ -7,7 +7,6 @@ LMs, and helpers to read and replace a module's activation.
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import replace
 from typing import Any
 
@@ -16,7 +15,7 @@ from torch import nn
 
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import UnlearnContext
-from erasus_ray.tasks.causal_lm import IGNORE
+from erasus_ray.tasks.causal_lm import IGNORE, accepts_position_ids, greedy_decode
 
 
 def logits_of(raw: Any) -> torch.Tensor:
@@ -142,10 +141,7 @@ class InferenceWrapper(nn.Module):
         self.base = base
         self.config = copy_config_for_wrapper(base)
         self.generation_config = copy.deepcopy(getattr(base, "generation_config", None))
-        try:
-            self._takes_positions = "position_ids" in inspect.signature(base.forward).parameters
-        except (TypeError, ValueError):
-            self._takes_positions = False
+        self._takes_positions = accepts_position_ids(base)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
@@ -163,26 +159,9 @@ class InferenceWrapper(nn.Module):
         eos_token_id: int | list[int] | None = None,
         **unused: Any,
     ) -> torch.Tensor:
-        """Greedy decoding with the wrapper's logits; left padding is handled as Hugging Face does (position ids from
-        the attention mask). Returns ``[B, prompt + new]`` token ids; finished rows are padded with ``pad_token_id``."""
+        """Greedy decoding with the wrapper's logits (:func:`~erasus_ray.tasks.causal_lm.greedy_decode`); returns
+        ``[B, prompt + new]`` token ids; finished rows are padded with ``pad_token_id``."""
         if do_sample or num_beams != 1:
             raise InvalidConfigError("the inference-time wrappers decode greedily only (do_sample=False, num_beams=1)")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        eos = set() if eos_token_id is None else set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
-        pad = 0 if pad_token_id is None else int(pad_token_id)
-        ids, mask = input_ids, attention_mask
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
-            kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-            if self._takes_positions:
-                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
-            nxt = logits_of(self(**kwargs))[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, (~done).long()[:, None].to(mask.dtype)], dim=1)
-            if eos:
-                done = done | torch.tensor([int(t) in eos for t in nxt.tolist()], device=ids.device)
-                if bool(done.all()):
-                    break
-        return ids
+        return greedy_decode(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                             eos_token_id=eos_token_id, position_ids=self._takes_positions)

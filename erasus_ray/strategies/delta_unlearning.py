@@ -4,7 +4,6 @@ Language Models"; arXiv 2404.11045)."""
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any, Callable
 
 import torch
@@ -15,6 +14,7 @@ from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies._preference import retain_nll
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.strategies.npo import npo_loss
+from erasus_ray.tasks.causal_lm import accepts_position_ids, greedy_decode
 
 
 def _logits(raw: Any) -> torch.Tensor:
@@ -64,27 +64,9 @@ class OffsetModel(nn.Module):
         pad_token_id: int | None = None,
         **_: Any,
     ) -> torch.Tensor:
-        """Greedy decoding on the combined logits (no KV cache: one full forward per new token). Left padding is
-        handled with position ids from the attention mask, as Hugging Face ``generate`` does."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-        pad = 0 if pad_token_id is None else int(pad_token_id)
-        takes_positions = "position_ids" in inspect.signature(self.base.forward).parameters
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _step in range(int(max_new_tokens)):
-            kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-            if takes_positions:
-                kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-            nxt = _logits(self(**kwargs))[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            input_ids = torch.cat([input_ids, nxt[:, None]], 1)
-            attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], 1)
-            if eos:
-                done |= torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
-                if bool(done.all()):
-                    break
-        return input_ids
+        """Greedy decoding on the combined logits (:func:`~erasus_ray.tasks.causal_lm.greedy_decode`)."""
+        return greedy_decode(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                             eos_token_id=eos_token_id, position_ids=accepts_position_ids(self.base))
 
 
 @STRATEGIES.register("delta_unlearning")

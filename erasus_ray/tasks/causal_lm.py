@@ -142,3 +142,51 @@ class CausalLMTask(Task):
             start = int(data["answer_start"][row])
             out.append(data["input_ids"][row, :start] if start > 0 else data["input_ids"][row, :1])
         return out
+
+
+def accepts_position_ids(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``position_ids`` (Hugging Face causal LMs do)."""
+    import inspect
+
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def greedy_decode(
+    forward: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 20,
+    pad_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    position_ids: bool = True,
+) -> torch.Tensor:
+    """Greedy decoding with any model-like ``forward(input_ids=, attention_mask=[, position_ids=])`` whose output is
+    logits ``[B, T, V]`` (a tensor or an object with ``.logits``): the subset of Hugging Face ``generate`` that
+    evaluation uses, for wrappers and ensembles that have no ``generate`` of their own. Left padding is handled as
+    Hugging Face does (``position_ids`` from the attention mask, when ``position_ids=True``); finished rows are
+    padded with ``pad_token_id``. Returns ``[B, prompt + new]``. No KV cache: one full forward per new token, fine
+    for evaluation-size answers."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    eos = sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or []))
+    pad = 0 if pad_token_id is None else int(pad_token_id)
+    ids = input_ids
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(int(max_new_tokens)):
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if position_ids:
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        raw = forward(**kwargs)
+        nxt = getattr(raw, "logits", raw)[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, (~done).to(mask.dtype)[:, None]], dim=1)
+        if eos:
+            done = done | torch.isin(nxt, torch.tensor(eos, device=nxt.device))
+            if bool(done.all()):
+                break
+    return ids
