@@ -157,3 +157,26 @@ def test_factored_per_sample_grads_equal_torch_func(digits_class, tiny_lm):
         fast = per_sample_gradients(model, task, ds, scope=scope, batch_size=4)
         ref = per_sample_gradients(model, task, ds, scope=scope, batch_size=4, method="func")
         torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_factored_paths_exact_with_in_place_activations():
+    """``nn.ReLU(inplace=True)`` after a scoped layer overwrites that layer's output; the factored norms and
+    per-sample gradients must still use the gradient w.r.t. the layer's own output (a regression: asking autograd
+    for the gradient of the overwritten tensor gave the post-ReLU gradient, norms off by up to 2x)."""
+    from torch import nn
+
+    from erasus_ray.data import as_id_dataset
+    from erasus_ray.selectors import per_sample_grad_norms
+    from erasus_ray.tasks import get_task
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3)).eval()
+    ds = as_id_dataset(torch.utils.data.TensorDataset(torch.randn(6, 5), torch.randint(0, 3, (6,))))
+    task = get_task("classification", model)
+    params = trainable_params(model)
+    batch = next(iter(make_loader(ds, task.collate, batch_size=6)))
+    fast = per_sample_grad_norms(model, task, batch.data, params, method="factored")
+    np.testing.assert_allclose(fast.numpy(), _loop_norms(model, task, ds, set(params)), rtol=1e-5)
+    grads = per_sample_gradients(model, task, ds, scope="all", batch_size=6)
+    ref = per_sample_gradients(model, task, ds, scope="all", batch_size=6, method="func")
+    torch.testing.assert_close(grads, ref, rtol=1e-5, atol=1e-7)

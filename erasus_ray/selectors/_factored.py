@@ -77,75 +77,61 @@ def factored_supported(model: nn.Module, param_names: set[str]) -> bool:
     return _layer_modules(model, set(param_names)) is not None
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half / bfloat16 / float32 layers (the products below are sums of a few hundred terms; their
+    rounding is far below the norms' use as scores), float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def factored_grad_sq_norms(model: nn.Module, task: Task, data: Any, param_names: set[str]) -> torch.Tensor:
-    """``[B]`` squared L2 norms of each sample's loss gradient w.r.t. ``param_names`` (Linear/Conv1D weights and
-    biases), from one forward+backward of the whole batch. The model should be in eval mode (no batch norm
-    statistics or dropout coupling samples)."""
+    """``[B]`` squared L2 norms (float64) of each sample's loss gradient w.r.t. ``param_names`` (Linear / Conv1D /
+    Conv2d / LayerNorm weights and biases), from one forward and one backward of the whole batch. The model should
+    be in eval mode (no batch norm statistics or dropout coupling samples).
+
+    The backward asks autograd for the gradients w.r.t. the scoped layers' *outputs* only, so it never computes
+    the (summed) weight gradients a training step would; the per-layer products run in float32 (float64 for a
+    float64 model) and are accumulated in float64."""
     param_names = set(param_names)
     modules = _layer_modules(model, param_names)
     if modules is None:
         raise ValueError("factored per-sample norms need Linear/Conv1D parameters that are not shared between modules")
-    acts: dict[str, torch.Tensor] = {}
-    grads: dict[str, torch.Tensor] = {}
-    calls: dict[str, int] = {}
-    handles = []
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-            calls[name] = calls.get(name, 0) + 1
-            acts[name] = inputs[0].detach()
-            if output.requires_grad:
-                output.register_hook(lambda g: grads.__setitem__(name, g.detach()))
-
-        return hook
-
-    for name, module in modules.items():
-        handles.append(module.register_forward_hook(make_hook(name)))
-    try:
-        with torch.enable_grad():
-            out = task.forward(model, data)
-            losses = out.sample_loss()
-            batch_size = losses.shape[0]
-            wanted = [p for n, p in model.named_parameters() if n in param_names]
-            # gradients w.r.t. the layer outputs come through the hooks; autograd.grad leaves .grad untouched
-            torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    if any(c != 1 for c in calls.values()):
-        raise ValueError("a layer in scope ran more than once per forward; factored norms would miss cross terms")
+    capture = LayerCapture(modules)
+    with torch.enable_grad(), capture:
+        out = task.forward(model, data)
+        losses = out.sample_loss()
+    capture.check_single_calls()
+    batch_size = losses.shape[0]
+    names = [n for n in modules if n in capture.outputs and capture.outputs[n].requires_grad]
     total = torch.zeros(batch_size, dtype=torch.float64, device=losses.device)
-    for name, module in modules.items():
-        if name not in grads:  # the layer does not influence the loss
+    if not names:
+        return total
+    outs = torch.autograd.grad(losses.sum(), [capture.outputs[n] for n in names], allow_unused=True)
+    for name, grad in zip(names, outs):
+        if grad is None:  # the layer does not influence the loss
             continue
-        a = acts[name].to(torch.float64)
-        d = grads[name].to(torch.float64)
+        module = modules[name]
+        dtype = _compute_dtype(grad.dtype)
+        a = capture.inputs[name].to(dtype)
+        d = grad.detach().to(dtype)
         prefix = f"{name}." if name else ""
         if _is_layer_norm(module):  # small vectors: form the per-sample gradients
             wanted = {n for n in (f"{prefix}weight", f"{prefix}bias") if n in param_names}
             for g in layer_per_sample_grads(name, module, a, d, batch_size, wanted).values():
-                total += g.reshape(batch_size, -1).pow(2).sum(1)
+                total += g.reshape(batch_size, -1).pow(2).sum(1).double()
             continue
-        if isinstance(module, nn.Conv2d):
-            # a conv is a linear map of unfolded patches: positions play the role of tokens
-            a = torch.nn.functional.unfold(
-                a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
-            ).transpose(1, 2)  # [B, positions, C_in * kh * kw]
-            d = d.flatten(2).transpose(1, 2)  # [B, positions, C_out]
-        a = a.reshape(batch_size, -1, a.shape[-1])  # [B, T, in] (T = 1 for plain vectors)
-        d = d.reshape(batch_size, -1, d.shape[-1])  # [B, T, out]
+        a, d = layer_rows(module, a, d, batch_size)  # [B, T, in], [B, T, out] (T = 1 for plain vectors)
         if f"{prefix}weight" in param_names:
             steps, d_in, d_out = a.shape[1], a.shape[2], d.shape[2]
             if steps == 1:
-                total += a.pow(2).sum((1, 2)) * d.pow(2).sum((1, 2))
+                total += (a.pow(2).sum((1, 2)) * d.pow(2).sum((1, 2))).double()
             elif steps * steps <= d_in * d_out:
                 # Gram form: O(T^2 (in + out)) per sample, never forms the gradient
-                total += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
+                total += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum((1, 2)).double()
             else:
                 # long sequences / many conv positions, small layer: the per-sample gradient d^T a is cheaper
-                total += torch.bmm(d.transpose(1, 2), a).pow(2).sum((1, 2))
+                total += torch.bmm(d.transpose(1, 2), a).pow(2).sum((1, 2)).double()
         if f"{prefix}bias" in param_names and getattr(module, "bias", None) is not None:
-            total += d.sum(1).pow(2).sum(1)
+            total += d.sum(1).pow(2).sum(1).double()
     return total
 
 
@@ -156,7 +142,11 @@ def factored_grad_sq_norms(model: nn.Module, task: Task, data: Any, param_names:
 
 class LayerCapture:
     """Forward hooks recording each module's input (detached) and output (kept in the autograd graph, so gradients
-    w.r.t. it can be asked for) and how many times it ran. Use as a context manager around one forward."""
+    w.r.t. it can be asked for) and how many times it ran. Use as a context manager around one forward.
+
+    With gradients enabled the hook hands the rest of the network a copy of the output, so an in-place operation
+    downstream (``nn.ReLU(inplace=True)``) modifies the copy and a gradient w.r.t. the recorded output is still the
+    gradient w.r.t. the layer's own output (the copy is elementwise: small next to the layer's matmul)."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
@@ -171,6 +161,9 @@ class LayerCapture:
                 self.calls[name] = self.calls.get(name, 0) + 1
                 self.inputs[name] = inputs[0].detach()
                 self.outputs[name] = output
+                if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+                    return output.clone()
+                return None
 
             return hook
 
