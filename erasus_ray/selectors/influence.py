@@ -23,12 +23,14 @@ from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.selectors._ihvp import (
     CGIHVP,
     DenseIHVP,
+    HeadWoodburyIHVP,
     KFACIHVP,
     LiSSAIHVP,
     _IHVP,
     autograd_hessian,
     check_dense_size,
     ggn_hessian,
+    head_solver_costs,
     hessian_pool,
     kfac_layers,
     linear_head,
@@ -50,6 +52,7 @@ from erasus_ray.tasks.base import TaskOutput
 from erasus_ray.utils import model_device
 
 IHVP_METHODS = ("auto", "exact", "ggn", "cg", "lissa", "kfac")
+EXACT_SOLVERS = ("auto", "dense", "woodbury")
 TARGETS = ("self", "forget", "retain")
 #: ``fisher="auto"`` enumerates every class (the exact Fisher) for classifiers with at most this many classes.
 MAX_EXPECTED_CLASSES = 64
@@ -68,6 +71,7 @@ class _Plan:
     fisher: str
     draws: int
     head: str | None
+    solver: str = "dense"  # dense | woodbury (closed-form head Hessian only)
 
 
 class _InfluenceState:
@@ -110,6 +114,16 @@ class InfluenceSelector(ScoreSelector):
       scope is a Linear layer whose output is the logits (a classifier head: ``scope="last"``), it is formed in
       closed form from one forward pass, ``(1/n) sum_i (diag p_i - p_i p_i^T) (x) a_i a_i^T``; otherwise by
       ``jacrev(grad)`` (``D`` double-backward passes over the Hessian sample).
+      ``exact_solver`` picks how the closed-form head Hessian is inverted: ``"dense"`` (the ``D x D`` matrix and
+      its Cholesky factor), ``"woodbury"`` (:class:`~erasus_ray.selectors._ihvp.HeadWoodburyIHVP`: the matrix is
+      block-diagonal minus a rank-``n`` term, so ``C`` blocks of ``k x k`` and one ``n x n`` capacitance matrix
+      give the same inverse; memory ``n D``), or ``"auto"`` (default): the one with fewer multiply-adds
+      (:func:`~erasus_ray.selectors._ihvp.head_solver_costs`; Woodbury whenever ``n`` is well below ``D``, as
+      with the default Hessian sample of ``2 D / (C - 1)`` and three or more classes). Because its memory is
+      ``n D``, the Woodbury form also keeps heads with ``D > max_exact_params`` exact as long as
+      ``n D <= max_exact_params^2`` (the dense matrix's budget). Digits MLP head (``D = 1290``, ``n = 287``):
+      0.14 s -> 0.04 s per self-influence call, scores equal to the dense form's to ``2e-6`` (the dense matrix is
+      accumulated from float32 products).
     * ``"ggn"``: the dense Gauss-Newton matrix (= true Fisher for softmax cross-entropy) ``G^T G / n`` from
       per-sample gradients with labels from the model (``fisher``): PSD, one forward + a few backward passes, and
       the exact Hessian wherever the logits are linear in the scoped parameters (e.g. an LM's final LayerNorm).
@@ -126,7 +140,8 @@ class InfluenceSelector(ScoreSelector):
       the exact scores; with the preconditioned steps >= 0.999.
     * ``"auto"`` (default): for ``D <= max_exact_params`` the cheapest exact form - ``"exact"`` when the closed form
       applies, else ``"ggn"`` (exact for logits linear in the scope, the PSD Gauss-Newton part of the Hessian
-      otherwise, which deep-network influence estimates anyway: Bae et al. 2022); for larger ``D``, ``"kfac"`` when
+      otherwise, which deep-network influence estimates anyway: Bae et al. 2022); for larger ``D``, ``"exact"``
+      (Woodbury) for a head whose ``n D`` fits, else ``"kfac"`` when
       every parameter is a Linear's, else ``"cg"``.
 
     ``fisher`` (labels for ``ggn`` / ``kfac``): ``"expected"`` (every class weighted by its probability: exact, for
@@ -194,6 +209,7 @@ class InfluenceSelector(ScoreSelector):
         kfac_correction: bool = True,
         kfac_cg_iters: int = 10,
         proj_dim: int | None = None,
+        exact_solver: str = "auto",
     ) -> None:
         if target not in TARGETS:
             raise InvalidConfigError(f"target must be one of {TARGETS}, got {target!r}")
@@ -201,6 +217,8 @@ class InfluenceSelector(ScoreSelector):
             raise InvalidConfigError(f"ihvp must be one of {IHVP_METHODS}, got {ihvp!r}")
         if not float(damping) >= 0:
             raise InvalidConfigError(f"damping must be >= 0, got {damping!r}")
+        if exact_solver not in EXACT_SOLVERS:
+            raise InvalidConfigError(f"exact_solver must be one of {EXACT_SOLVERS}, got {exact_solver!r}")
         if hessian_data not in ("retain", "retain+forget"):
             raise InvalidConfigError(f"hessian_data must be 'retain' or 'retain+forget', got {hessian_data!r}")
         if fisher not in ("auto", *FISHER_LABELS):
@@ -236,6 +254,7 @@ class InfluenceSelector(ScoreSelector):
             raise InvalidConfigError(f"kfac_cg_iters must be a non-negative integer, got {kfac_cg_iters!r}")
         self.kfac_cg_iters = int(kfac_cg_iters)
         self.proj_dim = None if proj_dim is None else int(proj_dim)
+        self.exact_solver = exact_solver
 
     # ---------------------------------------------------------------------------------------------- planning
 
@@ -246,7 +265,7 @@ class InfluenceSelector(ScoreSelector):
         return GaussianProjector([p.numel() for p in params.values()], self.proj_dim, seed, dtype=p0.dtype, device=p0.device)
 
     def _plan(self, model: nn.Module, task: Task, params: dict[str, torch.Tensor], probe: Any, n_hessian: int,
-              out: TaskOutput | None = None) -> _Plan:
+              out: TaskOutput | None = None, n_scored: int = 0) -> _Plan:
         """Choose the back-end (the ``ihvp="auto"`` rule), the curvature form and the Fisher labels from one batch
         ``probe`` (and its output ``out``)."""
         d = sum(p.numel() for p in params.values())
@@ -261,11 +280,19 @@ class InfluenceSelector(ScoreSelector):
         if fisher == "auto":
             fisher = "expected" if one_unit and classes <= MAX_EXPECTED_CLASSES else "mc"
         head = linear_head(model, task, params, probe)
+        solver = "dense"
+        if head is not None and self.proj_dim is None and self.exact_solver != "dense":
+            k = d // classes
+            costs = head_solver_costs(n_hessian, classes, k, max(1, n_scored))
+            # the Woodbury form holds n x D numbers where the dense one holds D x D: the same memory bound
+            fits = n_hessian * d <= self.max_exact_params**2
+            if self.exact_solver == "woodbury" or (fits and costs["woodbury"] < costs["dense"]):
+                solver = "woodbury"
         method = self.ihvp
         if method == "auto":
             if self.proj_dim is not None:
                 method = "ggn"
-            elif d <= self.max_exact_params:
+            elif d <= self.max_exact_params or solver == "woodbury":
                 method = "exact" if head is not None else "ggn"
             else:
                 try:
@@ -273,8 +300,15 @@ class InfluenceSelector(ScoreSelector):
                     method = "kfac"
                 except InvalidConfigError:
                     method = "cg"
+        if method == "exact" and self.exact_solver == "woodbury" and head is None:
+            raise InvalidConfigError(
+                "exact_solver='woodbury' needs the closed-form Hessian of a Linear classifier head (scope='last', "
+                "no proj_dim); use exact_solver='auto' or 'dense'"
+            )
+        if method != "exact":
+            solver = "dense"
         dim = self.proj_dim if self.proj_dim is not None else d
-        if method in ("exact", "ggn"):
+        if method == "ggn" or (method == "exact" and solver == "dense"):
             check_dense_size(dim, self.max_exact_params, method)
         if method == "exact" and self.proj_dim is not None:
             check_dense_size(d, self.max_exact_params, "exact")
@@ -282,7 +316,7 @@ class InfluenceSelector(ScoreSelector):
         if draws is None:
             draws = min(MAX_AUTO_DRAWS, max(1, math.ceil(dim / max(1, n_hessian)))) if method == "ggn" else 1
         hessian = {"exact": "closed_form" if head is not None else "autograd", "ggn": "ggn", "kfac": "kfac"}.get(method, "hvp")
-        return _Plan(method, hessian, fisher, int(draws), None if head is None else head[0])
+        return _Plan(method, hessian, fisher, int(draws), None if head is None else head[0], solver)
 
     def build_ihvp(self, model: nn.Module, task: Task, params: dict[str, torch.Tensor], data: IdDataset, seed: int,
                    plan: _Plan | None = None) -> _IHVP:
@@ -295,6 +329,12 @@ class InfluenceSelector(ScoreSelector):
         common = dict(batch_size=self.hessian_batch_size, damping=self.damping, device=device)
         projector = self._projector(params, seed)
         if plan.method in ("exact", "ggn"):
+            if plan.hessian == "closed_form" and plan.solver == "woodbury":
+                head = (plan.head, model.get_submodule(plan.head))
+                solver = HeadWoodburyIHVP(model, task, params, data, head, self.damping,
+                                          batch_size=self.hessian_batch_size, device=device)
+                solver.info.update({"ihvp": plan.method, "hessian": plan.hessian})
+                return solver
             if plan.hessian == "closed_form":
                 head = (plan.head, model.get_submodule(plan.head))
                 hess = linear_head_hessian(model, task, params, data, head, batch_size=self.hessian_batch_size, device=device)
@@ -309,6 +349,8 @@ class InfluenceSelector(ScoreSelector):
             if projector is not None:  # P^T H P
                 hess = projector.project(projector.project(hess.to(projector.dtype)).T).double()
             solver: _IHVP = DenseIHVP(hess, self.damping)
+            if plan.hessian == "closed_form":
+                solver.info["exact_solver"] = "dense"
         elif plan.method == "cg":
             solver = CGIHVP(loss, task, data, iters=self.cg_iters, tol=self.cg_tol, **common)
         elif plan.method == "lissa":
@@ -337,7 +379,7 @@ class InfluenceSelector(ScoreSelector):
         d = sum(p.numel() for p in params.values())
         pool, info = hessian_pool(forget, retain, self.hessian_data, self.hessian_samples, seed,
                                   dim=self.proj_dim or d, classes=int(out.logits.shape[-1]))
-        plan = self._plan(model, task, params, probe, len(pool), out)
+        plan = self._plan(model, task, params, probe, len(pool), out, n_scored=len(forget) if self.target == "self" else 1)
         solver = self.build_ihvp(model, task, params, pool, seed, plan)
         direction = None
         if self.target != "self":
