@@ -208,6 +208,36 @@ def test_materialised_shards_do_not_ship_the_base_storage(digits_class):
     assert len(shard) == 10 and shard.ids.tolist() == sorted(digits_class.retain_ids[:10].tolist())
 
 
+def test_materialised_rows_equal_the_dataset_rows():
+    """Column storage returns exactly the dataset's rows: flat (x, y) tuples (fast path), nested rows (pytree),
+    a subset of materialised rows (columns sliced), and ragged rows kept as a list."""
+    from erasus_ray.data import as_id_dataset
+    from erasus_ray.distributed import materialise
+    from erasus_ray.distributed.pool import ColumnRows
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 3, generator=g), torch.arange(7)
+    cases = {
+        "tuple": [(x[i], int(y[i])) for i in range(7)],
+        "nested": [{"x": x[i], "meta": (int(y[i]), "a")} for i in range(7)],
+        "ragged": [(torch.zeros(i + 1), i) for i in range(7)],
+    }
+    for name, rows in cases.items():
+        ds = as_id_dataset(rows).subset([6, 1, 3])
+        mat = materialise(ds)
+        assert isinstance(mat.base, ColumnRows) == (name != "ragged")
+        assert all(_same_row(ds[i], mat[i]) for i in range(len(ds))) and mat.ids.tolist() == ds.ids.tolist()
+        again = materialise(mat.subset([3, 6]))  # slicing materialised columns
+        assert again.ids.tolist() == [3, 6] and _same_row(again[0], ds[2]) and _same_row(again[1], ds[0])
+
+
+def _same_row(a, b):
+    from torch.utils._pytree import tree_flatten
+
+    (la, sa), (lb, sb) = tree_flatten(a), tree_flatten(b)
+    return sa == sb and all(torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v for u, v in zip(la, lb))
+
+
 def test_shards_are_never_empty():
     parts = shard_ids(np.array([5, 3, 9]), 8)
     assert [p.tolist() for p in parts] == [[3], [5], [9]]
