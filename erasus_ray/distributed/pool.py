@@ -155,7 +155,9 @@ class ColumnRows(Dataset):
 
     def own(self) -> "ColumnRows":
         """Copy the tensors into this process's memory. Tensors unpickled from Ray's object store are views of its
-        shared-memory buffers, and computing on them measured ~2x slower (MNIST-5k CNN scoring: 3.2 s vs 1.9 s)."""
+        shared-memory buffers; computing on them measured ~2x slower (MNIST-5k CNN scoring: 3.2 s vs 1.9 s) before
+        the actors' malloc thresholds were fixed, which may have been the same page-fault effect
+        (:mod:`erasus_ray.utils.malloc`). The copy costs milliseconds, so it stays."""
         self.columns = [c.clone() if isinstance(c, torch.Tensor) else c for c in self.columns]
         return self
 
