@@ -92,14 +92,9 @@ def factored_grad_sq_norms(model: nn.Module, task: Task, data: Any, param_names:
     the (summed) weight gradients a training step would; the per-layer products run in float32 (float64 for a
     float64 model) and are accumulated in float64."""
     param_names = set(param_names)
-    modules = _layer_modules(model, param_names)
-    if modules is None:
-        raise ValueError("factored per-sample norms need Linear/Conv1D parameters that are not shared between modules")
-    capture = LayerCapture(modules)
-    with torch.enable_grad(), capture:
-        out = task.forward(model, data)
+    modules, capture, out = captured_forward(model, task, data, param_names)
+    with torch.enable_grad():
         losses = out.sample_loss()
-    capture.check_single_calls()
     batch_size = losses.shape[0]
     names = [n for n in modules if n in capture.outputs and capture.outputs[n].requires_grad]
     total = torch.zeros(batch_size, dtype=torch.float64, device=losses.device)
@@ -180,6 +175,22 @@ class LayerCapture:
             raise ValueError("a layer in scope ran more than once per forward; factored gradients would miss cross terms")
 
 
+def captured_forward(
+    model: nn.Module, task: Task, data: Any, param_names: set[str]
+) -> tuple[dict[str, nn.Module], LayerCapture, TaskOutput]:
+    """``(modules, capture, output)``: one forward of ``data`` with gradients on and :class:`LayerCapture` hooks on the
+    Linear / Conv1D / Conv2d / LayerNorm layers owning ``param_names``. Raises ``ValueError`` when a parameter is not
+    such a layer's (or is shared between modules), or when a captured layer ran more than once."""
+    modules = _layer_modules(model, param_names)
+    if modules is None:
+        raise ValueError("factored per-sample gradients need Linear/Conv1D/Conv2d/LayerNorm parameters not shared between modules")
+    capture = LayerCapture(modules)
+    with torch.enable_grad(), capture:
+        out = task.forward(model, data)
+    capture.check_single_calls()
+    return modules, capture, out
+
+
 def layer_rows(module: nn.Module, act: torch.Tensor, grad: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a [B, T, in], d [B, T, out])``: a Linear / Conv1D / Conv2d layer as ``T`` applications of one linear map
     per sample (a convolution's positions become tokens over unfolded patches)."""
@@ -236,16 +247,11 @@ def factored_backward(
     ``O(B T in out)`` per layer to form the gradients.
     """
     wanted = set(param_names)
-    modules = _layer_modules(model, wanted)
-    if modules is None:
-        raise ValueError("factored per-sample gradients need Linear/Conv1D/Conv2d/LayerNorm parameters not shared between modules")
-    capture = LayerCapture(modules)
-    with torch.enable_grad(), capture:
-        out = task.forward(model, data)
-    capture.check_single_calls()
+    modules, capture, out = captured_forward(model, task, data, wanted)
     names = [n for n in modules if n in capture.outputs]
     outputs = [capture.outputs[n] for n in names]
-    todo = list(losses(out)) if losses is not None else [out.sample_loss().sum()]
+    with torch.enable_grad():
+        todo = list(losses(out)) if losses is not None else [out.sample_loss().sum()]
     results = []
     for i, loss in enumerate(todo):
         grads = torch.autograd.grad(loss, outputs, retain_graph=i + 1 < len(todo), allow_unused=True)
