@@ -104,11 +104,47 @@ def test_factored_norms_equal_per_sample_autograd(digits_class, tiny_lm):
         fast = per_sample_grad_norms(model, task, batch.data, params, method="factored")
         ref = _loop_norms(model, task, ds, set(params))
         np.testing.assert_allclose(fast.numpy(), ref, rtol=1e-4)
-    # the tied GPT-2 embedding / lm_head cannot be factored: auto falls back, factored refuses
-    assert not factored_supported(lm, set(trainable_params(lm)))
+    # the whole GPT-2: the norms factor the tied wte / lm_head weight (with its cross term) and the position
+    # embedding looked up once for the batch; the per-sample *gradients* of a tied weight are not factored
+    full = trainable_params(lm)
+    assert factored_supported(lm, set(full), norms_only=True) and not factored_supported(lm, set(full))
+    ds = tiny_lm["forget"]
+    batch = next(iter(make_loader(ds, tiny_lm["task"].collate, batch_size=len(ds))))
+    fast = per_sample_grad_norms(lm, tiny_lm["task"], batch.data, full, method="factored")
+    np.testing.assert_allclose(fast.numpy(), _loop_norms(lm, tiny_lm["task"], ds, set(full)), rtol=1e-4)
+
+
+class _BagOfEmbeddings(torch.nn.Module):
+    def __init__(self, padding_idx=0, scale_grad_by_freq=False):
+        super().__init__()
+        self.emb = torch.nn.Embedding(12, 5, padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq)
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x)).mean(1))
+
+
+def test_factored_norms_embedding_with_padding_and_repeats():
+    """An embedding's per-sample gradient norm from its lookups: repeated tokens add up, the padding row gets no
+    gradient; an embedding with scale_grad_by_freq is not factored (auto falls back to torch.func). Both equal the
+    per-sample autograd loop."""
+    from erasus_ray.data import as_id_dataset
+    from erasus_ray.selectors import per_sample_grad_norms
+    from erasus_ray.selectors._factored import factored_supported
+    from erasus_ray.tasks import get_task
+
+    torch.manual_seed(0)
+    x = torch.tensor([[3, 3, 0, 0], [1, 2, 3, 4], [5, 5, 5, 0], [7, 0, 7, 2]])
+    ds = as_id_dataset(torch.utils.data.TensorDataset(x, torch.tensor([0, 1, 2, 1])))
+    for model, factored in ((_BagOfEmbeddings().eval(), True), (_BagOfEmbeddings(scale_grad_by_freq=True).eval(), False)):
+        task = get_task("classification", model)
+        params = trainable_params(model)
+        assert factored_supported(model, set(params), norms_only=True) == factored
+        batch = next(iter(make_loader(ds, task.collate, batch_size=4)))
+        got = per_sample_grad_norms(model, task, batch.data, params, method="auto")
+        np.testing.assert_allclose(got.numpy(), _loop_norms(model, task, ds, set(params)), rtol=1e-5)
     with pytest.raises(InvalidConfigError, match="factored"):
-        batch = next(iter(make_loader(tiny_lm["forget"], tiny_lm["task"].collate, batch_size=4)))
-        per_sample_grad_norms(lm, tiny_lm["task"], batch.data, trainable_params(lm), method="factored")
+        per_sample_grad_norms(model, task, batch.data, params, method="factored")
 
 
 def test_factored_norms_conv2d_equal_per_sample_autograd():

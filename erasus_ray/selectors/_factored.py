@@ -72,8 +72,63 @@ def _layer_modules(model: nn.Module, param_names: set[str]) -> dict[str, nn.Modu
     return owners
 
 
-def factored_supported(model: nn.Module, param_names: set[str]) -> bool:
-    """Whether :func:`factored_grad_sq_norms` is exact for these parameters of ``model``."""
+def _is_embedding(module: nn.Module) -> bool:
+    # the plain lookup: no max_norm renormalisation or frequency scaling (they change the gradient)
+    return isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
+
+
+def _leading_size(data: Any) -> int | None:
+    """The leading dimension of the first tensor in ``data`` (the batch size for the adapters' batches)."""
+    from torch.utils._pytree import tree_leaves
+
+    for leaf in tree_leaves(data):
+        if isinstance(leaf, torch.Tensor) and leaf.ndim >= 1:
+            return int(leaf.shape[0])
+    return None
+
+
+def _norm_layout(model: nn.Module, param_names: set[str]) -> tuple[dict[str, nn.Module], dict[str, tuple[str, str]]] | None:
+    """For :func:`factored_grad_sq_norms`: the modules owning ``param_names`` - those of :func:`_layer_modules` plus
+    ``nn.Embedding`` lookups - and the tied weights ``{param name: (embedding module, linear module)}`` shared by
+    exactly one embedding and one Linear head (GPT-2's ``wte`` / ``lm_head``); None when anything else is in scope
+    or shared."""
+    owners: dict[str, nn.Module] = {}
+    users: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    name_of = {id(p): n for n, p in model.named_parameters()}  # the de-duplicated (canonical) names
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            users.setdefault(id(p), []).append((mod_name, p_name, module))
+    ties: dict[str, tuple[str, str]] = {}
+    for pid, uses in users.items():
+        name = name_of.get(pid)
+        if name not in param_names:
+            continue
+        for mod_name, p_name, module in uses:
+            supported = (isinstance(module, nn.Linear) or _is_conv1d(module) or _is_conv2d(module)
+                         or _is_layer_norm(module) or (_is_embedding(module) and p_name == "weight"))
+            if not supported or p_name not in ("weight", "bias"):
+                return None
+            owners[mod_name] = module
+        if len(uses) == 2:
+            kinds = {type(m) for _, _, m in uses}
+            emb = [u for u in uses if _is_embedding(u[2])]
+            lin = [u for u in uses if isinstance(u[2], nn.Linear)]
+            if not (len(emb) == 1 and len(lin) == 1 and all(u[1] == "weight" for u in uses)) or len(kinds) != 2:
+                return None
+            ties[name] = (emb[0][0], lin[0][0])
+        elif len(uses) > 2:
+            return None
+    if not param_names <= set(name_of.values()):
+        return None
+    return owners, ties
+
+
+def factored_supported(model: nn.Module, param_names: set[str], norms_only: bool = False) -> bool:
+    """Whether the factored per-sample gradients (:func:`factored_backward`) - or with ``norms_only`` just their
+    norms (:func:`factored_grad_sq_norms`, which also handles embeddings and a tied embedding / head) - are exact for
+    these parameters of ``model``."""
+    if norms_only:
+        return _norm_layout(model, set(param_names)) is not None
     return _layer_modules(model, set(param_names)) is not None
 
 
@@ -85,37 +140,64 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def factored_grad_sq_norms(model: nn.Module, task: Task, data: Any, param_names: set[str]) -> torch.Tensor:
     """``[B]`` squared L2 norms (float64) of each sample's loss gradient w.r.t. ``param_names`` (Linear / Conv1D /
-    Conv2d / LayerNorm weights and biases), from one forward and one backward of the whole batch. The model should
-    be in eval mode (no batch norm statistics or dropout coupling samples).
+    Conv2d / LayerNorm weights and biases, embedding tables, and a weight tied between an embedding and a Linear
+    head), from one forward and one backward of the whole batch. The model should be in eval mode (no batch norm
+    statistics or dropout coupling samples).
 
-    The backward asks autograd for the gradients w.r.t. the scoped layers' *outputs* only, so it never computes
-    the (summed) weight gradients a training step would; the per-layer products run in float32 (float64 for a
-    float64 model) and are accumulated in float64."""
+    An embedding's per-sample gradient is ``sum_t e_{x_t} u_t^T`` (``u_t`` the gradient w.r.t. the looked-up row),
+    so its squared norm is ``sum_{t,t'} [x_t = x_t'] u_t . u_t'``; a weight tied to a head ``sum_s d_s a_s^T`` adds
+    the head's own term and the cross term ``2 sum_{t,s} d_s[x_t] (u_t . a_s)`` (the ghost norm of a tied
+    embedding, as in Li et al. 2022). The backward asks autograd for the gradients w.r.t. the layers' *outputs*
+    only, so it never computes the (summed) weight gradients a training step would; the per-layer products run in
+    float32 (float64 for a float64 model) and are accumulated in float64."""
     param_names = set(param_names)
-    modules, capture, out = captured_forward(model, task, data, param_names)
-    with torch.enable_grad():
+    layout = _norm_layout(model, param_names)
+    if layout is None:
+        raise ValueError("factored per-sample norms need Linear/Conv1D/Conv2d/LayerNorm/Embedding parameters, shared "
+                         "at most between one embedding and one Linear head")
+    modules, ties = layout
+    capture = LayerCapture(modules, expand_to=_leading_size(data))
+    with torch.enable_grad(), capture:
+        out = task.forward(model, data)
         losses = out.sample_loss()
+    capture.check_single_calls()
     batch_size = losses.shape[0]
     names = [n for n in modules if n in capture.outputs and capture.outputs[n].requires_grad]
     total = torch.zeros(batch_size, dtype=torch.float64, device=losses.device)
     if not names:
         return total
-    outs = torch.autograd.grad(losses.sum(), [capture.outputs[n] for n in names], allow_unused=True)
-    for name, grad in zip(names, outs):
+    grads = dict(zip(names, torch.autograd.grad(losses.sum(), [capture.outputs[n] for n in names], allow_unused=True)))
+    tied_weights = {m: w for w, pair in ties.items() for m in pair}  # module -> its tied weight's name
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (a / token ids, d / u) as [B, T, *]
+    for name in names:
+        grad = grads[name]
         if grad is None:  # the layer does not influence the loss
             continue
         module = modules[name]
         dtype = _compute_dtype(grad.dtype)
-        a = capture.inputs[name].to(dtype)
         d = grad.detach().to(dtype)
         prefix = f"{name}." if name else ""
+        if _is_embedding(module):
+            if capture.inputs[name].shape[0] != batch_size or grad.shape[0] != batch_size:
+                raise ValueError(f"embedding {name!r} is not looked up per sample; factored norms cannot split its gradient")
+            ids = capture.inputs[name].reshape(batch_size, -1)
+            u = d.reshape(batch_size, ids.shape[1], -1)
+            if module.padding_idx is not None:  # the padding row receives no gradient
+                u = u * (ids != module.padding_idx).unsqueeze(-1).to(u.dtype)
+            rows[name] = (ids, u)
+            if name not in tied_weights:
+                same = (ids[:, :, None] == ids[:, None, :]).to(u.dtype)
+                total += (same * torch.bmm(u, u.transpose(1, 2))).sum((1, 2)).double()
+            continue
+        a = capture.inputs[name].to(dtype)
         if _is_layer_norm(module):  # small vectors: form the per-sample gradients
             wanted = {n for n in (f"{prefix}weight", f"{prefix}bias") if n in param_names}
             for g in layer_per_sample_grads(name, module, a, d, batch_size, wanted).values():
                 total += g.reshape(batch_size, -1).pow(2).sum(1).double()
             continue
         a, d = layer_rows(module, a, d, batch_size)  # [B, T, in], [B, T, out] (T = 1 for plain vectors)
-        if f"{prefix}weight" in param_names:
+        rows[name] = (a, d)
+        if f"{prefix}weight" in param_names or name in tied_weights:
             steps, d_in, d_out = a.shape[1], a.shape[2], d.shape[2]
             if steps == 1:
                 total += (a.pow(2).sum((1, 2)) * d.pow(2).sum((1, 2))).double()
@@ -127,6 +209,17 @@ def factored_grad_sq_norms(model: nn.Module, task: Task, data: Any, param_names:
                 total += torch.bmm(d.transpose(1, 2), a).pow(2).sum((1, 2)).double()
         if f"{prefix}bias" in param_names and getattr(module, "bias", None) is not None:
             total += d.sum(1).pow(2).sum(1).double()
+    for emb_name, head_name in ties.values():
+        emb, head = rows.get(emb_name), rows.get(head_name)
+        if emb is not None:  # the embedding's own term
+            ids, u = emb
+            same = (ids[:, :, None] == ids[:, None, :]).to(u.dtype)
+            total += (same * torch.bmm(u, u.transpose(1, 2))).sum((1, 2)).double()
+        if emb is not None and head is not None:  # 2 <sum_t e_{x_t} u_t^T, sum_s d_s a_s^T>
+            ids, u = emb
+            a, d = head
+            picked = torch.gather(d, 2, ids[:, None, :].expand(-1, d.shape[1], -1))  # [B, S, T]: d_s[x_t]
+            total += 2 * (picked * torch.bmm(a, u.to(a.dtype).transpose(1, 2))).sum((1, 2)).double()
     return total
 
 
@@ -141,10 +234,14 @@ class LayerCapture:
 
     With gradients enabled the hook hands the rest of the network a copy of the output, so an in-place operation
     downstream (``nn.ReLU(inplace=True)``) modifies the copy and a gradient w.r.t. the recorded output is still the
-    gradient w.r.t. the layer's own output (the copy is elementwise: small next to the layer's matmul)."""
+    gradient w.r.t. the layer's own output (the copy is elementwise: small next to the layer's matmul).
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    ``expand_to``: the batch size; an ``nn.Embedding`` looked up once for the whole batch (GPT-2's position ids of
+    shape ``[1, T]``, broadcast when added) is expanded to it, so the gradient w.r.t. its output stays per sample."""
+
+    def __init__(self, modules: dict[str, nn.Module], expand_to: int | None = None) -> None:
         self.modules = modules
+        self.expand_to = expand_to
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
@@ -152,9 +249,14 @@ class LayerCapture:
 
     def __enter__(self) -> "LayerCapture":
         def make_hook(name: str):
-            def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+            def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> Any:
                 self.calls[name] = self.calls.get(name, 0) + 1
-                self.inputs[name] = inputs[0].detach()
+                x = inputs[0].detach()
+                if (self.expand_to and self.expand_to > 1 and isinstance(module, nn.Embedding) and x.ndim >= 1
+                        and x.shape[0] == 1):
+                    x = x.expand(self.expand_to, *x.shape[1:])
+                    output = output.expand(self.expand_to, *output.shape[1:])
+                self.inputs[name] = x
                 self.outputs[name] = output
                 if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
                     return output.clone()

@@ -52,19 +52,25 @@ def per_sample_grad_norms(
 
     ``method="func"``: ``torch.func`` (``vmap(grad)``), one vectorised backward per batch - no Python loop over
     samples - for any differentiable model. ``"factored"``: from layer factors in one ordinary backward
-    (:mod:`erasus_ray.selectors._factored`; Linear/Conv1D parameters only). ``"auto"``: factored when exact for
+    (:mod:`erasus_ray.selectors._factored`; Linear/Conv1D/Conv2d/LayerNorm/Embedding parameters, a weight tied
+    between an embedding and a Linear head). ``"auto"``: factored when exact for
     ``params``, else func. Parameters outside ``params`` are held fixed at their current values.
     """
     if method not in ("func", "factored", "auto"):
         raise InvalidConfigError(f"method must be 'auto', 'factored' or 'func', got {method!r}")
     if method != "func":
-        supported = factored_supported(model, set(params))
+        supported = factored_supported(model, set(params), norms_only=True)
         if supported:
-            return factored_grad_sq_norms(model, task, data, set(params)).sqrt().to(torch.float32)
-        if method == "factored":
+            try:
+                return factored_grad_sq_norms(model, task, data, set(params)).sqrt().to(torch.float32)
+            except ValueError as err:  # found during the forward (a layer run twice, a batch-wide lookup)
+                if method == "factored":
+                    raise InvalidConfigError(f"method='factored': {err}; use method='auto' or 'func'") from err
+        elif method == "factored":
             raise InvalidConfigError(
-                "method='factored' needs every parameter in scope to belong to an unshared nn.Linear/Conv1D layer; "
-                "use method='auto' or 'func', or a narrower scope"
+                "method='factored' needs every parameter in scope to belong to an nn.Linear/Conv1D/Conv2d/LayerNorm/"
+                "Embedding layer, shared at most between one embedding and one Linear head; use method='auto' or "
+                "'func', or a narrower scope"
             )
     fixed = {n: p.detach() for n, p in model.named_parameters() if n not in params}
     buffers = dict(model.named_buffers())
