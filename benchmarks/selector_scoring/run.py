@@ -122,7 +122,7 @@ def _factored(model: Any, selector: Any) -> bool:
     from erasus_ray.selectors import trainable_params
     from erasus_ray.selectors._factored import factored_supported
 
-    return factored_supported(model, set(trainable_params(model, selector.scope)))
+    return factored_supported(model, set(trainable_params(model, selector.scope)), norms_only=True)
 
 
 def _rss_mb() -> float:
