@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/selector_scoring")
     p.add_argument("--note", action="append", default=[], help="a finding to append to RESULTS.md (repeatable)")
     p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md from --out's results.json (and --note)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep --out's results.json and replace only the parts (and throughput tasks) run now")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -311,19 +313,29 @@ def main(argv: list[str] | None = None) -> int:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, loadavg at start {os.getloadavg()[0]:.2f}",
-                               "repeats": args.repeats}
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, loadavg at start {os.getloadavg()[0]:.2f}"
+    results: dict[str, Any] = {"machine": machine, "repeats": args.repeats}
+    previous: dict[str, Any] = {}
+    if args.merge and (out / "results.json").exists():
+        previous = json.loads((out / "results.json").read_text())
+        results = {**previous, "repeats": args.repeats}
+        results["machine"] = f"{previous.get('machine', '?')}; merged run ({', '.join(parts)}): {machine}"
     if "throughput" in parts:
-        results["throughput"] = throughput([t for t in args.tasks.split(",") if t], args.repeats)
+        rows = throughput([t for t in args.tasks.split(",") if t], args.repeats)
+        kept = [r for r in previous.get("throughput", []) if r["task"] not in {x["task"] for x in rows}]
+        order = list(TASKS)
+        results["throughput"] = sorted(kept + rows, key=lambda r: order.index(r["task"]) if r["task"] in order else len(order))
     if "memory" in parts:
         results["memory"] = memory([int(s) for s in args.sizes.split(",")])
     if "actors" in parts:
         results["actors"] = actors([int(s) for s in args.actor_sizes.split(",")], args.repeats)
     results["loadavg_at_end"] = os.getloadavg()[0]
-    results["notes"] = args.note
+    results["notes"] = (previous.get("notes", []) if args.merge else []) + args.note
     (out / "results.json").write_text(json.dumps(results, indent=2))
     command = "python benchmarks/selector_scoring/run.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--note") and a not in args.note)
+    if args.merge and previous.get("command"):
+        command = f"{previous['command']}` then `{command}"
     results["command"] = command
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(out, results, command)
