@@ -20,7 +20,7 @@ from torch import nn
 from erasus_ray.data import IdDataset, as_id_dataset, make_loader
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.tasks import Task, get_task
-from erasus_ray.tasks.causal_lm import accepts_position_ids, greedy_decode
+from erasus_ray.tasks.causal_lm import GreedyGenerate, accepts_position_ids
 from erasus_ray.training import TrainRecipe, make_optimizer
 
 _MASK64 = (1 << 64) - 1
@@ -324,7 +324,7 @@ class SISATrainer:
         )
 
 
-class SISAEnsemble(nn.Module):
+class SISAEnsemble(GreedyGenerate, nn.Module):
     """The aggregate of a SISA ensemble's constituents; returns log-probabilities over the last axis (``[B, C]``
     classes, or ``[B, T, V]`` next tokens for causal LMs: the paper's label aggregation applied per position).
 
@@ -360,25 +360,8 @@ class SISAEnsemble(nn.Module):
             return ((votes + mean) / (len(self.constituents) + 1)).clamp_min(1e-12).log()
         return mean.clamp_min(1e-12).log()
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        max_new_tokens: int = 20,
-        pad_token_id: int = 0,
-        eos_token_id: int | list[int] | None = None,
-        do_sample: bool = False,
-        num_beams: int = 1,
-        **_: Any,
-    ) -> torch.Tensor:
-        """Greedy decoding from the aggregated next-token distribution (:func:`~erasus_ray.tasks.causal_lm.greedy_decode`,
-        the subset of Hugging Face's ``generate`` that evaluation uses)."""
-        if do_sample or num_beams != 1:
-            raise InvalidConfigError("SISAEnsemble.generate decodes greedily only (do_sample=False, num_beams=1)")
-        return greedy_decode(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                             eos_token_id=eos_token_id, position_ids=accepts_position_ids(self.constituents[0]))
+    def _decode_positions(self) -> bool:  # greedy generate (GreedyGenerate) from the aggregated distribution
+        return accepts_position_ids(self.constituents[0])
 
     def forget(self, ids: Iterable[int]) -> SISAUnlearnStats:
         """Unlearn ``ids`` in place (see :meth:`SISATrainer.unlearn`)."""

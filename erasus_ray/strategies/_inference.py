@@ -15,7 +15,7 @@ from torch import nn
 
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import UnlearnContext
-from erasus_ray.tasks.causal_lm import IGNORE, accepts_position_ids, greedy_decode
+from erasus_ray.tasks.causal_lm import IGNORE, GreedyGenerate, accepts_position_ids
 
 
 def logits_of(raw: Any) -> torch.Tensor:
@@ -126,7 +126,7 @@ def sub_context(ctx: UnlearnContext, model: nn.Module) -> UnlearnContext:
     return replace(ctx, model=model, state={})
 
 
-class InferenceWrapper(nn.Module):
+class InferenceWrapper(GreedyGenerate, nn.Module):
     """Base class of the models that inference-time strategies return.
 
     Subclasses implement :meth:`combine` (raw outputs of the members -> logits). ``forward`` takes the base model's
@@ -146,22 +146,5 @@ class InferenceWrapper(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        max_new_tokens: int = 20,
-        do_sample: bool = False,
-        num_beams: int = 1,
-        pad_token_id: int | None = None,
-        eos_token_id: int | list[int] | None = None,
-        **unused: Any,
-    ) -> torch.Tensor:
-        """Greedy decoding with the wrapper's logits (:func:`~erasus_ray.tasks.causal_lm.greedy_decode`); returns
-        ``[B, prompt + new]`` token ids; finished rows are padded with ``pad_token_id``."""
-        if do_sample or num_beams != 1:
-            raise InvalidConfigError("the inference-time wrappers decode greedily only (do_sample=False, num_beams=1)")
-        return greedy_decode(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                             eos_token_id=eos_token_id, position_ids=self._takes_positions)
+    def _decode_positions(self) -> bool:  # greedy generate (GreedyGenerate) with the wrapper's logits
+        return self._takes_positions

@@ -14,14 +14,14 @@ from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies._preference import retain_nll
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.strategies.npo import npo_loss
-from erasus_ray.tasks.causal_lm import accepts_position_ids, greedy_decode
+from erasus_ray.tasks.causal_lm import GreedyGenerate, accepts_position_ids
 
 
 def _logits(raw: Any) -> torch.Tensor:
     return raw if isinstance(raw, torch.Tensor) else raw.logits
 
 
-class OffsetModel(nn.Module):
+class OffsetModel(GreedyGenerate, nn.Module):
     """``logits(x) = base(x) + scale * (offset(x) - offset_ref(x))``: a frozen model plus a learned logit offset.
 
     ``base`` and ``offset_ref`` are never trained (their forward runs without autograd); ``offset`` is the
@@ -54,19 +54,8 @@ class OffsetModel(nn.Module):
         raw["logits"] = combined
         return raw
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 20,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        **_: Any,
-    ) -> torch.Tensor:
-        """Greedy decoding on the combined logits (:func:`~erasus_ray.tasks.causal_lm.greedy_decode`)."""
-        return greedy_decode(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                             eos_token_id=eos_token_id, position_ids=accepts_position_ids(self.base))
+    def _decode_positions(self) -> bool:  # greedy generate (GreedyGenerate) on the combined logits
+        return accepts_position_ids(self.base)
 
 
 @STRATEGIES.register("delta_unlearning")

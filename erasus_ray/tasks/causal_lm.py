@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from erasus_ray.errors import TaskMismatchError
+from erasus_ray.errors import InvalidConfigError, TaskMismatchError
 from erasus_ray.tasks.base import Task, TaskOutput, at_least_fp32
 
 IGNORE = -100
@@ -190,3 +190,31 @@ def greedy_decode(
             if bool(done.all()):
                 break
     return ids
+
+
+class GreedyGenerate:
+    """``generate`` for model-like wrappers and ensembles without one of their own (a mixin for ``nn.Module``
+    subclasses): :func:`greedy_decode` on the wrapper's own forward; sampling and beam search are refused, not
+    ignored. Subclasses say, through :meth:`_decode_positions`, whether their forward takes ``position_ids``."""
+
+    def _decode_positions(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        pad_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        do_sample: bool = False,
+        num_beams: int = 1,
+        **_: Any,
+    ) -> torch.Tensor:
+        """Greedy decoding: ``[B, prompt + new]`` token ids, finished rows padded with ``pad_token_id``."""
+        if do_sample or num_beams != 1:
+            raise InvalidConfigError(f"{type(self).__name__}.generate decodes greedily only (do_sample=False, num_beams=1)")
+        return greedy_decode(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                             eos_token_id=eos_token_id, position_ids=self._decode_positions())
