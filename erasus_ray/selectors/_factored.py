@@ -47,31 +47,6 @@ def _is_layer_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) and module.elementwise_affine
 
 
-def _layer_modules(model: nn.Module, param_names: set[str]) -> dict[str, nn.Module] | None:
-    """The Linear/Conv1D modules owning every name in ``param_names``, or None if some parameter is not covered
-    (or is shared between modules, as with tied embeddings)."""
-    owners: dict[str, nn.Module] = {}
-    covered: set[str] = set()
-    seen: dict[int, str] = {}
-    for mod_name, module in model.named_modules():
-        for p_name, p in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if id(p) in seen and seen[id(p)] != full and (full in param_names or seen[id(p)] in param_names):
-                return None  # tied weights: per-sample gradients add across modules, cross terms are not factored
-            seen.setdefault(id(p), full)
-            if full in param_names:
-                supported = isinstance(module, nn.Linear) or _is_conv1d(module) or _is_conv2d(module) or _is_layer_norm(module)
-                if not supported or p_name not in ("weight", "bias"):
-                    return None
-                owners[mod_name] = module
-                covered.add(full)
-    # named_parameters() de-duplicates shared tensors, so a tied weight can be reachable under one name only
-    all_named = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    if covered != param_names or not param_names <= all_named:
-        return None
-    return owners
-
-
 def _is_embedding(module: nn.Module) -> bool:
     # the plain lookup: no max_norm renormalisation or frequency scaling (they change the gradient)
     return isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
@@ -88,8 +63,8 @@ def _leading_size(data: Any) -> int | None:
 
 
 def _norm_layout(model: nn.Module, param_names: set[str]) -> tuple[dict[str, nn.Module], dict[str, tuple[str, str]]] | None:
-    """For :func:`factored_grad_sq_norms`: the modules owning ``param_names`` - those of :func:`_layer_modules` plus
-    ``nn.Embedding`` lookups - and the tied weights ``{param name: (embedding module, linear module)}`` shared by
+    """For :func:`factored_grad_sq_norms`: the modules owning ``param_names`` - Linear / Conv1D / Conv2d / LayerNorm
+    layers and ``nn.Embedding`` lookups - and the tied weights ``{param name: (embedding module, linear module)}`` shared by
     exactly one embedding and one Linear head (GPT-2's ``wte`` / ``lm_head``); None when anything else is in scope
     or shared."""
     owners: dict[str, nn.Module] = {}
@@ -123,6 +98,16 @@ def _norm_layout(model: nn.Module, param_names: set[str]) -> tuple[dict[str, nn.
     return owners, ties
 
 
+def _layer_modules(model: nn.Module, param_names: set[str]) -> dict[str, nn.Module] | None:
+    """The Linear / Conv1D / Conv2d / LayerNorm modules owning every name in ``param_names`` - the layout whose
+    per-sample *gradients* factor - or None if some parameter is not such a layer's, is an embedding table, or is
+    shared between modules (tied weights: their per-sample gradients add across modules)."""
+    layout = _norm_layout(model, param_names)
+    if layout is None or layout[1] or any(_is_embedding(m) for m in layout[0].values()):
+        return None
+    return layout[0]
+
+
 def factored_supported(model: nn.Module, param_names: set[str], norms_only: bool = False) -> bool:
     """Whether the factored per-sample gradients (:func:`factored_backward`) - or with ``norms_only`` just their
     norms (:func:`factored_grad_sq_norms`, which also handles embeddings and a tied embedding / head) - are exact for
@@ -136,6 +121,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half / bfloat16 / float32 layers (the products below are sums of a few hundred terms; their
     rounding is far below the norms' use as scores), float64 stays float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _lookup_sq_norms(ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``[B]`` ``||sum_t e_{x_t} u_t^T||^2 = sum_{t,t'} [x_t = x_t'] u_t . u_t'`` (float64) for token ids ``[B, T]`` and
+    row gradients ``u [B, T, h]``: an embedding lookup's per-sample weight-gradient norm."""
+    same = (ids[:, :, None] == ids[:, None, :]).to(u.dtype)
+    return (same * torch.bmm(u, u.transpose(1, 2))).sum((1, 2)).double()
 
 
 def factored_grad_sq_norms(model: nn.Module, task: Task, data: Any, param_names: set[str]) -> torch.Tensor:
@@ -156,11 +148,9 @@ def factored_grad_sq_norms(model: nn.Module, task: Task, data: Any, param_names:
         raise ValueError("factored per-sample norms need Linear/Conv1D/Conv2d/LayerNorm/Embedding parameters, shared "
                          "at most between one embedding and one Linear head")
     modules, ties = layout
-    capture = LayerCapture(modules, expand_to=_leading_size(data))
-    with torch.enable_grad(), capture:
-        out = task.forward(model, data)
+    capture, out = captured_forward(model, task, data, modules, expand_to=_leading_size(data))
+    with torch.enable_grad():
         losses = out.sample_loss()
-    capture.check_single_calls()
     batch_size = losses.shape[0]
     names = [n for n in modules if n in capture.outputs and capture.outputs[n].requires_grad]
     total = torch.zeros(batch_size, dtype=torch.float64, device=losses.device)
@@ -186,8 +176,7 @@ def factored_grad_sq_norms(model: nn.Module, task: Task, data: Any, param_names:
                 u = u * (ids != module.padding_idx).unsqueeze(-1).to(u.dtype)
             rows[name] = (ids, u)
             if name not in tied_weights:
-                same = (ids[:, :, None] == ids[:, None, :]).to(u.dtype)
-                total += (same * torch.bmm(u, u.transpose(1, 2))).sum((1, 2)).double()
+                total += _lookup_sq_norms(ids, u)
             continue
         a = capture.inputs[name].to(dtype)
         if _is_layer_norm(module):  # small vectors: form the per-sample gradients
@@ -212,9 +201,7 @@ def factored_grad_sq_norms(model: nn.Module, task: Task, data: Any, param_names:
     for emb_name, head_name in ties.values():
         emb, head = rows.get(emb_name), rows.get(head_name)
         if emb is not None:  # the embedding's own term
-            ids, u = emb
-            same = (ids[:, :, None] == ids[:, None, :]).to(u.dtype)
-            total += (same * torch.bmm(u, u.transpose(1, 2))).sum((1, 2)).double()
+            total += _lookup_sq_norms(*emb)
         if emb is not None and head is not None:  # 2 <sum_t e_{x_t} u_t^T, sum_s d_s a_s^T>
             ids, u = emb
             a, d = head
@@ -278,19 +265,15 @@ class LayerCapture:
 
 
 def captured_forward(
-    model: nn.Module, task: Task, data: Any, param_names: set[str]
-) -> tuple[dict[str, nn.Module], LayerCapture, TaskOutput]:
-    """``(modules, capture, output)``: one forward of ``data`` with gradients on and :class:`LayerCapture` hooks on the
-    Linear / Conv1D / Conv2d / LayerNorm layers owning ``param_names``. Raises ``ValueError`` when a parameter is not
-    such a layer's (or is shared between modules), or when a captured layer ran more than once."""
-    modules = _layer_modules(model, param_names)
-    if modules is None:
-        raise ValueError("factored per-sample gradients need Linear/Conv1D/Conv2d/LayerNorm parameters not shared between modules")
-    capture = LayerCapture(modules)
+    model: nn.Module, task: Task, data: Any, modules: dict[str, nn.Module], expand_to: int | None = None
+) -> tuple[LayerCapture, TaskOutput]:
+    """``(capture, output)``: one forward of ``data`` with gradients on and :class:`LayerCapture` hooks on
+    ``modules``. Raises ``ValueError`` when a captured layer ran more than once."""
+    capture = LayerCapture(modules, expand_to=expand_to)
     with torch.enable_grad(), capture:
         out = task.forward(model, data)
     capture.check_single_calls()
-    return modules, capture, out
+    return capture, out
 
 
 def layer_rows(module: nn.Module, act: torch.Tensor, grad: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,7 +332,10 @@ def factored_backward(
     ``O(B T in out)`` per layer to form the gradients.
     """
     wanted = set(param_names)
-    modules, capture, out = captured_forward(model, task, data, wanted)
+    modules = _layer_modules(model, wanted)
+    if modules is None:
+        raise ValueError("factored per-sample gradients need Linear/Conv1D/Conv2d/LayerNorm parameters not shared between modules")
+    capture, out = captured_forward(model, task, data, modules)
     names = [n for n in modules if n in capture.outputs]
     outputs = [capture.outputs[n] for n in names]
     with torch.enable_grad():

@@ -195,44 +195,30 @@ def linear_head_hessian(
     logits are linear in ``(W, b)``: the Hessian is its Gauss-Newton part. Cost: one forward pass and
     ``n C^2 k^2`` flops (``k`` = in + 1), no backward."""
     name, module = head
-    prefix = f"{name}." if name else ""
-    with_bias = f"{prefix}bias" in params and module.bias is not None
-    c, k_in = module.out_features, module.in_features
-    k = k_in + int(with_bias)
-    # S (x) a a^T = diag(p) (x) a a^T - (p (x) a)(p (x) a)^T: C diagonal blocks and one Gram matrix per batch,
-    # in the layer's dtype (float32 halves the cost), accumulated in float64
-    hess = torch.zeros(c * k, c * k, dtype=torch.float64, device=device)  # homogeneous layout (class, input)
-    n = 0
-    capture = LayerCapture({name: module})
-    for b in make_loader(data, task.collate, batch_size=batch_size, shuffle=False):
-        with torch.no_grad(), capture:
-            out = task.forward(model, b.to(device).data)
-        a = capture.inputs[name].reshape(out.batch_size, k_in)
-        if with_bias:
-            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-        p = out.logits.to(a.dtype).softmax(-1)
-        v = (p[:, :, None] * a[:, None, :]).reshape(len(a), c * k)
+    c = module.out_features
+    idx, k = head_layout(params, name, c, module.in_features)  # homogeneous (class, input) index -> flat position
+    # S (x) a a^T = diag(p) (x) a a^T - (p (x) a)(p (x) a)^T: C diagonal blocks and one Gram matrix, formed in the
+    # layer's dtype (float32 halves the cost) a batch at a time and accumulated in float64
+    dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
+    a, p = _head_stats(model, task, data, head, k > module.in_features, batch_size=batch_size, device=device, dtype=dtype)
+    n = a.shape[0]
+    hess = torch.zeros(c * k, c * k, dtype=torch.float64, device=a.device)
+    for i in range(0, n, batch_size):
+        v = (p[i : i + batch_size, :, None] * a[i : i + batch_size, None, :]).reshape(-1, c * k)
         hess -= (v.T @ v).double()
-        for ci in range(c):
-            hess[ci * k : (ci + 1) * k, ci * k : (ci + 1) * k] += ((a * p[:, ci : ci + 1]).T @ a).double()
-        n += out.batch_size
+    blocks = torch.einsum("nc,ni,nj->cij", p, a, a).double()
+    for ci in range(c):
+        hess[ci * k : (ci + 1) * k, ci * k : (ci + 1) * k] += blocks[ci]
     hess /= n
-    # flat position -> homogeneous index, in the order of params
-    order = []
-    for pname, p in params.items():
-        if pname == f"{prefix}weight":
-            order.append((torch.arange(c)[:, None] * k + torch.arange(k_in)[None, :]).reshape(-1))
-        elif pname == f"{prefix}bias":
-            order.append(torch.arange(c) * k + k_in)
-    idx = torch.cat(order).to(device)
-    return hess[idx][:, idx]
+    order = torch.argsort(idx.to(hess.device))  # flat position -> homogeneous index
+    return hess[order][:, order]
 
 
 def _head_stats(
     model: nn.Module, task: Task, data: IdDataset, head: tuple[str, nn.Linear], with_bias: bool, *, batch_size: int,
-    device: torch.device,
+    device: torch.device, dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a~ [n, k], p [n, C])`` in float64: the head's inputs (with a 1 appended for the bias) and the softmax of
+    """``(a~ [n, k], p [n, C])`` in ``dtype``: the head's inputs (with a 1 appended for the bias) and the softmax of
     its logits over ``data``, from one forward pass (no backward)."""
     name, module = head
     acts, probs = [], []
@@ -240,11 +226,11 @@ def _head_stats(
     for b in make_loader(data, task.collate, batch_size=batch_size, shuffle=False):
         with torch.no_grad(), capture:
             out = task.forward(model, b.to(device).data)
-        a = capture.inputs[name].reshape(out.batch_size, module.in_features).double()
+        a = capture.inputs[name].reshape(out.batch_size, module.in_features).to(dtype)
         if with_bias:
             a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
         acts.append(a)
-        probs.append(out.logits.double().softmax(-1))
+        probs.append(out.logits.to(dtype).softmax(-1))
     return torch.cat(acts), torch.cat(probs)
 
 

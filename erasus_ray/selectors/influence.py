@@ -122,7 +122,7 @@ class InfluenceSelector(ScoreSelector):
       with the default Hessian sample of ``2 D / (C - 1)`` and three or more classes). Because its memory is
       ``n D``, the Woodbury form also keeps heads with ``D > max_exact_params`` exact as long as
       ``n D <= max_exact_params^2`` (the dense matrix's budget). Digits MLP head (``D = 1290``, ``n = 287``):
-      0.14 s -> 0.04 s per self-influence call, scores equal to the dense form's to ``2e-6`` (the dense matrix is
+      0.14 s -> 0.04 s per self-influence call, scores equal to the dense form's to ``1e-5`` relative (the dense matrix is
       accumulated from float32 products).
     * ``"ggn"``: the dense Gauss-Newton matrix (= true Fisher for softmax cross-entropy) ``G^T G / n`` from
       per-sample gradients with labels from the model (``fisher``): PSD, one forward + a few backward passes, and
