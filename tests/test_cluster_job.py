@@ -61,16 +61,28 @@ def local_ray_head(num_cpus: int = 2):
         _end_processes_mentioning(ray_tmp)
 
 
+def ray_job_submit(dashboard, env, command, timeout=600):
+    """``ray job submit --address=<dashboard> --working-dir=<repo> -- <command>``. The head's job server can answer
+    before its job agent is registered ("No available agent to submit job, please try again later"): that reply
+    is retried for up to a minute; any other outcome is returned as is."""
+    deadline = time.time() + 60
+    while True:
+        job = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", f"--address={dashboard}", f"--working-dir={ROOT}", "--", *command],
+            env=env, capture_output=True, text=True, timeout=timeout,
+        )
+        if job.returncode == 0 or "No available agent to submit job" not in job.stdout + job.stderr or time.time() > deadline:
+            return job
+        time.sleep(3)
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_unlearn_config(tmp_path):
     pytest.importorskip("ray")
     with local_ray_head() as (_, dashboard, env):
         out = tmp_path / "results"
-        job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", f"--address={dashboard}", f"--working-dir={ROOT}", "--",
-             str(BIN / "erasus-ray"), "unlearn", "--config", "examples/configs/digits_class.yaml", "--out", str(out), "--no-progress"],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
+        job = ray_job_submit(dashboard, env, [str(BIN / "erasus-ray"), "unlearn", "--config", "examples/configs/digits_class.yaml",
+                                              "--out", str(out), "--no-progress"])
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         doc = json.loads((out / "results.json").read_text())
         assert doc["config"]["strategy"] == "grad_diff" and doc["metrics"]["forget_acc"] <= 0.05

@@ -738,7 +738,7 @@ def test_resume_of_a_killed_sweep_keeps_finished_trials_and_completes_the_rest(t
 @pytest.mark.slow
 def test_sweep_joins_ray_address_and_runs_under_ray_job_submit(tmp_path):
     pytest.importorskip("ray")
-    from test_cluster_job import local_ray_head
+    from test_cluster_job import local_ray_head, ray_job_submit
 
     with local_ray_head() as (gcs, dashboard, env):
         joined = subprocess.run(
@@ -749,11 +749,8 @@ def test_sweep_joins_ray_address_and_runs_under_ray_job_submit(tmp_path):
         assert joined.returncode == 0, joined.stdout[-3000:] + joined.stderr[-3000:]
         assert f"Ray: joined the cluster at {gcs}" in joined.stdout
         assert len([r for r in read_csv(tmp_path / "joined" / "j" / "leaderboard.csv") if r["kind"] == "trial"]) == 2
-        job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", f"--address={dashboard}", f"--working-dir={ROOT}", "--",
-             str(BIN / "erasus-ray"), "sweep", "--config", "tune_configs/ci_digits.yaml", "--storage-path", str(tmp_path / "job"), "--name", "ci"],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
+        job = ray_job_submit(dashboard, env, [str(BIN / "erasus-ray"), "sweep", "--config", "tune_configs/ci_digits.yaml",
+                                              "--storage-path", str(tmp_path / "job"), "--name", "ci"])
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert f"Ray: joined the cluster at {gcs}" in job.stdout  # the job's RAY_ADDRESS, not a second Ray
     board = tmp_path / "job" / "ci"
