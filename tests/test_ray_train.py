@@ -2,7 +2,9 @@
 structural strategies); 2 workers unlearn, also a causal LM; a killed worker resumes to the uninterrupted result;
 strategies that compute on the driver are refused."""
 
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -180,10 +182,29 @@ def test_two_workers_unlearn_and_resume_after_a_killed_worker_to_the_uninterrupt
     registered (model, optimizer, report restored, retain stream replayed) and ends at the weights of an
     uninterrupted run (up to all-reduce rounding)."""
     b = digits_class
-    marker = tmp_path / "killed-once"
+    marker, storage = tmp_path / "killed-once", tmp_path / "train"
+
+    def _wait_for_registered_checkpoint(storage: Path, *, epoch: int, timeout_s: float = 120.0) -> None:
+        """Block until Ray Train's checkpoint-manager snapshot under ``storage`` names a checkpoint of ``epoch``
+        (defined in the test so that cloudpickle ships it to the workers by value)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+                try:
+                    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+                except (OSError, ValueError):  # being rewritten
+                    continue
+                if latest.get("metrics", {}).get("epoch", -1) >= epoch:
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"no checkpoint of epoch {epoch} registered under {storage} after {timeout_s} s")
 
     def kill_once(epoch, rank):
         if epoch == 2 and rank == 1 and not marker.exists():
+            # Ray Train's controller registers a reported checkpoint when it next polls the workers; a worker that
+            # dies before that poll leaves no checkpoint, and the restarted group (correctly) starts from epoch 0,
+            # which is not the path under test. Die once the epoch-2 checkpoint is registered.
+            _wait_for_registered_checkpoint(storage, epoch=2)
             marker.write_text("x")
             os._exit(1)  # the worker process dies mid-run
 
@@ -192,7 +213,8 @@ def test_two_workers_unlearn_and_resume_after_a_killed_worker_to_the_uninterrupt
     def fit(after_epoch):
         unlearner = ErasusUnlearner(b.original, strategy="grad_diff", selector="el2n", fraction=0.2, progress=False,
                                     retain_batch_size=64, epochs=4, backend="ray_train", num_workers=2, max_failures=2)
-        unlearner.make_runner = lambda cfg: RayTrainRunner(cfg, num_workers=2, max_failures=2, after_epoch=after_epoch)
+        unlearner.make_runner = lambda cfg: RayTrainRunner(cfg, num_workers=2, max_failures=2, after_epoch=after_epoch,
+                                                           storage_path=str(storage))
         return unlearner.fit(forget_data=b.forget, retain_data=b.retain)
 
     res = fit(kill_once)
