@@ -7,6 +7,10 @@ set -euo pipefail
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
 # The dashboard (job server) modules get 30 s to start by default; loaded small machines need more.
 export RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT="${RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT:-180}"
+# The job agent (which runs submitted jobs) listens on 52365 unless told otherwise; if another Ray instance on this
+# machine (a notebook's ray.init, a test session) holds that port, the agent never registers and every submit
+# answers "No available agent to submit job": set RAY_DASHBOARD_AGENT_PORT to a free port.
 exec ray start --head --node-ip-address=127.0.0.1 --port="${RAY_PORT:-6379}" \
   --dashboard-host=127.0.0.1 --dashboard-port="${RAY_DASHBOARD_PORT:-8265}" \
+  --dashboard-agent-listen-port="${RAY_DASHBOARD_AGENT_PORT:-52365}" \
   --num-cpus="${RAY_NUM_CPUS:-2}" --block

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def local_ray_head(num_cpus: int = 2):
     by PID afterwards - never ``ray stop``. ``env``: the environment to run ``ray``/``erasus-ray`` commands with."""
     import tempfile
 
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "HF_HUB_OFFLINE": "1",
@@ -41,32 +42,40 @@ def local_ray_head(num_cpus: int = 2):
     try:
         start = subprocess.run(
             [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}", f"--num-cpus={num_cpus}", f"--temp-dir={ray_tmp}"],
+             f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}", f"--num-cpus={num_cpus}", f"--temp-dir={ray_tmp}",
+             # The job agent's HTTP port defaults to 52365 for every Ray instance on the machine; the session's
+             # in-process Ray (tests/conftest.py) already holds it, and an agent that cannot bind stays alive
+             # without ever registering, so every submit answered "No available agent" (the old CI flake).
+             f"--dashboard-agent-listen-port={agent}"],
             env=env, capture_output=True, text=True, timeout=300,
         )
         assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
         deadline = time.time() + 300
-        while True:  # wait until the job server answers (its port opens before its modules are ready)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/jobs/", timeout=5) as resp:
-                    if resp.status == 200:
+        # Wait until the job server answers (its port opens before its modules are ready) and the job agent,
+        # which runs the submitted jobs, listens (it registers itself with the head right after binding).
+        for url, what in ((f"http://127.0.0.1:{dash}/api/jobs/", "job server"), (f"http://127.0.0.1:{agent}/", "job agent")):
+            while True:
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as resp:
+                        resp.read()
+                    break
+                except urllib.error.HTTPError:  # the agent answers 404 on "/": it is up
+                    if what == "job agent":
                         break
-            except (OSError, http.client.HTTPException):
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("the Ray head's job server did not come up")
-            time.sleep(2)
+                except (OSError, http.client.HTTPException):
+                    pass
+                if time.time() > deadline:
+                    raise RuntimeError(f"the Ray head's {what} did not come up ({url})")
+                time.sleep(2)
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env
     finally:
         _end_processes_mentioning(ray_tmp)
 
 
 def ray_job_submit(dashboard, env, command, timeout=600):
-    """``ray job submit --address=<dashboard> --working-dir=<repo> -- <command>``. The head's job server can answer
-    before its job agent is registered ("No available agent to submit job, please try again later"): that reply
-    is retried for up to three minutes, then the test is skipped naming Ray's reply (on this 2-core machine the
-    agent was sometimes still missing after the minute: an environment limit, not our code); any other outcome is
-    returned as is."""
+    """``ray job submit --address=<dashboard> --working-dir=<repo> -- <command>``. Ray's transient "No available
+    agent to submit job, please try again later" reply (the agent's registration lagging its port) is retried for
+    up to three minutes, then fails naming it; any other outcome is returned as is."""
     busy = "No available agent to submit job"
     deadline = time.time() + 180
     while True:
@@ -77,7 +86,7 @@ def ray_job_submit(dashboard, env, command, timeout=600):
         if job.returncode == 0 or busy not in job.stdout + job.stderr:
             return job
         if time.time() > deadline:
-            pytest.skip(f"the Ray head's job agent stayed unavailable for 3 minutes ({busy!r})")
+            pytest.fail(f"the Ray head's job agent stayed unavailable for 3 minutes ({busy!r}): {job.stderr[-1000:]}")
         time.sleep(5)
 
 
