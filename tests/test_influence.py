@@ -1,6 +1,8 @@
 """Influence functions on an L2-regularised multinomial logistic regression (one nn.Linear, convex):
 closed form with the exact Hessian, CG / LiSSA / EK-FAC against it, and leave-one-out retraining."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -349,7 +351,14 @@ def test_hessian_samples_rule(logreg):
     assert hessian_sample_size(pool=100, forget=20, dim=5000, classes=2) == 100  # never more than the pool
     core = get_selector("influence", scope="all", damping=LAM).select(
         logreg["model"], logreg["forget"], task=ClassificationTask(), k=3, retain=logreg["retain"])
-    assert core.info["hessian_samples"] == min(40, max(20, int(np.ceil(2 * 15 / 2))))
+    assert core.info["hessian_samples"] == min(40, max(20, int(np.ceil(15 / 2))))
+    # a small forget set: self-influence asks for ceil(D / (C - 1)) = 8 samples, a set target for twice that
+    small = logreg["forget"].subset(range(5))
+    for target, want in (("self", 8), ("forget", 15)):
+        core = get_selector("influence", scope="all", damping=LAM, target=target).select(
+            logreg["model"], small, task=ClassificationTask(), k=2, retain=logreg["retain"])
+        assert core.info["hessian_samples"] == want, (target, core.info)
+        assert core.info["hessian_samples_rule"].startswith(f"min(pool, max(|forget|, ceil({1 if target == 'self' else 2} D")
     with pytest.raises(InvalidConfigError, match="hessian_samples"):
         get_selector("influence", hessian_samples=0)
 
@@ -424,3 +433,46 @@ def test_exact_solver_errors(logreg):
     sel = get_selector("influence", scope=["0"], ihvp="exact", exact_solver="woodbury", damping=LAM)
     with pytest.raises(InvalidConfigError, match="woodbury.*Linear classifier head"):
         sel.select(mlp, logreg["forget"], task=ClassificationTask(), k=5, seed=0, retain=logreg["retain"])
+
+
+def test_tril_inverse_equals_triangular_solve():
+    """The block-recursive inverse of a batch of Cholesky factors equals solve_triangular(L, I), for sizes that
+    split unevenly and sizes at the leaf."""
+    from erasus_ray.selectors._ihvp import tril_inverse
+
+    g = torch.Generator().manual_seed(0)
+    for k in (5, 16, 37, 129):
+        m = torch.randn(3, k, k, generator=g, dtype=torch.float64)
+        chol = torch.linalg.cholesky(m @ m.transpose(1, 2) / k + 0.1 * torch.eye(k, dtype=torch.float64))
+        ref = torch.linalg.solve_triangular(chol, torch.eye(k, dtype=torch.float64).expand(3, k, k), upper=False)
+        torch.testing.assert_close(tril_inverse(chol), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_woodbury_self_influence_from_head_factors_in_float32():
+    """A float32 head: the Woodbury solver runs its products in float32 and scores each sample from its inputs and
+    logit gradients (g_z = d_z a~_z^T, no D-dimensional gradients); the scores equal those of the same weights in
+    float64 through the dense closed-form Hessian to 1e-4 relative, and the float64 head's factor path equals the
+    dense path to 1e-9."""
+    torch.manual_seed(3)
+    n, d_in, hidden, classes = 120, 6, 24, 5
+    x = torch.randn(n, d_in)
+    y = torch.randint(0, classes, (n,))
+    net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, classes)).eval()
+    common = dict(damping=0.05, hessian_samples=40)  # n = 40 < D = 125: auto picks Woodbury
+    task = ClassificationTask()
+
+    def run(model, data_x, **kw):
+        ds = as_id_dataset(Points(data_x, y))
+        core = get_selector("influence", **common, **kw).select(model, ds.subset(range(30)), task=task, k=5, seed=0,
+                                                                retain=ds.subset(range(30, n)))
+        return np.array([core.scores[i] for i in range(30)]), core
+
+    got32, core32 = run(net, x)
+    assert core32.info["exact_solver"] == "woodbury" and core32.info["solver_dtype"] == "float32"
+    net64 = copy.deepcopy(net).double()
+    ref, core_ref = run(net64, x.double(), exact_solver="dense")
+    assert core_ref.info["exact_solver"] == "dense"
+    np.testing.assert_allclose(got32, ref, rtol=1e-4)
+    got64, core64 = run(net64, x.double())
+    assert core64.info["solver_dtype"] == "float64"
+    np.testing.assert_allclose(got64, ref, rtol=1e-9)

@@ -111,7 +111,7 @@ def throughput(names: list[str], repeats: int) -> list[dict[str, Any]]:
             row[f"{label}_samples_per_s"] = len(scored) / t
             row[f"{label}_vs_train"] = (len(scored) / t) / row["train_samples_per_s"]
         influence = get_selector("influence")
-        t_inf = median_time(lambda: influence.score(model, forget, bench.task, 0, retain=bench.train.subset(bench.retain_ids)), 1)
+        t_inf = median_time(lambda: influence.score(model, forget, bench.task, 0, retain=bench.train.subset(bench.retain_ids)), repeats)
         row["influence_forget_s"] = t_inf
         row["influence_vs_train_epoch_forget"] = t_inf / t_train_forget
         row["gradient_norm_auto_path"] = "factored" if _factored(model, get_selector("gradient_norm")) else "func (fallback)"

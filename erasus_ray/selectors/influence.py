@@ -31,6 +31,7 @@ from erasus_ray.selectors._ihvp import (
     check_dense_size,
     ggn_hessian,
     head_solver_costs,
+    head_stats,
     hessian_pool,
     kfac_layers,
     linear_head,
@@ -119,11 +120,16 @@ class InfluenceSelector(ScoreSelector):
       block-diagonal minus a rank-``n`` term, so ``C`` blocks of ``k x k`` and one ``n x n`` capacitance matrix
       give the same inverse; memory ``n D``), or ``"auto"`` (default): the one with fewer multiply-adds
       (:func:`~erasus_ray.selectors._ihvp.head_solver_costs`; Woodbury whenever ``n`` is well below ``D``, as
-      with the default Hessian sample of ``2 D / (C - 1)`` and three or more classes). Because its memory is
+      with the default Hessian sample of ``D / (C - 1)`` or ``2 D / (C - 1)`` and three or more classes). Because its memory is
       ``n D``, the Woodbury form also keeps heads with ``D > max_exact_params`` exact as long as
-      ``n D <= max_exact_params^2`` (the dense matrix's budget). Digits MLP head (``D = 1290``, ``n = 287``):
-      0.14 s -> 0.04 s per self-influence call, scores equal to the dense form's to ``1e-5`` relative (the dense matrix is
-      accumulated from float32 products).
+      ``n D <= max_exact_params^2`` (the dense matrix's budget). For ``target="self"`` a sample's head gradient
+      is the outer product ``d_z a~_z^T`` of its logit gradient and head input, so the forget set is scored from
+      one forward (+ backward to the logits only, in batches of ``hessian_batch_size``) without forming
+      ``D``-dimensional gradients. A float32 head runs the large products in float32 (Cholesky factors in float64).
+      Digits MLP head (``D = 1290``): dense form 0.14 s per self-influence call; Woodbury at ``n = 287`` 0.04 s;
+      with the factor scoring, float32 products and ``n = D / (C - 1) = 146``, ~0.015 s (about 2-3 training
+      epochs over the 146 forget samples; ``benchmarks/selector_scoring``); scores equal to the float64 dense
+      form's to ``2e-5`` relative.
     * ``"ggn"``: the dense Gauss-Newton matrix (= true Fisher for softmax cross-entropy) ``G^T G / n`` from
       per-sample gradients with labels from the model (``fisher``): PSD, one forward + a few backward passes, and
       the exact Hessian wherever the logits are linear in the scoped parameters (e.g. an LM's final LayerNorm).
@@ -161,10 +167,12 @@ class InfluenceSelector(ScoreSelector):
     does not include it) plus any extra damping for a non-convex model. The Hessian is estimated on a seeded
     sample of retain (training) data, or of retain + forget with ``hessian_data="retain+forget"``; without retain
     data it falls back to the forget set and records that in ``coreset.info["fallback"]``. ``hessian_samples``: an
-    int, None (all of it) or ``"auto"`` (default): ``min(pool, max(|forget|, ceil(2 D / (C - 1))))`` - enough
-    samples for a full-rank estimate of the ``D``-dimensional curvature (each sample contributes rank ``C - 1``),
-    at least as many as the forget set so the Hessian pass costs about one pass over it
-    (:func:`~erasus_ray.selectors._ihvp.hessian_sample_size`). ``target="retain"`` requires ``retain=``. ``seed``
+    int, None (all of it) or ``"auto"`` (default): ``min(pool, max(|forget|, ceil(r D / (C - 1))))`` with
+    ``r = 1`` for ``target="self"`` and ``r = 2`` for the set targets - at least the samples a full-rank estimate
+    of the ``D``-dimensional curvature needs (each sample contributes rank ``C - 1``; self-influence measured as
+    faithful at ``r = 1`` as at ``r = 2`` against the whole retain set's Hessian, set targets better at ``r = 2``),
+    and at least as many as the forget set so the Hessian pass costs about one pass over it
+    (:func:`~erasus_ray.selectors._ihvp.hessian_sample_size` has the numbers). ``target="retain"`` requires ``retain=``. ``seed``
     drives the Hessian sample, the model-sampled labels, LiSSA's minibatches, the power iteration and ``P``.
 
     Cost (``n`` Hessian samples, ``m`` forget samples): per-sample gradients of the forget set - one ordinary
@@ -378,7 +386,8 @@ class InfluenceSelector(ScoreSelector):
         out = require_gradients(model, task, probe, params, "influence")
         d = sum(p.numel() for p in params.values())
         pool, info = hessian_pool(forget, retain, self.hessian_data, self.hessian_samples, seed,
-                                  dim=self.proj_dim or d, classes=int(out.logits.shape[-1]))
+                                  dim=self.proj_dim or d, classes=int(out.logits.shape[-1]),
+                                  per_rank=1 if self.target == "self" else 2)
         plan = self._plan(model, task, params, probe, len(pool), out, n_scored=len(forget) if self.target == "self" else 1)
         solver = self.build_ihvp(model, task, params, pool, seed, plan)
         direction = None
@@ -410,6 +419,13 @@ class InfluenceSelector(ScoreSelector):
         if st.direction is None and solver is None:  # shipped without its (unpicklable) operator: rebuild it
             solver = st.solver = self.build_ihvp(model, task, params, st.pool, seed, st.plan)
         projector = self._projector(params, seed)
+        if st.direction is None and projector is None and isinstance(solver, HeadWoodburyIHVP):
+            # a head's per-sample gradient is d_z a~_z^T: score from one forward (+ backward to the logits)
+            head = (solver.head_name, model.get_submodule(solver.head_name))
+            a, d = head_stats(model, task, forget, head, solver.with_bias, batch_size=self.hessian_batch_size,
+                               device=model_device(model), dtype=solver.dtype, logit_grads=True)
+            state.info.update(solver.info)
+            return solver.self_influence_factors(a, d).detach().cpu().numpy()
         scores = []
         for _, g in iter_per_sample_grads(model, task, forget, params, batch_size=self.batch_size,
                                           chunk_size=self.chunk_size, projector=projector):
