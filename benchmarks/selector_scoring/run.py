@@ -51,13 +51,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def median_time(fn: Any, repeats: int) -> float:
+def median_time(fn: Any, repeats: int, min_sample_s: float = 0.05) -> float:
+    """Median over ``repeats`` samples of ``fn``'s time; a sample times as many back-to-back calls as take
+    ``min_sample_s`` (calibrated on the warm-up) and divides, so millisecond operations are not read off the
+    timer's and the scheduler's noise."""
+    t0 = time.perf_counter()
     fn()  # warm-up (first-call costs, allocator)
+    inner = max(1, int(np.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-6))))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t0) / inner)
     return float(np.median(times))
 
 
@@ -224,7 +230,7 @@ def actors(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
 
 def write_report(out: Path, results: dict[str, Any], command: str) -> None:
     lines = ["# Selector scoring: throughput, memory, Ray actors", "", f"Command: `{command}`", "",
-             f"Machine: {results['machine']}. One torch thread per process. Medians of {results['repeats']} runs after a warm-up.", ""]
+             f"Machine: {results['machine']}. One torch thread per process. Medians of {results['repeats']} samples after a warm-up (a sample of an operation under 50 ms averages back-to-back calls that fill 50 ms).", ""]
     if results.get("throughput"):
         lines += ["## Throughput (samples/s; ratio to batched training on the same model and batch size)", "",
                   "| task | n | train | el2n | gradient_norm auto (path) | gradient_norm func | influence / 1 train epoch on forget |",

@@ -327,7 +327,7 @@ class HeadWoodburyIHVP(_IHVP):
         self.chol = chol.to(self.dtype)
         # L_c^-1 stacked as one [C k, k] matrix (C k^3 / 6), so that applying every block to the same inputs is a
         # single GEMM instead of C batched triangular solves over a broadcast right-hand side (3-4x slower here)
-        self.chol_inv = tril_inverse(chol).to(self.dtype)
+        self.chol_inv = tril_inverse(self.chol)  # in the head's dtype: float32 ~1.5x faster, error ~1e-7 relative
         # Y_c = L_c^-1 a~^T diag(p_c) / sqrt(n): [C, k, n]; then U^T B^-1 U = sum_c Y_c^T Y_c
         self.y = (self.chol_inv.reshape(c * k, k) @ a.T).view(c, k, n) * (p.T[:, None, :] / math.sqrt(n))
         flat = self.y.view(c * k, n)
