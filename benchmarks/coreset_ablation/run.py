@@ -302,6 +302,24 @@ def write_markdown(path: Path, runs: list[dict[str, Any]], summary: list[dict[st
     L.append("\nRebuild this report from the CSVs: `python benchmarks/coreset_ablation/run.py --report-only`. Seconds are "
              "end-to-end (selection + unlearning) on this machine, one torch thread; ratios are per seed, then averaged; "
              "mean ± std over seeds.\n")
+    L.append("## Scope\n")
+    L.append("What each task was run with (selectors x strategies x fractions x seeds):\n")
+    for task, scen in dict.fromkeys((s["task"], s["scenario"]) for s in summary):
+        ss = [s for s in summary if s["task"] == task and s["scenario"] == scen and s.get("selector") not in (None, "", "full", "-")]
+        sels = sorted({s["selector"] for s in ss})
+        strats = list(dict.fromkeys(s["strategy"] for s in summary if s["task"] == task and s["scenario"] == scen
+                                    and s.get("strategy") not in (None, "", "retrain")))
+        fracs = sorted({float(s["fraction"]) for s in summary if s["task"] == task and s["scenario"] == scen
+                        and s.get("fraction") not in (None, "")})
+        seeds = max((int(s.get("n_seeds") or 0) for s in summary if s["task"] == task and s["scenario"] == scen), default=0)
+        L.append(f"- {task}/{scen}: selectors {', '.join(sels)}; strategies {', '.join(strats)}; fractions "
+                 f"{', '.join(f'{f:g}' for f in fracs)}; {seeds} seeds.")
+    L.append("\nThe selectors span the families (random baseline; loss-based `el2n`; gradient-based `gradient_norm`; "
+             "geometric `k_center`; gradient-matching `craig`). Every registered selector is measured at 5/10/20% against "
+             "random in [selector_quality](../selector_quality/RESULTS.md) and every registered strategy on the full forget "
+             "set against retraining in [strategy_leaderboard](../strategy_leaderboard/); this study crosses the fraction "
+             "axis with those, at a cost that grows with every added selector or strategy (each run's wall time is "
+             "listed above).\n")
     L.append(f"## Verdict on the claim: \"{CLAIM}\"\n")
     L.append(f"Per task: a 5% or 10% coreset (any of the selectors) must come within {GAP_TOLERANCE_PTS:g} pt of the full "
              f"forget set's mean Avg.Gap to retrain at >= {CLAIM_SPEEDUP:g}x fewer end-to-end seconds (mean over seeds). "

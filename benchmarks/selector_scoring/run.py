@@ -10,6 +10,8 @@
    fresh subprocess (should be flat in n: batches are streamed).
 3. ``actors``: the Ray scoring pool with 1 vs 2 actors on MNIST-5k (goal >= 1.6x with 2 actors) and in-process vs
    2 actors over forget-set sizes (where Ray starts to pay off, pool start-up included).
+4. ``crossover``: a cold pool (``ray.init`` + start-up + one request) vs in-process scoring on MNIST-5k tiled to
+   8k-64k samples: the size from which ``distributed="auto"`` should use the pool when Ray is not running.
 
 Writes ``results.json`` and ``RESULTS.md`` into ``--out``. Example (the command RESULTS.md records)::
 
@@ -42,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--sizes", default="500,1000,2000,4000", help="memory part: scored set sizes")
     p.add_argument("--actor-sizes", default="250,1000,4000", help="actors part: forget-set sizes")
+    p.add_argument("--crossover-sizes", default="8000,16000,32000,64000",
+                   help="crossover part: tiled MNIST-5k forget-set sizes for cold pool vs in process")
     p.add_argument("--out", default="benchmarks/selector_scoring")
     p.add_argument("--note", action="append", default=[], help="a finding to append to RESULTS.md (repeatable)")
     p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md from --out's results.json (and --note)")
@@ -228,6 +232,50 @@ def actors(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def crossover(sizes: list[int]) -> dict[str, Any]:
+    """Where ``distributed="auto"`` should switch to the pool when Ray is not running yet: one cold
+    ``ErasusUnlearner(distributed="ray")`` selection (``ray.init`` + pool start-up + one request + shutdown) against
+    in-process scoring, on MNIST-5k's training set tiled to ``sizes`` samples (distinct ids; the CNN's cost per sample
+    does not depend on which image it is), ``gradient_norm`` on its default (factored) path, one run per size."""
+    import ray
+
+    from erasus_ray.data import IdDataset
+    from erasus_ray.distributed import PoolSpec, ScoringPool
+    from erasus_ray.selectors import get_selector
+
+    bench = load("mnist5k")
+    data = bench.train.sorted()
+    selector = get_selector("gradient_norm")
+    rows = []
+    for n in sizes:
+        reps = -(-n // len(data))
+        tiled = IdDataset(data.base, np.tile(data.positions, reps)[:n], np.arange(n))
+        t0 = time.perf_counter()
+        local = selector.select(bench.original, tiled, task=bench.task, fraction=0.1, seed=0)
+        t_local = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 1024**2)
+        t_init = time.perf_counter() - t0
+        pool = ScoringPool(PoolSpec(num_actors=2, num_cpus=1))
+        try:
+            t1 = time.perf_counter()
+            pool.start(bench.task)
+            t_start = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            remote = pool.select(selector, bench.original, tiled, task=bench.task, fraction=0.1, seed=0)
+            t_request = time.perf_counter() - t1
+        finally:
+            pool.close()
+            ray.shutdown()
+        t_cold = time.perf_counter() - t0
+        assert list(remote.ids) == list(local.ids), "pool and in-process coresets differ"
+        row = {"n": n, "in_process_s": t_local, "ray_init_s": t_init, "pool_start_s": t_start, "request_s": t_request,
+               "cold_total_s": t_cold, "cold_vs_in_process": t_local / t_cold}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"rows": rows, "loadavg_at_end": os.getloadavg()[0]}
+
+
 def write_report(out: Path, results: dict[str, Any], command: str) -> None:
     lines = ["# Selector scoring: throughput, memory, Ray actors", "", f"Command: `{command}`", "",
              f"Machine: {results['machine']}. One torch thread per process. Medians of {results['repeats']} samples after a warm-up (a sample of an operation under 50 ms averages back-to-back calls that fill 50 ms).", ""]
@@ -261,6 +309,16 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
             path = "torch.func" if r["method"] == "func" else "factored"
             lines.append(f"| {path} | {r['n']} | {r['in_process_s']:.2f} | {r['actors_1_s']:.2f} | {r['actors_2_s']:.2f} | "
                          f"{r['speedup_2_vs_1_actor']:.2f}x | {r['speedup_2_actors_vs_in_process']:.2f}x | {r['cold_2_actors_s']:.2f} |")
+        lines.append("")
+    if results.get("crossover"):
+        lines += ["## Cold start vs in process at large forget sets (MNIST-5k CNN tiled, gradient_norm factored, 10% coreset)", "",
+                  "One `ErasusUnlearner(distributed='ray')` selection with Ray not yet running: `ray.init` + 2-actor pool "
+                  "start-up + one request + shutdown, against in-process scoring. One run per size.", "",
+                  "| n | in process (s) | ray.init (s) | pool start (s) | request (s) | cold total (s) | in process / cold |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in results["crossover"]["rows"]:
+            lines.append(f"| {r['n']} | {r['in_process_s']:.1f} | {r['ray_init_s']:.1f} | {r['pool_start_s']:.1f} | "
+                         f"{r['request_s']:.1f} | {r['cold_total_s']:.1f} | {r['cold_vs_in_process']:.2f}x |")
         lines.append("")
     lines += ["## Findings (computed from the numbers above)", ""] + findings(results) + [f"- {n}" for n in results.get("notes", [])] + [""]
     (out / "RESULTS.md").write_text("\n".join(lines))
@@ -296,6 +354,15 @@ def findings(results: dict[str, Any]) -> list[str]:
                    f"{best['speedup_2_actors_vs_in_process']:.2f}x. Ray pays off on a running pool from n = "
                    f"{min(pays) if pays else 'none of the measured sizes'}; including the pool's start-up, from n = "
                    f"{min(cold) if cold else 'none of the measured sizes'}.")
+    cross = results.get("crossover", {}).get("rows", [])
+    if cross:
+        from erasus_ray.distributed import AUTO_THRESHOLD
+
+        by_n = sorted(cross, key=lambda r: r["n"])
+        pays = [r["n"] for i, r in enumerate(by_n) if all(x["cold_vs_in_process"] > 1 for x in by_n[i:])]
+        out.append(f"- Cold start (ray.init + pool + request) beats in-process scoring from n = "
+                   f"{min(pays) if pays else 'none of the measured sizes'} (measured {by_n[0]['n']}..{by_n[-1]['n']}); "
+                   f"distributed='auto' switches at {AUTO_THRESHOLD} forget samples when Ray is not running.")
     return out
 
 
@@ -335,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         results["memory"] = memory([int(s) for s in args.sizes.split(",")])
     if "actors" in parts:
         results["actors"] = actors([int(s) for s in args.actor_sizes.split(",")], args.repeats)
+    if "crossover" in parts:
+        results["crossover"] = crossover([int(s) for s in args.crossover_sizes.split(",")])
     results["loadavg_at_end"] = os.getloadavg()[0]
     results["notes"] = (previous.get("notes", []) if args.merge else []) + args.note
     (out / "results.json").write_text(json.dumps(results, indent=2))
