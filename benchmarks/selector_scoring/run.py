@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", default="digits,mnist5k,authors")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--sizes", default="500,1000,2000,4000", help="memory part: scored set sizes")
+    p.add_argument("--memory-selectors", default=",".join(MEMORY_SELECTORS),
+                   help=f"memory part: selectors to measure (of {', '.join(MEMORY_SELECTORS)})")
     p.add_argument("--actor-sizes", default="250,1000,4000", help="actors part: forget-set sizes")
     p.add_argument("--crossover-sizes", default="8000,16000,32000,64000",
                    help="crossover part: tiled MNIST-5k forget-set sizes for cold pool vs in process")
@@ -142,10 +144,21 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_child(n: int) -> None:
-    """Runs in a fresh process: resident memory sampled every 2 ms while scoring n samples, against the resident
-    memory just before (after loading and a 64-sample warm-up). ``ru_maxrss`` cannot be used: building the
-    benchmark's data peaks far above scoring, so the process-lifetime peak says nothing about scoring."""
+#: the memory part's selectors: gradient norms from torch.func per-sample gradients; influence with its default
+#: (exact Woodbury head solver, scored from head factors) and with a JL projection (streamed torch.func per-sample
+#: gradients of the last layers, projected, then a dense solve in the projected space)
+MEMORY_SELECTORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gradient_norm[func]": ("gradient_norm", {"batch_size": 128, "method": "func"}),
+    "influence": ("influence", {}),
+    "influence[proj_dim=512]": ("influence", {"proj_dim": 512}),
+}
+
+
+def memory_child(n: int, label: str = "gradient_norm[func]") -> None:
+    """Runs in a fresh process: resident memory sampled every 2 ms while scoring n samples with the selector
+    ``label`` (:data:`MEMORY_SELECTORS`), against the resident memory just before (after loading and a 64-sample
+    warm-up). ``ru_maxrss`` cannot be used: building the benchmark's data peaks far above scoring, so the
+    process-lifetime peak says nothing about scoring."""
     import gc
     import threading
 
@@ -155,8 +168,10 @@ def memory_child(n: int) -> None:
     bench = load("mnist5k")
     data = bench.train.sorted()
     data = data.subset(data.ids[:n])
-    selector = get_selector("gradient_norm", batch_size=128, method="func")
-    selector.score(bench.original.eval(), data.subset(data.ids[:64]), bench.task, 0)
+    name, options = MEMORY_SELECTORS[label]
+    selector = get_selector(name, **options)
+    context = {"retain": bench.train.subset(bench.retain_ids)} if name == "influence" else {}
+    selector.score(bench.original.eval(), data.subset(data.ids[:64]), bench.task, 0, **context)
     gc.collect()
     before = _rss_mb()
     peak = [before]
@@ -169,16 +184,17 @@ def memory_child(n: int) -> None:
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
-    selector.score(bench.original.eval(), data, bench.task, 0)
+    selector.score(bench.original.eval(), data, bench.task, 0, **context)
     done.set()
     thread.join()
-    print(json.dumps({"n": n, "rss_mb_before": before, "peak_rss_mb_during": peak[0], "growth_mb": peak[0] - before}))
+    print(json.dumps({"selector": label, "n": n, "rss_mb_before": before, "peak_rss_mb_during": peak[0], "growth_mb": peak[0] - before}))
 
 
-def memory(sizes: list[int]) -> list[dict[str, Any]]:
+def memory(sizes: list[int], labels: list[str]) -> list[dict[str, Any]]:
     rows = []
-    for n in sizes:
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(n)], capture_output=True, text=True, check=True)
+    for label, n in [(label, n) for label in labels for n in sizes]:
+        out = subprocess.run([sys.executable, __file__, "--memory-child", f"{n}:{label}"], capture_output=True, text=True,
+                             check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -292,10 +308,12 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
             )
         lines.append("")
     if results.get("memory"):
-        lines += ["## Peak memory vs scored-set size (MNIST-5k CNN, gradient_norm torch.func, fresh process each)", "",
-                  "| n | resident before scoring (MB) | peak while scoring (MB) | growth (MB) |", "| --- | --- | --- | --- |"]
+        lines += ["## Peak memory vs scored-set size (MNIST-5k CNN, fresh process each)", "",
+                  "| selector | n | resident before scoring (MB) | peak while scoring (MB) | growth (MB) |",
+                  "| --- | --- | --- | --- | --- |"]
         for r in results["memory"]:
-            lines.append(f"| {r['n']} | {r['rss_mb_before']:.0f} | {r['peak_rss_mb_during']:.0f} | {r['growth_mb']:.1f} |")
+            lines.append(f"| {r.get('selector', 'gradient_norm[func]')} | {r['n']} | {r['rss_mb_before']:.0f} | "
+                         f"{r['peak_rss_mb_during']:.0f} | {r['growth_mb']:.1f} |")
         lines.append("")
     if results.get("actors"):
         a = results["actors"]
@@ -336,9 +354,10 @@ def findings(results: dict[str, Any]) -> list[str]:
                    f"the {r['n_forget']} forget samples (goal <= 3x: {'met' if i <= 3 else 'NOT met'}; "
                    f"{r['influence_forget_s']:.2f} s vs {r['train_epoch_forget_s']:.3f} s).")
     mem = results.get("memory", [])
-    if mem:
-        growth = [m["growth_mb"] for m in mem]
-        out.append(f"- Memory while scoring grows {min(growth):.0f}-{max(growth):.0f} MB for n = {mem[0]['n']}..{mem[-1]['n']} "
+    for label in dict.fromkeys(m.get("selector", "gradient_norm[func]") for m in mem):
+        rows = [m for m in mem if m.get("selector", "gradient_norm[func]") == label]
+        growth = [m["growth_mb"] for m in rows]
+        out.append(f"- {label}: memory while scoring grows {min(growth):.0f}-{max(growth):.0f} MB for n = {rows[0]['n']}..{rows[-1]['n']} "
                    f"({'flat' if max(growth) - min(growth) < 0.25 * max(1.0, max(growth)) else 'NOT flat'} in n: batches are streamed).")
     act = results.get("actors", [])
     for method in dict.fromkeys(r.get("method", "func") for r in act):
@@ -369,7 +388,8 @@ def findings(results: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.memory_child:
-        memory_child(int(args.memory_child))
+        n, _, label = args.memory_child.partition(":")
+        memory_child(int(n), label or "gradient_norm[func]")
         return 0
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -399,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         order = list(TASKS)
         results["throughput"] = sorted(kept + rows, key=lambda r: order.index(r["task"]) if r["task"] in order else len(order))
     if "memory" in parts:
-        results["memory"] = memory([int(s) for s in args.sizes.split(",")])
+        results["memory"] = memory([int(s) for s in args.sizes.split(",")], args.memory_selectors.split(","))
     if "actors" in parts:
         results["actors"] = actors([int(s) for s in args.actor_sizes.split(",")], args.repeats)
     if "crossover" in parts:
