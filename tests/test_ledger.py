@@ -27,6 +27,7 @@ from erasus_ray.ledger import (  # noqa: E402
     OwnershipRegistry,
     RequestLimits,
     hash_id_list,
+    scoped_key,
     validate,
 )
 
@@ -489,8 +490,89 @@ def test_a_request_changed_after_construction_is_rechecked(ledger: DeletionLedge
 def test_submit_with_an_authenticated_sender_refuses_impersonation(ledger: DeletionLedger, owners: OwnershipRegistry) -> None:
     entry = ledger.submit(DeletionRequest("r-1", "alice", ids=[1]), owners, sender="bob")
     assert entry.state == "rejected" and entry.error_code == "impersonation" and "'bob'" in entry.state_reason
-    assert [t.to_state for t in ledger.history("r-1")] == ["received", "rejected"]
+    # stored in bob's namespace under a scoped key: it squats nothing of alice's
+    assert (entry.submitter, entry.client_request_id, entry.request_id) == ("bob", "r-1", scoped_key("r-1", "bob"))
+    assert [t.to_state for t in ledger.history(entry.request_id)] == ["received", "rejected"]
+    assert ledger.find("r-1") is None
+    genuine = ledger.submit(DeletionRequest("r-1", "alice", ids=[1]), owners, sender="alice")
+    assert genuine.state == "validated" and genuine.request_id == "r-1" and genuine.submitter == "alice"
     assert ledger.submit(DeletionRequest("r-2", "alice", ids=[1]), owners, sender="alice").state == "validated"
+
+
+# ---- idempotency is per submitter (security) ---------------------------------------------------------------------------
+def test_another_client_resending_a_request_id_learns_nothing_and_squats_nothing(
+    ledger: DeletionLedger, owners: OwnershipRegistry, tmp_path: Path
+) -> None:
+    a = ledger.submit(DeletionRequest("r-1", "alice", ids=[1, 2], reason="alice's secret"), owners, sender="alice")
+    ledger.transition(a.request_id, "scheduled", round=3)
+    # bob re-sends alice's exact request: the sender check runs first, bob gets his own rejected copy, not alice's entry
+    replay = ledger.submit(DeletionRequest("r-1", "alice", ids=[1, 2], reason="alice's secret"), owners, sender="bob")
+    assert replay.seq != a.seq and replay.request_id != "r-1" and replay.submitter == "bob"
+    assert replay.state == "rejected" and replay.error_code == "impersonation"
+    assert "scheduled" not in replay.state_reason and "[1, 2]" not in replay.state_reason
+    # carol uses the same client-supplied id for her own request: no collision, no error, nothing of alice's state
+    own = ledger.submit(DeletionRequest("r-1", "carol", ids=[20]), owners, sender="carol")
+    assert own.state == "validated" and own.client_request_id == "r-1" and own.request_id == scoped_key("r-1", "carol")
+    assert own.seq not in (a.seq, replay.seq)
+    # retries are idempotent in each namespace; a different content under one's own id is a conflict naming no state
+    assert ledger.submit(DeletionRequest("r-1", "carol", ids=[20]), owners, sender="carol").seq == own.seq
+    assert ledger.submit(DeletionRequest("r-1", "alice", ids=[1, 2], reason="alice's secret"), owners, sender="bob").seq == replay.seq
+    for sender, request in (("carol", DeletionRequest("r-1", "carol", ids=[21])), ("bob", DeletionRequest("r-1", "bob", ids=[10]))):
+        with pytest.raises(InvalidRequestError) as info:
+            ledger.submit(request, owners, sender=sender)
+        assert info.value.code == "conflict"
+        for word in ("scheduled", "validated", "rejected", "alice", "[1, 2]", "secret"):
+            assert word not in str(info.value)
+    # alice's genuine retry is still idempotent and her request is untouched
+    again = ledger.submit(DeletionRequest("r-1", "alice", ids=[2, 1], reason="alice's secret"), owners, sender="alice")
+    assert (again.seq, again.state, again.request_id) == (a.seq, "scheduled", "r-1")
+    assert len(ledger.history("r-1")) == 3
+    # lookups by (submitter, client-supplied id)
+    assert ledger.find("r-1", client_id="carol").seq == own.seq and ledger.get("r-1", "alice").seq == a.seq
+    assert ledger.find("r-1", client_id="bob").seq == replay.seq and ledger.find("r-2", client_id="alice") is None
+    # the audit export lists all three, each with its client's id and the submitter
+    audit = ledger.export(tmp_path / "audit.json", hash_ids=True)
+    rows = {(r["submitter"], r["client_id"], r["client_request_id"], r["state"]) for r in audit}
+    assert rows == {("alice", "alice", "r-1", "scheduled"), ("bob", "alice", "r-1", "rejected"), ("carol", "carol", "r-1", "validated")}
+    assert ledger.check_integrity() == []
+
+
+def test_without_a_sender_two_clients_may_share_a_request_id(ledger: DeletionLedger, owners: OwnershipRegistry) -> None:
+    """The operator console (no sender): the namespace is the client named in the request."""
+    a = ledger.submit(DeletionRequest("same", "alice", ids=[1]), owners)
+    b = ledger.submit(DeletionRequest("same", "bob", ids=[10]), owners)
+    assert (a.request_id, b.request_id) == ("same", scoped_key("same", "bob"))
+    assert a.state == b.state == "validated" and ledger.get(b.request_id).ids == [10]
+    assert ledger.submit(DeletionRequest("same", "bob", ids=[10]), owners).seq == b.seq
+    assert [e.request().request_id for e in ledger.entries()] == ["same", "same"]  # as each client sent it
+    assert [e.request_id for e in ledger.schedule_pending(batch_id="b1")] == ["same", b.request_id]
+
+
+def test_concurrent_clients_racing_for_one_request_id_each_get_their_own(tmp_path: Path, owners: OwnershipRegistry) -> None:
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    ledgers = [DeletionLedger(url) for _ in range(3)]
+    out: dict[str, list] = {}
+    errors: list[Exception] = []
+
+    def go(k: int, client: str, ids: list[int]) -> None:
+        try:
+            out.setdefault(client, []).append(ledgers[k % 3].submit(DeletionRequest("dup", client, ids=ids), owners, sender=client).seq)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    jobs = [(k, c, i) for k in range(4) for c, i in (("alice", [1]), ("bob", [10]), ("carol", [20]))]
+    threads = [threading.Thread(target=go, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all(len(set(seqs)) == 1 for seqs in out.values()) and len({s[0] for s in out.values()}) == 3
+    entries = ledgers[0].entries()
+    assert sorted(e.client_id for e in entries) == ["alice", "bob", "carol"]
+    assert sum(e.request_id == "dup" for e in entries) == 1 and ledgers[0].check_integrity() == []
+    for led in ledgers:
+        led.close()
 
 
 # ---- batches and the persisted rate limit ----------------------------------------------------------------------------
@@ -533,7 +615,37 @@ def test_a_version_1_ledger_file_gains_the_batch_column(tmp_path: Path, owners: 
         assert led.get("old").batch_id is None and led.get("old").state == "validated"
         assert led.schedule_pending(batch_id="b-1")[0].batch_id == "b-1"
         with led.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT value FROM ledger_meta WHERE key = 'schema_version'").scalar() == "2"
+            assert conn.exec_driver_sql("SELECT value FROM ledger_meta WHERE key = 'schema_version'").scalar() == "3"
+
+
+def test_a_version_2_ledger_file_gains_per_submitter_idempotency(tmp_path: Path, owners: OwnershipRegistry) -> None:
+    """A file written before schema 3 (global request ids, no submitter columns): its rows keep their keys and stay
+    idempotent for their clients; another client can then use the same id."""
+    path = tmp_path / "v2.db"
+    with DeletionLedger(path) as led:
+        led.submit(DeletionRequest("old", "alice", ids=[1]), owners)
+        led.submit(DeletionRequest("old-bad", "bob", ids=[1]), owners)
+        with led.engine.begin() as conn:  # what a version-2 file looks like
+            conn.exec_driver_sql("DROP INDEX ux_deletion_requests_submitter_rid")
+            conn.exec_driver_sql("ALTER TABLE deletion_requests DROP COLUMN submitter")
+            conn.exec_driver_sql("ALTER TABLE deletion_requests DROP COLUMN client_request_id")
+            conn.exec_driver_sql("UPDATE ledger_meta SET value = '2' WHERE key = 'schema_version'")
+    with DeletionLedger(path) as led:
+        old = led.get("old")
+        assert (old.submitter, old.client_request_id, old.state) == ("alice", "old", "validated")
+        assert led.get("old-bad").submitter == "bob" and led.check_integrity() == []
+        assert led.submit(DeletionRequest("old", "alice", ids=[1]), owners, sender="alice").seq == old.seq  # idempotent
+        with pytest.raises(InvalidRequestError, match="already used"):
+            led.submit(DeletionRequest("old", "alice", ids=[2]), owners)
+        other = led.submit(DeletionRequest("old", "bob", ids=[10]), owners, sender="bob")
+        assert other.state == "validated" and other.request_id == scoped_key("old", "bob")
+        with led.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT value FROM ledger_meta WHERE key = 'schema_version'").scalar() == "3"
+            with pytest.raises(Exception, match="UNIQUE"):  # the index is there
+                conn.exec_driver_sql(
+                    "INSERT INTO deletion_requests (request_id, client_id, level, reason, fingerprint, state, received_at, updated_at, "
+                    "client_request_id, submitter) VALUES ('x', 'alice', 'sample', '', 'f', 'validated', 0, 0, 'old', 'alice')"
+                )
 
 
 def test_rate_limit_is_counted_from_the_ledger_and_survives_a_reopen(tmp_path: Path, owners: OwnershipRegistry) -> None:

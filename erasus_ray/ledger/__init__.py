@@ -15,6 +15,7 @@ from erasus_ray.ledger.ledger import (
     LedgerEntry,
     Transition,
     hash_id_list,
+    scoped_key,
 )
 from erasus_ray.ledger.requests import LEVELS, DeletionRequest, OwnershipRegistry, RequestLimits, validate
 
@@ -31,5 +32,6 @@ __all__ = [
     "RequestLimits",
     "Transition",
     "hash_id_list",
+    "scoped_key",
     "validate",
 ]

@@ -10,9 +10,18 @@ States::
 leaves a request stored but unjudged. ``scheduled -> scheduled`` (re-scheduled after a crash or a later round) and ``unlearned -> scheduled`` (verification
 asked for another pass) are allowed; ``verified``, ``rejected`` and ``failed`` are final. Each transition is one committed
 row (from, to, timestamp, details) in the ``transitions`` table, written in the same transaction as the request's new
-state, so the state always equals the last transition. Requests are idempotent by their client-supplied
-``request_id``: resubmitting returns the stored entry, never a second one; resubmitting the same id with a different
-content is refused (``conflict``).
+state, so the state always equals the last transition.
+
+Idempotency is per submitter: the key is (``submitter``, client-supplied ``request_id``), where the submitter is the
+authenticated ``sender`` that delivered the request (its Flower node's client) or, without one (the operator's
+console, a local caller), the client the request names. Resubmitting returns the stored entry, never a second one;
+the same key with a different content is refused (``conflict``, a message that names no stored state). Two clients may
+use the same client-supplied id: each gets its own request. The ledger's own key (``LedgerEntry.request_id``, what
+:meth:`transition`, :meth:`get`, ... take) is the client-supplied id when that is free, else
+``<id>#<16 hex of sha256(submitter)>`` (``#`` is not allowed in a client-supplied id, so the two never collide);
+``LedgerEntry.client_request_id`` is always the id the client sent. The sender check (``impersonation``) runs before
+the idempotent lookup: a client re-sending another client's request finds nothing of it - its copy is stored and
+rejected in its own namespace, under a scoped key.
 
 Crash safety: every write is one transaction (SQLite in WAL mode with ``synchronous=FULL`` by default, ``BEGIN
 IMMEDIATE`` so a read-then-write cannot interleave with another writer). A restarted server calls :meth:`pending` and
@@ -28,7 +37,8 @@ a batch recorded. The federated coordinator uses both (``erasus_ray/federated/co
 
 Storage: SQLAlchemy 2 Core; ``sqlite:///path.db`` (default, embedded), ``sqlite://`` (in memory, one process) or any
 SQLAlchemy URL (e.g. ``postgresql+psycopg://...`` for several server nodes; rows are then locked with
-``SELECT ... FOR UPDATE``).
+``SELECT ... FOR UPDATE``, and the per-client rate limit is counted under a transaction-scoped advisory lock on the
+client, ``pg_advisory_xact_lock``, so two servers cannot both take a client's last slot under READ COMMITTED).
 
 Example:
     >>> ledger = DeletionLedger("sqlite:///deletions.db")
@@ -103,7 +113,9 @@ ALLOWED: dict[str | None, frozenset[str]] = {
     "rejected": frozenset(),
     "failed": frozenset(),
 }
-SCHEMA_VERSION = 2  # 2: deletion_requests.batch_id (added in place to a version-1 file on open)
+#: 2: deletion_requests.batch_id; 3: client_request_id and submitter, unique together (per-submitter idempotency).
+#: Older files are brought up to date in place on open (:meth:`DeletionLedger._migrate`).
+SCHEMA_VERSION = 3
 logger = logging.getLogger("erasus_ray.ledger")
 
 metadata = MetaData()
@@ -131,8 +143,13 @@ requests_table = Table(
     Column("model_hash_after", String(128)),
     Column("payload", Text),  # the raw submission, for malformed requests that cannot be parsed
     Column("batch_id", String(64)),  # the unlearning round (batch) that scheduled it; NULL until scheduled
+    Column("client_request_id", String(256)),  # the id the client sent (request_id may be scoped: module docstring)
+    Column("submitter", String(256)),  # the authenticated sender, else the client named in the request
 )
 Index("ix_deletion_requests_state", requests_table.c.state, requests_table.c.seq)
+Index(
+    "ux_deletion_requests_submitter_rid", requests_table.c.submitter, requests_table.c.client_request_id, unique=True
+)
 Index("ix_deletion_requests_client_time", requests_table.c.client_id, requests_table.c.received_at)
 transitions_table = Table(
     "deletion_transitions",
@@ -185,6 +202,18 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+def scoped_key(request_id: str, submitter: str) -> str:
+    """The ledger key of a request whose client-supplied id another submitter already holds:
+    ``<request_id>#<first 16 hex digits of sha256(submitter)>``. ``#`` is not allowed in a client-supplied id, so a
+    scoped key never equals one."""
+    return f"{request_id}#{hashlib.sha256(submitter.encode()).hexdigest()[:16]}"
+
+
+def _advisory_key(text: str) -> int:
+    """A signed 64-bit key for PostgreSQL's advisory locks."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
+
+
 def hash_id_list(ids: Sequence[int] | None) -> str | None:
     """SHA-256 of the sorted ids as canonical JSON (the audit export's ``ids_sha256``)."""
     if ids is None:
@@ -229,6 +258,8 @@ class LedgerEntry:
     model_hash_after: str | None = None
     seq: int = 0
     batch_id: str | None = None
+    client_request_id: str | None = None
+    submitter: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -240,9 +271,10 @@ class LedgerEntry:
         return self.state in FINAL_STATES
 
     def request(self) -> DeletionRequest:
-        """The :class:`DeletionRequest` (raises :class:`InvalidRequestError` for a stored malformed submission)."""
+        """The :class:`DeletionRequest` as the client sent it (its own ``request_id``; raises
+        :class:`InvalidRequestError` for a stored malformed submission)."""
         return DeletionRequest(
-            request_id=self.request_id,
+            request_id=self.client_request_id or self.request_id,
             client_id=self.client_id,
             level=self.level,
             ids=self.ids,
@@ -254,7 +286,9 @@ class LedgerEntry:
     def to_dict(self, *, hash_ids: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
             "request_id": self.request_id,
+            "client_request_id": self.client_request_id,
             "client_id": self.client_id,
+            "submitter": self.submitter,
             "level": self.level,
             "label": self.label,
             "reason": self.reason,
@@ -303,6 +337,8 @@ def _row_to_entry(row: Any) -> LedgerEntry:
         model_hash_after=m["model_hash_after"],
         seq=m["seq"],
         batch_id=m["batch_id"],
+        client_request_id=m["client_request_id"],
+        submitter=m["submitter"],
     )
 
 
@@ -350,6 +386,7 @@ class DeletionLedger:
             self._configure_sqlite(wal=wal and not memory, synchronous=synchronous.upper(), busy_ms=int(busy_timeout_s * 1000))
         metadata.create_all(self.engine)
         self._migrate()
+        self.is_postgresql = self.engine.dialect.name == "postgresql"
         with self.engine.begin() as conn:
             if conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first() is None:
                 try:
@@ -360,17 +397,42 @@ class DeletionLedger:
                 conn.execute(update(meta_table).where(meta_table.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
 
     def _migrate(self) -> None:
-        """Bring a version-1 file up to date in place: add ``batch_id`` (NULL for its old rows)."""
+        """Bring an older file up to date in place.
+
+        Version 1 -> 2: add ``batch_id`` (NULL for the old rows). Version 2 -> 3: add ``client_request_id`` and
+        ``submitter``, fill them from ``request_id`` and ``client_id`` (before version 3 the ledger key was the
+        client's id and the namespace was global, so every old row keeps its key and stays idempotent for its client),
+        then the unique index on the pair. Each step is idempotent, so a crash mid-migration or two processes
+        opening the file together leave it consistent: the fill runs again until ``schema_version`` says 3.
+        """
         from sqlalchemy import inspect
 
-        columns = {c["name"] for c in inspect(self.engine).get_columns("deletion_requests")}
-        if "batch_id" not in columns:
-            try:
-                with self.engine.begin() as conn:
-                    conn.exec_driver_sql("ALTER TABLE deletion_requests ADD COLUMN batch_id VARCHAR(64)")
-            except Exception:  # noqa: BLE001 - another process added it first
-                if "batch_id" not in {c["name"] for c in inspect(self.engine).get_columns("deletion_requests")}:
-                    raise
+        def columns() -> set[str]:
+            return {c["name"] for c in inspect(self.engine).get_columns("deletion_requests")}
+
+        for name, sql_type in (("batch_id", "VARCHAR(64)"), ("client_request_id", "VARCHAR(256)"), ("submitter", "VARCHAR(256)")):
+            if name not in columns():
+                try:
+                    with self.engine.begin() as conn:
+                        conn.exec_driver_sql(f"ALTER TABLE deletion_requests ADD COLUMN {name} {sql_type}")
+                except Exception:  # noqa: BLE001 - another process added it first
+                    if name not in columns():
+                        raise
+        with self.engine.connect() as conn:
+            version = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).scalar_one_or_none()
+        if version is not None and int(version) < 3:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    update(requests_table).where(requests_table.c.client_request_id.is_(None))
+                    .values(client_request_id=requests_table.c.request_id)
+                )
+                conn.execute(
+                    update(requests_table).where(requests_table.c.submitter.is_(None)).values(submitter=requests_table.c.client_id)
+                )
+                conn.exec_driver_sql(
+                    "CREATE UNIQUE INDEX IF NOT EXISTS ux_deletion_requests_submitter_rid "
+                    "ON deletion_requests (submitter, client_request_id)"
+                )
 
     def _configure_sqlite(self, *, wal: bool, synchronous: str, busy_ms: int) -> None:
         @event.listens_for(self.engine, "connect")
@@ -416,9 +478,12 @@ class DeletionLedger:
     ) -> LedgerEntry:
         """Record a request and validate it: returns its entry, ``validated`` or ``rejected`` (with ``state_reason``).
 
-        Idempotent: a ``request_id`` already in the ledger returns the stored entry unchanged (no second row, no second
-        validation, no rate-limit charge) - also when it was rejected: retry with a new ``request_id``. The same id
-        with a different content raises :class:`InvalidRequestError` ``conflict`` and changes nothing.
+        Idempotent per submitter (module docstring): a ``request_id`` the same submitter already used returns the
+        stored entry unchanged (no second row, no second validation, no rate-limit charge) - also when it was rejected:
+        retry with a new ``request_id``. The same id with a different content raises :class:`InvalidRequestError`
+        ``conflict`` and changes nothing. Another submitter's request under the same id is never looked at: the new
+        request is stored on its own (under a scoped ledger key, ``LedgerEntry.request_id``), and nothing about the
+        other one - its existence, state or content - reaches the caller.
 
         A submission that cannot be parsed (a dict with wrong fields or types) is stored as ``rejected`` with the
         parser's reason; without a usable ``request_id`` it is stored under ``invalid-<sha256 of the payload>``.
@@ -465,7 +530,11 @@ class DeletionLedger:
                 raw_id = candidate if isinstance(candidate, str) else None
             fingerprint = hashlib.sha256((payload_text or "").encode()).hexdigest()
             rid = raw_id if raw_id is not None and NAME_PATTERN.fullmatch(raw_id) else f"invalid-{fingerprint[:32]}"
-        existing = self.find(rid)
+        row = self._row_for(parsed, source, rid, fingerprint, payload_text, now_wall)
+        claimed = row["client_id"]
+        submitter = str(sender) if sender is not None else claimed
+        # the sender check comes first: the idempotent lookup is in the submitter's own namespace only
+        existing = self.find(rid, client_id=submitter)
         if existing is not None:
             return self._same_or_conflict(existing, fingerprint)
         size_limits = None if limits is None else dataclasses.replace(limits, max_requests_per_minute=None)
@@ -474,48 +543,75 @@ class DeletionLedger:
                 validate(parsed, ownership, size_limits, sender=sender)
             except InvalidRequestError as err:
                 error = err
-        row = self._row_for(parsed, source, rid, fingerprint, payload_text, now_wall)
-        try:
-            with self.engine.begin() as conn:
-                rpm = None if limits is None else limits.max_requests_per_minute
-                if error is None and rpm is not None and parsed is not None:
-                    recent = conn.execute(
-                        select(func.count()).select_from(requests_table).where(
-                            requests_table.c.client_id == parsed.client_id,
-                            requests_table.c.state != "rejected",
-                            requests_table.c.received_at > now_wall - 60.0,
-                            requests_table.c.received_at <= now_wall,
-                        )
-                    ).scalar_one()
-                    if recent >= rpm:
-                        error = InvalidRequestError(
-                            f"client {parsed.client_id!r} already has {recent} accepted request(s) in the last 60 s; at most "
-                            f"{rpm} per minute - retry later with a new request_id",
-                            code="rate_limited",
-                            request_id=rid,
-                        )
-                final = "validated" if error is None else "rejected"
-                details = {} if error is None else {"reason": str(error), "code": error.code}
-                row.update(state=final, state_reason=None if error is None else str(error), error_code=None if error is None else error.code)
-                conn.execute(insert(requests_table).values(**row))
-                conn.execute(
-                    insert(transitions_table),
-                    [
-                        {"request_id": rid, "from_state": None, "to_state": "received", "at": now_wall, "details": None},
-                        {"request_id": rid, "from_state": "received", "to_state": final, "at": now_wall if now is not None else time.time(),
-                         "details": _dumps(details) if details else None},
-                    ],
+        # a request in another client's name never takes the plain key (it must not squat that client's id)
+        impersonating = sender is not None and submitter != claimed and not (ownership is not None and submitter in ownership.operators)
+        row.update(client_request_id=rid, submitter=submitter)
+        keys = [scoped_key(rid, submitter)] if impersonating else [rid, scoped_key(rid, submitter)]
+        for attempt, key in enumerate(keys):
+            if attempt == 0 and len(keys) == 2 and self.find(key) is not None:
+                continue  # another submitter holds the plain key
+            try:
+                final_error = self._insert_submission(key, row, error, parsed, limits, now_wall, now)
+            except IntegrityError:
+                # a concurrent submit won: the same submitter's resubmission, or another submitter took the plain key
+                stored = self.find(rid, client_id=submitter)
+                if stored is not None:
+                    return self._same_or_conflict(stored, fingerprint)
+                if key is keys[-1]:
+                    raise
+                continue
+            if final_error is not None:
+                # refused requests are logged (security: e.g. a client asking to delete another client's ids)
+                logger.warning(
+                    "deletion request %s from %r (sender %r) rejected (%s): %s", key, claimed, submitter, final_error.code, final_error
                 )
-        except IntegrityError:
-            # a concurrent submit of the same request_id won the insert: answer as a resubmission
-            stored = self.find(rid)
-            if stored is None:
-                raise
-            return self._same_or_conflict(stored, fingerprint)
-        if error is not None:
-            # refused requests are logged (security: e.g. a client asking to delete another client's ids)
-            logger.warning("deletion request %s from %r rejected (%s): %s", rid, row["client_id"], error.code, error)
-        return self.get(rid)
+            return self.get(key)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _insert_submission(
+        self, key: str, row: dict[str, Any], error: InvalidRequestError | None, parsed: DeletionRequest | None,
+        limits: RequestLimits | None, now_wall: float, now: float | None,
+    ) -> InvalidRequestError | None:
+        """Insert a judged submission under ledger key ``key`` with its two transitions, in one transaction; returns
+        the rejection (the given ``error`` or ``rate_limited``) or None."""
+        row = dict(row, request_id=key)
+        with self.engine.begin() as conn:
+            rpm = None if limits is None else limits.max_requests_per_minute
+            if error is None and rpm is not None and parsed is not None:
+                if self.is_postgresql:
+                    # READ COMMITTED does not stop two servers from both counting n-1 and inserting: serialise
+                    # submissions per client with a lock released at commit (SQLite: BEGIN IMMEDIATE already does)
+                    conn.execute(
+                        select(func.pg_advisory_xact_lock(_advisory_key("rate:" + parsed.client_id)))
+                    )
+                recent = conn.execute(
+                    select(func.count()).select_from(requests_table).where(
+                        requests_table.c.client_id == parsed.client_id,
+                        requests_table.c.state != "rejected",
+                        requests_table.c.received_at > now_wall - 60.0,
+                        requests_table.c.received_at <= now_wall,
+                    )
+                ).scalar_one()
+                if recent >= rpm:
+                    error = InvalidRequestError(
+                        f"client {parsed.client_id!r} already has {recent} accepted request(s) in the last 60 s; at most "
+                        f"{rpm} per minute - retry later with a new request_id",
+                        code="rate_limited",
+                        request_id=parsed.request_id,
+                    )
+            final = "validated" if error is None else "rejected"
+            details = {} if error is None else {"reason": str(error), "code": error.code}
+            row.update(state=final, state_reason=None if error is None else str(error), error_code=None if error is None else error.code)
+            conn.execute(insert(requests_table).values(**row))
+            conn.execute(
+                insert(transitions_table),
+                [
+                    {"request_id": key, "from_state": None, "to_state": "received", "at": now_wall, "details": None},
+                    {"request_id": key, "from_state": "received", "to_state": final, "at": now_wall if now is not None else time.time(),
+                     "details": _dumps(details) if details else None},
+                ],
+            )
+        return error
 
     def _same_or_conflict(self, existing: LedgerEntry, fingerprint: str) -> LedgerEntry:
         with self.engine.connect() as conn:
@@ -523,9 +619,10 @@ class DeletionLedger:
                 select(requests_table.c.fingerprint).where(requests_table.c.request_id == existing.request_id)
             ).scalar_one()
         if stored != fingerprint:
+            # the submitter's own request (the lookup is per submitter); still, the message names no stored state
             raise InvalidRequestError(
-                f"request_id {existing.request_id!r} was already used for a different request (state {existing.state}); "
-                "use a new request_id",
+                f"request_id {existing.client_request_id or existing.request_id!r} was already used for a different "
+                "request; use a new request_id",
                 code="conflict",
                 request_id=existing.request_id,
             )
@@ -750,17 +847,23 @@ class DeletionLedger:
             conn.execute(update(requests_table).where(requests_table.c.request_id == request_id).values(**values))
 
     # ---- reads ----------------------------------------------------------------------------------------------------
-    def find(self, request_id: str) -> LedgerEntry | None:
-        """The entry, or None."""
+    def find(self, request_id: str, client_id: str | None = None) -> LedgerEntry | None:
+        """The entry with ledger key ``request_id``, or None. With ``client_id``: the request that submitter (the
+        authenticated sender, else the client the request names) sent under its own ``request_id`` - the
+        idempotency key - whatever its ledger key."""
+        if client_id is None:
+            where = requests_table.c.request_id == request_id
+        else:
+            where = (requests_table.c.submitter == client_id) & (requests_table.c.client_request_id == request_id)
         with self.engine.connect() as conn:
-            row = conn.execute(select(requests_table).where(requests_table.c.request_id == request_id)).first()
+            row = conn.execute(select(requests_table).where(where)).first()
         return None if row is None else _row_to_entry(row)
 
-    def get(self, request_id: str) -> LedgerEntry:
-        """The entry; raises :class:`UnknownRequestError` if there is none."""
-        entry = self.find(request_id)
+    def get(self, request_id: str, client_id: str | None = None) -> LedgerEntry:
+        """:meth:`find`; raises :class:`UnknownRequestError` if there is none."""
+        entry = self.find(request_id, client_id)
         if entry is None:
-            raise UnknownRequestError(f"no request {request_id!r} in the ledger")
+            raise UnknownRequestError(f"no request {request_id!r}{'' if client_id is None else f' of {client_id!r}'} in the ledger")
         return entry
 
     def entries(
@@ -834,6 +937,12 @@ class DeletionLedger:
         with self.engine.connect() as conn:
             states = {r.request_id: r.state for r in conn.execute(select(requests_table.c.request_id, requests_table.c.state))}
             rows = conn.execute(select(transitions_table).order_by(transitions_table.c.id)).all()
+            unkeyed = conn.execute(
+                select(requests_table.c.request_id).where(
+                    requests_table.c.submitter.is_(None) | requests_table.c.client_request_id.is_(None)
+                )
+            ).scalars().all()
+        problems += [f"{rid!r} has no submitter / client_request_id (idempotency key)" for rid in unkeyed]
         chains: dict[str, list[Any]] = {}
         for r in rows:
             if r.request_id not in states:
