@@ -218,6 +218,98 @@ def test_leaderboard_cli_rebuilds(stored_sweep, capsys):
     assert main(["leaderboard", str(stored_sweep.parent / "nope")]) == 2
 
 
+def test_pareto_plot_is_one_marker_per_strategy_and_one_colour_per_selector(tmp_path):
+    """40 strategies x 30 selectors (more than the shipped digits sweeps' 35 x 27): the styles read back from the
+    plotted artists are one per strategy and one per selector, never shared."""
+    import itertools
+
+    from erasus_ray.tuning.leaderboard import plot_pareto, selector_colours, strategy_styles
+
+    rng = np.random.default_rng(0)
+    strategies, selectors = [f"s{i:02d}" for i in range(40)], [f"c{i:02d}" for i in range(30)]
+    rows = [{"kind": "reference", "label": "original", "avg_gap_pts": 40.0, "seconds": 5.0},
+            {"kind": "reference", "label": "retrain (gold)", "avg_gap_pts": 0.0, "seconds": 4.0}]
+    for i in range(120):  # every strategy 3 times, every selector 4 times, in varying pairs
+        s, c = strategies[i % 40], selectors[(7 * i) % 30]
+        rows.append({"kind": "trial", "status": "ok", "strategy": s, "selector": c, "label": f"{s}/{c}", "trial_id": str(i),
+                     "avg_gap_pts": float(rng.uniform(1, 40)), "seconds": float(10 ** rng.uniform(-1, 1)), "pareto": i % 17 == 0})
+    drawn = plot_pareto(rows, tmp_path / "p.png", "40 x 30")
+    points = drawn["points"]
+    assert len(points) == 120
+    style_of, colour_of = {}, {}
+    for p in points:  # same strategy -> same (marker, fill); same selector -> same colour
+        assert style_of.setdefault(p["strategy"], (p["marker"], p["fillstyle"])) == (p["marker"], p["fillstyle"])
+        assert colour_of.setdefault(p["selector"], p["colour"]) == p["colour"]
+        assert (p["marker"], p["fillstyle"]) == drawn["strategy_style"][p["strategy"]]
+    assert len(style_of) == 40 and len(set(style_of.values())) == 40  # injective: no two strategies share a style
+    assert len(colour_of) == 30 and len(set(colour_of.values())) == 30
+    rgb = np.array([c[:3] for c in colour_of.values()])
+    assert min(np.linalg.norm(a - b) for a, b in itertools.combinations(rgb, 2)) > 0.15  # distinct, not just unequal floats
+    assert (tmp_path / "p.png").stat().st_size > 20_000
+    # the mappings stay one-to-one past the (marker x fill) pairs and the qualitative palette
+    many = strategy_styles([f"s{i}" for i in range(200)])
+    assert len(set(many.values())) == 200 and many["s72"] == ("$73$", "full")
+    assert len(set(selector_colours([f"c{i}" for i in range(200)]).values())) == 200
+    assert len(set(selector_colours([f"c{i}" for i in range(7)]).values())) == 7
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a committed real Tune experiment (3 trials of tune_configs/ci_digits.yaml; see tests/data/README.md)
+# ----------------------------------------------------------------------------------------------------------------
+FIXTURE_SWEEP = ROOT / "tests" / "data" / "sweep_ci_digits"
+
+
+def test_leaderboard_from_the_committed_tune_experiment(tmp_path, capsys):
+    """Restored from a copy at another absolute path (as in a fresh clone): Tuner.restore(...).get_results() and
+    `erasus-ray leaderboard <dir>` give one row per stored trial, with the stored metrics; no sweep runs."""
+    from ray import tune
+
+    from erasus_ray.tuning.sweep import run_trial
+
+    copy = tmp_path / "elsewhere" / "sweep"
+    import shutil
+
+    shutil.copytree(FIXTURE_SWEEP, copy)
+    stored = {}
+    for path in copy.glob("*/result.json"):
+        last = json.loads(path.read_text().splitlines()[-1])
+        stored[last["trial_id"]] = {**last, "params": json.loads((path.parent / "params.json").read_text())}
+    assert len(stored) == 3
+    grid = tune.Tuner.restore(str(copy), trainable=run_trial).get_results()
+    assert Path(grid.experiment_path) == copy and len(grid) == 3 and grid.num_errors == 0
+    for r in grid:
+        s = stored[r.metrics["trial_id"]]
+        assert Path(r.path).parent == copy
+        assert (r.metrics["avg_gap"], r.metrics["seconds"], r.metrics["metrics"]) == (s["avg_gap"], s["seconds"], s["metrics"])
+        assert r.config == s["params"]
+        assert (r.metrics["threads"], r.metrics["device"]) == (1, "cpu")  # resources: {cpu: 1}, no GPU
+    # the ResultGrid and the CLI build the same table from it
+    board = build_leaderboard(grid, rerun=False, out=tmp_path / "board", log=lambda m: None)
+    assert main(["leaderboard", str(copy), "--no-rerun"]) == 0
+    best = min(stored.values(), key=lambda s: s["avg_gap"])
+    assert f"best: {best['params']['strategy']}/{best['params']['selector']}@{best['params']['fraction']:.3g}" in capsys.readouterr().out
+    rows = read_csv(copy / "leaderboard.csv")
+    assert rows == read_csv(board / "leaderboard.csv")
+    meta = json.loads((copy / "sweep.json").read_text())
+    refs = [r for r in rows if r["kind"] == "reference"]
+    assert [(r["label"], r["avg_gap_pts"], r["seconds"]) for r in refs] == [
+        (m["label"], pytest.approx(100 * m["avg_gap"], rel=1e-5), pytest.approx(m["seconds"], rel=1e-5)) for m in meta["references"]]
+    trials = [r for r in rows if r["kind"] == "trial"]
+    assert sorted(r["trial_id"] for r in trials) == sorted(stored)
+    ids = sorted(stored)
+    front = dict(zip(ids, pareto_mask([stored[t]["avg_gap"] for t in ids], [stored[t]["seconds"] for t in ids]).tolist()))
+    for rank, r in enumerate(trials, 1):  # ranked by Avg.Gap, the stored values in points (CSV: 6 significant digits)
+        s = stored[r["trial_id"]]
+        assert r["rank"] == rank and r["status"] == "ok" and r["pareto"] == front[r["trial_id"]]
+        assert r["avg_gap_pts"] == pytest.approx(100 * s["avg_gap"], rel=1e-5) and r["seconds"] == pytest.approx(s["seconds"], rel=1e-5)
+        for k in ("forget_acc", "retain_acc", "test_acc"):
+            assert r[k] == pytest.approx(100 * s["metrics"][k], rel=1e-5)
+        assert (r["lr"], r["epochs"], r["coreset_size"], r["n_forget"]) == pytest.approx((s["lr"], s["epochs"], s["coreset_size"], s["n_forget"]), rel=1e-5)
+        assert json.loads(r["params"]) == {k: v for k, v in s["params"].items()}
+    assert [r["avg_gap_pts"] for r in trials] == sorted(r["avg_gap_pts"] for r in trials)
+    assert sorted(p.name for p in FIXTURE_SWEEP.iterdir()) == sorted(p.name for p in copy.iterdir() if p.suffix not in (".csv", ".md", ".png"))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # a real 4-trial sweep through the CLI on the session's Ray cluster
 # ----------------------------------------------------------------------------------------------------------------------

@@ -304,49 +304,113 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], keys: Sequence[str], 
     path.write_text("\n".join(L) + "\n")
 
 
-def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Avg.Gap (points) vs seconds (log): marker per strategy, colour per selector, the front as a step line."""
+#: Strategy marker shapes (distinct outlines at 6-8 pt) and fill styles; a strategy's style is one (shape, fill)
+#: pair, shapes first, so up to 12 strategies get a filled shape each and 72 get a unique pair; beyond that a
+#: strategy is drawn as its number (``$73$``), still one style per strategy.
+STRATEGY_MARKERS: tuple[str, ...] = ("o", "s", "^", "v", "D", "P", "X", "*", "p", "h", "<", ">")
+STRATEGY_FILLS: tuple[str, ...] = ("full", "none", "left", "bottom", "right", "top")
+#: Legend entries per column.
+LEGEND_ROWS = 40
+
+
+def strategy_styles(strategies: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """One ``(marker, fillstyle)`` per strategy (in the given order), never repeated for any number of strategies."""
+    n_pairs = len(STRATEGY_MARKERS) * len(STRATEGY_FILLS)
+    out = {}
+    for i, s in enumerate(strategies):
+        if i < n_pairs:
+            out[s] = (STRATEGY_MARKERS[i % len(STRATEGY_MARKERS)], STRATEGY_FILLS[i // len(STRATEGY_MARKERS)])
+        else:
+            out[s] = (f"${i + 1}$", "full")
+    return out
+
+
+def selector_colours(selectors: Sequence[str]) -> dict[str, tuple[float, float, float, float]]:
+    """One colour per selector, never repeated: ``tab10`` for up to 10 selectors, else the hue circle sampled at
+    ``n`` equally spaced points (hues ``0.92 i / n``: all distinct, and the last stays clear of the first's red)
+    with (saturation, value) cycling over three levels, so neighbouring hues also differ in lightness. Smallest RGB
+    distance between two colours: 0.30 / 0.25 / 0.20 / 0.10 for 11 / 20 / 30 / 60 selectors (``tab20``: 0.10 at 20).
+    """
+    import matplotlib
+    from matplotlib.colors import hsv_to_rgb
+
+    n = len(selectors)
+    if n <= 10:
+        cmap = matplotlib.colormaps["tab10"]
+        return {s: tuple(float(c) for c in cmap(i)) for i, s in enumerate(selectors)}
+    out = {}
+    for i, s in enumerate(selectors):
+        sat, val = ((0.95, 0.85), (0.55, 0.95), (0.9, 0.6))[i % 3]
+        out[s] = (*(float(c) for c in hsv_to_rgb((0.92 * i / n, sat, val))), 1.0)
+    return out
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> dict[str, Any]:
+    """Avg.Gap (points) vs seconds (log): one marker style per strategy, one colour per selector (both one-to-one
+    for any number of them, see :func:`strategy_styles` and :func:`selector_colours`), the Pareto front as a step
+    line with its points ringed, re-run means +- std as grey error bars, the original and retrain rows as stars.
+
+    Returns what was drawn: ``strategy_style`` (strategy -> (marker, fillstyle)), ``selector_colour`` (selector ->
+    RGBA) and ``points`` (one per trial, read back from the plotted artists: label, strategy, selector, marker,
+    fillstyle, colour).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
 
     ok = [r for r in rows if r["kind"] == "trial" and r["status"] == "ok"]
     refs = [r for r in rows if r["kind"] == "reference"]
     strategies = sorted({r["strategy"] for r in ok})
     selectors = sorted({r["selector"] for r in ok})
-    markers = "osD^v<>PX*hp8d"
-    cmap = plt.get_cmap("tab20" if len(selectors) > 10 else "tab10")
-    m_of = {s: markers[i % len(markers)] for i, s in enumerate(strategies)}
-    c_of = {s: cmap(i % cmap.N) for i, s in enumerate(selectors)}
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    style = strategy_styles(strategies)
+    colour = selector_colours(selectors)
+    # legends beside the axes, at most LEGEND_ROWS entries a column; the figure grows to fit them
+    s_cols = math.ceil((len(strategies) + 1) / LEGEND_ROWS)
+    c_cols = max(1, math.ceil(len(selectors) / LEGEND_ROWS))
+    rows_needed = max(math.ceil((len(strategies) + 1) / s_cols), math.ceil(len(selectors) / c_cols))
+    fig, ax = plt.subplots(figsize=(9, max(5.5, 0.19 * rows_needed + 0.8)))
+    points = []
     for r in ok:
-        ax.scatter(max(r["seconds"], 1e-3), r["avg_gap_pts"], marker=m_of[r["strategy"]], color=c_of[r["selector"]],
-                   s=70 if r.get("pareto") else 35, edgecolors="black" if r.get("pareto") else "none", alpha=0.9, zorder=3)
+        marker, fill = style[r["strategy"]]
+        x = max(r["seconds"], 1e-3)
+        if r.get("pareto"):
+            ax.plot([x], [r["avg_gap_pts"]], ls="", marker="o", ms=15, mfc="none", mec="black", mew=0.8, alpha=0.7, zorder=2)
+        (line,) = ax.plot([x], [r["avg_gap_pts"]], ls="", marker=marker, fillstyle=fill, ms=9 if r.get("pareto") else 7,
+                          color=colour[r["selector"]], markerfacecoloralt="white", mew=1.3, alpha=0.9, zorder=3)
+        line.set_gid(str(r.get("trial_id") or r["label"]))
+        points.append({"label": r["label"], "strategy": r["strategy"], "selector": r["selector"], "marker": line.get_marker(),
+                       "fillstyle": line.get_fillstyle(), "colour": tuple(float(c) for c in matplotlib.colors.to_rgba(line.get_color()))})
         if r.get("rerun_avg_gap_pts_mean") is not None:
             ax.errorbar(r["rerun_seconds_mean"], r["rerun_avg_gap_pts_mean"], xerr=r["rerun_seconds_std"],
                         yerr=r["rerun_avg_gap_pts_std"], color="grey", alpha=0.6, capsize=3, zorder=2)
     front = sorted((r for r in ok if r.get("pareto")), key=lambda r: r["seconds"])
     if front:
         ax.step([max(r["seconds"], 1e-3) for r in front], [r["avg_gap_pts"] for r in front], where="post", color="black",
-                lw=1, alpha=0.6, zorder=1, label="Pareto front")
-    for r, style in zip(refs, ("r--", "g--")):
-        ax.axhline(r["avg_gap_pts"], color=style[0], ls=":", lw=1)
-        ax.scatter(max(r["seconds"], 1e-3), r["avg_gap_pts"], marker="*", s=160, color=style[0], zorder=4)
+                lw=1, alpha=0.6, zorder=1)
+    for r, c in zip(refs, ("tab:red", "tab:green")):
+        ax.axhline(r["avg_gap_pts"], color=c, ls=":", lw=1)
+        ax.plot([max(r["seconds"], 1e-3)], [r["avg_gap_pts"]], ls="", marker="*", ms=14, color=c, mec="black", mew=0.5, zorder=4)
         ax.annotate(r["label"], (max(r["seconds"], 1e-3), r["avg_gap_pts"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("seconds (selection + unlearning; references: training time), log")
     ax.set_ylabel("Avg.Gap to retrain (points)")
     ax.set_title(title)
-    handles = [Line2D([], [], marker=m_of[s], ls="", color="grey", label=s) for s in strategies]
-    handles += [Patch(color=c_of[s], label=s) for s in selectors]
-    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="marker: strategy\ncolour: selector",
-              title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    s_handles = [Line2D([], [], ls="", marker=style[s][0], fillstyle=style[s][1], color="dimgray", markerfacecoloralt="white",
+                        mew=1.2, ms=7, label=s) for s in strategies]
+    s_handles.append(Line2D([], [], ls="", marker="o", ms=11, mfc="none", mec="black", label="Pareto front (ringed)"))
+    c_handles = [Line2D([], [], ls="", marker="s", ms=7, color=colour[s], label=s) for s in selectors]
+    first = ax.legend(handles=s_handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="marker: strategy",
+                      title_fontsize=7, ncol=s_cols, frameon=False, handletextpad=0.2)
+    ax.add_artist(first)
+    fig.canvas.draw()  # the second legend starts where the first one ends
+    right = first.get_window_extent().transformed(ax.transAxes.inverted()).x1
+    ax.legend(handles=c_handles, fontsize=7, loc="upper left", bbox_to_anchor=(right + 0.01, 1.0),
+              title="colour: selector", title_fontsize=7, ncol=c_cols, frameon=False, handletextpad=0.2)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+    return {"strategy_style": style, "selector_colour": colour, "points": points}
 
 
 def build_leaderboard(source: Any, *, rerun: bool = True, top_k: int | None = None,
