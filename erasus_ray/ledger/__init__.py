@@ -8,12 +8,15 @@ Needs SQLAlchemy 2 (``pip install 'erasus-ray[fl]'``).
 
 from erasus_ray.ledger.ledger import (
     ALLOWED,
+    DEFAULT_LEDGER_ENV,
+    DEFAULT_LEDGER_FILE,
     FINAL_STATES,
     PENDING_STATES,
     STATES,
     DeletionLedger,
     LedgerEntry,
     Transition,
+    default_ledger_url,
     hash_id_list,
     scoped_key,
 )
@@ -21,6 +24,8 @@ from erasus_ray.ledger.requests import LEVELS, DeletionRequest, OwnershipRegistr
 
 __all__ = [
     "ALLOWED",
+    "DEFAULT_LEDGER_ENV",
+    "DEFAULT_LEDGER_FILE",
     "FINAL_STATES",
     "LEVELS",
     "PENDING_STATES",
@@ -31,6 +36,7 @@ __all__ = [
     "OwnershipRegistry",
     "RequestLimits",
     "Transition",
+    "default_ledger_url",
     "hash_id_list",
     "scoped_key",
     "validate",

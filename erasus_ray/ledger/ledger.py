@@ -58,6 +58,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -200,6 +201,18 @@ def _dumps(obj: Any) -> str | None:
 
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+#: environment variable naming the default ledger (a SQLAlchemy URL or a SQLite path)
+DEFAULT_LEDGER_ENV = "ERASUS_RAY_LEDGER"
+#: the default ledger file, relative to the working directory, when the variable is unset
+DEFAULT_LEDGER_FILE = "erasus-ledger.db"
+
+
+def default_ledger_url() -> str:
+    """The durable default ledger: ``$ERASUS_RAY_LEDGER`` (URL or SQLite path), else ``./erasus-ledger.db`` - the
+    ledger ``erasus-ray ledger list|show|export`` reads without ``--db``."""
+    return _normalise_url(os.environ.get(DEFAULT_LEDGER_ENV) or DEFAULT_LEDGER_FILE)
 
 
 def scoped_key(request_id: str, submitter: str) -> str:
@@ -717,9 +730,10 @@ class DeletionLedger:
                 f"{sorted(ALLOWED[current]) or 'nowhere (final state)'}"
             )
         now = time.time()
-        changes: dict[str, Any] = {"state": new_state, "updated_at": now}
+        # state_reason says why the request is where it is: required for rejected/failed, optional otherwise (e.g.
+        # "unlearned, not verified: no baseline"); a move without a reason clears the previous one
+        changes: dict[str, Any] = {"state": new_state, "updated_at": now, "state_reason": reason, "error_code": None}
         if new_state in ("rejected", "failed"):
-            changes["state_reason"] = reason
             changes["error_code"] = details.get("code") if isinstance(details.get("code"), str) else new_state
         if values:
             changes.update(values)
