@@ -539,6 +539,147 @@ def test_run_sweep_ships_gold_metrics_and_model_files_to_trials(tmp_path, monkey
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# per-trial resources: torch threads = the reserved CPUs, the model on CUDA when the trial holds a GPU
+# ----------------------------------------------------------------------------------------------------------------------
+def test_trial_placement_from_reserved_resources():
+    from erasus_ray.tuning.sweep import trial_placement
+
+    assert trial_placement({"CPU": 2.0}, {}, cuda_available=False) == {"threads": 2, "device": "cpu", "cpus": 2.0, "gpus": 0.0}
+    assert trial_placement({"CPU": 0.5}, {}, cuda_available=True)["threads"] == 1  # fractional CPU: one thread
+    assert trial_placement({"CPU": 3.0, "GPU": 1.0}, {}, cuda_available=True)["device"] == "cuda"
+    assert trial_placement({"CPU": 1.0, "GPU": 0.25}, {}, cuda_available=True)["device"] == "cuda"  # a shared GPU
+    fallback = trial_placement({"CPU": 1.0, "GPU": 1.0}, {}, cuda_available=False)
+    assert fallback["device"] == "cpu" and "reserved 1 GPU(s) but torch.cuda.is_available() is False" in fallback["device_note"]
+    assert "device_note" not in trial_placement({"CPU": 1.0}, {}, cuda_available=False)
+    # outside a Ray worker: the config's resources stand in
+    assert trial_placement(None, {"cpu": 3, "gpu": 1}, cuda_available=True) == {"threads": 3, "device": "cuda", "cpus": 3.0, "gpus": 1.0}
+    assert trial_placement(None, {}, cuda_available=False)["threads"] == 1
+
+
+def test_run_trial_uses_the_resources_ray_assigned_it(monkeypatch):
+    """run_trial called as Tune calls it, under a fake runtime context: a {cpu: 2} trial runs with 2 torch threads;
+    a GPU trial gets device cuda when torch sees CUDA, else cpu with a note in its result."""
+    import ray
+    import torch
+    from ray import tune
+
+    import erasus_ray.tuning.sweep as sweep
+
+    seen, reports = [], []
+
+    def fake_evaluate(config, sweep_cfg, gold, report_epochs=None, device=None):
+        seen.append({"threads": torch.get_num_threads(), "device": device})
+        return {"avg_gap": 0.1, "seconds": 1.0}
+
+    def context(assigned):
+        return lambda: types.SimpleNamespace(get_assigned_resources=lambda: dict(assigned))
+
+    monkeypatch.setattr(sweep, "evaluate_trial", fake_evaluate)
+    monkeypatch.setattr(tune, "report", reports.append)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setenv("ERASUS_RAY_CACHE", os.environ.get("ERASUS_RAY_CACHE", "/tmp"))
+    before = torch.get_num_threads()
+    kwargs = {"sweep": {"resources": {"cpu": 1}}, "gold_metrics": {}, "cache_dir": os.environ["ERASUS_RAY_CACHE"]}
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setattr(ray, "get_runtime_context", context({"CPU": 2.0}))
+        sweep.run_trial({}, **kwargs)
+        assert seen[-1] == {"threads": 2, "device": None} and reports[-1]["threads"] == 2 and reports[-1]["device"] == "cpu"
+        monkeypatch.setattr(ray, "get_runtime_context", context({"CPU": 1.0, "GPU": 1.0}))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        sweep.run_trial({}, **kwargs)
+        assert seen[-1] == {"threads": 1, "device": "cuda"} and reports[-1]["device"] == "cuda" and "device_note" not in reports[-1]
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.warns(RuntimeWarning, match="reserved 1 GPU"):
+            sweep.run_trial({}, **kwargs)
+        assert seen[-1] == {"threads": 1, "device": "cpu"}
+        assert reports[-1]["device"] == "cpu" and "ran on cpu" in reports[-1]["device_note"] and reports[-1]["avg_gap"] == 0.1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_evaluate_trial_runs_the_unlearner_on_the_given_device(digits_class, monkeypatch):
+    """The device reaches ErasusUnlearner(device=...) (here cpu; the same path puts a GPU trial's model on cuda)."""
+    from erasus_ray.evaluation import evaluate
+    from erasus_ray.tuning.sweep import evaluate_trial
+    from erasus_ray.unlearner import ErasusUnlearner
+
+    devices = []
+    init = ErasusUnlearner.__init__
+
+    def spy(self, *args, **kwargs):
+        devices.append(kwargs.get("device"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ErasusUnlearner, "__init__", spy)
+    b = digits_class
+    gold = evaluate(b.gold, forget=b.forget, retain=b.retain, test=b.test, task=b.task, seed=0)
+    cfg = SweepConfig.from_yaml(CI_CONFIG).to_dict()
+    params = {"strategy": "grad_diff", "selector": "random", "fraction": 0.1, "grad_diff.lr": 1e-3, "grad_diff.epochs": 2, "seed": 0}
+    on_cpu = evaluate_trial(params, cfg, gold, device="cpu")
+    plain = evaluate_trial(params, cfg, gold)
+    assert devices == ["cpu", None]
+    assert on_cpu["metrics"] == pytest.approx(plain["metrics"], abs=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# storage_path: the config's default, relative to the working directory, overridden by --storage-path
+# ----------------------------------------------------------------------------------------------------------------------
+def test_storage_path_default_and_resolution(tmp_path, monkeypatch):
+    import re
+
+    import erasus_ray.tuning.sweep as sweep
+
+    assert SweepConfig().storage_path == SweepConfig.from_dict({}).storage_path == "results/sweeps"
+    base = yaml.safe_load(CI_CONFIG.read_text())
+    assert SweepConfig.from_dict({k: v for k, v in base.items() if k != "storage_path"}).storage_path == "results/sweeps"
+    for bad in ("", None, 3):
+        with pytest.raises(InvalidConfigError, match="storage_path"):
+            SweepConfig.from_dict({**base, "storage_path": bad})
+    cfg = SweepConfig.from_yaml(CI_CONFIG)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    # relative to the working directory; default name <config name>-<date>-<time>
+    d = sweep.sweep_directory(cfg)
+    assert d.parent == tmp_path / "results" / "sweeps" and re.fullmatch(r"ci_digits-\d{8}-\d{6}", d.name)
+    assert sweep.sweep_directory(cfg, name="x") == tmp_path / "results" / "sweeps" / "x"
+    assert sweep.sweep_directory(SweepConfig.from_dict({**base, "storage_path": "~/sw"}), name="x") == tmp_path / "home" / "sw" / "x"
+    assert sweep.sweep_directory(cfg, name="x", storage_path=str(tmp_path / "other")) == tmp_path / "other" / "x"
+    (tmp_path / "results" / "sweeps" / "x").mkdir(parents=True)
+    with pytest.raises(InvalidConfigError, match="name: .* already exists"):
+        sweep.sweep_directory(cfg, name="x")
+    with pytest.raises(InvalidConfigError, match="resume: .* is not a Tune sweep directory"):
+        sweep.sweep_directory(cfg, resume=tmp_path / "results" / "sweeps" / "x")
+    assert not list(tmp_path.glob("results/sweeps/ci_digits-*"))  # resolving creates nothing
+
+
+def test_cli_sweep_without_storage_path_writes_under_the_configs_default(tmp_path, monkeypatch):
+    """`erasus-ray sweep --config ...` with no --storage-path: the sweep folder is <cwd>/results/sweeps/<name>
+    (stopped before the benchmark is built or Ray starts)."""
+    import erasus_ray.tuning.sweep as sweep
+
+    class Stop(Exception):
+        pass
+
+    resolved = []
+    real = sweep.sweep_directory
+    monkeypatch.setattr(sweep, "sweep_directory", lambda *a, **k: resolved.append(real(*a, **k)) or resolved[-1])
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(sweep, "reference_info", stop)
+    monkeypatch.setattr(sweep, "_init_ray", stop)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Stop):
+        main(["sweep", "--config", str(CI_CONFIG), "--name", "here"])
+    assert resolved == [tmp_path / "results" / "sweeps" / "here"]
+    with pytest.raises(Stop):
+        main(["sweep", "--config", str(CI_CONFIG), "--name", "there", "--storage-path", "elsewhere"])
+    assert resolved[-1] == tmp_path / "elsewhere" / "there"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # _init_ray: join RAY_ADDRESS, else the embedded local Ray; never a runtime_env that would clash with a job's
 # ----------------------------------------------------------------------------------------------------------------------
 def test_init_ray_branches(monkeypatch, capsys):

@@ -7,7 +7,8 @@ How it runs:
    ``$ERASUS_RAY_CACHE`` - and evaluates the gold model;
 3. Ray is joined (``RAY_ADDRESS``, e.g. inside ``ray job submit``, or an initialised Ray) or started in process; a
    ``Tuner`` runs :func:`run_trial` with ``OptunaSearch`` (TPE, seeded; multi-objective ``[avg_gap, seconds]`` or
-   one metric) behind a ``ConcurrencyLimiter``, optional ASHA, per-trial resources from the config, MLflow/W&B
+   one metric) behind a ``ConcurrencyLimiter``, optional ASHA, per-trial resources from the config (which the
+   trial uses: torch threads = its CPUs, CUDA when it holds a GPU; :func:`trial_placement`), MLflow/W&B
    logger callbacks when requested and installed;
 4. what a trial needs from the driver travels with the trainable (``tune.with_parameters``, i.e. the object
    store), not through a driver-local path: the gold model's metrics and the bytes of the cached original and gold
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -166,10 +168,12 @@ def _epoch_reporting_unlearner(bench: Any, gold_metrics: dict[str, float], seed:
 
 
 def evaluate_trial(config: dict[str, Any], sweep: dict[str, Any], gold_metrics: dict[str, float],
-                   report_epochs: Any = None) -> dict[str, Any]:
+                   report_epochs: Any = None, device: str | None = None) -> dict[str, Any]:
     """The sampled job on the cached benchmark, evaluated against the gold model: what a trial reports.
 
     ``report_epochs``: a callable that receives an intermediate result after every epoch (ASHA's rungs).
+    ``device``: where the unlearned copy of the model runs (``ErasusUnlearner(device=...)``; evaluation follows the
+    model); None keeps the benchmark model's device (CPU).
     """
     from erasus_ray.experiment import run_job
     from erasus_ray.unlearner import ErasusUnlearner
@@ -181,6 +185,14 @@ def evaluate_trial(config: dict[str, Any], sweep: dict[str, Any], gold_metrics: 
     if report_epochs is not None:
         extra = {k: job.runner[k] for k in ("lr", "epochs") if k in job.runner}
         cls, state = _epoch_reporting_unlearner(bench, gold_metrics, job.seed, report_epochs, extra)
+    if device is not None:
+        base = cls
+
+        class OnDevice(base):  # type: ignore[misc, valid-type]  # run_job builds the unlearner; this adds the device
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **{**kwargs, "device": device})
+
+        cls = OnDevice
     result = flat_result(run_job(job, bench=bench, gold_metrics=gold_metrics, progress=False, unlearner_cls=cls))
     if state["eval_s"]:
         result["seconds"] -= state["eval_s"]
@@ -189,10 +201,47 @@ def evaluate_trial(config: dict[str, Any], sweep: dict[str, Any], gold_metrics: 
     return result
 
 
+def trial_placement(assigned: dict[str, float] | None, reserved: dict[str, float], cuda_available: bool) -> dict[str, Any]:
+    """Torch threads and device of a trial from the resources Ray assigned it (``assigned``, from
+    ``ray.get_runtime_context().get_assigned_resources()``; None outside a Ray worker: then the config's
+    ``resources``, ``reserved``, stand in).
+
+    ``threads`` = the reserved CPUs, floored, at least 1 (``cpu: 0.5`` -> 1 thread). ``device`` = ``"cuda"`` when
+    the trial holds a GPU (Ray has set ``CUDA_VISIBLE_DEVICES`` to it) and torch sees CUDA, else ``"cpu"``, with a
+    ``device_note`` saying why a reserved GPU went unused.
+    """
+    import torch
+
+    res = {"CPU": float(reserved.get("cpu", 1)), "GPU": float(reserved.get("gpu", 0))} if assigned is None else assigned
+    cpus, gpus = float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+    out: dict[str, Any] = {"threads": max(1, int(math.floor(cpus))), "device": "cpu", "cpus": cpus, "gpus": gpus}
+    if gpus > 0:
+        if cuda_available:
+            out["device"] = "cuda"
+        else:
+            out["device_note"] = (f"reserved {gpus:g} GPU(s) but torch.cuda.is_available() is False in the trial "
+                                  f"(torch {torch.__version__}); ran on cpu")
+    return out
+
+
+def _assigned_resources() -> dict[str, float] | None:
+    """What Ray reserved for this worker (``{"CPU": 2.0, "GPU": 1.0}``), or None outside a Ray worker."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        return {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
+    except (AssertionError, ImportError, RuntimeError):  # AssertionError: not a worker process
+        return None
+
+
 def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], gold_metrics: dict[str, float], cache_dir: str,
-              cache_files: dict[str, bytes] | None = None, threads: int = 1) -> None:
+              cache_files: dict[str, bytes] | None = None) -> None:
     """One Tune trial: :func:`evaluate_trial`, reported once with ``tune.report`` (and per epoch under ASHA).
 
+    The trial uses what it reserved (:func:`trial_placement`): torch threads = its CPUs, the model on CUDA when it
+    holds a GPU; the result records ``threads`` and ``device`` (and ``device_note`` when a GPU went unused).
     ``gold_metrics`` and ``cache_files`` (the cached model files' bytes) come through the object store; see
     :func:`trial_cache_dir` for where the models are loaded from.
     """
@@ -202,9 +251,14 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], gold_metrics: di
     import torch
     from ray import tune
 
-    torch.set_num_threads(threads)
-    per_epoch = tune.report if sweep.get("scheduler") else None  # ASHA needs a result per epoch to stop trials early
-    tune.report(evaluate_trial(config, sweep, gold_metrics, report_epochs=per_epoch))
+    place = trial_placement(_assigned_resources(), sweep.get("resources") or {}, torch.cuda.is_available())
+    torch.set_num_threads(place["threads"])
+    if "device_note" in place:
+        warnings.warn(place["device_note"], RuntimeWarning, stacklevel=1)
+    info = {k: place[k] for k in ("threads", "device", "device_note") if k in place}
+    per_epoch = (lambda r: tune.report({**r, **info})) if sweep.get("scheduler") else None  # ASHA: a result per epoch
+    result = evaluate_trial(config, sweep, gold_metrics, report_epochs=per_epoch, device=place["device"] if place["gpus"] > 0 else None)
+    tune.report({**result, **info})
 
 
 def reference_info(cfg: SweepConfig) -> tuple[Any, dict[str, float], list[dict[str, Any]]]:
@@ -321,6 +375,26 @@ def build_tuner(cfg: SweepConfig, trainable: Any, name: str, storage_path: str) 
     )
 
 
+def sweep_directory(cfg: SweepConfig, *, resume: str | os.PathLike | None = None, name: str | None = None,
+                    storage_path: str | os.PathLike | None = None) -> Path:
+    """The absolute folder a sweep writes to: ``resume`` (which must be a restorable Tune sweep), else
+    ``<storage_path or cfg.storage_path>/<name or cfg.name-YYYYmmdd-HHMMSS>``; a relative storage path is taken
+    from the current directory (``results/sweeps`` by default) and ``~`` is expanded. A fresh sweep's folder
+    must not exist yet (Tune would silently resume into it)."""
+    if resume is not None:
+        from ray import tune
+
+        sweep_dir = Path(resume).expanduser().resolve()
+        if not (sweep_dir / "tuner.pkl").exists() and not tune.Tuner.can_restore(str(sweep_dir)):
+            raise InvalidConfigError(f"resume: {sweep_dir} is not a Tune sweep directory that can be restored")
+        return sweep_dir
+    root = Path(storage_path or cfg.storage_path).expanduser().resolve()
+    sweep_dir = root / (name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if sweep_dir.exists():
+        raise InvalidConfigError(f"name: {sweep_dir} already exists; pass resume={str(sweep_dir)!r} to continue it")
+    return sweep_dir
+
+
 def run_sweep(cfg: SweepConfig, *, resume: str | os.PathLike | None = None, name: str | None = None,
               storage_path: str | None = None, leaderboard: bool = True, rerun: bool = True) -> Path:
     """Run (or resume) the sweep; returns its directory (``<storage_path>/<name>``) with the leaderboard in it.
@@ -332,15 +406,7 @@ def run_sweep(cfg: SweepConfig, *, resume: str | os.PathLike | None = None, name
 
     cache_dir = str(Path(os.environ.setdefault("ERASUS_RAY_CACHE", str(Path.home() / ".cache" / "erasus-ray"))).resolve())
     os.environ["ERASUS_RAY_CACHE"] = cache_dir
-    if resume is not None:
-        sweep_dir = Path(resume).resolve()
-        if not (sweep_dir / "tuner.pkl").exists() and not tune.Tuner.can_restore(str(sweep_dir)):
-            raise InvalidConfigError(f"resume: {sweep_dir} is not a Tune sweep directory that can be restored")
-    else:
-        root = Path(storage_path or cfg.storage_path).resolve()
-        sweep_dir = root / (name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if sweep_dir.exists():
-            raise InvalidConfigError(f"name: {sweep_dir} already exists; pass resume={str(sweep_dir)!r} to continue it")
+    sweep_dir = sweep_directory(cfg, resume=resume, name=name, storage_path=storage_path)
     print(f"[erasus-ray] sweep {cfg.name}: {cfg.benchmark}/{cfg.scenario or 'default'}; building the benchmark and the gold model "
           "in the driver (cached after the first run)")
     bench, gold, refs = reference_info(cfg)
@@ -354,8 +420,7 @@ def run_sweep(cfg: SweepConfig, *, resume: str | os.PathLike | None = None, name
     try:
         # with_parameters puts these in the object store: trials on any node get them without a driver-local path
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, sweep=cfg.to_dict(), gold_metrics=gold, cache_dir=cache_dir, cache_files=cache_files,
-                                 threads=max(1, int(os.environ.get("ERASUS_RAY_THREADS", "1")))),
+            tune.with_parameters(run_trial, sweep=cfg.to_dict(), gold_metrics=gold, cache_dir=cache_dir, cache_files=cache_files),
             {k: float(v) for k, v in cfg.resources.items()},
         )
         t0 = time.perf_counter()
@@ -384,4 +449,4 @@ def run_sweep(cfg: SweepConfig, *, resume: str | os.PathLike | None = None, name
 
 
 __all__ = ["META_FILE", "benchmark_cache_files", "build_searcher", "build_tuner", "evaluate_trial", "flat_result", "reference_info",
-           "run_sweep", "run_trial", "trial_cache_dir"]
+           "run_sweep", "run_trial", "sweep_directory", "trial_cache_dir", "trial_placement"]
