@@ -4,7 +4,9 @@
 client's SuperNode hands it to the server on the next ``query.delete`` and files the server's acknowledgement under
 ``<outbox>/<client>/acked/``. ``--level class --label 3`` / ``--level client`` for the other levels. With
 ``--ledger URL`` the request goes straight into the server's ledger instead (the operator's console), validated
-against the federation's partition registry (``--benchmark``, ``--n-clients``, ``--scheme``, ``--seed``).
+against the federation's partition registry (``--benchmark``, ``--n-clients``, ``--scheme``, ``--seed``) and the same
+:class:`~erasus_ray.ledger.RequestLimits` as the server's ``query.delete`` path (``--max-ids``,
+``--max-requests-per-minute``; defaults: the server's ``ServerConfig``).
 
 ``erasus-ray fl simulate --n-clients 10 --state-dir fl-state --outbox outbox`` runs the ServerApp and ClientApp
 under Flower's simulation runtime (a subprocess) and prints the ledger.
@@ -16,6 +18,8 @@ import argparse
 import json
 import sys
 import uuid
+
+from erasus_ray.errors import InvalidConfigError
 
 
 def _ids(text: str) -> list[int]:
@@ -43,6 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     req.add_argument("--n-clients", type=int, default=10)
     req.add_argument("--scheme", default="iid")
     req.add_argument("--seed", type=int, default=0)
+    req.add_argument("--max-ids", type=int, default=None,
+                     help="with --ledger: most ids per request (default: the server's ServerConfig.max_ids)")
+    req.add_argument("--max-requests-per-minute", type=int, default=None,
+                     help="with --ledger: the client's rate limit, counted from the ledger (default: the server's; 0 disables)")
     req.set_defaults(func=cmd_request)
 
     sim = fl_sub.add_parser("simulate", help="run federated training and deletion under Flower's simulation runtime")
@@ -72,14 +80,23 @@ def cmd_request(args: argparse.Namespace) -> int:
         reason=args.reason,
     )
     if args.ledger:
+        from erasus_ray.federated.coordinator import ServerConfig
         from erasus_ray.federated.messages import FederationSpec
         from erasus_ray.federated.partition import build_ownership, load_federation
-        from erasus_ray.ledger import DeletionLedger
+        from erasus_ray.ledger import DeletionLedger, RequestLimits
 
+        server = ServerConfig()
+        rpm = server.max_requests_per_minute if args.max_requests_per_minute is None else args.max_requests_per_minute
+        if rpm < 0:
+            raise InvalidConfigError(f"--max-requests-per-minute must be >= 0 (0 disables), got {rpm}")
+        max_ids = server.max_ids if args.max_ids is None else args.max_ids
+        if max_ids < 1:
+            raise InvalidConfigError(f"--max-ids must be a positive integer, got {max_ids}")
+        limits = RequestLimits(max_ids=max_ids, max_requests_per_minute=rpm or None)
         fed = load_federation(FederationSpec(args.benchmark, args.scenario, args.seed, args.n_clients, args.scheme))
         with DeletionLedger(args.ledger) as ledger:
-            entry = ledger.submit(request, ownership=build_ownership(fed.partitions, fed.labels))
-        print(json.dumps({"request_id": entry.request_id, "state": entry.state, "reason": entry.state_reason}))
+            entry = ledger.submit(request, ownership=build_ownership(fed.partitions, fed.labels), limits=limits)
+        print(json.dumps({"request_id": entry.request_id, "state": entry.state, "code": entry.error_code, "reason": entry.state_reason}))
         return 0 if entry.state != "rejected" else 3
     from erasus_ray.federated.client_app import submit_to_outbox
 
