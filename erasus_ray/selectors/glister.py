@@ -23,7 +23,7 @@ class _ValidationSet:
     """Validation prediction units (logits, targets, owner sample) and sample features, for last-layer updates."""
 
     @torch.no_grad()
-    def __init__(self, model: nn.Module, data: IdDataset, task: Task, batch_size: int) -> None:
+    def __init__(self, model: nn.Module, data: IdDataset, task: Task, batch_size: int, bias: bool = False) -> None:
         logits, targets, owner, feats = [], [], [], []
         offset = 0
         for out in _batches(model, data, task, batch_size):
@@ -35,7 +35,7 @@ class _ValidationSet:
         self.logits = torch.cat(logits)
         self.targets = torch.cat(targets)
         self.owner = torch.cat(owner)
-        self.features = torch.cat(feats)
+        self.features = _with_bias(torch.cat(feats), bias)
         self.m = offset
         self.counts = torch.bincount(self.owner, minlength=self.m).clamp_min(1).double()
 
@@ -51,11 +51,29 @@ class _ValidationSet:
         return acc / self.counts[:, None], float((per_sample / self.counts).mean())
 
 
+def _with_bias(features: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``[f, 1]`` when the output layer has a bias: its gradient ``e`` is the weight gradient's column for a constant
+    input 1, so a step on ``[W, b]`` moves logits by ``-lr (f_v . f_s + 1) e_s``."""
+    if not bias:
+        return features
+    return torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype, device=features.device)], 1)
+
+
+def head_has_bias(model: nn.Module, task: Task) -> bool:
+    """Whether the task's output layer (``task.head_module``, classifiers) has a bias; False when the task does not
+    name its head (an LM's tied ``lm_head`` has none)."""
+    head_module = getattr(task, "head_module", None)
+    if head_module is None:
+        return False
+    return getattr(head_module(model), "bias", None) is not None
+
+
 class GlisterObjective:
     """The GLISTER greedy objective over the forget rows, in the last-layer (``W``) approximation.
 
     With ``S`` chosen, the model is ``W_S = W - lr sum_{s in S} e_s f_s^T`` (one gradient step on ``S``), which
-    moves validation sample ``v``'s logits by ``-lr sum_s (f_v . f_s) e_s``. The gain of row ``j`` is the
+    moves validation sample ``v``'s logits by ``-lr sum_s (f_v . f_s) e_s``. (With an output bias ``f`` carries a
+    trailing 1, so ``W`` stands for ``[W, b]``.) The gain of row ``j`` is the
     first-order increase of the validation log-likelihood from a further step on ``j``:
     ``lr <e_j f_j^T, grad_W L_val(W_S)> = lr e_j^T G_val f_j`` with ``G_val = mean_v e_v(W_S) f_v^T``.
     Same interface as :class:`~erasus_ray.selectors.submodular.SetFunction` (not submodular, so no lazy greedy).
@@ -99,8 +117,9 @@ class GlisterSelector(Selector):
     """GLISTER: greedily add the forget sample whose gradient step most increases the (first-order) validation
     log-likelihood, with the validation gradient re-evaluated after a step on the samples chosen so far
     (``lr``: the step size of that simulated step; default ``0.1 / mean ||f||^2`` over the forget features, so the
-    step stays in the Taylor approximation's range whatever the feature scale). Gradients are taken w.r.t. the output layer in closed form
-    (``(softmax - onehot) (x) features``, as in the paper's last-layer approximation).
+    step stays in the Taylor approximation's range whatever the feature scale). Gradients are taken w.r.t. the
+    output layer - its weight and, when it has one, its bias, as in the paper's last-layer approximation (and its
+    CORDS code, which always includes the bias gradient) - in closed form: ``(softmax - onehot) (x) [features, 1]``.
 
     Validation data: ``select(..., validation=...)``, else the constructor's ``validation``, else the retain set
     passed as ``select(..., retain=...)`` (the unlearner does this); neither raises ``InvalidConfigError``. At most
@@ -169,8 +188,10 @@ class GlisterSelector(Selector):
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
         val_data = self.validation_set(seed, context)
         errors, feats = gradient_factors(model, forget, task, self.batch_size)
-        val = _ValidationSet(model, val_data, task, self.batch_size)
-        # Default step: 0.1 / mean ||f||^2, so one step moves a sample's own logits by at most ~0.1 ||e|| (the
+        bias = head_has_bias(model, task)
+        feats = _with_bias(feats.double(), bias)
+        val = _ValidationSet(model, val_data, task, self.batch_size, bias=bias)
+        # Default step: 0.1 / mean ||f||^2 (f with the bias's 1), so one step moves a sample's own logits by at most ~0.1 ||e|| (the
         # Taylor approximation stays local whatever the feature scale; 0.01 overshoots on digits: 27-norm features).
         lr = self.lr if self.lr is not None else 0.1 / max(float(feats.double().pow(2).sum(1).mean()), 1e-12)
         fn = GlisterObjective(errors, feats, val, lr)
@@ -187,5 +208,6 @@ class GlisterSelector(Selector):
                 "validation_size": val.m,
                 "optimizer": self.optimizer,
                 "lr": lr,
+                "output_bias": bias,
             },
         )
