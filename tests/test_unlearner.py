@@ -145,8 +145,23 @@ def test_fabric_primitives(digits_class):
 
 
 def test_bf16_autocast_and_grad_clip_still_unlearn(digits_class):
+    """``precision="bf16-mixed"`` really runs the steps under autocast: a global forward hook sees the Linear
+    layers return bfloat16 during the fit (and float32 only outside the steps: selection scoring runs unautocast),
+    and the model still unlearns with clipped gradients; its weights stay float32."""
     b = digits_class
-    res = _u(b.original, precision="bf16-mixed", grad_clip=1.0, retain_batch_size=128).fit(forget_data=b.forget, retain_data=b.retain)
+    dtypes: dict[str, set[torch.dtype]] = {}
+
+    def record(module, args, output):
+        if isinstance(module, nn.Linear) and isinstance(output, torch.Tensor):
+            dtypes.setdefault("linear", set()).add(output.dtype)
+
+    handle = nn.modules.module.register_module_forward_hook(record)
+    try:
+        res = _u(b.original, precision="bf16-mixed", grad_clip=1.0, retain_batch_size=128).fit(forget_data=b.forget, retain_data=b.retain)
+    finally:
+        handle.remove()
+    assert torch.bfloat16 in dtypes.get("linear", set()), f"no Linear output in bfloat16 during the run: {dtypes}"
+    assert all(p.dtype == torch.float32 for p in res.model.parameters())
     m = fabric.evaluate(res.model, forget=b.forget, retain=b.retain, test=b.test)
     assert res.config["runner"]["precision"] == "bf16-mixed"
     assert m["forget_acc"] <= 0.1 and m["retain_acc"] > 0.95
