@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Float,
     ForeignKey,
@@ -128,7 +129,7 @@ requests_table = Table(
     Column("client_id", String(256), nullable=False),
     Column("level", String(16), nullable=False),
     Column("ids", Text),  # JSON list of ints, or NULL
-    Column("label", Integer),
+    Column("label", BigInteger),  # labels are 64-bit (PostgreSQL's INTEGER is 32-bit)
     Column("reason", Text, nullable=False, default=""),
     Column("created_at", Float),
     Column("fingerprint", String(64), nullable=False),
@@ -435,6 +436,8 @@ class DeletionLedger:
             version = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).scalar_one_or_none()
         if version is not None and int(version) < 3:
             with self.engine.begin() as conn:
+                if self.engine.dialect.name == "postgresql":  # SQLite's INTEGER is already 64-bit
+                    conn.exec_driver_sql("ALTER TABLE deletion_requests ALTER COLUMN label TYPE BIGINT")
                 conn.execute(
                     update(requests_table).where(requests_table.c.client_request_id.is_(None))
                     .values(client_request_id=requests_table.c.request_id)
@@ -665,7 +668,8 @@ class DeletionLedger:
                 value = raw.get(key) if isinstance(raw, Mapping) else None
             except Exception:  # noqa: BLE001
                 value = None
-            return value[:limit] if isinstance(value, str) else ""
+            # NUL cannot be stored in a PostgreSQL text column: shown as U+FFFD
+            return value[:limit].replace("\x00", "\ufffd") if isinstance(value, str) else ""
 
         return {
             "request_id": rid,

@@ -199,6 +199,8 @@ def check_fields(request: DeletionRequest) -> None:
             raise _fail("a client-level request takes neither 'ids' nor 'label': it forgets all of the client's data", request_id=rid)
     if not isinstance(request.reason, str):
         raise _fail(f"field 'reason' must be a string, got {type(request.reason).__name__}", request_id=rid)
+    if "\x00" in request.reason:
+        raise _fail("field 'reason' contains a NUL character", request_id=rid)
     if len(request.reason) > MAX_REASON_CHARS:
         raise _fail(f"field 'reason' has {len(request.reason)} characters; at most {MAX_REASON_CHARS}", request_id=rid)
     created = request.created_at
