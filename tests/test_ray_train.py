@@ -176,17 +176,11 @@ def test_strategies_that_override_unlearn_step_only_inside_runner_run(name, digi
 
 
 # --- 2 workers ----------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_two_workers_unlearn_and_resume_after_a_killed_worker_to_the_uninterrupted_result(digits_class, ray_cluster, tmp_path):
-    """Kill rank 1 right after it reported epoch 2; the restarted group resumes from the last checkpoint Ray Train
-    registered (model, optimizer, report restored, retain stream replayed) and ends at the weights of an
-    uninterrupted run (up to all-reduce rounding)."""
-    b = digits_class
-    marker, storage = tmp_path / "killed-once", tmp_path / "train"
+def _registered_checkpoint_waiter():
+    """``wait(storage, epoch=e)``: block until Ray Train's checkpoint-manager snapshot under ``storage`` names a
+    checkpoint of epoch ``e`` (made inside a function so that cloudpickle ships it to the workers by value)."""
 
-    def _wait_for_registered_checkpoint(storage: Path, *, epoch: int, timeout_s: float = 120.0) -> None:
-        """Block until Ray Train's checkpoint-manager snapshot under ``storage`` names a checkpoint of ``epoch``
-        (defined in the test so that cloudpickle ships it to the workers by value)."""
+    def wait(storage: Path, *, epoch: int, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
@@ -199,6 +193,60 @@ def test_two_workers_unlearn_and_resume_after_a_killed_worker_to_the_uninterrupt
             time.sleep(0.2)
         raise AssertionError(f"no checkpoint of epoch {epoch} registered under {storage} after {timeout_s} s")
 
+    return wait
+
+
+def _id_recording_grad_diff(folder: Path):
+    """A ``grad_diff`` that, in each Ray Train worker, appends to ``folder/<tag>-rank<r>.jsonl`` the forget and
+    retain ids of the shard it was given (in ``setup``) and of every batch it steps on (in ``loss``); the objective
+    is grad_diff's, unchanged. The class is made inside a function so that cloudpickle ships it by value."""
+    from erasus_ray.strategies.grad_diff import GradDiff
+
+    class Recording(GradDiff):
+        def __init__(self, tag: str) -> None:
+            super().__init__()
+            self._tag = tag
+
+        def _write(self, **ids) -> None:
+            import ray.train
+
+            rank = ray.train.get_context().get_world_rank()
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"{self._tag}-rank{rank}.jsonl", "a") as f:
+                f.write(json.dumps({k: [int(i) for i in v] for k, v in ids.items()}) + "\n")
+
+        def setup(self, ctx):
+            super().setup(ctx)
+            self._write(shard_forget=ctx.forget.ids, shard_retain=ctx.retain.ids)
+
+        def loss(self, ctx, forget, retain):
+            self._write(batch_forget=forget.ids.tolist(), batch_retain=retain.ids.tolist())
+            return super().loss(ctx, forget, retain)
+
+    return Recording
+
+
+def _ids_seen(folder: Path, tag: str, world: int) -> list[dict[str, set[int]]]:
+    """Per rank: the union of each recorded kind of id (shard_forget, shard_retain, batch_forget, batch_retain)."""
+    out = []
+    for rank in range(world):
+        kinds: dict[str, set[int]] = {}
+        for line in (folder / f"{tag}-rank{rank}.jsonl").read_text().splitlines():
+            for k, v in json.loads(line).items():
+                kinds.setdefault(k, set()).update(v)
+        out.append(kinds)
+    return out
+
+
+@pytest.mark.slow
+def test_two_workers_unlearn_and_resume_after_a_killed_worker_to_the_uninterrupted_result(digits_class, ray_cluster, tmp_path):
+    """Kill rank 1 right after it reported epoch 2; the restarted group resumes from the last checkpoint Ray Train
+    registered (model, optimizer, report restored, retain stream replayed) and ends at the weights of an
+    uninterrupted run (up to all-reduce rounding)."""
+    b = digits_class
+    marker, storage, seen = tmp_path / "killed-once", tmp_path / "train", tmp_path / "ids"
+    _wait_for_registered_checkpoint = _registered_checkpoint_waiter()
+
     def kill_once(epoch, rank):
         if epoch == 2 and rank == 1 and not marker.exists():
             # Ray Train's controller registers a reported checkpoint when it next polls the workers; a worker that
@@ -210,23 +258,38 @@ def test_two_workers_unlearn_and_resume_after_a_killed_worker_to_the_uninterrupt
 
     from erasus_ray.runners.ray_train import RayTrainRunner
 
-    def fit(after_epoch):
-        unlearner = ErasusUnlearner(b.original, strategy="grad_diff", selector="el2n", fraction=0.2, progress=False,
+    Recording = _id_recording_grad_diff(seen)
+
+    def fit(after_epoch, tag):
+        unlearner = ErasusUnlearner(b.original, strategy=Recording(tag), selector="el2n", fraction=0.2, progress=False,
                                     retain_batch_size=64, epochs=4, backend="ray_train", num_workers=2, max_failures=2)
         unlearner.make_runner = lambda cfg: RayTrainRunner(cfg, num_workers=2, max_failures=2, after_epoch=after_epoch,
                                                            storage_path=str(storage))
         return unlearner.fit(forget_data=b.forget, retain_data=b.retain)
 
-    res = fit(kill_once)
+    res = fit(kill_once, "killed")
     assert marker.exists(), "the fault was injected"
     resumed = [h["resumed_from_epoch"] for h in res.report.history if "resumed_from_epoch" in h]
     assert resumed, res.report.history
     m = evaluate(res.model, forget=b.forget, retain=b.retain, test=b.test, gold=b.gold)
     assert m["forget_acc"] <= 0.6 and m["retain_acc"] >= 0.95  # 4 epochs: on its way (original forget acc 1.0)
-    uninterrupted = fit(None)
+    uninterrupted = fit(None, "uninterrupted")
     assert not any("resumed_from_epoch" in h for h in uninterrupted.report.history)
     assert res.report.steps == uninterrupted.report.steps, resumed
     _assert_same_weights(res.model, uninterrupted.model, atol=1e-6)
+
+    # Both runs sharded the data by id: each rank got its own part of the coreset and of the retain set (disjoint,
+    # together all of it) and stepped only on batches from its part - a run where every worker read the whole set
+    # fails here. (4 steps x 64 retain samples per rank do not cover a rank's ~800 retain ids, hence "subset".)
+    coreset, retain = set(uninterrupted.coreset.ids.tolist()), set(b.retain.ids.tolist())
+    assert set(res.coreset.ids.tolist()) == coreset and len(coreset) > 2
+    for tag in ("killed", "uninterrupted"):
+        r0, r1 = _ids_seen(seen, tag, world=2)
+        for kind, full in (("forget", coreset), ("retain", retain)):
+            a, c = r0[f"shard_{kind}"], r1[f"shard_{kind}"]
+            assert a and c and not a & c and a | c == full, (tag, kind, len(a), len(c), len(full))
+            assert r0[f"batch_{kind}"] <= a and r1[f"batch_{kind}"] <= c, (tag, kind)
+        assert r0["batch_forget"] | r1["batch_forget"] == coreset, "every coreset id was stepped on"
 
 
 @pytest.mark.slow
@@ -257,19 +320,34 @@ def test_bad_backend_arguments(digits_class):
 
 
 @pytest.mark.slow
-def test_retries_exhausted_error_names_the_last_good_checkpoint(digits_class, ray_cluster):
+def test_retries_exhausted_error_names_the_last_good_checkpoint(digits_class, ray_cluster, tmp_path):
     """A worker that dies every time after epoch 2, with no restarts allowed: a clear error naming the checkpoint
     of the last completed epoch."""
     from erasus_ray.errors import ErasusError
     from erasus_ray.runners.ray_train import RayTrainRunner
 
+    from erasus_ray.runners.ray_train import STATE_FILE
+
+    storage = tmp_path / "train"
+    _wait_for_registered_checkpoint = _registered_checkpoint_waiter()
+
     def always_die(epoch, rank):
         if epoch == 2 and rank == 1:
+            # die once Ray Train has registered epoch 2's checkpoint (before that, the last good one is epoch 1's)
+            _wait_for_registered_checkpoint(storage, epoch=2)
             os._exit(1)
 
     b = digits_class
     unlearner = ErasusUnlearner(b.original, strategy="grad_diff", selector="el2n", fraction=0.2, progress=False,
                                 retain_batch_size=64, backend="ray_train", num_workers=2, max_failures=0)
-    unlearner.make_runner = lambda cfg: RayTrainRunner(cfg, num_workers=2, max_failures=0, after_epoch=always_die)
-    with pytest.raises(ErasusError, match=r"failed after 0 restart\(s\); last good checkpoint: .*checkpoint_"):
+    unlearner.make_runner = lambda cfg: RayTrainRunner(cfg, num_workers=2, max_failures=0, after_epoch=always_die,
+                                                       storage_path=str(storage))
+    with pytest.raises(ErasusError, match=r"failed after 0 restart\(s\); last good checkpoint: (\S+) \(epoch 2\)") as err:
         unlearner.fit(forget_data=b.forget, retain_data=b.retain)
+    named = Path(err.value.args[0].split("last good checkpoint: ")[1].split(" (epoch")[0])
+    # Ray Train v2 also keeps checkpoint_manager_snapshot.json (rewritten after every registered checkpoint) in the
+    # run folder: the error must name a checkpoint directory, not that file.
+    assert named.is_dir() and named.parent.parent == storage and named.name.startswith("checkpoint_"), named
+    state = torch.load(named / STATE_FILE, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 2 and state["report"]["epochs"] == 2 and not state.get("final"), "the last completed epoch"
+    assert sorted(p.name for p in storage.glob("*/checkpoint_*") if p.is_file()) == ["checkpoint_manager_snapshot.json"]

@@ -22,6 +22,7 @@ driver. What a strategy's ``unlearn`` puts in ``ctx.state`` before calling the r
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import uuid
@@ -126,6 +127,43 @@ def _train_loop(config: dict[str, Any]) -> None:
         ray.train.report({"epoch": report.epochs, "steps": report.steps, "final": 1}, checkpoint=ckpt)
 
 
+def last_good_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    """The checkpoint a restart of the run in ``run_dir`` would resume from, as ``(directory, epoch)``; None if there
+    is none.
+
+    Ray Train v2 (the Train API of the Ray 2.55 this project pins) keeps, next to the ``checkpoint_<timestamp>`` directories of a run, a
+    ``checkpoint_manager_snapshot.json`` that it rewrites after every checkpoint it registers; its
+    ``latest_checkpoint_result`` is what ``ray.train.get_checkpoint()`` hands a restarted worker group. That entry is
+    used when it names a directory holding this runner's state file. Otherwise (no snapshot, an unreadable one, or a
+    storage layout without it) the newest ``checkpoint_*`` *directory* holding a loadable state file, by its saved
+    epoch. A directory rank 0 uploaded but Ray Train never registered (the group died before the controller polled
+    it) is not what Ray would resume from, so the snapshot wins over it.
+    """
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):
+        latest = {}
+    name = latest.get("checkpoint_dir_name")
+    if name and (run_dir / name / STATE_FILE).is_file():
+        epoch = latest.get("metrics", {}).get("epoch")
+        if isinstance(epoch, int):
+            return run_dir / name, epoch
+    best: tuple[Path, int] | None = None
+    for folder in run_dir.glob("checkpoint_*"):
+        state_file = folder / STATE_FILE
+        if not (folder.is_dir() and state_file.is_file()):
+            continue
+        try:
+            state = torch.load(state_file, map_location="cpu", weights_only=False)
+        except Exception:  # a partial upload
+            continue
+        epoch = int(state.get("epoch", state.get("report", {}).get("epochs", -1)))
+        if best is None or epoch > best[1]:
+            best = (folder, epoch)
+    return best
+
+
 class RayTrainRunner:
     """Executes a loss-based strategy with ``ray.train.torch.TorchTrainer``.
 
@@ -193,8 +231,9 @@ class RayTrainRunner:
         try:
             result = trainer.fit()
         except Exception as err:  # ray.train.TrainingFailedError and friends
-            saved = sorted(Path(storage, name).rglob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
-            last = str(saved[-1]) if saved else f"none (no epoch finished; run folder {storage}/{name})"
+            found = last_good_checkpoint(Path(storage, name))
+            last = (f"{found[0]} (epoch {found[1]})" if found is not None
+                    else f"none (no epoch finished; run folder {storage}/{name})")
             raise ErasusError(
                 f"Ray Train run {name} failed after {self.max_failures} restart(s); last good checkpoint: {last}: {err}"
             ) from err
