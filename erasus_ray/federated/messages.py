@@ -113,6 +113,10 @@ class FederationSpec:
     seed: int = 0
     n_clients: int = 10
     scheme: str = "iid"
+    # backdoor scenario: ``backdoor_n`` seeded ids of client ``backdoor_client``'s partition carry a trigger and the
+    # target label (:func:`erasus_ray.federated.partition.backdoor`); -1 / 0: none
+    backdoor_client: int = -1
+    backdoor_n: int = 0
 
     def to_config(self) -> dict[str, Any]:
         return {f"fed.{k}": v for k, v in asdict(self).items()}
@@ -125,6 +129,8 @@ class FederationSpec:
             seed=_as_int(_get(record, "fed.seed", where), "fed.seed", where),
             n_clients=_as_int(_get(record, "fed.n_clients", where), "fed.n_clients", where, minimum=1),
             scheme=_as_str(_get(record, "fed.scheme", where), "fed.scheme", where, allow_empty=False),
+            backdoor_client=_as_int(record.get("fed.backdoor_client", -1), "fed.backdoor_client", where, minimum=-1),
+            backdoor_n=_as_int(record.get("fed.backdoor_n", 0), "fed.backdoor_n", where, minimum=0),
         )
 
 

@@ -7,7 +7,8 @@ repair rounds and verifies against the federated retrain baseline. Settings come
 (``[tool.flwr.app.config]`` in deployment) overlaid with the JSON file named by ``$ERASUS_FL_CONFIG`` (simulation:
 ``context.run_config`` is empty under ``run_simulation``).
 
-Config keys: ``benchmark``, ``scenario``, ``seed``, ``n-clients``, ``scheme``, ``state-dir``, ``ledger-url``,
+Config keys: ``benchmark``, ``scenario``, ``seed``, ``n-clients``, ``scheme``, ``backdoor-client`` and ``backdoor-n``
+(the backdoor test scenario, :func:`~erasus_ray.federated.partition.backdoor`), ``state-dir``, ``ledger-url``,
 ``node-keys`` (which SuperNode may speak for which client: :func:`load_node_bindings`) and every field of
 :class:`~erasus_ray.federated.coordinator.ServerConfig` (``rounds``, ``strategy``, ``selector``, ...).
 
@@ -196,6 +197,8 @@ def spec_from(values: Mapping[str, Any]) -> FederationSpec:
         seed=int(values.get("seed", 0)),
         n_clients=int(values.get("n-clients", 10)),
         scheme=str(values.get("scheme", "iid")),
+        backdoor_client=int(values.get("backdoor-client", -1)),
+        backdoor_n=int(values.get("backdoor-n", 0)),
     )
 
 
