@@ -150,6 +150,28 @@ def test_greedi_herding_objective_is_exact_and_far_better_than_random(digits_cla
     assert error(greedi.ids) <= 0.5 * random_error, (error(greedi.ids), random_error)
 
 
+CENTRAL = [n for n in SELECTORS.names() if SELECTORS.get(n).distributed_merge == "central"]
+
+
+def test_central_selectors_say_why_they_run_in_the_driver(digits_class):
+    """Every central selector states its own reason, the pool reports it (forgetting_events and grand_ensemble train
+    models: never labelled as needing no model passes), and the pool's module docstring lists each one."""
+    from erasus_ray.distributed import pool as pool_mod
+
+    assert {"random", "full", "forgetting_events", "grand_ensemble"} <= set(CENTRAL)
+    for name in CENTRAL:
+        reason = SELECTORS.get(name).central_reason
+        assert reason, name
+        assert f"``{name}``" in pool_mod.__doc__, name
+    assert "training dynamics" in SELECTORS.get("forgetting_events").central_reason
+    assert "trains" in SELECTORS.get("grand_ensemble").central_reason
+    b = digits_class
+    core = ScoringPool(PoolSpec(num_actors=2)).select(get_selector("forgetting_events", epochs=2), b.original, b.forget,
+                                                       task=b.task, k=5, seed=0, retain=b.retain)
+    assert core.info["distributed"] == "central: " + SELECTORS.get("forgetting_events").central_reason
+    assert "no model pass" not in core.info["distributed"]
+
+
 def test_ensure_ray_joins_ray_address_else_starts_embedded(monkeypatch):
     """ensure_ray: joins the cluster at RAY_ADDRESS when set, else starts an in-process local Ray; an initialised Ray
     is used as it is (ray.init is faked: nothing starts)."""

@@ -11,6 +11,19 @@ Scores that depend on set-level statistics (influence's Hessian and set targets,
 are computed once on the driver over the whole forget set (``ScoreSelector.shared_state``) and shipped to every
 actor through the object store, so a sharded run equals one process.
 
+Selectors with ``distributed_merge = "central"`` run once in the driver, on the whole forget set, and say why in
+``Coreset.info["distributed"]`` (``Selector.central_reason``):
+
+* ``random``, ``full``: no model pass at all - nothing worth sharding;
+* ``forgetting_events``: needs the whole set's training dynamics (given, or a replayed proxy training over
+  forget + retain);
+* ``grand_ensemble``: trains an ensemble of fresh models on forget + retain before scoring;
+* ``valuation_network``: fits one value network on the reference set before scoring;
+* ``data_shapley``: a Shapley value depends on every player;
+* ``cal``: its neighbour pool is the reference set or, without one, the rest of the whole forget set;
+* ``voting``, ``weighted_fusion``: combine rankings / normalised scores that need every id;
+* ``auto``: chooses from whole-forget-set statistics, then runs its choice in the driver.
+
 Ray starts in-process on one machine (embedded default) or joins ``RAY_ADDRESS``.
 """
 
@@ -340,7 +353,8 @@ class ScoringPool:
         budget = resolve_budget(len(forget), k, fraction)
         if selector.distributed_merge == "central":
             coreset = selector.select(model, forget, task=task, k=budget, seed=seed, **context)
-            coreset.info["distributed"] = "central (selector needs no model passes)"
+            reason = selector.central_reason or "the selector runs on the whole forget set"
+            coreset.info["distributed"] = f"central: {reason}"
             return coreset
         ray = ensure_ray()
         context = {k2: (materialise(v) if isinstance(v, IdDataset) else v) for k2, v in context.items()}

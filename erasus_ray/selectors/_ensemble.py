@@ -98,6 +98,7 @@ class EnsembleSelector(Selector):
 
     #: Members run over the whole forget set: run centrally.
     distributed_merge = "central"
+    central_reason = "combines its members' rankings / normalised scores, which need every forget id at once"
     default_members: tuple[str, ...] = ("el2n", "active_learning")
 
     def __init__(

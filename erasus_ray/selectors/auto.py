@@ -58,6 +58,7 @@ class AutoSelector(Selector):
     """
 
     distributed_merge = "central"
+    central_reason = "chooses from whole-forget-set statistics (size, label share), then runs its choice once in the driver"
 
     def choose(self, forget: IdDataset, task: Task, budget: int) -> tuple[str, str]:
         n = len(forget)

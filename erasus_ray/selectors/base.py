@@ -101,6 +101,9 @@ class Selector:
     #: process), ``"greedi"`` (local selection per shard, then the selector again over the union: GreeDi,
     #: Mirzasoleiman et al. 2013), ``"central"`` (cheap or model-free: run in the driver).
     distributed_merge: ClassVar[str] = "greedi"
+    #: For ``distributed_merge = "central"``: why the selector runs once in the driver instead of per shard (what
+    #: it needs that a shard does not have). The scoring pool reports it in ``Coreset.info["distributed"]``.
+    central_reason: ClassVar[str] = ""
     #: Whether a larger (``"max"``) or smaller (``"min"``) :meth:`set_objective` is better; None: no set objective.
     objective_sense: ClassVar[str | None] = None
 

@@ -75,6 +75,8 @@ class CALSelector(ScoreSelector):
     default_order = "high"
     #: The fallback pool (the rest of the forget set) depends on the whole forget set: run centrally.
     distributed_merge = "central"
+    central_reason = ("its neighbour pool is the reference set or, without one, the rest of the whole forget set, "
+                      "which a shard does not hold")
     needs_retain: ClassVar[bool] = False
 
     def __init__(

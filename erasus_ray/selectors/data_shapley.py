@@ -141,6 +141,7 @@ class DataShapleySelector(ScoreSelector):
     needs_retain: ClassVar[bool] = True
     #: Shapley values depend on every player: run centrally.
     distributed_merge = "central"
+    central_reason = "a Shapley value depends on every player: all forget samples are valued together"
     supported_tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
     def __init__(

@@ -67,6 +67,8 @@ class ForgettingEventsSelector(ScoreSelector):
     forward_only = False
     #: Replayed training runs over the whole forget + retain set: run centrally, not per shard.
     distributed_merge = "central"
+    central_reason = ("needs the whole set's training dynamics: given ones, or a replayed proxy training over "
+                      "forget + retain (model training, not separable per shard)")
 
     def __init__(
         self,

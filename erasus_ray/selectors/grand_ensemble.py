@@ -59,6 +59,8 @@ class GraNdEnsembleSelector(ScoreSelector):
     default_order = "high"
     forward_only = False
     distributed_merge = "central"
+    central_reason = ("trains its ensemble of freshly initialised models on forget + retain before scoring (model "
+                      "training over the whole set, not separable per shard)")
 
     def __init__(
         self,

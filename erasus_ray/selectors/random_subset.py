@@ -24,6 +24,7 @@ class RandomSelector(Selector):
     """
 
     distributed_merge = "central"
+    central_reason = "no model pass: one seeded draw over all forget ids, nothing worth sharding"
 
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
         rng = np.random.default_rng(seed)
@@ -36,6 +37,7 @@ class FullSelector(Selector):
     """The whole forget set (no coreset): the reference every coreset is compared with."""
 
     distributed_merge = "central"
+    central_reason = "no model pass: the whole forget set, nothing to select"
 
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
         return Coreset.full(forget)

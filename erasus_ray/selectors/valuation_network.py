@@ -94,6 +94,8 @@ class ValuationNetworkSelector(ScoreSelector):
     forward_only = False
     needs_retain: ClassVar[bool] = True
     distributed_merge = "central"
+    central_reason = ("fits one value network on the reference set (KNN-Shapley targets over the whole reference "
+                      "pool) before scoring; scoring alone would shard, the fit would repeat per shard")
     #: With the default (KNN-Shapley) targets; any task with ``targets=``.
     supported_tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
