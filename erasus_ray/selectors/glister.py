@@ -116,7 +116,7 @@ class GlisterObjective:
 class GlisterSelector(Selector):
     """GLISTER: greedily add the forget sample whose gradient step most increases the (first-order) validation
     log-likelihood, with the validation gradient re-evaluated after a step on the samples chosen so far
-    (``lr``: the step size of that simulated step; default ``0.1 / mean ||f||^2`` over the forget features, so the
+    (``lr``: the step size of that simulated step; default ``0.1 / mean ||[f, 1]||^2`` over the forget features (``[f]`` without an output bias), so the
     step stays in the Taylor approximation's range whatever the feature scale). Gradients are taken w.r.t. the
     output layer - its weight and, when it has one, its bias, as in the paper's last-layer approximation (and its
     CORDS code, which always includes the bias gradient) - in closed form: ``(softmax - onehot) (x) [features, 1]``.

@@ -72,6 +72,15 @@ class HerdingSelector(Selector):
     most reduces the MMD to the whole set under an RBF kernel (``kernel="rbf"``). The coreset's mean converges
     at ``O(1/k)`` rather than the ``O(1/sqrt(k))`` of random sampling.
 
+    Which herding: the greedy mean matching of iCaRL (Rebuffi et al. 2017, Alg. 4) and DeepCore, i.e. greedy MMD
+    minimisation. It equals Welling's weight-vector herding / Chen et al.'s kernel herding
+    (``argmax_x E k(x, x') - sum_S k(x, s) / (t+1)``) whenever ``k(x, x)`` is constant - always for the RBF kernel,
+    and for the linear kernel on features of equal norm; on raw features the two differ by a ``||x||^2 / 2(t+1)``
+    term, which mean matching keeps (it is what makes the error the distance of the means).
+
+    Sharded (Ray pool): GreeDi is a heuristic here (the mean-matching error is not submodular); measured on digits,
+    f(centralised) / f(GreeDi) 0.68-1.10 over 2/4/8 shards and k = 10/15/20, always far below random's error.
+
     Deterministic (``seed`` unused); ties go to the smallest id. ``info["errors"]``: distance (MMD) after each
     pick; ``info["objective"]``: the final one. No per-sample scores.
 
