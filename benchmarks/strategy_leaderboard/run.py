@@ -24,7 +24,6 @@ Example (the command RESULTS.md records)::
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -38,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from erasus_ray.benchmarks.prepared import prepare_model  # sisa's SISA ensemble, certified_removal's certified head
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,31 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-train", action="store_true", help="also time local vs Ray Train 1/2 workers on authors")
     p.add_argument("--out", default="benchmarks/strategy_leaderboard")
     return p.parse_args(argv)
-
-
-SISA_SHARDS, SISA_SLICES = 3, 2
-CERTIFIED_LAM, CERTIFIED_SIGMA = 1e-3, 1.0
-
-
-def prepare_model(name: str, bench: Any, seed: int) -> tuple[Any, str, float] | None:
-    """The model a strategy that cannot unlearn the plain original needs, built here: ``(model, label, seconds)``;
-    None for every other strategy."""
-    start = time.perf_counter()
-    if name == "sisa":
-        from erasus_ray import SISATrainer
-
-        model = SISATrainer(bench.model_factory, bench.recipe, num_shards=SISA_SHARDS, num_slices=SISA_SLICES, seed=seed,
-                            task=bench.task).fit(bench.train)
-        label = f"start: sisa (an ensemble of {SISA_SHARDS} shards x {SISA_SLICES} slices, SISATrainer)"
-    elif name == "certified_removal":
-        from erasus_ray.strategies.certified_removal import train_certified_head
-
-        model = copy.deepcopy(bench.original)
-        train_certified_head(model, bench.train, lam=CERTIFIED_LAM, sigma=CERTIFIED_SIGMA, seed=seed)
-        label = f"start: certified_removal (the original with a certified head, lam {CERTIFIED_LAM:g}, sigma {CERTIFIED_SIGMA:g})"
-    else:
-        return None
-    return model, label, time.perf_counter() - start
 
 
 def run_task(task: str, scenario: str, seeds: list[int], names: list[str], options: dict[str, Any]) -> list[dict[str, Any]]:
