@@ -346,6 +346,47 @@ def test_client_deletion_with_federaser_and_client_down_then_back(trained_state,
     assert m["after_avg_gap"] <= 0.05
 
 
+class _Crash(BaseException):
+    """Stands in for the server process dying (not an ErasusError: nothing in the coordinator catches it)."""
+
+
+def test_crash_between_model_save_and_ledger_write_keeps_the_audit_record(trained_state, tmp_path):
+    """The server dies after the unlearned model is saved and before the ledger records the result: the restart
+    sees the request in the model, does not unlearn again, and records the coreset, strategy, metrics and model
+    hashes saved with the model in the same atomic write - the same audit record as without the crash."""
+    from erasus_ray.federated.fedearser import FederatedHistory
+    from erasus_ray.utils import model_hash
+
+    spec, trained = trained_state
+    co = _coordinator(spec, trained, tmp_path)
+    ids = co.fed.partitions["client-1"][:10].tolist()
+    co.submit(DeletionRequest("samples-1", "client-1", "sample", ids=ids))
+    record = co.ledger.record_results
+
+    def dies_at_unlearned(results):
+        if any(r.get("new_state") == "unlearned" for r in results.values()):
+            raise _Crash
+        return record(results)
+
+    co.ledger.record_results = dies_at_unlearned
+    with pytest.raises(_Crash):
+        co.run()
+    assert co.ledger.get("samples-1").state == "scheduled" and co.load_global()[1] == ["samples-1"]
+    saved_weights = co.load_global()[0]
+    co.ledger.close()
+    co = _coordinator(spec, trained, tmp_path)  # the restart
+    assert co.run() == {"samples-1": "verified"}, co.ledger.get("samples-1").state_reason
+    entry = co.ledger.get("samples-1")
+    unlearned = [t for t in co.ledger.history("samples-1") if t.to_state == "unlearned"]
+    assert len(unlearned) == 1 and unlearned[0].details.get("resumed") is True
+    state, applied, _ = co.load_global()
+    assert applied == ["samples-1"] and all(torch.equal(state[k], saved_weights[k]) for k in state)  # not redone
+    assert entry.model_hash_before == model_hash(co.model(FederatedHistory(tmp_path / "state" / "history").final))
+    assert entry.model_hash_after == model_hash(co.model(state)) != entry.model_hash_before
+    assert entry.coreset_ids == sorted(ids) and entry.strategy == "grad_diff"  # fraction 1.0: every forget id
+    assert entry.metrics["batch_requests"] == ["samples-1"] and entry.metrics["n_forget"] == 10 and entry.metrics["verified"]
+
+
 def test_verification_rule_by_hand():
     from erasus_ray.federated.coordinator import verification_checks
 

@@ -12,8 +12,10 @@ point index, or an external SIGKILL after a seeded delay), then runs to the end.
 - the accepted requests were served as the uncrashed run serves them: all in one batch (they are all in the ledger
   before the first unlearning round: collected between training rounds), one batch id on every request;
 - the global model lists every accepted request exactly once; the ledger's before/after model hashes are the same
-  for every request of a batch and chain through the batches to the model on disk (a request resumed as "already in
-  the model" has none: see ``_check_final``); its weights equal an uncrashed run's (max |diff| <= 1e-5; measured 0.0:
+  for every request of a batch and chain through the batches to the model on disk; a request resumed as "already in
+  the model" has them too, with its coreset, strategy and metrics, from the results saved with the model in the same
+  atomic write (coresets and strategies as in the uncrashed run); its weights equal an uncrashed run's (max |diff|
+  <= 1e-5; measured 0.0:
   training aggregates every round as M_t + FedAvg(deltas), the arithmetic a resumed round repeats from the stored
   deltas) - an unlearning or repair step applied twice would move them far more;
 - every client got its acknowledgements and has nothing left to resubmit.
@@ -113,10 +115,15 @@ def _check_final(state: Path, outbox: Path, reference: dict, trial: int) -> int:
             batches = {t.details.get("batch") for t in led.history(rid) if t.to_state in ("scheduled", "unlearned", "verified")}
             assert batches == {batch_of[rid]}, (trial, rid, batches)
         # a crash after the model was saved and before the ledger recorded the result: the restart sees the request in
-        # the model and moves it to unlearned without redoing it (resumed=True) - and without the hashes, which were
-        # only in the dead process (an audit gap the coordinator has; the unlearning itself happened once)
+        # the model and moves it to unlearned without redoing it (resumed=True), with the results saved with the model
+        # in the same atomic write: every request has its hashes, coreset and strategy, resumed or not
         resumed = {rid for rid in VALID if any(t.to_state == "unlearned" and t.details.get("resumed") for t in led.history(rid))}
-        assert all(hashes[rid][0] and hashes[rid][1] for rid in VALID - resumed), (trial, hashes)
+        assert all(hashes[rid][0] and hashes[rid][1] for rid in VALID), (trial, hashes, resumed)
+        coresets = {rid: list(entries[rid].coreset_ids or []) for rid in VALID}
+        assert coresets == reference["coresets"], (trial, resumed, coresets)
+        assert {rid: entries[rid].strategy for rid in VALID} == reference["strategies"], (trial, resumed)
+        for rid in resumed:  # the stored record, not a bare state change
+            assert entries[rid].metrics.get("batch_requests") and entries[rid].metrics.get("unlearn_seconds") is not None, (trial, rid)
     saved = _load_global(state)
     applied = list(saved["applied"])
     assert len(applied) == len(set(applied)) and set(applied) == VALID, (trial, applied)  # every accepted one, none twice
@@ -126,13 +133,12 @@ def _check_final(state: Path, outbox: Path, reference: dict, trial: int) -> int:
     # chain to the model on disk - no update outside them
     per_batch: dict[str, set] = {}
     for rid in applied:
-        if hashes[rid][0]:
-            per_batch.setdefault(batch_of[rid], set()).add(hashes[rid])
+        per_batch.setdefault(batch_of[rid], set()).add(hashes[rid])
     assert all(len(h) == 1 for h in per_batch.values()), (trial, per_batch)
     order = list(dict.fromkeys(batch_of[rid] for rid in applied))
-    chain = [next(iter(per_batch[b])) if b in per_batch else (None, None) for b in order]
-    assert all(a[1] == b[0] for a, b in zip(chain, chain[1:]) if a[1] and b[0]), (trial, chain)
-    assert chain[-1][1] in (None, _model_hash(saved["state"])), trial
+    chain = [next(iter(per_batch[b])) for b in order]
+    assert all(a[1] == b[0] for a, b in zip(chain, chain[1:])), (trial, chain)
+    assert chain[-1][1] == _model_hash(saved["state"]), trial
     # the same weights as the uncrashed run: a training round resumed after a crash is re-aggregated as
     # M_t + FedAvg(stored deltas), the same arithmetic as an uninterrupted round (measured max difference 0.0; with
     # FedAvg(states) instead it was ~1e-8, amplified to ~1e-5 by the batch's gradient-ascent unlearning);
@@ -172,9 +178,12 @@ def test_server_sigkilled_at_random_points_completes_every_request_exactly_once(
     with DeletionLedger(f"sqlite:///{ref_state / 'ledger.db'}") as led:
         ref_hashes = {rid: (led.get(rid).model_hash_before, led.get(rid).model_hash_after) for rid in VALID}
         ref_batches = {rid: led.get(rid).batch_id for rid in VALID}
+        ref_coresets = {rid: list(led.get(rid).coreset_ids or []) for rid in VALID}
+        ref_strategies = {rid: led.get(rid).strategy for rid in VALID}
+    assert ref_coresets["leave-2"] == [] and ref_coresets["samples-1"] and ref_coresets["class-3"]
     assert len(set(ref_batches.values())) == 1 and None not in ref_batches.values()  # one round serves all three
     reference = {"applied": list(saved["applied"]), "deleted_ids": saved["deleted_ids"], "state": saved["state"],
-                 "hashes": ref_hashes, "batches": ref_batches}
+                 "hashes": ref_hashes, "batches": ref_batches, "coresets": ref_coresets, "strategies": ref_strategies}
     assert [ref_hashes[r][1] for r in reference["applied"]][-1] == _model_hash(saved["state"])
     _check_final(ref_state, ref_outbox, reference, -1)
 

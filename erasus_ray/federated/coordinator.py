@@ -29,8 +29,9 @@
 A batch whose clients do not answer stays ``scheduled`` (a ``scheduled -> scheduled`` row says who it waits for) and
 is retried on the next pass - taking in the requests validated meanwhile, since it has not touched the model yet - so a
 client that drops out mid-round and rejoins gets its request completed. Model updates are idempotent per request: the
-saved global model lists the request ids it contains, and a resumed ``scheduled`` request that is already in it skips
-straight to ``unlearned``.
+saved global model lists the request ids it contains together with their results (coreset ids, model hashes before
+and after, metrics; one atomic file replace), and a resumed ``scheduled`` request that is already in it skips
+straight to ``unlearned`` with those stored results - the audit record is the same as without the crash.
 """
 
 from __future__ import annotations
@@ -196,10 +197,30 @@ class DeletionCoordinator:
             raise InvalidConfigError("no trained global model yet: run train() first")
         return {k: v.clone() for k, v in self.history.final.items()}, [], []
 
-    def save_global(self, state: State, applied: list[str], deleted_ids: list[int]) -> None:
+    def save_global(
+        self, state: State, applied: list[str], deleted_ids: list[int], results: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
+        """Write the global model, the request ids it contains, every deleted id and the ledger results of the requests
+        applied to it (``results``: this batch's, added to those stored before) in **one** atomic replace: a crash
+        after it and before the ledger write loses nothing - the restart records the stored results
+        (:meth:`load_results`: coreset ids, model hashes before/after, strategy, metrics)."""
+        stored = self.load_results()
+        stored.update({rid: dict(r) for rid, r in (results or {}).items()})
         tmp = self._global_path.with_suffix(".tmp")
-        torch.save({"state": state, "applied": applied, "deleted_ids": sorted(set(int(i) for i in deleted_ids))}, tmp)
-        os.replace(tmp, self._global_path)  # atomic: the model and the list of requests it contains change together
+        torch.save(
+            {"state": state, "applied": applied, "deleted_ids": sorted(set(int(i) for i in deleted_ids)),
+             "results_json": json.dumps(stored, default=_json_default)},
+            tmp,
+        )
+        os.replace(tmp, self._global_path)  # atomic: the model, its request ids and their results change together
+
+    def load_results(self) -> dict[str, dict[str, Any]]:
+        """``{request_id: ledger result}`` of every request applied to the saved global model (see :meth:`save_global`);
+        empty for a model saved without them."""
+        if not self._global_path.exists():
+            return {}
+        saved = torch.load(self._global_path, weights_only=True)
+        return json.loads(saved.get("results_json") or "{}")
 
     def model(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         model = self.fed.model_factory()
@@ -397,8 +418,14 @@ class DeletionCoordinator:
             if scheduled:
                 state, applied, deleted = self.load_global()
                 resumed = [e for e in scheduled if e.request_id in applied]
-                if resumed:  # the model already contains them (crash after the update, before the ledger write)
-                    self.ledger.record_results({e.request_id: {"new_state": "unlearned", "resumed": True, "batch": batch_id} for e in resumed})
+                if resumed:  # the model already contains them (crash after the update, before the ledger write):
+                    # record the results saved with the model (hashes, coreset, metrics), not the update again
+                    stored = self.load_results()
+                    self.ledger.record_results({
+                        e.request_id: {**stored.get(e.request_id, {}), "new_state": "unlearned", "expected": "scheduled",
+                                       "resumed": True, "batch": batch_id}
+                        for e in resumed
+                    })
                 todo = [e for e in scheduled if e.request_id not in applied]
                 if todo and admit_new and not batch_id.startswith("single-") and not resumed:
                     # nothing of this batch is in the model yet: requests validated since join it (same round)
@@ -512,7 +539,6 @@ class DeletionCoordinator:
             info.update({"owners": owners, "repair_rounds": self.config.repair_rounds, "forget_target": target})
             strategies.append(self.config.strategy)
         seconds = time.perf_counter() - t0
-        self.save_global(new_state, applied + [e.request_id for e in todo], exclude)  # atomic: model + its request ids
         after_hash = model_hash(self.model(new_state))
         results = {}
         for e in todo:
@@ -530,6 +556,8 @@ class DeletionCoordinator:
                 "expected": "scheduled",
                 "batch": batch_id,
             }
+        # atomic: the model, its request ids and these results; then the ledger (a crash between: _drive restores them)
+        self.save_global(new_state, applied + [e.request_id for e in todo], exclude, results)
         self.ledger.record_results(results)
         return True
 
@@ -640,6 +668,15 @@ class DeletionCoordinator:
         self.collect_requests(max_polls=1)  # deliver the last acks
         (self.state_dir / "stats.json").write_text(json.dumps(self.stats, indent=2))
         return {e.request_id: e.state for e in self.ledger.entries()}
+
+
+def _json_default(value: Any) -> Any:
+    """numpy / torch scalars and arrays in stored results as plain JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if isinstance(value, set) else list(value)
+    return str(value)
 
 
 VERIFY_RULE = (
