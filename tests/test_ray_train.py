@@ -55,6 +55,26 @@ def test_one_worker_matches_local_for_two_phase_and_structural_strategies(name, 
     assert [n for n, _ in remote.model.named_parameters()] == [n for n, _ in digits_class.original.named_parameters()]
 
 
+@pytest.mark.slow
+def test_delta_unlearning_runs_in_the_workers_and_matches_local(digits_class, ray_cluster):
+    """delta_unlearning wraps the model in an OffsetModel in its unlearn() and then steps only through runner.run
+    (see test_strategies_that_override_unlearn_step_only_inside_runner_run), so it is not driver-only: under Ray
+    Train the wrapper travels to the worker, the offset trains there, and the driver gets the local run's wrapper -
+    the base model's weights untouched, its requires_grad flags restored."""
+    from erasus_ray.strategies.delta_unlearning import OffsetModel
+
+    b = digits_class
+    assert STRATEGIES.create("delta_unlearning").driver_only() is None
+    local = _fit(b, "delta_unlearning", epochs=2)
+    remote = _fit(b, "delta_unlearning", epochs=2, backend="ray_train", num_workers=1)
+    assert isinstance(remote.model, OffsetModel) and remote.report.steps == local.report.steps > 0
+    _assert_same_weights(local.model, remote.model)
+    for (n, p), q in zip(remote.model.base.named_parameters(), b.original.parameters()):
+        assert torch.equal(p.detach().cpu(), q.detach().cpu()), f"base parameter {n} changed"
+    assert not all(torch.equal(p, q) for p, q in zip(remote.model.offset.parameters(), remote.model.offset_ref.parameters()))
+    assert all(p.requires_grad for p in remote.model.base.parameters()), "base flags restored after the run"
+
+
 def test_config_execution_key_selects_the_ray_train_runner(digits_class, monkeypatch):
     """``execution: {backend: ray_train, num_workers: 2}`` in a job YAML builds a RayTrainRunner with 2 workers and the
     config's runner settings (its run is replaced by the local one here: the real run is the slow tests' job)."""

@@ -75,7 +75,13 @@ class DeltaUnlearning(Strategy):
     reduces to NPO on a copy, but the original weights stay untouched and the offset stays separable.
 
     The unlearner returns the wrapper (``result.model``); evaluation calls it like the base model (forward, and
-    greedy ``generate`` for LMs). Only the in-process runner is supported (the wrapper replaces ``ctx.model``).
+    greedy ``generate`` for LMs). Runners: in process and under Ray Train (``backend="ray_train"``). Its
+    ``unlearn`` only builds the wrapper and freezes the base before calling ``runner.run``, so every optimizer step
+    happens inside the runner; under Ray Train the whole wrapper (base, offset and offset_ref) is shipped to each
+    worker, NPO's reference log-likelihoods are computed there on the worker's shard, only the offset's
+    gradients are all-reduced, and the driver loads the finished wrapper's weights. Measured (digits class 3, seed
+    0, 20% EL2N coreset, 2 epochs): 1 worker ends at the local run's weights (max difference 7.5e-9), the base
+    unchanged (tests/test_ray_train.py).
 
     Args:
         offset_model: the small model of the offset pair (None = a copy of the model).
