@@ -760,7 +760,8 @@ def test_cli_request_to_outbox_and_operator_ledger(tmp_path, capsys):
 # ---------------------------------------------------------------- deployment: real SuperLink and SuperNodes
 
 
-DEPLOY_CONFIG = {"rounds": 1, "n-clients": 3, "process-passes": 1, "repair-rounds": 1}
+# no SuperNode authentication in these deployments (the TLS + auth test sets node-keys and node-auth=true)
+DEPLOY_CONFIG = {"rounds": 1, "n-clients": 3, "process-passes": 1, "repair-rounds": 1, "node-auth": False}
 APP_DIR = os.path.join(os.path.dirname(__file__), "..", "examples", "federated")
 
 
@@ -841,7 +842,7 @@ def test_deployment_tls_and_node_auth_refuse_an_unregistered_supernode(tmp_path)
         node_keys = tmp_path / "node-keys.json"
         node_keys.write_text(json.dumps(bindings))
         result = dep.run_app(APP_DIR, {**DEPLOY_CONFIG, "state-dir": str(state), "min-clients": 1, "wait-clients-s": 20.0,
-                                       "node-keys": str(node_keys)}, timeout=1500)
+                                       "node-keys": str(node_keys), "node-auth": True}, timeout=1500)
         intruder_log = (tmp_path / "dep" / "supernode-2.log").read_text()
         superlink_log = (tmp_path / "dep" / "superlink.log").read_text()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -154,6 +154,39 @@ def test_a_node_can_only_speak_for_the_client_its_key_is_registered_for(link, tm
     assert open_transport.node_of["client-2"] == min(impostor, n2) and "not bound" in caplog.text
 
 
+def test_server_app_with_node_auth_and_no_node_keys_refuses_to_start(link, tmp_path):
+    """Fail closed: the real ServerApp ``main`` over the grid with node authentication on (the app's default) and no
+    ``node-keys`` raises an error naming ``node-keys`` before it sends any message or creates any state - no node,
+    whichever partition it claims, gets a client. ``node-auth=false`` (no authentication at all) is the explicit
+    opt-out to the first-claim fallback; with ``node-keys`` set, the transport is bound."""
+    from flwr.app import Context, RecordDict
+
+    from erasus_ray.errors import InvalidConfigError
+    from erasus_ray.federated.coordinator import ServerConfig
+    from erasus_ray.federated.server_app import key_fingerprint, main, make_transport
+
+    seen = []
+    for k in range(2):
+        link.add_node(k, 2, handler=lambda message, context: seen.append(message.metadata.message_type))
+    state = tmp_path / "state"
+
+    def context(run_config):
+        return Context(run_id=link.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+
+    for run_config in ({"n-clients": 2, "state-dir": str(state)},  # the default: node-auth on
+                       {"n-clients": 2, "state-dir": str(state), "node-auth": True, "node-keys": ""}):
+        with pytest.raises(InvalidConfigError, match="node-keys") as err:
+            main(link.grid, context(run_config))
+        assert "node-auth" in str(err.value)
+    time.sleep(0.05)
+    assert seen == [] and not state.exists()  # refused before any message or ledger
+    assert ServerConfig.from_mapping({"node-auth": "false"}).node_auth is False and ServerConfig().node_auth is True
+    assert make_transport(link.grid, ServerConfig(node_auth=False)).bindings == {}
+    _, key = link.add_node(0, 2)
+    bound = make_transport(link.grid, ServerConfig(node_keys=f"client-0={key_fingerprint(key)}"))
+    assert bound.bindings == {"client-0": key_fingerprint(key)}
+
+
 def test_an_impostor_node_cannot_delete_another_clients_ids(link, tmp_path):
     """The whole server (training, requests, unlearning, verification) over the Flower grid with the real ClientApp:
     an authenticated node registered for client-1 claims client-2's partition and forwards a request for client-2's

@@ -123,6 +123,10 @@ class ServerConfig:
     sample_forget_target: str = "test"  # "test": the global model's test accuracy; "none": run the strategy's epochs
     operators: tuple[str, ...] = ("operator",)
     node_keys: str = ""  # GridTransport: client -> registered SuperNode key / node id (server_app.load_node_bindings)
+    # the SuperLink authenticates SuperNodes (--enable-supernode-auth): then node-keys must bind every client, or the
+    # ServerApp refuses to start (server_app.make_transport); false only where nodes are not authenticated at all
+    # (simulation, an insecure local test). Fail closed: true unless said otherwise.
+    node_auth: bool = True
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ServerConfig":

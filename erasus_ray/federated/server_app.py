@@ -17,8 +17,11 @@ authentication the SuperLink knows each node's registered public key and node id
 (``grid.get_nodes()``). ``node-keys`` binds each client to its registered key (or node id); :class:`GridTransport`
 then accepts a node only for the client its key is registered for, so an authenticated node that claims another
 client's partition is refused (and logged) and can never submit requests for, or receive, that partition's ids.
-Without ``node-keys`` (simulation, or a deployment that has not configured it) the first node to claim a client
-gets it, and a warning says so.
+Fail closed: with ``node-auth`` on (the default) the ServerApp refuses to start unless ``node-keys`` binds at least
+one client (:func:`make_transport` raises :class:`~erasus_ray.errors.InvalidConfigError` naming ``node-keys``), so
+an authenticated deployment never falls back to "the first node to claim a client gets it". Only with
+``node-auth = false`` (simulation, or an insecure local test where no node is authenticated anyway) does that
+fallback apply, with a warning.
 """
 
 from __future__ import annotations
@@ -202,6 +205,19 @@ def spec_from(values: Mapping[str, Any]) -> FederationSpec:
     )
 
 
+def make_transport(grid: Any, config: ServerConfig) -> GridTransport:
+    """The :class:`GridTransport` for ``config``: bound by ``node-keys``; with ``node-auth`` on and no binding it
+    refuses (raises before any message is sent) instead of letting the first node to claim a client get it."""
+    bindings = load_node_bindings(config.node_keys)
+    if config.node_auth and not bindings:
+        raise InvalidConfigError(
+            "node-auth is on (SuperNodes authenticate with registered keys) but node-keys binds no client to a key: "
+            "set node-keys to a JSON file or 'client-0=<key fingerprint|public key file|node id>,...' (see "
+            "examples/federated/README.md), or node-auth=false where nodes are not authenticated (simulation)"
+        )
+    return GridTransport(grid, bindings=bindings)
+
+
 def main(grid: Any, context: Any) -> None:
     import torch
 
@@ -209,13 +225,13 @@ def main(grid: Any, context: Any) -> None:
     logging.basicConfig(level=logging.INFO)
     values = settings(context.run_config)
     state_dir = values.get("state-dir") or os.environ.get("ERASUS_FL_STATE") or "fl-state"
+    config = ServerConfig.from_mapping(values)
+    transport = make_transport(grid, config)  # before anything touches the ledger, the state dir or the nodes
     ledger = None
     if values.get("ledger-url"):
         from erasus_ray.ledger import DeletionLedger
 
         ledger = DeletionLedger(str(values["ledger-url"]))
-    config = ServerConfig.from_mapping(values)
-    transport = GridTransport(grid, bindings=load_node_bindings(config.node_keys))
     coordinator = DeletionCoordinator(spec_from(values), transport, state_dir, ledger=ledger, config=config)
     states = coordinator.run()
     log.info("ledger: %s", states)

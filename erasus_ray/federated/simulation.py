@@ -50,7 +50,8 @@ def run_simulation_subprocess(
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = state_dir / "sim-config.json"
-    cfg_path.write_text(json.dumps({**dict(config), "state-dir": str(state_dir)}))
+    # simulated SuperNodes have no registered keys: nothing to bind, so node-auth is off unless the caller says otherwise
+    cfg_path.write_text(json.dumps({"node-auth": False, **dict(config), "state-dir": str(state_dir)}))
     env = flower_env()
     env.update({"ERASUS_FL_CONFIG": str(cfg_path), "ERASUS_FL_OUTBOX": str(outbox), "ERASUS_FL_STATE": str(state_dir)})
     cmd = [sys.executable, "-m", "erasus_ray.federated.simulation", "--config", str(cfg_path), "--num-cpus", str(num_cpus)]
@@ -62,6 +63,12 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--num-cpus", type=int, default=2)
     args = parser.parse_args(argv)
+    cfg = json.loads(Path(args.config).read_text())
+    if "node-auth" not in cfg and "node_auth" not in cfg:  # simulated nodes are not authenticated: nothing to bind
+        fd, merged = tempfile.mkstemp(prefix="erasus-fl-sim-", suffix=".json")
+        with os.fdopen(fd, "w") as fh:
+            json.dump({**cfg, "node-auth": False}, fh)
+        args.config = merged
     os.environ["ERASUS_FL_CONFIG"] = args.config
     import torch
 
