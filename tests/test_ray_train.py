@@ -371,3 +371,23 @@ def test_retries_exhausted_error_names_the_last_good_checkpoint(digits_class, ra
     state = torch.load(named / STATE_FILE, map_location="cpu", weights_only=False)
     assert state["epoch"] == 2 and state["report"]["epochs"] == 2 and not state.get("final"), "the last completed epoch"
     assert sorted(p.name for p in storage.glob("*/checkpoint_*") if p.is_file()) == ["checkpoint_manager_snapshot.json"]
+
+
+def test_last_good_checkpoint_reads_ray_trains_snapshot_and_skips_files(tmp_path):
+    """The rule behind the 'retries exhausted' error, on a hand-made run folder: the snapshot's latest registered
+    checkpoint wins (even over a newer, unregistered upload); without a snapshot, the ``checkpoint_*`` directory with
+    the highest saved epoch; never ``checkpoint_manager_snapshot.json`` itself or a directory without state."""
+    from erasus_ray.runners.ray_train import STATE_FILE, last_good_checkpoint
+
+    run = tmp_path / "run"
+    for name, epoch in (("checkpoint_2026-01-01_00-00-01.000001", 1), ("checkpoint_2026-01-01_00-00-02.000001", 2),
+                        ("checkpoint_2026-01-01_00-00-03.000001", 3)):
+        (run / name).mkdir(parents=True)
+        torch.save({"epoch": epoch, "report": {"epochs": epoch}}, run / name / STATE_FILE)
+    (run / "checkpoint_2026-01-01_00-00-04.000001").mkdir()  # an upload that never wrote its state
+    assert last_good_checkpoint(run) == (run / "checkpoint_2026-01-01_00-00-03.000001", 3)
+    snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-02.000001",
+                                             "metrics": {"epoch": 2, "steps": 8}}}
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))  # newest file, as Ray leaves it
+    assert last_good_checkpoint(run) == (run / "checkpoint_2026-01-01_00-00-02.000001", 2)
+    assert last_good_checkpoint(tmp_path / "empty") is None
