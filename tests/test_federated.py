@@ -270,6 +270,29 @@ def test_outbox_resubmits_until_acknowledged(tmp_path):
     assert sub.requests == [] and json.loads((tmp_path / "client-0" / "acked" / "r-1.json").read_text())["ack"]["state"] == "validated"
 
 
+def test_two_clients_using_the_same_request_id_both_get_their_acknowledgement(tmp_path):
+    """The ledger keys requests per (submitter, client request id): client-1's "r-1" is stored under a scoped key
+    beside client-0's "r-1". The acknowledgement must carry the id the client sent, or client-1's outbox never matches
+    it and resubmits forever."""
+    from erasus_ray.federated.client_app import submit_to_outbox
+    from erasus_ray.federated.coordinator import DeletionCoordinator, InProcessTransport
+
+    spec = FederationSpec(n_clients=2)
+    outbox = tmp_path / "outbox"
+    co = DeletionCoordinator(spec, InProcessTransport(spec, outbox=outbox), tmp_path / "state")
+    for c in ("client-0", "client-1"):
+        submit_to_outbox(DeletionRequest("r-1", c, "sample", ids=co.fed.partitions[c][:3].tolist()), root=outbox)
+    co.clients = ["client-0", "client-1"]
+    co.collect_requests()
+    co.collect_requests(max_polls=1)  # delivers the acks
+    entries = co.ledger.entries()
+    assert len(entries) == 2 and {e.state for e in entries} == {"validated"}
+    for c in ("client-0", "client-1"):
+        assert list((outbox / c).glob("*.json")) == [], c  # nothing left to resubmit
+        acked = json.loads((outbox / c / "acked" / "r-1.json").read_text())
+        assert acked["ack"]["request_id"] == "r-1" and acked["ack"]["state"] == "validated" and acked["request"]["client_id"] == c
+
+
 SMALL = dict(rounds=3, local_epochs=3, lr=3e-3, repair_rounds=1, wait_clients_s=0.0, pass_wait_s=0.0, process_passes=1)
 
 

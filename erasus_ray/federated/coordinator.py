@@ -364,7 +364,8 @@ class DeletionCoordinator:
             rid = getattr(request, "request_id", None) or (request.get("request_id") if hasattr(request, "get") else None)
             rid = rid if isinstance(rid, str) and rid else "?"
             return DeleteAck(rid[:256], False, "refused", str(err)[:2000])
-        return DeleteAck(entry.request_id, entry.accepted, entry.state, entry.state_reason or "")
+        # the id the client sent: the ledger key may be scoped (<id>#<submitter hash>) when another client used it first
+        return DeleteAck(getattr(entry, "client_request_id", None) or entry.request_id, entry.accepted, entry.state, entry.state_reason or "")
 
     def submit(self, request: Any, *, sender: str | None = None) -> Any:
         """Record and validate a request. ``sender``: the client whose node sent it (None: the operator's console); a
