@@ -83,8 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge", action="store_true",
                    help="keep --out's existing rows of other tasks: the tasks run now replace theirs; the command is appended to "
                         "run_meta.json (default: --out's files are overwritten with this run only)")
+    p.add_argument("--merge-strategies", action="store_true",
+                   help="with --merge: replace only the (task, strategy) rows run now and keep the task's other strategies, "
+                        "its retrain rows and refs (the new rows' ratios are to this run's own full and retrain timings)")
     p.add_argument("--report-only", action="store_true", help="rebuild summary, plot and RESULTS.md from --out's CSVs")
     args = p.parse_args(argv)
+    if args.merge_strategies and not args.merge:
+        p.error("--merge-strategies goes with --merge")
     if args.quick:
         args.tasks, args.seeds, args.fractions, args.selectors = "digits:class", "0", "0.05,0.2,1.0", "random,el2n"
         args.strategies = "grad_diff"
@@ -294,7 +299,8 @@ def write_markdown(path: Path, runs: list[dict[str, Any]], summary: list[dict[st
     wall = sum(r.get("wall_s") or 0.0 for r in runs)
     L = ["# Coreset ablation: fraction x selector x strategy\n",
          f"Produced by {'these commands, in order' if len(runs) > 1 else 'this command'} ({wall / 60:.1f} min wall in all; "
-         "a `--merge` run replaces the rows of the tasks it names and keeps the others):\n"]
+         "a `--merge` run replaces the rows of the tasks it names and keeps the others; with `--merge-strategies`, only "
+         "the rows of the strategies it runs on those tasks):\n"]
     for i, r in enumerate(runs, 1):
         note = f" {r['note']}" if r.get("note") else ""
         wall_txt = f"{r['wall_s'] / 60:.1f} min" if r.get("wall_s") else "wall time not recorded"
@@ -365,10 +371,17 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
     return [{"command": meta["command"], "wall_s": meta.get("wall_s"), "args": meta.get("args"), "tasks": []}]
 
 
-def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]], by_strategy: bool = False) -> list[dict[str, Any]]:
     """``old`` with the (task, scenario) groups present in ``new`` replaced by ``new``'s rows, in ``old``'s task order
-    (new tasks at the end)."""
-    key = lambda r: (str(r["task"]), str(r["scenario"]))  # noqa: E731
+    (new tasks at the end). ``by_strategy``: the groups are (task, scenario, strategy) instead, and ``new``'s retrain
+    rows (and refs, which have no strategy) replace nothing where ``old`` has that task already."""
+    if by_strategy:
+        have = {(str(r["task"]), str(r["scenario"])) for r in old}
+        new = [r for r in new if r.get("strategy") not in (None, "retrain") and (str(r["task"]), str(r["scenario"])) in have
+               or (str(r["task"]), str(r["scenario"])) not in have]
+        key = lambda r: (str(r["task"]), str(r["scenario"]), str(r.get("strategy")))  # noqa: E731
+    else:
+        key = lambda r: (str(r["task"]), str(r["scenario"]))  # noqa: E731
     new_keys = list(dict.fromkeys(key(r) for r in new))
     order = list(dict.fromkeys([key(r) for r in old] + new_keys))
     out: list[dict[str, Any]] = []
@@ -426,10 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(task_rows)
         refs.extend(task_refs)
         done.append(spec + (f" ({args.authors_variant} variant)" if name == "authors" else ""))
-        base.write_csv(merge_rows(old_rows, rows), out / "results.csv")  # as we go: a partial run leaves usable files
-        base.write_csv(merge_rows(old_refs, refs), out / "refs.csv")
+        base.write_csv(merge_rows(old_rows, rows, args.merge_strategies), out / "results.csv")  # as we go: a partial run leaves usable files
+        base.write_csv(merge_rows(old_refs, refs, args.merge_strategies), out / "refs.csv")
     wall = time.perf_counter() - start
-    rows, refs = merge_rows(old_rows, rows), merge_rows(old_refs, refs)
+    rows, refs = merge_rows(old_rows, rows, args.merge_strategies), merge_rows(old_refs, refs, args.merge_strategies)
     runs.append({"command": command, "wall_s": wall, "tasks": done, "args": vars(args)})
     summary = base.summarise(rows)
     base.write_csv(summary, out / "summary.csv")
