@@ -299,12 +299,17 @@ SMALL = dict(rounds=3, local_epochs=3, lr=3e-3, repair_rounds=1, wait_clients_s=
 @pytest.fixture(scope="module")
 def trained_state(tmp_path_factory):
     """A 5-client digits federation trained for 3 FedAvg rounds in process (history on disk, copied per test)."""
-    from erasus_ray.federated.coordinator import DeletionCoordinator, InProcessTransport, ServerConfig
+    from erasus_ray.federated.coordinator import ServerConfig
+
+    return _train_in_process(FederationSpec(n_clients=5), ServerConfig(**SMALL), tmp_path_factory.mktemp("fl-trained"))
+
+
+def _train_in_process(spec, config, root):
+    """Trains ``spec``'s federation with ``config`` in process; returns ``(spec, state dir)``."""
+    from erasus_ray.federated.coordinator import DeletionCoordinator, InProcessTransport
 
     torch.set_num_threads(1)
-    spec = FederationSpec(n_clients=5)
-    root = tmp_path_factory.mktemp("fl-trained")
-    coordinator = DeletionCoordinator(spec, InProcessTransport(spec), root / "state", config=ServerConfig(**SMALL))
+    coordinator = DeletionCoordinator(spec, InProcessTransport(spec), root / "state", config=config)
     coordinator.discover()
     coordinator.train()
     coordinator.ledger.close()
@@ -487,16 +492,9 @@ BACKDOOR = {**SMALL, "rounds": 5, "sample_forget_target": "none"}
 @pytest.fixture(scope="module")
 def backdoor_state(tmp_path_factory):
     """The backdoor federation trained for 5 FedAvg rounds in process (history on disk, copied per test)."""
-    from erasus_ray.federated.coordinator import DeletionCoordinator, InProcessTransport, ServerConfig
+    from erasus_ray.federated.coordinator import ServerConfig
 
-    torch.set_num_threads(1)
-    spec = FederationSpec(**BACKDOOR_SPEC)
-    root = tmp_path_factory.mktemp("fl-backdoor")
-    coordinator = DeletionCoordinator(spec, InProcessTransport(spec), root / "state", config=ServerConfig(**BACKDOOR))
-    coordinator.discover()
-    coordinator.train()
-    coordinator.ledger.close()
-    return spec, root / "state"
+    return _train_in_process(FederationSpec(**BACKDOOR_SPEC), ServerConfig(**BACKDOOR), tmp_path_factory.mktemp("fl-backdoor"))
 
 
 def _trigger_rate(model, fed) -> float:
