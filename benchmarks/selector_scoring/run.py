@@ -357,8 +357,12 @@ def findings(results: dict[str, Any]) -> list[str]:
     for label in dict.fromkeys(m.get("selector", "gradient_norm[func]") for m in mem):
         rows = [m for m in mem if m.get("selector", "gradient_norm[func]") == label]
         growth = [m["growth_mb"] for m in rows]
+        # flat: the growth at the largest n is within 25% + 16 MB (resident-set sampling noise, seen as 18-75 MB
+        # swings between runs of the same size) of the growth at the smallest n
+        flat = growth[-1] <= 1.25 * growth[0] + 16.0
         out.append(f"- {label}: memory while scoring grows {min(growth):.0f}-{max(growth):.0f} MB for n = {rows[0]['n']}..{rows[-1]['n']} "
-                   f"({'flat' if max(growth) - min(growth) < 0.25 * max(1.0, max(growth)) else 'NOT flat'} in n: batches are streamed).")
+                   f"({rows[-1]['growth_mb']:.0f} MB at the largest n vs {rows[0]['growth_mb']:.0f} MB at the smallest: "
+                   f"{'flat in n' if flat else 'NOT flat in n'}).")
     act = results.get("actors", [])
     for method in dict.fromkeys(r.get("method", "func") for r in act):
         rows = [r for r in act if r.get("method", "func") == method]
@@ -411,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     previous: dict[str, Any] = {}
     if args.merge and (out / "results.json").exists():
         previous = json.loads((out / "results.json").read_text())
-        results = {**previous, "repeats": args.repeats}
+        # the crossover part times one run per size: keep the repeats of the timed parts it did not re-run
+        timed = any(p in parts for p in ("throughput", "actors"))
+        results = {**previous, "repeats": args.repeats if timed else previous.get("repeats", args.repeats)}
         results["machine"] = f"{previous.get('machine', '?')}; merged run ({', '.join(parts)}): {machine}"
     if "throughput" in parts:
         rows = throughput([t for t in args.tasks.split(",") if t], args.repeats)

@@ -47,7 +47,10 @@ from erasus_ray.selectors.base import Coreset, Selector, SharedState, resolve_bu
 from erasus_ray.tasks import Task
 
 #: ``distributed="auto"`` uses the pool when Ray is already initialised or the forget set is at least this large.
-AUTO_THRESHOLD = 50_000
+#: Measured (benchmarks/selector_scoring, crossover part: MNIST-5k CNN tiled, gradient_norm, 2-core machine): a cold
+#: pool (ray.init + 2 actors + one request, ~8 s of fixed cost) is 0.81x in-process speed at 64k samples, 0.97x at
+#: 96k and 1.06x at 128k, so it breaks even near 100k. On a running Ray the pool pays off from ~250 samples.
+AUTO_THRESHOLD = 100_000
 #: GreeDi also runs the selector centrally, to report the centralised objective, up to this many forget samples
 #: (the size up to which the geometric selectors hold a dense similarity matrix).
 CENTRAL_OBJECTIVE_MAX = 5000
