@@ -55,6 +55,25 @@ def test_duplicate_ids_rejected():
         as_id_dataset(base)
 
 
+def test_views_keep_the_id_contract():
+    """subset / exclude / sorted build views without re-validating the parent, so they must keep its guarantees:
+    a subset naming an id twice is rejected, sorted() orders by id (and is the same view when already ordered),
+    and every view's rows still map ids to the same base items."""
+    base = _base(10)
+    base.ids = [50, 10, 40, 20, 30, 90, 60, 80, 70, 0]
+    ds = as_id_dataset(base)
+    with pytest.raises(InvalidDataError, match="unique.*\\[40\\]"):
+        ds.subset([40, 10, 40])
+    view = ds.subset([40, 10, 90]).sorted()
+    assert view.ids.tolist() == [10, 40, 90]
+    assert [view[r][1] for r in range(3)] == [base[1], base[2], base[5]]
+    assert view.sorted() is view
+    rest = ds.exclude([10, 90, 12345]).sorted()
+    assert rest.ids.tolist() == [0, 20, 30, 40, 50, 60, 70, 80]
+    assert {int(i): item for i, item in (rest[r] for r in range(len(rest)))}[20] == base[3]
+    assert rest.subset([30]).row_of() == {30: 0}
+
+
 def test_loader_batches_carry_ids_and_weights():
     ds = as_id_dataset(Subset(_base(), [4, 9, 2]))
     from erasus_ray.tasks import ClassificationTask

@@ -274,6 +274,16 @@ def test_closed_form_linear_head_equals_dense_hessian(logreg):
     assert linear_head(mlp, task, trainable_params(mlp, ["0"]), probe) is None
     scaled = nn.Sequential(logreg["model"], nn.Tanh())
     assert linear_head(scaled, task, trainable_params(scaled, "all"), probe) is None
+    # the same answers from the gradient check's forward (gradients on: LayerCapture hands the network a copy)
+    from erasus_ray.selectors._checks import require_gradients
+    from erasus_ray.selectors._factored import LayerCapture
+    from erasus_ray.selectors._ihvp import head_candidate
+
+    for model, expected in ((_mlp(), True), (scaled, False)):
+        params = trainable_params(model, "last" if expected else "all")
+        capture = LayerCapture(dict([head_candidate(model, params)]))
+        out = require_gradients(model, task, probe, params, "test", capture=capture)
+        assert (linear_head(model, task, params, probe, (capture, out)) is not None) is expected
 
 
 def test_auto_picks_the_closed_form_for_a_head(logreg):

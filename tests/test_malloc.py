@@ -1,6 +1,7 @@
 """glibc malloc thresholds for the scoring actors: freed gradient buffers are reused instead of page-faulted in
 again (counted in minor page faults, not timed)."""
 
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from erasus_ray.utils.malloc import hold_freed_memory
 CHILD = """
 import resource, sys, torch
 from erasus_ray.utils.malloc import hold_freed_memory
-applied = hold_freed_memory({mb})
+applied = {setup}
 x = torch.ones(16 * 1024 * 1024); del x  # 64 MiB: over glibc's dynamic mmap ceiling of 32 MiB
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
@@ -21,10 +22,14 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(mb):
-    out = subprocess.run([sys.executable, "-c", CHILD.format(mb=mb)], capture_output=True, text=True, check=True)
+def _faults(mb, setup=None, env=None):
+    code = CHILD.format(setup=setup or f"hold_freed_memory({mb})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})})
     applied, faults = out.stdout.split()
     return applied == "True", int(faults)
+
+PAGES = 64 * 1024 * 1024 // 4096
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
@@ -32,9 +37,32 @@ def test_held_memory_is_reused_not_faulted_in_again():
     applied, held = _faults(512)
     default_applied, default = _faults(None)
     assert applied and not default_applied
-    pages = 64 * 1024 * 1024 // 4096
-    assert default >= 15 * pages  # every 64 MiB buffer mapped and faulted in afresh
-    assert held < 2 * pages  # the freed buffer is reused in place
+    assert default >= 15 * PAGES  # every 64 MiB buffer mapped and faulted in afresh
+    assert held < 2 * PAGES  # the freed buffer is reused in place
+
+
+CLI_SETUP = "__import__('erasus_ray.cli', fromlist=['_common_env'])._common_env() or True"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_cli_process_holds_freed_memory_unless_disabled():
+    """Every ``erasus-ray`` command starts with the thresholds held (ERASUS_RAY_MALLOC_MMAP_MB, default 512);
+    0 keeps glibc's defaults."""
+    _, held = _faults(None, CLI_SETUP, {"ERASUS_RAY_MALLOC_MMAP_MB": ""})
+    _, off = _faults(None, CLI_SETUP, {"ERASUS_RAY_MALLOC_MMAP_MB": "0"})
+    assert held < 2 * PAGES
+    assert off >= 15 * PAGES
+
+
+def test_env_threshold_validation(monkeypatch):
+    from erasus_ray.utils.malloc import ENV_VAR, hold_freed_memory_from_env
+
+    for bad in ("lots", "-5", "4096"):
+        monkeypatch.setenv(ENV_VAR, bad)
+        with pytest.raises(InvalidConfigError, match=ENV_VAR):
+            hold_freed_memory_from_env()
+    monkeypatch.setenv(ENV_VAR, "0")
+    assert hold_freed_memory_from_env() is False
 
 
 def test_off_and_bad_values():

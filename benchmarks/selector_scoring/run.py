@@ -73,6 +73,27 @@ def median_time(fn: Any, repeats: int, min_sample_s: float = 0.05) -> float:
     return float(np.median(times))
 
 
+def paired_times(fa: Any, fb: Any, repeats: int, min_sample_s: float = 0.05) -> dict[str, float]:
+    """Time ``fa`` and ``fb`` in alternating samples (each as in :func:`median_time`), so both see the same
+    machine state, and return their medians and the quartiles of the per-pair ratio ``fa / fb``."""
+    def calibrate(fn: Any) -> int:
+        t0 = time.perf_counter()
+        fn()
+        return max(1, int(np.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-6))))
+
+    inner_a, inner_b = calibrate(fa), calibrate(fb)
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, inner, acc in ((fa, inner_a, ta), (fb, inner_b, tb)):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            acc.append((time.perf_counter() - t0) / inner)
+    ratio = np.array(ta) / np.array(tb)
+    q1, q2, q3 = np.quantile(ratio, [0.25, 0.5, 0.75])
+    return {"a": float(np.median(ta)), "b": float(np.median(tb)), "ratio_q1": float(q1), "ratio": float(q2), "ratio_q3": float(q3)}
+
+
 def load(name: str) -> Any:
     from erasus_ray.benchmarks import load_benchmark
 
@@ -110,7 +131,13 @@ def throughput(names: list[str], repeats: int) -> list[dict[str, Any]]:
         model = bench.original.eval()
         forget = bench.train.subset(bench.forget_ids)
         t_train = median_time(lambda: train_epoch(bench, data, bs), repeats)
-        t_train_forget = median_time(lambda: train_epoch(bench, forget, bs), repeats)
+        # influence and the forget-set epoch it is compared with are timed in alternating samples (a ratio of two
+        # few-millisecond timings taken minutes apart moved by +-40% with the machine's state)
+        influence = get_selector("influence")
+        retain = bench.train.subset(bench.retain_ids)
+        pair = paired_times(lambda: influence.score(model, forget, bench.task, 0, retain=retain),
+                            lambda: train_epoch(bench, forget, bs), max(repeats, 15))
+        t_train_forget = pair["b"]
         row: dict[str, Any] = {"task": name, "n_scored": n, "n_forget": len(forget), "batch_size": bs,
                                "train_samples_per_s": n / t_train, "train_epoch_forget_s": t_train_forget}
         methods = {
@@ -122,10 +149,10 @@ def throughput(names: list[str], repeats: int) -> list[dict[str, Any]]:
             t = median_time(lambda s=selector, d=scored: s.score(model, d, bench.task, 0), repeats)
             row[f"{label}_samples_per_s"] = len(scored) / t
             row[f"{label}_vs_train"] = (len(scored) / t) / row["train_samples_per_s"]
-        influence = get_selector("influence")
-        t_inf = median_time(lambda: influence.score(model, forget, bench.task, 0, retain=bench.train.subset(bench.retain_ids)), repeats)
-        row["influence_forget_s"] = t_inf
-        row["influence_vs_train_epoch_forget"] = t_inf / t_train_forget
+        row["influence_forget_s"] = pair["a"]
+        row["influence_vs_train_epoch_forget"] = pair["ratio"]
+        row["influence_vs_train_epoch_forget_iqr"] = [pair["ratio_q1"], pair["ratio_q3"]]
+        row["influence_pairs"] = max(repeats, 15)
         row["gradient_norm_auto_path"] = "factored" if _factored(model, get_selector("gradient_norm")) else "func (fallback)"
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -304,7 +331,7 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
                 f"| {r['task']} | {r['n_scored']} | {r['train_samples_per_s']:.0f} | {r['el2n_samples_per_s']:.0f} ({r['el2n_vs_train']:.2f}x) | "
                 f"{r['gradient_norm[auto]_samples_per_s']:.0f} ({r['gradient_norm[auto]_vs_train']:.2f}x, {r['gradient_norm_auto_path']}) | "
                 f"{r['gradient_norm[func]_samples_per_s']:.0f} ({r['gradient_norm[func]_vs_train']:.2f}x) | "
-                f"{r['influence_forget_s']:.2f}s / {r['train_epoch_forget_s']:.3f}s = {r['influence_vs_train_epoch_forget']:.1f}x |"
+                f"{r['influence_forget_s'] * 1000:.1f} ms / {r['train_epoch_forget_s'] * 1000:.1f} ms = {_ratio(r)} |"
             )
         lines.append("")
     if results.get("memory"):
@@ -342,6 +369,13 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
     (out / "RESULTS.md").write_text("\n".join(lines))
 
 
+def _ratio(r: dict[str, Any]) -> str:
+    """The influence / epoch ratio, with its interquartile range over the paired samples when measured so."""
+    iqr = r.get("influence_vs_train_epoch_forget_iqr")
+    text = f"{r['influence_vs_train_epoch_forget']:.2f}x"
+    return text + (f" (IQR {iqr[0]:.2f}-{iqr[1]:.2f}x over {r.get('influence_pairs', '?')} pairs)" if iqr else "")
+
+
 def findings(results: dict[str, Any]) -> list[str]:
     """Each goal of issue #3, met or not, with the measured number."""
     out = []
@@ -350,9 +384,9 @@ def findings(results: dict[str, Any]) -> list[str]:
         i = r["influence_vs_train_epoch_forget"]
         out.append(f"- {r['task']}: per-sample gradient norms ({r['gradient_norm_auto_path']}) at {g:.2f}x training "
                    f"throughput (goal >= 0.5x: {'met' if g >= 0.5 else 'NOT met'}); torch.func path "
-                   f"{r['gradient_norm[func]_vs_train']:.2f}x; influence incl. its Hessian {i:.1f}x one training epoch over "
+                   f"{r['gradient_norm[func]_vs_train']:.2f}x; influence incl. its Hessian {_ratio(r)} one training epoch over "
                    f"the {r['n_forget']} forget samples (goal <= 3x: {'met' if i <= 3 else 'NOT met'}; "
-                   f"{r['influence_forget_s']:.2f} s vs {r['train_epoch_forget_s']:.3f} s).")
+                   f"{r['influence_forget_s'] * 1000:.1f} ms vs {r['train_epoch_forget_s'] * 1000:.1f} ms).")
     mem = results.get("memory", [])
     for label in dict.fromkeys(m.get("selector", "gradient_norm[func]") for m in mem):
         rows = [m for m in mem if m.get("selector", "gradient_norm[func]") == label]
@@ -397,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from erasus_ray.utils.malloc import hold_freed_memory_from_env
+
+    malloc_held = hold_freed_memory_from_env()  # as every erasus-ray command, actor, worker and trial process does
     from erasus_ray.experiment import warm_up
 
     warm_up()
@@ -411,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, loadavg at start {os.getloadavg()[0]:.2f}"
+    machine += f"; glibc malloc thresholds {'held (ERASUS_RAY_MALLOC_MMAP_MB, as erasus-ray processes run)' if malloc_held else 'at their defaults'}"
     results: dict[str, Any] = {"machine": machine, "repeats": args.repeats}
     previous: dict[str, Any] = {}
     if args.merge and (out / "results.json").exists():

@@ -18,6 +18,10 @@ def _common_env() -> None:
 
     # The bundled models are tiny: one intra-op thread is fastest (DATA.md: two threads were 10x slower under load).
     torch.set_num_threads(max(1, int(os.environ.get("ERASUS_RAY_THREADS", "1"))))
+    from erasus_ray.utils.malloc import hold_freed_memory_from_env
+
+    # keep freed tensor buffers for the next batch instead of page-faulting them in again (erasus_ray.utils.malloc)
+    hold_freed_memory_from_env()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -43,6 +43,14 @@ class IdDataset(Dataset):
         self._ids = ids
         self._row_of: dict[int, int] | None = None
 
+    @classmethod
+    def _view(cls, base: Any, positions: np.ndarray, ids: np.ndarray) -> "IdDataset":
+        """A view whose positions/ids are rows of an already validated IdDataset (unique int64 ids, int64
+        positions): skips the checks, which cost a sort of the ids on every subset of a large dataset."""
+        view = cls.__new__(cls)
+        view.base, view.positions, view._ids, view._row_of = base, positions, ids, None
+        return view
+
     @property
     def ids(self) -> np.ndarray:
         """The stable ids of the rows, in row order (read-only copy semantics: do not mutate)."""
@@ -69,17 +77,22 @@ class IdDataset(Dataset):
                 f"{len(missing)} id(s) are not in the dataset: {missing[:20]}{' ...' if len(missing) > 20 else ''}"
             )
         rows = np.fromiter((row_of[int(i)] for i in ids), dtype=np.int64, count=len(ids))
-        return IdDataset(self.base, self.positions[rows], self._ids[rows])
+        if len(np.unique(rows)) != len(rows):
+            values, counts = np.unique(ids, return_counts=True)
+            raise InvalidDataError(f"sample ids must be unique; repeated: {values[counts > 1][:10].tolist()}")
+        return IdDataset._view(self.base, self.positions[rows], self._ids[rows])
 
     def exclude(self, ids: Iterable[int]) -> "IdDataset":
         """All rows except those with these ids (ids not present are ignored)."""
         drop = np.isin(self._ids, np.asarray(list(ids), dtype=np.int64))
-        return IdDataset(self.base, self.positions[~drop], self._ids[~drop])
+        return IdDataset._view(self.base, self.positions[~drop], self._ids[~drop])
 
     def sorted(self) -> "IdDataset":
         """Rows ordered by id: the canonical order every selector works in."""
+        if len(self._ids) < 2 or bool(np.all(self._ids[1:] > self._ids[:-1])):
+            return self  # already in id order (views are never mutated)
         order = np.argsort(self._ids, kind="stable")
-        return IdDataset(self.base, self.positions[order], self._ids[order])
+        return IdDataset._view(self.base, self.positions[order], self._ids[order])
 
 
 def as_id_dataset(data: Any) -> IdDataset:

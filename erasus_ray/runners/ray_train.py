@@ -62,7 +62,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    from erasus_ray.utils.malloc import hold_freed_memory_from_env
+
     torch.set_num_threads(int(config.get("torch_threads", 1)))
+    hold_freed_memory_from_env()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     strategy: Strategy = config["strategy"]

@@ -41,19 +41,25 @@ def probe_batch(dataset: Any, task: Task, device: torch.device, size: int = PROB
     return next(iter(make_loader(dataset, task.collate, batch_size=max(1, min(size, len(dataset)))))).to(device).data
 
 
-def require_gradients(model: nn.Module, task: Task, data: Any, params: dict[str, torch.Tensor], who: str) -> TaskOutput:
+def require_gradients(
+    model: nn.Module, task: Task, data: Any, params: dict[str, torch.Tensor], who: str, capture: Any = None
+) -> TaskOutput:
     """Raise :class:`~erasus_ray.errors.NonDifferentiableModelError` naming the scoped parameters (and their modules)
     that receive no gradient of the loss on ``data`` (one batch).
 
     "No gradient" is either none at all (the parameter is cut off from the loss: ``.item()``, ``.detach()``, an
     integer cast, an unused layer) or an exactly zero gradient over the whole batch (``torch.round``, ``floor``,
     ``sign``, ``argmax``-derived values: their derivative is zero everywhere). Scores from such parameters would be
-    silently zero. Returns the batch's (detached) output. Cost: one ordinary forward + backward of the batch.
+    silently zero. Returns the batch's (detached) output. ``capture``: an optional context manager (e.g. a
+    :class:`~erasus_ray.selectors._factored.LayerCapture`) the forward runs under, so a caller that needs layer
+    inputs/outputs of the same batch gets them without a second forward. Cost: one ordinary forward + backward of
+    the batch.
     """
     named = dict(model.named_parameters())
     wanted = [n for n in params if n in named]
-    with torch.enable_grad():
+    with torch.enable_grad(), (capture if capture is not None else contextlib.nullcontext()):
         out = task.forward(model, data)
+    with torch.enable_grad():
         loss = out.sample_loss().sum()
         if not loss.requires_grad:
             grads: Sequence[torch.Tensor | None] = [None] * len(wanted)

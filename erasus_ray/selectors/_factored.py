@@ -232,6 +232,8 @@ class LayerCapture:
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
+        #: the tensor the rest of the network received from each module (its output, or the copy handed on)
+        self.handed: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> "LayerCapture":
@@ -244,9 +246,10 @@ class LayerCapture:
                     x = x.expand(self.expand_to, *x.shape[1:])
                     output = output.expand(self.expand_to, *output.shape[1:])
                 self.inputs[name] = x
-                self.outputs[name] = output
+                self.outputs[name] = self.handed[name] = output
                 if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
-                    return output.clone()
+                    self.handed[name] = output.clone()
+                    return self.handed[name]
                 return None
 
             return hook

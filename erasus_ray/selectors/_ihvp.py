@@ -47,6 +47,7 @@ from erasus_ray.selectors._per_sample import (
     unflatten,
 )
 from erasus_ray.tasks import Task
+from erasus_ray.tasks.base import TaskOutput
 
 # --------------------------------------------------------------------------------------------------------------
 # Hessian data
@@ -101,7 +102,7 @@ def hessian_pool(
             raise InvalidConfigError(f"hessian_samples must be a positive integer, 'auto' or None, got {samples!r}")
         if samples < len(pool):
             rows = np.sort(np.random.default_rng(seed).choice(len(pool), size=int(samples), replace=False))
-            pool = IdDataset(pool.base, pool.positions[rows], pool.ids[rows])
+            pool = IdDataset._view(pool.base, pool.positions[rows], pool.ids[rows])
     info["hessian_samples"] = len(pool)
     return pool, info
 
@@ -163,10 +164,9 @@ def check_dense_size(d: int, max_params: int, what: str) -> None:
         )
 
 
-def linear_head(model: nn.Module, task: Task, params: dict[str, torch.Tensor], data: Any) -> tuple[str, nn.Linear] | None:
-    """The ``(name, module)`` of the ``nn.Linear`` whose weight (and bias) are exactly the scoped parameters and whose
-    output *is* the task's logits with one unit per sample (a classifier head), checked on one batch ``data``;
-    None otherwise (then the closed-form Hessian does not apply)."""
+def head_candidate(model: nn.Module, params: dict[str, torch.Tensor]) -> tuple[str, nn.Linear] | None:
+    """The ``(name, module)`` of the one untied ``nn.Linear`` that owns exactly the scoped parameters (its weight,
+    and maybe its bias), or None: the static half of :func:`linear_head` (no forward pass)."""
     named = dict(model.named_parameters())
     owners = {n.rsplit(".", 1)[0] if "." in n else "" for n in params}
     if len(owners) != 1 or not set(params) <= set(named):
@@ -178,10 +178,29 @@ def linear_head(model: nn.Module, task: Task, params: dict[str, torch.Tensor], d
         return None
     if sum(1 for m in model.modules() for p in m.parameters(recurse=False) if p is module.weight) != 1:
         return None  # tied weight: the Hessian has terms from every use
-    capture = LayerCapture({name: module})
-    with torch.no_grad(), capture:
-        out = task.forward(model, data)
-    head_out = capture.outputs.get(name)
+    return name, module
+
+
+def linear_head(
+    model: nn.Module, task: Task, params: dict[str, torch.Tensor], data: Any,
+    checked: tuple[LayerCapture, TaskOutput] | None = None,
+) -> tuple[str, nn.Linear] | None:
+    """The ``(name, module)`` of the ``nn.Linear`` whose weight (and bias) are exactly the scoped parameters and whose
+    output *is* the task's logits with one unit per sample (a classifier head), checked on one batch ``data``;
+    None otherwise (then the closed-form Hessian does not apply). ``checked``: the ``(capture, output)`` of a
+    forward of ``data`` already run under ``LayerCapture({name: module})`` of :func:`head_candidate`'s head (no
+    second forward then)."""
+    candidate = head_candidate(model, params)
+    if candidate is None:
+        return None
+    name, module = candidate
+    if checked is None:
+        capture = LayerCapture({name: module})
+        with torch.no_grad(), capture:
+            out = task.forward(model, data)
+    else:
+        capture, out = checked
+    head_out = capture.handed.get(name)  # what the network computed on with (a copy when gradients were on)
     if capture.calls.get(name) != 1 or head_out is None or out.logits.shape != head_out.shape:
         return None
     if out.logits.data_ptr() != head_out.data_ptr() or out.logits.shape[0] != out.batch_size:
@@ -543,7 +562,7 @@ class LiSSAIHVP(_IHVP):
         self.minibatches = []
         for start in range(0, n - size + 1, size):
             rows = np.sort(perm[start : start + size])
-            sub = IdDataset(data.base, data.positions[rows], data.ids[rows])
+            sub = IdDataset._view(data.base, data.positions[rows], data.ids[rows])
             self.minibatches.append(_HVP(loss, task, sub, batch_size, device))
         if scale is None:
             full = self.minibatches[0] if len(self.minibatches) == 1 else None

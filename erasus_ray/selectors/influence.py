@@ -30,6 +30,7 @@ from erasus_ray.selectors._ihvp import (
     autograd_hessian,
     check_dense_size,
     ggn_hessian,
+    head_candidate,
     head_solver_costs,
     head_stats,
     hessian_pool,
@@ -38,6 +39,7 @@ from erasus_ray.selectors._ihvp import (
     linear_head_hessian,
 )
 from erasus_ray.selectors._checks import probe_batch
+from erasus_ray.selectors._factored import LayerCapture
 from erasus_ray.selectors._per_sample import (
     FISHER_LABELS,
     FunctionalLoss,
@@ -273,9 +275,9 @@ class InfluenceSelector(ScoreSelector):
         return GaussianProjector([p.numel() for p in params.values()], self.proj_dim, seed, dtype=p0.dtype, device=p0.device)
 
     def _plan(self, model: nn.Module, task: Task, params: dict[str, torch.Tensor], probe: Any, n_hessian: int,
-              out: TaskOutput | None = None, n_scored: int = 0) -> _Plan:
+              out: TaskOutput | None = None, n_scored: int = 0, capture: LayerCapture | None = None) -> _Plan:
         """Choose the back-end (the ``ihvp="auto"`` rule), the curvature form and the Fisher labels from one batch
-        ``probe`` (and its output ``out``)."""
+        ``probe`` (and its output ``out``; ``capture``: the head candidate's capture of that same forward)."""
         d = sum(p.numel() for p in params.values())
         if out is None:
             with torch.no_grad():
@@ -287,7 +289,7 @@ class InfluenceSelector(ScoreSelector):
         fisher = self.fisher
         if fisher == "auto":
             fisher = "expected" if one_unit and classes <= MAX_EXPECTED_CLASSES else "mc"
-        head = linear_head(model, task, params, probe)
+        head = linear_head(model, task, params, probe, None if capture is None else (capture, out))
         solver = "dense"
         if head is not None and self.proj_dim is None and self.exact_solver != "dense":
             k = d // classes
@@ -383,12 +385,15 @@ class InfluenceSelector(ScoreSelector):
         params = trainable_params(model, self.scope)
         device = model_device(model)
         probe = probe_batch(forget, task, device)
-        out = require_gradients(model, task, probe, params, "influence")
+        candidate = head_candidate(model, params)  # a classifier head's check shares the gradient check's forward
+        capture = None if candidate is None else LayerCapture(dict([candidate]))
+        out = require_gradients(model, task, probe, params, "influence", capture=capture)
         d = sum(p.numel() for p in params.values())
         pool, info = hessian_pool(forget, retain, self.hessian_data, self.hessian_samples, seed,
                                   dim=self.proj_dim or d, classes=int(out.logits.shape[-1]),
                                   per_rank=1 if self.target == "self" else 2)
-        plan = self._plan(model, task, params, probe, len(pool), out, n_scored=len(forget) if self.target == "self" else 1)
+        plan = self._plan(model, task, params, probe, len(pool), out, n_scored=len(forget) if self.target == "self" else 1,
+                          capture=capture)
         solver = self.build_ihvp(model, task, params, pool, seed, plan)
         direction = None
         if self.target != "self":

@@ -253,6 +253,9 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], gold_metrics: di
 
     place = trial_placement(_assigned_resources(), sweep.get("resources") or {}, torch.cuda.is_available())
     torch.set_num_threads(place["threads"])
+    from erasus_ray.utils.malloc import hold_freed_memory_from_env
+
+    hold_freed_memory_from_env()
     if "device_note" in place:
         warnings.warn(place["device_note"], RuntimeWarning, stacklevel=1)
     info = {k: place[k] for k in ("threads", "device", "device_note") if k in place}
