@@ -24,6 +24,7 @@ scoped parameters:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -251,14 +252,19 @@ def head_stats(
     acts, second = [], []
     capture = LayerCapture({name: module})
     for b in make_loader(data, task.collate, batch_size=batch_size, shuffle=False):
-        with torch.set_grad_enabled(logit_grads), capture:
+        with torch.no_grad(), capture:
             out = task.forward(model, b.to(device).data)
         a = capture.inputs[name].reshape(out.batch_size, module.in_features).detach().to(dtype)
         if with_bias:
             a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
         acts.append(a)
-        if logit_grads:  # the per-sample losses are independent, so the gradient of their sum is per sample
-            second.append(torch.autograd.grad(out.sample_loss().sum(), out.logits)[0].detach().to(dtype))
+        if logit_grads:
+            # the loss is a function of the logits alone: differentiate it at detached logits (no graph through the
+            # network); the per-sample losses are independent, so the gradient of their sum is per sample
+            z = out.logits.detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = dataclasses.replace(out, logits=z).sample_loss().sum()
+            second.append(torch.autograd.grad(loss, z)[0].to(dtype))
         else:
             second.append(out.logits.detach().to(dtype).softmax(-1))
     return torch.cat(acts), torch.cat(second)
@@ -338,8 +344,8 @@ class HeadWoodburyIHVP(_IHVP):
         self.dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
         a, p = head_stats(model, task, data, head, self.with_bias, batch_size=batch_size, device=device, dtype=self.dtype)
         n, c = a.shape[0], self.classes
-        eye_k = torch.eye(k, dtype=torch.float64, device=a.device)
-        blocks = torch.bmm(a.T[None] * p.T[:, None, :], a.expand(c, n, k)).double() / n + damping * eye_k  # [C, k, k]
+        blocks = torch.bmm(a.T[None] * (p.T[:, None, :] / n), a.expand(c, n, k)).double()  # [C, k, k]
+        blocks.diagonal(dim1=1, dim2=2).add_(damping)  # in place: no second [C, k, k] temporary
         chol, status = torch.linalg.cholesky_ex(blocks)
         if int(status.max()) != 0:
             raise InvalidConfigError(f"the Hessian's diagonal blocks + damping {damping} are not positive definite: raise damping")
@@ -348,7 +354,7 @@ class HeadWoodburyIHVP(_IHVP):
         # single GEMM instead of C batched triangular solves over a broadcast right-hand side (3-4x slower here)
         self.chol_inv = tril_inverse(self.chol)  # in the head's dtype: float32 ~1.5x faster, error ~1e-7 relative
         # Y_c = L_c^-1 a~^T diag(p_c) / sqrt(n): [C, k, n]; then U^T B^-1 U = sum_c Y_c^T Y_c
-        self.y = (self.chol_inv.reshape(c * k, k) @ a.T).view(c, k, n) * (p.T[:, None, :] / math.sqrt(n))
+        self.y = (self.chol_inv.reshape(c * k, k) @ a.T).view(c, k, n).mul_(p.T[:, None, :] / math.sqrt(n))
         flat = self.y.view(c * k, n)
         gram = (flat.T @ flat).double()
         cap = torch.eye(n, dtype=torch.float64, device=a.device) - (gram + gram.T) / 2
