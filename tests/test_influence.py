@@ -286,6 +286,35 @@ def test_closed_form_linear_head_equals_dense_hessian(logreg):
         assert (linear_head(model, task, params, probe, (capture, out)) is not None) is expected
 
 
+def test_head_plan_needs_no_probe_and_falls_back_when_not_a_head(logreg, monkeypatch):
+    """A classifier head is planned from the layer alone: the Hessian pass checks it (no probe forward/backward).
+    A Linear whose output is post-processed (tanh) fails that check and goes the probe way - to the same
+    Gauss-Newton scores as asking for ihvp='ggn' directly; and a head whose inputs are all zero is named as
+    receiving no gradient, as the probe check names it."""
+    import erasus_ray.selectors.influence as influence_mod
+    from erasus_ray.errors import NonDifferentiableModelError
+
+    task = ClassificationTask()
+    probes = []
+    real_probe = influence_mod.probe_batch
+    monkeypatch.setattr(influence_mod, "probe_batch", lambda *a, **k: probes.append(1) or real_probe(*a, **k))
+    kw = dict(task=task, k=5, seed=0, retain=logreg["retain"])
+    core = get_selector("influence", damping=LAM).select(logreg["model"], logreg["forget"], **kw)
+    assert core.info["hessian"] == "closed_form" and probes == []
+    wrapped = nn.Sequential(copy.deepcopy(logreg["model"]), nn.Tanh()).eval()
+    got = get_selector("influence", damping=LAM).select(wrapped, logreg["forget"], **kw)
+    assert got.info["ihvp"] == "ggn" and probes  # fell back to the probe path
+    ref = get_selector("influence", damping=LAM, ihvp="ggn").select(wrapped, logreg["forget"], **kw)
+    assert got.scores.keys() == ref.scores.keys()
+    np.testing.assert_allclose([got.scores[i] for i in ref.scores], list(ref.scores.values()), rtol=1e-12)
+    # dead inputs: ReLU after a layer whose bias drives every pre-activation negative
+    dead = nn.Sequential(nn.Linear(D, 5), nn.ReLU(), nn.Linear(5, C)).double().eval()
+    with torch.no_grad():
+        dead[0].bias.fill_(-1e6)
+    with pytest.raises(NonDifferentiableModelError, match=r"1 of 2.*'2\.weight'"):
+        get_selector("influence", damping=LAM).select(dead, logreg["forget"], **kw)
+
+
 def test_auto_picks_the_closed_form_for_a_head(logreg):
     got, core = _scores(logreg, target="self")  # ihvp="auto"
     assert core.info["ihvp"] == "exact" and core.info["hessian"] == "closed_form"
@@ -456,6 +485,42 @@ def test_tril_inverse_equals_triangular_solve():
         chol = torch.linalg.cholesky(m @ m.transpose(1, 2) / k + 0.1 * torch.eye(k, dtype=torch.float64))
         ref = torch.linalg.solve_triangular(chol, torch.eye(k, dtype=torch.float64).expand(3, k, k), upper=False)
         torch.testing.assert_close(tril_inverse(chol), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_block_cholesky_solves_match_dense_inverse_on_both_backends(dtype):
+    """BlockCholesky's LAPACK/BLAS (SciPy) and torch back-ends give L_c^-1 x^T, L_c^-1 v_c and L_c^-T v_c equal to
+    the dense inverse of each factor (so (L^-1 x)^T (L^-1 x) = x^T M^-1 x), and both name a matrix that is not
+    positive definite."""
+    from erasus_ray.errors import InvalidConfigError
+    from erasus_ray.selectors._ihvp import BlockCholesky
+
+    g = torch.Generator().manual_seed(1)
+    c, k, m = 4, 37, 23
+    base = torch.randn(c, k, k, generator=g, dtype=torch.float64)
+    mats = base @ base.transpose(1, 2) / k + 0.05 * torch.eye(k, dtype=torch.float64)
+    chol = torch.linalg.cholesky(mats)
+    inv = torch.linalg.inv(chol)  # [C, k, k], the reference L_c^-1
+    x = torch.randn(m, k, generator=g, dtype=torch.float64)
+    v = torch.randn(c, k, m, generator=g, dtype=torch.float64)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    for backend in ("scipy", "torch"):
+        bc = BlockCholesky(mats, dtype, "not PD", backend=backend)
+        rows = bc.solve_rows(x.to(dtype))
+        assert rows.dtype == dtype and rows.shape == (c, k, m)
+        torch.testing.assert_close(rows.double(), inv @ x.T, **tol)
+        torch.testing.assert_close(bc.solve_each(v.to(dtype)).double(), inv @ v, **tol)
+        torch.testing.assert_close(bc.solve_each(v.to(dtype), transpose=True).double(), inv.transpose(1, 2) @ v, **tol)
+        # the quadratic form it exists for: ||L^-1 x||^2 = x^T M^-1 x
+        quad = torch.einsum("mk,ckj,mj->cm", x, torch.linalg.inv(mats), x)
+        torch.testing.assert_close(rows.double().pow(2).sum(1), quad, **tol)
+        import pickle  # solvers are shipped to Ray scoring actors
+
+        torch.testing.assert_close(pickle.loads(pickle.dumps(bc)).solve_rows(x.to(dtype)), rows)
+        bad = mats.clone()
+        bad[2] = -bad[2]
+        with pytest.raises(InvalidConfigError, match="not PD"):
+            BlockCholesky(bad, dtype, "not PD", backend=backend)
 
 
 def test_woodbury_self_influence_from_head_factors_in_float32():

@@ -17,7 +17,7 @@ from erasus_ray.errors import NonDifferentiableModelError
 from erasus_ray.tasks import Task
 from erasus_ray.tasks.base import TaskOutput
 
-__all__ = ["PROBE_SIZE", "probe_batch", "require_gradients", "torch_func_errors"]
+__all__ = ["PROBE_SIZE", "dead_gradients_error", "probe_batch", "require_gradients", "torch_func_errors"]
 
 #: Rows of the forget set that the checks (and influence's planning) run one forward/backward on.
 PROBE_SIZE = 16
@@ -39,6 +39,18 @@ def probe_batch(dataset: Any, task: Task, device: torch.device, size: int = PROB
     from erasus_ray.data import make_loader
 
     return next(iter(make_loader(dataset, task.collate, batch_size=max(1, min(size, len(dataset)))))).to(device).data
+
+
+def dead_gradients_error(model: nn.Module, dead: Sequence[str], total: int, who: str) -> NonDifferentiableModelError:
+    """The error for scoped parameters ``dead`` (of ``total``) that receive no gradient, naming their modules."""
+    where = sorted({_module_of(model, n) for n in dead})
+    return NonDifferentiableModelError(
+        f"{who} needs gradients of the loss w.r.t. the parameters in scope, but {len(dead)} of {total} receive "
+        f"none (or only exact zeros): {list(dead)[:10]} in module(s) {where[:10]}. Something between them and the loss "
+        f"is not differentiable (torch.round / floor / sign / argmax, .item() / .tolist(), .detach(), an integer "
+        f"cast) or they are unused. Make that part differentiable (e.g. a straight-through estimator), narrow "
+        f"scope= to parameters after it, or use a forward-only selector (el2n, loss, k_center)."
+    )
 
 
 def require_gradients(
@@ -67,14 +79,7 @@ def require_gradients(
             grads = torch.autograd.grad(loss, [named[n] for n in wanted], allow_unused=True)
     dead = [n for n, g in zip(wanted, grads) if g is None or not bool(torch.any(g != 0))]
     if dead:
-        where = sorted({_module_of(model, n) for n in dead})
-        raise NonDifferentiableModelError(
-            f"{who} needs gradients of the loss w.r.t. the parameters in scope, but {len(dead)} of {len(wanted)} receive "
-            f"none (or only exact zeros): {dead[:10]} in module(s) {where[:10]}. Something between them and the loss "
-            f"is not differentiable (torch.round / floor / sign / argmax, .item() / .tolist(), .detach(), an integer "
-            f"cast) or they are unused. Make that part differentiable (e.g. a straight-through estimator), narrow "
-            f"scope= to parameters after it, or use a forward-only selector (el2n, loss, k_center)."
-        )
+        raise dead_gradients_error(model, dead, len(wanted), who)
     return TaskOutput(out.logits.detach(), out.targets, out.owner, out.batch_size)
 
 
