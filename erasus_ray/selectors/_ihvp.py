@@ -201,14 +201,18 @@ def linear_head(
             out = task.forward(model, data)
     else:
         capture, out = checked
+    return (name, module) if head_output_is_logits(capture, name, out) else None
+
+
+def head_output_is_logits(capture: LayerCapture, name: str, out: TaskOutput) -> bool:
+    """Whether the layer ``name`` ran once in the captured forward and its output - the tensor the network went on
+    with - *is* the task's logits, one prediction unit per sample (so the closed-form head Hessian applies)."""
     head_out = capture.handed.get(name)  # what the network computed on with (a copy when gradients were on)
     if capture.calls.get(name) != 1 or head_out is None or out.logits.shape != head_out.shape:
-        return None
+        return False
     if out.logits.data_ptr() != head_out.data_ptr() or out.logits.shape[0] != out.batch_size:
-        return None
-    if not torch.equal(out.owner, torch.arange(out.batch_size, device=out.owner.device)):
-        return None
-    return name, module
+        return False
+    return bool(torch.equal(out.owner, torch.arange(out.batch_size, device=out.owner.device)))
 
 
 def linear_head_hessian(
@@ -268,12 +272,8 @@ def head_stats(
         capture.calls.clear()
         with torch.no_grad(), capture:
             out = task.forward(model, b.to(device).data)
-        if verify:
-            handed = capture.handed.get(name)
-            if (capture.calls.get(name) != 1 or handed is None or out.logits.shape != handed.shape
-                    or out.logits.data_ptr() != handed.data_ptr() or out.logits.shape[0] != out.batch_size
-                    or not torch.equal(out.owner, torch.arange(out.batch_size, device=out.owner.device))):
-                raise NotAHeadError(name)
+        if verify and not head_output_is_logits(capture, name, out):
+            raise NotAHeadError(name)
         a = capture.inputs[name].reshape(out.batch_size, module.in_features).detach().to(dtype)
         d = None
         if logit_grads or verify:
