@@ -57,40 +57,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _calls_per_sample(fn: Any, min_sample_s: float) -> int:
+    """Warm ``fn`` up (first-call costs, allocator) and return how many back-to-back calls fill ``min_sample_s``."""
+    t0 = time.perf_counter()
+    fn()
+    return max(1, int(np.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-6))))
+
+
+def _sample(fn: Any, inner: int) -> float:
+    """One timing sample: the mean time of ``inner`` back-to-back calls of ``fn``."""
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
 def median_time(fn: Any, repeats: int, min_sample_s: float = 0.05) -> float:
     """Median over ``repeats`` samples of ``fn``'s time; a sample times as many back-to-back calls as take
     ``min_sample_s`` (calibrated on the warm-up) and divides, so millisecond operations are not read off the
     timer's and the scheduler's noise."""
-    t0 = time.perf_counter()
-    fn()  # warm-up (first-call costs, allocator)
-    inner = max(1, int(np.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-6))))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - t0) / inner)
-    return float(np.median(times))
+    inner = _calls_per_sample(fn, min_sample_s)
+    return float(np.median([_sample(fn, inner) for _ in range(repeats)]))
 
 
 def paired_times(fa: Any, fb: Any, repeats: int, min_sample_s: float = 0.05) -> dict[str, float]:
     """Time ``fa`` and ``fb`` in alternating samples (each as in :func:`median_time`), so both see the same
     machine state, and return their medians and the quartiles of the per-pair ratio ``fa / fb``."""
-    def calibrate(fn: Any) -> int:
-        t0 = time.perf_counter()
-        fn()
-        return max(1, int(np.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-6))))
-
-    inner_a, inner_b = calibrate(fa), calibrate(fb)
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, inner, acc in ((fa, inner_a, ta), (fb, inner_b, tb)):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            acc.append((time.perf_counter() - t0) / inner)
-    ratio = np.array(ta) / np.array(tb)
-    q1, q2, q3 = np.quantile(ratio, [0.25, 0.5, 0.75])
+    inner_a, inner_b = _calls_per_sample(fa, min_sample_s), _calls_per_sample(fb, min_sample_s)
+    pairs = [(_sample(fa, inner_a), _sample(fb, inner_b)) for _ in range(repeats)]
+    ta, tb = np.array(pairs).T
+    q1, q2, q3 = np.quantile(ta / tb, [0.25, 0.5, 0.75])
     return {"a": float(np.median(ta)), "b": float(np.median(tb)), "ratio_q1": float(q1), "ratio": float(q2), "ratio_q3": float(q3)}
 
 
@@ -135,8 +131,9 @@ def throughput(names: list[str], repeats: int) -> list[dict[str, Any]]:
         # few-millisecond timings taken minutes apart moved by +-40% with the machine's state)
         influence = get_selector("influence")
         retain = bench.train.subset(bench.retain_ids)
+        pairs = max(repeats, 15)
         pair = paired_times(lambda: influence.score(model, forget, bench.task, 0, retain=retain),
-                            lambda: train_epoch(bench, forget, bs), max(repeats, 15))
+                            lambda: train_epoch(bench, forget, bs), pairs)
         t_train_forget = pair["b"]
         row: dict[str, Any] = {"task": name, "n_scored": n, "n_forget": len(forget), "batch_size": bs,
                                "train_samples_per_s": n / t_train, "train_epoch_forget_s": t_train_forget}
@@ -152,7 +149,7 @@ def throughput(names: list[str], repeats: int) -> list[dict[str, Any]]:
         row["influence_forget_s"] = pair["a"]
         row["influence_vs_train_epoch_forget"] = pair["ratio"]
         row["influence_vs_train_epoch_forget_iqr"] = [pair["ratio_q1"], pair["ratio_q3"]]
-        row["influence_pairs"] = max(repeats, 15)
+        row["influence_pairs"] = pairs
         row["gradient_norm_auto_path"] = "factored" if _factored(model, get_selector("gradient_norm")) else "func (fallback)"
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -35,6 +35,7 @@ from torch.func import grad, jacrev, vjp, vmap
 
 from erasus_ray.data import IdDataset, as_id_dataset, make_loader
 from erasus_ray.errors import InvalidConfigError
+from erasus_ray.selectors._checks import dead_gradients_error
 from erasus_ray.selectors._factored import LayerCapture
 from erasus_ray.selectors._reference import union_with_ids
 from erasus_ray.selectors._per_sample import (
@@ -276,7 +277,8 @@ def head_stats(
             raise NotAHeadError(name)
         a = capture.inputs[name].reshape(out.batch_size, module.in_features).detach().to(dtype)
         d = None
-        if logit_grads or verify:
+        # the gradient check needs logit gradients only until one batch has shown nonzero head gradients
+        if logit_grads or (verify and not (grad_w and (grad_b or not with_bias))):
             # the loss is a function of the logits alone: differentiate it at detached logits (no graph through the
             # network); the per-sample losses are independent, so the gradient of their sum is per sample
             z = out.logits.detach().requires_grad_(True)
@@ -300,8 +302,6 @@ def head_stats(
         wanted = [f"{prefix}weight"] + ([f"{prefix}bias"] if with_bias else [])
         dead = [n for n, ok in zip(wanted, (grad_w, grad_b)) if not ok]
         if dead:
-            from erasus_ray.selectors._checks import dead_gradients_error
-
             raise dead_gradients_error(model, dead, len(wanted), "influence")
     return torch.cat(acts), torch.cat(second)
 
