@@ -22,7 +22,7 @@ Choices we made:
   batch whose coreset is no longer valid is not replayed, and the history says why (``replay_skipped``). Replay is off
   with ``replay=False``.
 - **Verification.** ``verified`` means measured against a retrain baseline, with the federated coordinator's rule
-  (:func:`erasus_ray.federated.coordinator.verification_checks`, ``VERIFY_RULE``): on the request's new ids, the
+  (:func:`erasus_ray.evaluation.verification.verification_checks`, ``VERIFY_RULE``): on the request's new ids, the
   forget accuracy (and, with ``test_data``, the SVC MIA efficacy) of the unlearned model must be within tolerance of
   the baseline's (max(``verify_tolerance``, the 95% Agresti-Coull half-width)), or unlearning must have closed at least
   ``verify_close_fraction`` of the previous model's gap. The baseline is ``gold`` (a model retrained without every id
@@ -68,6 +68,7 @@ from erasus_ray.errors import ErasusError, InvalidConfigError, InvalidDataError,
 from erasus_ray.evaluation.classification import per_sample_stats
 from erasus_ray.selectors import Coreset, Selector
 from erasus_ray.strategies import Strategy
+from erasus_ray.evaluation.verification import VERIFY_RULE, verification_checks
 from erasus_ray.unlearner import ErasusUnlearner, UnlearningResult
 
 log = logging.getLogger("erasus_ray.continual")
@@ -324,7 +325,6 @@ class ContinualUnlearner:
     ) -> tuple[bool | None, dict[str, Any], str]:
         """Judge the request with the federated coordinator's rule against the baseline; ``(None, {}, why)`` when
         there is no baseline or the task has no forget accuracy."""
-        from erasus_ray.federated.coordinator import VERIFY_RULE, verification_checks
 
         if gold is None and gold_metrics is None:
             return None, {}, NO_BASELINE

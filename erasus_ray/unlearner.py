@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from erasus_ray.control import ClosedLoopRunner, ControlConfig, GrowthPlan
 from erasus_ray.data import IdDataset, as_id_dataset, loader_batch_size, make_loader
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
+from erasus_ray.evaluation.verification import Measurement, Probe, ResolvedTarget, resolve_target
 from erasus_ray.runners import LocalRunner, RunnerConfig, RunReport
 from erasus_ray.selectors import Coreset, Selector, get_selector, resolve_budget
 from erasus_ray.strategies import Strategy, UnlearnContext, get_strategy
@@ -39,6 +41,7 @@ class UnlearningResult:
         config: everything needed to re-run it (strategy, selector, fraction, seed, runner settings).
         report: steps, samples touched, why it stopped, per-epoch logs.
         metrics: filled by callers that evaluate (e.g. the demo).
+        verification: the forgetting criterion measured on the whole forget set (see ``verified``).
     """
 
     model: nn.Module
@@ -49,10 +52,21 @@ class UnlearningResult:
     model_hash_before: str = ""
     model_hash_after: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    #: what was measured on the whole forget set after the run (see :meth:`ErasusUnlearner.fit`): the target and why
+    #: it was chosen, each criterion's value and bounds, pass/fail, the utility guard, steps, learning rates,
+    #: coreset growth and guard events
+    verification: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verified(self) -> bool | None:
+        """True / False: the target held / did not hold on the whole forget set (with the guard); None: no
+        measurable target (no held-out set, not a whole class, no retrained model)."""
+        return self.verification.get("passed")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
+            "verification": self.verification,
             "coreset": self.coreset.to_dict(),
             "timings": self.timings,
             "report": self.report.to_dict(),
@@ -122,8 +136,20 @@ class ErasusUnlearner:
         model: the trained model to unlearn from.
         strategy: a registry name (see ``erasus_ray.strategies.STRATEGIES``) or a :class:`Strategy`.
         selector: a registry name, a :class:`Selector`, or None for the full forget set.
-        fraction: coreset size as a fraction of the forget set in (0, 1]; 1.0 means the full forget set.
+        fraction: ``"auto"`` (default): an adaptive coreset - the selector picks a small one and forget samples that
+            still fail the target join it until the whole forget set passes (closed loop only; without a measurable
+            target the full forget set is used). A number in (0, 1]: a fixed coreset of that fraction (1.0: the full
+            forget set), still verified on the whole forget set.
         k: coreset size as a count (instead of ``fraction``).
+        target: what "forgotten" means, measured on the whole forget set (see
+            :func:`erasus_ray.evaluation.verification.resolve_target`): ``"auto"`` (default; ``gold`` when ``fit`` gets
+            a retrained model, ``class`` when the forget set is whole classes, ``heldout`` when it gets
+            ``heldout_data``, else no measurable target), ``"class"``, ``"heldout"``, ``"gold"``, or a dict of metric
+            bounds. Without ``epochs``/``lr`` the strategy runs in a closed loop until the target holds
+            (:mod:`erasus_ray.control`); with them it runs that fixed budget (open loop) and is verified once.
+        budget: the closed loop's budget: a step count or ``{"steps": n, "seconds": s}`` (default 1000 steps, 600 s).
+        control: every closed-loop setting (:class:`~erasus_ray.control.ControlConfig`: guard tolerances,
+            ``verify_every``, learning-rate growth, adaptive coreset start); ``budget`` overrides its budget.
         task: a task adapter or ``"classification"`` / ``"causal_lm"`` / ``"auto"``.
         seed: seeds selection, shuffling and any noise.
         lr, epochs, optimizer: runner settings; None uses the strategy's defaults.
@@ -152,9 +178,12 @@ class ErasusUnlearner:
         model: nn.Module,
         strategy: Strategy | str = "grad_diff",
         selector: Selector | str | None = "el2n",
-        fraction: float | None = 0.1,
+        fraction: float | str | None = "auto",
         *,
         k: int | None = None,
+        target: str | dict[str, Any] = "auto",
+        budget: int | dict[str, Any] | None = None,
+        control: Any = None,
         task: Task | str = "auto",
         seed: int = 0,
         lr: float | None = None,
@@ -186,10 +215,12 @@ class ErasusUnlearner:
         self.selector = None if selector is None else get_selector(selector, **(selector_kwargs or {}))
         if k is not None:
             fraction = None
-        if fraction is not None:
+        if fraction is not None and fraction != "auto":
             resolve_budget(1, fraction=fraction)  # validates the range now, not after training data is loaded
         self.fraction = fraction
         self.k = k
+        self.target = target
+        self.control = _control_config(control, budget)
         self.task = get_task(task, model)
         if self.strategy.supported_tasks is not None and self.task.name not in self.strategy.supported_tasks:
             raise InvalidConfigError(
@@ -242,8 +273,15 @@ class ErasusUnlearner:
         kw["batch_size"] = kw["batch_size"] or loader_batch_size(forget_data, 32)
         return RunnerConfig(seed=self.seed, **kw).validate()
 
-    def _coreset(self, model: nn.Module, forget: IdDataset, retain: IdDataset | None) -> Coreset:
-        full = self.selector is None or (self.k is None and (self.fraction is None or float(self.fraction) == 1.0))
+    def _coreset(self, model: nn.Module, forget: IdDataset, retain: IdDataset | None, *, adaptive: bool) -> Coreset:
+        """The coreset the strategy starts from: the full forget set, a fixed ``fraction`` / ``k``, or (``adaptive``)
+        the closed loop's small starting coreset (``ControlConfig.start_size``) with every forget id's score."""
+        k, fraction = self.k, self.fraction
+        if adaptive:
+            k, fraction = self.control.start_size(len(forget)), None
+        elif fraction == "auto":
+            fraction = None  # no closed loop to grow a coreset: the full forget set
+        full = self.selector is None or (k is None and (fraction is None or float(fraction) == 1.0))
         if full:
             return Coreset.full(forget)
         assert self.selector is not None
@@ -252,12 +290,8 @@ class ErasusUnlearner:
 
             spec = self.pool_spec if isinstance(self.pool_spec, PoolSpec) else PoolSpec.load(self.pool_spec)
             with ScoringPool(spec) as pool:  # the actors' CPUs go back before the strategy (e.g. Ray Train) runs
-                return pool.select(
-                    self.selector, model, forget, task=self.task, k=self.k, fraction=self.fraction, seed=self.seed, retain=retain
-                )
-        return self.selector.select(
-            model, forget, task=self.task, k=self.k, fraction=self.fraction, seed=self.seed, retain=retain
-        )
+                return pool.select(self.selector, model, forget, task=self.task, k=k, fraction=fraction, seed=self.seed, retain=retain)
+        return self.selector.select(model, forget, task=self.task, k=k, fraction=fraction, seed=self.seed, retain=retain)
 
     def make_runner(self, config: RunnerConfig) -> Any:
         if self.backend == "ray_train":
@@ -280,12 +314,23 @@ class ErasusUnlearner:
         return False
 
     def fit(
-        self, forget_data: Any, retain_data: Any = None, *, epochs: int | None = None, coreset: Coreset | None = None
+        self,
+        forget_data: Any,
+        retain_data: Any = None,
+        *,
+        heldout_data: Any = None,
+        gold: nn.Module | dict[str, float] | None = None,
+        epochs: int | None = None,
+        coreset: Coreset | None = None,
     ) -> UnlearningResult:
-        """Select a coreset of ``forget_data`` and unlearn it, keeping ``retain_data``.
+        """Select a coreset of ``forget_data`` and unlearn it, keeping ``retain_data``; verify on the whole forget set.
 
-        ``forget_data`` / ``retain_data``: a Dataset, Subset or DataLoader (over a Subset of the same base dataset,
-        sample ids are the base indices). ``coreset``: reuse an earlier selection instead of selecting again.
+        ``forget_data`` / ``retain_data`` / ``heldout_data``: a Dataset, Subset or DataLoader (over a Subset of the
+        same base dataset, sample ids are the base indices). ``heldout_data``: samples the model was never trained
+        on (e.g. a validation split) - the reference for the ``heldout`` target and for the utility guard; without it a
+        forget set that is not a whole class has no measurable target unless ``gold`` (a model retrained without the
+        forget set, or its metrics ``{"forget_acc": ..., "mia_svc_efficacy": ...}``) is given. ``coreset``: reuse an
+        earlier selection instead of selecting again (kept fixed).
         """
         forget = as_id_dataset(forget_data).sorted()
         if len(forget) == 0:
@@ -297,6 +342,7 @@ class ErasusUnlearner:
                 raise InvalidDataError(
                     f"{len(overlap)} id(s) are in both the forget and the retain set: {overlap[:20].tolist()}"
                 )
+        heldout = None if heldout_data is None else _heldout(heldout_data, forget, retain)
         if self.strategy.needs_retain and (retain is None or len(retain) == 0):
             raise InvalidDataError(f"strategy {self.strategy.name!r} needs retain_data")
         config = self.runner_config(forget_data, epochs)
@@ -305,12 +351,19 @@ class ErasusUnlearner:
         if self.device is not None:
             model.to(self.device)
         check_model_fits(model, self.task, forget)
+        probe = Probe(self.task, forget, retain, heldout, retain_samples=self.control.retain_samples,
+                      heldout_samples=self.control.heldout_samples, seed=self.seed)
+        resolved = resolve_target(self.target, task=self.task, forget=forget, retain=retain, heldout=heldout, gold=gold, probe=probe)
+        open_loop = epochs is not None or self.runner_kwargs["epochs"] is not None or self.runner_kwargs["lr"] is not None
+        closed = resolved.target is not None and not open_loop and self.backend == "local"
+        adaptive = closed and coreset is None and self.selector is not None and self.fraction == "auto" and self.k is None
         hash_before = model_hash(model)
+        original = probe.measure(model) if resolved.target is not None else None
         seed_everything(self.seed)
         timer = Timer()
         with timer("total"):
             with timer("select"):
-                chosen = coreset if coreset is not None else self._coreset(model, forget, retain)
+                chosen = coreset if coreset is not None else self._coreset(model, forget, retain, adaptive=adaptive)
             unknown = np.setdiff1d(chosen.ids, forget.ids)
             if len(unknown):
                 raise InvalidDataError(f"coreset ids not in the forget set: {unknown[:20].tolist()}")
@@ -329,11 +382,22 @@ class ErasusUnlearner:
                 state={"runner_overrides": {"lr": self.runner_kwargs["lr"], "epochs": epochs or self.runner_kwargs["epochs"],
                                             "optimizer": self.runner_kwargs["optimizer"]}},
             )
+            if closed:
+                growth = GrowthPlan.from_coreset(chosen.scores, chosen.info.get("order"), adaptive)
+                runner: Any = ClosedLoopRunner(config, self.control, resolved.target, probe, growth, original=original)
+            else:
+                runner = self.make_runner(config)
             with timer("unlearn"):
                 with activation_checkpointing(model, self.gradient_checkpointing):
-                    report = self.strategy.unlearn(ctx, self.make_runner(config))
+                    report = self.strategy.unlearn(ctx, runner)
         model = ctx.model  # inference-time strategies (dexperts, activation_steering) return a wrapper around it
         model.eval()
+        if closed and runner.ran:
+            verification = _closed_loop_verification(runner, resolved, report)
+            if adaptive:
+                chosen = _grown_coreset(chosen, runner, len(forget))
+        else:  # open loop, or a strategy that computed its update without the runner: verified once
+            verification = _verify_once(resolved, probe, model, original, self.control, report, open_loop)
         return UnlearningResult(
             model=model,
             coreset=chosen,
@@ -342,6 +406,7 @@ class ErasusUnlearner:
             report=report,
             model_hash_before=hash_before,
             model_hash_after=model_hash(model),
+            verification=verification,
         )
 
     def describe(self, config: RunnerConfig | None = None, n_forget: int | None = None) -> dict[str, Any]:
@@ -354,6 +419,8 @@ class ErasusUnlearner:
             "selector_params": None if self.selector is None else {k: v for k, v in vars(self.selector).items() if k != "checkpoints"},
             "fraction": self.fraction,
             "k": self.k,
+            "target": self.target,
+            "control": self.control.to_dict(),
             "n_forget": n_forget,
             "task": self.task.name,
             "seed": self.seed,
@@ -364,3 +431,69 @@ class ErasusUnlearner:
             "runner": None if config is None else asdict(config),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+
+
+def _control_config(control: Any, budget: Any) -> ControlConfig:
+    if control is not None and not isinstance(control, ControlConfig):
+        raise InvalidConfigError(f"control must be an erasus_ray.control.ControlConfig, got {type(control).__name__}")
+    base = control or ControlConfig()
+    if budget is None:
+        return base.validate()
+    from dataclasses import asdict
+
+    kw = {k: v for k, v in asdict(base).items() if k not in ("budget_steps", "budget_seconds")}
+    kw["guard"] = base.guard
+    return ControlConfig.from_budget(budget, **kw)
+
+
+def _heldout(heldout_data: Any, forget: IdDataset, retain: IdDataset | None) -> IdDataset:
+    """The held-out set as an :class:`IdDataset`; where it shares the training data's id space (the same base
+    dataset), an id that is also a forget or retain id is an error: a member cannot be a reference non-member."""
+    heldout = as_id_dataset(heldout_data)
+    if len(heldout) == 0:
+        raise InvalidDataError("heldout_data is empty")
+    for name, other in (("forget", forget), ("retain", retain)):
+        if other is not None and heldout.base is other.base:
+            overlap = np.intersect1d(heldout.ids, other.ids)
+            if len(overlap):
+                raise InvalidDataError(f"{len(overlap)} held-out id(s) are also {name} ids: {overlap[:20].tolist()}")
+    return heldout
+
+
+def _closed_loop_verification(runner: ClosedLoopRunner, resolved: ResolvedTarget, report: RunReport) -> dict[str, Any]:
+    rec = dict(runner.record)
+    verdict = rec.pop("verdict")
+    rec.pop("coreset_ids", None)
+    return {
+        "mode": "closed_loop", **resolved.target.describe(), "why": resolved.why,
+        "passed": bool(verdict["passed"] and rec["guard_ok"]), "criteria": verdict["criteria"], "overshoot": verdict["overshoot"],
+        "budget": {"steps": runner.control.budget_steps, "seconds": runner.control.budget_seconds},
+        "stopped": report.stopped, **rec,
+    }
+
+
+def _grown_coreset(start: Coreset, runner: ClosedLoopRunner, n_forget: int) -> Coreset:
+    ids = np.asarray(runner.record["coreset_ids"], dtype=np.int64)
+    info = {**start.info, "adaptive": True, "start_size": int(len(start.ids)), "growth": runner.record["coreset_growth"],
+            "final_fraction": len(ids) / max(1, n_forget)}
+    return Coreset(ids=ids, weights=np.full(len(ids), n_forget / max(1, len(ids))), scores=start.scores, selector=start.selector, info=info)
+
+
+def _verify_once(resolved: ResolvedTarget, probe: Probe, model: nn.Module, original: Measurement | None, control: ControlConfig,
+                 report: RunReport, open_loop: bool) -> dict[str, Any]:
+    """One measurement after a run the closed loop did not drive (explicit ``epochs``/``lr``, Ray Train, or a
+    strategy that computes its update itself)."""
+    mode = "open_loop" if open_loop else "verified_once"
+    if resolved.target is None or original is None:
+        return {"mode": "unverified", "target": None, "why": resolved.why, "passed": None, "stopped": report.stopped}
+    target = resolved.target
+    target.prepare(original, None)
+    now = probe.measure(model)
+    verdict = target.verdict(now)
+    guard = control.guard.check(now, original, target)
+    guard_ok = all(c.passed for c in guard)
+    return {
+        "mode": mode, **target.describe(), "why": resolved.why, "passed": bool(verdict.passed and guard_ok),
+        "criteria": [c.to_dict() for c in verdict.criteria], "overshoot": verdict.overshoot,
+        "guard": [c.to_dict() for c in guard], "guard_ok": guard_ok, "steps": report.steps, "stopped": report.stopped,
+    }

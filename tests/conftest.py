@@ -69,7 +69,8 @@ def tiny_gpt2(vocab: int = 48, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tiny_lm():
-    """A 1-layer GPT-2 that has memorised 32 random sequences; forget = first 8 ids, retain = the rest."""
+    """A 1-layer GPT-2 that has memorised 32 random sequences; forget = first 8 ids, retain = the rest, heldout = 24
+    unseen sequences."""
     from erasus_ray.data import as_id_dataset
     from erasus_ray.tasks import get_task
     from erasus_ray.training import TrainRecipe, train_model
@@ -86,6 +87,8 @@ def tiny_lm():
         "data": data,
         "forget": full.subset(forget_ids),
         "retain": full.exclude(forget_ids),
+        # sequences drawn the same way that the model never saw (a different base dataset: its own id space)
+        "heldout": as_id_dataset(SequenceDataset(n=24, seed=1)),
         "factory": tiny_gpt2,
     }
 
@@ -96,7 +99,8 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
+        # address="local": always a new cluster of our own, never one another process left running on the machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
     yield ray
     if started:
         ray.shutdown()

@@ -1,4 +1,5 @@
-"""Offline benchmark tasks (``digits``, ``mnist5k``, ``authors``) with cached original and gold models.
+"""Offline benchmark tasks (``digits``, ``mnist5k``, ``authors``; tabular ``wine``, ``iris``, ``breast_cancer``) with
+cached original and gold models.
 
 ``load_benchmark("digits", scenario="class", seed=0)`` returns a :class:`Benchmark`: forget/retain/test splits by
 id, the task adapter, the training recipe, the original model and the gold model retrained on the retain set.
@@ -18,6 +19,9 @@ BENCHMARKS: dict[str, str] = {
     "digits": "erasus_ray.benchmarks.vision:DigitsBenchmark",
     "mnist5k": "erasus_ray.benchmarks.vision:Mnist5kBenchmark",
     "authors": "erasus_ray.benchmarks.authors:AuthorsBenchmark",
+    "wine": "erasus_ray.benchmarks.tabular:WineBenchmark",
+    "iris": "erasus_ray.benchmarks.tabular:IrisBenchmark",
+    "breast_cancer": "erasus_ray.benchmarks.tabular:BreastCancerBenchmark",
 }
 
 

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from erasus_ray.errors import ErasusError, InvalidConfigError
+from erasus_ray.evaluation.verification import VERIFY_RULE, verification_checks, verification_tolerance  # noqa: F401 (re-exported)
 from erasus_ray.federated.fedavg import fedavg
 from erasus_ray.federated.fedearser import FederatedHistory, federaser_unlearn, rollback_retrain
 from erasus_ray.federated.messages import (
@@ -682,62 +683,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (set, tuple)):
         return sorted(value) if isinstance(value, set) else list(value)
     return str(value)
-
-
-VERIFY_RULE = (
-    "per metric m in (forget_acc, mia_svc_efficacy) on the request's forget ids, gap(m) = |m(model) - m(federated "
-    "retrain)|: passes if gap_after <= tolerance (max(floor, 95% Agresti-Coull half-width of a rate p = the retrain's "
-    "value on n = forget ids)), or if the original was outside tolerance and unlearning closed at least {close:.0%} of its gap "
-    "(gap_after <= (1 - {close}) gap_before); verified when every measurable metric passes"
-)
-
-
-def verification_checks(
-    after: Mapping[str, float], before: Mapping[str, float] | None, n_forget: int, *, floor: float = 0.05, close_fraction: float = 0.9
-) -> tuple[bool, dict[str, dict], str]:
-    """Judge one request's unlearned model against the federated retrain model (``VERIFY_RULE``).
-
-    ``after`` / ``before``: :func:`erasus_ray.evaluation.evaluate` of the unlearned and of the original model on the
-    request's forget ids with the retrain model as gold (``gold_<m>``, ``gap_<m>``); ``before`` may be None (a
-    resumed request whose original was not kept), and then only the tolerance counts. A model that did not change
-    passes only where the original was already within tolerance of the retrain model - on a class that the original
-    still predicts it fails. Returns ``(ok, checks, why)``: per metric the measured numbers and verdict, and a
-    sentence naming the failing metrics.
-    """
-    checks: dict[str, dict] = {}
-    failing = []
-    for key in ("forget_acc", "mia_svc_efficacy"):
-        gold, gap_after = after.get(f"gold_{key}"), after.get(f"gap_{key}")
-        if gold is None or gap_after is None or not np.isfinite(gold) or not np.isfinite(gap_after):
-            if key == "forget_acc":
-                raise ErasusError("verification needs the forget accuracy of the model and of the retrain model")
-            checks[key] = {"measurable": False}
-            continue
-        tol = verification_tolerance(gold, n_forget, floor)
-        gap_before = None if before is None else before.get(f"gap_{key}")
-        within = gap_after <= tol
-        closed = gap_before is not None and gap_before > tol and gap_after <= (1.0 - close_fraction) * gap_before + 1e-12
-        checks[key] = {
-            "measurable": True, "gold": gold, "after": after[key], "before": None if before is None else before[key],
-            "gap_after": gap_after, "gap_before": gap_before, "tolerance": tol, "within_tolerance": within,
-            "closed_fraction": None if not gap_before else 1.0 - gap_after / gap_before, "passed": within or closed,
-        }
-        if not (within or closed):
-            closed_by = "" if not gap_before else f", closed {max(0.0, 1 - gap_after / gap_before):.0%} of the original gap {gap_before:.3f} (needs {close_fraction:.0%})"
-            failing.append(f"{key} gap {gap_after:.3f} > tolerance {tol:.3f}{closed_by}")
-    return not failing, checks, "; ".join(failing)
-
-
-def verification_tolerance(gold_value: float, n_forget: int, floor: float = 0.05) -> float:
-    """How far a rate on the forget set (accuracy, MIA efficacy) may sit from the retrained model's and still count as
-    equal: ``floor``, or the half-width of a 95% Agresti-Coull interval for a rate measured on ``n_forget`` samples when
-    that is larger: ``1.96 sqrt(q (1 - q) / (n + 4))`` with ``q = (p n + 2) / (n + 4)``. Unlike the plain
-    ``sqrt(p (1 - p) / n)`` it does not shrink to 0 when the retrained model gets every sample right (or wrong): on 30
-    forgotten samples at p = 1 it is 0.079 (one sample is 0.033); at n = 150 it is under the 0.05 floor."""
-    p = min(max(float(gold_value), 0.0), 1.0)
-    n = max(int(n_forget), 1)
-    q = (p * n + 2.0) / (n + 4.0)
-    return max(float(floor), 1.96 * float(np.sqrt(q * (1 - q) / (n + 4.0))))
 
 
 class InProcessTransport:

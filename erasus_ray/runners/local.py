@@ -159,6 +159,18 @@ class StepExecutor:
             self.phase_optimizers[phase] = make_optimizer(self.config.optimizer, self.params, self.config.lr)
         return self.phase_optimizers[phase]
 
+    def descend(self, loss: torch.Tensor, phase: str = MAIN_PHASE) -> None:
+        """One checked optimizer step (that of ``phase``) on an extra ``loss`` outside the strategy's own, e.g. the
+        closed loop's retain-descent step after a utility-guard trip."""
+        self._apply(loss, self.optimizer_for(phase))
+
+    def set_lr(self, lr: float) -> None:
+        """Change every optimizer's learning rate, keeping its state (the closed loop's step-size search)."""
+        self.config.lr = float(lr)
+        for opt in (self.optimizer, *self.phase_optimizers.values()):
+            for group in opt.param_groups:
+                group["lr"] = float(lr)
+
     def optimizer_state(self) -> dict[str, Any]:
         """Every optimizer's state (for checkpoints)."""
         return {MAIN_PHASE: self.optimizer.state_dict(), **{k: o.state_dict() for k, o in self.phase_optimizers.items()}}

@@ -31,9 +31,10 @@ class ComposedStrategy(Strategy):
         # the runner reads these from the strategy it drives
         self.needs_retain = inner.needs_retain  # type: ignore[misc]
         self.supported_tasks = inner.supported_tasks  # type: ignore[misc]
+        self.setup_scope = inner.setup_scope  # type: ignore[misc]
 
     def hparams(self) -> dict[str, Any]:
-        return {k: v for k, v in super().hparams().items() if k not in ("needs_retain", "supported_tasks")}
+        return {k: v for k, v in super().hparams().items() if k not in ("needs_retain", "supported_tasks", "setup_scope")}
 
     def setup(self, ctx: UnlearnContext) -> None:
         self._inner.setup(ctx)

@@ -52,6 +52,8 @@ class AltPO(Strategy):
         >>> ErasusUnlearner(model, strategy="altpo", selector=None, num_alternatives=2).fit(forget_data=f, retain_data=r)
     """
 
+    setup_scope = "forget"  # per-id tables from the original model
+
     needs_retain = True
     default_lr = 5e-4
     default_epochs = 20

@@ -106,6 +106,11 @@ class Strategy:
     #: the calling process instead of through ``runner.run`` (Fisher noise, SSD dampening, Newton steps, shard
     #: retraining). None: every optimizer step it takes goes through the runner. See :meth:`driver_only`.
     driver_only_reason: ClassVar[str | None] = None
+    #: What :meth:`setup` must see: ``"coreset"`` (set-level statistics - saliency masks, Fisher diagonals, means -
+    #: for which the coreset stands in) or ``"forget"`` (per-id tables from the original model - NPO's reference
+    #: likelihoods, preference pairs, teacher targets): under the closed loop's adaptive coreset such a setup runs
+    #: over the whole forget set, so that a sample joining the coreset later has its entry.
+    setup_scope: ClassVar[str] = "coreset"
 
     def __init__(self, **hparams: Any) -> None:
         if hparams:

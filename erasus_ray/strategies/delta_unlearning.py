@@ -106,6 +106,8 @@ class DeltaUnlearning(Strategy):
         >>> res.model  # OffsetModel(base=model, ...)
     """
 
+    setup_scope = "forget"  # per-id tables from the original model
+
     needs_retain = True
     default_lr = 3e-4
     default_epochs = 10

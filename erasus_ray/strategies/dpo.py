@@ -55,6 +55,8 @@ class DPO(Strategy):
         >>> ErasusUnlearner(model, strategy="dpo", selector=None, beta=0.1).fit(forget_data=f, retain_data=r)
     """
 
+    setup_scope = "forget"  # per-id tables from the original model
+
     needs_retain = True
     default_lr = 1e-3
     default_epochs = 10

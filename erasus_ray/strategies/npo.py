@@ -36,6 +36,8 @@ class NPO(Strategy):
     Cost: one extra forward per coreset sample (setup), then one forward+backward on forget and retain per step.
     """
 
+    setup_scope = "forget"  # per-id tables from the original model
+
     needs_retain = True
     default_lr = 1e-3
     default_epochs = 10

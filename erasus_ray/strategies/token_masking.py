@@ -71,6 +71,8 @@ class TokenMasking(Strategy):
         >>> ErasusUnlearner(model, strategy="token_masking", selector=None, token_fraction=0.3).fit(forget_data=f, retain_data=r)
     """
 
+    setup_scope = "forget"  # per-id tables from the original model
+
     needs_retain = True
     supported_tasks = ("causal_lm",)
     default_lr = 1e-3

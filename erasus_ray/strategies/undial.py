@@ -58,6 +58,8 @@ class UNDIAL(Strategy):
         >>> ErasusUnlearner(model, strategy="undial", selector=None, gamma=10.0).fit(forget_data=f)
     """
 
+    setup_scope = "forget"  # per-id tables from the original model
+
     needs_retain = False
     default_lr = 5e-4
     default_epochs = 10

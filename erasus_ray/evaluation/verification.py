@@ -1,0 +1,606 @@
+"""Verification: has the forget set been forgotten, and is the model still useful?
+
+Two layers, both measured with forward passes only:
+
+* **Targets** (:data:`TARGETS`): what "forgotten" means for a run - ``class`` (a removed class is predicted no
+  more often than other classes' samples are predicted as it), ``heldout`` (the forget set's per-sample losses look
+  like a held-out set's: a loss-MIA AUC within a confidence band of 0.5 and a two-sample Kolmogorov-Smirnov test),
+  ``gold`` (forget accuracy and SVC MIA efficacy within tolerance of a retrained model, :data:`VERIFY_RULE`, the rule
+  the federated coordinator and the ledger use) or an explicit dict of metric bounds (:class:`BoundsTarget`).
+  :func:`resolve_target` picks one for ``"auto"`` and says why. The closed-loop controller
+  (:mod:`erasus_ray.control`) runs a strategy until its target holds on the **whole** forget set.
+* **The utility guard** (:class:`Guard`): retain (and held-out) accuracy may not fall, nor retain loss rise, by
+  more than a tolerance from the original model.
+
+A :class:`Probe` measures a model on the whole forget set (streamed in batches), a fixed seeded sample of the retain
+set and the held-out set; it never runs a backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from erasus_ray.data import IdDataset, make_loader
+from erasus_ray.errors import ErasusError, InvalidConfigError, InvalidDataError
+from erasus_ray.registry import Registry
+from erasus_ray.tasks import Task
+from erasus_ray.utils import model_device
+
+# --- the verification rule against a retrained model (federated, continual, ledger, target "gold") ---------------
+
+VERIFY_RULE = (
+    "per metric m in (forget_acc, mia_svc_efficacy) on the request's forget ids, gap(m) = |m(model) - m(federated "
+    "retrain)|: passes if gap_after <= tolerance (max(floor, 95% Agresti-Coull half-width of a rate p = the retrain's "
+    "value on n = forget ids)), or if the original was outside tolerance and unlearning closed at least {close:.0%} of its gap "
+    "(gap_after <= (1 - {close}) gap_before); verified when every measurable metric passes"
+)
+
+
+def verification_checks(
+    after: Mapping[str, float], before: Mapping[str, float] | None, n_forget: int, *, floor: float = 0.05, close_fraction: float = 0.9
+) -> tuple[bool, dict[str, dict], str]:
+    """Judge one request's unlearned model against the retrain model (``VERIFY_RULE``).
+
+    ``after`` / ``before``: :func:`erasus_ray.evaluation.evaluate` of the unlearned and of the original model on the
+    request's forget ids with the retrain model as gold (``gold_<m>``, ``gap_<m>``); ``before`` may be None (a
+    resumed request whose original was not kept), and then only the tolerance counts. A model that did not change
+    passes only where the original was already within tolerance of the retrain model - on a class that the original
+    still predicts it fails. Returns ``(ok, checks, why)``: per metric the measured numbers and verdict, and a
+    sentence naming the failing metrics.
+    """
+    checks: dict[str, dict] = {}
+    failing = []
+    for key in ("forget_acc", "mia_svc_efficacy"):
+        gold, gap_after = after.get(f"gold_{key}"), after.get(f"gap_{key}")
+        if gold is None or gap_after is None or not np.isfinite(gold) or not np.isfinite(gap_after):
+            if key == "forget_acc":
+                raise ErasusError("verification needs the forget accuracy of the model and of the retrain model")
+            checks[key] = {"measurable": False}
+            continue
+        tol = verification_tolerance(gold, n_forget, floor)
+        gap_before = None if before is None else before.get(f"gap_{key}")
+        within = gap_after <= tol
+        closed = gap_before is not None and gap_before > tol and gap_after <= (1.0 - close_fraction) * gap_before + 1e-12
+        checks[key] = {
+            "measurable": True, "gold": gold, "after": after[key], "before": None if before is None else before[key],
+            "gap_after": gap_after, "gap_before": gap_before, "tolerance": tol, "within_tolerance": within,
+            "closed_fraction": None if not gap_before else 1.0 - gap_after / gap_before, "passed": within or closed,
+        }
+        if not (within or closed):
+            closed_by = "" if not gap_before else f", closed {max(0.0, 1 - gap_after / gap_before):.0%} of the original gap {gap_before:.3f} (needs {close_fraction:.0%})"
+            failing.append(f"{key} gap {gap_after:.3f} > tolerance {tol:.3f}{closed_by}")
+    return not failing, checks, "; ".join(failing)
+
+
+def verification_tolerance(gold_value: float, n_forget: int, floor: float = 0.05) -> float:
+    """How far a rate on the forget set (accuracy, MIA efficacy) may sit from the retrained model's and still count as
+    equal: ``floor``, or the half-width of a 95% Agresti-Coull interval for a rate measured on ``n_forget`` samples when
+    that is larger: ``1.96 sqrt(q (1 - q) / (n + 4))`` with ``q = (p n + 2) / (n + 4)``. Unlike the plain
+    ``sqrt(p (1 - p) / n)`` it does not shrink to 0 when the retrained model gets every sample right (or wrong): on 30
+    forgotten samples at p = 1 it is 0.079 (one sample is 0.033); at n = 150 it is under the 0.05 floor."""
+    p = min(max(float(gold_value), 0.0), 1.0)
+    n = max(int(n_forget), 1)
+    q = (p * n + 2.0) / (n + 4.0)
+    return max(float(floor), 1.96 * float(np.sqrt(q * (1 - q) / (n + 4.0))))
+
+
+# --- measurements ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SetStats:
+    """Per-sample measurements of one set, in ``ids`` order: ``loss`` (the task's per-sample loss), ``correct``
+    (fraction of the sample's prediction units right), ``pred`` (argmax class where a sample is one unit, else None),
+    ``label`` (the task's class label where it has one, else None)."""
+
+    ids: np.ndarray
+    loss: np.ndarray
+    correct: np.ndarray
+    pred: np.ndarray | None = None
+    label: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(len(self.ids))
+
+    @property
+    def acc(self) -> float:
+        return float(self.correct.mean()) if len(self) else float("nan")
+
+    @property
+    def mean_loss(self) -> float:
+        return float(self.loss.mean()) if len(self) else float("nan")
+
+    def where(self, mask: np.ndarray) -> "SetStats":
+        pick = lambda a: None if a is None else a[mask]  # noqa: E731
+        return SetStats(self.ids[mask], self.loss[mask], self.correct[mask], pick(self.pred), pick(self.label))
+
+
+@torch.no_grad()
+def set_stats(model: nn.Module, task: Task, data: IdDataset, batch_size: int = 256) -> SetStats:
+    """Forward passes over ``data`` in batches (no gradients): per-sample loss, correctness, prediction and label."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    ids, losses, correct, preds, labels = [], [], [], [], []
+    try:
+        for batch in make_loader(data, task.collate, batch_size=batch_size):
+            out = task.forward(model, batch.to(device).data)
+            ids.append(batch.ids.numpy())
+            losses.append(out.sample_loss().float().cpu().numpy())
+            correct.append(out.sample_accuracy().float().cpu().numpy())
+            one_unit = out.logits.shape[0] == out.batch_size
+            preds.append(out.logits.argmax(-1).cpu().numpy() if one_unit else None)
+            label = task.labels_of(batch.data)
+            labels.append(None if label is None else label.cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not ids:
+        return SetStats(np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+    cat = lambda parts: None if any(p is None for p in parts) else np.concatenate(parts)  # noqa: E731
+    return SetStats(np.concatenate(ids), np.concatenate(losses), np.concatenate(correct), cat(preds), cat(labels))
+
+
+@dataclass
+class Measurement:
+    """A model measured on the whole forget set, the retain sample and the held-out set (None when not given)."""
+
+    forget: SetStats
+    retain: SetStats | None
+    heldout: SetStats | None
+
+
+class Probe:
+    """Measures a model on the whole forget set, a fixed seeded sample of at most ``retain_samples`` retain ids and at
+    most ``heldout_samples`` held-out ids. Cost: one forward pass per measured sample, no backward."""
+
+    def __init__(self, task: Task, forget: IdDataset, retain: IdDataset | None, heldout: IdDataset | None, *,
+                 retain_samples: int = 512, heldout_samples: int = 2048, seed: int = 0, batch_size: int = 256) -> None:
+        self.task = task
+        self.forget = forget
+        self.retain = _sample(retain, retain_samples, seed)
+        self.heldout = _sample(heldout, heldout_samples, seed + 1)
+        self.batch_size = batch_size
+
+    def measure(self, model: nn.Module) -> Measurement:
+        run = lambda d: None if d is None else set_stats(model, self.task, d, self.batch_size)  # noqa: E731
+        return Measurement(run(self.forget), run(self.retain), run(self.heldout))
+
+
+def _sample(data: IdDataset | None, n: int, seed: int) -> IdDataset | None:
+    if data is None or len(data) == 0:
+        return None
+    if len(data) <= n:
+        return data
+    ids = np.sort(np.random.default_rng(seed).choice(data.ids, size=n, replace=False))
+    return data.subset(ids)
+
+
+# --- criteria, guard ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Criterion:
+    """One measured check: ``low <= value <= high`` (either bound may be None)."""
+
+    name: str
+    value: float
+    low: float | None = None
+    high: float | None = None
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        if not math.isfinite(self.value):
+            return False
+        return (self.low is None or self.value >= self.low - 1e-12) and (self.high is None or self.value <= self.high + 1e-12)
+
+    @property
+    def violation(self) -> float:
+        """How far outside its bounds the value is (0 when it passes)."""
+        if not math.isfinite(self.value):
+            return float("inf")
+        return max(0.0, (self.low - self.value) if self.low is not None else 0.0, (self.value - self.high) if self.high is not None else 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "low": self.low, "high": self.high, "passed": self.passed,
+                **({"note": self.note} if self.note else {})}
+
+
+@dataclass
+class Verdict:
+    """The target's criteria at one measurement; ``overshoot``: forgetting went past the target (e.g. forget losses
+    far above the held-out ones), which the controller treats like a guard trip."""
+
+    criteria: list[Criterion]
+    overshoot: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.criteria)
+
+    @property
+    def violation(self) -> float:
+        return sum(c.violation for c in self.criteria)
+
+    def failing(self) -> list[str]:
+        return [f"{c.name}={c.value:.4g} outside [{c.low}, {c.high}]" for c in self.criteria if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "overshoot": self.overshoot, "criteria": [c.to_dict() for c in self.criteria]}
+
+
+@dataclass
+class Guard:
+    """Utility guard against the original model: retain accuracy may fall by at most ``max_acc_drop``, retain loss
+    rise by at most ``max_loss_rise`` (nats), and held-out accuracy (on samples outside a removed class) fall by at
+    most ``max_acc_drop``. Defaults: 0.02 and 0.5 (the loss bound matters for LMs, whose retain accuracy is a token
+    rate; a classifier's retain loss near 0 may rise a little without a wrong prediction)."""
+
+    max_acc_drop: float = 0.02
+    max_loss_rise: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("max_acc_drop", "max_loss_rise"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+                raise InvalidConfigError(f"guard {name} must be a finite number >= 0, got {value!r}")
+
+    def check(self, now: Measurement, original: Measurement, target: "Target") -> list[Criterion]:
+        out = []
+        if now.retain is not None and original.retain is not None:
+            out.append(Criterion("retain_acc", now.retain.acc, low=original.retain.acc - self.max_acc_drop))
+            out.append(Criterion("retain_loss", now.retain.mean_loss, high=original.retain.mean_loss + self.max_loss_rise))
+        kept_now, kept_orig = target.guarded_heldout(now), target.guarded_heldout(original)
+        if kept_now is not None and kept_orig is not None and len(kept_now):
+            out.append(Criterion("heldout_acc", kept_now.acc, low=kept_orig.acc - self.max_acc_drop))
+        return out
+
+
+# --- targets -----------------------------------------------------------------------------------------------------------
+
+TARGETS: Registry["Target"] = Registry("target")
+
+
+class Target:
+    """What "forgotten" means: set-level criteria on a :class:`Measurement`, the forget ids that still fail
+    per sample (the adaptive coreset adds them), and a reference loss level that progress is measured towards.
+
+    Subclasses are built by :func:`resolve_target` with what ``fit`` received; ``requires`` names what must be given.
+    """
+
+    name: ClassVar[str] = "target"
+    #: what the target needs: any of "heldout", "labels", "gold"
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def prepare(self, original: Measurement, n_classes: int | None) -> None:
+        """Record what the target needs from the original model (called once before unlearning)."""
+        self.n_classes = n_classes
+
+    def verdict(self, m: Measurement) -> Verdict:
+        raise NotImplementedError
+
+    def failing_ids(self, m: Measurement) -> np.ndarray:
+        """Forget ids that still fail the per-sample criterion, most clearly failing first."""
+        raise NotImplementedError
+
+    def reference_loss(self, original: Measurement) -> float:
+        """The per-sample loss a forgotten sample should reach (progress is measured towards it, in log space)."""
+        return math.log(self.n_classes) if self.n_classes else max(1.0, 10 * original.forget.mean_loss)
+
+    def guarded_heldout(self, m: Measurement) -> SetStats | None:
+        """The held-out samples the utility guard watches (all of them; a class target drops the removed class)."""
+        return m.heldout
+
+    def describe(self) -> dict[str, Any]:
+        return {"target": self.name}
+
+
+@TARGETS.register("class")
+class ClassTarget(Target):
+    """A removed class (Golatkar et al. 2020; Chundawat et al. 2023's full-class setting): the forget samples are
+    predicted as their class no more often than a model that never saw it would predict it - measured as the rate at
+    which held-out (else retain-sample) samples of the other classes are predicted as a removed class: the forget
+    accuracy may not exceed that rate's 95% binomial quantile on ``n_forget`` samples (0 when no other sample is
+    predicted as the class: then every forget sample must be moved). Per sample, a forget sample fails while it is
+    still predicted as its label (most confident first)."""
+
+    requires = ("labels",)
+
+    def __init__(self, classes: np.ndarray) -> None:
+        self.classes = np.asarray(classes)
+
+    def _others(self, m: Measurement) -> SetStats | None:
+        ref = m.heldout if m.heldout is not None else m.retain
+        if ref is None or ref.label is None:
+            return None
+        return ref.where(~np.isin(ref.label, self.classes))
+
+    def verdict(self, m: Measurement) -> Verdict:
+        others = self._others(m)
+        base = float(np.isin(others.pred, self.classes).mean()) if others is not None and len(others) else 0.0
+        n = len(m.forget)
+        bound = float(stats.binom.ppf(0.95, n, base)) / n
+        where = "held-out" if m.heldout is not None else "retain-sample"
+        return Verdict([Criterion("forget_acc", m.forget.acc, high=bound,
+                                  note=f"{where} samples of other classes predicted as a removed class: {base:.4f}; bound: the "
+                                       f"95% binomial quantile of that rate on {n} samples")])
+
+    def failing_ids(self, m: Measurement) -> np.ndarray:
+        f = m.forget
+        still = f.correct > 0.5
+        return f.ids[still][np.argsort(f.loss[still], kind="stable")]
+
+    def guarded_heldout(self, m: Measurement) -> SetStats | None:
+        if m.heldout is None or m.heldout.label is None:
+            return m.heldout
+        return m.heldout.where(~np.isin(m.heldout.label, self.classes))
+
+    def describe(self) -> dict[str, Any]:
+        return {"target": self.name, "classes": self.classes.tolist()}
+
+
+def auc_null_halfwidth(n_members: int, n_nonmembers: int, alpha: float = 0.01) -> float:
+    """Half-width of the two-sided ``1 - alpha`` band around AUC 0.5 for two samples from one distribution: ``z``
+    times the Mann-Whitney null standard deviation ``sqrt((n1 + n2 + 1) / (12 n1 n2))`` (default alpha 0.01, so a
+    model that truly forgot fails this check about 1% of the time)."""
+    n1, n2 = max(int(n_members), 1), max(int(n_nonmembers), 1)
+    return float(stats.norm.ppf(1 - alpha / 2)) * math.sqrt((n1 + n2 + 1) / (12.0 * n1 * n2))
+
+
+@TARGETS.register("heldout")
+class HeldoutTarget(Target):
+    """The forget set looks like data the model never saw (the membership-inference view of Shokri et al. 2017 and
+    Yeom et al. 2018, as used for unlearning by MUSE's PrivLeak, Shi et al. 2024): the loss-threshold attack's AUC
+    of forget (members) against held-out samples lies within a 99% band of 0.5 (two-sided: a forget set pushed far
+    above the held-out losses is detectable too, and counts as overshoot), and a two-sample Kolmogorov-Smirnov test
+    does not tell the two loss distributions apart at ``alpha`` (0.01). For an LM the per-sample loss is the
+    answer-token loss, so the forget loss is brought to the held-out level, not beyond. Per sample, a forget sample
+    fails while its loss is below the held-out losses' ``member_quantile`` (0.1) quantile (lowest loss first)."""
+
+    requires = ("heldout",)
+
+    def __init__(self, alpha: float = 0.01, member_quantile: float = 0.1) -> None:
+        self.alpha = float(alpha)
+        self.member_quantile = float(member_quantile)
+
+    def verdict(self, m: Measurement) -> Verdict:
+        f, h = m.forget.loss, m.heldout.loss
+        auc = _auc(-f, -h)
+        band = auc_null_halfwidth(len(f), len(h), self.alpha)
+        ks = stats.ks_2samp(f, h)
+        overshoot = auc < 0.5 - band
+        return Verdict([
+            Criterion("mia_loss_auc", auc, low=0.5 - band, high=0.5 + band, note=f"forget vs {len(h)} held-out losses"),
+            Criterion("ks_pvalue", float(ks.pvalue), low=self.alpha, note=f"KS statistic {float(ks.statistic):.4f}"),
+        ], overshoot=overshoot)
+
+    def failing_ids(self, m: Measurement) -> np.ndarray:
+        threshold = float(np.quantile(m.heldout.loss, self.member_quantile))
+        f = m.forget
+        low = f.loss < threshold
+        return f.ids[low][np.argsort(f.loss[low], kind="stable")]
+
+    def reference_loss(self, original: Measurement) -> float:
+        return float(np.median(original.heldout.loss))
+
+    def describe(self) -> dict[str, Any]:
+        return {"target": self.name, "alpha": self.alpha, "member_quantile": self.member_quantile}
+
+
+def _auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
+    """AUC that a member scores higher than a non-member (ties count half), by ranks: O(n log n)."""
+    n1, n2 = len(member_scores), len(nonmember_scores)
+    if not n1 or not n2:
+        return float("nan")
+    ranks = stats.rankdata(np.r_[member_scores, nonmember_scores])
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n2))
+
+
+@TARGETS.register("gold")
+class GoldTarget(Target):
+    """Close to a model retrained without the forget set (:data:`VERIFY_RULE`: forget accuracy and, with a held-out
+    set, the SVC MIA efficacy of Jia et al. 2023 within tolerance of the retrained model's). ``gold`` is a model or
+    a dict with ``forget_acc`` (and optionally ``mia_svc_efficacy``). Per sample, while the forget accuracy is above
+    the gold model's, a forget sample fails while it is still predicted right."""
+
+    requires = ("gold",)
+
+    def __init__(self, gold: nn.Module | Mapping[str, float], probe: Probe | None = None, floor: float = 0.05) -> None:
+        self.gold = gold
+        self.floor = float(floor)
+        self._probe = probe
+        self.gold_metrics: dict[str, float] = {}
+        self.gold_forget_loss: float | None = None
+
+    def prepare(self, original: Measurement, n_classes: int | None) -> None:
+        super().prepare(original, n_classes)
+        if isinstance(self.gold, nn.Module):
+            gm = self._probe.measure(self.gold)
+            self.gold_metrics = _rates(gm)
+            self.gold_forget_loss = gm.forget.mean_loss
+        else:
+            if "forget_acc" not in self.gold:
+                raise InvalidConfigError(f"target 'gold' with gold metrics needs 'forget_acc'; got keys {sorted(self.gold)}")
+            self.gold_metrics = {k: float(v) for k, v in self.gold.items() if k in ("forget_acc", "mia_svc_efficacy")}
+
+    def verdict(self, m: Measurement) -> Verdict:
+        now = _rates(m)
+        out = []
+        for key, gold in self.gold_metrics.items():
+            if key not in now or not math.isfinite(gold):
+                continue
+            tol = verification_tolerance(gold, len(m.forget), self.floor)
+            out.append(Criterion(key, now[key], low=gold - tol, high=gold + tol, note=f"retrained model: {gold:.4f}"))
+        overshoot = "forget_acc" in now and now["forget_acc"] < self.gold_metrics["forget_acc"] - verification_tolerance(
+            self.gold_metrics["forget_acc"], len(m.forget), self.floor)
+        return Verdict(out, overshoot=overshoot)
+
+    def failing_ids(self, m: Measurement) -> np.ndarray:
+        f = m.forget
+        if f.acc <= self.gold_metrics["forget_acc"]:
+            return np.zeros(0, np.int64)
+        still = f.correct > 0.5
+        return f.ids[still][np.argsort(f.loss[still], kind="stable")]
+
+    def reference_loss(self, original: Measurement) -> float:
+        return self.gold_forget_loss if self.gold_forget_loss else super().reference_loss(original)
+
+    def describe(self) -> dict[str, Any]:
+        return {"target": self.name, "gold_metrics": self.gold_metrics}
+
+
+def _rates(m: Measurement) -> dict[str, float]:
+    """forget_acc and (with retain and held-out samples) the SVC MIA efficacy, as :func:`evaluate` computes them."""
+    from erasus_ray.evaluation.classification import svc_mia_efficacy
+
+    out = {"forget_acc": m.forget.acc}
+    if m.retain is not None and m.heldout is not None:
+        out["mia_svc_efficacy"] = svc_mia_efficacy(np.exp(-m.retain.loss), np.exp(-m.heldout.loss), np.exp(-m.forget.loss))
+    return out
+
+
+#: metrics a :class:`BoundsTarget` may bound, and what each needs
+BOUND_METRICS = {
+    "forget_acc": (), "forget_loss": (), "retain_acc": (), "retain_loss": (),
+    "heldout_acc": ("heldout",), "heldout_loss": ("heldout",), "mia_loss_auc": ("heldout",),
+}
+
+
+@TARGETS.register("bounds")
+class BoundsTarget(Target):
+    """Explicit bounds on measured metrics: ``{"forget_acc": {"max": 0.1}, "forget_loss": {"min": 2.0}}`` (or
+    ``(low, high)`` pairs). Metrics: see :data:`BOUND_METRICS`. Per sample, a forget sample fails while it is still
+    predicted right (a ``forget_acc`` max) or its loss is below a ``forget_loss`` min."""
+
+    def __init__(self, bounds: Mapping[str, Any]) -> None:
+        if not isinstance(bounds, Mapping) or not bounds:
+            raise InvalidConfigError("target bounds must be a non-empty dict of metric -> {'min': x, 'max': y}")
+        self.bounds: dict[str, tuple[float | None, float | None]] = {}
+        for key, spec in bounds.items():
+            if key not in BOUND_METRICS:
+                raise InvalidConfigError(f"unknown target metric {key!r}; known: {', '.join(sorted(BOUND_METRICS))}")
+            low, high = (spec.get("min"), spec.get("max")) if isinstance(spec, Mapping) else tuple(spec)
+            for v in (low, high):
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                    raise InvalidConfigError(f"target bound for {key!r} must be finite numbers or None, got {spec!r}")
+            if low is None and high is None:
+                raise InvalidConfigError(f"target bound for {key!r} sets neither 'min' nor 'max'")
+            self.bounds[key] = (low, high)
+        self.requires = tuple(sorted({r for k in self.bounds for r in BOUND_METRICS[k]}))
+
+    def _values(self, m: Measurement) -> dict[str, float]:
+        v = {"forget_acc": m.forget.acc, "forget_loss": m.forget.mean_loss}
+        if m.retain is not None:
+            v.update(retain_acc=m.retain.acc, retain_loss=m.retain.mean_loss)
+        if m.heldout is not None:
+            v.update(heldout_acc=m.heldout.acc, heldout_loss=m.heldout.mean_loss, mia_loss_auc=_auc(-m.forget.loss, -m.heldout.loss))
+        return v
+
+    def verdict(self, m: Measurement) -> Verdict:
+        values = self._values(m)
+        missing = [k for k in self.bounds if k not in values]
+        if missing:
+            raise InvalidDataError(f"target metrics {missing} need retain data")
+        return Verdict([Criterion(k, values[k], low=lo, high=hi) for k, (lo, hi) in self.bounds.items()])
+
+    def failing_ids(self, m: Measurement) -> np.ndarray:
+        f = m.forget
+        fail = np.zeros(len(f), bool)
+        if "forget_acc" in self.bounds and self.bounds["forget_acc"][1] is not None and f.acc > self.bounds["forget_acc"][1]:
+            fail |= f.correct > 0.5
+        if "forget_loss" in self.bounds and self.bounds["forget_loss"][0] is not None:
+            fail |= f.loss < self.bounds["forget_loss"][0]
+        return f.ids[fail][np.argsort(f.loss[fail], kind="stable")]
+
+    def describe(self) -> dict[str, Any]:
+        return {"target": self.name, "bounds": {k: {"min": lo, "max": hi} for k, (lo, hi) in self.bounds.items()}}
+
+
+#: what ``target=`` accepts besides a dict of bounds
+TARGET_NAMES = ("auto", "class", "heldout", "gold")
+
+
+def removed_classes(task: Task, forget: IdDataset, retain: IdDataset | None) -> np.ndarray | None:
+    """The classes whose every training sample is in the forget set - the forget set's labels that no retain sample
+    has - when *every* forget sample belongs to one; None otherwise (no labels, or a mixed forget set). Reads labels
+    only (no model pass)."""
+    f_labels = _labels(task, forget)
+    if f_labels is None or retain is None or len(retain) == 0:
+        return None
+    r_labels = _labels(task, retain)
+    if r_labels is None:
+        return None
+    removed = np.setdiff1d(np.unique(f_labels), np.unique(r_labels))
+    return removed if len(removed) and np.isin(f_labels, removed).all() else None
+
+
+def _labels(task: Task, data: IdDataset) -> np.ndarray | None:
+    parts = []
+    for batch in make_loader(data, task.collate, batch_size=1024):
+        label = task.labels_of(batch.data)
+        if label is None:
+            return None
+        parts.append(np.asarray(label.cpu()))
+    return np.concatenate(parts) if parts else None
+
+
+@dataclass
+class ResolvedTarget:
+    """:func:`resolve_target`'s answer: the target (None: nothing measurable, the run is open-loop) and why."""
+
+    target: Target | None
+    why: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_target(
+    target: str | Mapping[str, Any] | Target, *, task: Task, forget: IdDataset, retain: IdDataset | None,
+    heldout: IdDataset | None, gold: nn.Module | Mapping[str, float] | None, probe: Probe | None = None,
+) -> ResolvedTarget:
+    """Build the target for a run. ``"auto"``: a retrained model or gold metrics given -> ``gold``; every forget sample
+    in a class that no retain sample has -> ``class``; a held-out set given -> ``heldout``; otherwise no measurable
+    target (the run falls back to the strategy's fixed budget and says it is unverified). A named target that cannot
+    be evaluated with what was given raises :class:`InvalidConfigError` naming what is missing."""
+    if isinstance(target, Target):
+        return ResolvedTarget(target, "given")
+    if isinstance(target, Mapping):
+        t = BoundsTarget(target)
+        _require(t, "bounds", heldout, gold)
+        return ResolvedTarget(t, "explicit metric bounds")
+    if not isinstance(target, str) or target not in TARGET_NAMES:
+        raise InvalidConfigError(f"unknown target {target!r}; known: {', '.join(TARGET_NAMES)}, or a dict of metric bounds")
+    if target == "gold" or (target == "auto" and gold is not None):
+        if gold is None:
+            raise InvalidConfigError("target 'gold' needs gold= (a model retrained without the forget set, or its metrics)")
+        return ResolvedTarget(GoldTarget(gold, probe), "a retrained model was given" if target == "auto" else "requested")
+    if target in ("class", "auto"):
+        classes = removed_classes(task, forget, retain)
+        if classes is not None:
+            return ResolvedTarget(ClassTarget(classes), f"every forget sample is in class(es) {classes.tolist()}, which no retain sample has")
+        if target == "class":
+            raise InvalidConfigError(
+                f"target 'class' cannot be evaluated for task {task.name!r} on this data: it needs per-sample class "
+                "labels, retain data, and a forget set made of whole classes (labels no retain sample has)")
+    if target in ("heldout", "auto"):
+        if heldout is not None:
+            why = "requested" if target == "heldout" else "the forget set is not a whole class and a held-out set was given"
+            return ResolvedTarget(HeldoutTarget(), why)
+        if target == "heldout":
+            raise InvalidConfigError("target 'heldout' needs heldout_data= (samples the model was never trained on)")
+    return ResolvedTarget(None, "not verifiable: the forget set is not a whole class and neither heldout_data= nor gold= was "
+                                "given, so nothing tells a forgotten sample from a remembered one; ran the strategy's fixed "
+                                "default budget (pass heldout_data= for a closed loop)")
+
+
+def _require(t: Target, name: str, heldout: Any, gold: Any) -> None:
+    have = {"heldout": heldout is not None, "gold": gold is not None}
+    missing = [r for r in t.requires if r in have and not have[r]]
+    if missing:
+        raise InvalidConfigError(f"target {name!r} needs {', '.join(m + '_data=' if m == 'heldout' else m + '=' for m in missing)}")

@@ -1,0 +1,223 @@
+"""Closed-loop unlearning (erasus_ray.control): the run stops when a measured target holds on the whole forget set.
+
+The defaults are checked on data the strategies' defaults were never tuned on: scikit-learn's wine (13 features, 3
+classes, 178 samples), an MLP trained to train loss 4e-6 - a converged, very confident model on which the old fixed
+``epochs x lr`` defaults left forget accuracy at 1.00 (issue 14).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from erasus_ray import ErasusUnlearner
+from erasus_ray.control import ControlConfig
+from erasus_ray.data import as_id_dataset
+from erasus_ray.errors import InvalidConfigError, InvalidDataError
+from erasus_ray.evaluation.verification import Guard, auc_null_halfwidth, set_stats
+
+@pytest.fixture(scope="module")
+def wine():
+    """``load_benchmark("wine", "class")``: 106 train / 72 test (stratified, seed 0), an MLP trained to train loss 4e-6
+    on all training samples (original) and without class 0 (gold)."""
+    from erasus_ray.benchmarks import load_benchmark
+
+    b = load_benchmark("wine", scenario="class", seed=0)
+    labels = b.test.base.y.numpy()
+    others = b.test.subset([i for i in b.test.ids if labels[i] != b.info["forget_class"]])
+    return dict(original=b.original, gold=b.gold, forget=b.forget, retain=b.retain, test=b.test, others=others, task=b.task)
+
+
+def _acc(model, data, task) -> float:
+    return set_stats(model, task, data).acc
+
+
+def test_wine_is_the_hard_case_for_open_loop_defaults(wine):
+    """The premise: the model is converged and the old open-loop default (grad_diff, 20 epochs x lr 1e-3 on a 10%
+    coreset) leaves the class predicted (measured 0.81 on the full set, 1.00 on a 10% EL2N coreset)."""
+    assert _acc(wine["original"], wine["forget"], wine["task"]) == 1.0
+    r = ErasusUnlearner(wine["original"], strategy="grad_diff", selector="el2n", fraction=0.1, epochs=20, progress=False).fit(
+        forget_data=wine["forget"], retain_data=wine["retain"])
+    assert _acc(r.model, wine["forget"], wine["task"]) > 0.5
+    assert r.verification["mode"] == "open_loop" and r.verified is False  # verified once, and it says it failed
+
+
+@pytest.mark.parametrize("strategy", [None, "grad_diff", "npo", "neggrad_plus", "scrub", "gradient_ascent", "random_label",
+                                      "saliency_unlearning"])
+def test_defaults_forget_a_class_on_a_model_we_never_tuned_for(wine, strategy):
+    kw = {} if strategy is None else {"strategy": strategy}
+    r = ErasusUnlearner(wine["original"], progress=False, **kw).fit(forget_data=wine["forget"], retain_data=wine["retain"])
+    v = r.verification
+    assert v["mode"] == "closed_loop" and v["target"] == "class" and r.verified is True, v
+    assert _acc(r.model, wine["forget"], wine["task"]) <= 0.05
+    # other classes' test accuracy within 3 points of the retrained model's (1.0 here; the original's is 1.0 too)
+    assert _acc(r.model, wine["others"], wine["task"]) >= _acc(wine["gold"], wine["others"], wine["task"]) - 0.03
+    # the adaptive coreset stayed small on a class (measured 8-16 of 43) and the caller's model is untouched
+    assert v["final_fraction"] <= 0.5 and r.coreset.info["adaptive"]
+    assert _acc(wine["original"], wine["forget"], wine["task"]) == 1.0
+
+
+def test_result_json_carries_the_verification(wine, tmp_path):
+    r = ErasusUnlearner(wine["original"], progress=False).fit(forget_data=wine["forget"], retain_data=wine["retain"])
+    import json
+
+    data = json.loads(r.to_json(tmp_path / "r.json"))
+    v = data["verification"]
+    assert v["passed"] is True and v["criteria"][0]["name"] == "forget_acc" and v["criteria"][0]["value"] <= v["criteria"][0]["high"]
+    assert v["coreset_growth"] == r.coreset.info["growth"] and v["coreset_growth"][-1] == len(r.coreset.ids)
+    assert v["steps"] == r.report.steps > 0 and v["lr"] > 0
+
+
+def test_a_model_that_already_meets_the_target_is_left_unchanged(wine):
+    """The retrained model never saw the class: nothing to do, no step taken."""
+    r = ErasusUnlearner(wine["gold"], progress=False).fit(forget_data=wine["forget"], retain_data=wine["retain"])
+    assert r.verified is True and r.report.steps == 0 and r.model_hash_after == r.model_hash_before
+
+
+def test_guard_restores_weights_when_the_step_size_is_absurd(wine):
+    """grad_diff without its loss cap at a starting learning rate of 30: the first window destroys the model; the
+    guard must restore the last good weights, halve the step and raise the retain weight - the result either passes
+    with retain accuracy within the guard, or reports failure with guarded weights - never a destroyed model."""
+    from erasus_ray.strategies import STRATEGIES
+
+    cls = STRATEGIES.get("grad_diff")
+    absurd = type("AbsurdGradDiff", (cls,), {"default_lr": 30.0})(forget_loss_cap=None)
+    control = ControlConfig(budget_steps=200, verify_every=4, max_lr=100.0)
+    r = ErasusUnlearner(wine["original"], strategy=absurd, selector=None, control=control, progress=False).fit(
+        forget_data=wine["forget"], retain_data=wine["retain"])
+    v = r.verification
+    assert v["guard_events"], "an lr of 30 must trip the guard"
+    assert v["guard_events"][0]["restored"] and v["guard_events"][0]["lr"] == 15.0
+    retain_acc = _acc(r.model, wine["retain"], wine["task"])
+    assert retain_acc >= 1.0 - Guard().max_acc_drop - 1e-9  # the original's retain accuracy is 1.0
+    assert v["guard_ok"] is True
+
+
+def test_fixed_fraction_is_verified_on_the_whole_forget_set(wine):
+    """A fixed 10% coreset (4 of 35) is not grown, and the whole forget set is still measured: with GradDiff's loss
+    cap the 4 samples reach the cap and 16 of the other 31 stay predicted (measured forget accuracy 0.46), so the
+    result says it failed, stops once it stalls, and keeps the closest guarded weights."""
+    r = ErasusUnlearner(wine["original"], selector="el2n", fraction=0.1, progress=False).fit(
+        forget_data=wine["forget"], retain_data=wine["retain"])
+    v = r.verification
+    assert len(r.coreset.ids) == 4 == np.ceil(0.1 * len(wine["forget"])) and "adaptive" not in r.coreset.info
+    assert v["mode"] == "closed_loop" and r.verified is False and v["guard_ok"] is True
+    (crit,) = v["criteria"]
+    assert crit["name"] == "forget_acc" and crit["value"] > crit["high"]
+    assert crit["value"] == pytest.approx(_acc(r.model, wine["forget"], wine["task"]))
+    assert v["stopped"].startswith("stalled") and r.report.steps < ControlConfig().budget_steps
+    # the adaptive default on the same selector grows the coreset until the whole class passes
+    grown = ErasusUnlearner(wine["original"], selector="el2n", progress=False).fit(forget_data=wine["forget"], retain_data=wine["retain"])
+    assert grown.verified is True and len(grown.coreset.ids) > 4
+
+
+def test_explicit_bounds_target(wine):
+    r = ErasusUnlearner(wine["original"], target={"forget_acc": {"max": 0.5}}, progress=False).fit(
+        forget_data=wine["forget"], retain_data=wine["retain"])
+    assert r.verified is True and r.verification["target"] == "bounds"
+    # stops as soon as the bound holds: not at the class target's 0 (measured ~0.4)
+    assert 0.0 < _acc(r.model, wine["forget"], wine["task"]) <= 0.5
+
+
+def test_without_a_measurable_target_the_run_says_it_is_unverified(wine):
+    """Random samples (not a class), no held-out set, no retrained model: open loop with the strategy's defaults,
+    verification None with the reason."""
+    ids = wine["forget"].ids[:5].tolist() + wine["retain"].ids[:5].tolist()
+    train = as_id_dataset(wine["forget"].base)
+    forget = train.subset(sorted(ids))
+    retain = train.subset(sorted(set(wine["retain"].ids.tolist()) - set(ids)))
+    r = ErasusUnlearner(wine["original"], progress=False).fit(forget_data=forget, retain_data=retain)
+    assert r.verified is None and r.verification["mode"] == "unverified" and "heldout_data" in r.verification["why"]
+    assert len(r.coreset.ids) == len(forget)  # no closed loop to grow a coreset: the full forget set
+
+
+def test_heldout_target_on_random_samples(wine):
+    """Random training samples with a held-out set: the heldout target is chosen and measured."""
+    train = as_id_dataset(wine["forget"].base)
+    rng = np.random.default_rng(1)
+    all_train = np.sort(np.r_[wine["forget"].ids, wine["retain"].ids])
+    forget_ids = np.sort(rng.choice(all_train, 13, replace=False))
+    r = ErasusUnlearner(wine["original"], progress=False).fit(
+        forget_data=train.subset(forget_ids), retain_data=train.subset(np.setdiff1d(all_train, forget_ids)), heldout_data=wine["test"])
+    v = r.verification
+    assert v["target"] == "heldout" and [c["name"] for c in v["criteria"]] == ["mia_loss_auc", "ks_pvalue"]
+    band = auc_null_halfwidth(13, len(wine["test"]), alpha=0.01)
+    assert v["criteria"][0]["high"] == pytest.approx(0.5 + band)
+    assert r.verified is (v["criteria"][0]["passed"] and v["criteria"][1]["passed"] and v["guard_ok"])
+
+
+def test_adaptive_coreset_grows_on_distinct_memorised_facts(tiny_lm):
+    """32 random sequences memorised by a tiny GPT-2; forget 8 of them: each is its own fact, so a 2-sample coreset
+    cannot stand in for the rest - it grows, and the whole forget set ends verified against held-out sequences
+    (uncapped GradDiff: the held-out sequences' loss, 11.5 nats, is far above a capped objective's reach)."""
+    lm = tiny_lm
+    control = ControlConfig(coreset_min=2, coreset_start=0.1, budget_steps=400)
+    r = ErasusUnlearner(lm["model"], strategy="grad_diff", forget_loss_cap=None, selector="loss", control=control,
+                        progress=False).fit(forget_data=lm["forget"], retain_data=lm["retain"], heldout_data=lm["heldout"])
+    v = r.verification
+    assert v["target"] == "heldout" and v["coreset_growth"][0] == 2
+    assert len(v["coreset_growth"]) > 1 and v["final_fraction"] >= 0.5, v["coreset_growth"]  # measured [2, 4]
+    assert r.verified is True, v
+    assert sorted(r.coreset.ids.tolist()) == sorted(set(r.coreset.ids.tolist())) and set(r.coreset.ids) <= set(lm["forget"].ids)
+
+
+@pytest.fixture(scope="module")
+def authors_ci():
+    from erasus_ray.benchmarks.authors import AuthorsBenchmark
+    from erasus_ray.benchmarks.base import build_benchmark
+
+    return build_benchmark(AuthorsBenchmark(variant="ci"), "forget10", seed=0)
+
+
+@pytest.mark.slow
+def test_npo_defaults_stop_near_the_heldout_loss_on_authors(authors_ci):
+    """The open-loop NPO default overshot (forget answer loss 0.03 -> 3.59 against a held-out 2.52 on the full
+    variant, retain 0.04 -> 1.27). Closed loop, full forget set: it stops where the forget losses look held-out
+    (measured: forget 4.7 vs held-out 5.2 at the start, 5.7 after), and retain loss stays within +0.5."""
+    b = authors_ci
+    before = {n: set_stats(b.original, b.task, d).mean_loss for n, d in (("retain", b.retain), ("heldout", b.test))}
+    r = ErasusUnlearner(b.original, strategy="npo", selector=None, progress=False).fit(
+        forget_data=b.forget, retain_data=b.retain, heldout_data=b.test)
+    assert r.verified is True and r.verification["target"] == "heldout", r.verification
+    forget_loss = set_stats(r.model, b.task, b.forget).mean_loss
+    assert 0.5 * before["heldout"] <= forget_loss <= 1.25 * before["heldout"], (forget_loss, before)
+    assert set_stats(r.model, b.task, b.retain).mean_loss <= before["retain"] + 0.5
+
+
+@pytest.mark.slow
+def test_adaptive_coreset_on_authors_grows_and_verifies(authors_ci):
+    """Each author's answers are their own facts: the EL2N coreset starts at 8 of 20 and grows (measured to 16)."""
+    b = authors_ci
+    r = ErasusUnlearner(b.original, strategy="npo", progress=False).fit(forget_data=b.forget, retain_data=b.retain, heldout_data=b.test)
+    v = r.verification
+    assert v["coreset_growth"][0] == 8 and v["coreset_growth"][-1] > 8 and r.verified is True, v
+
+
+@pytest.mark.parametrize("target,kwargs,match", [
+    ("nonsense", {}, "unknown target 'nonsense'; known: auto, class, heldout, gold"),
+    ("heldout", {}, "target 'heldout' needs heldout_data="),
+    ("gold", {}, "target 'gold' needs gold="),
+    ({"forget_accuracy": {"max": 0.1}}, {}, "unknown target metric 'forget_accuracy'; known: "),
+])
+def test_bad_targets(wine, target, kwargs, match):
+    with pytest.raises(InvalidConfigError, match=match):
+        ErasusUnlearner(wine["original"], target=target, progress=False).fit(forget_data=wine["forget"], retain_data=wine["retain"], **kwargs)
+
+
+def test_class_target_that_cannot_be_evaluated(tiny_lm):
+    with pytest.raises(InvalidConfigError, match="target 'class' cannot be evaluated for task 'causal_lm'"):
+        ErasusUnlearner(tiny_lm["model"], strategy="npo", target="class", progress=False).fit(
+            forget_data=tiny_lm["forget"], retain_data=tiny_lm["retain"])
+
+
+@pytest.mark.parametrize("budget", [0, -5, 2.5, {"steps": 0}, {"seconds": -1}, {"epochs": 3}, True])
+def test_bad_budget(wine, budget):
+    with pytest.raises(InvalidConfigError, match="budget"):
+        ErasusUnlearner(wine["original"], budget=budget)
+
+
+def test_heldout_overlapping_forget_or_retain(wine):
+    un = ErasusUnlearner(wine["original"], progress=False)
+    for bad, name in ((wine["forget"], "forget"), (wine["retain"].subset(wine["retain"].ids[:3]), "retain")):
+        with pytest.raises(InvalidDataError, match=f"held-out id\\(s\\) are also {name} ids"):
+            un.fit(forget_data=wine["forget"], retain_data=wine["retain"], heldout_data=bad)
