@@ -11,6 +11,8 @@ from erasus_ray.distributed import PoolSpec, ScoringPool, shard_ids
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.selectors import SELECTORS, Coreset, Selector, get_selector
 
+from _tolerances import assert_float32_close
+
 ray = pytest.importorskip("ray")
 
 
@@ -21,7 +23,8 @@ def test_score_selectors_sharded_equal_single_process(name, digits_class, ray_cl
     pooled = ScoringPool(PoolSpec(num_actors=2)).select(get_selector(name), b.original, b.forget, task=b.task, fraction=0.1, seed=0)
     assert pooled.ids.tolist() == single.ids.tolist()
     assert pooled.info["shards"] == 2 and pooled.info["distributed"] == "ray:scores"
-    assert pooled.scores == pytest.approx(single.scores, rel=1e-5)
+    # a shard is batched differently from the whole set: scores equal up to float32 rounding
+    assert_float32_close(pooled.scores, single.scores)
 
 
 def test_pool_reuses_its_actors_and_scores_each_requests_model(digits_class, ray_cluster):
@@ -44,7 +47,8 @@ def test_pool_reuses_its_actors_and_scores_each_requests_model(digits_class, ray
         assert [a._actor_id.hex() for a in pool._handles] == handles  # same actors, no second start-up
     assert pool._handles == []  # closed on leaving the block
     single = selector.select(changed, b.forget, task=b.task, fraction=0.1, seed=0)
-    assert second.ids.tolist() == single.ids.tolist() and second.scores == pytest.approx(single.scores, rel=1e-5)
+    assert second.ids.tolist() == single.ids.tolist()
+    assert_float32_close(second.scores, single.scores)
     assert second.scores != pytest.approx(first.scores, rel=1e-3)
 
 

@@ -7,6 +7,8 @@ import torch
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors import get_selector
 
+from _tolerances import assert_float32_close
+
 
 @pytest.mark.parametrize("importance", ["norm", "label"])
 def test_classifier_by_hand(digits_class, importance):
@@ -26,7 +28,7 @@ def test_classifier_by_hand(digits_class, importance):
     a = alpha.norm(dim=1) if importance == "norm" else alpha.gather(1, y[:, None]).squeeze(1).abs()
     manual = (a * f.norm(dim=1)).numpy()
     got = np.array([core.scores[int(i)] for i in b.forget.ids])
-    np.testing.assert_allclose(got, manual, rtol=1e-5, atol=1e-9)
+    assert_float32_close(got, manual)  # batches of 128 vs one of all rows: float32 rounding
     ids = b.forget.ids
     assert core.ids.tolist() == ids[np.lexsort((ids, -manual))[:5]].tolist()
 
@@ -50,7 +52,7 @@ def test_lm_by_hand(tiny_lm):
         alpha = -(probs - onehot) / len(pos) / (2 * lam * n)
         manual.append(float(alpha.norm() * feats.norm()))
     got = [core.scores[int(i)] for i in forget.ids]
-    np.testing.assert_allclose(got, manual, rtol=1e-4)
+    assert_float32_close(got, manual)  # padded batch vs one sequence at a time
 
 
 def test_bad_arguments():

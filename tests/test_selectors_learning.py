@@ -20,6 +20,8 @@ from erasus_ray.selectors.forgetting_events import count_forgetting_events
 from erasus_ray.selectors.valuation_network import _spearman
 from erasus_ray.tasks import ClassificationTask
 
+from _tolerances import assert_float32_close
+
 
 def _linear_problem(n=12, d=4, c=3, seed=0):
     """A fixed affine classifier (float64) on random points; labels are arbitrary classes."""
@@ -48,7 +50,7 @@ def test_loss_equals_cross_entropy_and_keeps_highest(digits_class):
     y = torch.stack([b.forget.sorted()[i][1][1] for i in range(len(ids))])
     with torch.no_grad():
         manual = nn.functional.cross_entropy(b.original(x), y, reduction="none").numpy()
-    np.testing.assert_allclose(_scores(core, ids), manual, rtol=1e-5, atol=1e-7)
+    assert_float32_close(_scores(core, ids), manual)  # batches of 128 vs one of all rows: float32 rounding
     assert core.ids.tolist() == ids[np.lexsort((ids, -manual))[:7]].tolist()
 
 
@@ -75,6 +77,7 @@ def test_active_learning_matches_hand_computation(criterion):
 def test_active_learning_lm_is_mean_over_answer_tokens(tiny_lm):
     model, task, forget = tiny_lm["model"], tiny_lm["task"], tiny_lm["forget"].sorted()
     core = get_selector("active_learning").select(model, forget, task=task, k=2)
+    manual = []
     for row in range(3):
         item = forget[row][1]
         ids = item["input_ids"]
@@ -82,7 +85,8 @@ def test_active_learning_lm_is_mean_over_answer_tokens(tiny_lm):
             logits = model(ids[None]).logits[0]
         # token t (t >= answer_start) is predicted from position t - 1
         p = logits[item["answer_start"] - 1 : len(ids) - 1].double().softmax(-1)
-        assert core.scores[int(forget.ids[row])] == pytest.approx(float((1 - p.max(-1).values).mean()), rel=1e-5)
+        manual.append(float((1 - p.max(-1).values).mean()))
+    assert_float32_close(_scores(core, forget.ids[:3]), manual)  # a padded batch vs one sequence at a time
 
 
 # ---------------------------------------------------------------------------------------- forgetting events
