@@ -781,3 +781,53 @@ def test_a_shared_ledger_takes_console_submissions_only_with_the_operator_key(tm
     with DeletionLedger(url, operator_key="n" * 20) as led:  # the handle carries the console's key
         assert led.submit(DeletionRequest("r-3", "alice", ids=[3]), owners).operator_action
         assert led.get("r-3").to_dict()["operator_action"] and "operator_key" not in json.dumps(led.export())
+
+
+# ---- two servers on one ledger: batch leases (issue #24 item 10) -------------------------------------------------------
+def two_servers_share_batches_by_lease(url: str, owners: OwnershipRegistry, **handle: object) -> None:
+    """Two ledger handles on one database (two servers): a live lease keeps the other server off the batch without
+    an error; an expired lease (a crashed server) is taken over; the old owner then finds it lost the batch.
+    Shared with the PostgreSQL suite."""
+    import time
+
+    a, b = DeletionLedger(url, **handle), DeletionLedger(url, **handle)
+    try:
+        for k in range(3):
+            a.submit(DeletionRequest(f"r-{k}", "alice", ids=[k]), owners, sender="alice")
+        assert len(a.schedule_pending(batch_id="batch-1", owner="srv-a", lease_s=60, round=1)) == 3
+        assert a.history("r-0")[-1].details == {"batch": "batch-1", "owner": "srv-a", "round": 1}
+        b.submit(DeletionRequest("r-3", "alice", ids=[3]), owners, sender="alice")
+        # srv-b must not join or drive srv-a's live batch: nothing scheduled, no error
+        assert b.schedule_pending(batch_id="batch-1", owner="srv-b", lease_s=60) == []
+        assert b.get("r-3").state == "validated" and not b.claim_batch("batch-1", "srv-b", lease_s=60)
+        lease = b.batch_lease("batch-1")
+        assert lease.owner == "srv-a" and lease.live()
+        assert a.claim_batch("batch-1", "srv-a", lease_s=60)  # renewal by its owner
+        # srv-a crashes: once its lease has run out, srv-b takes the batch over; srv-a (if it wakes) has lost it
+        later = time.time() + 120
+        assert b.claim_batch("batch-1", "srv-b", lease_s=600, now=later)
+        assert b.batch_lease("batch-1").owner == "srv-b" and not a.claim_batch("batch-1", "srv-a", lease_s=60)
+        assert not a.release_batch("batch-1", "srv-a") and b.release_batch("batch-1", "srv-b")
+        assert b.batch_lease("batch-1") is None
+        # a race for a fresh batch: exactly one server schedules it
+        results: dict[str, list] = {}
+        threads = [
+            threading.Thread(target=lambda led=led, who=who: results.__setitem__(who, led.schedule_pending(batch_id="batch-2", owner=who)))
+            for led, who in ((a, "srv-a"), (b, "srv-b"))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(len(v) for v in results.values()) == [0, 1] and a.check_integrity() == []
+        with pytest.raises(InvalidConfigError, match="lease_s"):
+            a.claim_batch("batch-2", "srv-a", lease_s=0)
+        with pytest.raises(InvalidConfigError, match="batch_id"):
+            a.schedule_pending(owner="srv-a")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_two_servers_on_one_sqlite_file_share_batches_by_lease(tmp_path: Path, owners: OwnershipRegistry) -> None:
+    two_servers_share_batches_by_lease(f"sqlite:///{tmp_path / 'shared.db'}", owners)

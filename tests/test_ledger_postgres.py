@@ -227,3 +227,23 @@ def test_fuzzed_and_nul_bearing_requests_are_rejected_not_crashing(pg_db: str, o
             entry = led.submit(payload, owners, limits)
             assert entry.state == "rejected" and entry.state_reason and entry.error_code, (payload, entry)
         assert led.check_integrity() == [] and led.export(hash_ids=True)
+
+
+def test_two_servers_share_batches_by_lease_on_postgresql(pg_db: str, owners: OwnershipRegistry) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_ledger import two_servers_share_batches_by_lease
+
+    two_servers_share_batches_by_lease(pg_db, owners, operator_key=KEY)
+
+
+def test_a_shared_ledger_refuses_console_submissions_without_an_operator_key(pg_bare: str, owners: OwnershipRegistry) -> None:
+    from erasus_ray.errors import UnauthorizedRequestError
+
+    with DeletionLedger(pg_bare) as led:
+        assert led.shared
+        with pytest.raises(UnauthorizedRequestError, match="set-operator-key") as info:
+            led.submit(DeletionRequest("r-1", "alice", ids=[1]), owners)
+        assert info.value.code == "operator_key" and led.entries() == []
+        assert led.submit(DeletionRequest("r-1", "alice", ids=[1]), owners, sender="alice").state == "validated"
