@@ -41,12 +41,12 @@ straight to ``unlearned`` with those stored results - the audit record is the sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import socket
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol
@@ -137,7 +137,7 @@ class ServerConfig:
     # several servers on one ledger (PostgreSQL): a batch is driven by the server holding its lease, renewed between
     # steps; a lease not renewed for this long marks a crashed server, and another server takes the batch over
     batch_lease_s: float = 900.0
-    server_id: str = ""  # this server's lease owner id; "" -> <host>:<pid>:<random>
+    server_id: str = ""  # this server's lease owner id; "" -> <host>:<hash of the state folder> (stable over restarts)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ServerConfig":
@@ -196,7 +196,11 @@ class DeletionCoordinator:
         self.clients: list[str] = []
         self.stats = {"rounds": 0, "bytes_sent": 0, "bytes_received": 0, "seconds": {}}
         self._pending_acks: dict[str, list[DeleteAck]] = {}
-        self.server_id = self.config.server_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # the default id is this host and state folder: a server restarted on it resumes its own batches at once (their
+        # lease is still its own), while another server (another host or folder) waits for the lease to expire
+        self.server_id = self.config.server_id or (
+            f"{socket.gethostname()}:{hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]}"
+        )
 
     # ---------------------------------------------------------------- state on disk
 

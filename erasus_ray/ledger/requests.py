@@ -360,7 +360,7 @@ def _refuse_not_own(request: DeletionRequest, unknown: list[int], ownership: Own
         return
     bad = sorted(set(unknown) | set(foreign))
     err = UnauthorizedRequestError(
-        f"{len(bad)} of the requested id(s) are not {request.client_id!r}'s own: {bad[:10]}{' ...' if len(bad) > 10 else ''}",
+        f"client {request.client_id!r} does not own {len(bad)} of the requested id(s): {bad[:10]}{' ...' if len(bad) > 10 else ''}",
         code="not_owner",
         request_id=request.request_id,
     )
