@@ -14,7 +14,8 @@ state, so the state always equals the last transition.
 
 Idempotency is per submitter: the key is (``submitter``, client-supplied ``request_id``), where the submitter is the
 authenticated ``sender`` that delivered the request (its Flower node's client) or, without one (the operator's
-console, a local caller), the client the request names. Resubmitting returns the stored entry, never a second one;
+console, a local caller), ``@console/<the client the request names>`` (:func:`console_submitter`): a console
+submission is an operator action (``actor`` ``console:<OS user>``) in a namespace of its own, never the client's. Resubmitting returns the stored entry, never a second one;
 the same key with a different content is refused (``conflict``, a message that names no stored state). Two clients may
 use the same client-supplied id: each gets its own request. The ledger's own key (``LedgerEntry.request_id``, what
 :meth:`transition`, :meth:`get`, ... take) is the client-supplied id when that is free, else
