@@ -427,9 +427,10 @@ class ContinualUnlearner:
         rid = request_id or f"continual-{uuid.uuid4().hex[:16]}"
         key = rid  # the ledger's key (scoped when another client already holds rid)
         if self.ledger is not None:
-            from erasus_ray.ledger import DeletionRequest
+            from erasus_ray.ledger import DeletionRequest, console_submitter
 
-            if self.ledger.find(rid, client_id=self.client_id) is not None:
+            # a local caller submits as the console (no sender): its requests live in the console's namespace
+            if self.ledger.find(rid, client_id=console_submitter(self.client_id)) is not None:
                 raise InvalidRequestError(f"request_id {rid!r} is already in the ledger; use a new one", code="conflict", request_id=rid)
             entry = self.ledger.submit(DeletionRequest(rid, self.client_id, "sample", ids=new_ids.tolist(), reason=reason))
             if entry.state != "validated":

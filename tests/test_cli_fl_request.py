@@ -51,3 +51,30 @@ def test_console_requests_obey_the_server_limits(tmp_path, capsys) -> None:
         assert {e.request_id: e.state for e in ledger.entries()} == {
             "big": "rejected", "ok-1": "validated", "huge": "rejected", "ok-2": "rejected", "ok-3": "validated",
         }
+
+
+def test_a_console_request_is_an_operator_action_and_a_shared_ledger_needs_the_key(tmp_path, capsys, monkeypatch) -> None:
+    """``fl request --ledger --client client-1`` is recorded as the console's act on behalf of client-1 (not as if
+    client-1 had asked); once an operator key is set the console needs it ($ERASUS_RAY_OPERATOR_KEY)."""
+    from erasus_ray.ledger.ledger import console_user
+
+    own = load_federation(FederationSpec(n_clients=10)).partitions["client-1"].tolist()
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    base = ["--client", "client-1", "--ledger", url, "--ids", str(own[0])]
+    code, out = _request(capsys, *base, "--request-id", "c-1")
+    assert code == 0 and out["actor"] == f"console:{console_user()}" and out["on_behalf_of"] == "client-1"
+    with DeletionLedger(url) as ledger:
+        entry = ledger.get("c-1")
+        assert entry.operator_action and entry.submitter == "@console/client-1"
+
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("a-long-operator-secret\n"))
+    assert main(["ledger", "--db", url, "set-operator-key"]) == 0
+    monkeypatch.delenv("ERASUS_RAY_OPERATOR_KEY", raising=False)
+    capsys.readouterr()
+    assert main(["fl", "request", *base, "--request-id", "c-2"]) == 2
+    assert "operator key" in capsys.readouterr().err
+    monkeypatch.setenv("ERASUS_RAY_OPERATOR_KEY", "a-long-operator-secret")
+    code, out = _request(capsys, *base, "--request-id", "c-2")
+    assert code == 0 and out["state"] == "validated"
+    with DeletionLedger(url) as ledger:
+        assert [e.request_id for e in ledger.entries()] == ["c-1", "c-2"]

@@ -26,6 +26,7 @@ from erasus_ray.ledger import (  # noqa: E402
     DeletionRequest,
     OwnershipRegistry,
     RequestLimits,
+    console_submitter,
     hash_id_list,
     scoped_key,
     validate,
@@ -33,6 +34,7 @@ from erasus_ray.ledger import (  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ledger_crash_worker  # noqa: E402
+from erasus_ray.ledger.ledger import SCHEMA_VERSION  # noqa: E402
 
 
 @pytest.fixture
@@ -538,10 +540,10 @@ def test_another_client_resending_a_request_id_learns_nothing_and_squats_nothing
 
 
 def test_without_a_sender_two_clients_may_share_a_request_id(ledger: DeletionLedger, owners: OwnershipRegistry) -> None:
-    """The operator console (no sender): the namespace is the client named in the request."""
+    """The operator console (no sender): the namespace is the console's, per client named in the request."""
     a = ledger.submit(DeletionRequest("same", "alice", ids=[1]), owners)
     b = ledger.submit(DeletionRequest("same", "bob", ids=[10]), owners)
-    assert (a.request_id, b.request_id) == ("same", scoped_key("same", "bob"))
+    assert (a.request_id, b.request_id) == ("same", scoped_key("same", console_submitter("bob")))
     assert a.state == b.state == "validated" and ledger.get(b.request_id).ids == [10]
     assert ledger.submit(DeletionRequest("same", "bob", ids=[10]), owners).seq == b.seq
     assert [e.request().request_id for e in ledger.entries()] == ["same", "same"]  # as each client sent it
@@ -615,7 +617,7 @@ def test_a_version_1_ledger_file_gains_the_batch_column(tmp_path: Path, owners: 
         assert led.get("old").batch_id is None and led.get("old").state == "validated"
         assert led.schedule_pending(batch_id="b-1")[0].batch_id == "b-1"
         with led.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT value FROM ledger_meta WHERE key = 'schema_version'").scalar() == "3"
+            assert conn.exec_driver_sql("SELECT value FROM ledger_meta WHERE key = 'schema_version'").scalar() == str(SCHEMA_VERSION)
 
 
 def test_a_version_2_ledger_file_gains_per_submitter_idempotency(tmp_path: Path, owners: OwnershipRegistry) -> None:
@@ -636,11 +638,11 @@ def test_a_version_2_ledger_file_gains_per_submitter_idempotency(tmp_path: Path,
         assert led.get("old-bad").submitter == "bob" and led.check_integrity() == []
         assert led.submit(DeletionRequest("old", "alice", ids=[1]), owners, sender="alice").seq == old.seq  # idempotent
         with pytest.raises(InvalidRequestError, match="already used"):
-            led.submit(DeletionRequest("old", "alice", ids=[2]), owners)
+            led.submit(DeletionRequest("old", "alice", ids=[2]), owners, sender="alice")
         other = led.submit(DeletionRequest("old", "bob", ids=[10]), owners, sender="bob")
         assert other.state == "validated" and other.request_id == scoped_key("old", "bob")
         with led.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT value FROM ledger_meta WHERE key = 'schema_version'").scalar() == "3"
+            assert conn.exec_driver_sql("SELECT value FROM ledger_meta WHERE key = 'schema_version'").scalar() == str(SCHEMA_VERSION)
             with pytest.raises(Exception, match="UNIQUE"):  # the index is there
                 conn.exec_driver_sql(
                     "INSERT INTO deletion_requests (request_id, client_id, level, reason, fingerprint, state, received_at, updated_at, "
@@ -667,3 +669,165 @@ def test_rate_limit_is_counted_from_the_ledger_and_survives_a_reopen(tmp_path: P
         assert led.submit(DeletionRequest("a-6", "alice", ids=[5]), owners, limits, now=t0 + 62.5).state == "validated"
         assert led.submit(DeletionRequest("a-4", "alice", ids=[3]), owners, limits, now=t0 + 63).state == "validated"  # idempotent
         assert led.check_integrity() == []
+
+
+# ---- hardening (issue #24): timestamps, console attribution, no enumeration oracle -----------------------------------
+@pytest.mark.parametrize("claim", [1e20, 2**70, 4_102_444_801, -1, float("inf")])
+def test_an_out_of_range_created_at_is_refused_at_the_door(ledger: DeletionLedger, owners: OwnershipRegistry, claim) -> None:
+    with pytest.raises(InvalidRequestError, match="created_at") as info:
+        DeletionRequest("r-1", "alice", ids=[1], created_at=claim)
+    assert info.value.code == "malformed"
+    entry = ledger.submit({"request_id": "r-1", "client_id": "alice", "ids": [1], "created_at": claim}, owners, sender="alice")
+    assert entry.state == "rejected" and "created_at" in entry.state_reason and "2100" in entry.state_reason
+    assert ledger.export() and ledger.submit(DeletionRequest("r-2", "alice", ids=[1]), owners, sender="alice").state == "validated"
+    assert DeletionRequest("r-3", "alice", ids=[1], created_at=4_102_444_800).created_at == 4_102_444_800.0  # the bound itself
+
+
+def test_stored_timestamps_no_date_can_show_do_not_break_audit_reads(
+    tmp_path: Path, owners: OwnershipRegistry, capsys: pytest.CaptureFixture
+) -> None:
+    """Rows written before the bound (or by hand): a 1e20 claim, a NaN and text in a timestamp column, a transition
+    at 1e300. Every audit read (API and CLI) still answers, showing what cannot be a date as ``invalid:<value>``."""
+    from erasus_ray.cli import main
+
+    db = tmp_path / "old.db"
+    with DeletionLedger(db) as led:
+        for k in range(3):
+            led.submit(DeletionRequest(f"r-{k}", "alice", ids=[k]), owners)
+        with led.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE deletion_requests SET created_at = 1e20 WHERE request_id = 'r-0'")
+            conn.exec_driver_sql("UPDATE deletion_requests SET created_at = 'junk', updated_at = 'x' WHERE request_id = 'r-1'")
+            conn.exec_driver_sql("UPDATE deletion_transitions SET at = 1e300 WHERE request_id = 'r-2'")
+        audit = {r["request_id"]: r for r in led.export(tmp_path / "audit.json")}
+        assert audit["r-0"]["created_at"] == "invalid:1e+20" and audit["r-1"]["updated_at"] == "invalid:x"
+        assert audit["r-2"]["transitions"][0]["at"] == "invalid:1e+300"
+        assert led.get("r-0").request().created_at == 0.0  # the stored request stays usable (resolve, revalidate)
+        assert led.get("r-1").request().ids == [1]
+    for argv in (["list"], ["list", "--json"], ["export"], ["show", "r-0"], ["show", "r-2"]):
+        capsys.readouterr()
+        assert main(["ledger", "--db", str(db), *argv]) == 0, argv
+        assert "r-" in capsys.readouterr().out
+
+
+def test_a_client_learns_only_that_ids_are_not_its_own(ledger: DeletionLedger, owners: OwnershipRegistry) -> None:
+    """``unknown_ids`` vs ``not_owner`` would tell a client which ids another client holds: one answer for both."""
+    foreign = ledger.submit(DeletionRequest("r-1", "alice", ids=[15]), owners, sender="alice")  # bob's id
+    unknown = ledger.submit(DeletionRequest("r-2", "alice", ids=[999]), owners, sender="alice")  # nobody's
+    assert foreign.error_code == unknown.error_code == "not_owner"
+    assert foreign.state_reason.replace("[15]", "[N]") == unknown.state_reason.replace("[999]", "[N]")
+    mixed = ledger.submit(DeletionRequest("r-3", "alice", ids=[1, 15, 999]), owners, sender="alice")
+    assert mixed.error_code == "not_owner" and "[15, 999]" in mixed.state_reason and "2 of" in mixed.state_reason
+    # the ledger's own audit keeps the split (never sent to the client)
+    assert ledger.history(foreign.request_id)[-1].details["detail"] == {"unknown_ids": 0, "other_clients_ids": 1}
+    assert ledger.history(unknown.request_id)[-1].details["detail"] == {"unknown_ids": 1, "other_clients_ids": 0}
+    with pytest.raises(UnauthorizedRequestError) as info:
+        validate(DeletionRequest("k", "alice", ids=[999]), owners, sender="alice")
+    assert info.value.code == "not_owner"
+    # the operator's console and an operator sender keep the detail
+    assert ledger.submit(DeletionRequest("r-4", "alice", ids=[999]), owners).error_code == "unknown_ids"
+    assert ledger.submit(DeletionRequest("r-5", "server", ids=[999]), owners, sender="server").error_code == "unknown_ids"
+
+
+def test_console_submissions_are_recorded_as_operator_actions(ledger: DeletionLedger, owners: OwnershipRegistry) -> None:
+    from erasus_ray.ledger.ledger import console_user
+
+    entry = ledger.submit(DeletionRequest("r-1", "alice", ids=[1]), owners)  # the console, in alice's name
+    assert entry.operator_action and entry.actor == f"console:{console_user()}" and entry.submitter == console_submitter("alice")
+    assert ledger.history("r-1")[0].details == {"actor": entry.actor, "on_behalf_of": "alice"}
+    shown = entry.to_dict()
+    assert shown["operator_action"] is True and shown["actor"] == entry.actor and shown["client_id"] == "alice"
+    own = ledger.submit(DeletionRequest("r-2", "alice", ids=[2]), owners, sender="alice")
+    assert not own.operator_action and own.actor == "node:alice" and own.submitter == "alice"
+    assert ledger.history(own.request_id)[0].details == {"actor": "node:alice"}
+    with pytest.raises(InvalidConfigError, match="sender"):
+        ledger.submit(DeletionRequest("r-3", "alice", ids=[3]), owners, sender=console_submitter("alice"))
+
+
+def test_a_malformed_console_submission_does_not_squat_the_clients_request_id(
+    ledger: DeletionLedger, owners: OwnershipRegistry
+) -> None:
+    forged = ledger.submit({"request_id": "r-9", "client_id": "alice", "ids": "1"}, owners)  # malformed, alice's name
+    assert forged.state == "rejected" and forged.operator_action
+    # alice's own r-9 is hers: validated, not the console's rejection replayed, not a conflict
+    own = ledger.submit(DeletionRequest("r-9", "alice", ids=[1]), owners, sender="alice")
+    assert own.state == "validated" and own.seq != forged.seq and own.client_request_id == "r-9" and own.submitter == "alice"
+    assert ledger.submit(DeletionRequest("r-9", "alice", ids=[1]), owners, sender="alice").seq == own.seq
+    # an accepted console action in alice's name does not take her id either
+    relayed = ledger.submit(DeletionRequest("r-10", "alice", ids=[2]), owners)
+    mine = ledger.submit(DeletionRequest("r-10", "alice", ids=[3]), owners, sender="alice")
+    assert relayed.state == mine.state == "validated" and relayed.seq != mine.seq and ledger.check_integrity() == []
+
+
+def test_a_shared_ledger_takes_console_submissions_only_with_the_operator_key(tmp_path: Path, owners: OwnershipRegistry) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    key = "k" * 20
+    with DeletionLedger(url) as led:
+        assert not led.shared
+        with pytest.raises(InvalidConfigError, match="16"):
+            led.set_operator_key("short")
+        led.set_operator_key(key)
+        assert led.shared
+        with pytest.raises(UnauthorizedRequestError) as info:
+            led.submit(DeletionRequest("r-1", "alice", ids=[1]), owners)
+        assert info.value.code == "operator_key" and led.entries() == []  # nothing written
+        with pytest.raises(UnauthorizedRequestError, match="wrong"):
+            led.submit(DeletionRequest("r-1", "alice", ids=[1]), owners, operator_key="x" * 20)
+        assert led.submit(DeletionRequest("r-1", "alice", ids=[1]), owners, operator_key=key).state == "validated"
+        # a node's client needs no operator key: its identity is the authenticated sender
+        assert led.submit(DeletionRequest("r-2", "bob", ids=[10]), owners, sender="bob").state == "validated"
+        with pytest.raises(UnauthorizedRequestError, match="current"):
+            led.set_operator_key("n" * 20)
+        led.set_operator_key("n" * 20, current=key)
+    with DeletionLedger(url, operator_key="n" * 20) as led:  # the handle carries the console's key
+        assert led.submit(DeletionRequest("r-3", "alice", ids=[3]), owners).operator_action
+        assert led.get("r-3").to_dict()["operator_action"] and "operator_key" not in json.dumps(led.export())
+
+
+# ---- two servers on one ledger: batch leases (issue #24 item 10) -------------------------------------------------------
+def two_servers_share_batches_by_lease(url: str, owners: OwnershipRegistry, **handle: object) -> None:
+    """Two ledger handles on one database (two servers): a live lease keeps the other server off the batch without
+    an error; an expired lease (a crashed server) is taken over; the old owner then finds it lost the batch.
+    Shared with the PostgreSQL suite."""
+    import time
+
+    a, b = DeletionLedger(url, **handle), DeletionLedger(url, **handle)
+    try:
+        for k in range(3):
+            a.submit(DeletionRequest(f"r-{k}", "alice", ids=[k]), owners, sender="alice")
+        assert len(a.schedule_pending(batch_id="batch-1", owner="srv-a", lease_s=60, round=1)) == 3
+        assert a.history("r-0")[-1].details == {"batch": "batch-1", "owner": "srv-a", "round": 1}
+        b.submit(DeletionRequest("r-3", "alice", ids=[3]), owners, sender="alice")
+        # srv-b must not join or drive srv-a's live batch: nothing scheduled, no error
+        assert b.schedule_pending(batch_id="batch-1", owner="srv-b", lease_s=60) == []
+        assert b.get("r-3").state == "validated" and not b.claim_batch("batch-1", "srv-b", lease_s=60)
+        lease = b.batch_lease("batch-1")
+        assert lease.owner == "srv-a" and lease.live()
+        assert a.claim_batch("batch-1", "srv-a", lease_s=60)  # renewal by its owner
+        # srv-a crashes: once its lease has run out, srv-b takes the batch over; srv-a (if it wakes) has lost it
+        later = time.time() + 120
+        assert b.claim_batch("batch-1", "srv-b", lease_s=600, now=later)
+        assert b.batch_lease("batch-1").owner == "srv-b" and not a.claim_batch("batch-1", "srv-a", lease_s=60)
+        assert not a.release_batch("batch-1", "srv-a") and b.release_batch("batch-1", "srv-b")
+        assert b.batch_lease("batch-1") is None
+        # a race for a fresh batch: exactly one server schedules it
+        results: dict[str, list] = {}
+        threads = [
+            threading.Thread(target=lambda led=led, who=who: results.__setitem__(who, led.schedule_pending(batch_id="batch-2", owner=who)))
+            for led, who in ((a, "srv-a"), (b, "srv-b"))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(len(v) for v in results.values()) == [0, 1] and a.check_integrity() == []
+        with pytest.raises(InvalidConfigError, match="lease_s"):
+            a.claim_batch("batch-2", "srv-a", lease_s=0)
+        with pytest.raises(InvalidConfigError, match="batch_id"):
+            a.schedule_pending(owner="srv-a")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_two_servers_on_one_sqlite_file_share_batches_by_lease(tmp_path: Path, owners: OwnershipRegistry) -> None:
+    two_servers_share_batches_by_lease(f"sqlite:///{tmp_path / 'shared.db'}", owners)

@@ -91,14 +91,26 @@ def pg_url():
         shutil.rmtree(base, ignore_errors=True)
 
 
+#: the operator key set on every test database: a shared ledger takes console submissions only with it
+KEY = "pg-test-operator-key"
+
+
 @pytest.fixture
-def pg_db(pg_url):
-    """A fresh database per test: its SQLAlchemy URL."""
+def pg_bare(pg_url):
+    """A fresh database per test, no operator key set: its SQLAlchemy URL."""
     port = pg_url
     name = f"t{os.getpid()}_{time.monotonic_ns()}"
     with psycopg.connect(f"host=127.0.0.1 port={port} user=erasus dbname=postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return f"postgresql+psycopg://erasus@127.0.0.1:{port}/{name}"
+
+
+@pytest.fixture
+def pg_db(pg_bare):
+    """A fresh database per test with the operator key ``KEY`` set: its SQLAlchemy URL."""
+    with DeletionLedger(pg_bare) as led:
+        led.set_operator_key(KEY)
+    return pg_bare
 
 
 @pytest.fixture
@@ -108,7 +120,7 @@ def owners() -> OwnershipRegistry:
 
 
 def test_lifecycle_idempotency_and_export_on_postgresql(pg_db: str, owners: OwnershipRegistry) -> None:
-    with DeletionLedger(pg_db) as led:
+    with DeletionLedger(pg_db, operator_key=KEY) as led:
         assert led.is_postgresql
         a = led.submit(DeletionRequest("r-1", "alice", ids=[3, 1], reason="GDPR"), owners, sender="alice")
         assert a.state == "validated" and a.request_id == "r-1"
@@ -135,24 +147,24 @@ def test_lifecycle_idempotency_and_export_on_postgresql(pg_db: str, owners: Owne
 
 
 def test_a_version_2_schema_migrates_on_postgresql(pg_db: str, owners: OwnershipRegistry) -> None:
-    with DeletionLedger(pg_db) as led:
+    with DeletionLedger(pg_db, operator_key=KEY) as led:
         led.submit(DeletionRequest("old", "alice", ids=[1]), owners)
         with led.engine.begin() as conn:
             conn.exec_driver_sql("DROP INDEX ux_deletion_requests_submitter_rid")
             conn.exec_driver_sql("ALTER TABLE deletion_requests DROP COLUMN submitter, DROP COLUMN client_request_id")
             conn.exec_driver_sql("UPDATE ledger_meta SET value = '2' WHERE key = 'schema_version'")
-    with DeletionLedger(pg_db) as led:
+    with DeletionLedger(pg_db, operator_key=KEY) as led:
         old = led.get("old")
         assert (old.submitter, old.client_request_id) == ("alice", "old") and led.check_integrity() == []
-        assert led.submit(DeletionRequest("old", "alice", ids=[1]), owners).seq == old.seq
-        assert led.submit(DeletionRequest("old", "bob", ids=[10]), owners).request_id == scoped_key("old", "bob")
+        assert led.submit(DeletionRequest("old", "alice", ids=[1]), owners, sender="alice").seq == old.seq
+        assert led.submit(DeletionRequest("old", "bob", ids=[10]), owners, sender="bob").request_id == scoped_key("old", "bob")
 
 
 def _admitted(url: str, owners: OwnershipRegistry, *, lock: bool, rpm: int = 3, n_threads: int = 8) -> int:
     """n_threads submit distinct requests for one client at the same instant through two engines (two servers); a
     pause right after the rate-limit COUNT makes every transaction count before any other commits unless they are
     serialised. Returns how many were validated."""
-    ledgers = [DeletionLedger(url), DeletionLedger(url)]
+    ledgers = [DeletionLedger(url, operator_key=KEY), DeletionLedger(url, operator_key=KEY)]
     for led in ledgers:
         led.is_postgresql = lock  # False: the lock is skipped (the control)
 
@@ -185,7 +197,7 @@ def _admitted(url: str, owners: OwnershipRegistry, *, lock: bool, rpm: int = 3, 
 def test_rate_limit_is_exact_with_concurrent_submitters(pg_db: str, owners: OwnershipRegistry) -> None:
     assert _admitted(pg_db, owners, lock=True) == 3
     # the control: without the per-client advisory lock READ COMMITTED lets every racing submitter through
-    with DeletionLedger(pg_db) as led:
+    with DeletionLedger(pg_db, operator_key=KEY) as led:
         with led.engine.begin() as conn:
             conn.exec_driver_sql("DELETE FROM deletion_transitions")
             conn.exec_driver_sql("DELETE FROM deletion_requests")
@@ -204,7 +216,7 @@ def test_fuzzed_and_nul_bearing_requests_are_rejected_not_crashing(pg_db: str, o
 
     rng = np.random.default_rng(1)
     limits = RequestLimits(max_ids=16, max_requests_per_minute=None)
-    with DeletionLedger(pg_db) as led:
+    with DeletionLedger(pg_db, operator_key=KEY) as led:
         nul = [
             {"request_id": "nul-1", "client_id": "ali\x00ce", "ids": [1]},
             {"request_id": "nul-2", "client_id": "alice", "ids": [1], "reason": "x\x00y"},
@@ -215,3 +227,23 @@ def test_fuzzed_and_nul_bearing_requests_are_rejected_not_crashing(pg_db: str, o
             entry = led.submit(payload, owners, limits)
             assert entry.state == "rejected" and entry.state_reason and entry.error_code, (payload, entry)
         assert led.check_integrity() == [] and led.export(hash_ids=True)
+
+
+def test_two_servers_share_batches_by_lease_on_postgresql(pg_db: str, owners: OwnershipRegistry) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_ledger import two_servers_share_batches_by_lease
+
+    two_servers_share_batches_by_lease(pg_db, owners, operator_key=KEY)
+
+
+def test_a_shared_ledger_refuses_console_submissions_without_an_operator_key(pg_bare: str, owners: OwnershipRegistry) -> None:
+    from erasus_ray.errors import UnauthorizedRequestError
+
+    with DeletionLedger(pg_bare) as led:
+        assert led.shared
+        with pytest.raises(UnauthorizedRequestError, match="set-operator-key") as info:
+            led.submit(DeletionRequest("r-1", "alice", ids=[1]), owners)
+        assert info.value.code == "operator_key" and led.entries() == []
+        assert led.submit(DeletionRequest("r-1", "alice", ids=[1]), owners, sender="alice").state == "validated"

@@ -6,7 +6,11 @@ client's SuperNode hands it to the server on the next ``query.delete`` and files
 ``--ledger URL`` the request goes straight into the server's ledger instead (the operator's console), validated
 against the federation's partition registry (``--benchmark``, ``--n-clients``, ``--scheme``, ``--seed``) and the same
 :class:`~erasus_ray.ledger.RequestLimits` as the server's ``query.delete`` path (``--max-ids``,
-``--max-requests-per-minute``; defaults: the server's ``ServerConfig``).
+``--max-requests-per-minute``; defaults: the server's ``ServerConfig``). The ledger records it as an operator action:
+submitted at the console by the OS user (``actor`` ``console:<user>``) on behalf of ``--client``, never as if the client
+had asked. A shared ledger (PostgreSQL, or one with an operator key set: ``erasus-ray ledger set-operator-key``) takes
+it only with the operator key, read from ``$ERASUS_RAY_OPERATOR_KEY`` (never from the command line, where other users
+could read it).
 
 ``erasus-ray fl simulate --n-clients 10 --state-dir fl-state --outbox outbox`` runs the ServerApp and ClientApp
 under Flower's simulation runtime (a subprocess) and prints the ledger.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 
@@ -41,7 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     req.add_argument("--request-id", default=None, help="idempotency key (default: a new uuid)")
     req.add_argument("--reason", default="", help="free text for the audit trail")
     req.add_argument("--outbox", default=None, help="outbox root (default: $ERASUS_FL_OUTBOX)")
-    req.add_argument("--ledger", default=None, help="submit to this ledger URL directly (operator console)")
+    req.add_argument("--ledger", default=None,
+                     help="submit to this ledger URL directly: an operator action on behalf of --client (a shared ledger "
+                          "needs the operator key in $ERASUS_RAY_OPERATOR_KEY)")
     req.add_argument("--benchmark", default="digits")
     req.add_argument("--scenario", default="class")
     req.add_argument("--n-clients", type=int, default=10)
@@ -83,7 +90,7 @@ def cmd_request(args: argparse.Namespace) -> int:
         from erasus_ray.federated.coordinator import ServerConfig
         from erasus_ray.federated.messages import FederationSpec
         from erasus_ray.federated.partition import build_ownership, load_federation
-        from erasus_ray.ledger import DeletionLedger, RequestLimits
+        from erasus_ray.ledger import OPERATOR_KEY_ENV, DeletionLedger, RequestLimits
 
         server = ServerConfig()
         rpm = server.max_requests_per_minute if args.max_requests_per_minute is None else args.max_requests_per_minute
@@ -94,9 +101,10 @@ def cmd_request(args: argparse.Namespace) -> int:
             raise InvalidConfigError(f"--max-ids must be a positive integer, got {max_ids}")
         limits = RequestLimits(max_ids=max_ids, max_requests_per_minute=rpm or None)
         fed = load_federation(FederationSpec(args.benchmark, args.scenario, args.seed, args.n_clients, args.scheme))
-        with DeletionLedger(args.ledger) as ledger:
+        with DeletionLedger(args.ledger, operator_key=os.environ.get(OPERATOR_KEY_ENV) or None) as ledger:
             entry = ledger.submit(request, ownership=build_ownership(fed.partitions, fed.labels), limits=limits)
-        print(json.dumps({"request_id": entry.request_id, "state": entry.state, "code": entry.error_code, "reason": entry.state_reason}))
+        print(json.dumps({"request_id": entry.request_id, "state": entry.state, "code": entry.error_code, "reason": entry.state_reason,
+                          "actor": entry.actor, "on_behalf_of": entry.client_id}))
         return 0 if entry.state != "rejected" else 3
     from erasus_ray.federated.client_app import submit_to_outbox
 

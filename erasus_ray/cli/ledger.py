@@ -1,4 +1,5 @@
-"""``erasus-ray ledger list|show <id>|export``: read the deletion ledger (``--db`` URL or SQLite path)."""
+"""``erasus-ray ledger list|show <id>|export``: read the deletion ledger (``--db`` URL or SQLite path);
+``set-operator-key``: set or change the key console submissions need (``DeletionLedger.set_operator_key``)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ def add_ledger_parser(sub: Any) -> None:
     export.add_argument("--hash-ids", action="store_true", help="replace ids and coreset ids by their SHA-256")
     export.add_argument("--state", action="append", default=None, help="only these states (repeatable)")
     export.set_defaults(func=cmd_ledger_export)
+    key = actions.add_parser(
+        "set-operator-key",
+        help="set or change the operator key: the new key is read from stdin (or made with --generate); changing it "
+             "needs the current one in $ERASUS_RAY_OPERATOR_KEY",
+    )
+    key.add_argument("--generate", action="store_true", help="make a random key and print it once")
+    key.set_defaults(func=cmd_ledger_set_operator_key)
 
 
 def open_ledger(db: str | None) -> Any:
@@ -96,4 +104,18 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
             print()
         else:
             print(f"wrote {len(records)} request(s) to {args.out}")
+    return 0
+
+
+def cmd_ledger_set_operator_key(args: argparse.Namespace) -> int:
+    import secrets
+
+    from erasus_ray.ledger import OPERATOR_KEY_ENV
+
+    new_key = secrets.token_urlsafe(24) if args.generate else sys.stdin.readline().strip()
+    with open_ledger(args.db) as ledger:
+        ledger.set_operator_key(new_key, current=os.environ.get(OPERATOR_KEY_ENV) or None)
+    if args.generate:
+        print(new_key)
+    print(f"operator key set; console submissions now need it in ${OPERATOR_KEY_ENV}", file=sys.stderr)
     return 0

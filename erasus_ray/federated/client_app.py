@@ -13,8 +13,10 @@ Handlers (Flower 1.42 Message API), each a thin wrapper over a pure function tha
 Clients are stateless: every instruction carries the federation spec and the ids deleted so far, so a client that
 restarts (or a new SuperNode for the same partition) continues where the server is.
 
-Outbox: ``$ERASUS_FL_OUTBOX`` (or node config ``outbox``) / ``<client_id>`` / ``<request_id>.json``; acknowledged
-requests move to ``acked/`` with the server's answer.
+Outbox: ``$ERASUS_FL_OUTBOX`` (or node config ``outbox``) / ``<client_id>`` / ``<request_id>.json``, each id written
+by :func:`outbox_name` (an injective, file-name-safe encoding: ``r/1`` and ``r_1`` never share a file, a client id such as
+``client-0/../client-3`` stays one folder under the root); acknowledged requests move to ``acked/`` with the server's
+answer.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from erasus_ray.errors import ErasusError
+from erasus_ray.errors import ErasusError, InvalidConfigError, InvalidRequestError
 from erasus_ray.federated.messages import (
     DeleteQuery,
     DeleteSubmission,
@@ -142,20 +145,101 @@ def client_unlearn(instr: UnlearnInstruction, client_id: str) -> ModelUpdate:
     )
 
 
+#: kept as they are in a file name; every other character of an id is escaped by "=" and one character
+_LITERAL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
+_ESCAPES = {"/": "=0", ":": "=1", "@": "=2"}
+#: longest encoded id (a file name is at most 255 bytes on common file systems; room for ".json" and a temp suffix)
+MAX_OUTBOX_NAME = 200
+
+
+def outbox_name(identifier: str, what: str = "request_id") -> str:
+    """The file (or folder) name of a request or client id: injective and safe on any common file system.
+
+    Lower-case letters, digits and ``. _ -`` stay; an upper-case letter becomes ``=`` + its lower case, ``/ : @``
+    become ``=0 =1 =2``. Each piece is one character or ``=`` plus one, so the name decodes back to exactly one id
+    (``r/1`` -> ``r=01``, ``r_1`` -> ``r_1``); it has no upper case, so case-insensitive file systems keep ids
+    apart; it has no ``/`` and never is ``.`` or ``..`` (an id starts with a letter or digit), so it is one path
+    component. Ids outside the request alphabet (``NAME_PATTERN``) or encoded longer than ``MAX_OUTBOX_NAME``
+    raise :class:`InvalidRequestError` naming ``what``.
+    """
+    from erasus_ray.ledger.requests import NAME_PATTERN
+
+    if not isinstance(identifier, str) or not NAME_PATTERN.fullmatch(identifier):
+        raise InvalidRequestError(
+            f"{what} must be 1-128 characters of letters, digits and '._:@/-' starting with a letter or digit, "
+            f"got {str(identifier)[:40]!r}"
+        )
+    name = "".join(
+        ch if ch in _LITERAL else ("=" + ch.lower() if ch.isupper() else _ESCAPES[ch]) for ch in identifier
+    )
+    if len(name) > MAX_OUTBOX_NAME:
+        raise InvalidRequestError(
+            f"{what} {identifier[:40]!r}... is {len(name)} characters as a file name, over {MAX_OUTBOX_NAME}: use a "
+            "shorter id (capitals and '/:@' take two characters each)"
+        )
+    return name
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """``path``, after checking that it resolves (symbolic links followed) to somewhere strictly under ``root``."""
+    resolved, base = path.resolve(), root.resolve()
+    if resolved == base or not resolved.is_relative_to(base):
+        raise InvalidConfigError(f"outbox path {str(path)!r} resolves to {str(resolved)!r}, outside the outbox root {str(base)!r}")
+    return path
+
+
+def outbox_root(root: str | os.PathLike | None = None) -> Path:
+    """The outbox root: ``root``, else ``$ERASUS_FL_OUTBOX``, else ``~/.cache/erasus-ray/fl-outbox``."""
+    return Path(root or os.environ.get("ERASUS_FL_OUTBOX") or Path.home() / ".cache" / "erasus-ray" / "fl-outbox")
+
+
 def outbox_dir(client_id: str, root: str | os.PathLike | None = None) -> Path:
-    root = root or os.environ.get("ERASUS_FL_OUTBOX") or Path.home() / ".cache" / "erasus-ray" / "fl-outbox"
-    return Path(root) / client_id
+    """The client's outbox folder: ``<root>/<outbox_name(client_id)>``, proven to stay under the root."""
+    base = outbox_root(root)
+    return _inside(base, base / outbox_name(client_id, "client_id"))
+
+
+def _request_path(folder: Path, request_id: str) -> Path:
+    return _inside(folder, folder / f"{outbox_name(request_id)}.json")
 
 
 def submit_to_outbox(request: Any, root: str | os.PathLike | None = None) -> Path:
-    """Queue a :class:`~erasus_ray.ledger.requests.DeletionRequest` for the next ``query.delete`` (atomic write)."""
+    """Queue a :class:`~erasus_ray.ledger.requests.DeletionRequest` for the next ``query.delete``.
+
+    The file appears whole or not at all (temp file in the same folder, fsync, then a hard link that never replaces an
+    existing file). Filing the same request again returns its path; a different request under a request id still
+    queued raises :class:`InvalidRequestError` ``conflict`` (the queued one is never overwritten).
+    """
     folder = outbox_dir(request.client_id, root)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{request.request_id.replace('/', '_')}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(request.to_dict(drop_none=True)))
-    os.replace(tmp, path)
+    path = _request_path(folder, request.request_id)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(request.to_dict(drop_none=True)))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            _same_as_queued(request, path)
+    finally:
+        os.unlink(tmp)
     return path
+
+
+def _same_as_queued(request: Any, path: Path) -> None:
+    from erasus_ray.ledger.requests import DeletionRequest
+
+    try:
+        queued = DeletionRequest.from_dict(json.loads(path.read_text()))
+    except (ErasusError, ValueError):
+        queued = None
+    if queued is None or queued.fingerprint() != request.fingerprint():
+        raise InvalidRequestError(
+            f"request_id {request.request_id!r} is already queued for {request.client_id!r} with a different request "
+            f"({path}); use a new request_id", code="conflict", request_id=request.request_id,
+        )
 
 
 def client_delete_query(query: DeleteQuery, client_id: str, root: str | os.PathLike | None = None) -> DeleteSubmission:
@@ -176,7 +260,10 @@ def client_delete_query(query: DeleteQuery, client_id: str, root: str | os.PathL
             with open(folder / "rejections.jsonl", "a") as fh:
                 fh.write(json.dumps({"at": time.time(), **ack.__dict__}) + "\n")
             continue
-        path = folder / f"{ack.request_id.replace('/', '_')}.json"
+        try:
+            path = _request_path(folder, ack.request_id)
+        except ErasusError:  # an id no request of ours can have ("?" for a reply the server could not read)
+            continue
         if path.exists():
             acked.mkdir(parents=True, exist_ok=True)
             (acked / path.name).write_text(json.dumps({"request": json.loads(path.read_text()), "ack": ack.__dict__}))
@@ -184,6 +271,8 @@ def client_delete_query(query: DeleteQuery, client_id: str, root: str | os.PathL
     requests = []
     if folder.exists():
         for path in sorted(folder.glob("*.json")):
+            if path.is_symlink() or path.name.startswith("."):
+                continue  # only files this outbox wrote
             try:
                 requests.append(DeletionRequest.from_dict(json.loads(path.read_text())))
             except (ErasusError, ValueError) as err:

@@ -26,6 +26,11 @@
    metrics before/after, the rule's numbers, model hashes and the coreset go to the ledger and each request becomes
    ``verified`` or ``failed`` with the measured gaps as the reason.
 
+Several servers may share one ledger (PostgreSQL): each batch has an owner with a lease (``ServerConfig.batch_lease_s``,
+:meth:`~erasus_ray.ledger.DeletionLedger.claim_batch`), taken when it is scheduled and renewed before each step, so
+a server leaves a batch another live server runs, takes over one whose lease expired (its server crashed), and stops
+quietly - marking nothing failed - when it finds it lost the lease.
+
 A batch whose clients do not answer stays ``scheduled`` (a ``scheduled -> scheduled`` row says who it waits for) and
 is retried on the next pass - taking in the requests validated meanwhile, since it has not touched the model yet - so a
 client that drops out mid-round and rejoins gets its request completed. Model updates are idempotent per request: the
@@ -36,9 +41,11 @@ straight to ``unlearned`` with those stored results - the audit record is the sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +135,10 @@ class ServerConfig:
     # ServerApp refuses to start (server_app.make_transport); false only where nodes are not authenticated at all
     # (simulation, an insecure local test). Fail closed: true unless said otherwise.
     node_auth: bool = True
+    # several servers on one ledger (PostgreSQL): a batch is driven by the server holding its lease, renewed between
+    # steps; a lease not renewed for this long marks a crashed server, and another server takes the batch over
+    batch_lease_s: float = 900.0
+    server_id: str = ""  # this server's lease owner id; "" -> <host>:<hash of the state folder> (stable over restarts)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ServerConfig":
@@ -186,6 +197,11 @@ class DeletionCoordinator:
         self.clients: list[str] = []
         self.stats = {"rounds": 0, "bytes_sent": 0, "bytes_received": 0, "seconds": {}}
         self._pending_acks: dict[str, list[DeleteAck]] = {}
+        # the default id is this host and state folder: a server restarted on it resumes its own batches at once (their
+        # lease is still its own), while another server (another host or folder) waits for the lease to expire
+        self.server_id = self.config.server_id or (
+            f"{socket.gethostname()}:{hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]}"
+        )
 
     # ---------------------------------------------------------------- state on disk
 
@@ -391,13 +407,28 @@ class DeletionCoordinator:
         self._revalidate_received()
         out: dict[str, str] = {}
         for batch_id, members in self._open_batches():
-            out.update(self._drive(batch_id, members, admit_new=True))
+            if self._hold(batch_id):
+                out.update(self._drive(batch_id, members, admit_new=True))
         if self.ledger.pending(states=["validated"]):
             first = self.ledger.pending(states=["validated"])[0]
             batch_id = f"batch-{first.seq:06d}"
-            entries = self.ledger.schedule_pending(batch_id=batch_id, limit=self.config.max_batch or None, round=self.history.n_rounds)
-            out.update(self._drive(batch_id, entries, admit_new=False))
+            entries = self.ledger.schedule_pending(
+                batch_id=batch_id, limit=self.config.max_batch or None, round=self.history.n_rounds, **self._lease()
+            )
+            if entries:  # [] when another live server took this batch first
+                out.update(self._drive(batch_id, entries, admit_new=False))
         return out
+
+    def _lease(self) -> dict[str, Any]:
+        return {"owner": self.server_id, "lease_s": self.config.batch_lease_s}
+
+    def _hold(self, batch_id: str) -> bool:
+        """Take or renew this server's lease on a batch; False (logged) while another live server holds it."""
+        if self.ledger.claim_batch(batch_id, self.server_id, lease_s=self.config.batch_lease_s):
+            return True
+        lease = self.ledger.batch_lease(batch_id)
+        log.info("batch %s is run by server %s (lease until %s): left to it", batch_id, lease and lease.owner, lease and lease.expires_at)
+        return False
 
     def _revalidate_received(self) -> None:
         """A crash between recording and judging a request (``received``): judge it again."""
@@ -435,17 +466,27 @@ class DeletionCoordinator:
                 todo = [e for e in scheduled if e.request_id not in applied]
                 if todo and admit_new and not batch_id.startswith("single-") and not resumed:
                     # nothing of this batch is in the model yet: requests validated since join it (same round)
-                    todo += self.ledger.schedule_pending(batch_id=batch_id, round=self.history.n_rounds, joined_waiting_batch=True)
+                    todo += self.ledger.schedule_pending(
+                        batch_id=batch_id, round=self.history.n_rounds, joined_waiting_batch=True, **self._lease()
+                    )
+                if todo and not self._hold(batch_id):
+                    return {e.request_id: e.state for e in self._members(batch_id, members)}
                 if todo and not self._unlearn_batch(batch_id, todo, state, applied, deleted):
                     return {e.request_id: "scheduled" for e in todo}
             unlearned = [e for e in self._members(batch_id, members) if e.state == "unlearned"]
-            if unlearned:
+            if unlearned and self._hold(batch_id):
                 self._verify_batch(batch_id, unlearned)
         except ErasusError as err:
+            if not self._hold(batch_id):  # another server took the batch over (our lease ran out): its to finish
+                log.warning("batch %s: lost the lease while running it (%s); left to its new owner", batch_id, err)
+                return {e.request_id: e.state for e in self._members(batch_id, members)}
             log.error("batch %s failed: %s", batch_id, err)
             stuck = [e for e in self._members(batch_id, members) if not e.done]
             self.ledger.record_results({e.request_id: {"new_state": "failed", "reason": str(err)[:2000], "batch": batch_id} for e in stuck})
-        return {e.request_id: e.state for e in self._members(batch_id, members)}
+        states = {e.request_id: e.state for e in self._members(batch_id, members)}
+        if all(s in ("verified", "rejected", "failed") for s in states.values()):
+            self.ledger.release_batch(batch_id, self.server_id)
+        return states
 
     def _members(self, batch_id: str, members: list[Any]) -> list[Any]:
         if batch_id.startswith("single-"):

@@ -11,23 +11,29 @@ from erasus_ray.ledger.ledger import (
     DEFAULT_LEDGER_ENV,
     DEFAULT_LEDGER_FILE,
     FINAL_STATES,
+    OPERATOR_KEY_ENV,
     PENDING_STATES,
     STATES,
+    BatchLease,
     DeletionLedger,
     LedgerEntry,
     Transition,
+    console_submitter,
     default_ledger_url,
     hash_id_list,
     scoped_key,
 )
-from erasus_ray.ledger.requests import LEVELS, DeletionRequest, OwnershipRegistry, RequestLimits, validate
+from erasus_ray.ledger.requests import LEVELS, MAX_CREATED_AT, DeletionRequest, OwnershipRegistry, RequestLimits, validate
 
 __all__ = [
     "ALLOWED",
+    "BatchLease",
     "DEFAULT_LEDGER_ENV",
     "DEFAULT_LEDGER_FILE",
     "FINAL_STATES",
     "LEVELS",
+    "MAX_CREATED_AT",
+    "OPERATOR_KEY_ENV",
     "PENDING_STATES",
     "STATES",
     "DeletionLedger",
@@ -36,6 +42,7 @@ __all__ = [
     "OwnershipRegistry",
     "RequestLimits",
     "Transition",
+    "console_submitter",
     "default_ledger_url",
     "hash_id_list",
     "scoped_key",

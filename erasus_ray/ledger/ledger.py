@@ -14,7 +14,8 @@ state, so the state always equals the last transition.
 
 Idempotency is per submitter: the key is (``submitter``, client-supplied ``request_id``), where the submitter is the
 authenticated ``sender`` that delivered the request (its Flower node's client) or, without one (the operator's
-console, a local caller), the client the request names. Resubmitting returns the stored entry, never a second one;
+console, a local caller), ``@console/<the client the request names>`` (:func:`console_submitter`): a console
+submission is an operator action (``actor`` ``console:<OS user>``) in a namespace of its own, never the client's. Resubmitting returns the stored entry, never a second one;
 the same key with a different content is refused (``conflict``, a message that names no stored state). Two clients may
 use the same client-supplied id: each gets its own request. The ledger's own key (``LedgerEntry.request_id``, what
 :meth:`transition`, :meth:`get`, ... take) is the client-supplied id when that is free, else
@@ -54,11 +55,14 @@ Cost: one transaction per call (a few ms on SQLite with fsync); :meth:`export` r
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import hashlib
+import hmac
 import json
 import logging
 import math
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -91,6 +95,7 @@ from erasus_ray.errors import (
     IllegalTransitionError,
     InvalidConfigError,
     InvalidRequestError,
+    UnauthorizedRequestError,
     UnknownRequestError,
 )
 from erasus_ray.ledger.requests import (
@@ -98,6 +103,7 @@ from erasus_ray.ledger.requests import (
     DeletionRequest,
     OwnershipRegistry,
     RequestLimits,
+    created_at_in_range,
     validate,
 )
 
@@ -115,9 +121,17 @@ ALLOWED: dict[str | None, frozenset[str]] = {
     "rejected": frozenset(),
     "failed": frozenset(),
 }
-#: 2: deletion_requests.batch_id; 3: client_request_id and submitter, unique together (per-submitter idempotency).
+#: 2: deletion_requests.batch_id; 3: client_request_id and submitter, unique together (per-submitter idempotency);
+#: 4: deletion_requests.actor (who really submitted: a node's client or the console's OS user) and batch_leases.
 #: Older files are brought up to date in place on open (:meth:`DeletionLedger._migrate`).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+#: the submitter (idempotency namespace) of console submissions made in a client's name: ``@console/<client>``. A
+#: client id starts with a letter or digit and a node sender must be one, so no node ever shares this namespace.
+CONSOLE_PREFIX = "@console/"
+#: environment variable the CLI reads the operator key from (:meth:`DeletionLedger.set_operator_key`)
+OPERATOR_KEY_ENV = "ERASUS_RAY_OPERATOR_KEY"
+MIN_OPERATOR_KEY_CHARS = 16
+_KEY_ITERATIONS = 100_000
 logger = logging.getLogger("erasus_ray.ledger")
 
 metadata = MetaData()
@@ -146,7 +160,8 @@ requests_table = Table(
     Column("payload", Text),  # the raw submission, for malformed requests that cannot be parsed
     Column("batch_id", String(64)),  # the unlearning round (batch) that scheduled it; NULL until scheduled
     Column("client_request_id", String(256)),  # the id the client sent (request_id may be scoped: module docstring)
-    Column("submitter", String(256)),  # the authenticated sender, else the client named in the request
+    Column("submitter", String(256)),  # the authenticated sender, else CONSOLE_PREFIX + the client named
+    Column("actor", String(256)),  # node:<sender> or console:<OS user>; NULL for rows written before schema 4
 )
 Index("ix_deletion_requests_state", requests_table.c.state, requests_table.c.seq)
 Index(
@@ -164,10 +179,26 @@ transitions_table = Table(
     Column("details", Text),  # JSON
 )
 meta_table = Table("ledger_meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
+#: who drives a scheduled batch, until when (:meth:`DeletionLedger.claim_batch`)
+leases_table = Table(
+    "batch_leases",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("owner", String(256), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("claimed_at", Float, nullable=False),
+)
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+def _iso(ts: Any) -> str | None:
+    """ISO 8601 (UTC) of a stored timestamp; never raises: a value no date can show (1e20, NaN, text in an old SQLite
+    row) is shown as ``"invalid:<value>"``, so one bad row cannot break an audit read."""
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(float(ts), tz=timezone.utc).isoformat(timespec="milliseconds")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return f"invalid:{str(ts)[:40]}"
 
 
 def _json_safe(obj: Any) -> Any:
@@ -201,7 +232,14 @@ def _dumps(obj: Any) -> str | None:
 
 
 def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+    """The stored JSON, or None (logged) when a row holds text that is not JSON: an audit read never fails on it."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError):
+        logger.warning("the ledger holds unreadable JSON %r; read as None", str(text)[:80])
+        return None
 
 
 #: environment variable naming the default ledger (a SQLAlchemy URL or a SQLite path)
@@ -221,6 +259,47 @@ def scoped_key(request_id: str, submitter: str) -> str:
     ``<request_id>#<first 16 hex digits of sha256(submitter)>``. ``#`` is not allowed in a client-supplied id, so a
     scoped key never equals one."""
     return f"{request_id}#{hashlib.sha256(submitter.encode()).hexdigest()[:16]}"
+
+
+def console_submitter(client_id: str) -> str:
+    """The idempotency namespace of console submissions in ``client_id``'s name (``@console/<client>``): apart from the
+    client's own (its node's) namespace, so the console can neither replay nor squat a client's request id."""
+    return CONSOLE_PREFIX + client_id
+
+
+def console_user() -> str:
+    """The OS user at the console (``getpass.getuser()``; ``"unknown"`` where the system cannot tell)."""
+    try:
+        return getpass.getuser()[:200] or "unknown"
+    except Exception:  # noqa: BLE001 - no passwd entry / no LOGNAME in a container
+        return "unknown"
+
+
+def _hash_operator_key(key: str, salt: bytes) -> str:
+    digest = hashlib.pbkdf2_hmac("sha256", key.encode(), salt, _KEY_ITERATIONS)
+    return f"pbkdf2_sha256${_KEY_ITERATIONS}${salt.hex()}${digest.hex()}"
+
+
+def _operator_key_matches(key: str, stored: str) -> bool:
+    try:
+        _, iterations, salt, digest = stored.split("$")
+        mine = hashlib.pbkdf2_hmac("sha256", key.encode(), bytes.fromhex(salt), int(iterations))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(mine.hex(), digest)
+
+
+@dataclass(frozen=True)
+class BatchLease:
+    """Who drives a batch (``owner``, a server id) and until when (``expires_at``, seconds since the epoch)."""
+
+    batch_id: str
+    owner: str
+    expires_at: float
+    claimed_at: float
+
+    def live(self, now: float | None = None) -> bool:
+        return self.expires_at > (time.time() if now is None else now)
 
 
 def _advisory_key(text: str) -> int:
@@ -274,6 +353,12 @@ class LedgerEntry:
     batch_id: str | None = None
     client_request_id: str | None = None
     submitter: str | None = None
+    actor: str | None = None
+
+    @property
+    def operator_action(self) -> bool:
+        """Submitted at the operator's console (in the name of ``client_id``), not by the client's own node."""
+        return bool(self.submitter and self.submitter.startswith(CONSOLE_PREFIX))
 
     @property
     def accepted(self) -> bool:
@@ -294,7 +379,9 @@ class LedgerEntry:
             ids=self.ids,
             label=self.label,
             reason=self.reason,
-            created_at=self.created_at or 0.0,
+            # the client's claim, for the record only: a value stored before it was bounded must not make the
+            # stored request unreadable (the fingerprint leaves created_at out)
+            created_at=self.created_at if created_at_in_range(self.created_at) else 0.0,
         )
 
     def to_dict(self, *, hash_ids: bool = False) -> dict[str, Any]:
@@ -303,6 +390,8 @@ class LedgerEntry:
             "client_request_id": self.client_request_id,
             "client_id": self.client_id,
             "submitter": self.submitter,
+            "actor": self.actor,
+            "operator_action": self.operator_action,
             "level": self.level,
             "label": self.label,
             "reason": self.reason,
@@ -353,6 +442,7 @@ def _row_to_entry(row: Any) -> LedgerEntry:
         batch_id=m["batch_id"],
         client_request_id=m["client_request_id"],
         submitter=m["submitter"],
+        actor=m["actor"],
     )
 
 
@@ -374,6 +464,8 @@ class DeletionLedger:
         synchronous: SQLite only: ``FULL`` (default; a committed transition survives power loss) or ``NORMAL``
             (survives a process crash, not a power loss; faster).
         busy_timeout_s: SQLite only: how long a writer waits for another writer's lock.
+        operator_key: the operator credential this handle's console submissions present on a shared ledger
+            (:meth:`set_operator_key`); ``submit(operator_key=...)`` overrides it per call.
     """
 
     def __init__(
@@ -384,10 +476,13 @@ class DeletionLedger:
         synchronous: str = "FULL",
         busy_timeout_s: float = 30.0,
         echo: bool = False,
+        operator_key: str | None = None,
     ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise InvalidConfigError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
         self.url = _normalise_url(url)
+        self.operator_key = operator_key
+        self._verified_keys: set[tuple[str, str]] = set()  # (stored hash, key) pairs checked once per handle
         self.is_sqlite = self.url.startswith("sqlite")
         kwargs: dict[str, Any] = {"echo": echo}
         memory = self.is_sqlite and self.url in ("sqlite://", "sqlite:///:memory:")
@@ -416,7 +511,9 @@ class DeletionLedger:
         Version 1 -> 2: add ``batch_id`` (NULL for the old rows). Version 2 -> 3: add ``client_request_id`` and
         ``submitter``, fill them from ``request_id`` and ``client_id`` (before version 3 the ledger key was the
         client's id and the namespace was global, so every old row keeps its key and stays idempotent for its client),
-        then the unique index on the pair. Each step is idempotent, so a crash mid-migration or two processes
+        then the unique index on the pair. Version 3 -> 4: add ``actor`` (NULL for the old rows: who submitted them
+        was not recorded; a console submission of an older version stays in its client's namespace) and the
+        ``batch_leases`` table (``create_all``). Each step is idempotent, so a crash mid-migration or two processes
         opening the file together leave it consistent: the fill runs again until ``schema_version`` says 3.
         """
         from sqlalchemy import inspect
@@ -424,7 +521,10 @@ class DeletionLedger:
         def columns() -> set[str]:
             return {c["name"] for c in inspect(self.engine).get_columns("deletion_requests")}
 
-        for name, sql_type in (("batch_id", "VARCHAR(64)"), ("client_request_id", "VARCHAR(256)"), ("submitter", "VARCHAR(256)")):
+        columns_added = (
+            ("batch_id", "VARCHAR(64)"), ("client_request_id", "VARCHAR(256)"), ("submitter", "VARCHAR(256)"), ("actor", "VARCHAR(256)"),
+        )
+        for name, sql_type in columns_added:
             if name not in columns():
                 try:
                     with self.engine.begin() as conn:
@@ -482,6 +582,64 @@ class DeletionLedger:
     def __repr__(self) -> str:
         return f"DeletionLedger({self.engine.url.render_as_string(hide_password=True)!r})"
 
+    # ---- the operator credential ----------------------------------------------------------------------------------
+    @property
+    def shared(self) -> bool:
+        """Whether console submissions need the operator key: a server database (not a SQLite file), or any ledger
+        an operator key was set on."""
+        return not self.is_sqlite or self._stored_operator_key() is not None
+
+    def set_operator_key(self, key: str, *, current: str | None = None) -> None:
+        """Set (or, with the ``current`` key, change) the operator key; from then on console submissions
+        (:meth:`submit` without ``sender``) must present it.
+
+        Only a salted PBKDF2-SHA256 hash is stored (``ledger_meta``). Use a random secret of at least 16 characters
+        (``python -c "import secrets; print(secrets.token_urlsafe(24))"``) and hand it to the console through
+        ``$ERASUS_RAY_OPERATOR_KEY``. The key guards the ledger's API: whoever holds the database's own credentials can
+        write rows directly, so guard those too. Cost: one PBKDF2 (100 000 rounds, ~0.1 s) here and once per handle
+        that checks a key.
+        """
+        if not isinstance(key, str) or len(key) < MIN_OPERATOR_KEY_CHARS:
+            raise InvalidConfigError(f"key: an operator key needs at least {MIN_OPERATOR_KEY_CHARS} characters")
+        with self.engine.begin() as conn:
+            stored = conn.execute(
+                select(meta_table.c.value).where(meta_table.c.key == "operator_key").with_for_update()
+            ).scalar_one_or_none()
+            if stored is not None and (current is None or not _operator_key_matches(current, stored)):
+                raise UnauthorizedRequestError("this ledger already has an operator key: pass the current one to change it",
+                                               code="operator_key")
+            value = _hash_operator_key(key, secrets.token_bytes(16))
+            if stored is None:
+                conn.execute(insert(meta_table).values(key="operator_key", value=value))
+            else:
+                conn.execute(update(meta_table).where(meta_table.c.key == "operator_key").values(value=value))
+
+    def _stored_operator_key(self) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(meta_table.c.value).where(meta_table.c.key == "operator_key")).scalar_one_or_none()
+
+    def _check_operator(self, key: str | None) -> None:
+        """Raise :class:`UnauthorizedRequestError` ``operator_key`` unless a console submission may go ahead."""
+        stored = self._stored_operator_key()
+        if stored is None:
+            if self.is_sqlite:
+                return
+            raise UnauthorizedRequestError(
+                f"this ledger is shared ({self.engine.dialect.name}): console submissions need an operator key; set one "
+                f"with `erasus-ray ledger set-operator-key` (DeletionLedger.set_operator_key)", code="operator_key",
+            )
+        key = self.operator_key if key is None else key
+        if key is None:
+            raise UnauthorizedRequestError(
+                f"this ledger needs the operator key for console submissions: pass operator_key (CLI: ${OPERATOR_KEY_ENV})",
+                code="operator_key",
+            )
+        token = (stored, hashlib.sha256(str(key).encode()).hexdigest())
+        if token not in self._verified_keys:
+            if not _operator_key_matches(str(key), stored):
+                raise UnauthorizedRequestError("wrong operator key", code="operator_key")
+            self._verified_keys.add(token)
+
     # ---- writes ---------------------------------------------------------------------------------------------------
     def submit(
         self,
@@ -491,6 +649,7 @@ class DeletionLedger:
         *,
         now: float | None = None,
         sender: str | None = None,
+        operator_key: str | None = None,
     ) -> LedgerEntry:
         """Record a request and validate it: returns its entry, ``validated`` or ``rejected`` (with ``state_reason``).
 
@@ -506,8 +665,18 @@ class DeletionLedger:
         The rejected entry is returned, not raised: the caller answers the client with ``entry.state_reason``.
 
         ``ownership`` / ``limits`` enable the ownership and size checks of :func:`validate`; without them only the
-        fields are checked. ``sender``: the authenticated client that delivered it; a request in another client's
-        name is then rejected (``impersonation``) in the same transaction.
+        fields are checked. ``sender``: the authenticated client that delivered it (a client id); a request in another
+        client's name is then rejected (``impersonation``) in the same transaction, and ids that are not the
+        client's own get one answer (``not_owner``) whether unknown or another client's (the rejected transition's
+        details keep the split for the audit).
+
+        Without ``sender`` the request comes from the operator's console: it is recorded as such - ``actor``
+        ``console:<OS user>``, ``LedgerEntry.operator_action``, ``on_behalf_of`` the client it names on the
+        ``received`` transition - in a namespace of its own (:func:`console_submitter`), so a console submission in a
+        client's name (well-formed or not) never replays, conflicts with or squats that client's own request ids. On
+        a shared ledger (not a SQLite file, or one with an operator key set: :meth:`set_operator_key`) a console
+        submission must present the operator key (``operator_key``, else the handle's) or it raises
+        :class:`UnauthorizedRequestError` ``operator_key`` and writes nothing.
 
         Rate limit (``limits.max_requests_per_minute``): counted from the ledger's own rows, not in memory - the
         client's requests *accepted* (not rejected) with ``received_at`` in the 60 s before ``now`` - inside the
@@ -517,6 +686,10 @@ class DeletionLedger:
         (``rate_limited``). ``now``: the receive time, seconds since the epoch (default: the clock).
         """
         now_wall = time.time() if now is None else float(now)
+        if sender is None:
+            self._check_operator(operator_key)
+        elif not isinstance(sender, str) or not NAME_PATTERN.fullmatch(sender):
+            raise InvalidConfigError(f"sender must be the authenticated client's id, got {str(sender)[:60]!r}")
         parsed: DeletionRequest | None = None
         error: InvalidRequestError | None = None
         payload_text: str | None = None
@@ -548,7 +721,7 @@ class DeletionLedger:
             rid = raw_id if raw_id is not None and NAME_PATTERN.fullmatch(raw_id) else f"invalid-{fingerprint[:32]}"
         row = self._row_for(parsed, source, rid, fingerprint, payload_text, now_wall)
         claimed = row["client_id"]
-        submitter = str(sender) if sender is not None else claimed
+        submitter = sender if sender is not None else console_submitter(claimed)
         # the sender check comes first: the idempotent lookup is in the submitter's own namespace only
         existing = self.find(rid, client_id=submitter)
         if existing is not None:
@@ -561,7 +734,9 @@ class DeletionLedger:
                 error = err
         # a request in another client's name never takes the plain key (it must not squat that client's id)
         impersonating = sender is not None and submitter != claimed and not (ownership is not None and submitter in ownership.operators)
-        row.update(client_request_id=rid, submitter=submitter)
+        row.update(
+            client_request_id=rid, submitter=submitter, actor=f"node:{sender}" if sender is not None else f"console:{console_user()}"
+        )
         keys = [scoped_key(rid, submitter)] if impersonating else [rid, scoped_key(rid, submitter)]
         for attempt, key in enumerate(keys):
             if attempt == 0 and len(keys) == 2 and self.find(key) is not None:
@@ -579,7 +754,8 @@ class DeletionLedger:
             if final_error is not None:
                 # refused requests are logged (security: e.g. a client asking to delete another client's ids)
                 logger.warning(
-                    "deletion request %s from %r (sender %r) rejected (%s): %s", key, claimed, submitter, final_error.code, final_error
+                    "deletion request %s from %r (submitter %r, %s) rejected (%s): %s %s", key, claimed, submitter, row["actor"],
+                    final_error.code, final_error, getattr(final_error, "audit_detail", ""),
                 )
             return self.get(key)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -617,12 +793,17 @@ class DeletionLedger:
                     )
             final = "validated" if error is None else "rejected"
             details = {} if error is None else {"reason": str(error), "code": error.code}
+            if error is not None and getattr(error, "audit_detail", None):
+                details["detail"] = error.audit_detail  # type: ignore[union-attr]  # the operator's audit, not the client's answer
+            received = {"actor": row["actor"]}
+            if row["submitter"].startswith(CONSOLE_PREFIX):
+                received["on_behalf_of"] = row["client_id"]
             row.update(state=final, state_reason=None if error is None else str(error), error_code=None if error is None else error.code)
             conn.execute(insert(requests_table).values(**row))
             conn.execute(
                 insert(transitions_table),
                 [
-                    {"request_id": key, "from_state": None, "to_state": "received", "at": now_wall, "details": None},
+                    {"request_id": key, "from_state": None, "to_state": "received", "at": now_wall, "details": _dumps(received)},
                     {"request_id": key, "from_state": "received", "to_state": final, "at": now_wall if now is not None else time.time(),
                      "details": _dumps(details) if details else None},
                 ],
@@ -753,7 +934,7 @@ class DeletionLedger:
 
     def schedule_pending(
         self, *, limit: int | None = None, client_id: str | None = None, batch_id: str | None = None,
-        request_ids: Iterable[str] | None = None, **details: Any
+        request_ids: Iterable[str] | None = None, owner: str | None = None, lease_s: float = 300.0, **details: Any
     ) -> list[LedgerEntry]:
         """Move validated requests (oldest first, at most ``limit``; only ``request_ids`` when given) to ``scheduled``
         in one transaction and return them: the batch of one unlearning round. ``batch_id`` is stored on each request
@@ -762,6 +943,10 @@ class DeletionLedger:
 
         Requests already ``scheduled`` (a round interrupted by a crash) are not returned: resume those with
         ``pending(states=["scheduled"])`` / ``entries(batch_id=...)``.
+
+        ``owner`` (a server's id, needs ``batch_id``): take or renew the batch's lease (:meth:`claim_batch`) in the
+        same transaction; while another server's lease on it is live nothing is scheduled and ``[]`` comes back (that
+        server runs the batch), so two servers on one ledger never drive one batch. The owner is on the transitions.
         """
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise InvalidConfigError(f"limit must be a positive integer or None, got {limit!r}")
@@ -774,9 +959,16 @@ class DeletionLedger:
             query = query.where(requests_table.c.request_id.in_(list(request_ids)))
         if limit is not None:
             query = query.limit(limit)
+        if owner is not None:
+            if batch_id is None:
+                raise InvalidConfigError("owner: a lease is on a batch; pass batch_id too")
+            self._check_lease_args(batch_id, owner, lease_s)
+            details = {"owner": owner, **details}
         if batch_id is not None:
             details = {"batch": batch_id, **details}
         with self.engine.begin() as conn:
+            if owner is not None and not self._claim(conn, batch_id, owner, lease_s, None):
+                return []
             ids = list(conn.execute(query.with_for_update()).scalars())
             for rid in ids:
                 self._move(conn, rid, "scheduled", expected="validated", reason=None, details=details,
@@ -863,6 +1055,62 @@ class DeletionLedger:
                 raise IllegalTransitionError(f"request {request_id!r} was rejected: it has no result to record")
             values["updated_at"] = time.time()
             conn.execute(update(requests_table).where(requests_table.c.request_id == request_id).values(**values))
+
+    # ---- batch leases ---------------------------------------------------------------------------------------------
+    def claim_batch(self, batch_id: str, owner: str, *, lease_s: float = 300.0, now: float | None = None) -> bool:
+        """Take or renew the lease on a batch for ``owner`` (a server's id) until ``now + lease_s``: True when
+        ``owner`` now holds it, False (nothing written) while another owner's lease is live.
+
+        Several servers on one ledger (PostgreSQL) each call this before driving a batch, and again between long
+        steps (renewal): a batch whose lease expired belongs to a server that crashed (or stalled past its lease) and
+        is taken over, logged; a live one is left to its owner. Leases compare wall clocks of different servers: keep
+        ``lease_s`` well above their clock skew and above the longest step between renewals. Cost: one transaction.
+        """
+        self._check_lease_args(batch_id, owner, lease_s)
+        with self.engine.begin() as conn:
+            return self._claim(conn, batch_id, owner, lease_s, now)
+
+    def release_batch(self, batch_id: str, owner: str) -> bool:
+        """Give up ``owner``'s lease on a batch (done with it); False when ``owner`` did not hold it."""
+        with self.engine.begin() as conn:
+            gone = conn.execute(
+                leases_table.delete().where((leases_table.c.batch_id == batch_id) & (leases_table.c.owner == owner))
+            ).rowcount
+        return bool(gone)
+
+    def batch_lease(self, batch_id: str) -> BatchLease | None:
+        """The lease on a batch (live or expired), or None when no server holds one."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(leases_table).where(leases_table.c.batch_id == batch_id)).first()
+        return None if row is None else BatchLease(row.batch_id, row.owner, float(row.expires_at), float(row.claimed_at))
+
+    @staticmethod
+    def _check_lease_args(batch_id: str, owner: str, lease_s: float) -> None:
+        if not isinstance(batch_id, str) or not batch_id or len(batch_id) > 64:
+            raise InvalidConfigError(f"batch_id must be 1-64 characters, got {str(batch_id)[:80]!r}")
+        if not isinstance(owner, str) or not owner or len(owner) > 256:
+            raise InvalidConfigError(f"owner must be a server id of 1-256 characters, got {str(owner)[:80]!r}")
+        if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not math.isfinite(lease_s) or lease_s <= 0:
+            raise InvalidConfigError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
+
+    def _claim(self, conn: Connection, batch_id: str, owner: str, lease_s: float, now: float | None) -> bool:
+        now = time.time() if now is None else float(now)
+        if self.is_postgresql:  # two servers inserting the first lease of a batch: serialise them (SQLite: BEGIN IMMEDIATE)
+            conn.execute(select(func.pg_advisory_xact_lock(_advisory_key("batch:" + batch_id))))
+        row = conn.execute(select(leases_table).where(leases_table.c.batch_id == batch_id).with_for_update()).first()
+        if row is None:
+            conn.execute(insert(leases_table).values(batch_id=batch_id, owner=owner, expires_at=now + lease_s, claimed_at=now))
+            return True
+        if row.owner != owner:
+            if row.expires_at > now:
+                return False
+            logger.warning("batch %s: the lease of %r expired at %s; %r takes the batch over", batch_id, row.owner, _iso(row.expires_at), owner)
+        claimed_at = row.claimed_at if row.owner == owner else now
+        conn.execute(
+            update(leases_table).where(leases_table.c.batch_id == batch_id)
+            .values(owner=owner, expires_at=now + lease_s, claimed_at=claimed_at)
+        )
+        return True
 
     # ---- reads ----------------------------------------------------------------------------------------------------
     def find(self, request_id: str, client_id: str | None = None) -> LedgerEntry | None:

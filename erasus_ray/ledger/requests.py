@@ -35,6 +35,9 @@ LEVELS: tuple[str, ...] = ("sample", "class", "client")
 #: request and client ids: 1-128 characters, a letter or digit first, then letters, digits and ``. _ : @ / -``.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/\-]{0,127}")
 MAX_REASON_CHARS = 2000
+#: the latest ``created_at`` a request may claim: 2100-01-01T00:00:00Z. The claim is the client's, kept for the audit
+#: only (the ledger records its own receive time); the bound keeps every stored claim printable as a date.
+MAX_CREATED_AT = 4_102_444_800.0
 _INT64 = 2**63
 _FIELDS = ("request_id", "client_id", "level", "ids", "label", "reason", "created_at")
 
@@ -59,7 +62,8 @@ class DeletionRequest:
         ids: dataset ids to forget (``sample`` level only), never loader positions.
         label: the class to forget (``class`` level only).
         reason: free text for the audit trail (e.g. "GDPR art. 17 request #123").
-        created_at: when the client created it, seconds since the epoch (UTC).
+        created_at: when the client says it created it, seconds since the epoch (UTC), in ``[0, MAX_CREATED_AT]``.
+            A claim kept for the audit only: the ledger records its own receive time (``LedgerEntry.received_at``).
     """
 
     request_id: str
@@ -206,8 +210,31 @@ def check_fields(request: DeletionRequest) -> None:
     created = request.created_at
     if not (_is_int(created) or isinstance(created, (float, np.floating))) or isinstance(created, bool):
         raise _fail(f"field 'created_at' must be seconds since the epoch, got {type(created).__name__}", request_id=rid)
-    if not math.isfinite(float(created)) or float(created) < 0:
-        raise _fail(f"field 'created_at' must be finite and >= 0, got {created!r}", request_id=rid)
+    if not created_at_in_range(created):
+        raise _fail(
+            f"field 'created_at' must be seconds since the epoch between 0 and {MAX_CREATED_AT:.0f} (2100-01-01 UTC), "
+            f"got {_shown(created)}",
+            request_id=rid,
+        )
+
+
+def _shown(value: Any) -> str:
+    """At most 40 characters of a value for a message (an int too long for ``str`` is described by its size)."""
+    try:
+        return str(value)[:40]
+    except ValueError:  # Python refuses to print ints of more than 4300 digits
+        return f"an integer of {int(value).bit_length()} bits"
+
+
+def created_at_in_range(value: Any) -> bool:
+    """Whether ``value`` is a number in ``[0, MAX_CREATED_AT]`` (finite): a claim the ledger can store and print."""
+    if isinstance(value, (bool, np.bool_)) or not (_is_int(value) or isinstance(value, (float, np.floating))):
+        return False
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        return False
+    return math.isfinite(number) and 0.0 <= number <= MAX_CREATED_AT
 
 
 class OwnershipRegistry:
@@ -324,6 +351,23 @@ class RequestLimits:
             return True
 
 
+def _refuse_not_own(request: DeletionRequest, unknown: list[int], ownership: OwnershipRegistry) -> None:
+    """A client's view of ids that are not its own: one code (``not_owner``) and one message whether an id is
+    unknown or another client's, so a client cannot probe which ids other clients hold. The split is kept on the
+    error's ``audit_detail`` for the ledger's own audit (never sent to the client)."""
+    foreign = sorted(i for i in request.ids or () if ownership.owner_of(i) not in (None, request.client_id))
+    if not unknown and not foreign:
+        return
+    bad = sorted(set(unknown) | set(foreign))
+    err = UnauthorizedRequestError(
+        f"client {request.client_id!r} does not own {len(bad)} of the requested id(s): {bad[:10]}{' ...' if len(bad) > 10 else ''}",
+        code="not_owner",
+        request_id=request.request_id,
+    )
+    err.audit_detail = {"unknown_ids": len(unknown), "other_clients_ids": len(foreign)}  # type: ignore[attr-defined]
+    raise err
+
+
 def validate(
     request: DeletionRequest,
     ownership: OwnershipRegistry | None = None,
@@ -335,7 +379,10 @@ def validate(
     """Check a request; return None if it may be executed, else raise with the reason.
 
     ``sender``: the authenticated identity that delivered the request (e.g. the Flower node's client); when given, a
-    request in another client's name is refused (``impersonation``) unless the sender is a registered operator.
+    request in another client's name is refused (``impersonation``) unless the sender is a registered operator, and
+    ids that are not the client's own are refused with one code (``not_owner``) whether they are unknown or another
+    client's: a client learns only that they are not its own (no enumeration oracle). Without a sender (the
+    operator's console) or for an operator, ``unknown_ids`` and ``not_owner`` stay apart.
 
     Checks, in order: field types and shapes (``malformed``, ``empty_ids``); the client's rate (``rate_limited``); the
     number of ids (``too_many_ids``); with a registry: the requester is known (``unknown_client``), every id exists
@@ -380,6 +427,8 @@ def validate(
     if request.level == "sample":
         assert request.ids is not None
         unknown = sorted(i for i in request.ids if ownership.owner_of(i) is None)
+        if sender is not None and not operator:
+            _refuse_not_own(request, unknown, ownership)
         if unknown:
             raise _fail(
                 f"{len(unknown)} id(s) are not in any partition: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}",
