@@ -26,6 +26,7 @@ from erasus_ray.strategies import Strategy, UnlearnContext, get_strategy
 from erasus_ray.strategies.base import refuse_driver_only
 from erasus_ray.tasks import Task, get_task
 from erasus_ray.utils import Timer, clone_model, model_device, model_hash, seed_everything
+from erasus_ray.utils.atomic import atomic_torch_save, atomic_write_text, remove_durably
 
 
 @dataclass
@@ -62,10 +63,28 @@ class UnlearningResult:
         }
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        """The result as JSON text; with ``path``, also written there atomically (old or new file, never a part)."""
         text = json.dumps(self.to_dict(), indent=indent, default=_json_default)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text)
         return text
+
+    def save(self, folder: str | Path, results_name: str = "results.json", model_name: str = "model.pt") -> Path:
+        """Publish the job's outputs in ``folder``: the model's state dict, then the results JSON that describes it.
+
+        Order makes the pair consistent at every instant, whatever kills the process: the old results file is
+        removed first, the model written (atomically), the results last (atomically, naming ``model_name`` and
+        ``model_hash_after``). So a results file on disk always describes the model beside it; a crash in between
+        leaves a model without results, never results without their model. Returns the results path.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        results_path = folder / results_name
+        remove_durably(results_path)
+        atomic_torch_save(self.model.state_dict(), folder / model_name)
+        doc = {**self.to_dict(), "model_file": model_name}
+        atomic_write_text(results_path, json.dumps(doc, indent=2, default=_json_default))
+        return results_path
 
 
 def _json_default(obj: Any) -> Any:
