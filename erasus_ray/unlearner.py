@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from erasus_ray.data import IdDataset, as_id_dataset, loader_batch_size, make_loader
-from erasus_ray.errors import InvalidConfigError, InvalidDataError
+from erasus_ray.data import IdDataset, as_id_dataset, check_finite_data, loader_batch_size, make_loader
+from erasus_ray.checks import check_bool, check_int, check_real, check_seed
+from erasus_ray.errors import InvalidConfigError, InvalidDataError, TaskMismatchError
 from erasus_ray.runners import LocalRunner, RunnerConfig, RunReport
 from erasus_ray.selectors import Coreset, Selector, get_selector, resolve_budget
 from erasus_ray.strategies import Strategy, UnlearnContext, get_strategy
@@ -127,11 +128,60 @@ def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         switch[1]()
 
 
-def check_model_fits(model: nn.Module, task: Task, data: IdDataset) -> None:
-    """One forward pass on the first two samples; raises TaskMismatchError if the output does not fit the task."""
-    batch = next(iter(make_loader(data.subset(data.ids[:2]), task.collate, batch_size=2)))
-    with torch.no_grad():
-        task.forward(model, batch.to(model_device(model)).data)
+def check_arguments(model: Any, *, k: Any, fraction: Any, seed: Any, inplace: Any, selector_kwargs: Any) -> None:
+    """The constructor's checks that need no data: each failure an :class:`InvalidConfigError` naming the argument."""
+    if not isinstance(model, nn.Module):
+        raise InvalidConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_int("k", k, low=1, none_ok=True)
+    check_real("fraction", fraction, low=0.0, high=1.0, low_open=True, none_ok=True)
+    check_seed("seed", seed)
+    check_bool("inplace", inplace)
+    if selector_kwargs is not None and not isinstance(selector_kwargs, dict):
+        raise InvalidConfigError(f"selector_kwargs must be a dict or None, got {type(selector_kwargs).__name__}")
+
+
+def check_disjoint(forget: IdDataset, retain: IdDataset | None) -> None:
+    """Forget and retain ids must not overlap, whichever dataset objects carry them: ids are the samples' identity."""
+    if retain is None:
+        return
+    overlap = np.intersect1d(forget.ids, retain.ids)
+    if len(overlap):
+        raise InvalidDataError(
+            f"{len(overlap)} id(s) are in both forget_data and retain_data: {overlap[:20].tolist()}"
+        )
+
+
+def _describe_batch(data: Any) -> str:
+    if isinstance(data, torch.Tensor):
+        return f"{data.dtype} {tuple(data.shape)}"
+    if isinstance(data, dict):
+        return "{" + ", ".join(f"{k}: {_describe_batch(v)}" for k, v in data.items()) + "}"
+    if isinstance(data, (list, tuple)):
+        return "(" + ", ".join(_describe_batch(v) for v in data) + ")"
+    return type(data).__name__
+
+
+def check_model_fits(model: nn.Module, task: Task, data: IdDataset, name: str = "forget_data") -> None:
+    """One forward pass on the first two samples of ``data``: raises TaskMismatchError if the output does not fit
+    the task, :class:`InvalidDataError` naming ``name`` if the samples cannot be collated or the model cannot run on
+    them (wrong feature width, float64 or integer features for a float32 model), with the batch's dtypes and shapes."""
+    param = next(model.parameters(), None)
+    try:
+        batch = next(iter(make_loader(data.subset(data.ids[:2]), task.collate, batch_size=2)))
+    except TaskMismatchError:
+        raise
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
+        raise InvalidDataError(f"{name}: its samples cannot be collated for task {task.name!r}: {err}") from err
+    try:
+        with torch.no_grad():
+            task.forward(model, batch.to(model_device(model)).data)
+    except TaskMismatchError:
+        raise
+    except (TypeError, ValueError, RuntimeError, IndexError) as err:
+        expected = "" if param is None else f"; the model's parameters are {param.dtype}"
+        raise InvalidDataError(
+            f"{name}: the model cannot run on its samples (batch {_describe_batch(batch.data)}{expected}): {err}"
+        ) from err
 
 
 class ErasusUnlearner:
@@ -200,13 +250,13 @@ class ErasusUnlearner:
         gradient_checkpointing: bool = False,
         **strategy_kwargs: Any,
     ) -> None:
+        check_arguments(model, k=k, fraction=None if k is not None else fraction, seed=seed, inplace=inplace,
+                        selector_kwargs=selector_kwargs)
         self.model = model
         self.strategy = get_strategy(strategy, **strategy_kwargs)
         self.selector = None if selector is None else get_selector(selector, **(selector_kwargs or {}))
         if k is not None:
             fraction = None
-        if fraction is not None:
-            resolve_budget(1, fraction=fraction)  # validates the range now, not after training data is loaded
         self.fraction = fraction
         self.k = k
         self.task = get_task(task, model)
@@ -298,6 +348,7 @@ class ErasusUnlearner:
             return ray.is_initialized() or n_forget >= AUTO_THRESHOLD
         return False
 
+    @torch.enable_grad()  # the caller may hold torch.no_grad(); unlearning needs gradients whatever it holds
     def fit(
         self, forget_data: Any, retain_data: Any = None, *, epochs: int | None = None, coreset: Coreset | None = None
     ) -> UnlearningResult:
@@ -305,17 +356,23 @@ class ErasusUnlearner:
 
         ``forget_data`` / ``retain_data``: a Dataset, Subset or DataLoader (over a Subset of the same base dataset,
         sample ids are the base indices). ``coreset``: reuse an earlier selection instead of selecting again.
+
+        Checked before any work, each failure an :class:`InvalidDataError` / :class:`InvalidConfigError` naming the
+        argument: the forget set is non-empty and has no NaN/inf features (one pass of data loading over it), ``k``
+        fits in it, forget and retain share no id, and the model runs on two samples of each. Retain batches are
+        checked for NaN/inf as the runner draws them (a full scan of a large retain set would cost more than a
+        coreset run).
         """
+        check_int("epochs", epochs, low=1, none_ok=True)
+        if coreset is not None and not isinstance(coreset, Coreset):
+            raise InvalidConfigError(f"coreset must be a Coreset or None, got {type(coreset).__name__}")
         forget = as_id_dataset(forget_data).sorted()
         if len(forget) == 0:
             raise InvalidDataError("the forget set is empty: nothing to unlearn")
+        if self.k is not None:
+            resolve_budget(len(forget), k=self.k)
         retain = None if retain_data is None else as_id_dataset(retain_data)
-        if retain is not None and retain.base is forget.base:
-            overlap = np.intersect1d(forget.ids, retain.ids)
-            if len(overlap):
-                raise InvalidDataError(
-                    f"{len(overlap)} id(s) are in both the forget and the retain set: {overlap[:20].tolist()}"
-                )
+        check_disjoint(forget, retain)
         if self.strategy.needs_retain and (retain is None or len(retain) == 0):
             raise InvalidDataError(f"strategy {self.strategy.name!r} needs retain_data")
         config = self.runner_config(forget_data, epochs)
@@ -323,7 +380,10 @@ class ErasusUnlearner:
         model = self.model if self.inplace else clone_model(self.model)
         if self.device is not None:
             model.to(self.device)
-        check_model_fits(model, self.task, forget)
+        check_model_fits(model, self.task, forget, "forget_data")
+        if retain is not None and len(retain):
+            check_model_fits(model, self.task, retain, "retain_data")
+        check_finite_data(forget, self.task.collate, "forget_data")
         hash_before = model_hash(model)
         seed_everything(self.seed)
         timer = Timer()
