@@ -161,3 +161,77 @@ def test_unknown_strategy_and_selector_parameters_are_named():
 def test_valid_numpy_numbers_are_accepted():
     result = _fit(selector="random", k=np.int64(3), seed=np.int32(1), lr=np.float32(1e-3), batch_size=np.int64(4))
     assert len(result.coreset) == 3 and math.isfinite(result.timings["total"])
+
+
+# ---- job configs (experiment.JobConfig, erasus-ray unlearn) and the ledger CLI ---------------------------------------
+from erasus_ray.cli import main  # noqa: E402
+from erasus_ray.experiment import JobConfig  # noqa: E402
+
+
+@pytest.mark.parametrize("text, match", [
+    (b"benchmark: [digits\n", "(?s)not valid YAML.*line 1"),
+    (b"benchmark: !!python/object:os.system {}\n", "(?s)not valid YAML.*python/object"),
+    (b"benchmark: digits\x00\n", "NUL byte"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b"", "empty"),
+    (b"null\n", "empty"),
+    (b"~\n", "empty"),
+    (b"- digits\n", "mapping"),
+    (b"fraction: 0.1\nfraction: 0.5\n", "duplicate key 'fraction'"),
+    (b"runner: {lr: 1, lr: 2}\n", "duplicate key 'lr'"),
+    (b"1: x\n", "keys must be strings"),
+])
+def test_unreadable_job_files_are_named_and_exit_2(tmp_path, capsys, text, match):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(text)
+    with pytest.raises(InvalidConfigError, match=match):
+        JobConfig.from_yaml(path)
+    assert main(["unlearn", "--config", str(path), "--no-progress"]) == 2
+    assert str(path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"benchmark": ["digits"]}, "benchmark"),
+    ({"benchmark": None}, "benchmark"),
+    ({"runner": 5}, "runner: must be a mapping"),
+    ({"runner": None}, "runner: must be a mapping"),
+    ({"runner": {"lr": "x"}}, "runner: lr"),
+    ({"runner": {"batch_size": 2.5}}, "runner: batch_size"),
+    ({"runner": {"max_steps": 0}}, "runner: max_steps"),
+    ({"runner": {"gradient_checkpointing": "yes"}}, "runner: gradient_checkpointing"),
+    ({"strategy": "npo", "strategy_params": {"betaa": 1}}, "strategy_params.*betaa"),
+    ({"strategy": "npo", "strategy_params": {"beta": "x"}}, "strategy_params.*beta"),
+    ({"strategy_params": [1]}, "strategy_params: must be a mapping"),
+    ({"selector_params": {"foo": 1}}, "selector_params.*foo"),
+    ({"fraction": "0.5"}, "fraction"),
+    ({"fraction": True}, "fraction"),
+    ({"k": 0}, "k must be"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**70}, "seed"),
+    ({"scenario": "nope"}, "scenario"),
+    ({"scenario": 3}, "scenario"),
+    ({"strategy": 5}, "strategy"),
+    ({"output": ["x"]}, "output"),
+    ({"execution": {"num_workers": 0}}, "execution.num_workers"),
+    ({"execution": {"use_gpu": "no"}}, "execution.use_gpu"),
+])
+def test_bad_job_values_are_named_before_any_work(cfg, match):
+    with pytest.raises(InvalidConfigError, match=match):
+        JobConfig.from_dict(cfg)
+
+
+@pytest.mark.parametrize("content", [b"junk junk junk", b"", None])
+def test_ledger_cli_on_a_file_that_is_not_a_ledger_exits_2(tmp_path, capsys, content):
+    import sqlite3
+
+    db = tmp_path / "junk.db"
+    if content is None:  # a SQLite database of something else: refused, and no ledger tables get created in it
+        with sqlite3.connect(db) as conn:
+            conn.execute("CREATE TABLE other (x)")
+    else:
+        db.write_bytes(content)
+    before = db.read_bytes()
+    assert main(["ledger", "--db", str(db), "list"]) == 2
+    err = capsys.readouterr().err
+    assert "--db" in err and str(db) in err and "Traceback" not in err
+    assert db.read_bytes() == before, "a read command must not write into the file"
