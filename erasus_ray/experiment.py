@@ -107,7 +107,7 @@ class JobConfig:
     def _check_benchmark(self) -> None:
         try:
             spec = get_benchmark_spec(self.benchmark, **self.benchmark_options)
-        except TypeError as err:
+        except (TypeError, InvalidConfigError) as err:
             raise InvalidConfigError(f"benchmark_options: {err}") from None
         if self.scenario is not None and self.scenario not in spec.scenarios:
             raise InvalidConfigError(f"scenario: unknown {self.scenario!r} for {self.benchmark}; known: {', '.join(spec.scenarios)}")

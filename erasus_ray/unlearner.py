@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from erasus_ray.data import IdDataset, as_id_dataset, check_finite_data, loader_batch_size, make_loader
+from erasus_ray.data.ids import FULL_SCAN_LIMIT
 from erasus_ray.checks import check_bool, check_int, check_real, check_seed
 from erasus_ray.errors import InvalidConfigError, InvalidDataError, TaskMismatchError
 from erasus_ray.runners import LocalRunner, RunnerConfig, RunReport
@@ -138,6 +139,14 @@ def check_arguments(model: Any, *, k: Any, fraction: Any, seed: Any, inplace: An
     check_bool("inplace", inplace)
     if selector_kwargs is not None and not isinstance(selector_kwargs, dict):
         raise InvalidConfigError(f"selector_kwargs must be a dict or None, got {type(selector_kwargs).__name__}")
+
+
+def named_id_dataset(data: Any, name: str) -> IdDataset:
+    """:func:`as_id_dataset`, its errors prefixed with the argument's name."""
+    try:
+        return as_id_dataset(data)
+    except InvalidDataError as err:
+        raise InvalidDataError(f"{name}: {err}") from None
 
 
 def check_disjoint(forget: IdDataset, retain: IdDataset | None) -> None:
@@ -359,19 +368,20 @@ class ErasusUnlearner:
 
         Checked before any work, each failure an :class:`InvalidDataError` / :class:`InvalidConfigError` naming the
         argument: the forget set is non-empty and has no NaN/inf features (one pass of data loading over it), ``k``
-        fits in it, forget and retain share no id, and the model runs on two samples of each. Retain batches are
-        checked for NaN/inf as the runner draws them (a full scan of a large retain set would cost more than a
-        coreset run).
+        fits in it, forget and retain share no id, the model runs on two samples of each, and the retain set has no
+        NaN/inf features (a vectorised pass for a ``TensorDataset``, a pass of data loading up to
+        ``erasus_ray.data.ids.FULL_SCAN_LIMIT`` samples; a larger retain set is checked batch by batch as the runner
+        draws it, before the batch is used).
         """
         check_int("epochs", epochs, low=1, none_ok=True)
         if coreset is not None and not isinstance(coreset, Coreset):
             raise InvalidConfigError(f"coreset must be a Coreset or None, got {type(coreset).__name__}")
-        forget = as_id_dataset(forget_data).sorted()
+        forget = named_id_dataset(forget_data, "forget_data").sorted()
         if len(forget) == 0:
-            raise InvalidDataError("the forget set is empty: nothing to unlearn")
+            raise InvalidDataError("forget_data: the forget set is empty: nothing to unlearn")
         if self.k is not None:
             resolve_budget(len(forget), k=self.k)
-        retain = None if retain_data is None else as_id_dataset(retain_data)
+        retain = None if retain_data is None else named_id_dataset(retain_data, "retain_data")
         check_disjoint(forget, retain)
         if self.strategy.needs_retain and (retain is None or len(retain) == 0):
             raise InvalidDataError(f"strategy {self.strategy.name!r} needs retain_data")
@@ -384,6 +394,8 @@ class ErasusUnlearner:
         if retain is not None and len(retain):
             check_model_fits(model, self.task, retain, "retain_data")
         check_finite_data(forget, self.task.collate, "forget_data")
+        if retain is not None:
+            check_finite_data(retain, self.task.collate, "retain_data", limit=FULL_SCAN_LIMIT)
         hash_before = model_hash(model)
         seed_everything(self.seed)
         timer = Timer()

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from erasus_ray.errors import InvalidDataError
 
@@ -189,10 +189,34 @@ def check_finite_batch(batch: Batch, name: str) -> None:
         raise InvalidDataError(f"{name}: {len(ids)} sample(s) have NaN/inf features, ids {ids[:20]}; clean or drop them")
 
 
-def check_finite_data(data: IdDataset, collate: Callable[[list[Any]], Any], name: str, batch_size: int = 256) -> None:
-    """:func:`check_finite_batch` over every sample of ``data`` (one pass of data loading, no forward pass)."""
+#: Above this many samples, a dataset without in-memory tensors is not scanned up front: its batches are checked as the
+#: runner draws them (:func:`check_finite_batch`), since a pass of data loading over a large retain set would cost more
+#: than the coreset run it guards.
+FULL_SCAN_LIMIT = 50_000
+
+
+def check_finite_data(data: IdDataset, collate: Callable[[list[Any]], Any], name: str, *,
+                      limit: int | None = None, batch_size: int = 256) -> bool:
+    """Raise :class:`InvalidDataError` naming ``name`` and the ids if a sample of ``data`` has NaN/inf floats.
+
+    A ``TensorDataset`` is checked in one vectorised pass over its rows; any other dataset by loading every sample
+    (one pass of data loading, no forward pass), unless it has more than ``limit`` samples. Returns whether the whole
+    set was checked."""
+    if isinstance(data.base, TensorDataset):
+        rows = torch.as_tensor(data.positions)
+        bad = torch.zeros(len(rows), dtype=torch.bool)
+        for t in data.base.tensors:
+            if t.is_floating_point() or t.is_complex():
+                bad |= ~torch.isfinite(t[rows]).reshape(len(rows), -1).all(dim=1)
+        if bool(bad.any()):
+            ids = sorted(int(i) for i in data.ids[bad.numpy()])
+            raise InvalidDataError(f"{name}: {len(ids)} sample(s) have NaN/inf features, ids {ids[:20]}; clean or drop them")
+        return True
+    if limit is not None and len(data) > limit:
+        return False
     for batch in make_loader(data, collate, batch_size=batch_size):
         check_finite_batch(batch, name)
+    return True
 
 
 def _to_device(obj: Any, device: torch.device | str) -> Any:
