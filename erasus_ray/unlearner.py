@@ -203,7 +203,7 @@ class ErasusUnlearner:
         fraction: coreset size as a fraction of the forget set in (0, 1]; 1.0 means the full forget set.
         k: coreset size as a count (instead of ``fraction``).
         task: a task adapter or ``"classification"`` / ``"causal_lm"`` / ``"auto"``.
-        seed: seeds selection, shuffling and any noise.
+        seed: seeds selection, shuffling and any noise; an integer in ``[0, 2**32 - 1]``.
         lr, epochs, optimizer: runner settings; None uses the strategy's defaults.
         batch_size, retain_batch_size, grad_clip, precision, forget_target, max_steps, progress: see
             :class:`~erasus_ray.runners.RunnerConfig`.
@@ -357,6 +357,32 @@ class ErasusUnlearner:
             return ray.is_initialized() or n_forget >= AUTO_THRESHOLD
         return False
 
+    def checked_data(self, forget_data: Any, retain_data: Any, *, epochs: Any = None,
+                     coreset: Any = None) -> tuple[IdDataset, IdDataset | None]:
+        """``fit``'s arguments checked (see :meth:`fit`) and the data as id datasets (forget sorted by id)."""
+        check_int("epochs", epochs, low=1, none_ok=True)
+        if coreset is not None and not isinstance(coreset, Coreset):
+            raise InvalidConfigError(f"coreset must be a Coreset or None, got {type(coreset).__name__}")
+        forget = named_id_dataset(forget_data, "forget_data").sorted()
+        if len(forget) == 0:
+            raise InvalidDataError("forget_data: the forget set is empty: nothing to unlearn")
+        if self.k is not None:
+            resolve_budget(len(forget), k=self.k)
+        retain = None if retain_data is None else named_id_dataset(retain_data, "retain_data")
+        check_disjoint(forget, retain)
+        if self.strategy.needs_retain and (retain is None or len(retain) == 0):
+            raise InvalidDataError(f"strategy {self.strategy.name!r} needs retain_data")
+        return forget, retain
+
+    def check_data_runs(self, model: nn.Module, forget: IdDataset, retain: IdDataset | None) -> None:
+        """The model (the copy being unlearned) runs on both sets' samples, and neither holds NaN/inf features."""
+        check_model_fits(model, self.task, forget, "forget_data")
+        if retain is not None and len(retain):
+            check_model_fits(model, self.task, retain, "retain_data")
+        check_finite_data(forget, self.task.collate, "forget_data")
+        if retain is not None:
+            check_finite_data(retain, self.task.collate, "retain_data", limit=FULL_SCAN_LIMIT)
+
     @torch.enable_grad()  # the caller may hold torch.no_grad(); unlearning needs gradients whatever it holds
     def fit(
         self, forget_data: Any, retain_data: Any = None, *, epochs: int | None = None, coreset: Coreset | None = None
@@ -373,29 +399,13 @@ class ErasusUnlearner:
         ``erasus_ray.data.ids.FULL_SCAN_LIMIT`` samples; a larger retain set is checked batch by batch as the runner
         draws it, before the batch is used).
         """
-        check_int("epochs", epochs, low=1, none_ok=True)
-        if coreset is not None and not isinstance(coreset, Coreset):
-            raise InvalidConfigError(f"coreset must be a Coreset or None, got {type(coreset).__name__}")
-        forget = named_id_dataset(forget_data, "forget_data").sorted()
-        if len(forget) == 0:
-            raise InvalidDataError("forget_data: the forget set is empty: nothing to unlearn")
-        if self.k is not None:
-            resolve_budget(len(forget), k=self.k)
-        retain = None if retain_data is None else named_id_dataset(retain_data, "retain_data")
-        check_disjoint(forget, retain)
-        if self.strategy.needs_retain and (retain is None or len(retain) == 0):
-            raise InvalidDataError(f"strategy {self.strategy.name!r} needs retain_data")
+        forget, retain = self.checked_data(forget_data, retain_data, epochs=epochs, coreset=coreset)
         config = self.runner_config(forget_data, epochs)
 
         model = self.model if self.inplace else clone_model(self.model)
         if self.device is not None:
             model.to(self.device)
-        check_model_fits(model, self.task, forget, "forget_data")
-        if retain is not None and len(retain):
-            check_model_fits(model, self.task, retain, "retain_data")
-        check_finite_data(forget, self.task.collate, "forget_data")
-        if retain is not None:
-            check_finite_data(retain, self.task.collate, "retain_data", limit=FULL_SCAN_LIMIT)
+        self.check_data_runs(model, forget, retain)
         hash_before = model_hash(model)
         seed_everything(self.seed)
         timer = Timer()

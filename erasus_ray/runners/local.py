@@ -134,9 +134,11 @@ class StepExecutor:
         NonFiniteLossError *before* touching the weights if a loss or its gradient norm is NaN/inf (earlier
         optimizer steps of the same runner step stay applied: they were good). Logs: the strategy's, plus ``loss``
         (the sum of the step's losses)."""
-        # NaN/inf inputs are the data's fault, not the run's: an InvalidDataError, not a non-finite-loss stop
+        # NaN/inf inputs are the data's fault, not the run's: an InvalidDataError, not a non-finite-loss stop. Not in
+        # data-parallel workers: one worker raising alone would leave the others waiting in the all-reduce (there the
+        # synchronised gradient-norm check stops every worker alike).
         for batch, name in ((forget, "forget_data"), (retain, "retain_data")):
-            if batch is not None:
+            if batch is not None and self.grad_sync is None:
                 check_finite_batch(batch, name)
         ctx = self.ctx
         ctx.model.train()
