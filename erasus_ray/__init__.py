@@ -8,6 +8,7 @@ from erasus_ray.errors import (
     InvalidConfigError,
     InvalidDataError,
     NonFiniteLossError,
+    NonFiniteWeightsError,
     TaskMismatchError,
     UnknownNameError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidConfigError",
     "InvalidDataError",
     "NonFiniteLossError",
+    "NonFiniteWeightsError",
     "SISAEnsemble",
     "SISATrainer",
     "Selector",

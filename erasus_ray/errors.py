@@ -36,6 +36,12 @@ class NonFiniteLossError(ErasusError, FloatingPointError):
     """A loss or gradient became NaN/inf during unlearning."""
 
 
+class NonFiniteWeightsError(ErasusError, FloatingPointError):
+    """The weights became NaN/inf after an optimizer step although the loss and gradient norm were finite (an
+    overflowing learning rate, a strategy's own update). Unlike :class:`NonFiniteLossError` (the runner stops and
+    keeps the last good weights) this ends the run: there are no good weights left to return."""
+
+
 class InvalidRequestError(ErasusError, ValueError):
     """A deletion request is malformed, empty, too large, names unknown ids, or exceeds a rate limit.
 

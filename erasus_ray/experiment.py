@@ -7,19 +7,19 @@ so every number they report comes from the same code path as :class:`~erasus_ray
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from erasus_ray.benchmarks import BENCHMARKS, Benchmark, load_benchmark
-from erasus_ray.errors import InvalidConfigError
+from erasus_ray.benchmarks import BENCHMARKS, Benchmark, get_benchmark_spec, load_benchmark
+from erasus_ray.checks import check_bool, check_int, check_real, check_seed
+from erasus_ray.config_files import load_yaml_mapping
+from erasus_ray.errors import InvalidConfigError, UnknownNameError
 from erasus_ray.evaluation import SUITES, evaluate
-from erasus_ray.selectors import SELECTORS
-from erasus_ray.strategies import STRATEGIES
+from erasus_ray.runners import RunnerConfig
+from erasus_ray.selectors import get_selector
+from erasus_ray.strategies import get_strategy
 from erasus_ray.unlearner import ErasusUnlearner
 
 RUNNER_KEYS = {
@@ -75,42 +75,85 @@ class JobConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "JobConfig":
-        path = Path(path)
-        if not path.exists():
-            raise InvalidConfigError(f"config file {path} does not exist")
-        return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+        """Load a job YAML: syntax errors, Python tags, NUL bytes, duplicate keys and an empty or null document are
+        :class:`InvalidConfigError` naming the file (see :mod:`erasus_ray.config_files`)."""
+        return cls.from_dict(load_yaml_mapping(path, "config"))
 
     def validate(self) -> None:
-        if self.benchmark not in BENCHMARKS:
+        """Every key's type and range, and that the named strategy / selector / benchmark accept their parameters:
+        each failure an error naming the key, before any data is built or model trained."""
+        if not isinstance(self.benchmark, str) or self.benchmark not in BENCHMARKS:
             raise InvalidConfigError(f"benchmark: unknown {self.benchmark!r}; known: {', '.join(sorted(BENCHMARKS))}")
+        for key in ("scenario", "strategy", "selector", "output"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                raise InvalidConfigError(f"{key}: must be a string or null, got {getattr(self, key)!r}")
+        for key in ("benchmark_options", "strategy_params", "selector_params", "runner", "execution"):
+            if not isinstance(getattr(self, key), dict):
+                raise InvalidConfigError(f"{key}: must be a mapping, got {getattr(self, key)!r}")
+        check_seed("seed", self.seed)
+        self._check_benchmark()
         defaults = DEMO_DEFAULTS.get(self.benchmark, {})
         self.strategy = self.strategy or defaults.get("strategy", "grad_diff")
-        STRATEGIES.get(self.strategy)  # raises UnknownNameError with the known names
+        _build("strategy_params", get_strategy, self.strategy, self.strategy_params)
         if self.selector is not None:
-            SELECTORS.get(self.selector)
-        if self.fraction is not None:
-            f = self.fraction
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f <= 1) or math.isnan(f):
-                raise InvalidConfigError(f"fraction: must be in (0, 1], got {f!r}")
+            _build("selector_params", get_selector, self.selector, self.selector_params)
+        if self.k is not None:
+            check_int("k", self.k, low=1)
+        check_real("fraction", self.fraction, low=0.0, high=1.0, low_open=True, none_ok=True)
+        self._check_runner()
+        self.runner = {**defaults.get("runner", {}), **self.runner}
+        self._check_execution()
+
+    def _check_benchmark(self) -> None:
+        try:
+            spec = get_benchmark_spec(self.benchmark, **self.benchmark_options)
+        except (TypeError, InvalidConfigError) as err:
+            raise InvalidConfigError(f"benchmark_options: {err}") from None
+        if self.scenario is not None and self.scenario not in spec.scenarios:
+            raise InvalidConfigError(f"scenario: unknown {self.scenario!r} for {self.benchmark}; known: {', '.join(spec.scenarios)}")
+
+    def _check_runner(self) -> None:
         bad = sorted(set(self.runner) - RUNNER_KEYS)
         if bad:
             raise InvalidConfigError(f"runner: unknown key(s) {bad}; known: {sorted(RUNNER_KEYS)}")
-        self.runner = {**defaults.get("runner", {}), **self.runner}
-        if not isinstance(self.execution, dict):
-            raise InvalidConfigError(f"execution: must be a mapping, got {type(self.execution).__name__}")
+        settings = {k: v for k, v in self.runner.items() if k != "gradient_checkpointing"}
+        try:
+            RunnerConfig(**settings).validate()
+            check_bool("gradient_checkpointing", self.runner.get("gradient_checkpointing", False))
+        except InvalidConfigError as err:
+            raise InvalidConfigError(f"runner: {err}") from None
+
+    def _check_execution(self) -> None:
         bad = sorted(set(self.execution) - EXECUTION_KEYS)
         if bad:
             raise InvalidConfigError(f"execution: unknown key(s) {bad}; known: {sorted(EXECUTION_KEYS)}")
-        if self.execution.get("distributed", "none") not in (None, "none", "ray", "auto"):
-            raise InvalidConfigError(f"execution.distributed: must be none, ray or auto, got {self.execution['distributed']!r}")
-        if self.execution.get("backend", "local") not in ("local", "ray_train"):
-            raise InvalidConfigError(f"execution.backend: must be local or ray_train, got {self.execution['backend']!r}")
+        ex = self.execution
+        if ex.get("distributed", "none") not in (None, "none", "ray", "auto"):
+            raise InvalidConfigError(f"execution.distributed: must be none, ray or auto, got {ex['distributed']!r}")
+        if ex.get("backend", "local") not in ("local", "ray_train"):
+            raise InvalidConfigError(f"execution.backend: must be local or ray_train, got {ex['backend']!r}")
+        check_int("execution.num_workers", ex.get("num_workers", 2), low=1)
+        check_int("execution.max_failures", ex.get("max_failures", 1), low=0)
+        check_bool("execution.use_gpu", ex.get("use_gpu", False))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _WARM = False
+
+
+def _build(key: str, make: Any, name: str, params: dict[str, Any]) -> None:
+    """Construct the named strategy / selector with ``params`` once, so an unknown or mistyped parameter is an error
+    naming ``key`` now; constructors only store and check their arguments (no work)."""
+    try:
+        make(name, **params)
+    except UnknownNameError:
+        raise
+    except InvalidConfigError as err:
+        raise InvalidConfigError(f"{key}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise InvalidConfigError(f"{key}: {name!r} refused its parameters: {err}") from None
 
 
 def warm_up() -> None:

@@ -7,9 +7,10 @@ in a config or on the command line is fixed in one step.
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Callable, Generic, Iterator, TypeVar
 
-from erasus_ray.errors import UnknownNameError
+from erasus_ray.errors import InvalidConfigError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -41,7 +42,17 @@ class Registry(Generic[T]):
         raise UnknownNameError(f"Unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(known)}")
 
     def create(self, name: str, **kwargs) -> T:
-        return self.get(name)(**kwargs)
+        """An instance of ``name``; an argument its constructor does not take is an :class:`InvalidConfigError`
+        naming it and the accepted ones (not a TypeError from deep inside)."""
+        cls = self.get(name)
+        try:
+            inspect.signature(cls).bind(**kwargs)
+        except TypeError as err:
+            accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+            raise InvalidConfigError(f"{self.kind} {name!r}: {err}; accepted parameters: {accepted}") from None
+        except ValueError:  # no introspectable signature: let the constructor decide
+            pass
+        return cls(**kwargs)
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -29,6 +29,10 @@ class TrainRecipe:
         return asdict(self)
 
 
+#: The optimizers :func:`make_optimizer` builds.
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
 def make_optimizer(name: str, params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """``adam`` | ``adamw`` | ``sgd`` (momentum 0.9) over ``params``."""
     name = name.lower()

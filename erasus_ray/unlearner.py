@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from erasus_ray.control import ClosedLoopRunner, ControlConfig, GrowthPlan
-from erasus_ray.data import IdDataset, as_id_dataset, loader_batch_size, make_loader
-from erasus_ray.errors import InvalidConfigError, InvalidDataError
+from erasus_ray.data import IdDataset, as_id_dataset, check_finite_data, loader_batch_size, make_loader
+from erasus_ray.data.ids import FULL_SCAN_LIMIT
+from erasus_ray.checks import check_bool, check_int, check_real, check_seed
+from erasus_ray.errors import InvalidConfigError, InvalidDataError, TaskMismatchError
 from erasus_ray.evaluation.verification import Measurement, Probe, ResolvedTarget, resolve_target
 from erasus_ray.runners import LocalRunner, RunnerConfig, RunReport
 from erasus_ray.selectors import Coreset, Selector, get_selector, resolve_budget
@@ -28,6 +30,7 @@ from erasus_ray.strategies import Strategy, UnlearnContext, get_strategy
 from erasus_ray.strategies.base import refuse_driver_only
 from erasus_ray.tasks import Task, get_task
 from erasus_ray.utils import Timer, clone_model, model_device, model_hash, seed_everything
+from erasus_ray.utils.atomic import atomic_torch_save, atomic_write_text, remove_durably
 
 
 @dataclass
@@ -76,10 +79,28 @@ class UnlearningResult:
         }
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        """The result as JSON text; with ``path``, also written there atomically (old or new file, never a part)."""
         text = json.dumps(self.to_dict(), indent=indent, default=_json_default)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text)
         return text
+
+    def save(self, folder: str | Path, results_name: str = "results.json", model_name: str = "model.pt") -> Path:
+        """Publish the job's outputs in ``folder``: the model's state dict, then the results JSON that describes it.
+
+        Order makes the pair consistent at every instant, whatever kills the process: the old results file is
+        removed first, the model written (atomically), the results last (atomically, naming ``model_name`` and
+        ``model_hash_after``). So a results file on disk always describes the model beside it; a crash in between
+        leaves a model without results, never results without their model. Returns the results path.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        results_path = folder / results_name
+        remove_durably(results_path)
+        atomic_torch_save(self.model.state_dict(), folder / model_name)
+        doc = {**self.to_dict(), "model_file": model_name}
+        atomic_write_text(results_path, json.dumps(doc, indent=2, default=_json_default))
+        return results_path
 
 
 def _json_default(obj: Any) -> Any:
@@ -122,11 +143,69 @@ def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         switch[1]()
 
 
-def check_model_fits(model: nn.Module, task: Task, data: IdDataset) -> None:
-    """One forward pass on the first two samples; raises TaskMismatchError if the output does not fit the task."""
-    batch = next(iter(make_loader(data.subset(data.ids[:2]), task.collate, batch_size=2)))
-    with torch.no_grad():
-        task.forward(model, batch.to(model_device(model)).data)
+def check_arguments(model: Any, *, k: Any, fraction: Any, seed: Any, inplace: Any, selector_kwargs: Any) -> None:
+    """The constructor's checks that need no data: each failure an :class:`InvalidConfigError` naming the argument."""
+    if not isinstance(model, nn.Module):
+        raise InvalidConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_int("k", k, low=1, none_ok=True)
+    if not (isinstance(fraction, str) and fraction == "auto"):
+        check_real("fraction", fraction, low=0.0, high=1.0, low_open=True, none_ok=True)
+    check_seed("seed", seed)
+    check_bool("inplace", inplace)
+    if selector_kwargs is not None and not isinstance(selector_kwargs, dict):
+        raise InvalidConfigError(f"selector_kwargs must be a dict or None, got {type(selector_kwargs).__name__}")
+
+
+def named_id_dataset(data: Any, name: str) -> IdDataset:
+    """:func:`as_id_dataset`, its errors prefixed with the argument's name."""
+    try:
+        return as_id_dataset(data)
+    except InvalidDataError as err:
+        raise InvalidDataError(f"{name}: {err}") from None
+
+
+def check_disjoint(forget: IdDataset, retain: IdDataset | None) -> None:
+    """Forget and retain ids must not overlap, whichever dataset objects carry them: ids are the samples' identity."""
+    if retain is None:
+        return
+    overlap = np.intersect1d(forget.ids, retain.ids)
+    if len(overlap):
+        raise InvalidDataError(
+            f"{len(overlap)} id(s) are in both forget_data and retain_data: {overlap[:20].tolist()}"
+        )
+
+
+def _describe_batch(data: Any) -> str:
+    if isinstance(data, torch.Tensor):
+        return f"{data.dtype} {tuple(data.shape)}"
+    if isinstance(data, dict):
+        return "{" + ", ".join(f"{k}: {_describe_batch(v)}" for k, v in data.items()) + "}"
+    if isinstance(data, (list, tuple)):
+        return "(" + ", ".join(_describe_batch(v) for v in data) + ")"
+    return type(data).__name__
+
+
+def check_model_fits(model: nn.Module, task: Task, data: IdDataset, name: str = "forget_data") -> None:
+    """One forward pass on the first two samples of ``data``: raises TaskMismatchError if the output does not fit
+    the task, :class:`InvalidDataError` naming ``name`` if the samples cannot be collated or the model cannot run on
+    them (wrong feature width, float64 or integer features for a float32 model), with the batch's dtypes and shapes."""
+    param = next(model.parameters(), None)
+    try:
+        batch = next(iter(make_loader(data.subset(data.ids[:2]), task.collate, batch_size=2)))
+    except TaskMismatchError:
+        raise
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
+        raise InvalidDataError(f"{name}: its samples cannot be collated for task {task.name!r}: {err}") from err
+    try:
+        with torch.no_grad():
+            task.forward(model, batch.to(model_device(model)).data)
+    except TaskMismatchError:
+        raise
+    except (TypeError, ValueError, RuntimeError, IndexError) as err:
+        expected = "" if param is None else f"; the model's parameters are {param.dtype}"
+        raise InvalidDataError(
+            f"{name}: the model cannot run on its samples (batch {_describe_batch(batch.data)}{expected}): {err}"
+        ) from err
 
 
 class ErasusUnlearner:
@@ -151,7 +230,7 @@ class ErasusUnlearner:
         control: every closed-loop setting (:class:`~erasus_ray.control.ControlConfig`: guard tolerances,
             ``verify_every``, learning-rate growth, adaptive coreset start); ``budget`` overrides its budget.
         task: a task adapter or ``"classification"`` / ``"causal_lm"`` / ``"auto"``.
-        seed: seeds selection, shuffling and any noise.
+        seed: seeds selection, shuffling and any noise; an integer in ``[0, 2**32 - 1]``.
         lr, epochs, optimizer: runner settings; None uses the strategy's defaults.
         batch_size, retain_batch_size, grad_clip, precision, forget_target, max_steps, progress: see
             :class:`~erasus_ray.runners.RunnerConfig`.
@@ -210,13 +289,13 @@ class ErasusUnlearner:
         gradient_checkpointing: bool = False,
         **strategy_kwargs: Any,
     ) -> None:
+        check_arguments(model, k=k, fraction=None if k is not None else fraction, seed=seed, inplace=inplace,
+                        selector_kwargs=selector_kwargs)
         self.model = model
         self.strategy = get_strategy(strategy, **strategy_kwargs)
         self.selector = None if selector is None else get_selector(selector, **(selector_kwargs or {}))
         if k is not None:
             fraction = None
-        if fraction is not None and fraction != "auto":
-            resolve_budget(1, fraction=fraction)  # validates the range now, not after training data is loaded
         self.fraction = fraction
         self.k = k
         self.target = target
@@ -313,6 +392,33 @@ class ErasusUnlearner:
             return ray.is_initialized() or n_forget >= AUTO_THRESHOLD
         return False
 
+    def checked_data(self, forget_data: Any, retain_data: Any, *, epochs: Any = None,
+                     coreset: Any = None) -> tuple[IdDataset, IdDataset | None]:
+        """``fit``'s arguments checked (see :meth:`fit`) and the data as id datasets (forget sorted by id)."""
+        check_int("epochs", epochs, low=1, none_ok=True)
+        if coreset is not None and not isinstance(coreset, Coreset):
+            raise InvalidConfigError(f"coreset must be a Coreset or None, got {type(coreset).__name__}")
+        forget = named_id_dataset(forget_data, "forget_data").sorted()
+        if len(forget) == 0:
+            raise InvalidDataError("forget_data: the forget set is empty: nothing to unlearn")
+        if self.k is not None:
+            resolve_budget(len(forget), k=self.k)
+        retain = None if retain_data is None else named_id_dataset(retain_data, "retain_data")
+        check_disjoint(forget, retain)
+        if self.strategy.needs_retain and (retain is None or len(retain) == 0):
+            raise InvalidDataError(f"strategy {self.strategy.name!r} needs retain_data")
+        return forget, retain
+
+    def check_data_runs(self, model: nn.Module, forget: IdDataset, retain: IdDataset | None) -> None:
+        """The model (the copy being unlearned) runs on both sets' samples, and neither holds NaN/inf features."""
+        check_model_fits(model, self.task, forget, "forget_data")
+        if retain is not None and len(retain):
+            check_model_fits(model, self.task, retain, "retain_data")
+        check_finite_data(forget, self.task.collate, "forget_data")
+        if retain is not None:
+            check_finite_data(retain, self.task.collate, "retain_data", limit=FULL_SCAN_LIMIT)
+
+    @torch.enable_grad()  # the caller may hold torch.no_grad(); unlearning needs gradients whatever it holds
     def fit(
         self,
         forget_data: Any,
@@ -331,26 +437,24 @@ class ErasusUnlearner:
         forget set that is not a whole class has no measurable target unless ``gold`` (a model retrained without the
         forget set, or its metrics ``{"forget_acc": ..., "mia_svc_efficacy": ...}``) is given. ``coreset``: reuse an
         earlier selection instead of selecting again (kept fixed).
+
+        Checked before any work, each failure an :class:`InvalidDataError` / :class:`InvalidConfigError` naming the
+        argument: the forget set is non-empty and has no NaN/inf features (one pass of data loading over it), ``k``
+        fits in it, forget and retain share no id (nor does the held-out set, where it shares their id space), the
+        model runs on two samples of each, and the retain set has no NaN/inf features (a vectorised pass for a
+        ``TensorDataset``, a pass of data loading up to ``erasus_ray.data.ids.FULL_SCAN_LIMIT`` samples; a larger
+        retain set is checked batch by batch as the runner draws it, before the batch is used).
         """
-        forget = as_id_dataset(forget_data).sorted()
-        if len(forget) == 0:
-            raise InvalidDataError("the forget set is empty: nothing to unlearn")
-        retain = None if retain_data is None else as_id_dataset(retain_data)
-        if retain is not None and retain.base is forget.base:
-            overlap = np.intersect1d(forget.ids, retain.ids)
-            if len(overlap):
-                raise InvalidDataError(
-                    f"{len(overlap)} id(s) are in both the forget and the retain set: {overlap[:20].tolist()}"
-                )
+        forget, retain = self.checked_data(forget_data, retain_data, epochs=epochs, coreset=coreset)
         heldout = None if heldout_data is None else _heldout(heldout_data, forget, retain)
-        if self.strategy.needs_retain and (retain is None or len(retain) == 0):
-            raise InvalidDataError(f"strategy {self.strategy.name!r} needs retain_data")
         config = self.runner_config(forget_data, epochs)
 
         model = self.model if self.inplace else clone_model(self.model)
         if self.device is not None:
             model.to(self.device)
-        check_model_fits(model, self.task, forget)
+        self.check_data_runs(model, forget, retain)
+        if heldout is not None:
+            check_model_fits(model, self.task, heldout, "heldout_data")
         probe = Probe(self.task, forget, retain, heldout, retain_samples=self.control.retain_samples,
                       heldout_samples=self.control.heldout_samples, seed=self.seed)
         resolved = resolve_target(self.target, task=self.task, forget=forget, retain=retain, heldout=heldout, gold=gold, probe=probe)
@@ -449,7 +553,7 @@ def _control_config(control: Any, budget: Any) -> ControlConfig:
 def _heldout(heldout_data: Any, forget: IdDataset, retain: IdDataset | None) -> IdDataset:
     """The held-out set as an :class:`IdDataset`; where it shares the training data's id space (the same base
     dataset), an id that is also a forget or retain id is an error: a member cannot be a reference non-member."""
-    heldout = as_id_dataset(heldout_data)
+    heldout = named_id_dataset(heldout_data, "heldout_data")
     if len(heldout) == 0:
         raise InvalidDataError("heldout_data is empty")
     for name, other in (("forget", forget), ("retain", retain)):

@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from erasus_ray.utils.atomic import atomic_savefig, atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 FRACTIONS = "0.01,0.02,0.05,0.1,0.2,0.5,1.0"
 SELECTORS = "random,el2n,gradient_norm,k_center,craig"
@@ -198,7 +200,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
         row_axes[1].legend(fontsize=6, ncol=2)
     fig.suptitle(f"claim under test: {CLAIM} (grey band: 5-10%)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (4.2 * len(panels))))
-    fig.savefig(path, dpi=90)
+    atomic_savefig(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -357,7 +359,7 @@ def write_markdown(path: Path, runs: list[dict[str, Any]], summary: list[dict[st
         L.append("")
     L.append("Files: `results.csv` (one row per task/seed/config), `summary.csv`, `refs.csv`, `ablation.png` (per task: "
              "Avg.Gap, seconds / full, seconds / retrain vs fraction), `run_meta.json` (every run's command and arguments).")
-    path.write_text("\n".join(L) + "\n")
+    atomic_write_text(path, "\n".join(L) + "\n")
 
 
 def load_runs(out: Path) -> list[dict[str, Any]]:
@@ -448,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     base.write_csv(summary, out / "summary.csv")
     plot(summary, out / "ablation.png")
     write_markdown(out / "RESULTS.md", runs, summary, refs)
-    (out / "run_meta.json").write_text(json.dumps({"runs": runs}, indent=2))
+    atomic_write_text(out / "run_meta.json", json.dumps({"runs": runs}, indent=2))
     log(f"wrote {out}/results.csv, summary.csv, refs.csv, ablation.png, RESULTS.md in {wall / 60:.1f} min")
     log_file.close()
     return 0

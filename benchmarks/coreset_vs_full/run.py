@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from erasus_ray.utils.atomic import atomic_savefig, atomic_write_text
+
 GOAL_RATIO = 0.15  # coreset end-to-end seconds / full-forget-set seconds
 GOAL_GAP_PTS = 1.0  # coreset Avg.Gap may exceed the full run's by at most this many points
 
@@ -283,7 +285,7 @@ def plot_tradeoff(summary: list[dict[str, Any]], refs: list[dict[str, Any]], pat
     fig.suptitle(f"coreset vs full forget set: cost vs Avg.Gap (mean ± std over seeds); shaded = goal "
                  f"(<= {GOAL_RATIO}x full, gap <= full + {GOAL_GAP_PTS:g} pt)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -444,7 +446,7 @@ def write_markdown(path: Path, *, command: str, args: argparse.Namespace, summar
     L.append("- `refs.csv`: per task/seed: load time, cached original/gold training seconds, original and gold metrics.")
     L.append("- `tradeoff.png`: x = seconds / full (log), y = Avg.Gap points; marker = selector, label = fraction; "
              "shaded = the goal region.")
-    path.write_text("\n".join(L) + "\n")
+    atomic_write_text(path, "\n".join(L) + "\n")
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:

@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from erasus_ray.utils.atomic import atomic_open, atomic_write_text
+
 LEVELS = ("sample", "class", "client")
 PHASE_KEYS = ("rounds", "client_rounds", "bytes_sent", "bytes_received", "seconds")
 
@@ -367,7 +369,7 @@ def report(out: Path, meta: dict, rows: list[dict], batch_rows: list[dict] | Non
     lines += ["", "Raw rows: `results.json` / `results.csv` (one row per clients x seed x level; `batch_rows` in results.json "
               "for the batching comparison).", ""]
     text = "\n".join(lines)
-    (out / "RESULTS.md").write_text(text)
+    atomic_write_text(out / "RESULTS.md", text)
     return text
 
 
@@ -387,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads((out / "results.json").read_text())
         if args.note:  # findings written after looking at the numbers; stored with the run's metadata
             data["meta"]["notes"] = args.note
-            (out / "results.json").write_text(json.dumps(data, indent=2))
+            atomic_write_text(out / "results.json", json.dumps(data, indent=2))
         print(report(out, data["meta"], data["rows"], data.get("batch_rows")))
         return 0
     t0 = time.time()
@@ -403,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_min": min(loads), "load_max": max(loads), "wall_min": (time.time() - t0) / 60, "notes": args.note,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "batch_rows": batch_rows}, indent=2))
-    with open(out / "results.csv", "w", newline="") as fh:
+    atomic_write_text(out / "results.json", json.dumps({"meta": meta, "rows": rows, "batch_rows": batch_rows}, indent=2))
+    with atomic_open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from erasus_ray.utils.atomic import atomic_savefig, atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 FRACTIONS = (0.05, 0.1, 0.2)
 
@@ -146,7 +148,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(f"{task}:{scenario} (dashed: random at that fraction; mean +- std over seeds)")
         ax.legend(fontsize=8, ncol=len(fracs) + 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -209,7 +211,7 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: list[dict[str, Any
                      f"({', '.join(beats) or 'none'}); {len(never)} never did.")
     lines += [""] + [f"- {n}" for n in meta.get("notes", [])]
     lines += ["", "Raw rows: `results.csv`; per selector x fraction: `summary.csv`; plot: `quality.png`.", ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 "notes": []}
         base.write_csv(rows, out / "results.csv")
         base.write_csv(refs, out / "refs.csv")
-        meta_path.write_text(json.dumps(meta, indent=2))
+        atomic_write_text(meta_path, json.dumps(meta, indent=2))
     summary = summarise(rows, meta["margin"])
     base.write_csv(summary, out / "summary.csv")
     plot(summary, out / "quality.png")

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from erasus_ray.utils.atomic import atomic_write_text
+
 TASKS = {"digits": ("digits", "class", {}), "mnist5k": ("mnist5k", "class", {}), "authors": ("authors", "forget10", {"variant": "ci"})}
 
 
@@ -384,7 +386,7 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
                          f"{r['request_s']:.1f} | {r['cold_total_s']:.1f} | {r['cold_vs_in_process']:.2f}x |")
         lines.append("")
     lines += ["## Findings (computed from the numbers above)", ""] + findings(results) + [f"- {n}" for n in results.get("notes", [])] + [""]
-    (out / "RESULTS.md").write_text("\n".join(lines))
+    atomic_write_text(out / "RESULTS.md", "\n".join(lines))
 
 
 def _ratio(r: dict[str, Any]) -> str:
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         results = json.loads((out / "results.json").read_text())
         results["notes"] = args.note or results.get("notes", [])
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
         write_report(out, results, results.get("command", "(see results.json)"))
         return 0
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -488,13 +490,13 @@ def main(argv: list[str] | None = None) -> int:
         results["crossover"] = crossover([int(s) for s in args.crossover_sizes.split(",")])
     results["loadavg_at_end"] = os.getloadavg()[0]
     results["notes"] = (previous.get("notes", []) if args.merge else []) + args.note
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     command = "python benchmarks/selector_scoring/run.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--note") and a not in args.note)
     if args.merge and previous.get("command"):
         command = f"{previous['command']}` then `{command}"
     results["command"] = command
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     write_report(out, results, command)
     print(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'}")
     return 0

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from erasus_ray.benchmarks.prepared import prepare_model  # sisa's SISA ensemble, certified_removal's certified head
+from erasus_ray.utils.atomic import atomic_write_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     write_csv(rows, out / "results.csv")
     board = leaderboard(rows)
-    (out / "leaderboard.md").write_text(board)
+    atomic_write_text(out / "leaderboard.md", board)
     rt = ray_train_timing({"variant": args.authors_variant}) if args.ray_train else []
     command = "python benchmarks/strategy_leaderboard/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     text = ["# Strategy leaderboard", "", f"Command: `{command}`", "",
@@ -197,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         text += ["## Local vs Ray Train on the authors GPT-2", "", "| runner | seconds | x local | Avg.Gap (pts) | steps |",
                  "| --- | --- | --- | --- | --- |"]
         text += [f"| {r['runner']} | {r['seconds']:.1f} | {r['overhead_vs_local']:.2f} | {r['avg_gap_pts']:.2f} | {r['steps']} |" for r in rt]
-        (out / "ray_train.json").write_text(json.dumps(rt, indent=2))
-    (out / "RESULTS.md").write_text("\n".join(text) + "\n")
+        atomic_write_text(out / "ray_train.json", json.dumps(rt, indent=2))
+    atomic_write_text(out / "RESULTS.md", "\n".join(text) + "\n")
     print(f"wrote {out}/results.csv, leaderboard.md, RESULTS.md")
     return 0
 

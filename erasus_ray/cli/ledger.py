@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -49,20 +50,49 @@ def add_ledger_parser(sub: Any) -> None:
     key.set_defaults(func=cmd_ledger_set_operator_key)
 
 
+#: The first 16 bytes of every SQLite 3 database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_ledger_file(path: Path) -> None:
+    """A read command must open an existing ledger and write nothing: the file exists, is a SQLite database and holds
+    the ledger's tables (checked read-only, so a junk or foreign file is an error here, not a raw ``DatabaseError``
+    later, and never gets ledger tables created in it)."""
+    import sqlite3
+
+    from erasus_ray.ledger.ledger import meta_table, requests_table
+
+    if not path.is_file():
+        raise InvalidConfigError(f"--db: no ledger file at {str(path)!r}")
+    with path.open("rb") as fh:
+        if fh.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise InvalidConfigError(f"--db: {str(path)!r} is not a SQLite database (not a deletion ledger)")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        raise InvalidConfigError(f"--db: cannot read {str(path)!r} as a SQLite database: {err}") from None
+    missing = sorted({requests_table.name, meta_table.name} - tables)
+    if missing:
+        raise InvalidConfigError(f"--db: {str(path)!r} is a SQLite database but not a deletion ledger (no {missing} table)")
+
+
 def open_ledger(db: str | None) -> Any:
-    """Open an existing ledger; a SQLite file that does not exist is an error (a typo must not create an empty ledger)."""
+    """Open an existing ledger; a SQLite file that does not exist, or is not a ledger, is an error (a typo must not
+    create an empty ledger); a database the ledger cannot open is an :class:`InvalidConfigError` naming ``--db``."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from erasus_ray.ledger import DeletionLedger
 
     url = db or os.environ.get(DEFAULT_DB_ENV) or "erasus-ledger.db"
     if "://" not in url:
-        path = Path(url).expanduser()
-        if not path.exists():
-            raise InvalidConfigError(f"--db: no ledger file at {str(path)!r}")
+        check_ledger_file(Path(url).expanduser())
     elif url.startswith("sqlite:///") and url not in ("sqlite:///:memory:",):
-        path = Path(url[len("sqlite:///"):])
-        if not path.exists():
-            raise InvalidConfigError(f"--db: no ledger file at {str(path)!r}")
-    return DeletionLedger(url)
+        check_ledger_file(Path(url[len("sqlite:///"):]))
+    try:
+        return DeletionLedger(url)
+    except SQLAlchemyError as err:
+        raise InvalidConfigError(f"--db: cannot open the ledger at {url!r}: {getattr(err, 'orig', None) or err}") from None
 
 
 def cmd_ledger_list(args: argparse.Namespace) -> int:

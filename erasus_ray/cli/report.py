@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from erasus_ray.utils.atomic import atomic_open, atomic_savefig, atomic_write_text
+
 
 def _fmt(value: Any, key: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -49,7 +51,7 @@ def print_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], title: str)
 
 def save_json(rows: Sequence[dict[str, Any]], path: Path, extra: dict[str, Any] | None = None) -> None:
     clean = [{k: v for k, v in r.items() if k != "result"} for r in rows]
-    path.write_text(json.dumps({**(extra or {}), "rows": clean}, indent=2, default=str))
+    atomic_write_text(path, json.dumps({**(extra or {}), "rows": clean}, indent=2, default=str))
 
 
 def plot_rows(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: Path, title: str) -> None:
@@ -79,7 +81,7 @@ def plot_rows(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: Path, t
     ax2.set_ylabel("seconds (log)")
     ax2.set_title("end-to-end cost")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -90,7 +92,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     fields: list[str] = []
     for r in rows:
         fields.extend(k for k in r if k not in fields)
-    with Path(path).open("w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:

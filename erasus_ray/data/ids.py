@@ -9,11 +9,11 @@ ids, never in loader positions, so selection does not depend on the order a load
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from erasus_ray.errors import InvalidDataError
 
@@ -107,7 +107,7 @@ def as_id_dataset(data: Any) -> IdDataset:
         return as_id_dataset(data.dataset)
     if isinstance(data, Subset):
         inner = as_id_dataset(data.dataset)
-        idx = np.asarray(list(data.indices), dtype=np.int64)
+        idx = _subset_indices(data.indices, len(inner))
         return IdDataset(inner.base, inner.positions[idx], inner.ids[idx])
     if data is None:
         raise InvalidDataError("data is None: pass a Dataset, Subset or DataLoader")
@@ -119,6 +119,21 @@ def as_id_dataset(data: Any) -> IdDataset:
     ids = getattr(data, "ids", None)
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids)
     return IdDataset(data, np.arange(n, dtype=np.int64), ids)
+
+
+def _subset_indices(indices: Any, n: int) -> np.ndarray:
+    """A Subset's indices as int64 rows of a dataset of ``n`` rows (negative ones count from the end, as
+    ``Subset`` itself reads them); anything else raises :class:`InvalidDataError` naming the bad indices."""
+    idx = np.asarray(list(indices))
+    if idx.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if idx.dtype.kind not in "iu":
+        raise InvalidDataError(f"Subset indices must be integers, got dtype {idx.dtype}")
+    idx = idx.astype(np.int64).reshape(-1)
+    out = idx[(idx >= n) | (idx < -n)]
+    if len(out):
+        raise InvalidDataError(f"Subset indices out of range for a dataset of {n} samples: {out[:20].tolist()}")
+    return np.where(idx < 0, idx + n, idx)
 
 
 def loader_batch_size(data: Any, default: int) -> int:
@@ -141,6 +156,67 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.ids, _to_device(self.data, device), None if self.weights is None else self.weights.to(device))
+
+
+def _float_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _float_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _float_tensors(v)
+
+
+def check_finite_batch(batch: Batch, name: str) -> None:
+    """Raise :class:`InvalidDataError` naming ``name`` and the sample ids if a floating tensor of the batch holds a
+    NaN/inf (features, soft labels). Cost: one ``isfinite`` pass over the batch's floating inputs."""
+    bad: set[int] = set()
+    n = len(batch)
+    for t in _float_tensors(batch.data):
+        finite = torch.isfinite(t)
+        if bool(finite.all()):
+            continue
+        if t.dim() >= 1 and t.shape[0] == n:  # per-sample rows: name the samples
+            rows = (~finite.reshape(n, -1).all(dim=1)).nonzero().flatten().cpu()
+            bad.update(int(batch.ids[r]) for r in rows)
+        else:
+            bad.update(int(i) for i in batch.ids)
+    if bad:
+        ids = sorted(bad)
+        raise InvalidDataError(f"{name}: {len(ids)} sample(s) have NaN/inf features, ids {ids[:20]}; clean or drop them")
+
+
+#: Above this many samples, a dataset without in-memory tensors is not scanned up front: its batches are checked as the
+#: runner draws them (:func:`check_finite_batch`), since a pass of data loading over a large retain set would cost more
+#: than the coreset run it guards.
+FULL_SCAN_LIMIT = 50_000
+
+
+def check_finite_data(data: IdDataset, collate: Callable[[list[Any]], Any], name: str, *,
+                      limit: int | None = None, batch_size: int = 256) -> bool:
+    """Raise :class:`InvalidDataError` naming ``name`` and the ids if a sample of ``data`` has NaN/inf floats.
+
+    A ``TensorDataset`` is checked in one vectorised pass over its rows; any other dataset by loading every sample
+    (one pass of data loading, no forward pass), unless it has more than ``limit`` samples. Returns whether the whole
+    set was checked."""
+    if isinstance(data.base, TensorDataset):
+        rows = torch.as_tensor(data.positions)
+        bad = torch.zeros(len(rows), dtype=torch.bool)
+        for t in data.base.tensors:
+            if t.is_floating_point() or t.is_complex():
+                bad |= ~torch.isfinite(t[rows]).reshape(len(rows), -1).all(dim=1)
+        if bool(bad.any()):
+            ids = sorted(int(i) for i in data.ids[bad.numpy()])
+            raise InvalidDataError(f"{name}: {len(ids)} sample(s) have NaN/inf features, ids {ids[:20]}; clean or drop them")
+        return True
+    if limit is not None and len(data) > limit:
+        return False
+    for batch in make_loader(data, collate, batch_size=batch_size):
+        check_finite_batch(batch, name)
+    return True
 
 
 def _to_device(obj: Any, device: torch.device | str) -> Any:

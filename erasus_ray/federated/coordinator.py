@@ -77,6 +77,7 @@ from erasus_ray.federated.messages import (
     content_bytes,
 )
 from erasus_ray.federated.partition import Federation, load_federation
+from erasus_ray.utils.atomic import atomic_torch_save, atomic_write_text
 
 log = logging.getLogger("erasus_ray.federated")
 State = dict[str, torch.Tensor]
@@ -227,13 +228,11 @@ class DeletionCoordinator:
         (:meth:`load_results`: coreset ids, model hashes before/after, strategy, metrics)."""
         stored = self.load_results()
         stored.update({rid: dict(r) for rid, r in (results or {}).items()})
-        tmp = self._global_path.with_suffix(".tmp")
-        torch.save(
+        atomic_torch_save(  # atomic: the model, its request ids and their results change together
             {"state": state, "applied": applied, "deleted_ids": sorted(set(int(i) for i in deleted_ids)),
              "results_json": json.dumps(stored, default=_json_default)},
-            tmp,
+            self._global_path,
         )
-        os.replace(tmp, self._global_path)  # atomic: the model, its request ids and their results change together
 
     def load_results(self) -> dict[str, dict[str, Any]]:
         """``{request_id: ledger result}`` of every request applied to the saved global model (see :meth:`save_global`);
@@ -529,7 +528,7 @@ class DeletionCoordinator:
         missing = sorted(need - set(self.clients))
         if missing:
             return self._wait(batch_id, todo, missing, "not connected")
-        torch.save(state, self._before_path(batch_id))  # before any update: verification compares against it
+        atomic_torch_save(state, self._before_path(batch_id))  # before any update: verification compares against it
         before_hash = model_hash(self.model(state))
         t0 = time.perf_counter()
         new_state = state
@@ -713,7 +712,7 @@ class DeletionCoordinator:
                 time.sleep(self.config.pass_wait_s)
                 self.discover()
         self.collect_requests(max_polls=1)  # deliver the last acks
-        (self.state_dir / "stats.json").write_text(json.dumps(self.stats, indent=2))
+        atomic_write_text(self.state_dir / "stats.json", json.dumps(self.stats, indent=2))
         return {e.request_id: e.state for e in self.ledger.entries()}
 
 

@@ -36,6 +36,7 @@ import torch
 
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.federated.fedavg import apply_delta, fedavg, state_delta
+from erasus_ray.utils.atomic import atomic_torch_save, atomic_write_text
 
 State = dict[str, torch.Tensor]
 #: ``train_round(global_state, client_ids, round, epochs) -> {client_id: (state_after, num_examples)}``
@@ -75,9 +76,8 @@ class FederatedHistory:
     def _save_index(self) -> None:
         if self.folder is None:
             return
-        tmp = self.folder / "index.tmp"
-        tmp.write_text(json.dumps({"interval": self.interval, "rounds": sorted(self.rounds), "final": self.final is not None}))
-        os.replace(tmp, self.folder / "index.json")
+        atomic_write_text(self.folder / "index.json",
+                          json.dumps({"interval": self.interval, "rounds": sorted(self.rounds), "final": self.final is not None}))
 
     def record(self, round_: int, global_before: Mapping[str, torch.Tensor], client_states: Mapping[str, tuple[State, float]]) -> None:
         keep = round_ % self.interval == 0
@@ -88,17 +88,14 @@ class FederatedHistory:
         }
         self.rounds[int(round_)] = entry
         if self.folder is not None:
-            tmp = self.folder / f"round-{round_}.tmp"
-            torch.save(entry, tmp)
-            os.replace(tmp, self.folder / f"round-{round_}.pt")
+            atomic_torch_save(entry, self.folder / f"round-{round_}.pt")
             self._save_index()
 
     def finish(self, final_state: Mapping[str, torch.Tensor]) -> None:
         """Store the model after the last round (training is complete)."""
         self.final = {k: v.detach().clone() for k, v in final_state.items()}
         if self.folder is not None:
-            torch.save(self.final, self.folder / "final.tmp")
-            os.replace(self.folder / "final.tmp", self.folder / "final.pt")
+            atomic_torch_save(self.final, self.folder / "final.pt")
             self._save_index()
 
     @property

@@ -7,7 +7,6 @@ Ray Train and Flower runners reuse the same step on their own shards.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
@@ -16,9 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from erasus_ray.training import make_optimizer
-from erasus_ray.data import Batch, make_loader
-from erasus_ray.errors import InvalidConfigError, NonFiniteLossError
+from erasus_ray.checks import check_bool, check_choice, check_int, check_real, check_seed
+from erasus_ray.training import OPTIMIZERS, make_optimizer
+from erasus_ray.data import Batch, check_finite_batch, make_loader
+from erasus_ray.errors import InvalidConfigError, NonFiniteLossError, NonFiniteWeightsError
 from erasus_ray.strategies.base import Strategy, UnlearnContext
 
 
@@ -57,18 +57,20 @@ class RunnerConfig:
     seed: int = 0
 
     def validate(self) -> "RunnerConfig":
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise InvalidConfigError(f"epochs must be a positive integer, got {self.epochs!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InvalidConfigError(f"lr must be a positive finite number, got {self.lr!r}")
-        if self.batch_size < 1 or (self.retain_batch_size is not None and self.retain_batch_size < 1):
-            raise InvalidConfigError(
-                f"batch_size and retain_batch_size must be >= 1, got {self.batch_size!r} and {self.retain_batch_size!r}"
-            )
-        if self.precision not in ("32", "bf16-mixed"):
-            raise InvalidConfigError(f"precision must be '32' or 'bf16-mixed', got {self.precision!r}")
-        if self.forget_target is not None and not 0.0 <= self.forget_target <= 1.0:
-            raise InvalidConfigError(f"forget_target must be in [0, 1], got {self.forget_target!r}")
+        """Check every setting's type and range (errors name the setting) and turn NumPy numbers into Python ones
+        (a DataLoader refuses ``np.int64`` batch sizes); returns self."""
+        self.epochs = check_int("epochs", self.epochs, low=1)
+        self.lr = check_real("lr", self.lr, low=0.0, low_open=True)
+        if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZERS:
+            raise InvalidConfigError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        self.batch_size = check_int("batch_size", self.batch_size, low=1)
+        self.retain_batch_size = check_int("retain_batch_size", self.retain_batch_size, low=1, none_ok=True)
+        self.grad_clip = check_real("grad_clip", self.grad_clip, low=0.0, low_open=True, none_ok=True)
+        check_choice("precision", self.precision, ("32", "bf16-mixed"))
+        self.forget_target = check_real("forget_target", self.forget_target, low=0.0, high=1.0, none_ok=True)
+        self.max_steps = check_int("max_steps", self.max_steps, low=1, none_ok=True)
+        self.progress = check_bool("progress", self.progress)
+        self.seed = check_seed("seed", self.seed)
         return self
 
 
@@ -132,6 +134,12 @@ class StepExecutor:
         NonFiniteLossError *before* touching the weights if a loss or its gradient norm is NaN/inf (earlier
         optimizer steps of the same runner step stay applied: they were good). Logs: the strategy's, plus ``loss``
         (the sum of the step's losses)."""
+        # NaN/inf inputs are the data's fault, not the run's: an InvalidDataError, not a non-finite-loss stop. Not in
+        # data-parallel workers: one worker raising alone would leave the others waiting in the all-reduce (there the
+        # synchronised gradient-norm check stops every worker alike).
+        for batch, name in ((forget, "forget_data"), (retain, "retain_data")):
+            if batch is not None and self.grad_sync is None:
+                check_finite_batch(batch, name)
         ctx = self.ctx
         ctx.model.train()
         total, logs = 0.0, {}
@@ -196,6 +204,20 @@ class StepExecutor:
             what = "loss" if not torch.isfinite(loss) else "gradient norm"
             raise NonFiniteLossError(f"non-finite {what} ({(loss if what == 'loss' else norm).item()})")
         optimizer.step()
+        if not all_finite(self.params):  # one read of the trainable weights per step: cheap next to the backward
+            raise NonFiniteWeightsError(
+                f"the weights became NaN/inf after an optimizer step (lr={self.config.lr}, optimizer="
+                f"{self.config.optimizer!r}, grad_clip={self.config.grad_clip}); lower lr or set grad_clip"
+            )
+
+
+@torch.no_grad()
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite; one host sync per device."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from erasus_ray.checks import check_int, check_real
 from erasus_ray.data import IdDataset, as_id_dataset, make_loader
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.registry import Registry
@@ -72,18 +73,12 @@ def resolve_budget(n: int, k: int | None = None, fraction: float | None = None) 
     if k is not None and fraction is not None:
         raise InvalidConfigError("pass k or fraction, not both")
     if k is not None:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise InvalidConfigError(f"k must be a positive integer, got {k!r}")
+        check_int("k", k, low=1)
         if k > n:
             raise InvalidConfigError(f"k={k} is larger than the forget set ({n} samples)")
         return int(k)
     if fraction is not None:
-        try:
-            frac = float(fraction)
-        except (TypeError, ValueError):
-            raise InvalidConfigError(f"fraction must be a number in (0, 1], got {fraction!r}") from None
-        if not (0.0 < frac <= 1.0) or math.isnan(frac):
-            raise InvalidConfigError(f"fraction must be in (0, 1], got {fraction!r}")
+        frac = check_real("fraction", fraction, low=0.0, high=1.0, low_open=True)
         return max(1, min(n, math.ceil(frac * n - 1e-9)))
     return n
 

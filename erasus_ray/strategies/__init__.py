@@ -6,6 +6,7 @@ import importlib
 import pkgutil
 from typing import Any
 
+from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.strategies.fine_tune import FineTune
 from erasus_ray.strategies.grad_diff import GradDiff
@@ -35,7 +36,9 @@ def get_strategy(strategy: Strategy | str, **kwargs: Any) -> Strategy:
     """An instance from a registry name, or pass an instance through."""
     if isinstance(strategy, Strategy):
         if kwargs:
-            raise TypeError("hyperparameters go to the strategy's constructor when passing an instance")
+            raise InvalidConfigError(
+                f"hyperparameters {sorted(kwargs)} go to the strategy's constructor when passing an instance"
+            )
         return strategy
     return STRATEGIES.create(strategy, **kwargs)
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from erasus_ray.data import Batch, IdDataset
+from erasus_ray.checks import check_real
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.registry import Registry
 from erasus_ray.tasks import Task, TaskOutput
@@ -156,12 +157,11 @@ class Strategy:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def check_range(self, name: str, value: float, low: float, high: float, *, low_open: bool = False) -> float:
-        value = float(value)
-        ok = (value > low if low_open else value >= low) and value <= high
-        if not ok:
-            bracket = "(" if low_open else "["
-            raise InvalidConfigError(f"{self.name}: {name}={value} is outside {bracket}{low}, {high}]")
-        return value
+        """``value`` as a float in ``[low, high]`` (``(low, high]`` with ``low_open``); a non-number (``"0.1"``,
+        ``True``) or NaN is an :class:`InvalidConfigError` naming the strategy and the hyperparameter."""
+        finite_high = None if high == float("inf") else high
+        finite_low = None if low == float("-inf") else low
+        return check_real(f"{self.name}: {name}", value, low=finite_low, high=finite_high, low_open=low_open)  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hparams().items())})"

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from erasus_ray.config_files import load_yaml_mapping
 from erasus_ray.errors import InvalidConfigError, UnknownNameError
 from erasus_ray.experiment import RUNNER_KEYS
 
@@ -174,14 +173,7 @@ class SweepConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SweepConfig":
-        path = Path(path)
-        if not path.exists():
-            raise InvalidConfigError(f"sweep config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise InvalidConfigError(f"sweep config {path} is not valid YAML: {err}") from err
-        return cls.from_dict(data or {})
+        return cls.from_dict(load_yaml_mapping(path, "sweep config"))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.keys()}

@@ -31,6 +31,7 @@ from erasus_ray.errors import InvalidDataError
 from erasus_ray.tuning.config import SweepConfig
 from erasus_ray.tuning.search_space import job_config, trial_params
 from erasus_ray.cli.report import write_csv
+from erasus_ray.utils.atomic import atomic_savefig, atomic_write_text
 
 CSV_FILE, MD_FILE, PNG_FILE, RERUN_FILE = "leaderboard.csv", "leaderboard.md", "pareto.png", "reruns.json"
 
@@ -154,7 +155,7 @@ def rerun_configs(cfg: SweepConfig, configs: list[dict[str, Any]], seeds: Sequen
                                                   task=bench.task, seed=seed)
                 result = flat_result(run_job(job, bench=bench, gold_metrics=gold_by_seed[seed], progress=False))
                 cache[cache_key] = result
-                path.write_text(json.dumps(cache, indent=1, default=str))
+                atomic_write_text(path, json.dumps(cache, indent=1, default=str))
                 log(f"  re-run #{conf['rank']} seed {seed}: Avg.Gap {100 * result['avg_gap']:.2f} pts, {result['seconds']:.2f}s")
             out[key].append({**cache[cache_key], "seed": seed})
     return out
@@ -301,7 +302,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], keys: Sequence[str], 
     if errored:
         L.append(f"\nErrored trials (no result; see their error.txt): {', '.join(str(r['trial_id']) for r in errored)}")
     L.append("\nFiles: `leaderboard.csv` (every trial, its params as JSON), `pareto.png` (gap vs seconds), `reruns.json`.")
-    path.write_text("\n".join(L) + "\n")
+    atomic_write_text(path, "\n".join(L) + "\n")
 
 
 #: Strategy marker shapes (distinct outlines at 6-8 pt) and fill styles; a strategy's style is one (shape, fill)
@@ -408,7 +409,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> dict[str,
     right = first.get_window_extent().transformed(ax.transAxes.inverted()).x1
     ax.legend(handles=c_handles, fontsize=7, loc="upper left", bbox_to_anchor=(right + 0.01, 1.0),
               title="colour: selector", title_fontsize=7, ncol=c_cols, frameon=False, handletextpad=0.2)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    atomic_savefig(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return {"strategy_style": style, "selector_colour": colour, "points": points}
 

@@ -49,6 +49,7 @@ from typing import Any
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.tuning.config import SweepConfig
 from erasus_ray.tuning.search_space import SearchSpace, job_config
+from erasus_ray.utils.atomic import atomic_write_bytes, atomic_write_text
 
 #: Written by the driver into the sweep directory; the leaderboard reads it.
 META_FILE = "sweep.json"
@@ -101,9 +102,7 @@ def trial_cache_dir(driver_cache_dir: str, cache_files: dict[str, bytes] | None)
     for n, b in files.items():
         target = local / n
         if not (target.is_file() and target.stat().st_size == len(b)):
-            tmp = local / f".{n}.{os.getpid()}.tmp"
-            tmp.write_bytes(b)
-            os.replace(tmp, target)
+            atomic_write_bytes(target, b)
     return str(local)
 
 
@@ -417,7 +416,7 @@ def run_sweep(cfg: SweepConfig, *, resume: str | os.PathLike | None = None, name
     cache_files = benchmark_cache_files(bench, cache_dir)
     if resume is None:  # written first, so an interrupted sweep still has its reference rows
         sweep_dir.mkdir(parents=True)
-        (sweep_dir / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        atomic_write_text(sweep_dir / META_FILE, json.dumps(meta, indent=2, default=str))
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", CHECKPOINT_PERIOD_S)  # read when the Tuner's controller starts
     started = _init_ray(cfg)
     try:
@@ -437,7 +436,7 @@ def run_sweep(cfg: SweepConfig, *, resume: str | os.PathLike | None = None, name
         if resume is not None and (sweep_dir / META_FILE).exists():
             meta["earlier_wall_s"] = json.loads((sweep_dir / META_FILE).read_text()).get("wall_s")
         meta.update({"wall_s": wall, "n_trials": len(grid), "n_errors": grid.num_errors})
-        (sweep_dir / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        atomic_write_text(sweep_dir / META_FILE, json.dumps(meta, indent=2, default=str))
         print(f"[erasus-ray] {len(grid)} trials ({grid.num_errors} errored) in {wall:.1f}s -> {sweep_dir}")
     finally:
         if started:

@@ -1,0 +1,61 @@
+"""Reading YAML config files (jobs, sweeps): one loader whose every failure is an :class:`InvalidConfigError` that
+names the file and, where YAML knows it, the line.
+
+Stricter than ``yaml.safe_load``: a key given twice is an error (safe_load silently keeps the last one), and an empty
+file or a ``null`` document is an error rather than "all defaults" (a truncated or mistyped file must not run the
+default job). Python tags (``!!python/object``) are refused, as safe_load refuses them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from erasus_ray.errors import InvalidConfigError
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: list[Any] = []  # a list: keys may be unhashable here (safe_load's own error reports those)
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (each key may appear once)", key_node.start_mark
+                )
+            seen.append(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml_mapping(text: str, source: str) -> dict[str, Any]:
+    """Parse ``text`` (from ``source``, for messages) into a mapping, or raise :class:`InvalidConfigError`."""
+    if "\x00" in text:
+        raise InvalidConfigError(f"{source}: contains a NUL byte; not a YAML text file")
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise InvalidConfigError(f"{source}: not valid YAML: {err}") from None
+    if data is None:
+        raise InvalidConfigError(f"{source}: the config is empty (or a null document); write the keys to run")
+    if not isinstance(data, dict):
+        raise InvalidConfigError(f"{source}: a config must be a mapping of keys, got {type(data).__name__}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise InvalidConfigError(f"{source}: config keys must be strings, got {bad_keys[:5]}")
+    return data
+
+
+def load_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """Read and parse the YAML file at ``path`` (``what`` names it in messages: "config", "sweep config")."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidConfigError(f"{what} file {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidConfigError(f"{what} {path}: not UTF-8 text ({err})") from None
+    return parse_yaml_mapping(text, f"{what} {path}")
