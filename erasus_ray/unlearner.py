@@ -372,6 +372,54 @@ class ErasusUnlearner:
                 return pool.select(self.selector, model, forget, task=self.task, k=k, fraction=fraction, seed=self.seed, retain=retain)
         return self.selector.select(model, forget, task=self.task, k=k, fraction=fraction, seed=self.seed, retain=retain)
 
+    def _context(self, model: nn.Module, forget: IdDataset, retain: IdDataset | None, chosen: Coreset, epochs: int | None) -> UnlearnContext:
+        return UnlearnContext(
+            model=model,
+            task=self.task,
+            forget=forget.subset(chosen.ids),
+            retain=retain,
+            device=model_device(model),
+            seed=self.seed,
+            full_forget=forget,
+            model_factory=self.model_factory,
+            recipe=self.recipe,
+            forget_weights=chosen.weight_map(),
+            # The runner settings the caller chose (not defaults), for strategies that run other strategies.
+            state={"runner_overrides": {"lr": self.runner_kwargs["lr"], "epochs": epochs or self.runner_kwargs["epochs"],
+                                        "optimizer": self.runner_kwargs["optimizer"]}},
+        )
+
+    def _search_strength(self, pristine: nn.Module, forget: IdDataset, retain: IdDataset | None, chosen: Coreset,
+                         config: RunnerConfig, resolved: ResolvedTarget, probe: Probe, original: Measurement,
+                         first: tuple[nn.Module, RunReport, dict[str, Any]]) -> tuple[nn.Module, RunReport, dict[str, Any]]:
+        """The closed loop for a strategy that computes its update itself (Fisher noise, SSD dampening): re-run it
+        from the original weights with its declared strength knob (:attr:`Strategy.strength`) scaled by its factor,
+        up to ``ControlConfig.strength_tries`` times, until the target holds; stop at the first setting that breaks the
+        utility guard (a stronger one would break it more). Returns the first passing run, else the guarded run
+        closest to the target (the default's if none is guarded), with every attempt in the verification."""
+        knob, factor = self.strategy.strength
+        value = float(getattr(self.strategy, knob))
+        attempts = [{knob: value, "passed": first[2]["passed"], "guard_ok": first[2].get("guard_ok")}]
+        best, best_value = first, value
+        for _ in range(self.control.strength_tries):
+            value *= factor
+            strategy = get_strategy(self.strategy.name, **{**self.strategy.hparams(), knob: value})
+            ctx = self._context(clone_model(pristine), forget, retain, chosen, None)
+            report = strategy.unlearn(ctx, LocalRunner(config))
+            ctx.model.eval()
+            v = _verify_once(resolved, probe, ctx.model, original, self.control, report, open_loop=False)
+            attempts.append({knob: value, "passed": v["passed"], "guard_ok": v["guard_ok"]})
+            if not v["guard_ok"]:
+                break
+            if _violation(v) < _violation(best[2]) or not best[2].get("guard_ok"):
+                best, best_value = (ctx.model, report, v), value
+            if v["passed"]:
+                break
+        model, report, verification = best
+        verification = {**verification, "mode": "strength_search",
+                        "strength": {"knob": knob, "factor": factor, "attempts": attempts, "used": best_value}}
+        return model, report, verification
+
     def make_runner(self, config: RunnerConfig) -> Any:
         if self.backend == "ray_train":
             from erasus_ray.runners.ray_train import RayTrainRunner
@@ -471,42 +519,37 @@ class ErasusUnlearner:
             unknown = np.setdiff1d(chosen.ids, forget.ids)
             if len(unknown):
                 raise InvalidDataError(f"coreset ids not in the forget set: {unknown[:20].tolist()}")
-            ctx = UnlearnContext(
-                model=model,
-                task=self.task,
-                forget=forget.subset(chosen.ids),
-                retain=retain,
-                device=model_device(model),
-                seed=self.seed,
-                full_forget=forget,
-                model_factory=self.model_factory,
-                recipe=self.recipe,
-                forget_weights=chosen.weight_map(),
-                # The runner settings the caller chose (not defaults), for strategies that run other strategies.
-                state={"runner_overrides": {"lr": self.runner_kwargs["lr"], "epochs": epochs or self.runner_kwargs["epochs"],
-                                            "optimizer": self.runner_kwargs["optimizer"]}},
-            )
+            ctx = self._context(model, forget, retain, chosen, epochs)
             if closed:
                 growth = GrowthPlan.from_coreset(chosen.scores, chosen.info.get("order"), adaptive)
                 runner: Any = ClosedLoopRunner(config, self.control, resolved.target, probe, growth, original=original)
             else:
                 runner = self.make_runner(config)
+            search = closed and self.strategy.strength is not None
+            pristine = clone_model(model) if search else None
             with timer("unlearn"):
                 with activation_checkpointing(model, self.gradient_checkpointing):
                     report = self.strategy.unlearn(ctx, runner)
-        model = ctx.model  # inference-time strategies (dexperts, activation_steering) return a wrapper around it
-        model.eval()
-        if closed and runner.ran:
-            verification = _closed_loop_verification(runner, resolved, report)
-            if adaptive:
-                chosen = _grown_coreset(chosen, runner, len(forget))
-        else:  # open loop, or a strategy that computed its update without the runner: verified once
-            verification = _verify_once(resolved, probe, model, original, self.control, report, open_loop)
+                model = ctx.model  # inference-time strategies (dexperts, activation_steering) return a wrapper around it
+                model.eval()
+                if closed and runner.ran:
+                    verification = _closed_loop_verification(runner, resolved, report)
+                    if adaptive:
+                        chosen = _grown_coreset(chosen, runner, len(forget))
+                else:  # open loop, or a strategy that computed its update without the runner: verified once
+                    verification = _verify_once(resolved, probe, model, original, self.control, report, open_loop)
+                if search and not runner.ran and not verification["passed"]:
+                    model, report, verification = self._search_strength(
+                        pristine, forget, retain, chosen, config, resolved, probe, original, (model, report, verification))
+        described = self.describe(config, len(forget))
+        if "strength" in verification:  # the setting of the model the search returned
+            knob = verification["strength"]["knob"]
+            described["strategy_params"] = {**described["strategy_params"], knob: verification["strength"]["used"]}
         return UnlearningResult(
             model=model,
             coreset=chosen,
             timings=dict(timer.seconds),
-            config=self.describe(config, len(forget)),
+            config=described,
             report=report,
             model_hash_before=hash_before,
             model_hash_after=model_hash(model),
@@ -601,3 +644,12 @@ def _verify_once(resolved: ResolvedTarget, probe: Probe, model: nn.Module, origi
         "criteria": [c.to_dict() for c in verdict.criteria], "overshoot": verdict.overshoot,
         "guard": [c.to_dict() for c in guard], "guard_ok": guard_ok, "steps": report.steps, "stopped": report.stopped,
     }
+
+
+def _violation(verification: dict[str, Any]) -> float:
+    """How far a verification's criteria are outside their bounds (0 when all pass)."""
+    total = 0.0
+    for c in verification.get("criteria", []):
+        v, lo, hi = c["value"], c.get("low"), c.get("high")
+        total += max(0.0, (lo - v) if lo is not None else 0.0, (v - hi) if hi is not None else 0.0)
+    return total

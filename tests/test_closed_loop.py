@@ -221,3 +221,20 @@ def test_heldout_overlapping_forget_or_retain(wine):
     for bad, name in ((wine["forget"], "forget"), (wine["retain"].subset(wine["retain"].ids[:3]), "retain")):
         with pytest.raises(InvalidDataError, match=f"held-out id\\(s\\) are also {name} ids"):
             un.fit(forget_data=wine["forget"], retain_data=wine["retain"], heldout_data=bad)
+
+
+def test_strength_search_for_strategies_that_compute_their_update(wine):
+    """SSD computes its dampening in one pass (no runner steps): its selection threshold is halved from the original
+    weights until the class is forgotten (measured: alpha 20 -> 10 -> 5 passes). Fisher forgetting's noise is not
+    selective (its docstring): the next stronger setting breaks the guard, so the search stops and says so."""
+    r = ErasusUnlearner(wine["original"], strategy="ssd", progress=False).fit(forget_data=wine["forget"], retain_data=wine["retain"])
+    v = r.verification
+    attempts = v["strength"]["attempts"]
+    assert v["mode"] == "strength_search" and r.verified is True and attempts[0] == {"alpha": 20.0, "passed": False, "guard_ok": True}
+    assert [a["alpha"] for a in attempts] == [20.0 * 0.5**i for i in range(len(attempts))] and attempts[-1]["passed"]
+    assert r.config["strategy_params"]["alpha"] == attempts[-1]["alpha"]
+    assert _acc(r.model, wine["forget"], wine["task"]) <= 0.05
+    f = ErasusUnlearner(wine["original"], strategy="fisher_forgetting", progress=False).fit(
+        forget_data=wine["forget"], retain_data=wine["retain"])
+    assert f.verified is False and f.verification["strength"]["attempts"][-1]["guard_ok"] is False
+    assert f.verification["guard_ok"] is True  # the returned model is the guarded one

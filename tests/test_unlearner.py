@@ -45,9 +45,12 @@ def test_full_forget_set_when_no_selector_or_fraction_one(digits_class):
 
 
 def test_coreset_cost_scales_with_coreset(digits_class):
+    """A fixed budget (open loop: explicit epochs) costs in proportion to the coreset: every step pairs one forget
+    batch with one retain batch. (Under the closed loop the cost is the steps until the target holds; the coreset's
+    saving there is measured, not assumed: benchmarks/closed_loop/RESULTS.md.)"""
     b = digits_class
-    full = _u(b.original, selector=None).fit(forget_data=b.forget, retain_data=b.retain)
-    core = _u(b.original, fraction=0.1).fit(forget_data=b.forget, retain_data=b.retain)
+    full = _u(b.original, selector=None, epochs=20).fit(forget_data=b.forget, retain_data=b.retain)
+    core = _u(b.original, fraction=0.1, epochs=20).fit(forget_data=b.forget, retain_data=b.retain)
     assert core.report.forget_samples * 5 < full.report.forget_samples
     assert core.report.retain_samples * 3 < full.report.retain_samples
 

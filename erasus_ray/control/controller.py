@@ -61,6 +61,8 @@ class ControlConfig:
         coreset_min: smallest starting coreset.
         patience: stop early ("stalled") after this many verifications without getting closer to the target (and
             without coreset growth), returning the closest guarded weights.
+        strength_tries: for strategies that compute their update themselves and declare a strength knob
+            (``Strategy.strength``), at most this many stronger settings are tried from the original weights.
         retain_samples / heldout_samples: sizes of the fixed, seeded samples the probe measures.
     """
 
@@ -74,6 +76,7 @@ class ControlConfig:
     coreset_start: float = 0.05
     coreset_min: int = 8
     patience: int = 20
+    strength_tries: int = 6
     retain_samples: int = 512
     heldout_samples: int = 2048
 
@@ -91,7 +94,7 @@ class ControlConfig:
                 raise InvalidConfigError(f"{name} must be a positive finite number, got {getattr(self, name)!r}")
         if self.coreset_start > 1:
             raise InvalidConfigError(f"coreset_start must be in (0, 1], got {self.coreset_start!r}")
-        for name in ("coreset_min", "patience", "retain_samples", "heldout_samples"):
+        for name in ("coreset_min", "patience", "strength_tries", "retain_samples", "heldout_samples"):
             if not _positive_int(getattr(self, name)):
                 raise InvalidConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.guard, Guard):

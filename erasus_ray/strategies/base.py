@@ -112,6 +112,10 @@ class Strategy:
     #: likelihoods, preference pairs, teacher targets): under the closed loop's adaptive coreset such a setup runs
     #: over the whole forget set, so that a sample joining the coreset later has its entry.
     setup_scope: ClassVar[str] = "coreset"
+    #: For a strategy that computes its update itself: ``(hyperparameter, factor)`` - the knob that makes it forget
+    #: more and the factor one step of the closed loop's search multiplies it by (Fisher noise scale x3; SSD's
+    #: selection threshold x0.5). None: no knob; such a strategy is verified once.
+    strength: ClassVar[tuple[str, float] | None] = None
 
     def __init__(self, **hparams: Any) -> None:
         if hparams:

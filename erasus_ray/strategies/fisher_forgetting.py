@@ -123,6 +123,8 @@ class FisherForgetting(Strategy):
         >>> ErasusUnlearner(model, strategy="fisher_forgetting", selector=None, alpha=1e-6).fit(forget_data=f, retain_data=r)
     """
 
+    strength = ("alpha", 3.0)  # closed loop: more noise forgets more
+
     needs_retain = True
     driver_only_reason = (
         "the diagonal retain Fisher and the noise draw are computed in the calling process; there are no "

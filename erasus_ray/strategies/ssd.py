@@ -62,6 +62,8 @@ class SSD(Strategy):
         >>> ErasusUnlearner(model, strategy="ssd", selector=None, alpha=10, lam=1).fit(forget_data=f, retain_data=r)
     """
 
+    strength = ("alpha", 0.5)  # closed loop: a lower selection threshold dampens more parameters
+
     needs_retain = True
     driver_only_reason = (
         "the forget/retain Fisher importances and the dampening are computed in the calling process; there "
