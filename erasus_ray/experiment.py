@@ -54,7 +54,7 @@ class JobConfig:
     strategy_params: dict[str, Any] = field(default_factory=dict)
     selector: str | None = "el2n"
     selector_params: dict[str, Any] = field(default_factory=dict)
-    fraction: float | None = 0.1
+    fraction: float | str | None = "auto"
     k: int | None = None
     runner: dict[str, Any] = field(default_factory=dict)
     execution: dict[str, Any] = field(default_factory=dict)
@@ -99,7 +99,8 @@ class JobConfig:
             _build("selector_params", get_selector, self.selector, self.selector_params)
         if self.k is not None:
             check_int("k", self.k, low=1)
-        check_real("fraction", self.fraction, low=0.0, high=1.0, low_open=True, none_ok=True)
+        if self.fraction != "auto":
+            check_real("fraction", self.fraction, low=0.0, high=1.0, low_open=True, none_ok=True)
         self._check_runner()
         self.runner = {**defaults.get("runner", {}), **self.runner}
         self._check_execution()
@@ -176,12 +177,14 @@ def run_job(
     label: str | None = None,
     fraction: float | None | str = "config",
     unlearner_cls: type[ErasusUnlearner] = ErasusUnlearner,
+    pool: Any = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` and evaluate against the gold model. Returns a JSON-able row with metrics, timings and cost.
 
     ``unlearner_cls``: an :class:`ErasusUnlearner` subclass (e.g. one whose runner reports each epoch to Ray Tune).
 
-    ``fraction`` overrides the config's (e.g. 1.0 for the full-forget-set reference run).
+    ``fraction`` overrides the config's (e.g. 1.0 for the full-forget-set reference run). ``pool``: a started
+    :class:`~erasus_ray.distributed.ScoringPool` to score on (its start-up is then not part of the selection time).
     """
     bench = bench or load_benchmark(cfg.benchmark, cfg.scenario, cfg.seed, **cfg.benchmark_options)
     warm_up()
@@ -200,6 +203,7 @@ def run_job(
         selector_kwargs=cfg.selector_params,
         model_factory=bench.model_factory,
         recipe=bench.recipe,
+        **({"pool_spec": pool} if pool is not None else {}),
         **cfg.execution,
         **cfg.runner,
         **cfg.strategy_params,
@@ -217,6 +221,8 @@ def run_job(
         "metrics": metrics,
         "timings": result.timings,
         "coreset_size": len(result.coreset),
+        "verified": result.verified,
+        "verification": result.verification,
         "n_forget": len(bench.forget_ids),
         "report": result.report.to_dict(),
         "config": result.config,

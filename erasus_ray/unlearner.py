@@ -238,7 +238,8 @@ class ErasusUnlearner:
         distributed: ``"ray"`` scores the forget set on the Ray actor pool of ``actors/scoring.yaml``; ``"auto"``
             does so when Ray is already initialised or the forget set has at least
             ``erasus_ray.distributed.AUTO_THRESHOLD`` samples; None runs selection in process.
-        pool_spec: a :class:`~erasus_ray.distributed.PoolSpec` or a path to a pool YAML (default: actors/scoring.yaml).
+        pool_spec: a :class:`~erasus_ray.distributed.PoolSpec` or a path to a pool YAML (default: actors/scoring.yaml),
+            or a started :class:`~erasus_ray.distributed.ScoringPool` to reuse (the caller closes it).
         backend: ``"local"`` (in process) or ``"ray_train"`` (``TorchTrainer`` with ``num_workers`` data-parallel
             workers, ``use_gpu``, checkpoints per epoch and ``max_failures`` restarts; see
             :class:`~erasus_ray.runners.ray_train.RayTrainRunner`).
@@ -367,6 +368,8 @@ class ErasusUnlearner:
         if self._use_ray(len(forget)):
             from erasus_ray.distributed import PoolSpec, ScoringPool
 
+            if isinstance(self.pool_spec, ScoringPool):  # the caller's warm pool: used, not closed
+                return self.pool_spec.select(self.selector, model, forget, task=self.task, k=k, fraction=fraction, seed=self.seed, retain=retain)
             spec = self.pool_spec if isinstance(self.pool_spec, PoolSpec) else PoolSpec.load(self.pool_spec)
             with ScoringPool(spec) as pool:  # the actors' CPUs go back before the strategy (e.g. Ray Train) runs
                 return pool.select(self.selector, model, forget, task=self.task, k=k, fraction=fraction, seed=self.seed, retain=retain)

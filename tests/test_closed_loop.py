@@ -238,3 +238,31 @@ def test_strength_search_for_strategies_that_compute_their_update(wine):
         forget_data=wine["forget"], retain_data=wine["retain"])
     assert f.verified is False and f.verification["strength"]["attempts"][-1]["guard_ok"] is False
     assert f.verification["guard_ok"] is True  # the returned model is the guarded one
+
+
+def test_a_persistently_non_finite_objective_stops_with_the_last_good_weights(wine):
+    """A loss that turns NaN after a few steps, whatever the step size: the loop restores the last verified weights,
+    halves the step, and after 3 non-finite trips in a row stops with a warning - never NaN weights."""
+    from erasus_ray.strategies import STRATEGIES
+
+    class NaNAfter(STRATEGIES.get("grad_diff")):
+        calls = 0
+
+        def loss(self, ctx, forget, retain):
+            type(self).calls += 1
+            loss, logs = super().loss(ctx, forget, retain)
+            return (loss * float("nan") if type(self).calls > 7 else loss), logs
+
+    with pytest.warns(RuntimeWarning, match="non-finite loss or weights 3 times"):
+        r = ErasusUnlearner(wine["original"], strategy=NaNAfter(), selector=None, progress=False).fit(
+            forget_data=wine["forget"], retain_data=wine["retain"])
+    v = r.verification
+    assert r.verified is False and v["stopped"].startswith("stopped: non-finite") and len(v["guard_events"]) == 3
+    assert all(torch.isfinite(p).all() for p in r.model.parameters())
+    assert 0 < r.report.steps <= 7
+
+
+def test_max_steps_caps_the_closed_loop(wine):
+    r = ErasusUnlearner(wine["original"], selector=None, max_steps=5, progress=False).fit(
+        forget_data=wine["forget"], retain_data=wine["retain"])
+    assert r.verification["mode"] == "closed_loop" and r.report.steps == 5 and r.verified is False

@@ -120,10 +120,12 @@ class _NaNAfter(GradDiff):
 
 
 def test_nan_loss_stops_and_keeps_last_good_weights(digits_class):
+    """The runner's NaN guard in an open-loop run (explicit epochs); the closed loop's is in test_closed_loop.py."""
     b = digits_class
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
-        bad = _u(b.original, strategy=_NaNAfter(), selector=None, batch_size=16).fit(forget_data=b.forget, retain_data=b.retain)
-    good = _u(b.original, strategy=GradDiff(), selector=None, batch_size=16, max_steps=2).fit(forget_data=b.forget, retain_data=b.retain)
+        bad = _u(b.original, strategy=_NaNAfter(), selector=None, batch_size=16, epochs=20).fit(forget_data=b.forget, retain_data=b.retain)
+    good = _u(b.original, strategy=GradDiff(), selector=None, batch_size=16, max_steps=2, epochs=20).fit(
+        forget_data=b.forget, retain_data=b.retain)
     assert bad.report.steps == 2 and "non-finite" in bad.report.stopped
     assert model_hash(bad.model) == model_hash(good.model)
     assert all(torch.isfinite(p).all() for p in bad.model.parameters())

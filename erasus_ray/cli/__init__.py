@@ -24,6 +24,19 @@ def _common_env() -> None:
     hold_freed_memory_from_env()
 
 
+def _fraction(text: str) -> float | str:
+    """``--fraction``: 'auto' or a number in (0, 1]."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from erasus_ray.cli.demo import run_demo
 
@@ -82,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scenario", default=None, help="digits/mnist5k: class | random10; authors: forget01 | forget05 | forget10")
     demo.add_argument("--strategy", default=None, help="strategy (default: the task's demo default)")
     demo.add_argument("--selector", default="el2n")
-    demo.add_argument("--fraction", type=float, default=0.1, help="coreset fraction of the forget set, in (0, 1]")
+    demo.add_argument("--fraction", type=_fraction, default="auto",
+                      help="coreset fraction of the forget set, in (0, 1], or 'auto' (adaptive: grows until the whole forget set passes)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--variant", default=None, help="authors: full | ci (small, fast)")
     demo.add_argument("--out", default="results/demo", help="output folder for results.json and the plot")

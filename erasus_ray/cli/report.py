@@ -28,6 +28,7 @@ def print_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], title: str)
     for k in keys:
         table.add_column(k)
     table.add_column("Avg.Gap")
+    table.add_column("verified")
     table.add_column("coreset")
     table.add_column("select s")
     table.add_column("unlearn s")
@@ -38,6 +39,7 @@ def print_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], title: str)
             row["label"],
             *[_fmt(m.get(k), k) for k in keys],
             _fmt(m.get("avg_gap"), "avg_gap"),
+            {True: "yes", False: "no", None: "n/a"}.get(row.get("verified"), "-") if "verified" in row else "-",
             str(row.get("coreset_size") or "-"),
             f"{t['select']:.2f}" if "select" in t else "-",
             f"{t['unlearn']:.2f}" if "unlearn" in t else "-",

@@ -37,7 +37,9 @@ import torch
 from torch import nn
 
 from erasus_ray.data import Batch, IdDataset, make_loader
-from erasus_ray.errors import InvalidConfigError, NonFiniteLossError
+import warnings
+
+from erasus_ray.errors import InvalidConfigError, NonFiniteLossError, NonFiniteWeightsError
 from erasus_ray.evaluation.verification import Guard, Measurement, Probe, Target, Verdict
 from erasus_ray.runners.local import LocalRunner, RunnerConfig, RunReport, StepExecutor
 from erasus_ray.strategies.base import Strategy, UnlearnContext
@@ -227,15 +229,21 @@ class ClosedLoopRunner(LocalRunner):
         stalled = ""
         try:
             while True:
-                steps = min(every, self.control.budget_steps - report.steps)
+                steps = min(every, self._budget_steps() - report.steps)
                 try:
                     self._steps(executor, ctx, forget_iter, retain_iter, steps, report, state, bar)
-                except NonFiniteLossError as err:  # restore, smaller steps: as a guard trip
+                except (NonFiniteLossError, NonFiniteWeightsError) as err:  # restore, smaller steps: as a guard trip
                     self._trip(ctx, snapshot, state, report, f"non-finite: {err}", retain_boost=False)
+                    state.non_finite += 1
+                    if state.non_finite >= 3:  # not a step-size problem: the objective itself is broken
+                        stalled = f"stopped: non-finite loss or weights {state.non_finite} times in a row ({err})"
+                        warnings.warn(f"{strategy.name}: {stalled}; kept the last good weights", RuntimeWarning, stacklevel=2)
+                        break
                     executor, forget_iter = self._executor(strategy, ctx, state.lr), self._forget_stream(ctx)
                     if self._spent(report, start):
                         break
                     continue
+                state.non_finite = 0
                 m = self.probe.measure(ctx.model)
                 self.record["verifications"] += 1
                 verdict = self.target.verdict(m)
@@ -388,8 +396,13 @@ class ClosedLoopRunner(LocalRunner):
         per_step = 6 * self.config.batch_size  # forward + backward on a forget and a retain batch: ~6 batch-forwards
         return int(min(50, max(5, math.ceil(2 * measured / per_step))))
 
+    def _budget_steps(self) -> int:
+        """The step budget, capped by the runner's ``max_steps`` when the caller set one."""
+        cap = self.config.max_steps
+        return min(self.control.budget_steps, cap) if cap else self.control.budget_steps
+
     def _spent(self, report: RunReport, start: float) -> bool:
-        if report.steps >= self.control.budget_steps:
+        if report.steps >= self._budget_steps():
             return True
         return self.control.budget_seconds is not None and time.perf_counter() - start >= self.control.budget_seconds
 
@@ -398,7 +411,7 @@ class ClosedLoopRunner(LocalRunner):
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.control.budget_steps, desc=f"unlearn[{strategy.name}] closed loop", leave=False, disable=None)
+        return tqdm(total=self._budget_steps(), desc=f"unlearn[{strategy.name}] closed loop", leave=False, disable=None)
 
     def _finish(self, report: RunReport, verdict: Verdict, guard: list, state: "_LoopState", ctx: UnlearnContext,
                 strategy: Strategy | None) -> RunReport:
@@ -427,6 +440,7 @@ class _LoopState:
     core_ok: bool = False
     lr_found: bool = False
     stalled: int = 0
+    non_finite: int = 0
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -72,7 +72,8 @@ def ensure_ray(num_cpus: int | None = None) -> Any:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
+            # address="local": our own embedded cluster, never one another process left running on this machine
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
     return ray
 
 

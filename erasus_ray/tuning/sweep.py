@@ -338,7 +338,7 @@ def _init_ray(cfg: SweepConfig) -> bool:
         ctx = ray.init(address=address, log_to_driver=False)
         print(f"[erasus-ray] Ray: joined the cluster at {ctx.address_info['gcs_address']} (RAY_ADDRESS={address})", flush=True)
     else:
-        ctx = ray.init(include_dashboard=False, log_to_driver=False)
+        ctx = ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never a stray cluster
         print(f"[erasus-ray] Ray: started an embedded local Ray at {ctx.address_info['gcs_address']}", flush=True)
     return True
 
