@@ -72,3 +72,9 @@ class UnknownRequestError(LedgerError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class ScoringPoolError(ErasusError, RuntimeError):
+    """The Ray scoring pool lost every actor that could run a shard (or ran out of re-runs for one): the message says
+    what was lost and what to change (``actors/scoring.yaml``: ``max_restarts``, ``max_task_retries``,
+    ``num_actors``)."""

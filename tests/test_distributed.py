@@ -379,33 +379,90 @@ def test_bad_distributed_value(digits_class):
         ErasusUnlearner(digits_class.original, distributed="spark")
 
 
-def test_killed_actor_is_restarted_and_its_shard_rerun(digits_class, ray_cluster):
-    """Fault tolerance: an actor killed while its shard is in flight is restarted by Ray (``max_restarts``) and the
-    shard's task re-run (``max_task_retries``); the merged coreset equals the undisturbed run."""
+def _gradient_norm_select(pool, b):
+    """gradient_norm through ``pool`` with its actors already up and each shard held 2 s first, so that a kill right
+    after dispatch lands mid-shard (an actor killed before it was created is just created anew, tasks and all)."""
+    from pool_node_loss_worker import slow_selector
+
+    pool.start(b.task)
+    return pool.select(slow_selector(2.0), b.original, b.forget, task=b.task, fraction=0.2, seed=0)
+
+
+def test_killed_actor_shard_rerun_on_the_surviving_actor(digits_class, ray_cluster):
+    """Fault tolerance: an actor killed while its shard is in flight loses nothing: the pool re-runs that shard on the
+    other actor at once (it does not wait for Ray to restart the killed one), the coreset equals one process's, and
+    the next request starts a fresh, full set of actors."""
     b = digits_class
-    spec = PoolSpec(num_actors=2, max_restarts=1, max_task_retries=1)
-    undisturbed = ScoringPool(spec).select(get_selector("gradient_norm"), b.original, b.forget, task=b.task, fraction=0.2, seed=0)
+    undisturbed = get_selector("gradient_norm").select(b.original, b.forget, task=b.task, fraction=0.2, seed=0)
     killed: list = []
 
     def kill_first(actors):
         ray.kill(actors[0], no_restart=False)
         killed.append(actors[0]._actor_id.hex())
 
-    disturbed = ScoringPool(spec, on_dispatch=kill_first).select(
-        get_selector("gradient_norm"), b.original, b.forget, task=b.task, fraction=0.2, seed=0
-    )
+    pool = ScoringPool(PoolSpec(num_actors=2, max_restarts=1, max_task_retries=1), on_dispatch=kill_first)
+    disturbed = _gradient_norm_select(pool, b)
     assert killed, "the fault was injected"
     assert disturbed.ids.tolist() == undisturbed.ids.tolist()
-    assert disturbed.scores == pytest.approx(undisturbed.scores, rel=1e-6)
-    # (The next test injects the same fault with restarts and retries off and the run fails: so this run
-    # succeeded because Ray restarted the actor and re-ran its shard.)
+    assert disturbed.scores == pytest.approx(undisturbed.scores, rel=1e-5)
+    assert disturbed.info["lost_actors"] == 1 and disturbed.info["reassigned_shards"] == 1
+    assert pool._handles == []  # replaced before the next request
 
 
-def test_killed_actor_without_retries_fails_clearly(digits_class, ray_cluster):
-    spec = PoolSpec(num_actors=2, max_restarts=0, max_task_retries=0)
-    pool = ScoringPool(spec, on_dispatch=lambda actors: ray.kill(actors[0], no_restart=True))
-    with pytest.raises(ray.exceptions.RayActorError):
-        pool.select(get_selector("gradient_norm"), digits_class.original, digits_class.forget, task=digits_class.task, fraction=0.2, seed=0)
+def test_more_kills_than_restarts_reshards_instead_of_raising_ray_errors(digits_class, ray_cluster):
+    """With no restarts left (max_restarts=0) a killed actor is gone for good: its shard still runs on the survivor,
+    so ``fit`` never sees Ray's ActorDiedError; the next request on the same pool works with fresh actors."""
+    b = digits_class
+    undisturbed = get_selector("gradient_norm").select(b.original, b.forget, task=b.task, fraction=0.2, seed=0)
+    pool = ScoringPool(PoolSpec(num_actors=2, max_restarts=0, max_task_retries=1),
+                       on_dispatch=lambda actors: ray.kill(actors[0], no_restart=True))
+    assert _gradient_norm_select(pool, b).ids.tolist() == undisturbed.ids.tolist()
+    pool.on_dispatch = None
+    again = _gradient_norm_select(pool, b)
+    assert again.ids.tolist() == undisturbed.ids.tolist() and "lost_actors" not in again.info
+
+
+def test_lost_actors_beyond_the_budget_raise_a_project_error(digits_class, ray_cluster):
+    """When a shard may not be re-run (max_task_retries=0), or every actor is lost with no restarts, the select fails
+    with ScoringPoolError naming the setting to raise in actors/scoring.yaml (never Ray's raw ActorDiedError)."""
+    from erasus_ray.errors import ScoringPoolError
+
+    b = digits_class
+    no_reruns = ScoringPool(PoolSpec(num_actors=2, max_restarts=0, max_task_retries=0),
+                            on_dispatch=lambda actors: ray.kill(actors[0], no_restart=True))
+    with pytest.raises(ScoringPoolError, match=r"max_task_retries \(now 0\) in actors/scoring.yaml"):
+        _gradient_norm_select(no_reruns, b)
+    assert no_reruns._handles == []
+
+    def kill_all(actors):
+        for a in actors:
+            ray.kill(a, no_restart=True)
+
+    everything = ScoringPool(PoolSpec(num_actors=2, max_restarts=0, max_task_retries=2), on_dispatch=kill_all)
+    with pytest.raises(ScoringPoolError, match=r"all 2 scoring actors were lost.*max_restarts \(now 0\)"):
+        _gradient_norm_select(everything, b)
+
+
+@pytest.mark.slow
+def test_node_removed_mid_scoring_keeps_the_coreset():
+    """A simulated 4-node cluster (``ray.cluster_utils.Cluster``: a CPU-less head and three 1-CPU workers) loses the
+    node of one scoring actor while its shard scores, with no replacement: the coreset equals the undisturbed one,
+    and the lost shard ran on the surviving actor (not after Ray's node-death detection and an actor restart).
+    In a subprocess: a Cluster needs a Ray of its own. ~1 min on 2 cores (measured: undisturbed 3.1 s, disturbed
+    6.1 s with 3 s shards: the lost shard re-ran once on the survivor)."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("pool_node_loss_worker.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    assert out["removed"] and "error" not in out, out
+    assert out["disturbed_ids"] == out["undisturbed_ids"]
+    assert out["disturbed_info"] == {"lost_actors": 1, "reassigned_shards": 1}
 
 
 def test_ray_missing_names_the_extra(monkeypatch, digits_class):

@@ -12,6 +12,10 @@
    2 actors over forget-set sizes (where Ray starts to pay off, pool start-up included).
 4. ``crossover``: a cold pool (``ray.init`` + start-up + one request) vs in-process scoring on MNIST-5k tiled to
    8k-64k samples: the size from which ``distributed="auto"`` should use the pool when Ray is not running.
+5. ``ihvp``: influence's approximate inverse-Hessian back-ends on the digits MLP (issue #24): EK-FAC over every
+   layer (``fisher="expected"`` with the one-GEMM eigenvalue correction vs the per-sample-gradient correction it
+   replaced, and ``fisher="mc"``), and LiSSA at small damping (``--ihvp-damping``) on the classifier head against
+   the exact closed form (the fixed 500-step depth it had vs the default ``lissa_depth="auto"``).
 
 Writes ``results.json`` and ``RESULTS.md`` into ``--out``. Example (the command RESULTS.md records)::
 
@@ -50,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--actor-sizes", default="250,1000,4000", help="actors part: forget-set sizes")
     p.add_argument("--crossover-sizes", default="8000,16000,32000,64000",
                    help="crossover part: tiled MNIST-5k forget-set sizes for cold pool vs in process")
+    p.add_argument("--ihvp-damping", type=float, default=1e-3, help="ihvp part: LiSSA's damping")
     p.add_argument("--out", default="benchmarks/selector_scoring")
     p.add_argument("--note", action="append", default=[], help="a finding to append to RESULTS.md (repeatable)")
     p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md from --out's results.json (and --note)")
@@ -339,6 +344,52 @@ def crossover(sizes: list[int]) -> dict[str, Any]:
     return {"rows": rows, "loadavg_at_end": os.getloadavg()[0]}
 
 
+def ihvp(repeats: int, damping: float) -> dict[str, Any]:
+    """EK-FAC set-up + self-influence scoring over every layer of the digits MLP (forget set, Hessian on retain), by
+    Fisher labels and eigenvalue-correction form; LiSSA on the head at ``damping`` against the exact scores."""
+    from scipy.stats import spearmanr
+
+    from erasus_ray.selectors import _ihvp, get_selector
+
+    bench = load("digits")
+    model = bench.original.eval()
+    forget, retain = bench.train.subset(bench.forget_ids), bench.train.subset(bench.retain_ids)
+
+    def scores(**kwargs: Any) -> np.ndarray:
+        return np.asarray(get_selector("influence", **kwargs).score(model, forget, bench.task, 0, retain=retain))
+
+    kfac: list[dict[str, Any]] = []
+    fast = scores(scope="all", ihvp="kfac", fisher="expected")
+    for label, kwargs, correction in [
+        ("expected, one-GEMM correction", {"fisher": "expected"}, _ihvp.eigenbasis_second_moment),
+        ("expected, per-sample correction (before)", {"fisher": "expected"}, _ihvp._eigenbasis_second_moment_per_sample),
+        ("mc (1 draw)", {"fisher": "mc"}, _ihvp.eigenbasis_second_moment),
+    ]:
+        original = _ihvp.eigenbasis_second_moment
+        _ihvp.eigenbasis_second_moment = correction
+        try:
+            t = median_time(lambda kw=kwargs: scores(scope="all", ihvp="kfac", **kw), repeats)
+            got = scores(scope="all", ihvp="kfac", **kwargs)
+        finally:
+            _ihvp.eigenbasis_second_moment = original
+        kfac.append({"label": label, "seconds": t, "max_rel_diff_vs_gemm": float(np.max(np.abs(got - fast) / np.abs(fast)))})
+        print(json.dumps(kfac[-1]), flush=True)
+    exact = scores(scope="last", ihvp="exact", damping=damping)
+    lissa: list[dict[str, Any]] = []
+    for label, depth in [("fixed depth 500 (before)", 500), ("auto depth", "auto")]:
+        selector = get_selector("influence", scope="last", ihvp="lissa", damping=damping, lissa_depth=depth)
+        t0 = time.perf_counter()
+        state = selector.shared_state(model, forget, bench.task, 0, retain=retain)
+        got = np.asarray(selector.score(model, forget, bench.task, 0, shared=state))
+        seconds = time.perf_counter() - t0  # one run: seconds to minutes
+        ratio = got / exact
+        lissa.append({"label": label, "seconds": seconds, "median_ratio": float(np.median(ratio)),
+                      "ratio_p5_p95": [float(np.percentile(ratio, 5)), float(np.percentile(ratio, 95))],
+                      "spearman": float(spearmanr(got, exact).statistic), **{k: v for k, v in state.info.items() if k.startswith("lissa")}})
+        print(json.dumps(lissa[-1]), flush=True)
+    return {"kfac": kfac, "lissa": lissa, "damping": damping, "n_forget": len(forget), "n_retain": len(retain), "repeats": repeats}
+
+
 def write_report(out: Path, results: dict[str, Any], command: str) -> None:
     lines = ["# Selector scoring: throughput, memory, Ray actors", "", f"Command: `{command}`", "",
              f"Machine: {results['machine']}. One torch thread per process. Medians of {results['repeats']} samples after a warm-up (a sample of an operation under 50 ms averages back-to-back calls that fill 50 ms).", ""]
@@ -384,6 +435,19 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
         for r in results["crossover"]["rows"]:
             lines.append(f"| {r['n']} | {r['in_process_s']:.1f} | {r['ray_init_s']:.1f} | {r['pool_start_s']:.1f} | "
                          f"{r['request_s']:.1f} | {r['cold_total_s']:.1f} | {r['cold_vs_in_process']:.2f}x |")
+        lines.append("")
+    if results.get("ihvp"):
+        h = results["ihvp"]
+        lines += ["## Influence back-ends on the digits MLP (EK-FAC over every layer; LiSSA on the head)", "",
+                  f"Self-influence of the {h['n_forget']} forget samples, Hessian / Fisher on the retain sample; EK-FAC: set-up + "
+                  f"scoring, median of {h['repeats']} samples; max relative score difference against the one-GEMM correction.", "",
+                  "| EK-FAC Fisher labels, correction | seconds | max rel. diff |", "| --- | --- | --- |"]
+        lines += [f"| {r['label']} | {r['seconds']:.3f} | {r['max_rel_diff_vs_gemm']:.1e} |" for r in h["kfac"]]
+        lines += ["", f"LiSSA at damping {h['damping']:g} (classifier head, exact closed form as reference; one run each):", "",
+                  "| LiSSA depth | steps | seconds | median score / exact | 5th-95th pct | Spearman |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['label']} ({r['lissa_depth']}) | {r.get('lissa_steps', r['lissa_depth'])} | {r['seconds']:.1f} | "
+                  f"{r['median_ratio']:.3f} | {r['ratio_p5_p95'][0]:.3f}-{r['ratio_p5_p95'][1]:.3f} | {r['spearman']:.4f} |"
+                  for r in h["lissa"]]
         lines.append("")
     lines += ["## Findings (computed from the numbers above)", ""] + findings(results) + [f"- {n}" for n in results.get("notes", [])] + [""]
     atomic_write_text(out / "RESULTS.md", "\n".join(lines))
@@ -488,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         results["actors"] = actors([int(s) for s in args.actor_sizes.split(",")], args.repeats)
     if "crossover" in parts:
         results["crossover"] = crossover([int(s) for s in args.crossover_sizes.split(",")])
+    if "ihvp" in parts:
+        results["ihvp"] = ihvp(args.repeats, args.ihvp_damping)
     results["loadavg_at_end"] = os.getloadavg()[0]
     results["notes"] = (previous.get("notes", []) if args.merge else []) + args.note
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))

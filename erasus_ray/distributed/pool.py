@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.data import Dataset
 
 from erasus_ray.data import IdDataset
-from erasus_ray.errors import InvalidConfigError, InvalidDataError
+from erasus_ray.errors import InvalidConfigError, InvalidDataError, ScoringPoolError
 from erasus_ray.selectors.base import Coreset, Selector, SharedState, resolve_budget
 from erasus_ray.tasks import Task
 
@@ -54,6 +54,10 @@ AUTO_THRESHOLD = 100_000
 #: GreeDi also runs the selector centrally, to report the centralised objective, up to this many forget samples
 #: (the size up to which the geometric selectors hold a dense similarity matrix).
 CENTRAL_OBJECTIVE_MAX = 5000
+#: When every actor of a request is lost, the pool waits this long for one that Ray restarts (``max_restarts``)
+#: before it gives up with :class:`~erasus_ray.errors.ScoringPoolError` (an actor restart on a 2-core machine under
+#: load takes ~3-20 s: a new worker process importing torch).
+RESTART_WAIT_S = 60.0
 
 
 def require_ray() -> Any:
@@ -84,7 +88,11 @@ class PoolSpec:
     num_actors: int = 2
     num_cpus: float = 1
     num_gpus: float = 0
+    #: Ray restarts a crashed actor this many times (it then serves later shards and requests).
     max_restarts: int = 1
+    #: The pool re-runs a shard whose actor was lost (killed, its node gone) on a surviving or restarted actor up to
+    #: this many times. The pool does this itself rather than through Ray's task retries, which wait for the lost
+    #: actor to come back (after a node loss: Ray's node health check, then a restart that may find no free CPU).
     max_task_retries: int = 1
     torch_threads: int = 1
     #: glibc only: allocations up to this many MiB come from the actor's heap and freed memory stays in the actor
@@ -266,8 +274,11 @@ class ScoringPool:
 
     The actors start on the first :meth:`select` and are reused by later ones (a continual-unlearning service or a
     benchmark pays their start-up once); :meth:`close` (or leaving a ``with`` block) ends them, and so does
-    ``ray.shutdown()``. Each request ships its model once through the object store. An actor that died for good
-    (restarts exhausted) makes that select fail; the next one starts a fresh set of actors.
+    ``ray.shutdown()``. Each request ships its model once through the object store. A shard whose actor is lost
+    mid-request (killed, or its node gone) is re-run on a surviving actor (:meth:`_gather`), so the coreset is the
+    undisturbed one; after such a loss the next request starts a fresh set of actors. Only when no actor is left
+    (and none comes back within ``RESTART_WAIT_S``) does the select fail, with
+    :class:`~erasus_ray.errors.ScoringPoolError` saying what to change in ``actors/scoring.yaml``.
 
     Example:
         >>> with ScoringPool(PoolSpec(num_actors=2)) as pool:
@@ -287,6 +298,7 @@ class ScoringPool:
         self.compare_central = compare_central
         self._handles: list[Any] = []
         self._handles_for: tuple[Any, ...] | None = None  # (Ray session, task) the actors were started for
+        self._losses: dict[str, int] = {}  # what the last request lost (see _gather)
 
     def _actors(self, task: Task) -> list[Any]:
         """The pool's actors, started on first use (or when Ray was restarted, or for another task adapter)."""
@@ -299,7 +311,7 @@ class ScoringPool:
             num_cpus=self.spec.num_cpus,
             num_gpus=self.spec.num_gpus,
             max_restarts=self.spec.max_restarts,
-            max_task_retries=self.spec.max_task_retries,
+            max_task_retries=0,  # a lost actor's shard is re-run by the pool on another actor (_gather)
         )(_ScoringWorker)
         # Never ask for more actors than the cluster can place (pending actors would block forever); shards are
         # dealt round-robin, so fewer actors just take more shards each.
@@ -375,29 +387,89 @@ class ScoringPool:
                 shared_state = getattr(selector, "shared_state", None)
                 state = None if shared_state is None else shared_state(model, rows, task, seed, **context)
                 state_ref = None if state is None else ray.put(state)
-                futures = [actors[i % len(actors)].score.remote(model_ref, selector, shard, seed, context_ref, state_ref)
-                           for i, shard in enumerate(shards)]
-                self._dispatched(actors)
-                parts = ray.get(futures)
+                parts = self._gather(actors, shards, lambda a, shard: a.score.remote(model_ref, selector, shard, seed,
+                                                                                      context_ref, state_ref))
                 ids = np.concatenate([p[0] for p in parts])
                 scores = np.concatenate([p[1] for p in parts])
                 coreset = selector.coreset_from_scores(ids, scores, budget)
                 if state is not None:
                     coreset.info.update(state.info)
             else:
-                futures = [actors[i % len(actors)].select.remote(model_ref, selector, shard, budget, seed, context_ref)
-                           for i, shard in enumerate(shards)]
-                self._dispatched(actors)
-                local = ray.get(futures)
+                local = self._gather(actors, shards, lambda a, shard: a.select.remote(model_ref, selector, shard, budget,
+                                                                                       seed, context_ref))
                 coreset = self._greedi(selector, model, forget, task, budget, seed, local, context)
-        except ray.exceptions.RayActorError:
-            self.close()  # an actor is gone for good: the next select starts a fresh set
-            raise
         finally:
             model.train(was_training)
         coreset.selector = selector.name
-        coreset.info.update({"distributed": f"ray:{selector.distributed_merge}", "shards": len(shards), "pool": self.spec.to_dict()})
+        coreset.info.update({"distributed": f"ray:{selector.distributed_merge}", "shards": len(shards), "pool": self.spec.to_dict(),
+                             **self._losses})
         return coreset
+
+    def _gather(self, actors: list[Any], shards: list[IdDataset], submit: Callable[[Any, IdDataset], Any]) -> list[Any]:
+        """Run ``submit(actor, shard)`` for every shard (dealt round-robin) and return the results in shard order.
+
+        A shard whose actor is lost (``RayActorError``: killed, crashed, its node removed) is submitted again to a
+        live actor, at most ``max_task_retries`` times per shard; the lost actor is not used again in this request
+        and the pool's actors are replaced before the next one. Ray reports such a loss within seconds (the task's
+        connection to the actor breaks), so a node loss costs about one shard's re-run instead of Ray's wait for the
+        node's death and the actor's restart (measured in ``tests/pool_node_loss_worker.py``). ``self._losses``
+        (copied into ``Coreset.info``): ``lost_actors`` and ``reassigned_shards`` when anything was lost."""
+        ray = require_ray()
+        live = list(actors)
+        pending = {submit(actors[i % len(actors)], shard): (i, actors[i % len(actors)], 0) for i, shard in enumerate(shards)}
+        self._dispatched(actors)
+        results: list[Any] = [None] * len(shards)
+        lost: list[Any] = []
+        reassigned = 0
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            i, actor, tries = pending.pop(ref)
+            try:
+                results[i] = ray.get(ref)
+                continue
+            except ray.exceptions.RayActorError as err:
+                if actor in live:
+                    live.remove(actor)
+                    lost.append(actor)
+                if tries >= self.spec.max_task_retries:
+                    self.close()
+                    raise ScoringPoolError(
+                        f"shard {i} of {len(shards)} lost its actor {tries + 1} time(s) ({type(err).__name__}); "
+                        f"raise max_task_retries (now {self.spec.max_task_retries}) in actors/scoring.yaml to re-run it "
+                        "on another actor"
+                    ) from err
+                live = live or self._restarted(lost)
+                if not live:
+                    self.close()
+                    raise ScoringPoolError(
+                        f"all {len(actors)} scoring actors were lost during this request ({type(err).__name__}) and none "
+                        f"came back within {RESTART_WAIT_S:.0f} s; raise max_restarts (now {self.spec.max_restarts}) "
+                        "or num_actors in actors/scoring.yaml, or check the Ray cluster's nodes"
+                    ) from err
+            target = live[i % len(live)]
+            pending[submit(target, shards[i])] = (i, target, tries + 1)
+            reassigned += 1
+        self._losses = {"lost_actors": len(lost), "reassigned_shards": reassigned} if lost else {}
+        if lost:
+            self.close()  # the next request starts a full, fresh set of actors
+        return results
+
+    @staticmethod
+    def _restarted(lost: list[Any]) -> list[Any]:
+        """The lost actors that Ray brought back (``max_restarts``) within ``RESTART_WAIT_S``; removed from ``lost``."""
+        ray = require_ray()
+        probes = {a.ready.remote(): a for a in lost}
+        done, _ = ray.wait(list(probes), num_returns=len(probes), timeout=RESTART_WAIT_S, fetch_local=False)
+        back = []
+        for ref in done:
+            try:
+                ray.get(ref)
+                back.append(probes[ref])
+            except ray.exceptions.RayActorError:
+                pass
+        for a in back:
+            lost.remove(a)
+        return back
 
     def _greedi(
         self, selector: Selector, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int,

@@ -640,6 +640,24 @@ class CGIHVP(_IHVP):
         return x
 
 
+#: ``lissa_depth="auto"`` runs ``ln(1 / LISSA_AUTO_TOL) scale / damping`` steps: the error along an eigenvector of
+#: eigenvalue ``l`` shrinks like ``(1 - (l + damping) / scale)^depth <= exp(-depth damping / scale)``, so after that
+#: depth every direction holds at least ``1 - LISSA_AUTO_TOL`` of its exact contribution to a score.
+LISSA_AUTO_TOL = 0.01
+#: ... but at least / at most this many steps (damping 0 or a tiny one would ask for an unbounded depth).
+LISSA_AUTO_DEPTH = (100, 20_000)
+
+
+def lissa_auto_depth(scale: float, damping: float) -> int:
+    """LiSSA's default depth for ``scale`` and ``damping`` (see :data:`LISSA_AUTO_TOL`), clamped to
+    :data:`LISSA_AUTO_DEPTH`. Cost: that many minibatch Hessian-vector products per solve (fewer when the
+    residual test stops it)."""
+    low, high = LISSA_AUTO_DEPTH
+    if damping <= 0:
+        return high
+    return int(min(high, max(low, math.ceil(math.log(1 / LISSA_AUTO_TOL) * scale / damping))))
+
+
 class LiSSAIHVP(_IHVP):
     """LiSSA (Agarwal et al. 2017): the stochastic Neumann recursion
 
@@ -654,15 +672,24 @@ class LiSSAIHVP(_IHVP):
     ``scale=None`` sets ``1.1 (l_max + damping)`` from 20 power iterations on the full Hessian sample. Damping
     enters as ``+damping I`` (the same meaning as in the other back-ends, not Koh & Liang's ``(1 - damping)``
     shrink factor).
+
+    ``depth="auto"`` (:func:`lissa_auto_depth`): enough steps for the slowest direction the damping guarantees,
+    ``ln(1 / LISSA_AUTO_TOL) scale / damping`` (a fixed depth under-converges at small damping: 500 steps gave a
+    median 0.85 of the exact scores on the digits MLP). Whatever the depth, the recursion stops once every row's
+    step ``h_j - h_{j-1}`` - the residual ``v - (H_j + damping) x`` of the current estimate on the step's minibatch
+    - is at most ``tol`` times ``||v||`` (as conjugate gradient stops; with minibatches that residual is noisy and
+    rarely falls that low, so the depth bounds the work). ``info["lissa_steps"]``: the most steps a solve took.
     """
 
     def __init__(self, loss: FunctionalLoss, task: Task, data: IdDataset, *, batch_size: int, damping: float,
-                 device: torch.device, depth: int, repeat: int, scale: float | None, lissa_batch_size: int | None,
-                 seed: int) -> None:
+                 device: torch.device, depth: int | str, repeat: int, scale: float | None, lissa_batch_size: int | None,
+                 seed: int, tol: float = 0.0) -> None:
         super().__init__()
-        self.damping, self.depth, self.repeat, self.seed = float(damping), int(depth), int(repeat), int(seed)
-        if self.depth < 1 or self.repeat < 1:
-            raise InvalidConfigError(f"lissa_depth and lissa_repeat must be >= 1, got {depth!r}, {repeat!r}")
+        self.damping, self.repeat, self.seed, self.tol = float(damping), int(repeat), int(seed), float(tol)
+        if depth != "auto" and (isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1):
+            raise InvalidConfigError(f"lissa_depth must be 'auto' or an integer >= 1, got {depth!r}")
+        if self.repeat < 1:
+            raise InvalidConfigError(f"lissa_repeat must be >= 1, got {repeat!r}")
         self.flat = flatten(loss.params, batch_dims=0)
         n = len(data)
         size = n if lissa_batch_size is None or lissa_batch_size >= n else int(lissa_batch_size)
@@ -688,17 +715,22 @@ class LiSSAIHVP(_IHVP):
         if not scale > 0:
             raise InvalidConfigError(f"lissa_scale must be positive, got {scale!r}")
         self.scale = float(scale)
+        self.depth = lissa_auto_depth(self.scale, self.damping) if depth == "auto" else int(depth)
         self.info = {"lissa_scale": self.scale, "lissa_depth": self.depth, "lissa_repeat": self.repeat,
-                     "lissa_batch_size": size}
+                     "lissa_batch_size": size, "lissa_steps": 0}
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
         v = v.to(self.flat.dtype)
         total = torch.zeros_like(v)
         for r in range(self.repeat):
             picks = np.random.default_rng([self.seed, 2, r]).integers(len(self.minibatches), size=self.depth)
-            h = v.clone()
+            h, vnorm, steps = v.clone(), v.norm(dim=-1), 0
             for j in picks:
-                h = v + h - (self.minibatches[j](h) + self.damping * h) / self.scale
+                step = v - (self.minibatches[j](h) + self.damping * h) / self.scale
+                h, steps = h + step, steps + 1
+                if bool((step.norm(dim=-1) <= self.tol * vnorm).all()):
+                    break
+            self.info["lissa_steps"] = max(self.info["lissa_steps"], steps)
             if not bool(torch.isfinite(h).all()):
                 raise InvalidConfigError("LiSSA diverged: raise lissa_scale (or damping)")
             total = total + h / self.scale
@@ -765,11 +797,7 @@ class KFACIHVP(_IHVP):
                 for m in self.layers:
                     a = acts[m].double() @ self.qa[m]
                     g = gouts[m].double() @ self.qg[m]
-                    # per-sample gradients in the eigenbasis, a few samples at a time (<= ~2^24 entries)
-                    step = max(1, (1 << 24) // max(1, g.shape[0] * g.shape[-1] * a.shape[-1]))
-                    for i in range(0, a.shape[0], step):
-                        dw = torch.einsum("rbto,bti->rboi", g[:, i : i + step], a[i : i + step])
-                        lam[m] = lam[m] + weight * dw.pow(2).sum((0, 1))
+                    lam[m] = lam[m] + weight * eigenbasis_second_moment(g, a)
             self.lam = {m: lam[m] / n for m in self.layers}
         self.info = {"kfac_layers": list(self.layers), "fisher": fisher, "kfac_correction": bool(correction)}
 
@@ -823,6 +851,32 @@ class KFACIHVP(_IHVP):
             rot = self.qg[m].T @ mat @ self.qa[m]
             total = total + (rot.pow(2) / (self.lam[m] + self.damping)).sum((-2, -1))
         return total
+
+
+def eigenbasis_second_moment(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``sum_{r,b} (sum_t g_rbt a_bt^T)^2`` (elementwise square): the summed squared per-sample gradients of a Linear
+    layer, from its output-gradients ``g`` ``[R, B, T, out]`` and inputs ``a`` ``[B, T, in]`` (already rotated into
+    the Kronecker eigenbasis). EK-FAC's corrected eigenvalues are this over the samples (George et al. 2018).
+
+    With one token per sample (``T = 1``: every MLP / classifier-head layer) a per-sample gradient is the outer
+    product ``g_rb a_b^T``, whose square is ``g_rb^2 (a_b^2)^T``, so the sum is one GEMM of the class-summed squared
+    output-gradients and the squared inputs: ``B (out + in) + B out in`` flops instead of forming ``R B out in``
+    gradient entries (about 370x faster for C = 10 on a digits MLP layer). Otherwise (tokens, conv patches) the
+    per-sample gradients are formed, a few samples at a time: :func:`_eigenbasis_second_moment_per_sample`."""
+    if a.shape[1] == 1:
+        return g[:, :, 0].pow(2).sum(0).T @ a[:, 0].pow(2)
+    return _eigenbasis_second_moment_per_sample(g, a)
+
+
+def _eigenbasis_second_moment_per_sample(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """:func:`eigenbasis_second_moment` by forming each per-sample gradient (any ``T``; the reference form).
+    Memory: at most ~2^24 gradient entries at a time."""
+    total = torch.zeros(g.shape[-1], a.shape[-1], dtype=torch.promote_types(g.dtype, a.dtype), device=a.device)
+    step = max(1, (1 << 24) // max(1, g.shape[0] * g.shape[-1] * a.shape[-1]))
+    for i in range(0, a.shape[0], step):
+        dw = torch.einsum("rbto,bti->rboi", g[:, i : i + step], a[i : i + step])
+        total = total + dw.pow(2).sum((0, 1))
+    return total
 
 
 def kfac_layers(model: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, dict[str, str | None]]:

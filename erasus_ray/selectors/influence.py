@@ -142,6 +142,8 @@ class InfluenceSelector(ScoreSelector):
     * ``"cg"``: conjugate gradient on exact Hessian-vector products (double backward via ``torch.func``), batched
       across the samples of a forget batch; needs ``H + damping`` positive definite.
     * ``"lissa"``: stochastic Neumann series (Agarwal et al. 2017); see :class:`~erasus_ray.selectors._ihvp.LiSSAIHVP`.
+      ``lissa_depth="auto"`` (default) scales the depth with ``scale / damping`` (``ln(100) scale / damping`` steps,
+      100 to 20,000) and stops early once the step residual is below ``cg_tol`` (as CG does).
     * ``"kfac"``: EK-FAC for ``nn.Linear`` parameters (Gauss-Newton approximation); see
       :class:`~erasus_ray.selectors._ihvp.KFACIHVP`. For ``target="self"`` scores use EK-FAC's inverse directly
       (one solve per forget sample would cost ``cg_iters`` HVPs each). For a set target (``"forget"`` /
@@ -214,7 +216,7 @@ class InfluenceSelector(ScoreSelector):
         max_exact_params: int = 4096,
         cg_iters: int = 100,
         cg_tol: float = 1e-6,
-        lissa_depth: int = 500,
+        lissa_depth: int | str = "auto",
         lissa_repeat: int = 1,
         lissa_scale: float | None = None,
         lissa_batch_size: int | None = 64,
@@ -261,7 +263,11 @@ class InfluenceSelector(ScoreSelector):
         self.chunk_size = chunk_size
         self.max_exact_params = int(max_exact_params)
         self.cg_iters, self.cg_tol = int(cg_iters), float(cg_tol)
-        self.lissa_depth, self.lissa_repeat, self.lissa_scale = int(lissa_depth), int(lissa_repeat), lissa_scale
+        if lissa_depth != "auto" and (isinstance(lissa_depth, bool) or not isinstance(lissa_depth, (int, np.integer))
+                                      or lissa_depth < 1):
+            raise InvalidConfigError(f"lissa_depth must be 'auto' or an integer >= 1, got {lissa_depth!r}")
+        self.lissa_depth = lissa_depth if lissa_depth == "auto" else int(lissa_depth)
+        self.lissa_repeat, self.lissa_scale = int(lissa_repeat), lissa_scale
         self.lissa_batch_size = lissa_batch_size
         self.fisher, self.fisher_samples, self.kfac_correction = fisher, fisher_samples, bool(kfac_correction)
         if isinstance(kfac_cg_iters, bool) or int(kfac_cg_iters) != kfac_cg_iters or kfac_cg_iters < 0:
@@ -377,7 +383,7 @@ class InfluenceSelector(ScoreSelector):
             solver = CGIHVP(loss, task, data, iters=self.cg_iters, tol=self.cg_tol, **common)
         elif plan.method == "lissa":
             solver = LiSSAIHVP(loss, task, data, depth=self.lissa_depth, repeat=self.lissa_repeat, scale=self.lissa_scale,
-                               lissa_batch_size=self.lissa_batch_size, seed=seed, **common)
+                               lissa_batch_size=self.lissa_batch_size, seed=seed, tol=self.cg_tol, **common)
         else:
             solver = KFACIHVP(model, task, params, data, fisher=plan.fisher, fisher_samples=plan.draws,
                               correction=self.kfac_correction, seed=seed, **common)
