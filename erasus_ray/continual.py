@@ -469,7 +469,7 @@ class ContinualUnlearner:
         try:
             forget_new = dataset.data.subset(new_ids).sorted()
             t0 = time.perf_counter()
-            new_coreset = self.engine._coreset(model, forget_new, retain)
+            new_coreset = self.engine._coreset(model, forget_new, retain, adaptive=False)  # fixed: replayed coresets join it
             select_s = time.perf_counter() - t0
             if replayed:
                 replay_ids = np.concatenate([b.coreset_ids for b in replayed])

@@ -8,6 +8,7 @@ unlearned model -> :class:`UnlearningResult` (JSON). Evaluation against the retr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -226,9 +227,11 @@ class ErasusUnlearner:
             ``heldout_data``, else no measurable target), ``"class"``, ``"heldout"``, ``"gold"``, or a dict of metric
             bounds. Without ``epochs``/``lr`` the strategy runs in a closed loop until the target holds
             (:mod:`erasus_ray.control`); with them it runs that fixed budget (open loop) and is verified once.
-        budget: the closed loop's budget: a step count or ``{"steps": n, "seconds": s}`` (default 1000 steps, 600 s).
+        budget_steps, budget_seconds: the closed loop's budget (default 1000 runner steps, 600 s). (Not ``budget=``:
+            the ``auto`` and ``certified_removal`` strategies already take a ``budget`` hyperparameter.)
         control: every closed-loop setting (:class:`~erasus_ray.control.ControlConfig`: guard tolerances,
-            ``verify_every``, learning-rate growth, adaptive coreset start); ``budget`` overrides its budget.
+            ``verify_every``, learning-rate growth, adaptive coreset start); ``budget_steps`` / ``budget_seconds``
+            override its budget.
         task: a task adapter or ``"classification"`` / ``"causal_lm"`` / ``"auto"``.
         seed: seeds selection, shuffling and any noise; an integer in ``[0, 2**32 - 1]``.
         lr, epochs, optimizer: runner settings; None uses the strategy's defaults.
@@ -262,7 +265,8 @@ class ErasusUnlearner:
         *,
         k: int | None = None,
         target: str | dict[str, Any] = "auto",
-        budget: int | dict[str, Any] | None = None,
+        budget_steps: int | None = None,
+        budget_seconds: float | None = None,
         control: Any = None,
         task: Task | str = "auto",
         seed: int = 0,
@@ -300,7 +304,7 @@ class ErasusUnlearner:
         self.fraction = fraction
         self.k = k
         self.target = target
-        self.control = _control_config(control, budget)
+        self.control = _control_config(control, budget_steps, budget_seconds)
         self.task = get_task(task, model)
         if self.strategy.supported_tasks is not None and self.task.name not in self.strategy.supported_tasks:
             raise InvalidConfigError(
@@ -510,7 +514,8 @@ class ErasusUnlearner:
                       heldout_samples=self.control.heldout_samples, seed=self.seed)
         resolved = resolve_target(self.target, task=self.task, forget=forget, retain=retain, heldout=heldout, gold=gold, probe=probe)
         open_loop = epochs is not None or self.runner_kwargs["epochs"] is not None or self.runner_kwargs["lr"] is not None
-        closed = resolved.target is not None and not open_loop and self.backend == "local"
+        closed = (resolved.target is not None and not open_loop and self.backend == "local"
+                  and self.strategy.closed_loop_reason is None)
         adaptive = closed and coreset is None and self.selector is not None and self.fraction == "auto" and self.k is None
         hash_before = model_hash(model)
         original = probe.measure(model) if resolved.target is not None else None
@@ -541,6 +546,8 @@ class ErasusUnlearner:
                         chosen = _grown_coreset(chosen, runner, len(forget))
                 else:  # open loop, or a strategy that computed its update without the runner: verified once
                     verification = _verify_once(resolved, probe, model, original, self.control, report, open_loop)
+                    if self.strategy.closed_loop_reason and not open_loop:
+                        verification["note"] = f"not closed-loop: {self.strategy.closed_loop_reason}"
                 if search and not runner.ran and not verification["passed"]:
                     model, report, verification = self._search_strength(
                         pristine, forget, retain, chosen, config, resolved, probe, original, (model, report, verification))
@@ -583,17 +590,12 @@ class ErasusUnlearner:
         }
 
 
-def _control_config(control: Any, budget: Any) -> ControlConfig:
+def _control_config(control: Any, budget_steps: Any, budget_seconds: Any) -> ControlConfig:
     if control is not None and not isinstance(control, ControlConfig):
         raise InvalidConfigError(f"control must be an erasus_ray.control.ControlConfig, got {type(control).__name__}")
     base = control or ControlConfig()
-    if budget is None:
-        return base.validate()
-    from dataclasses import asdict
-
-    kw = {k: v for k, v in asdict(base).items() if k not in ("budget_steps", "budget_seconds")}
-    kw["guard"] = base.guard
-    return ControlConfig.from_budget(budget, **kw)
+    overrides = {k: v for k, v in (("budget_steps", budget_steps), ("budget_seconds", budget_seconds)) if v is not None}
+    return dataclasses.replace(base, **overrides).validate() if overrides else base.validate()
 
 
 def _heldout(heldout_data: Any, forget: IdDataset, retain: IdDataset | None) -> IdDataset:

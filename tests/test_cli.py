@@ -15,13 +15,17 @@ def test_demo_writes_results_and_plot(tmp_path, digits_class, capsys, ray_cluste
     assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     labels = [r["label"] for r in doc["rows"]]
-    assert labels == ["original", "retrain (gold)", "grad_diff full", "grad_diff el2n 10%"]
-    core = doc["rows"][3]
-    assert core["coreset_size"] == 15 and core["metrics"]["forget_acc"] <= 0.05
+    assert labels == ["original", "retrain (gold)", "grad_diff full", "grad_diff el2n auto"]
+    full, core = doc["rows"][2], doc["rows"][3]
+    # both closed-loop and verified on the class; the adaptive coreset starts at 5% (8 of 146) and stays small there
+    assert full["verified"] is True and core["verified"] is True and core["verification"]["target"] == "class"
+    assert core["verification"]["coreset_growth"][0] == 8 and core["coreset_size"] <= 30
+    assert core["metrics"]["forget_acc"] <= 0.05 and full["metrics"]["forget_acc"] <= 0.05
     assert doc["rows"][1]["metrics"]["avg_gap"] == 0.0 and doc["rows"][0]["metrics"]["avg_gap"] > 0.3
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     out = capsys.readouterr().out
-    assert "Avg.Gap" in out and "coreset end-to-end" in out and "on the Ray scoring pool" in out
+    assert "Avg.Gap" in out and "verified" in out and "coreset end-to-end" in out and "on the warm Ray scoring pool" in out
+    assert "cluster start-up: local Ray and" in out and doc["cluster_startup_s"] > 0  # on its own line, not in select s
     assert doc["config"]["execution"] == {"distributed": "ray"}
 
 

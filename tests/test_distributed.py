@@ -189,7 +189,8 @@ def test_ensure_ray_joins_ray_address_else_starts_embedded(monkeypatch):
     assert calls == [{"address": "10.0.0.7:6379", "log_to_driver": False}]
     monkeypatch.delenv("RAY_ADDRESS")
     ensure_ray(num_cpus=3)
-    assert calls[-1] == {"num_cpus": 3, "include_dashboard": False, "log_to_driver": False, "object_store_memory": 256 * 1024**2}
+    # address="local": a new embedded cluster even if another process left one running on the machine
+    assert calls[-1] == {"address": "local", "num_cpus": 3, "include_dashboard": False, "log_to_driver": False, "object_store_memory": 256 * 1024**2}
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     ensure_ray()

@@ -13,12 +13,15 @@ def _other_class_accuracy(model, bench):
     return evaluate(model, forget=other, retain=other, test=other, task=bench.task)["test_acc"]
 
 
-def test_demo_defaults_forget_a_class_on_a_10pct_coreset(digits_class):
+def test_demo_defaults_forget_a_class_on_an_adaptive_coreset(digits_class):
+    """The demo's defaults: grad_diff on an adaptive EL2N coreset, closed loop on the class target. The coreset
+    starts at 5% (8 of 146) and a class is redundant, so it stays small (measured: 8)."""
     b = digits_class
     cfg = JobConfig.from_dict({"benchmark": "digits", "scenario": "class", "seed": 0})  # the demo's defaults
     row = run_job(cfg, bench=b, progress=False)
     m = row["metrics"]
-    assert row["coreset_size"] == int(np.ceil(0.1 * len(b.forget_ids)))
+    assert row["verified"] is True and row["verification"]["target"] == "class"
+    assert row["coreset_size"] <= int(np.ceil(0.1 * len(b.forget_ids)))
     assert m["forget_acc"] <= 0.05
     gold_other = _other_class_accuracy(b.gold, b)
     ours_other = _other_class_accuracy(row["result"].model, b)
@@ -35,11 +38,14 @@ def test_random10_needs_a_stopping_point(digits_random10):
     b = digits_random10
     original = evaluate(b.original, forget=b.forget, retain=b.retain, test=b.test, gold=b.gold)
     assert original["avg_gap"] < 0.03 and original["gold_forget_acc"] > 0.9
-    overshoot = run_job(JobConfig.from_dict({"benchmark": "digits", "scenario": "random10"}), bench=b, progress=False)
+    # a fixed 10% coreset with the class defaults (random10 without held-out data has no measurable target, so both
+    # runs are open-loop; with heldout_data the closed loop leaves this model alone: tests/test_closed_loop.py)
+    overshoot = run_job(JobConfig.from_dict({"benchmark": "digits", "scenario": "random10", "fraction": 0.1}), bench=b, progress=False)
     stopped = run_job(
-        JobConfig.from_dict({"benchmark": "digits", "scenario": "random10", "runner": {"forget_target": 0.9}}),
+        JobConfig.from_dict({"benchmark": "digits", "scenario": "random10", "fraction": 0.1, "runner": {"forget_target": 0.9}}),
         bench=b, progress=False,
     )
+    assert overshoot["verified"] is None
     assert overshoot["metrics"]["avg_gap"] > original["avg_gap"]
     assert stopped["metrics"]["avg_gap"] <= original["avg_gap"] + 0.005
     assert stopped["report"]["stopped"].startswith("forget_target reached")

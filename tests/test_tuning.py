@@ -698,7 +698,7 @@ def test_init_ray_branches(monkeypatch, capsys):
     cfg = SweepConfig.from_yaml(CI_CONFIG)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert sweep._init_ray(cfg) is True
-    assert calls[-1] == {"include_dashboard": False, "log_to_driver": False}
+    assert calls[-1] == {"address": "local", "include_dashboard": False, "log_to_driver": False}
     assert "started an embedded local Ray" in capsys.readouterr().out
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6399")
     assert sweep._init_ray(cfg) is True

@@ -103,23 +103,6 @@ class ControlConfig:
             raise InvalidConfigError(f"guard must be an erasus_ray.evaluation.verification.Guard, got {type(self.guard).__name__}")
         return self
 
-    @classmethod
-    def from_budget(cls, budget: int | dict[str, Any] | None, **overrides: Any) -> "ControlConfig":
-        """``budget``: a step count, or ``{"steps": n, "seconds": s}``; None keeps the defaults."""
-        kw = dict(overrides)
-        if budget is not None:
-            if isinstance(budget, dict):
-                unknown = set(budget) - {"steps", "seconds"}
-                if unknown:
-                    raise InvalidConfigError(f"budget keys must be 'steps' and/or 'seconds', got {sorted(unknown)}")
-                if "steps" in budget:
-                    kw["budget_steps"] = budget["steps"]
-                if "seconds" in budget:
-                    kw["budget_seconds"] = budget["seconds"]
-            else:
-                kw["budget_steps"] = budget
-        return cls(**kw).validate()
-
     def start_size(self, n_forget: int) -> int:
         return min(n_forget, max(self.coreset_min, math.ceil(self.coreset_start * n_forget)))
 

@@ -189,6 +189,8 @@ class _MetaBase(Strategy):
     They pass their runner on to every inner run, so under Ray Train each stage trains in the workers; what they
     do themselves (order stages, average or score members) is bookkeeping in the calling process."""
 
+    closed_loop_reason = "its stages carry their own runner settings (epochs per stage, members compared as run)"
+
     def inner_stages(self) -> list[Stage]:
         """The stages known at construction (``auto`` decides its one at run time: none)."""
         return []

@@ -116,6 +116,9 @@ class Strategy:
     #: more and the factor one step of the closed loop's search multiplies it by (Fisher noise scale x3; SSD's
     #: selection threshold x0.5). None: no knob; such a strategy is verified once.
     strength: ClassVar[tuple[str, float] | None] = None
+    #: Why the closed loop cannot drive this strategy's runner steps (they train something other than the model being
+    #: unlearned, e.g. DExperts' anti-expert): it then runs its fixed defaults and is verified once. None: it can.
+    closed_loop_reason: ClassVar[str | None] = None
 
     def __init__(self, **hparams: Any) -> None:
         if hparams:

@@ -104,6 +104,8 @@ class DExperts(Strategy):
 
     default_lr = 1e-3
     default_epochs = 5
+    closed_loop_reason = ("its runner steps fit an anti-expert copy to the forget set; the unlearned ensemble exists "
+                          "only after them")
 
     def __init__(self, alpha: float = 1.5, expert_epochs: int = 0) -> None:
         super().__init__()

@@ -61,7 +61,8 @@ class LoRAUnlearning(ComposedStrategy):
 
     Args:
         rank: adapter rank r. alpha: peft's ``lora_alpha`` (scale = alpha / r).
-        target: ``"all_linear"`` or a list of module names / name suffixes (e.g. ``["c_attn", "c_fc"]``).
+        target_modules: ``"all_linear"`` or a list of module names / name suffixes (e.g. ``["c_attn", "c_fc"]``)
+            (peft's name; ``target`` belongs to the unlearner: what "forgotten" means).
         objective: registry name of the loss-based strategy to train the adapters with.
         objective_params: its hyperparameters.
         The A matrices are initialised from the run's ``seed`` (peft draws from the torch RNG; the draw is forked
@@ -86,7 +87,7 @@ class LoRAUnlearning(ComposedStrategy):
         self,
         rank: int = 8,
         alpha: float = 16.0,
-        target: str | list[str] = "all_linear",
+        target_modules: str | list[str] = "all_linear",
         objective: str = "grad_diff",
         objective_params: dict[str, Any] | None = None,
     ) -> None:
@@ -95,9 +96,9 @@ class LoRAUnlearning(ComposedStrategy):
             raise InvalidConfigError(f"{self.name}: rank must be a positive integer, got {rank!r}")
         self.rank = rank
         self.alpha = self.check_range("alpha", alpha, 0.0, 1e6, low_open=True)
-        self.target = target if isinstance(target, str) else list(target)
-        if isinstance(self.target, str) and self.target != "all_linear":
-            self.target = [self.target]
+        self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+        if isinstance(self.target_modules, str) and self.target_modules != "all_linear":
+            self.target_modules = [self.target_modules]
         self._init_objective(objective, objective_params)
 
     def lora_config(self, names: list[str], conv1d: bool) -> Any:
@@ -114,9 +115,9 @@ class LoRAUnlearning(ComposedStrategy):
 
     def setup(self, ctx: UnlearnContext) -> None:
         super().setup(ctx)  # references (NPO log-likelihoods, teachers) on the original weights
-        modules = _adaptable_modules(ctx.model, self.target)
+        modules = _adaptable_modules(ctx.model, self.target_modules)
         if not modules:
-            raise InvalidConfigError(f"{self.name}: no Linear/Conv1D layer matches target={self.target!r}")
+            raise InvalidConfigError(f"{self.name}: no Linear/Conv1D layer matches target_modules={self.target_modules!r}")
         get_peft_model = _peft().get_peft_model
         conv1d = [type(m).__name__ == "Conv1D" for _, m in modules]
         freeze_except(ctx, set())  # remembered, so finish() restores exactly these flags

@@ -49,7 +49,7 @@ class MaskBased(ComposedStrategy):
 
     Args:
         init: initial mask logit (> 0 keeps the weight). sparsity: weight of the removal penalty.
-        target: ``"all_linear"`` or module names / suffixes.
+        target_modules: ``"all_linear"`` or module names / suffixes (as lora_unlearning's).
         objective / objective_params: the loss-based objective that trains the mask.
 
     Measured on digits (class 3, full forget set, seed 0, defaults): forget / retain / test accuracy
@@ -68,19 +68,19 @@ class MaskBased(ComposedStrategy):
         self,
         init: float = 0.05,
         sparsity: float = 0.1,
-        target: str | list[str] = "all_linear",
+        target_modules: str | list[str] = "all_linear",
         objective: str = "grad_diff",
         objective_params: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.init = self.check_range("init", init, 0.0, 100.0, low_open=True)
         self.sparsity = self.check_range("sparsity", sparsity, 0.0, 1e6)
-        self.target = [target] if isinstance(target, str) and target != "all_linear" else target
+        self.target_modules = [target_modules] if isinstance(target_modules, str) and target_modules != "all_linear" else target_modules
         self._init_objective(objective, objective_params)
 
     def setup(self, ctx: UnlearnContext) -> None:
         super().setup(ctx)
-        modules = _adaptable_modules(ctx.model, self.target)
+        modules = _adaptable_modules(ctx.model, self.target_modules)
         freeze_except(ctx, set())
         masks = []
         for _, module in modules:
