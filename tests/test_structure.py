@@ -201,7 +201,8 @@ def _class_names(node: ast.expr) -> list[str]:
     return [p.id if isinstance(p, ast.Name) else p.attr for p in parts if isinstance(p, (ast.Name, ast.Attribute))]
 
 
-def task_leaks() -> list[str]:
+@cache
+def task_leaks() -> tuple[str, ...]:
     """``path:line what`` for each task-name literal or isinstance/issubclass on a task class outside tasks/."""
     task_classes = _task_class_names()
     sites = []
@@ -216,7 +217,7 @@ def task_leaks() -> list[str]:
                 hit = sorted(set(_class_names(node.args[1])) & task_classes)
                 if hit:
                     sites.append(f"{source_path(name)}:{node.lineno} {node.func.id}(..., {', '.join(hit)})")
-    return sites
+    return tuple(sites)
 
 
 def test_task_leak_finder_sees_the_known_sites():
