@@ -33,7 +33,7 @@ def add_sweep_parsers(sub: Any, cmd_sweep: Callable, cmd_leaderboard: Callable) 
 def load_sweep_config(args: argparse.Namespace) -> Any:
     """The config from ``--config`` (or the resumed sweep's ``sweep.json``) with the command-line overrides."""
     from erasus_ray.tuning.config import SweepConfig
-    from erasus_ray.tuning.sweep import META_FILE
+    from erasus_ray.tuning.trials import META_FILE
 
     if args.config:
         cfg = SweepConfig.from_yaml(args.config)

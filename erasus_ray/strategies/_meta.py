@@ -208,8 +208,8 @@ class MetaReport:
     """The report of a meta strategy: the fields of :class:`~erasus_ray.runners.RunReport` (cost fields summed
     over the inner runs, ``history`` concatenated with a ``stage`` index) plus what the inner runs were.
 
-    (A separate dataclass with the same fields rather than a subclass: ``runners`` imports ``strategies``, so a
-    strategy module cannot import ``RunReport`` at import time.)
+    (A separate dataclass with the same fields rather than a subclass: written when ``RunReport`` lived in
+    ``runners``, which imports ``strategies``; it now lives in :mod:`erasus_ray.runner_io`, so a subclass is possible.)
 
     Attributes:
         stages: one entry per inner run: strategy name, seconds, the runner config it used and its own report.

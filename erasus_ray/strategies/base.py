@@ -15,7 +15,7 @@ previous one left.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -24,10 +24,8 @@ from erasus_ray.data import Batch, IdDataset
 from erasus_ray.checks import check_real
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.registry import Registry
+from erasus_ray.runner_io import RunnerConfig, RunReport
 from erasus_ray.tasks import Task, TaskOutput
-
-if TYPE_CHECKING:
-    from erasus_ray.runners.local import LocalRunner, RunReport
 
 STRATEGIES: Registry["Strategy"] = Registry("strategy")
 
@@ -151,7 +149,7 @@ class Strategy:
         """Called once after the last step."""
 
     # --- entry point -----------------------------------------------------------------------------------
-    def unlearn(self, ctx: UnlearnContext, runner: "LocalRunner") -> "RunReport":
+    def unlearn(self, ctx: UnlearnContext, runner: Runner) -> RunReport:
         """Run the strategy. Loss-based strategies let the runner drive them; others override this."""
         return runner.run(self, ctx)
 
@@ -172,6 +170,18 @@ class Strategy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hparams().items())})"
+
+
+class Runner(Protocol):
+    """What a strategy may use of the runner executing it (:class:`~erasus_ray.runners.LocalRunner`,
+    :class:`~erasus_ray.runners.ray_train.RayTrainRunner`, a Flower client's): its settings and its loop. Declared
+    here, with the strategy contract, so that this module does not import the runners (they import it)."""
+
+    config: RunnerConfig
+
+    def run(self, strategy: Strategy, ctx: UnlearnContext) -> RunReport:
+        """Set up, run the paired forget/retain steps, finish; the report of what was done."""
+        ...
 
 
 def refuse_driver_only(strategy: Strategy, where: str = "backend='ray_train'") -> None:

@@ -30,6 +30,7 @@ import numpy as np
 from erasus_ray.errors import InvalidDataError
 from erasus_ray.tuning.config import SweepConfig
 from erasus_ray.tuning.search_space import job_config, trial_params
+from erasus_ray.tuning.trials import META_FILE, flat_result, load_cached_benchmark
 from erasus_ray.cli.report import write_csv
 from erasus_ray.utils.atomic import atomic_savefig, atomic_write_text
 
@@ -76,8 +77,6 @@ def load_trials(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def load_meta(sweep_dir: Path) -> dict[str, Any]:
-    from erasus_ray.tuning.sweep import META_FILE
-
     path = sweep_dir / META_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -135,7 +134,6 @@ def rerun_configs(cfg: SweepConfig, configs: list[dict[str, Any]], seeds: Sequen
     """Re-run each configuration under each seed (cached in ``reruns.json``); returns params-key -> runs."""
     from erasus_ray.evaluation import evaluate
     from erasus_ray.experiment import run_job, warm_up
-    from erasus_ray.tuning.sweep import flat_result, load_cached_benchmark
 
     path = sweep_dir / RERUN_FILE
     cache: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}

@@ -48,29 +48,15 @@ from typing import Any
 
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.tuning.config import SweepConfig
+from erasus_ray.tuning.leaderboard import build_leaderboard
 from erasus_ray.tuning.search_space import SearchSpace, job_config
+from erasus_ray.tuning.trials import META_FILE, flat_result, load_cached_benchmark  # re-exported: imported from here before
 from erasus_ray.utils.atomic import atomic_write_bytes, atomic_write_text
 
-#: Written by the driver into the sweep directory; the leaderboard reads it.
-META_FILE = "sweep.json"
 #: Seconds between Tune's experiment-state snapshots (what a killed sweep resumes from); Tune's default is 10.
 CHECKPOINT_PERIOD_S = "1"
 #: Set in every trial (trials get no ``runtime_env`` from us: inside ``ray job submit`` it would clash with the job's).
 TRIAL_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-_BENCHMARKS: dict[tuple, Any] = {}
-
-
-def load_cached_benchmark(job: Any) -> Any:
-    """The job's benchmark, built once per process (trials reusing a worker skip the data build)."""
-    from erasus_ray.benchmarks import load_benchmark
-
-    key = (job.benchmark, job.scenario, job.seed, json.dumps(job.benchmark_options, sort_keys=True), os.environ.get("ERASUS_RAY_CACHE"))
-    if key not in _BENCHMARKS:
-        _BENCHMARKS.clear()  # one benchmark at a time: a worker never needs two
-        _BENCHMARKS[key] = load_benchmark(job.benchmark, job.scenario, job.seed, **job.benchmark_options)
-    return _BENCHMARKS[key]
-
 
 def benchmark_cache_files(bench: Any, cache_dir: str | os.PathLike) -> dict[str, bytes]:
     """The cached original and gold model files of ``bench`` (name -> bytes), to ship to trials.
@@ -104,26 +90,6 @@ def trial_cache_dir(driver_cache_dir: str, cache_files: dict[str, bytes] | None)
         if not (target.is_file() and target.stat().st_size == len(b)):
             atomic_write_bytes(target, b)
     return str(local)
-
-
-def flat_result(row: dict[str, Any]) -> dict[str, Any]:
-    """What a trial reports: the objectives, the cost breakdown, the resolved runner settings, every metric."""
-    runner = (row["config"].get("runner") or {})
-    metrics = {k: float(v) for k, v in row["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {
-        "avg_gap": float(row["metrics"]["avg_gap"]),
-        "seconds": float(row["timings"]["total"]),
-        "select_s": float(row["timings"].get("select", 0.0)),
-        "unlearn_s": float(row["timings"].get("unlearn", 0.0)),
-        "coreset_size": int(row["coreset_size"]),
-        "n_forget": int(row["n_forget"]),
-        "steps": int(row["report"].get("steps", 0)),
-        "stopped": str(row["report"].get("stopped", "")),
-        "seed": int(row["seed"]),
-        "lr": runner.get("lr"),
-        "epochs": runner.get("epochs"),
-        "metrics": metrics,
-    }
 
 
 def _epoch_reporting_unlearner(bench: Any, gold_metrics: dict[str, float], seed: int, report: Any,
@@ -444,8 +410,6 @@ def run_sweep(cfg: SweepConfig, *, resume: str | os.PathLike | None = None, name
 
             ray.shutdown()
     if leaderboard:
-        from erasus_ray.tuning.leaderboard import build_leaderboard
-
         build_leaderboard(grid, rerun=rerun)
     return sweep_dir
 
