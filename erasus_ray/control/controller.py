@@ -41,7 +41,7 @@ import warnings
 
 from erasus_ray.errors import InvalidConfigError, NonFiniteLossError, NonFiniteWeightsError
 from erasus_ray.evaluation.verification import Guard, Measurement, Probe, Target, Verdict
-from erasus_ray.runners.local import LocalRunner, RunnerConfig, RunReport, StepExecutor
+from erasus_ray.runners.local import LocalRunner, RunnerConfig, RunReport, StepExecutor, _cycle
 from erasus_ray.strategies.base import Strategy, UnlearnContext
 
 
@@ -145,19 +145,6 @@ class GrowthPlan:
             rank = np.array([-self.priority.get(int(i), -np.inf) for i in new])
             new = new[np.argsort(rank, kind="stable")]
         return new[:limit]
-
-
-def _cycle(loader: Any, reseed: Callable[[int], None]) -> Iterator[Batch]:
-    epoch = 0
-    while True:
-        reseed(epoch)
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            return
-        epoch += 1
 
 
 class ClosedLoopRunner(LocalRunner):

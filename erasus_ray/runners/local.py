@@ -25,14 +25,19 @@ from erasus_ray.strategies.base import Strategy, UnlearnContext
 MAIN_PHASE = "main"
 
 
-def _cycle(loader: DataLoader) -> Iterator[Batch]:
+def _cycle(loader: DataLoader, reseed: Callable[[int], None] | None = None) -> Iterator[Batch]:
+    """The loader's batches, pass after pass (``reseed(k)`` before pass ``k``); ends at once on an empty loader."""
+    epoch = 0
     while True:
+        if reseed is not None:
+            reseed(epoch)
         empty = True
         for batch in loader:
             empty = False
             yield batch
         if empty:
             return
+        epoch += 1
 
 
 class StepExecutor:
