@@ -267,3 +267,21 @@ def test_max_steps_caps_the_closed_loop(wine):
     r = ErasusUnlearner(wine["original"], selector=None, max_steps=5, progress=False).fit(
         forget_data=wine["forget"], retain_data=wine["retain"])
     assert r.verification["mode"] == "closed_loop" and r.report.steps == 5 and r.verified is False
+
+
+def test_an_unverifiable_run_that_changed_nothing_is_an_error(wine):
+    """No measurable target (random samples, no held-out set) and a NaN loss from the first step: the weights stay
+    as they were, which must not come back as a normal result (issue 24, item 4)."""
+    from erasus_ray.errors import NoEffectError
+    from erasus_ray.strategies import STRATEGIES
+
+    class NaNAtOnce(STRATEGIES.get("grad_diff")):
+        def loss(self, ctx, forget, retain):
+            loss, logs = super().loss(ctx, forget, retain)
+            return loss * float("nan"), logs
+
+    train = as_id_dataset(wine["forget"].base)
+    ids = np.sort(np.r_[wine["forget"].ids[:4], wine["retain"].ids[:4]])
+    rest = np.setdiff1d(np.r_[wine["forget"].ids, wine["retain"].ids], ids)
+    with pytest.warns(RuntimeWarning), pytest.raises(NoEffectError, match="stopped on a non-finite value"):
+        ErasusUnlearner(wine["original"], strategy=NaNAtOnce(), progress=False).fit(forget_data=train.subset(ids), retain_data=train.subset(rest))
