@@ -189,6 +189,34 @@ def test_lifecycle_transitions_history_and_export(ledger: DeletionLedger, owners
     assert ledger.check_integrity() == []
 
 
+def test_export_replaces_the_audit_file_atomically(
+    ledger: DeletionLedger, owners: OwnershipRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash before the new audit file is published (here: its fsync fails) leaves the previous export whole and no
+    temp file beside it; the next export replaces it."""
+    from erasus_ray.utils import atomic
+
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    out = folder / "audit.json"
+    ledger.submit(DeletionRequest("r-1", "alice", ids=[1]), owners)
+    ledger.export(out)
+    old = out.read_bytes()
+    ledger.submit(DeletionRequest("r-2", "alice", ids=[2]), owners)
+
+    def crash(_fd: int) -> None:
+        raise OSError("simulated crash before the audit file is published")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(atomic.os, "fsync", crash)
+        with pytest.raises(OSError, match="simulated"):
+            ledger.export(out)
+    assert out.read_bytes() == old and [p.name for p in folder.iterdir()] == ["audit.json"]
+    ledger.export(out)
+    assert [r["request_id"] for r in json.loads(out.read_text())["requests"]] == ["r-1", "r-2"]
+    assert [p.name for p in folder.iterdir()] == ["audit.json"]
+
+
 def test_submit_is_idempotent_and_refuses_conflicts(
     ledger: DeletionLedger, owners: OwnershipRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:

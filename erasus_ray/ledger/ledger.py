@@ -106,6 +106,7 @@ from erasus_ray.ledger.requests import (
     created_at_in_range,
     validate,
 )
+from erasus_ray.utils.atomic import atomic_write_text
 
 STATES: tuple[str, ...] = ("received", "validated", "scheduled", "unlearned", "verified", "rejected", "failed")
 FINAL_STATES: frozenset[str] = frozenset({"verified", "rejected", "failed"})
@@ -1173,7 +1174,9 @@ class DeletionLedger:
         self, path: str | Path | None = None, *, hash_ids: bool = False, states: Iterable[str] | None = None
     ) -> list[dict[str, Any]]:
         """The audit trail: per request its ids (or ``ids_sha256`` with ``hash_ids=True``), coreset ids, strategy,
-        metrics, model hashes, state and every transition. Written as JSON to ``path`` when given.
+        metrics, model hashes, state and every transition. Written as JSON to ``path`` when given, atomically
+        (:func:`~erasus_ray.utils.atomic.atomic_write_text`: temp file, ``fsync``, ``os.replace``), so a crash or a
+        full disk mid-write leaves the previous audit file whole, never a truncated one.
 
         Note: a SHA-256 of small integer ids hides them from a casual reader, not from someone who hashes candidate
         id lists; treat a hashed export as pseudonymised, not anonymised.
@@ -1193,7 +1196,7 @@ class DeletionLedger:
             out.append(item)
         if path is not None:
             doc = {"schema_version": SCHEMA_VERSION, "exported_at": _iso(time.time()), "hash_ids": hash_ids, "requests": out}
-            Path(path).write_text(json.dumps(doc, indent=2, sort_keys=False))
+            atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=False))
         return out
 
     def check_integrity(self) -> list[str]:
