@@ -1,5 +1,11 @@
 """Deletion requests, validation and the durable ledger: state machine, idempotency, audit export, CLI, crash safety
-(a worker SIGKILLed at random points in 20 seeded trials) and a fuzz of 1000+ malformed requests."""
+(a worker SIGKILLed at random points in 20 seeded trials) and a fuzz of 1000+ malformed requests.
+
+One suite over every backend (``ledger_backends.py``): the ``ledger`` fixture runs on SQLite in a file, SQLite in
+memory and PostgreSQL; tests that need several handles on one database (``shared_database``) on the file and on
+PostgreSQL. Tests named ``..._on_postgresql`` cover what only PostgreSQL has (advisory locks under READ COMMITTED, its
+migrations, its stricter types); the PostgreSQL cases skip without the server binaries or psycopg.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,15 @@ import json
 import multiprocessing
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("sqlalchemy")
+
+from sqlalchemy import event  # noqa: E402
 
 from erasus_ray.errors import (  # noqa: E402
     IllegalTransitionError,
@@ -34,6 +43,15 @@ from erasus_ray.ledger import (  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ledger_crash_worker  # noqa: E402
+from ledger_backends import (  # noqa: E402
+    KEY,
+    LEDGER_BACKENDS,
+    SHARED_BACKENDS,
+    LedgerDatabase,
+    database_for,
+    new_pg_database,
+    pg_server,  # noqa: F401 - a fixture
+)
 from erasus_ray.ledger.ledger import SCHEMA_VERSION  # noqa: E402
 
 
@@ -45,10 +63,17 @@ def owners() -> OwnershipRegistry:
     )
 
 
-@pytest.fixture
-def ledger(tmp_path: Path) -> DeletionLedger:
-    with DeletionLedger(f"sqlite:///{tmp_path / 'ledger.db'}") as led:
+@pytest.fixture(params=LEDGER_BACKENDS)
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> DeletionLedger:
+    """A fresh ledger on each backend (SQLite file, SQLite in memory, PostgreSQL)."""
+    with database_for(request.param, request, tmp_path).open() as led:
         yield led
+
+
+@pytest.fixture(params=SHARED_BACKENDS)
+def shared_database(request: pytest.FixtureRequest, tmp_path: Path) -> LedgerDatabase:
+    """A fresh database several handles can share (a SQLite file, PostgreSQL): open handles with ``.open()``."""
+    return database_for(request.param, request, tmp_path)
 
 
 # ---- requests and validation ----------------------------------------------------------------------------------------
@@ -189,6 +214,34 @@ def test_lifecycle_transitions_history_and_export(ledger: DeletionLedger, owners
     assert ledger.check_integrity() == []
 
 
+def test_export_replaces_the_audit_file_atomically(
+    ledger: DeletionLedger, owners: OwnershipRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash before the new audit file is published (here: its fsync fails) leaves the previous export whole and no
+    temp file beside it; the next export replaces it."""
+    from erasus_ray.utils import atomic
+
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    out = folder / "audit.json"
+    ledger.submit(DeletionRequest("r-1", "alice", ids=[1]), owners)
+    ledger.export(out)
+    old = out.read_bytes()
+    ledger.submit(DeletionRequest("r-2", "alice", ids=[2]), owners)
+
+    def crash(_fd: int) -> None:
+        raise OSError("simulated crash before the audit file is published")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(atomic.os, "fsync", crash)
+        with pytest.raises(OSError, match="simulated"):
+            ledger.export(out)
+    assert out.read_bytes() == old and [p.name for p in folder.iterdir()] == ["audit.json"]
+    ledger.export(out)
+    assert [r["request_id"] for r in json.loads(out.read_text())["requests"]] == ["r-1", "r-2"]
+    assert [p.name for p in folder.iterdir()] == ["audit.json"]
+
+
 def test_submit_is_idempotent_and_refuses_conflicts(
     ledger: DeletionLedger, owners: OwnershipRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -212,9 +265,8 @@ def test_submit_is_idempotent_and_refuses_conflicts(
     assert not bad.accepted and ledger.counts() == {"scheduled": 1, "rejected": 1}
 
 
-def test_compare_and_set_and_concurrent_submits(tmp_path: Path, owners: OwnershipRegistry) -> None:
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    a, b = DeletionLedger(url), DeletionLedger(url)
+def test_compare_and_set_and_concurrent_submits(shared_database: LedgerDatabase, owners: OwnershipRegistry) -> None:
+    a, b = shared_database.open(), shared_database.open()
     a.submit(DeletionRequest("r-1", "alice", ids=[1]))
     b.transition("r-1", "scheduled", expected="validated")
     with pytest.raises(IllegalTransitionError, match="another worker"):
@@ -550,9 +602,10 @@ def test_without_a_sender_two_clients_may_share_a_request_id(ledger: DeletionLed
     assert [e.request_id for e in ledger.schedule_pending(batch_id="b1")] == ["same", b.request_id]
 
 
-def test_concurrent_clients_racing_for_one_request_id_each_get_their_own(tmp_path: Path, owners: OwnershipRegistry) -> None:
-    url = f"sqlite:///{tmp_path / 'race.db'}"
-    ledgers = [DeletionLedger(url) for _ in range(3)]
+def test_concurrent_clients_racing_for_one_request_id_each_get_their_own(
+    shared_database: LedgerDatabase, owners: OwnershipRegistry
+) -> None:
+    ledgers = [shared_database.open() for _ in range(3)]
     out: dict[str, list] = {}
     errors: list[Exception] = []
 
@@ -650,16 +703,17 @@ def test_a_version_2_ledger_file_gains_per_submitter_idempotency(tmp_path: Path,
                 )
 
 
-def test_rate_limit_is_counted_from_the_ledger_and_survives_a_reopen(tmp_path: Path, owners: OwnershipRegistry) -> None:
-    path = tmp_path / "rate.db"
+def test_rate_limit_is_counted_from_the_ledger_and_survives_a_reopen(
+    shared_database: LedgerDatabase, owners: OwnershipRegistry
+) -> None:
     t0 = 1_700_000_000.0
-    with DeletionLedger(path) as led:
+    with shared_database.open() as led:
         limits = RequestLimits(max_ids=10, max_requests_per_minute=2)
         assert led.submit(DeletionRequest("a-1", "alice", ids=[0]), owners, limits, now=t0).state == "validated"
         assert led.submit(DeletionRequest("a-bad", "alice", ids=[15]), owners, limits, now=t0 + 1).state == "rejected"
         assert led.submit(DeletionRequest("a-2", "alice", ids=[1]), owners, limits, now=t0 + 2).state == "validated"
     # a restarted server: new ledger object, new limits object - the window is in the rows, not in memory
-    with DeletionLedger(path) as led:
+    with shared_database.open() as led:
         limits = RequestLimits(max_ids=10, max_requests_per_minute=2)
         over = led.submit(DeletionRequest("a-3", "alice", ids=[2]), owners, limits, now=t0 + 30)
         assert over.state == "rejected" and over.error_code == "rate_limited" and "2 accepted request(s)" in over.state_reason
@@ -784,13 +838,10 @@ def test_a_shared_ledger_takes_console_submissions_only_with_the_operator_key(tm
 
 
 # ---- two servers on one ledger: batch leases (issue #24 item 10) -------------------------------------------------------
-def two_servers_share_batches_by_lease(url: str, owners: OwnershipRegistry, **handle: object) -> None:
+def test_two_servers_on_one_database_share_batches_by_lease(shared_database: LedgerDatabase, owners: OwnershipRegistry) -> None:
     """Two ledger handles on one database (two servers): a live lease keeps the other server off the batch without
-    an error; an expired lease (a crashed server) is taken over; the old owner then finds it lost the batch.
-    Shared with the PostgreSQL suite."""
-    import time
-
-    a, b = DeletionLedger(url, **handle), DeletionLedger(url, **handle)
+    an error; an expired lease (a crashed server) is taken over; the old owner then finds it lost the batch."""
+    a, b = shared_database.open(), shared_database.open()
     try:
         for k in range(3):
             a.submit(DeletionRequest(f"r-{k}", "alice", ids=[k]), owners, sender="alice")
@@ -829,5 +880,121 @@ def two_servers_share_batches_by_lease(url: str, owners: OwnershipRegistry, **ha
         b.close()
 
 
-def test_two_servers_on_one_sqlite_file_share_batches_by_lease(tmp_path: Path, owners: OwnershipRegistry) -> None:
-    two_servers_share_batches_by_lease(f"sqlite:///{tmp_path / 'shared.db'}", owners)
+
+def test_scoped_keys_batches_and_a_64_bit_label_round_trip(ledger: DeletionLedger, owners: OwnershipRegistry) -> None:
+    """Per-submitter idempotency, a 64-bit label (PostgreSQL's INTEGER is 32-bit) and a batch through
+    ``SELECT ... FOR UPDATE``, end to end on each backend."""
+    a = ledger.submit(DeletionRequest("r-1", "alice", ids=[3, 1], reason="GDPR"), owners, sender="alice")
+    assert a.state == "validated" and a.request_id == "r-1"
+    replay = ledger.submit(DeletionRequest("r-1", "alice", ids=[3, 1], reason="GDPR"), owners, sender="bob")
+    assert replay.seq != a.seq and replay.error_code == "impersonation" and replay.request_id == scoped_key("r-1", "bob")
+    c = ledger.submit(DeletionRequest("r-1", "carol", ids=[20]), owners, sender="carol")
+    assert c.state == "validated" and c.request_id == scoped_key("r-1", "carol")
+    assert ledger.submit(DeletionRequest("r-1", "alice", ids=[1, 3], reason="GDPR"), owners, sender="alice").seq == a.seq
+    big = ledger.submit(DeletionRequest("r-big", "server", "class", label=2**40), owners)
+    assert big.state == "rejected" and big.label == 2**40
+    batch = ledger.schedule_pending(batch_id="b-1", round=2)
+    assert [e.request_id for e in batch] == ["r-1", c.request_id]
+    ledger.record_results({e.request_id: {"new_state": "unlearned", "coreset_ids": e.ids} for e in batch})
+    ledger.transition("r-1", "verified")
+    audit = ledger.export(hash_ids=True)
+    assert {(r["submitter"], r["client_request_id"], r["state"]) for r in audit} >= {
+        ("alice", "r-1", "verified"), ("bob", "r-1", "rejected"), ("carol", "r-1", "unlearned")}
+    assert ledger.check_integrity() == []
+
+
+# ---- what only PostgreSQL has: advisory locks, its migrations, its stricter types, no console without a key -------------
+@pytest.fixture
+def pg_database(pg_server: int) -> LedgerDatabase:  # noqa: F811 - pg_server is the imported fixture
+    return LedgerDatabase("postgresql", new_pg_database(pg_server), {"operator_key": KEY})
+
+
+def test_a_version_2_schema_migrates_on_postgresql(pg_database: LedgerDatabase, owners: OwnershipRegistry) -> None:
+    with pg_database.open() as led:
+        led.submit(DeletionRequest("old", "alice", ids=[1]), owners)
+        with led.engine.begin() as conn:
+            conn.exec_driver_sql("DROP INDEX ux_deletion_requests_submitter_rid")
+            conn.exec_driver_sql("ALTER TABLE deletion_requests DROP COLUMN submitter, DROP COLUMN client_request_id")
+            conn.exec_driver_sql("UPDATE ledger_meta SET value = '2' WHERE key = 'schema_version'")
+    with pg_database.open() as led:
+        old = led.get("old")
+        assert (old.submitter, old.client_request_id) == ("alice", "old") and led.check_integrity() == []
+        assert led.submit(DeletionRequest("old", "alice", ids=[1]), owners, sender="alice").seq == old.seq
+        assert led.submit(DeletionRequest("old", "bob", ids=[10]), owners, sender="bob").request_id == scoped_key("old", "bob")
+
+
+def _admitted(database: LedgerDatabase, owners: OwnershipRegistry, *, lock: bool, rpm: int = 3, n_threads: int = 8) -> int:
+    """n_threads submit distinct requests for one client at the same instant through two engines (two servers); a
+    pause right after the rate-limit COUNT makes every transaction count before any other commits unless they are
+    serialised. Returns how many were validated."""
+    ledgers = [database.open(), database.open()]
+    for led in ledgers:
+        led.is_postgresql = lock  # False: the lock is skipped (the control)
+
+        @event.listens_for(led.engine, "after_cursor_execute")
+        def _pause(conn, cursor, statement, *args):  # noqa: ANN001
+            if statement.lstrip().upper().startswith("SELECT COUNT"):
+                time.sleep(0.3)
+
+    limits = RequestLimits(max_ids=10, max_requests_per_minute=rpm)
+    now = time.time()
+    states: list[str] = []
+    barrier = threading.Barrier(n_threads)
+
+    def go(k: int) -> None:
+        barrier.wait()
+        states.append(ledgers[k % 2].submit(DeletionRequest(f"rate-{lock}-{k}", "alice", ids=[k]), owners, limits, now=now).state)
+
+    threads = [threading.Thread(target=go, args=(k,)) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(states) == n_threads
+    assert ledgers[0].check_integrity() == []
+    for led in ledgers:
+        led.close()
+    return states.count("validated")
+
+
+def test_rate_limit_is_exact_with_concurrent_submitters_on_postgresql(
+    pg_database: LedgerDatabase, owners: OwnershipRegistry
+) -> None:
+    assert _admitted(pg_database, owners, lock=True) == 3
+    # the control: without the per-client advisory lock READ COMMITTED lets every racing submitter through
+    with pg_database.open() as led:
+        with led.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM deletion_transitions")
+            conn.exec_driver_sql("DELETE FROM deletion_requests")
+    assert _admitted(pg_database, owners, lock=False) > 3
+
+
+def test_fuzzed_and_nul_bearing_requests_are_rejected_not_crashing_on_postgresql(
+    pg_database: LedgerDatabase, owners: OwnershipRegistry
+) -> None:
+    """PostgreSQL checks what SQLite lets through (32-bit INTEGER, NUL in text): every hostile submission must still
+    end as a stored rejection with a reason."""
+    rng = np.random.default_rng(1)
+    limits = RequestLimits(max_ids=16, max_requests_per_minute=None)
+    with pg_database.open() as led:
+        nul = [
+            {"request_id": "nul-1", "client_id": "ali\x00ce", "ids": [1]},
+            {"request_id": "nul-2", "client_id": "alice", "ids": [1], "reason": "x\x00y"},
+            {"request_id": "nul\x00-3", "client_id": "alice", "ids": [1]},
+            {"request_id": "nul-4", "client_id": "alice", "level": "sam\x00ple", "ids": [1]},
+        ]
+        for payload in nul + [_malformed(rng, k, owners) for k in range(300)]:
+            entry = led.submit(payload, owners, limits)
+            assert entry.state == "rejected" and entry.state_reason and entry.error_code, (payload, entry)
+        assert led.check_integrity() == [] and led.export(hash_ids=True)
+
+
+def test_a_shared_ledger_refuses_console_submissions_without_an_operator_key_on_postgresql(
+    pg_server: int, owners: OwnershipRegistry  # noqa: F811 - pg_server is the imported fixture
+) -> None:
+    with DeletionLedger(new_pg_database(pg_server, operator_key=None)) as led:
+        assert led.shared
+        with pytest.raises(UnauthorizedRequestError, match="set-operator-key") as info:
+            led.submit(DeletionRequest("r-1", "alice", ids=[1]), owners)
+        assert info.value.code == "operator_key" and led.entries() == []
+        assert led.submit(DeletionRequest("r-1", "alice", ids=[1]), owners, sender="alice").state == "validated"

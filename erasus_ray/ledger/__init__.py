@@ -1,7 +1,9 @@
 """The deletion ledger: deletion requests, their validation, and a durable record of their progress (issue #5).
 
 - :class:`DeletionRequest`, :class:`OwnershipRegistry`, :class:`RequestLimits`, :func:`validate` (``requests.py``);
-- :class:`DeletionLedger`, :class:`LedgerEntry`, :class:`Transition` and the state machine (``ledger.py``).
+- :class:`DeletionLedger` and the state machine (``ledger.py``), over its schema and migrations (``_schema.py``),
+  key derivation (``_keys.py``), batch leases (``_leases.py``) and records/audit export (:class:`LedgerEntry`,
+  :class:`Transition`, ``_audit.py``).
 
 Needs SQLAlchemy 2 (``pip install 'erasus-ray[fl]'``).
 """

@@ -41,6 +41,11 @@ SQLAlchemy URL (e.g. ``postgresql+psycopg://...`` for several server nodes; rows
 ``SELECT ... FOR UPDATE``, and the per-client rate limit is counted under a transaction-scoped advisory lock on the
 client, ``pg_advisory_xact_lock``, so two servers cannot both take a client's last slot under READ COMMITTED).
 
+Layout (as Optuna splits a storage): this module is the contract (:class:`DeletionLedger`) and the state machine
+(:data:`ALLOWED`, :meth:`DeletionLedger.transition`); ``_schema.py`` holds the tables, the state vocabulary, the JSON
+column codec, engine set-up and migrations; ``_keys.py`` the ledger-key, console-namespace and operator-key
+derivations; ``_leases.py`` the batch leases; ``_audit.py`` the records and their export form.
+
 Example:
     >>> ledger = DeletionLedger("sqlite:///deletions.db")
     >>> entry = ledger.submit(DeletionRequest("r-1", "alice", "sample", ids=[3, 17]), ownership=owners)
@@ -55,41 +60,16 @@ Cost: one transaction per call (a few ms on SQLite with fsync); :meth:`export` r
 from __future__ import annotations
 
 import dataclasses
-import getpass
 import hashlib
-import hmac
-import json
 import logging
-import math
-import os
 import secrets
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    create_engine,
-    event,
-    func,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.pool import StaticPool
 
 from erasus_ray.errors import (
     IllegalTransitionError,
@@ -98,19 +78,69 @@ from erasus_ray.errors import (
     UnauthorizedRequestError,
     UnknownRequestError,
 )
+from erasus_ray.ledger import _leases
+from erasus_ray.ledger._audit import (
+    LedgerEntry,
+    Transition,
+    audit_document,
+    audit_records,
+    row_to_entry,
+    safe_payload,
+    transition_from_row,
+)
+from erasus_ray.ledger._keys import (
+    CONSOLE_PREFIX,
+    MIN_OPERATOR_KEY_CHARS,
+    OPERATOR_KEY_ENV,
+    advisory_key,
+    candidate_keys,
+    console_submitter,
+    console_user,
+    hash_id_list,
+    hash_operator_key,
+    operator_key_matches,
+    scoped_key,
+    unparsed_key,
+)
+from erasus_ray.ledger._leases import BatchLease
+from erasus_ray.ledger._schema import (
+    DEFAULT_LEDGER_ENV,
+    DEFAULT_LEDGER_FILE,
+    FINAL_STATES,
+    PENDING_STATES,
+    SCHEMA_VERSION,
+    STATES,
+    default_ledger_url,
+    dumps,
+    json_safe,
+    leases_table,
+    loads,
+    meta_table,
+    normalise_url,
+    open_engine,
+    open_schema,
+    requests_table,
+    transitions_table,
+)
 from erasus_ray.ledger.requests import (
     NAME_PATTERN,
     DeletionRequest,
     OwnershipRegistry,
     RequestLimits,
-    created_at_in_range,
     validate,
 )
+from erasus_ray.utils.atomic import atomic_write_text
 
-STATES: tuple[str, ...] = ("received", "validated", "scheduled", "unlearned", "verified", "rejected", "failed")
-FINAL_STATES: frozenset[str] = frozenset({"verified", "rejected", "failed"})
-#: states a restarted server resumes (everything not final)
-PENDING_STATES: tuple[str, ...] = ("received", "validated", "scheduled", "unlearned")
+#: re-exported: ``from erasus_ray.ledger.ledger import ...`` of every name this module held before the split keeps working
+__all__ = [
+    "ALLOWED", "CONSOLE_PREFIX", "DEFAULT_LEDGER_ENV", "DEFAULT_LEDGER_FILE", "FINAL_STATES", "MIN_OPERATOR_KEY_CHARS",
+    "OPERATOR_KEY_ENV", "PENDING_STATES", "SCHEMA_VERSION", "STATES", "BatchLease", "DeletionLedger", "LedgerEntry",
+    "Transition", "console_submitter", "console_user", "default_ledger_url", "hash_id_list", "leases_table",
+    "meta_table", "requests_table", "scoped_key", "transitions_table",
+]
+logger = logging.getLogger("erasus_ray.ledger")
+
+#: the state machine: from each state (None: not stored yet) the states a request may move to
 ALLOWED: dict[str | None, frozenset[str]] = {
     None: frozenset({"received"}),
     "received": frozenset({"validated", "rejected", "failed"}),
@@ -121,337 +151,6 @@ ALLOWED: dict[str | None, frozenset[str]] = {
     "rejected": frozenset(),
     "failed": frozenset(),
 }
-#: 2: deletion_requests.batch_id; 3: client_request_id and submitter, unique together (per-submitter idempotency);
-#: 4: deletion_requests.actor (who really submitted: a node's client or the console's OS user) and batch_leases.
-#: Older files are brought up to date in place on open (:meth:`DeletionLedger._migrate`).
-SCHEMA_VERSION = 4
-#: the submitter (idempotency namespace) of console submissions made in a client's name: ``@console/<client>``. A
-#: client id starts with a letter or digit and a node sender must be one, so no node ever shares this namespace.
-CONSOLE_PREFIX = "@console/"
-#: environment variable the CLI reads the operator key from (:meth:`DeletionLedger.set_operator_key`)
-OPERATOR_KEY_ENV = "ERASUS_RAY_OPERATOR_KEY"
-MIN_OPERATOR_KEY_CHARS = 16
-_KEY_ITERATIONS = 100_000
-logger = logging.getLogger("erasus_ray.ledger")
-
-metadata = MetaData()
-requests_table = Table(
-    "deletion_requests",
-    metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("request_id", String(256), nullable=False, unique=True),
-    Column("client_id", String(256), nullable=False),
-    Column("level", String(16), nullable=False),
-    Column("ids", Text),  # JSON list of ints, or NULL
-    Column("label", BigInteger),  # labels are 64-bit (PostgreSQL's INTEGER is 32-bit)
-    Column("reason", Text, nullable=False, default=""),
-    Column("created_at", Float),
-    Column("fingerprint", String(64), nullable=False),
-    Column("state", String(16), nullable=False),
-    Column("state_reason", Text),  # why it was rejected / failed
-    Column("error_code", String(32)),
-    Column("received_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-    Column("coreset_ids", Text),  # JSON
-    Column("strategy", String(128)),
-    Column("metrics", Text),  # JSON
-    Column("model_hash_before", String(128)),
-    Column("model_hash_after", String(128)),
-    Column("payload", Text),  # the raw submission, for malformed requests that cannot be parsed
-    Column("batch_id", String(64)),  # the unlearning round (batch) that scheduled it; NULL until scheduled
-    Column("client_request_id", String(256)),  # the id the client sent (request_id may be scoped: module docstring)
-    Column("submitter", String(256)),  # the authenticated sender, else CONSOLE_PREFIX + the client named
-    Column("actor", String(256)),  # node:<sender> or console:<OS user>; NULL for rows written before schema 4
-)
-Index("ix_deletion_requests_state", requests_table.c.state, requests_table.c.seq)
-Index(
-    "ux_deletion_requests_submitter_rid", requests_table.c.submitter, requests_table.c.client_request_id, unique=True
-)
-Index("ix_deletion_requests_client_time", requests_table.c.client_id, requests_table.c.received_at)
-transitions_table = Table(
-    "deletion_transitions",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("request_id", String(256), ForeignKey("deletion_requests.request_id"), nullable=False, index=True),
-    Column("from_state", String(16)),
-    Column("to_state", String(16), nullable=False),
-    Column("at", Float, nullable=False),
-    Column("details", Text),  # JSON
-)
-meta_table = Table("ledger_meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
-#: who drives a scheduled batch, until when (:meth:`DeletionLedger.claim_batch`)
-leases_table = Table(
-    "batch_leases",
-    metadata,
-    Column("batch_id", String(64), primary_key=True),
-    Column("owner", String(256), nullable=False),
-    Column("expires_at", Float, nullable=False),
-    Column("claimed_at", Float, nullable=False),
-)
-
-
-def _iso(ts: Any) -> str | None:
-    """ISO 8601 (UTC) of a stored timestamp; never raises: a value no date can show (1e20, NaN, text in an old SQLite
-    row) is shown as ``"invalid:<value>"``, so one bad row cannot break an audit read."""
-    if ts is None:
-        return None
-    try:
-        return datetime.fromtimestamp(float(ts), tz=timezone.utc).isoformat(timespec="milliseconds")
-    except (OverflowError, OSError, ValueError, TypeError):
-        return f"invalid:{str(ts)[:40]}"
-
-
-def _json_safe(obj: Any) -> Any:
-    """JSON-serialisable copy: numpy/torch scalars to Python numbers, non-finite floats to strings."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        np = None  # type: ignore[assignment]
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_json_safe(v) for v in obj]
-    if np is not None and isinstance(obj, np.ndarray):
-        return [_json_safe(v) for v in obj.tolist()]
-    if np is not None and isinstance(obj, np.generic):
-        obj = obj.item()
-    if hasattr(obj, "item") and callable(obj.item) and not isinstance(obj, (str, bytes)):
-        try:
-            obj = obj.item()
-        except Exception:
-            return repr(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return repr(obj)
-
-
-def _dumps(obj: Any) -> str | None:
-    return None if obj is None else json.dumps(_json_safe(obj), sort_keys=True)
-
-
-def _loads(text: str | None) -> Any:
-    """The stored JSON, or None (logged) when a row holds text that is not JSON: an audit read never fails on it."""
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except (ValueError, TypeError):
-        logger.warning("the ledger holds unreadable JSON %r; read as None", str(text)[:80])
-        return None
-
-
-#: environment variable naming the default ledger (a SQLAlchemy URL or a SQLite path)
-DEFAULT_LEDGER_ENV = "ERASUS_RAY_LEDGER"
-#: the default ledger file, relative to the working directory, when the variable is unset
-DEFAULT_LEDGER_FILE = "erasus-ledger.db"
-
-
-def default_ledger_url() -> str:
-    """The durable default ledger: ``$ERASUS_RAY_LEDGER`` (URL or SQLite path), else ``./erasus-ledger.db`` - the
-    ledger ``erasus-ray ledger list|show|export`` reads without ``--db``."""
-    return _normalise_url(os.environ.get(DEFAULT_LEDGER_ENV) or DEFAULT_LEDGER_FILE)
-
-
-def scoped_key(request_id: str, submitter: str) -> str:
-    """The ledger key of a request whose client-supplied id another submitter already holds:
-    ``<request_id>#<first 16 hex digits of sha256(submitter)>``. ``#`` is not allowed in a client-supplied id, so a
-    scoped key never equals one."""
-    return f"{request_id}#{hashlib.sha256(submitter.encode()).hexdigest()[:16]}"
-
-
-def console_submitter(client_id: str) -> str:
-    """The idempotency namespace of console submissions in ``client_id``'s name (``@console/<client>``): apart from the
-    client's own (its node's) namespace, so the console can neither replay nor squat a client's request id."""
-    return CONSOLE_PREFIX + client_id
-
-
-def console_user() -> str:
-    """The OS user at the console (``getpass.getuser()``; ``"unknown"`` where the system cannot tell)."""
-    try:
-        return getpass.getuser()[:200] or "unknown"
-    except Exception:  # noqa: BLE001 - no passwd entry / no LOGNAME in a container
-        return "unknown"
-
-
-def _hash_operator_key(key: str, salt: bytes) -> str:
-    digest = hashlib.pbkdf2_hmac("sha256", key.encode(), salt, _KEY_ITERATIONS)
-    return f"pbkdf2_sha256${_KEY_ITERATIONS}${salt.hex()}${digest.hex()}"
-
-
-def _operator_key_matches(key: str, stored: str) -> bool:
-    try:
-        _, iterations, salt, digest = stored.split("$")
-        mine = hashlib.pbkdf2_hmac("sha256", key.encode(), bytes.fromhex(salt), int(iterations))
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(mine.hex(), digest)
-
-
-@dataclass(frozen=True)
-class BatchLease:
-    """Who drives a batch (``owner``, a server id) and until when (``expires_at``, seconds since the epoch)."""
-
-    batch_id: str
-    owner: str
-    expires_at: float
-    claimed_at: float
-
-    def live(self, now: float | None = None) -> bool:
-        return self.expires_at > (time.time() if now is None else now)
-
-
-def _advisory_key(text: str) -> int:
-    """A signed 64-bit key for PostgreSQL's advisory locks."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
-
-
-def hash_id_list(ids: Sequence[int] | None) -> str | None:
-    """SHA-256 of the sorted ids as canonical JSON (the audit export's ``ids_sha256``)."""
-    if ids is None:
-        return None
-    return hashlib.sha256(json.dumps(sorted(int(i) for i in ids)).encode()).hexdigest()
-
-
-@dataclass
-class Transition:
-    """One committed state change."""
-
-    request_id: str
-    from_state: str | None
-    to_state: str
-    at: float
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"from": self.from_state, "to": self.to_state, "at": _iso(self.at), "details": self.details}
-
-
-@dataclass
-class LedgerEntry:
-    """A request as the ledger stores it: the request's fields, its state and what was done for it."""
-
-    request_id: str
-    client_id: str
-    level: str
-    ids: list[int] | None
-    label: int | None
-    reason: str
-    created_at: float | None
-    state: str
-    state_reason: str | None
-    error_code: str | None
-    received_at: float
-    updated_at: float
-    coreset_ids: list[int] | None = None
-    strategy: str | None = None
-    metrics: dict[str, Any] | None = None
-    model_hash_before: str | None = None
-    model_hash_after: str | None = None
-    seq: int = 0
-    batch_id: str | None = None
-    client_request_id: str | None = None
-    submitter: str | None = None
-    actor: str | None = None
-
-    @property
-    def operator_action(self) -> bool:
-        """Submitted at the operator's console (in the name of ``client_id``), not by the client's own node."""
-        return bool(self.submitter and self.submitter.startswith(CONSOLE_PREFIX))
-
-    @property
-    def accepted(self) -> bool:
-        """Validated (and not rejected): the ledger owes this request an outcome."""
-        return self.state not in ("received", "rejected")
-
-    @property
-    def done(self) -> bool:
-        return self.state in FINAL_STATES
-
-    def request(self) -> DeletionRequest:
-        """The :class:`DeletionRequest` as the client sent it (its own ``request_id``; raises
-        :class:`InvalidRequestError` for a stored malformed submission)."""
-        return DeletionRequest(
-            request_id=self.client_request_id or self.request_id,
-            client_id=self.client_id,
-            level=self.level,
-            ids=self.ids,
-            label=self.label,
-            reason=self.reason,
-            # the client's claim, for the record only: a value stored before it was bounded must not make the
-            # stored request unreadable (the fingerprint leaves created_at out)
-            created_at=self.created_at if created_at_in_range(self.created_at) else 0.0,
-        )
-
-    def to_dict(self, *, hash_ids: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "request_id": self.request_id,
-            "client_request_id": self.client_request_id,
-            "client_id": self.client_id,
-            "submitter": self.submitter,
-            "actor": self.actor,
-            "operator_action": self.operator_action,
-            "level": self.level,
-            "label": self.label,
-            "reason": self.reason,
-            "created_at": _iso(self.created_at),
-            "received_at": _iso(self.received_at),
-            "updated_at": _iso(self.updated_at),
-            "state": self.state,
-            "state_reason": self.state_reason,
-            "error_code": self.error_code,
-            "n_ids": None if self.ids is None else len(self.ids),
-            "strategy": self.strategy,
-            "metrics": self.metrics,
-            "model_hash_before": self.model_hash_before,
-            "model_hash_after": self.model_hash_after,
-            "n_coreset": None if self.coreset_ids is None else len(self.coreset_ids),
-            "batch_id": self.batch_id,
-        }
-        if hash_ids:
-            out["ids_sha256"] = hash_id_list(self.ids)
-            out["coreset_ids_sha256"] = hash_id_list(self.coreset_ids)
-        else:
-            out["ids"] = self.ids
-            out["coreset_ids"] = self.coreset_ids
-        return out
-
-
-def _row_to_entry(row: Any) -> LedgerEntry:
-    m = row._mapping
-    return LedgerEntry(
-        request_id=m["request_id"],
-        client_id=m["client_id"],
-        level=m["level"],
-        ids=_loads(m["ids"]),
-        label=m["label"],
-        reason=m["reason"] or "",
-        created_at=m["created_at"],
-        state=m["state"],
-        state_reason=m["state_reason"],
-        error_code=m["error_code"],
-        received_at=m["received_at"],
-        updated_at=m["updated_at"],
-        coreset_ids=_loads(m["coreset_ids"]),
-        strategy=m["strategy"],
-        metrics=_loads(m["metrics"]),
-        model_hash_before=m["model_hash_before"],
-        model_hash_after=m["model_hash_after"],
-        seq=m["seq"],
-        batch_id=m["batch_id"],
-        client_request_id=m["client_request_id"],
-        submitter=m["submitter"],
-        actor=m["actor"],
-    )
-
-
-def _normalise_url(url: str | Path | None) -> str:
-    if url is None:
-        return "sqlite://"
-    if isinstance(url, Path) or "://" not in str(url):
-        return f"sqlite:///{Path(url).expanduser().resolve()}"
-    return str(url)
 
 
 class DeletionLedger:
@@ -480,94 +179,15 @@ class DeletionLedger:
     ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise InvalidConfigError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
-        self.url = _normalise_url(url)
+        self.url = normalise_url(url)
         self.operator_key = operator_key
         self._verified_keys: set[tuple[str, str]] = set()  # (stored hash, key) pairs checked once per handle
         self.is_sqlite = self.url.startswith("sqlite")
-        kwargs: dict[str, Any] = {"echo": echo}
-        memory = self.is_sqlite and self.url in ("sqlite://", "sqlite:///:memory:")
-        if self.is_sqlite:
-            kwargs["connect_args"] = {"timeout": busy_timeout_s, "check_same_thread": False}
-            if memory:
-                kwargs["poolclass"] = StaticPool  # one shared connection, or every checkout sees an empty database
-        self.engine: Engine = create_engine(self.url, **kwargs)
-        if self.is_sqlite:
-            self._configure_sqlite(wal=wal and not memory, synchronous=synchronous.upper(), busy_ms=int(busy_timeout_s * 1000))
-        metadata.create_all(self.engine)
-        self._migrate()
-        self.is_postgresql = self.engine.dialect.name == "postgresql"
-        with self.engine.begin() as conn:
-            if conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first() is None:
-                try:
-                    conn.execute(insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
-                except IntegrityError:  # another process created it first
-                    pass
-            else:
-                conn.execute(update(meta_table).where(meta_table.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
-
-    def _migrate(self) -> None:
-        """Bring an older file up to date in place.
-
-        Version 1 -> 2: add ``batch_id`` (NULL for the old rows). Version 2 -> 3: add ``client_request_id`` and
-        ``submitter``, fill them from ``request_id`` and ``client_id`` (before version 3 the ledger key was the
-        client's id and the namespace was global, so every old row keeps its key and stays idempotent for its client),
-        then the unique index on the pair. Version 3 -> 4: add ``actor`` (NULL for the old rows: who submitted them
-        was not recorded; a console submission of an older version stays in its client's namespace) and the
-        ``batch_leases`` table (``create_all``). Each step is idempotent, so a crash mid-migration or two processes
-        opening the file together leave it consistent: the fill runs again until ``schema_version`` says 3.
-        """
-        from sqlalchemy import inspect
-
-        def columns() -> set[str]:
-            return {c["name"] for c in inspect(self.engine).get_columns("deletion_requests")}
-
-        columns_added = (
-            ("batch_id", "VARCHAR(64)"), ("client_request_id", "VARCHAR(256)"), ("submitter", "VARCHAR(256)"), ("actor", "VARCHAR(256)"),
+        self.engine: Engine = open_engine(
+            self.url, wal=wal, synchronous=synchronous.upper(), busy_timeout_s=busy_timeout_s, echo=echo
         )
-        for name, sql_type in columns_added:
-            if name not in columns():
-                try:
-                    with self.engine.begin() as conn:
-                        conn.exec_driver_sql(f"ALTER TABLE deletion_requests ADD COLUMN {name} {sql_type}")
-                except Exception:  # noqa: BLE001 - another process added it first
-                    if name not in columns():
-                        raise
-        with self.engine.connect() as conn:
-            version = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).scalar_one_or_none()
-        if version is not None and int(version) < 3:
-            with self.engine.begin() as conn:
-                if self.engine.dialect.name == "postgresql":  # SQLite's INTEGER is already 64-bit
-                    conn.exec_driver_sql("ALTER TABLE deletion_requests ALTER COLUMN label TYPE BIGINT")
-                conn.execute(
-                    update(requests_table).where(requests_table.c.client_request_id.is_(None))
-                    .values(client_request_id=requests_table.c.request_id)
-                )
-                conn.execute(
-                    update(requests_table).where(requests_table.c.submitter.is_(None)).values(submitter=requests_table.c.client_id)
-                )
-                conn.exec_driver_sql(
-                    "CREATE UNIQUE INDEX IF NOT EXISTS ux_deletion_requests_submitter_rid "
-                    "ON deletion_requests (submitter, client_request_id)"
-                )
-
-    def _configure_sqlite(self, *, wal: bool, synchronous: str, busy_ms: int) -> None:
-        @event.listens_for(self.engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            # pysqlite's own transaction handling defers BEGIN and breaks BEGIN IMMEDIATE: take it over (SQLAlchemy docs,
-            # "Serializable isolation / Savepoints / Transactional DDL").
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            if wal:
-                cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA synchronous={synchronous}")
-            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
-        @event.listens_for(self.engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            # IMMEDIATE takes the write lock at BEGIN: a read-check-write (transition) cannot lose a race.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        open_schema(self.engine)
+        self.is_postgresql = self.engine.dialect.name == "postgresql"
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -605,10 +225,10 @@ class DeletionLedger:
             stored = conn.execute(
                 select(meta_table.c.value).where(meta_table.c.key == "operator_key").with_for_update()
             ).scalar_one_or_none()
-            if stored is not None and (current is None or not _operator_key_matches(current, stored)):
+            if stored is not None and (current is None or not operator_key_matches(current, stored)):
                 raise UnauthorizedRequestError("this ledger already has an operator key: pass the current one to change it",
                                                code="operator_key")
-            value = _hash_operator_key(key, secrets.token_bytes(16))
+            value = hash_operator_key(key, secrets.token_bytes(16))
             if stored is None:
                 conn.execute(insert(meta_table).values(key="operator_key", value=value))
             else:
@@ -636,7 +256,7 @@ class DeletionLedger:
             )
         token = (stored, hashlib.sha256(str(key).encode()).hexdigest())
         if token not in self._verified_keys:
-            if not _operator_key_matches(str(key), stored):
+            if not operator_key_matches(str(key), stored):
                 raise UnauthorizedRequestError("wrong operator key", code="operator_key")
             self._verified_keys.add(token)
 
@@ -704,21 +324,13 @@ class DeletionLedger:
         except Exception as err:  # noqa: BLE001 - a hostile payload must not crash the server
             error = InvalidRequestError(f"cannot parse the request: {type(err).__name__}: {str(err)[:200]}")
         if error is not None:
-            payload_text = _safe_payload(source)
+            payload_text = safe_payload(source)
         if parsed is not None:
             rid = parsed.request_id
             fingerprint = parsed.fingerprint()
         else:
             assert error is not None
-            raw_id = error.request_id
-            if raw_id is None and isinstance(source, Mapping):
-                try:
-                    candidate = source.get("request_id")
-                except Exception:  # noqa: BLE001
-                    candidate = None
-                raw_id = candidate if isinstance(candidate, str) else None
-            fingerprint = hashlib.sha256((payload_text or "").encode()).hexdigest()
-            rid = raw_id if raw_id is not None and NAME_PATTERN.fullmatch(raw_id) else f"invalid-{fingerprint[:32]}"
+            rid, fingerprint = unparsed_key(error, source, payload_text)
         row = self._row_for(parsed, source, rid, fingerprint, payload_text, now_wall)
         claimed = row["client_id"]
         submitter = sender if sender is not None else console_submitter(claimed)
@@ -732,12 +344,11 @@ class DeletionLedger:
                 validate(parsed, ownership, size_limits, sender=sender)
             except InvalidRequestError as err:
                 error = err
-        # a request in another client's name never takes the plain key (it must not squat that client's id)
         impersonating = sender is not None and submitter != claimed and not (ownership is not None and submitter in ownership.operators)
         row.update(
             client_request_id=rid, submitter=submitter, actor=f"node:{sender}" if sender is not None else f"console:{console_user()}"
         )
-        keys = [scoped_key(rid, submitter)] if impersonating else [rid, scoped_key(rid, submitter)]
+        keys = candidate_keys(rid, submitter, impersonating=impersonating)
         for attempt, key in enumerate(keys):
             if attempt == 0 and len(keys) == 2 and self.find(key) is not None:
                 continue  # another submitter holds the plain key
@@ -770,27 +381,7 @@ class DeletionLedger:
         with self.engine.begin() as conn:
             rpm = None if limits is None else limits.max_requests_per_minute
             if error is None and rpm is not None and parsed is not None:
-                if self.is_postgresql:
-                    # READ COMMITTED does not stop two servers from both counting n-1 and inserting: serialise
-                    # submissions per client with a lock released at commit (SQLite: BEGIN IMMEDIATE already does)
-                    conn.execute(
-                        select(func.pg_advisory_xact_lock(_advisory_key("rate:" + parsed.client_id)))
-                    )
-                recent = conn.execute(
-                    select(func.count()).select_from(requests_table).where(
-                        requests_table.c.client_id == parsed.client_id,
-                        requests_table.c.state != "rejected",
-                        requests_table.c.received_at > now_wall - 60.0,
-                        requests_table.c.received_at <= now_wall,
-                    )
-                ).scalar_one()
-                if recent >= rpm:
-                    error = InvalidRequestError(
-                        f"client {parsed.client_id!r} already has {recent} accepted request(s) in the last 60 s; at most "
-                        f"{rpm} per minute - retry later with a new request_id",
-                        code="rate_limited",
-                        request_id=parsed.request_id,
-                    )
+                error = self._rate_limit_error(conn, parsed, rpm, now_wall)
             final = "validated" if error is None else "rejected"
             details = {} if error is None else {"reason": str(error), "code": error.code}
             if error is not None and getattr(error, "audit_detail", None):
@@ -803,12 +394,38 @@ class DeletionLedger:
             conn.execute(
                 insert(transitions_table),
                 [
-                    {"request_id": key, "from_state": None, "to_state": "received", "at": now_wall, "details": _dumps(received)},
+                    {"request_id": key, "from_state": None, "to_state": "received", "at": now_wall, "details": dumps(received)},
                     {"request_id": key, "from_state": "received", "to_state": final, "at": now_wall if now is not None else time.time(),
-                     "details": _dumps(details) if details else None},
+                     "details": dumps(details) if details else None},
                 ],
             )
         return error
+
+    def _rate_limit_error(
+        self, conn: Connection, parsed: DeletionRequest, rpm: int, now_wall: float
+    ) -> InvalidRequestError | None:
+        """``rate_limited`` when the client already has ``rpm`` accepted requests received in the 60 s up to
+        ``now_wall``, counted inside ``conn``'s (inserting) transaction; else None."""
+        if self.is_postgresql:
+            # READ COMMITTED does not stop two servers from both counting n-1 and inserting: serialise
+            # submissions per client with a lock released at commit (SQLite: BEGIN IMMEDIATE already does)
+            conn.execute(select(func.pg_advisory_xact_lock(advisory_key("rate:" + parsed.client_id))))
+        recent = conn.execute(
+            select(func.count()).select_from(requests_table).where(
+                requests_table.c.client_id == parsed.client_id,
+                requests_table.c.state != "rejected",
+                requests_table.c.received_at > now_wall - 60.0,
+                requests_table.c.received_at <= now_wall,
+            )
+        ).scalar_one()
+        if recent < rpm:
+            return None
+        return InvalidRequestError(
+            f"client {parsed.client_id!r} already has {recent} accepted request(s) in the last 60 s; at most "
+            f"{rpm} per minute - retry later with a new request_id",
+            code="rate_limited",
+            request_id=parsed.request_id,
+        )
 
     def _same_or_conflict(self, existing: LedgerEntry, fingerprint: str) -> LedgerEntry:
         with self.engine.connect() as conn:
@@ -834,7 +451,7 @@ class DeletionLedger:
                 "request_id": rid,
                 "client_id": parsed.client_id,
                 "level": parsed.level,
-                "ids": _dumps(parsed.ids),
+                "ids": dumps(parsed.ids),
                 "label": parsed.label,
                 "reason": parsed.reason,
                 "created_at": parsed.created_at,
@@ -928,7 +545,7 @@ class DeletionLedger:
             stored["reason"] = reason
         conn.execute(
             insert(transitions_table).values(
-                request_id=request_id, from_state=current, to_state=new_state, at=now, details=_dumps(stored) if stored else None
+                request_id=request_id, from_state=current, to_state=new_state, at=now, details=dumps(stored) if stored else None
             )
         )
 
@@ -962,12 +579,12 @@ class DeletionLedger:
         if owner is not None:
             if batch_id is None:
                 raise InvalidConfigError("owner: a lease is on a batch; pass batch_id too")
-            self._check_lease_args(batch_id, owner, lease_s)
+            _leases.check_lease_args(batch_id, owner, lease_s)
             details = {"owner": owner, **details}
         if batch_id is not None:
             details = {"batch": batch_id, **details}
         with self.engine.begin() as conn:
-            if owner is not None and not self._claim(conn, batch_id, owner, lease_s, None):
+            if owner is not None and not _leases.claim(conn, batch_id, owner, lease_s, None, serialise=self.is_postgresql):
                 return []
             ids = list(conn.execute(query.with_for_update()).scalars())
             for rid in ids:
@@ -1029,7 +646,7 @@ class DeletionLedger:
     ) -> None:
         values: dict[str, Any] = {}
         if coreset_ids is not None:
-            values["coreset_ids"] = _dumps(sorted(int(i) for i in coreset_ids))
+            values["coreset_ids"] = dumps(sorted(int(i) for i in coreset_ids))
         if strategy is not None:
             values["strategy"] = str(strategy)
         if model_hash_before is not None:
@@ -1042,9 +659,9 @@ class DeletionLedger:
         if row is None:
             raise UnknownRequestError(f"no request {request_id!r} in the ledger")
         if metrics is not None:
-            merged = dict(_loads(row.metrics) or {})
-            merged.update(_json_safe(dict(metrics)))
-            values["metrics"] = _dumps(merged)
+            merged = dict(loads(row.metrics) or {})
+            merged.update(json_safe(dict(metrics)))
+            values["metrics"] = dumps(merged)
         if new_state is not None:
             reason = details.pop("reason", None)
             if new_state in ("rejected", "failed") and not reason:
@@ -1066,51 +683,19 @@ class DeletionLedger:
         is taken over, logged; a live one is left to its owner. Leases compare wall clocks of different servers: keep
         ``lease_s`` well above their clock skew and above the longest step between renewals. Cost: one transaction.
         """
-        self._check_lease_args(batch_id, owner, lease_s)
+        _leases.check_lease_args(batch_id, owner, lease_s)
         with self.engine.begin() as conn:
-            return self._claim(conn, batch_id, owner, lease_s, now)
+            return _leases.claim(conn, batch_id, owner, lease_s, now, serialise=self.is_postgresql)
 
     def release_batch(self, batch_id: str, owner: str) -> bool:
         """Give up ``owner``'s lease on a batch (done with it); False when ``owner`` did not hold it."""
         with self.engine.begin() as conn:
-            gone = conn.execute(
-                leases_table.delete().where((leases_table.c.batch_id == batch_id) & (leases_table.c.owner == owner))
-            ).rowcount
-        return bool(gone)
+            return _leases.release(conn, batch_id, owner)
 
     def batch_lease(self, batch_id: str) -> BatchLease | None:
         """The lease on a batch (live or expired), or None when no server holds one."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(leases_table).where(leases_table.c.batch_id == batch_id)).first()
-        return None if row is None else BatchLease(row.batch_id, row.owner, float(row.expires_at), float(row.claimed_at))
-
-    @staticmethod
-    def _check_lease_args(batch_id: str, owner: str, lease_s: float) -> None:
-        if not isinstance(batch_id, str) or not batch_id or len(batch_id) > 64:
-            raise InvalidConfigError(f"batch_id must be 1-64 characters, got {str(batch_id)[:80]!r}")
-        if not isinstance(owner, str) or not owner or len(owner) > 256:
-            raise InvalidConfigError(f"owner must be a server id of 1-256 characters, got {str(owner)[:80]!r}")
-        if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not math.isfinite(lease_s) or lease_s <= 0:
-            raise InvalidConfigError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
-
-    def _claim(self, conn: Connection, batch_id: str, owner: str, lease_s: float, now: float | None) -> bool:
-        now = time.time() if now is None else float(now)
-        if self.is_postgresql:  # two servers inserting the first lease of a batch: serialise them (SQLite: BEGIN IMMEDIATE)
-            conn.execute(select(func.pg_advisory_xact_lock(_advisory_key("batch:" + batch_id))))
-        row = conn.execute(select(leases_table).where(leases_table.c.batch_id == batch_id).with_for_update()).first()
-        if row is None:
-            conn.execute(insert(leases_table).values(batch_id=batch_id, owner=owner, expires_at=now + lease_s, claimed_at=now))
-            return True
-        if row.owner != owner:
-            if row.expires_at > now:
-                return False
-            logger.warning("batch %s: the lease of %r expired at %s; %r takes the batch over", batch_id, row.owner, _iso(row.expires_at), owner)
-        claimed_at = row.claimed_at if row.owner == owner else now
-        conn.execute(
-            update(leases_table).where(leases_table.c.batch_id == batch_id)
-            .values(owner=owner, expires_at=now + lease_s, claimed_at=claimed_at)
-        )
-        return True
+            return _leases.read(conn, batch_id)
 
     # ---- reads ----------------------------------------------------------------------------------------------------
     def find(self, request_id: str, client_id: str | None = None) -> LedgerEntry | None:
@@ -1123,7 +708,7 @@ class DeletionLedger:
             where = (requests_table.c.submitter == client_id) & (requests_table.c.client_request_id == request_id)
         with self.engine.connect() as conn:
             row = conn.execute(select(requests_table).where(where)).first()
-        return None if row is None else _row_to_entry(row)
+        return None if row is None else row_to_entry(row)
 
     def get(self, request_id: str, client_id: str | None = None) -> LedgerEntry:
         """:meth:`find`; raises :class:`UnknownRequestError` if there is none."""
@@ -1145,7 +730,7 @@ class DeletionLedger:
         if client_id is not None:
             query = query.where(requests_table.c.client_id == client_id)
         with self.engine.connect() as conn:
-            return [_row_to_entry(r) for r in conn.execute(query)]
+            return [row_to_entry(r) for r in conn.execute(query)]
 
     def pending(self, states: Iterable[str] | None = None, client_id: str | None = None) -> list[LedgerEntry]:
         """Unfinished requests, oldest first: what a restarted server resumes (default: every non-final state)."""
@@ -1159,9 +744,7 @@ class DeletionLedger:
             ).all()
         if not rows and self.find(request_id) is None:
             raise UnknownRequestError(f"no request {request_id!r} in the ledger")
-        return [
-            Transition(r.request_id, r.from_state, r.to_state, r.at, _loads(r.details) or {}) for r in rows
-        ]
+        return [transition_from_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         """Number of requests per state."""
@@ -1173,7 +756,9 @@ class DeletionLedger:
         self, path: str | Path | None = None, *, hash_ids: bool = False, states: Iterable[str] | None = None
     ) -> list[dict[str, Any]]:
         """The audit trail: per request its ids (or ``ids_sha256`` with ``hash_ids=True``), coreset ids, strategy,
-        metrics, model hashes, state and every transition. Written as JSON to ``path`` when given.
+        metrics, model hashes, state and every transition. Written as JSON to ``path`` when given, atomically
+        (:func:`~erasus_ray.utils.atomic.atomic_write_text`: temp file, ``fsync``, ``os.replace``), so a crash or a
+        full disk mid-write leaves the previous audit file whole, never a truncated one.
 
         Note: a SHA-256 of small integer ids hides them from a casual reader, not from someone who hashes candidate
         id lists; treat a hashed export as pseudonymised, not anonymised.
@@ -1181,20 +766,10 @@ class DeletionLedger:
         entries = self.entries(states)
         with self.engine.connect() as conn:
             rows = conn.execute(select(transitions_table).order_by(transitions_table.c.id)).all()
-        by_request: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            by_request.setdefault(r.request_id, []).append(
-                Transition(r.request_id, r.from_state, r.to_state, r.at, _loads(r.details) or {}).to_dict()
-            )
-        out = []
-        for entry in entries:
-            item = entry.to_dict(hash_ids=hash_ids)
-            item["transitions"] = by_request.get(entry.request_id, [])
-            out.append(item)
+        records = audit_records(entries, rows, hash_ids=hash_ids)
         if path is not None:
-            doc = {"schema_version": SCHEMA_VERSION, "exported_at": _iso(time.time()), "hash_ids": hash_ids, "requests": out}
-            Path(path).write_text(json.dumps(doc, indent=2, sort_keys=False))
-        return out
+            atomic_write_text(path, audit_document(records, hash_ids=hash_ids))
+        return records
 
     def check_integrity(self) -> list[str]:
         """Problems found (empty when consistent): every request's state equals its last transition, transitions
@@ -1237,14 +812,3 @@ class DeletionLedger:
             raise InvalidConfigError(f"unknown state(s) {unknown}; states are {list(STATES)}")
         return wanted
 
-
-def _safe_payload(payload: Any, limit: int = 4000) -> str:
-    """A bounded, JSON-safe text of a raw submission (for the audit of malformed requests)."""
-    try:
-        text = json.dumps(_json_safe(payload), sort_keys=True) if isinstance(payload, Mapping) else repr(payload)
-    except Exception:  # noqa: BLE001 - keys that cannot be sorted, hostile __repr__, ...
-        try:
-            text = repr(payload)
-        except Exception:  # noqa: BLE001
-            text = f"<unprintable {type(payload).__name__}>"
-    return text[:limit]
