@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="original vs retrain vs full-forget-set vs coreset unlearning on a bundled task")
-    demo.add_argument("--task", default="digits", choices=["digits", "mnist5k", "authors"], help="benchmark task")
+    demo.add_argument("--task", default="digits", choices=["digits", "mnist5k", "authors", "wine", "iris", "breast_cancer"],
+                      help="benchmark task")
     demo.add_argument("--scenario", default=None, help="digits/mnist5k: class | random10; authors: forget01 | forget05 | forget10")
     demo.add_argument("--strategy", default=None, help="strategy (default: the task's demo default)")
     demo.add_argument("--selector", default="el2n")
