@@ -268,7 +268,7 @@ class ClosedLoopRunner(LocalRunner):
         """Strategies that keep per-id tables from the original model (``setup_scope = "forget"``: NPO's reference
         likelihoods, preference pairs, ...) build them over the whole forget set when the coreset may grow: the
         tables must come from the original model, and a sample joining later could not get its entry any more."""
-        if self.growth.adaptive and getattr(strategy, "setup_scope", "coreset") == "forget":
+        if self.growth.adaptive and strategy.setup_scope == "forget":
             coreset = ctx.forget
             ctx.forget = full
             try:
