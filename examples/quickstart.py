@@ -41,10 +41,11 @@ gold = train_model(make_model(), as_id_dataset(Subset(data, retain_ids)), task, 
 # Sample ids are indices into `data`, whatever order the loaders use.
 forget_loader = DataLoader(Subset(data, forget_ids), batch_size=32, shuffle=True)
 retain_loader = DataLoader(Subset(data, retain_ids), batch_size=32, shuffle=True)
-result = ErasusUnlearner(model, strategy="grad_diff", selector="el2n", fraction=0.1, retain_batch_size=128).fit(
-    forget_data=forget_loader, retain_data=retain_loader
-)
-print(f"coreset: {len(result.coreset)} of {len(forget_ids)} forget ids, e.g. {result.coreset.ids[:5].tolist()}")
+# Defaults: grad_diff on an adaptive EL2N coreset, run until the class is forgotten on the whole forget set (closed loop).
+result = ErasusUnlearner(model, retain_batch_size=128).fit(forget_data=forget_loader, retain_data=retain_loader)
+v = result.verification
+print(f"verified: {result.verified} ({v['target']} target: {v['why']}); {v['steps']} steps, lr {v['lr']:.2g}")
+print(f"coreset: {len(result.coreset)} of {len(forget_ids)} forget ids (grew {v['coreset_growth']}), e.g. {result.coreset.ids[:5].tolist()}")
 print(f"seconds: {result.timings}")
 for name, m in [("original", model), ("unlearned", result.model), ("retrained", gold)]:
     metrics = evaluate(m, forget=Subset(data, forget_ids), retain=Subset(data, retain_ids), test=Subset(data, test_ids), gold=gold)
