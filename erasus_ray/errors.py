@@ -36,12 +36,6 @@ class NonFiniteLossError(ErasusError, FloatingPointError):
     """A loss or gradient became NaN/inf during unlearning."""
 
 
-class NoEffectError(ErasusError, RuntimeError):
-    """A run with no measurable target (no held-out set, not a whole class, no retrained model) changed nothing or
-    ended on a non-finite loss: returning it as a normal result would be a silent no-op. With a measurable target
-    the same run is returned with a failed verification instead."""
-
-
 class NonFiniteWeightsError(ErasusError, FloatingPointError):
     """The weights became NaN/inf after an optimizer step although the loss and gradient norm were finite (an
     overflowing learning rate, a strategy's own update). Unlike :class:`NonFiniteLossError` (the runner stops and

@@ -8,6 +8,7 @@ unlearned model -> :class:`UnlearningResult` (JSON). Evaluation against the retr
 from __future__ import annotations
 
 import contextlib
+import warnings
 import dataclasses
 import json
 import time
@@ -23,7 +24,7 @@ from erasus_ray.control import ClosedLoopRunner, ControlConfig, GrowthPlan
 from erasus_ray.data import IdDataset, as_id_dataset, check_finite_data, loader_batch_size, make_loader
 from erasus_ray.data.ids import FULL_SCAN_LIMIT
 from erasus_ray.checks import check_bool, check_int, check_real, check_seed
-from erasus_ray.errors import InvalidConfigError, InvalidDataError, NoEffectError, TaskMismatchError
+from erasus_ray.errors import InvalidConfigError, InvalidDataError, TaskMismatchError
 from erasus_ray.evaluation.verification import Measurement, Probe, ResolvedTarget, resolve_target
 from erasus_ray.runners import LocalRunner, RunnerConfig, RunReport
 from erasus_ray.selectors import Coreset, Selector, get_selector, resolve_budget
@@ -553,11 +554,12 @@ class ErasusUnlearner:
                         pristine, forget, retain, chosen, config, resolved, probe, original, (model, report, verification))
         hash_after = model_hash(model)
         stuck = (report.steps > 0 and hash_after == hash_before) or "non-finite" in report.stopped
-        if verification.get("passed") is None and stuck:
-            raise NoEffectError(
-                f"{self.strategy.name} took {report.steps} good step(s) and " + ("left the weights unchanged" if "non-finite" not in report.stopped
-                else f"stopped on a non-finite value ({report.stopped})") + ", and nothing measures whether it forgot: "
-                "pass heldout_data= (or gold=) so the run is verified, or check the strategy's settings")
+        if verification.get("passed") is None and stuck:  # never a normal result: a failed verification, said aloud
+            why = (f"{self.strategy.name} took {report.steps} good step(s) and " + ("left the weights unchanged"
+                   if "non-finite" not in report.stopped else f"stopped on a non-finite value ({report.stopped})")
+                   + "; nothing else measures whether it forgot (pass heldout_data= or gold= to verify the run)")
+            warnings.warn(why, RuntimeWarning, stacklevel=2)
+            verification = {**verification, "mode": "no_effect", "passed": False, "why": why}
         described = self.describe(config, len(forget))
         if "strength" in verification:  # the setting of the model the search returned
             knob = verification["strength"]["knob"]
