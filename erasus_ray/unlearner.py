@@ -226,8 +226,9 @@ class ErasusUnlearner:
             :func:`erasus_ray.evaluation.verification.resolve_target`): ``"auto"`` (default; ``gold`` when ``fit`` gets
             a retrained model, ``class`` when the forget set is whole classes, ``heldout`` when it gets
             ``heldout_data``, else no measurable target), ``"class"``, ``"heldout"``, ``"gold"``, or a dict of metric
-            bounds. Without ``epochs``/``lr`` the strategy runs in a closed loop until the target holds
-            (:mod:`erasus_ray.control`); with them it runs that fixed budget (open loop) and is verified once.
+            bounds. Without ``epochs``/``lr``/``forget_target`` the strategy runs in a closed loop until the target
+            holds (:mod:`erasus_ray.control`); with any of them it runs that fixed budget or stopping rule (open loop)
+            and is verified once.
         budget_steps, budget_seconds: the closed loop's budget (default 1000 runner steps, 600 s). (Not ``budget=``:
             the ``auto`` and ``certified_removal`` strategies already take a ``budget`` hyperparameter.)
         control: every closed-loop setting (:class:`~erasus_ray.control.ControlConfig`: guard tolerances,
@@ -514,7 +515,8 @@ class ErasusUnlearner:
         probe = Probe(self.task, forget, retain, heldout, retain_samples=self.control.retain_samples,
                       heldout_samples=self.control.heldout_samples, seed=self.seed)
         resolved = resolve_target(self.target, task=self.task, forget=forget, retain=retain, heldout=heldout, gold=gold, probe=probe)
-        open_loop = epochs is not None or self.runner_kwargs["epochs"] is not None or self.runner_kwargs["lr"] is not None
+        # the caller's own stopping rule (epochs, lr, forget_target) means an open-loop run, verified afterwards
+        open_loop = epochs is not None or any(self.runner_kwargs[k] is not None for k in ("epochs", "lr", "forget_target"))
         closed = (resolved.target is not None and not open_loop and self.backend == "local"
                   and self.strategy.closed_loop_reason is None)
         adaptive = closed and coreset is None and self.selector is not None and self.fraction == "auto" and self.k is None

@@ -286,3 +286,11 @@ def test_an_unverifiable_run_that_changed_nothing_is_a_failed_verification(wine)
     with pytest.warns(RuntimeWarning, match="stopped on a non-finite value"):
         r = ErasusUnlearner(wine["original"], strategy=NaNAtOnce(), progress=False).fit(forget_data=train.subset(ids), retain_data=train.subset(rest))
     assert r.verified is False and r.verification["mode"] == "no_effect" and r.model_hash_after == r.model_hash_before
+
+
+def test_an_explicit_stopping_rule_means_open_loop(wine):
+    """epochs=, lr= or forget_target= are the caller's own stopping rule: honoured (open loop), then verified."""
+    for kw in ({"epochs": 2}, {"lr": 1e-4}, {"forget_target": 0.5}):
+        r = ErasusUnlearner(wine["original"], selector=None, progress=False, **kw).fit(forget_data=wine["forget"], retain_data=wine["retain"])
+        assert r.verification["mode"] == "open_loop" and r.verification["target"] == "class", kw
+        assert r.verified is (r.verification["criteria"][0]["passed"] and r.verification["guard_ok"])
