@@ -420,7 +420,7 @@ class ErasusUnlearner:
             attempts.append({knob: value, "passed": v["passed"], "guard_ok": v["guard_ok"]})
             if not v["guard_ok"]:
                 break
-            if _violation(v) < _violation(best[2]) or not best[2].get("guard_ok"):
+            if v["violation"] < best[2]["violation"] or not best[2].get("guard_ok"):
                 best, best_value = (ctx.model, report, v), value
             if v["passed"]:
                 break
@@ -629,7 +629,8 @@ def _closed_loop_verification(runner: ClosedLoopRunner, resolved: ResolvedTarget
     rec.pop("coreset_ids", None)
     return {
         "mode": "closed_loop", **resolved.target.describe(), "why": resolved.why,
-        "passed": bool(verdict["passed"] and rec["guard_ok"]), "criteria": verdict["criteria"], "overshoot": verdict["overshoot"],
+        "passed": bool(verdict["passed"] and rec["guard_ok"]), "criteria": verdict["criteria"], "violation": verdict["violation"],
+        "overshoot": verdict["overshoot"],
         "budget": {"steps": runner.control.budget_steps, "seconds": runner.control.budget_seconds},
         "stopped": report.stopped, **rec,
     }
@@ -657,15 +658,7 @@ def _verify_once(resolved: ResolvedTarget, probe: Probe, model: nn.Module, origi
     guard_ok = all(c.passed for c in guard)
     return {
         "mode": mode, **target.describe(), "why": resolved.why, "passed": bool(verdict.passed and guard_ok),
-        "criteria": [c.to_dict() for c in verdict.criteria], "overshoot": verdict.overshoot,
+        "criteria": [c.to_dict() for c in verdict.criteria], "violation": verdict.violation, "overshoot": verdict.overshoot,
         "guard": [c.to_dict() for c in guard], "guard_ok": guard_ok, "steps": report.steps, "stopped": report.stopped,
     }
 
-
-def _violation(verification: dict[str, Any]) -> float:
-    """How far a verification's criteria are outside their bounds (0 when all pass)."""
-    total = 0.0
-    for c in verification.get("criteria", []):
-        v, lo, hi = c["value"], c.get("low"), c.get("high")
-        total += max(0.0, (lo - v) if lo is not None else 0.0, (v - hi) if hi is not None else 0.0)
-    return total

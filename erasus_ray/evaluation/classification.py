@@ -13,36 +13,21 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.svm import SVC
 from torch import nn
 
-from erasus_ray.data import IdDataset, make_loader
+from erasus_ray.data import IdDataset
+from erasus_ray.evaluation.stats import set_stats
 from erasus_ray.tasks import Task
-from erasus_ray.utils import model_device
 
 GAP_KEYS = ("forget_acc", "retain_acc", "test_acc", "mia_svc_efficacy")
 
 
-@torch.no_grad()
 def per_sample_stats(model: nn.Module, task: Task, data: IdDataset, batch_size: int = 256) -> dict[str, np.ndarray]:
     """Per-sample ``loss``, ``correct`` and ``confidence`` (probability of the true label), in ``data`` order."""
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    losses, correct, conf = [], [], []
-    for batch in make_loader(data, task.collate, batch_size=batch_size):
-        out = task.forward(model, batch.to(device).data)
-        loss = out.sample_loss().float()
-        losses.append(loss.cpu())
-        correct.append(out.sample_accuracy().float().cpu())
-        conf.append(torch.exp(-loss).cpu())
-    model.train(was_training)
-    if not losses:
-        empty = np.zeros(0)
-        return {"loss": empty, "correct": empty, "confidence": empty}
-    return {"loss": torch.cat(losses).numpy(), "correct": torch.cat(correct).numpy(), "confidence": torch.cat(conf).numpy()}
+    s = set_stats(model, task, data, batch_size)
+    return {"loss": s.loss, "correct": s.correct, "confidence": np.exp(-s.loss)}
 
 
 def auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
