@@ -8,6 +8,8 @@ ids, never in loader positions, so selection does not depend on the order a load
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -231,6 +233,14 @@ def _to_device(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
+def takes_ids(collate: Callable[..., Any]) -> bool:
+    """Whether a collate function accepts the batch's sample ids (``collate(items, ids=...)``)."""
+    try:
+        return "ids" in inspect.signature(collate).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def make_loader(
     dataset: IdDataset,
     collate: Callable[[list[Any]], Any],
@@ -243,18 +253,21 @@ def make_loader(
 ) -> DataLoader:
     """An id-carrying DataLoader over ``dataset`` that yields :class:`Batch` objects.
 
-    ``collate`` is the task adapter's collate for the underlying items; ``weights`` (id -> weight) attaches
-    per-sample weights, e.g. coreset weights.
+    ``collate`` is the task adapter's collate for the underlying items; one that takes an ``ids`` argument gets the
+    batch's sample ids (a task whose objective is random draws its per-sample randomness from them). ``weights``
+    (id -> weight) attaches per-sample weights, e.g. coreset weights.
     """
     if batch_size < 1:
         raise InvalidDataError(f"batch_size must be >= 1, got {batch_size}")
+    keyed = takes_ids(collate)
 
     def collate_fn(rows: list[tuple[int, Any]]) -> Batch:
         ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
         w = None
         if weights is not None:
             w = torch.tensor([float(weights.get(int(i), 1.0)) for i in ids], dtype=torch.float32)
-        return Batch(ids=ids, data=collate([r[1] for r in rows]), weights=w)
+        items = [r[1] for r in rows]
+        return Batch(ids=ids, data=collate(items, ids=ids) if keyed else collate(items), weights=w)
 
     generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
     return DataLoader(

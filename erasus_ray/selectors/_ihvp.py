@@ -24,7 +24,6 @@ scoped parameters:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -283,7 +282,7 @@ def head_stats(
             # network); the per-sample losses are independent, so the gradient of their sum is per sample
             z = out.logits.detach().requires_grad_(True)
             with torch.enable_grad():
-                loss = dataclasses.replace(out, logits=z).sample_loss().sum()
+                loss = out.replace(logits=z).sample_loss().sum()
             try:
                 d = torch.autograd.grad(loss, z)[0].to(dtype)
             except RuntimeError:  # the loss does not depend differentiably on the logits

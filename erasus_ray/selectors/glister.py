@@ -62,10 +62,9 @@ def _with_bias(features: torch.Tensor, bias: bool) -> torch.Tensor:
 def head_has_bias(model: nn.Module, task: Task) -> bool:
     """Whether the task's output layer (``task.head_module``, classifiers) has a bias; False when the task does not
     name its head (an LM's tied ``lm_head`` has none)."""
-    head_module = getattr(task, "head_module", None)
-    if head_module is None:
+    if not task.provides("head"):
         return False
-    return getattr(head_module(model), "bias", None) is not None
+    return getattr(task.head_module(model), "bias", None) is not None
 
 
 class GlisterObjective:

@@ -73,15 +73,7 @@ def get_module(model: nn.Module, name: str, who: str) -> nn.Module:
 
 def head_module(ctx: UnlearnContext, model: nn.Module | None = None) -> nn.Module:
     """The module whose *input* is the adapter's penultimate feature: a classifier's head, an LM's output embedding."""
-    model = model or ctx.model
-    head_of = getattr(ctx.task, "head_module", None)
-    if head_of is not None:
-        return head_of(model)
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if get_out is not None else None
-    if out is None:
-        raise InvalidConfigError("layer='auto' needs a classifier head or a model with get_output_embeddings()")
-    return out
+    return ctx.task.head_module(model or ctx.model)
 
 
 def answer_position_mask(data: Any, length: int) -> torch.Tensor | None:

@@ -25,8 +25,7 @@ def candidate_layers(ctx: UnlearnContext) -> list[str]:
     mlps = [n for n, _ in model.named_modules() if n.endswith(".mlp") or n == "mlp"]
     if mlps:
         return mlps
-    head_of = getattr(ctx.task, "head_module", None)
-    head = head_of(model) if head_of is not None else None
+    head = ctx.task.head_module(model) if ctx.task.provides("head") else None
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
     if not linears:
         raise InvalidConfigError("causal_tracing: no '*.mlp' module and no hidden nn.Linear to trace; pass layers=[...]")

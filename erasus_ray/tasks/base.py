@@ -1,22 +1,33 @@
 """The task adapter contract: how a model family reads a batch and scores it.
 
 Selectors, strategies and metrics are written once against :class:`Task` and never inspect the model type
-(the Kronfluence ``Task`` idea). A task turns a batch into *prediction units* - one per sample for a
-classifier, one per supervised token for a causal LM - each with logits, a target and the batch row that owns
-it. Every per-sample quantity (loss, log-likelihood, accuracy, EL2N error) is a reduction over a sample's units,
-so the same code serves both families. A new modality is a new adapter.
+(the Kronfluence ``Task`` idea). The contract is loss-first: the one mandatory thing a task gives is a per-sample
+objective, batched (``forward(...).sample_loss()``) and in the fixed-shape form ``torch.func`` needs
+(:meth:`Task.dense_sample_loss`). Everything else - categorical prediction units, labels, features, a head module,
+per-sample independence, tokens, generation - is a declared :class:`~erasus_ray.tasks.capabilities.Capability`
+that algorithms ask for through ``requires`` and :func:`~erasus_ray.tasks.registry.require`.
+
+A task with categorical predictions turns a batch into *prediction units* - one per sample for a classifier, one per
+supervised token for a causal LM - each with logits, a target and the batch row that owns it, and every per-sample
+quantity is a reduction over a sample's units. A task whose objective is random (a denoising loss draws timesteps
+and noise) makes the randomness part of the batch: its ``collate`` receives the sample ids and draws from a
+generator keyed by id, so a sample is scored with the same draws every time, for every model compared.
+
+A new model family is a new adapter registered with :func:`~erasus_ray.tasks.registry.register_task`
+(README: "Write an adapter").
 """
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any, ClassVar, ContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from erasus_ray.tasks.capabilities import Capability, CapabilityError, capability_set
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -24,23 +35,58 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-@dataclass
 class TaskOutput:
-    """Prediction units of one forward pass.
+    """What one forward pass gives: a per-sample objective always, categorical prediction units when the task has them.
+
+    A task with categorical predictions (``Capability.LOGITS``) fills ``logits``/``targets``/``owner`` and every
+    per-sample quantity (loss, log-likelihood, accuracy, EL2N error) is a reduction over a sample's units. A task
+    whose objective has no logits (a denoising loss) fills ``losses`` instead; asking it for logits raises
+    :class:`~erasus_ray.tasks.capabilities.CapabilityError` naming what is missing, never a silent zero.
 
     Attributes:
-        logits: ``[N, C]`` logits of the N units.
+        logits: ``[N, C]`` logits of the N units (``None`` for a loss-only task).
         targets: ``[N]`` target class / token of each unit.
         owner: ``[N]`` batch row (0..B-1) each unit belongs to.
         batch_size: B.
         features: ``[B, D]`` penultimate features, when requested.
+        losses: ``[B]`` per-sample objective of a loss-only task (derived from the units otherwise).
     """
 
-    logits: torch.Tensor
-    targets: torch.Tensor
-    owner: torch.Tensor
-    batch_size: int
-    features: torch.Tensor | None = None
+    __slots__ = ("_logits", "targets", "owner", "batch_size", "features", "losses")
+
+    def __init__(
+        self,
+        logits: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        owner: torch.Tensor | None = None,
+        batch_size: int | None = None,
+        features: torch.Tensor | None = None,
+        *,
+        losses: torch.Tensor | None = None,
+    ) -> None:
+        if logits is None and losses is None:
+            raise ValueError("TaskOutput needs logits (with targets and owner) or per-sample losses")
+        if logits is not None and (targets is None or owner is None):
+            raise ValueError("TaskOutput with logits needs targets and owner")
+        self._logits = logits
+        self.targets = targets
+        self.owner = owner
+        self.batch_size = int(batch_size if batch_size is not None else losses.shape[0])  # type: ignore[union-attr]
+        self.features = features
+        self.losses = losses
+
+    @property
+    def has_logits(self) -> bool:
+        return self._logits is not None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            raise CapabilityError(
+                "this task's output has no logits (a loss-only objective): an algorithm that reads logits must "
+                "declare requires={'logits'} so that it is refused up front with the task named"
+            )
+        return self._logits
 
     def _per_sample(self, unit_values: torch.Tensor, reduce: str) -> torch.Tensor:
         out = torch.zeros(self.batch_size, dtype=unit_values.dtype, device=unit_values.device)
@@ -55,7 +101,10 @@ class TaskOutput:
         return F.cross_entropy(at_least_fp32(self.logits), self.targets, reduction="none")
 
     def sample_loss(self) -> torch.Tensor:
-        """``[B]`` mean cross-entropy over each sample's units (answer tokens for an LM)."""
+        """``[B]`` the task's per-sample objective: mean cross-entropy over each sample's units (answer tokens for
+        an LM), or the loss-only task's own objective."""
+        if self._logits is None:
+            return self.losses  # type: ignore[return-value]
         return self._per_sample(self.unit_loss(), "mean")
 
     def sample_logprob(self) -> torch.Tensor:
@@ -79,15 +128,57 @@ class TaskOutput:
     def unit_target_prob(self) -> torch.Tensor:
         return torch.exp(-self.unit_loss())
 
+    def replace(self, **changes: Any) -> "TaskOutput":
+        """A copy with some fields replaced (``out.replace(logits=z)``, as ``dataclasses.replace``)."""
+        fields = {"logits": self._logits, "targets": self.targets, "owner": self.owner,
+                  "batch_size": self.batch_size, "features": self.features, "losses": self.losses}
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"TaskOutput.replace: unknown field(s) {sorted(unknown)}")
+        fields.update(changes)
+        losses = fields.pop("losses")
+        return TaskOutput(**fields, losses=losses)
+
+    def __repr__(self) -> str:
+        kind = f"logits={tuple(self._logits.shape)}" if self._logits is not None else "losses"
+        return f"TaskOutput(batch_size={self.batch_size}, {kind})"
+
 
 class Task(ABC):
-    """A model family's adapter. Subclasses define how to collate items, call the model and read its output."""
+    """A model family's adapter. Subclasses define how to collate items, call the model and read its output, and
+    declare what they can give beyond the per-sample objective.
 
-    name: str = "task"
+    Class attributes:
+        name: the registered name (set by :func:`~erasus_ray.tasks.registry.register_task`).
+        capabilities: the declared :class:`Capability` set (``loss`` is always included).
+        match_priority: order among tasks whose :meth:`matches` accepts a model (higher first) for ``task="auto"``.
+    """
+
+    name: ClassVar[str] = "task"
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.LOSS})
+    match_priority: ClassVar[int] = 0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # parsed once at class definition: a misspelt capability fails here, and LOSS is always declared
+        cls.capabilities = capability_set(cls.capabilities, f"task {cls.__name__}") | {Capability.LOSS}
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether ``task="auto"`` should pick this adapter for ``model`` (default: never; only by name)."""
+        return False
+
+    def provides(self, capability: Capability | str) -> bool:
+        """Whether this task declares ``capability``."""
+        return Capability(capability) in self.capabilities
 
     @abstractmethod
     def collate(self, items: list[Any]) -> Any:
-        """Collate the user's dataset items (without ids) into the data part of a batch."""
+        """Collate the user's dataset items (without ids) into the data part of a batch.
+
+        An adapter whose objective is random declares ``collate(self, items, ids=None)``: the loaders then pass the
+        batch's sample ids, from which it draws the per-sample randomness (same draws for the same id, always).
+        """
 
     @abstractmethod
     def model_inputs(self, data: Any) -> tuple[tuple, dict]:
@@ -117,9 +208,9 @@ class Task(ABC):
         ``dense_sample_loss(raw, data) == (weights * cross_entropy(logits, targets)).sum(1)``.
 
         Curvature estimates (Gauss-Newton / Fisher with labels sampled from the model) need the units and their
-        weights, not only the summed loss. Adapters that cannot provide them raise ``NotImplementedError``.
+        weights, not only the summed loss. Part of ``Capability.LOGITS``; a task without it raises :class:`CapabilityError`.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not expose its prediction units (dense_units)")
+        raise CapabilityError(f"task {self.name!r} has no prediction units (capability 'logits'): no dense_units")
 
     def batch_size(self, data: Any) -> int:
         args, kwargs = self.model_inputs(data)
@@ -134,11 +225,15 @@ class Task(ABC):
         return self._forward_with_features(model, args, kwargs, data)
 
     def _forward_with_features(self, model: nn.Module, args: tuple, kwargs: dict, data: Any) -> TaskOutput:
-        raise NotImplementedError(f"{type(self).__name__} does not provide features")
+        raise CapabilityError(f"task {self.name!r} does not provide features (capability 'features')")
 
     def labels_of(self, data: Any) -> torch.Tensor | None:
-        """Per-sample class labels where the task has them (classification), else None."""
+        """Per-sample class labels where the task has them (``Capability.LABELS``), else None."""
         return None
+
+    def head_module(self, model: nn.Module) -> nn.Module:
+        """The module whose input is the feature (``Capability.HEAD``)."""
+        raise CapabilityError(f"task {self.name!r} declares no head module (capability 'head')")
 
     # Convenience wrappers (one forward each).
     def per_sample_loss(self, model: nn.Module, data: Any) -> torch.Tensor:

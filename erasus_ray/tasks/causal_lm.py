@@ -15,10 +15,23 @@ from torch import nn
 
 from erasus_ray.errors import InvalidConfigError, TaskMismatchError
 from erasus_ray.tasks.base import Task, TaskOutput, at_least_fp32
+from erasus_ray.tasks.capabilities import Capability as C
+from erasus_ray.tasks.registry import register_task
 
 IGNORE = -100
 
 
+def looks_like_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face causal LM, by its config's architectures or its class name (``*CausalLM``, ``*LMHeadModel``)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    archs = getattr(config, "architectures", None) or []
+    cls = type(model).__name__
+    return any("CausalLM" in a or "LMHead" in a for a in archs) or "CausalLM" in cls or "LMHeadModel" in cls
+
+
+@register_task("causal_lm")
 class CausalLMTask(Task):
     """Causal language modelling: one prediction unit per supervised (shifted) label token.
 
@@ -29,7 +42,23 @@ class CausalLMTask(Task):
             answers of ``idk_dpo`` / ``flat``); never used to read batches.
     """
 
-    name = "causal_lm"
+    capabilities = frozenset({C.LOGITS, C.FEATURES, C.HEAD, C.INDEPENDENT, C.TOKENS, C.GENERATION})
+    match_priority = 10
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return looks_like_causal_lm(model)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, **kwargs: Any) -> "CausalLMTask":
+        """The adapter for ``model``, with the pad token id read from its config (else its EOS id) unless given."""
+        config = getattr(model, "config", None)
+        pad = getattr(config, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(config, "eos_token_id", None)
+        if "pad_token_id" not in kwargs and isinstance(pad, int):
+            kwargs["pad_token_id"] = pad
+        return cls(**kwargs)
 
     def __init__(self, pad_token_id: int = 0, answer_only: bool = True, tokenizer: Any = None) -> None:
         self.pad_token_id = int(pad_token_id)
@@ -134,6 +163,14 @@ class CausalLMTask(Task):
         mask[empty] = data["attention_mask"].to(hidden.device)[empty].to(hidden.dtype)
         feats = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
         return self.read_output(raw, data, features=feats)
+
+    def head_module(self, model: nn.Module) -> nn.Module:
+        """The output embedding (``lm_head``): its input is the final hidden state, the adapter's feature."""
+        get_out = getattr(model, "get_output_embeddings", None)
+        out = get_out() if get_out is not None else None
+        if out is None:
+            raise TaskMismatchError(f"causal_lm: {type(model).__name__} has no get_output_embeddings() head")
+        return out
 
     def prompts(self, data: Any) -> list[torch.Tensor]:
         """The prompt (tokens before ``answer_start``) of each row, for generation."""

@@ -10,6 +10,8 @@ from torch.utils.data import default_collate
 
 from erasus_ray.errors import TaskMismatchError
 from erasus_ray.tasks.base import Task, TaskOutput, at_least_fp32
+from erasus_ray.tasks.capabilities import Capability as C
+from erasus_ray.tasks.registry import register_task
 
 
 def _logits_of(raw: Any) -> torch.Tensor:
@@ -25,14 +27,33 @@ def _logits_of(raw: Any) -> torch.Tensor:
     )
 
 
+#: Hugging Face model classes whose forward maps one input tensor to ``[B, C]`` logits.
+_HF_CLASSIFIER_SUFFIXES = ("ForImageClassification", "ForSequenceClassification", "ForAudioClassification",
+                           "ForVideoClassification")
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__[1:]) and hasattr(model, "config")
+
+
+@register_task("classification")
 class ClassificationTask(Task):
-    """Classification: one prediction unit per sample.
+    """Classification: one prediction unit per sample; items are ``(x, y)``, the model maps ``x`` to ``[B, C]``.
+
+    ``task="auto"`` picks it for plain ``nn.Module`` models and Hugging Face ``*For...Classification`` models
+    (called with the input tensor alone).
 
     Args:
         head: name of the module whose *input* is the penultimate feature (default: the last ``nn.Linear``).
     """
 
-    name = "classification"
+    capabilities = frozenset({C.LOGITS, C.LABELS, C.FEATURES, C.HEAD, C.INDEPENDENT})
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        if not _is_transformers_model(model):
+            return True
+        return type(model).__name__.endswith(_HF_CLASSIFIER_SUFFIXES)
 
     def __init__(self, head: str | None = None) -> None:
         self.head = head

@@ -1,0 +1,89 @@
+"""What a task adapter can give an algorithm, and the one check that an algorithm gets what it needs.
+
+The contract is loss-first: the one thing every task gives is a per-sample objective (``loss``). Everything else is
+an optional, declared capability. Strategies, selectors and metrics declare the capabilities they need in a
+``requires`` class attribute; :func:`erasus_ray.tasks.registry.require` compares them with the task's ``capabilities`` once, at construction
+or at the start of ``fit``, and fails with one error that names the algorithm, the task, what is missing and which
+registered tasks would provide it. Nothing outside ``erasus_ray/tasks/`` asks a task for its name or its class.
+
+Capabilities are an enum, and every declaration is parsed through :func:`capability_set`, so a misspelt
+capability fails when the class is defined instead of silently meaning "supported".
+"""
+
+from __future__ import annotations
+
+import difflib
+from enum import Enum
+from typing import Iterable
+
+from erasus_ray.errors import InvalidConfigError, TaskMismatchError
+
+
+class Capability(str, Enum):
+    """One thing a task adapter can provide beyond its per-sample objective."""
+
+    #: A per-sample objective, batched (:meth:`Task.forward` ``.sample_loss()``) and in the fixed-shape form
+    #: ``torch.func`` needs (:meth:`Task.dense_sample_loss`). Mandatory: every task declares it.
+    LOSS = "loss"
+    #: Categorical predictions: logits over prediction units, their targets and owners (``TaskOutput.logits``),
+    #: so log-likelihoods, accuracies, EL2N errors and Gauss-Newton units (``dense_units``) exist.
+    LOGITS = "logits"
+    #: A class label per sample (``Task.labels_of``): class-level forgetting targets, class-balanced selection.
+    LABELS = "labels"
+    #: Penultimate features per sample (``Task.features``), for geometry selectors and representation metrics.
+    FEATURES = "features"
+    #: A head module whose input is the feature (``Task.head_module``), for last-layer influence / representers.
+    HEAD = "head"
+    #: A sample's objective does not depend on the other samples of its batch, so it can be evaluated alone
+    #: (per-sample gradients under ``vmap``). False for an in-batch contrastive loss.
+    INDEPENDENT = "independent"
+    #: Token sequences with a tokenizer and a prompt/answer split (``Task.prompts``, ``Task.tokenizer``), for
+    #: strategies that edit tokens or build text of their own (token masking, refusal answers, preference pairs).
+    TOKENS = "tokens"
+    #: Generation from a prompt (``model.generate``) and text metrics over what is generated (ROUGE, ...).
+    GENERATION = "generation"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def meaning(self) -> str:
+        return _MEANING[self]
+
+
+_MEANING: dict[Capability, str] = {
+    Capability.LOSS: "a per-sample objective",
+    Capability.LOGITS: "categorical predictions (logits over prediction units and their targets)",
+    Capability.LABELS: "a class label per sample",
+    Capability.FEATURES: "penultimate features per sample",
+    Capability.HEAD: "a head module on top of the features",
+    Capability.INDEPENDENT: "a per-sample objective that does not depend on the other samples of the batch",
+    Capability.TOKENS: "token sequences with a prompt/answer split",
+    Capability.GENERATION: "generation from a prompt",
+}
+
+
+class CapabilityError(TaskMismatchError):
+    """An algorithm needs a capability the task does not declare (see :func:`require`)."""
+
+
+def capability_set(values: Iterable[Capability | str], owner: str = "declaration") -> frozenset[Capability]:
+    """Parse a declaration (enum members or their names) into a frozenset; a misspelt name is an
+    :class:`InvalidConfigError` naming ``owner`` and the known capabilities (so a typo fails at class definition)."""
+    if isinstance(values, (str, Capability)):
+        values = [values]
+    out = set()
+    known = [c.value for c in Capability]
+    for value in values:
+        try:
+            out.add(Capability(value))
+        except ValueError:
+            close = difflib.get_close_matches(str(value), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise InvalidConfigError(
+                f"{owner}: unknown capability {value!r}.{hint} Known capabilities: {', '.join(known)}"
+            ) from None
+    return frozenset(out)
+
+
+__all__ = ["Capability", "CapabilityError", "capability_set"]
