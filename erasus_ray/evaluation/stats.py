@@ -18,7 +18,8 @@ from erasus_ray.utils import model_device
 class SetStats:
     """Per-sample measurements of one set, in ``ids`` order: ``loss`` (the task's per-sample loss), ``correct``
     (fraction of the sample's prediction units right), ``pred`` (argmax class where a sample is one unit, else None),
-    ``label`` (the task's class label where it has one, else None)."""
+    ``label`` (the task's class label where it has one, else None). ``correct`` is NaN for a task without
+    categorical predictions (``Capability.LOGITS``), so ``acc`` is NaN there."""
 
     ids: np.ndarray
     loss: np.ndarray
@@ -32,6 +33,11 @@ class SetStats:
     @property
     def acc(self) -> float:
         return float(self.correct.mean()) if len(self) else float("nan")
+
+    @property
+    def has_acc(self) -> bool:
+        """Whether accuracy was measured (the task has categorical predictions)."""
+        return bool(len(self)) and not bool(np.isnan(self.correct).all())
 
     @property
     def mean_loss(self) -> float:
@@ -54,9 +60,13 @@ def set_stats(model: nn.Module, task: Task, data: IdDataset, batch_size: int = 2
             out = task.forward(model, batch.to(device).data)
             ids.append(batch.ids.numpy())
             losses.append(out.sample_loss().float().cpu().numpy())
-            correct.append(out.sample_accuracy().float().cpu().numpy())
-            one_unit = out.logits.shape[0] == out.batch_size
-            preds.append(out.logits.argmax(-1).cpu().numpy() if one_unit else None)
+            if out.has_logits:
+                correct.append(out.sample_accuracy().float().cpu().numpy())
+                one_unit = out.logits.shape[0] == out.batch_size
+                preds.append(out.logits.argmax(-1).cpu().numpy() if one_unit else None)
+            else:  # a loss-only task: no accuracy to measure (NaN, never a made-up 0 or 1)
+                correct.append(np.full(out.batch_size, np.nan))
+                preds.append(None)
             label = task.labels_of(batch.data)
             labels.append(None if label is None else label.cpu().numpy())
     finally:

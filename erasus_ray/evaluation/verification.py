@@ -200,11 +200,13 @@ class Guard:
 
     def check(self, now: Measurement, original: Measurement, target: "Target") -> list[Criterion]:
         out = []
+        # accuracy criteria only where the task has categorical predictions (a loss-only task is guarded by its loss)
         if now.retain is not None and original.retain is not None:
-            out.append(Criterion("retain_acc", now.retain.acc, low=original.retain.acc - self.max_acc_drop))
+            if original.retain.has_acc:
+                out.append(Criterion("retain_acc", now.retain.acc, low=original.retain.acc - self.max_acc_drop))
             out.append(Criterion("retain_loss", now.retain.mean_loss, high=original.retain.mean_loss + self.max_loss_rise))
         kept_now, kept_orig = target.guarded_heldout(now), target.guarded_heldout(original)
-        if kept_now is not None and kept_orig is not None and len(kept_now):
+        if kept_now is not None and kept_orig is not None and len(kept_now) and kept_orig.has_acc:
             out.append(Criterion("heldout_acc", kept_now.acc, low=kept_orig.acc - self.max_acc_drop))
         return out
 

@@ -48,6 +48,8 @@ class ClassificationTask(Task):
     """
 
     capabilities = frozenset({C.LOGITS, C.LABELS, C.FEATURES, C.HEAD, C.INDEPENDENT})
+    #: the fallback for any plain module: every adapter that matches a model more specifically wins over it
+    match_priority = -10
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
