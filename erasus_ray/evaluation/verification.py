@@ -90,6 +90,21 @@ def verification_tolerance(gold_value: float, n_forget: int, floor: float = 0.05
     return max(float(floor), 1.96 * float(np.sqrt(q * (1 - q) / (n + 4.0))))
 
 
+#: what :func:`verification_record` keeps of a run's verification (the rest - learning-rate history, per-verification
+#: history, coreset ids - stays in the run's own result)
+RECORD_KEYS = ("mode", "target", "why", "passed", "criteria", "violation", "overshoot", "guard", "guard_ok", "steps",
+               "stopped", "final_fraction", "coreset_growth", "classes", "note")
+
+
+def verification_record(verification: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a run's verification (``UnlearningResult.verification``, the controller's or a one-off
+    measurement's) that a ledger entry or a federated client's report carries: the mode (``closed_loop``,
+    ``open_loop``, ``verified_once``, ``strength_search``, ``unverified``, ``no_effect``), the target and why it was
+    chosen, each criterion's value and bounds, the guard, ``passed`` (True / False / None: nothing measurable), steps
+    and the adaptive coreset's final fraction. JSON-able; cost: a dict copy."""
+    return {k: verification[k] for k in RECORD_KEYS if k in verification}
+
+
 # --- measurements ----------------------------------------------------------------------------------------------------
 
 

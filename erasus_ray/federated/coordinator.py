@@ -92,15 +92,24 @@ class Transport(Protocol):
     def exchange(self, message_type: str, contents: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]: ...
 
 
+#: how a client stops on a sample group (ServerConfig.sample_forget_target)
+SAMPLE_TARGETS = ("heldout", "test", "none")
+
+
 @dataclass
 class ServerConfig:
     """Server settings (also the keys of ``[tool.flwr.app.config]``, with ``-`` or ``_``).
 
     Defaults were measured on digits over 10 IID clients: 5 FedAvg rounds of 3 local Adam epochs (lr 3e-3) reach
     ~94% test accuracy (1 epoch at 1e-3: 79%); ``grad_diff`` on the full forget set plus one repair round takes a
-    class's forget accuracy to the retrain baseline's 0% and keeps retain accuracy. Sample-level requests unlearn only
-    until the local forget accuracy reaches the global model's test accuracy (``sample_forget_target="test"``): the
-    retrained model treats those samples as unseen, and driving them to 0% overshoots.
+    class's forget accuracy to the retrain baseline's 0% and keeps retain accuracy. Sample-level requests run on each
+    owning client under the closed-loop controller until their losses look like the client's local held-out split's
+    (``sample_forget_target="heldout"``, :func:`~erasus_ray.federated.client_app.local_heldout`): the retrained model
+    treats those samples as unseen, and driving them to 0% overshoots. ``"test"`` (the rule before the controller)
+    stops open-loop once the local forget accuracy reaches the global model's test accuracy. Both assume the samples
+    come from the data's distribution: poisoned or mislabelled samples (the backdoor scenario), which the retrained
+    model gets *wrong*, need ``"none"`` (the strategy's fixed budget) and are judged by the server's verification.
+    Each client's verification comes back in its update and is stored with the request (``client_verification``).
     """
 
     rounds: int = 5
@@ -129,7 +138,10 @@ class ServerConfig:
     max_batch: int = 0  # most requests one unlearning round serves (0: every validated request pending then)
     verify_tolerance: float = 0.05  # floor of verification_tolerance(), for forget accuracy and MIA efficacy
     verify_close_fraction: float = 0.9  # or: unlearning closed at least this fraction of the original's gap
-    sample_forget_target: str = "test"  # "test": the global model's test accuracy; "none": run the strategy's epochs
+    # how a client unlearns a sample group: "heldout": closed loop (erasus_ray.control) until the forget losses look like
+    # the client's local held-out split (Federation.client_heldout; the controller's `heldout` target); "test": open
+    # loop to the global model's test accuracy; "none": the strategy's fixed default budget
+    sample_forget_target: str = "heldout"
     operators: tuple[str, ...] = ("operator",)
     node_keys: str = ""  # GridTransport: client -> registered SuperNode key / node id (server_app.load_node_bindings)
     # the SuperLink authenticates SuperNodes (--enable-supernode-auth): then node-keys must bind every client, or the
@@ -140,6 +152,10 @@ class ServerConfig:
     # steps; a lease not renewed for this long marks a crashed server, and another server takes the batch over
     batch_lease_s: float = 900.0
     server_id: str = ""  # this server's lease owner id; "" -> <host>:<hash of the state folder> (stable over restarts)
+
+    def __post_init__(self) -> None:
+        if self.sample_forget_target not in SAMPLE_TARGETS:
+            raise InvalidConfigError(f"sample_forget_target must be one of {', '.join(SAMPLE_TARGETS)}, got {self.sample_forget_target!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ServerConfig":
@@ -547,6 +563,7 @@ class DeletionCoordinator:
             info.update({k: v for k, v in finfo.items() if k != "stored_rounds"})
             strategies.append("federaser")
         coreset: set[int] = set()
+        client_checks: dict[str, list[dict[str, Any]]] = {}
         if owners:
             target = None
             if partial and self.config.sample_forget_target == "test":
@@ -560,6 +577,7 @@ class DeletionCoordinator:
                     [(sorted(full.get(c, ())), None), (sorted(partial.get(c, set()) - full.get(c, set())), target)],
                     strategy=self.config.strategy, selector=self.config.selector, fraction=self.config.fraction,
                     epochs=self.config.unlearn_epochs, lr=self.config.unlearn_lr, seed=self.config.seed, exclude_ids=deleted,
+                    local_heldout=bool(partial) and self.config.sample_forget_target == "heldout",
                 ).to_content()
                 for c in owners
             }
@@ -574,6 +592,7 @@ class DeletionCoordinator:
                 return self._wait(batch_id, todo, sorted(set(owners) - set(updates)), "no unlearning update")
             new_state = fedavg([(u.state, max(u.num_examples, 1)) for u in updates.values()])
             coreset = {i for u in updates.values() for i in u.coreset_ids}
+            client_checks = {c: u.verification for c, u in updates.items()}
             repair_clients = [c for c in self.clients if c not in leaving]
             for r in range(self.config.repair_rounds):
                 states = self.train_round(
@@ -597,6 +616,9 @@ class DeletionCoordinator:
                 "metrics": {
                     "unlearn_seconds": seconds, "n_forget": len(ids), "batch_size": len(todo), "batch_n_forget": len(union),
                     "batch_strategies": strategies, "selector": self.config.selector, "fraction": self.config.fraction, **info,
+                    # the controller's verification of each owning client's run on this batch (per group of ids)
+                    "client_verification": {c: client_checks[c] for c in sorted(client_checks) if c in self.registry_split(
+                        np.asarray(sorted(ids), dtype=np.int64))},
                 },
                 "new_state": "unlearned",
                 "expected": "scheduled",
