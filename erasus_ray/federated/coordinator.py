@@ -563,7 +563,7 @@ class DeletionCoordinator:
             info.update({k: v for k, v in finfo.items() if k != "stored_rounds"})
             strategies.append("federaser")
         coreset: set[int] = set()
-        client_checks: dict[str, list[dict[str, Any]]] = {}
+        client_checks: dict[str, list[tuple[set[int], dict[str, Any]]]] = {}  # per client: (group's ids, its verification)
         if owners:
             target = None
             if partial and self.config.sample_forget_target == "test":
@@ -571,10 +571,10 @@ class DeletionCoordinator:
 
                 test = self.fed.test
                 target = float(evaluate_classification(self.model(new_state), self.fed.task, forget=test, retain=test, test=test)["test_acc"])
+            groups = {c: [(sorted(full.get(c, ())), None), (sorted(partial.get(c, set()) - full.get(c, set())), target)] for c in owners}
             contents = {
                 c: UnlearnInstruction.for_groups(
-                    new_state, self.spec, batch_id,
-                    [(sorted(full.get(c, ())), None), (sorted(partial.get(c, set()) - full.get(c, set())), target)],
+                    new_state, self.spec, batch_id, groups[c],
                     strategy=self.config.strategy, selector=self.config.selector, fraction=self.config.fraction,
                     epochs=self.config.unlearn_epochs, lr=self.config.unlearn_lr, seed=self.config.seed, exclude_ids=deleted,
                     local_heldout=bool(partial) and self.config.sample_forget_target == "heldout",
@@ -592,7 +592,9 @@ class DeletionCoordinator:
                 return self._wait(batch_id, todo, sorted(set(owners) - set(updates)), "no unlearning update")
             new_state = fedavg([(u.state, max(u.num_examples, 1)) for u in updates.values()])
             coreset = {i for u in updates.values() for i in u.coreset_ids}
-            client_checks = {c: u.verification for c, u in updates.items()}
+            for c, u in updates.items():  # the client reports one verification per non-empty group, in order
+                sent = [set(ids) for ids, _ in groups[c] if len(ids)]
+                client_checks[c] = list(zip(sent, u.verification))
             repair_clients = [c for c in self.clients if c not in leaving]
             for r in range(self.config.repair_rounds):
                 states = self.train_round(
@@ -617,8 +619,7 @@ class DeletionCoordinator:
                     "unlearn_seconds": seconds, "n_forget": len(ids), "batch_size": len(todo), "batch_n_forget": len(union),
                     "batch_strategies": strategies, "selector": self.config.selector, "fraction": self.config.fraction, **info,
                     # the controller's verification of each owning client's run on this batch (per group of ids)
-                    "client_verification": {c: client_checks[c] for c in sorted(client_checks) if c in self.registry_split(
-                        np.asarray(sorted(ids), dtype=np.int64))},
+                    "client_verification": _client_records(client_checks, ids),
                 },
                 "new_state": "unlearned",
                 "expected": "scheduled",
@@ -669,6 +670,8 @@ class DeletionCoordinator:
         """One federated retrain without every deleted id, then each request of the batch judged against it by
         :func:`verification_checks` (and the batch's union of forget ids measured for the record)."""
         from erasus_ray.evaluation import evaluate
+        from erasus_ray.evaluation.verification import combined_verification, gold_rule_record
+        from erasus_ray.ledger import verification_result
 
         state, _, deleted = self.load_global()
         leaving = sorted({e.client_id for e in entries if e.level == "client"})
@@ -709,13 +712,16 @@ class DeletionCoordinator:
             metrics.update(batch)
             metrics.update({
                 "verify_rule": VERIFY_RULE.format(close=self.config.verify_close_fraction), "verify_checks": checks,
-                "verify_tolerance": checks["forget_acc"]["tolerance"], "verified": ok,
+                "verify_tolerance": checks["forget_acc"]["tolerance"],
             })
-            results[e.request_id] = {
-                "metrics": metrics, "new_state": "verified" if ok else "failed", "expected": "unlearned", "batch": batch_id,
-                "gap_forget_acc": after["gap_forget_acc"], "avg_gap": after["avg_gap"],
-                **({} if ok else {"reason": f"not verified against the federated retrain model: {why}"}),
-            }
+            # the server's rule against the retrain model and every owning client's controller verification of its
+            # ids decide together (a client's run that measured nothing does not count)
+            server = gold_rule_record(ok, checks, why, close_fraction=self.config.verify_close_fraction)
+            verdict = combined_verification(server, (e.metrics or {}).get("client_verification") or {})
+            results[e.request_id] = verification_result(
+                verdict, expected="unlearned", metrics=metrics, batch=batch_id, gap_forget_acc=after["gap_forget_acc"],
+                avg_gap=after["avg_gap"],
+                **({} if verdict["passed"] else {"reason": f"not verified against the federated retrain model: {verdict['why_failed']}"}))
         self.ledger.record_results(results)
 
     # ---------------------------------------------------------------- the whole server
@@ -736,6 +742,12 @@ class DeletionCoordinator:
         self.collect_requests(max_polls=1)  # deliver the last acks
         atomic_write_text(self.state_dir / "stats.json", json.dumps(self.stats, indent=2))
         return {e.request_id: e.state for e in self.ledger.entries()}
+
+
+def _client_records(client_checks: Mapping[str, list[tuple[set[int], dict[str, Any]]]], ids: set[int]) -> dict[str, list[dict]]:
+    """Per owning client, the verifications of its groups that hold some of ``ids`` (one request's forget ids)."""
+    out = {c: [rec for group, rec in checks if group & ids] for c, checks in sorted(client_checks.items())}
+    return {c: recs for c, recs in out.items() if recs}
 
 
 def _json_default(value: Any) -> Any:
