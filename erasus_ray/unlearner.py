@@ -247,7 +247,9 @@ class ErasusUnlearner:
             or a started :class:`~erasus_ray.distributed.ScoringPool` to reuse (the caller closes it).
         backend: ``"local"`` (in process) or ``"ray_train"`` (``TorchTrainer`` with ``num_workers`` data-parallel
             workers, ``use_gpu``, checkpoints per epoch and ``max_failures`` restarts; see
-            :class:`~erasus_ray.runners.ray_train.RayTrainRunner`).
+            :class:`~erasus_ray.runners.ray_train.RayTrainRunner`). ``ray_train`` is **open-loop**: the strategy's
+            epochs run in the workers, then the result is verified once on the whole forget set and its
+            verification says ``mode="open_loop"`` with the reason (:data:`RAY_TRAIN_OPEN_LOOP`).
         selector_kwargs: constructor arguments of the selector.
         model_factory, recipe: how to build and train a fresh model (used by ``retrain``).
         **strategy_kwargs: hyperparameters of the strategy (e.g. ``beta=0.1`` for NPO).
@@ -548,8 +550,11 @@ class ErasusUnlearner:
                     if adaptive:
                         chosen = _grown_coreset(chosen, runner, len(forget))
                 else:  # open loop, or a strategy that computed its update without the runner: verified once
-                    verification = _verify_once(resolved, probe, model, original, self.control, report, open_loop)
-                    if self.strategy.closed_loop_reason and not open_loop:
+                    on_ray_train = self.backend == "ray_train" and not open_loop
+                    verification = _verify_once(resolved, probe, model, original, self.control, report, open_loop or on_ray_train)
+                    if on_ray_train and resolved.target is not None:
+                        verification["note"] = RAY_TRAIN_OPEN_LOOP
+                    elif self.strategy.closed_loop_reason and not open_loop:
                         verification["note"] = f"not closed-loop: {self.strategy.closed_loop_reason}"
                 if search and not runner.ran and not verification["passed"]:
                     model, report, verification = self._search_strength(
@@ -599,6 +604,14 @@ class ErasusUnlearner:
             "runner": None if config is None else asdict(config),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+
+
+#: why ``backend="ray_train"`` runs open-loop (said in the result's verification)
+RAY_TRAIN_OPEN_LOOP = (
+    "open loop on backend='ray_train': the strategy's fixed epochs run inside the TorchTrainer workers and the result "
+    "is verified once on the driver; the controller's verify/grow loop is not run around Ray Train segments yet (each "
+    "segment would be a TorchTrainer run of verify_every steps, ~23 s of start-up each on CPU workers), so pass "
+    "epochs=/lr= for the budget, or use backend='local' for the closed loop")
 
 
 def _control_config(control: Any, budget_steps: Any, budget_seconds: Any) -> ControlConfig:

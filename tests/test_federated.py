@@ -636,6 +636,57 @@ def test_client_unlearn_runs_scrub_on_a_local_el2n_coreset_of_its_own_ids(traine
     assert any(not torch.equal(update.state[k], state[k]) for k in state)
 
 
+def _memorised(spec, state, client, n, seed=0):
+    """``state`` fine-tuned on ``n`` seeded ids of ``client`` until it has memorised them (100 Adam epochs on them
+    alone): their losses then sit far below any unseen sample's, as a member's do. Returns ``(ids, weights)``."""
+    from erasus_ray.federated.partition import load_federation
+    from erasus_ray.training import TrainRecipe, train_model
+
+    fed = load_federation(spec)
+    held = fed.client_data(client)
+    ids = np.sort(np.random.default_rng(seed).choice(held.ids, n, replace=False))
+    model = fed.model_factory()
+    model.load_state_dict(state)
+    train_model(model, held.subset(ids), fed.task, TrainRecipe(epochs=100, lr=3e-3, batch_size=32, optimizer="adam", seed=seed))
+    return ids.tolist(), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_client_sample_deletion_runs_closed_loop_against_its_local_heldout_split(trained_state):
+    """A client's sample deletion with ``local_heldout``: the controller's ``heldout`` target against the client's
+    share of the test set (of its labels) drives 40 memorised samples until their losses look like unseen ones, and
+    the client's report carries that verification (closed loop, criteria passed, steps taken). The same group with a
+    fixed budget (one epoch at lr 1e-4, open loop) is verified with the same criteria and fails: the samples are still
+    members."""
+    from erasus_ray.federated.client_app import MIN_LOCAL_HELDOUT, client_unlearn
+    from erasus_ray.federated.fedearser import FederatedHistory
+    from erasus_ray.federated.partition import load_federation
+
+    spec, trained = trained_state
+    fed = load_federation(spec)
+    ids, state = _memorised(spec, FederatedHistory(trained / "history").final, "client-1", 40)
+    heldout = fed.client_heldout("client-1", labels=set(fed.labels[i] for i in fed.partitions["client-1"].tolist()))
+    others = fed.client_heldout("client-2")
+    assert len(heldout) >= MIN_LOCAL_HELDOUT and not set(heldout.ids.tolist()) & set(others.ids.tolist())  # its own split
+
+    def run(**kw):
+        instr = UnlearnInstruction.for_groups(state, spec, "b-1", [(ids, None)], strategy="grad_diff", selector="el2n",
+                                              fraction=1.0, local_heldout=True, **kw)
+        update = client_unlearn(UnlearnInstruction.from_content(instr.to_content()), "client-1")
+        back = ModelUpdate.from_content(update.to_content())  # the verification travels in the reply
+        assert len(back.verification) == 1 and back.verification == json.loads(json.dumps(update.verification))
+        return back.verification[0]
+
+    closed = run()
+    assert closed["mode"] == "closed_loop" and closed["target"] == "heldout" and "local held-out split" in closed["heldout"]
+    before = next(c for c in closed["criteria"] if c["name"] == "mia_loss_auc")
+    assert closed["passed"] is True and closed["guard_ok"] and closed["steps"] > 0 and closed["n_forget"] == 40
+    assert all(c["passed"] for c in closed["criteria"]) and before["low"] <= before["value"] <= before["high"]
+    fixed = run(epochs=1, lr=1e-4)
+    assert fixed["mode"] == "open_loop" and fixed["target"] == "heldout" and fixed["passed"] is False
+    auc = next(c for c in fixed["criteria"] if c["name"] == "mia_loss_auc")
+    assert auc["value"] > auc["high"]  # still told apart from unseen samples: members
+
+
 class _ScriptedTransport:
     """InProcessTransport that logs every exchange and lets requests arrive in the clients' outboxes after given
     training rounds (``arrivals``: {number of train exchanges so far: [requests]})."""
@@ -691,6 +742,15 @@ def test_requests_arriving_over_rounds_are_batched_into_one_round(tmp_path):
     after_repair = types[types.index("train.repair") + 1:]
     assert after_repair.count("train") == SMALL["rounds"]  # one federated retrain for the whole batch
     accepted = ["class-3", "samples-1", "samples-2", "leave-4"]
+    # each owning client ran its groups under the controller: class-3's ids as a class, its own samples against its
+    # local held-out split; the ledger keeps both verifications with the request
+    checks = co.ledger.get("samples-1").metrics["client_verification"]
+    # (samples-1's ids of label 3 are in client-1's class group too: both groups served it)
+    assert list(checks) == ["client-1"] and [(r["mode"], r["target"]) for r in checks["client-1"]][-1] == ("closed_loop", "heldout")
+    assert all(r["passed"] is not False for r in checks["client-1"])
+    class_checks = co.ledger.get("class-3").metrics["client_verification"]
+    assert sorted(class_checks) == ["client-0", "client-1", "client-2", "client-3"]
+    assert all([r["target"] for r in recs] == ["class"] for recs in class_checks.values())
     batch = {co.ledger.get(r).batch_id for r in accepted}
     assert len(batch) == 1 and None not in batch
     for rid in accepted:

@@ -998,3 +998,63 @@ def test_a_shared_ledger_refuses_console_submissions_without_an_operator_key_on_
             led.submit(DeletionRequest("r-1", "alice", ids=[1]), owners)
         assert info.value.code == "operator_key" and led.entries() == []
         assert led.submit(DeletionRequest("r-1", "alice", ids=[1]), owners, sender="alice").state == "validated"
+
+
+# ---- the controller's verification decides the state ---------------------------------------------------------------
+def test_the_ledger_records_the_controllers_verification_and_its_state_follows_it(owners: OwnershipRegistry) -> None:
+    """Three real runs on wine (issue 14): the adaptive closed loop that forgets class 0 (passed), a fixed 10% coreset
+    that the controller measures as failing on the whole forget set (measured forget accuracy 0.46), and a forget set
+    with no measurable target (passed None). Each request's state is what its verification says - verified, failed
+    with the failing criterion as the reason, unlearned with the reason kept - and the ledger stores the target and
+    every criterion exactly as the controller measured them."""
+    from erasus_ray import ErasusUnlearner
+    from erasus_ray.benchmarks import load_benchmark
+    from erasus_ray.ledger import verification_result
+
+    b = load_benchmark("wine", scenario="class", seed=0)
+    some = b.retain.subset(b.retain.ids[:10])
+    runs = {
+        "pass": ErasusUnlearner(b.original, progress=False).fit(forget_data=b.forget, retain_data=b.retain),
+        "fail": ErasusUnlearner(b.original, selector="el2n", fraction=0.1, progress=False).fit(forget_data=b.forget, retain_data=b.retain),
+        "none": ErasusUnlearner(b.original, selector=None, progress=False).fit(forget_data=some, retain_data=b.retain.subset(b.retain.ids[10:])),
+    }
+    assert [runs[k].verified for k in ("pass", "fail", "none")] == [True, False, None]
+    with DeletionLedger("sqlite://") as led:
+        for name, run in runs.items():
+            led.submit(DeletionRequest(name, "alice", ids=[1, 2]), owners)
+            led.transition(name, "scheduled")
+            led.record_result(name, new_state="unlearned")
+            led.record_verification(name, run.verification, metrics={"seconds": 1.0})
+        states = {e.request_id: e.state for e in led.entries()}
+        assert states == {"pass": "verified", "fail": "failed", "none": "unlearned"}
+        for name, run in runs.items():
+            m = led.get(name).metrics
+            rec = m["verification"]
+            assert m["verified"] is run.verified and m["seconds"] == 1.0
+            assert rec["target"] == run.verification["target"] and rec["mode"] == run.verification["mode"]
+            assert rec.get("criteria") == run.verification.get("criteria")
+        fail = led.get("fail")
+        (crit,) = runs["fail"].verification["criteria"]
+        assert crit["name"] == "forget_acc" and f"forget_acc={crit['value']:.4g}" in fail.state_reason and "class target" in fail.state_reason
+        assert "not verifiable" in led.get("none").metrics["verification"]["why"]
+    # a verification that does not pass can never be recorded as verified
+    assert verification_result({**runs["pass"].verification, "passed": False})["new_state"] == "failed"
+
+
+def test_a_federated_request_fails_when_a_clients_controller_failed_even_if_the_server_rule_passes() -> None:
+    """The coordinator's verdict: the server's rule against the retrain model and each owning client's controller
+    verification decide together (erasus_ray.federated.coordinator._verify_batch)."""
+    from erasus_ray.evaluation.verification import combined_verification, gold_rule_record
+    from erasus_ray.ledger import verification_result
+
+    checks = {"forget_acc": {"measurable": True, "gap_after": 0.01, "tolerance": 0.05, "passed": True, "closed_fraction": None},
+              "mia_svc_efficacy": {"measurable": False}}
+    server = gold_rule_record(True, checks, "")
+    assert server["passed"] and [c["name"] for c in server["criteria"]] == ["gap_forget_acc"]
+    ok = {"mode": "closed_loop", "target": "class", "passed": True}
+    bad = {"mode": "closed_loop", "target": "heldout", "passed": False, "stopped": "budget spent"}
+    unmeasured = {"mode": "unverified", "target": None, "passed": None}
+    assert verification_result(combined_verification(server, {"client-0": [ok, unmeasured]}))["new_state"] == "verified"
+    out = verification_result(combined_verification(server, {"client-0": [ok], "client-1": [bad]}))
+    assert out["new_state"] == "failed" and "client-1: heldout target failed (budget spent)" in out["reason"]
+    assert out["metrics"]["verification"]["parts"]["client-1"] == [bad] and out["metrics"]["verified"] is False

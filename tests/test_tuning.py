@@ -94,7 +94,7 @@ def test_shipped_configs_validate():
 def test_space_is_conditional_and_maps_to_the_job():
     optuna = pytest.importorskip("optuna")
     cfg = SweepConfig.from_dict({
-        "strategies": ["npo", "gradient_ascent", "ssd"], "selectors": ["el2n", "random"],
+        "strategies": ["npo", "gradient_ascent", "ssd"], "selectors": ["el2n", "random"], "loop": "open",
         "fraction": {"low": 0.05, "high": 0.5}, "strategy_params": {"npo": {"beta": {"low": 0.05, "high": 0.5}}},
     })
     space = SearchSpace(cfg)
@@ -1037,3 +1037,54 @@ def test_coreset_ablation_quick_then_merge(tmp_path, digits_class):
     # merge_rows replaces a task's rows in place
     old = [{"task": "a", "scenario": "x", "v": 1}, {"task": "b", "scenario": "y", "v": 2}]
     assert ablation.merge_rows(old, [{"task": "a", "scenario": "x", "v": 3}]) == [{"task": "a", "scenario": "x", "v": 3}, old[1]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# closed-loop sweeps (issue 14)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_closed_loop_is_the_default_without_lr_epochs_and_searches_neither():
+    optuna = pytest.importorskip("optuna")
+    assert SweepConfig.from_dict({"strategies": ["grad_diff"]}).loop == "closed"
+    assert SweepConfig.from_dict({"strategies": ["grad_diff"], "lr": 1e-3}).loop == "open"  # explicit lr x epochs search
+    with pytest.raises(InvalidConfigError, match="epochs: a closed-loop sweep does not search it"):
+        SweepConfig.from_dict({"loop": "closed", "epochs": 3})
+    for bad, key in (({"target": "nope"}, "target"), ({"budget_steps": 0}, "budget_steps"), ({"loop": "half"}, "loop")):
+        with pytest.raises(InvalidConfigError, match=key):
+            SweepConfig.from_dict({"strategies": ["grad_diff"], **bad})
+    cfg = SweepConfig.from_dict({"strategies": ["npo", "ssd"], "selectors": ["el2n"], "strategy_params": {"npo": {"beta": 0.2}}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(6):
+        trial = study.ask()
+        constants = SearchSpace(cfg)(trial)
+        params = {**trial.params, **constants}
+        assert not any(k.endswith((".lr", ".epochs")) for k in params) and params["fraction"] == "auto"
+        job = job_config(cfg, params)
+        assert job.fraction == "auto" and "lr" not in job.runner and "epochs" not in job.runner
+        study.tell(trial, 0.0)
+
+
+@pytest.fixture(scope="module")
+def closed_sweep(tmp_path_factory, ray_cluster, digits_class):
+    from erasus_ray.tuning.sweep import run_sweep
+
+    storage = tmp_path_factory.mktemp("closed")
+    return run_sweep(SweepConfig.from_yaml(ROOT / "tune_configs" / "ci_digits_closed.yaml"), storage_path=str(storage), name="closed")
+
+
+@pytest.mark.slow
+def test_closed_loop_sweep_trials_run_under_the_controller_and_rank_verified_first(closed_sweep, digits_class):
+    """Each trial is a controller run: its verification's mode is ``closed_loop`` (only the controller writes it; an
+    open-loop trial says ``open_loop``), nothing of lr / epochs was searched, and the leaderboard carries verified,
+    steps, seconds and the final coreset fraction of the adaptive coreset, verified trials first."""
+    rows = [r for r in read_csv(closed_sweep / "leaderboard.csv") if r["kind"] == "trial"]
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    n_forget = rows[0]["n_forget"]
+    for r in rows:
+        assert r["mode"] == "closed_loop" and r["verified"] in (True, False)
+        assert r["steps"] > 0 and r["seconds"] > 0 and 0 < r["final_fraction"] <= 1
+        assert r["final_fraction"] == pytest.approx(r["coreset_size"] / n_forget, abs=1e-6)
+        assert not any(k.endswith((".lr", ".epochs")) for k in json.loads(r["params"]))
+    order = [r["verified"] is not True for r in rows]
+    assert order == sorted(order)  # verified trials first
+    md = (closed_sweep / "leaderboard.md").read_text()
+    assert "| verified | steps | final coreset |" in md

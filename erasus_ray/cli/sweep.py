@@ -41,7 +41,7 @@ def load_sweep_config(args: argparse.Namespace) -> Any:
         meta = Path(args.resume) / META_FILE
         if not meta.exists():
             raise InvalidConfigError(f"resume: {meta} is missing; pass --config with the sweep's YAML")
-        cfg = SweepConfig.from_dict(json.loads(meta.read_text())["config"])
+        cfg = SweepConfig.from_dict({"loop": "open", **json.loads(meta.read_text())["config"]})  # older sweeps: open loop
     else:
         raise InvalidConfigError("config: pass --config tune_configs/<name>.yaml (or --resume <sweep dir>)")
     overrides = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent)) if v is not None}

@@ -90,6 +90,46 @@ def verification_tolerance(gold_value: float, n_forget: int, floor: float = 0.05
     return max(float(floor), 1.96 * float(np.sqrt(q * (1 - q) / (n + 4.0))))
 
 
+#: what :func:`verification_record` keeps of a run's verification (the rest - learning-rate history, per-verification
+#: history, coreset ids - stays in the run's own result)
+RECORD_KEYS = ("mode", "target", "why", "passed", "criteria", "violation", "overshoot", "guard", "guard_ok", "steps",
+               "stopped", "final_fraction", "coreset_growth", "classes", "note", "rule", "failing", "parts", "why_failed")
+
+
+def verification_record(verification: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a run's verification (``UnlearningResult.verification``, the controller's or a one-off
+    measurement's) that a ledger entry or a federated client's report carries: the mode (``closed_loop``,
+    ``open_loop``, ``verified_once``, ``strength_search``, ``unverified``, ``no_effect``), the target and why it was
+    chosen, each criterion's value and bounds, the guard, ``passed`` (True / False / None: nothing measurable), steps
+    and the adaptive coreset's final fraction. JSON-able; cost: a dict copy."""
+    return {k: verification[k] for k in RECORD_KEYS if k in verification}
+
+
+def gold_rule_record(ok: bool, checks: Mapping[str, Mapping[str, Any]], why: str, *, close_fraction: float = 0.9) -> dict[str, Any]:
+    """:func:`verification_checks`' verdict as a verification record of target ``gold`` (the shape of
+    :func:`verification_record`: each metric's gap to the retrained model is a criterion bounded by its tolerance;
+    a gap closed by ``close_fraction`` passes too, as :data:`VERIFY_RULE` says)."""
+    criteria = [{"name": f"gap_{key}", "value": c["gap_after"], "low": None, "high": c["tolerance"], "passed": bool(c["passed"]),
+                 **({"note": f"closed {c['closed_fraction']:.0%} of the original gap"} if c.get("closed_fraction") is not None else {})}
+                for key, c in checks.items() if c.get("measurable")]
+    return {"mode": "verified_once", "target": "gold", "why": "the model retrained without the forget ids",
+            "rule": VERIFY_RULE.format(close=close_fraction), "passed": bool(ok), "criteria": criteria,
+            **({"failing": why} if why else {})}
+
+
+def combined_verification(server: Mapping[str, Any], parts: Mapping[str, list[Mapping[str, Any]]]) -> dict[str, Any]:
+    """One request's verification from the server's record and the records of the runs that served it (``parts``:
+    e.g. per federated client, the controller's verification of each group of its ids): passed when the server's
+    passed and no part failed (a part with ``passed`` None measured nothing and does not count); ``why`` names what
+    failed."""
+    failed = [f"{name}: {rec.get('target')} target failed ({rec.get('stopped', '')})" for name, recs in sorted(parts.items())
+              for rec in recs if rec.get("passed") is False]
+    if server.get("passed") is False:
+        failed.insert(0, f"{server.get('target')} target: {server.get('failing', 'failed')}")
+    passed = None if server.get("passed") is None and not failed else not failed
+    return {**dict(server), "passed": passed, "parts": {k: list(v) for k, v in parts.items()}, "why_failed": "; ".join(failed)}
+
+
 # --- measurements ----------------------------------------------------------------------------------------------------
 
 

@@ -92,15 +92,24 @@ class Transport(Protocol):
     def exchange(self, message_type: str, contents: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]: ...
 
 
+#: how a client stops on a sample group (ServerConfig.sample_forget_target)
+SAMPLE_TARGETS = ("heldout", "test", "none")
+
+
 @dataclass
 class ServerConfig:
     """Server settings (also the keys of ``[tool.flwr.app.config]``, with ``-`` or ``_``).
 
     Defaults were measured on digits over 10 IID clients: 5 FedAvg rounds of 3 local Adam epochs (lr 3e-3) reach
     ~94% test accuracy (1 epoch at 1e-3: 79%); ``grad_diff`` on the full forget set plus one repair round takes a
-    class's forget accuracy to the retrain baseline's 0% and keeps retain accuracy. Sample-level requests unlearn only
-    until the local forget accuracy reaches the global model's test accuracy (``sample_forget_target="test"``): the
-    retrained model treats those samples as unseen, and driving them to 0% overshoots.
+    class's forget accuracy to the retrain baseline's 0% and keeps retain accuracy. Sample-level requests run on each
+    owning client under the closed-loop controller until their losses look like the client's local held-out split's
+    (``sample_forget_target="heldout"``, :func:`~erasus_ray.federated.client_app.local_heldout`): the retrained model
+    treats those samples as unseen, and driving them to 0% overshoots. ``"test"`` (the rule before the controller)
+    stops open-loop once the local forget accuracy reaches the global model's test accuracy. Both assume the samples
+    come from the data's distribution: poisoned or mislabelled samples (the backdoor scenario), which the retrained
+    model gets *wrong*, need ``"none"`` (the strategy's fixed budget) and are judged by the server's verification.
+    Each client's verification comes back in its update and is stored with the request (``client_verification``).
     """
 
     rounds: int = 5
@@ -129,7 +138,10 @@ class ServerConfig:
     max_batch: int = 0  # most requests one unlearning round serves (0: every validated request pending then)
     verify_tolerance: float = 0.05  # floor of verification_tolerance(), for forget accuracy and MIA efficacy
     verify_close_fraction: float = 0.9  # or: unlearning closed at least this fraction of the original's gap
-    sample_forget_target: str = "test"  # "test": the global model's test accuracy; "none": run the strategy's epochs
+    # how a client unlearns a sample group: "heldout": closed loop (erasus_ray.control) until the forget losses look like
+    # the client's local held-out split (Federation.client_heldout; the controller's `heldout` target); "test": open
+    # loop to the global model's test accuracy; "none": the strategy's fixed default budget
+    sample_forget_target: str = "heldout"
     operators: tuple[str, ...] = ("operator",)
     node_keys: str = ""  # GridTransport: client -> registered SuperNode key / node id (server_app.load_node_bindings)
     # the SuperLink authenticates SuperNodes (--enable-supernode-auth): then node-keys must bind every client, or the
@@ -140,6 +152,10 @@ class ServerConfig:
     # steps; a lease not renewed for this long marks a crashed server, and another server takes the batch over
     batch_lease_s: float = 900.0
     server_id: str = ""  # this server's lease owner id; "" -> <host>:<hash of the state folder> (stable over restarts)
+
+    def __post_init__(self) -> None:
+        if self.sample_forget_target not in SAMPLE_TARGETS:
+            raise InvalidConfigError(f"sample_forget_target must be one of {', '.join(SAMPLE_TARGETS)}, got {self.sample_forget_target!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ServerConfig":
@@ -547,6 +563,7 @@ class DeletionCoordinator:
             info.update({k: v for k, v in finfo.items() if k != "stored_rounds"})
             strategies.append("federaser")
         coreset: set[int] = set()
+        client_checks: dict[str, list[tuple[set[int], dict[str, Any]]]] = {}  # per client: (group's ids, its verification)
         if owners:
             target = None
             if partial and self.config.sample_forget_target == "test":
@@ -554,12 +571,13 @@ class DeletionCoordinator:
 
                 test = self.fed.test
                 target = float(evaluate_classification(self.model(new_state), self.fed.task, forget=test, retain=test, test=test)["test_acc"])
+            groups = {c: [(sorted(full.get(c, ())), None), (sorted(partial.get(c, set()) - full.get(c, set())), target)] for c in owners}
             contents = {
                 c: UnlearnInstruction.for_groups(
-                    new_state, self.spec, batch_id,
-                    [(sorted(full.get(c, ())), None), (sorted(partial.get(c, set()) - full.get(c, set())), target)],
+                    new_state, self.spec, batch_id, groups[c],
                     strategy=self.config.strategy, selector=self.config.selector, fraction=self.config.fraction,
                     epochs=self.config.unlearn_epochs, lr=self.config.unlearn_lr, seed=self.config.seed, exclude_ids=deleted,
+                    local_heldout=bool(partial) and self.config.sample_forget_target == "heldout",
                 ).to_content()
                 for c in owners
             }
@@ -574,6 +592,9 @@ class DeletionCoordinator:
                 return self._wait(batch_id, todo, sorted(set(owners) - set(updates)), "no unlearning update")
             new_state = fedavg([(u.state, max(u.num_examples, 1)) for u in updates.values()])
             coreset = {i for u in updates.values() for i in u.coreset_ids}
+            for c, u in updates.items():  # the client reports one verification per non-empty group, in order
+                sent = [set(ids) for ids, _ in groups[c] if len(ids)]
+                client_checks[c] = list(zip(sent, u.verification))
             repair_clients = [c for c in self.clients if c not in leaving]
             for r in range(self.config.repair_rounds):
                 states = self.train_round(
@@ -597,6 +618,8 @@ class DeletionCoordinator:
                 "metrics": {
                     "unlearn_seconds": seconds, "n_forget": len(ids), "batch_size": len(todo), "batch_n_forget": len(union),
                     "batch_strategies": strategies, "selector": self.config.selector, "fraction": self.config.fraction, **info,
+                    # the controller's verification of each owning client's run on this batch (per group of ids)
+                    "client_verification": _client_records(client_checks, ids),
                 },
                 "new_state": "unlearned",
                 "expected": "scheduled",
@@ -647,6 +670,8 @@ class DeletionCoordinator:
         """One federated retrain without every deleted id, then each request of the batch judged against it by
         :func:`verification_checks` (and the batch's union of forget ids measured for the record)."""
         from erasus_ray.evaluation import evaluate
+        from erasus_ray.evaluation.verification import combined_verification, gold_rule_record
+        from erasus_ray.ledger import verification_result
 
         state, _, deleted = self.load_global()
         leaving = sorted({e.client_id for e in entries if e.level == "client"})
@@ -687,13 +712,16 @@ class DeletionCoordinator:
             metrics.update(batch)
             metrics.update({
                 "verify_rule": VERIFY_RULE.format(close=self.config.verify_close_fraction), "verify_checks": checks,
-                "verify_tolerance": checks["forget_acc"]["tolerance"], "verified": ok,
+                "verify_tolerance": checks["forget_acc"]["tolerance"],
             })
-            results[e.request_id] = {
-                "metrics": metrics, "new_state": "verified" if ok else "failed", "expected": "unlearned", "batch": batch_id,
-                "gap_forget_acc": after["gap_forget_acc"], "avg_gap": after["avg_gap"],
-                **({} if ok else {"reason": f"not verified against the federated retrain model: {why}"}),
-            }
+            # the server's rule against the retrain model and every owning client's controller verification of its
+            # ids decide together (a client's run that measured nothing does not count)
+            server = gold_rule_record(ok, checks, why, close_fraction=self.config.verify_close_fraction)
+            verdict = combined_verification(server, (e.metrics or {}).get("client_verification") or {})
+            results[e.request_id] = verification_result(
+                verdict, expected="unlearned", metrics=metrics, batch=batch_id, gap_forget_acc=after["gap_forget_acc"],
+                avg_gap=after["avg_gap"],
+                **({} if verdict["passed"] else {"reason": f"not verified against the federated retrain model: {verdict['why_failed']}"}))
         self.ledger.record_results(results)
 
     # ---------------------------------------------------------------- the whole server
@@ -714,6 +742,12 @@ class DeletionCoordinator:
         self.collect_requests(max_polls=1)  # deliver the last acks
         atomic_write_text(self.state_dir / "stats.json", json.dumps(self.stats, indent=2))
         return {e.request_id: e.state for e in self.ledger.entries()}
+
+
+def _client_records(client_checks: Mapping[str, list[tuple[set[int], dict[str, Any]]]], ids: set[int]) -> dict[str, list[dict]]:
+    """Per owning client, the verifications of its groups that hold some of ``ids`` (one request's forget ids)."""
+    out = {c: [rec for group, rec in checks if group & ids] for c, checks in sorted(client_checks.items())}
+    return {c: recs for c, recs in out.items() if recs}
 
 
 def _json_default(value: Any) -> Any:

@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+import json
+
 import numpy as np
 import torch
 
@@ -90,6 +92,30 @@ def _as_ids(value: Any, key: str, where: str) -> list[int]:
             raise InvalidDataError(f"{where}: field {key!r} must hold non-negative integer ids, got {v!r}")
         out.append(int(v))
     return out
+
+
+def _as_bool(value: Any, key: str, where: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidDataError(f"{where}: field {key!r} must be true or false, got {type(value).__name__}")
+    return bool(value)
+
+
+def _as_records(value: Any, key: str, where: str, *, max_len: int = 1_000_000) -> list[dict[str, Any]]:
+    """A JSON list of objects (e.g. per-group verification records)."""
+    if not isinstance(value, str) or len(value) > max_len:
+        raise InvalidDataError(f"{where}: field {key!r} must be a JSON string of at most {max_len} characters")
+    try:
+        out = json.loads(value)
+    except ValueError as err:
+        raise InvalidDataError(f"{where}: field {key!r} is not valid JSON ({err})") from None
+    if not isinstance(out, list) or not all(isinstance(r, dict) for r in out):
+        raise InvalidDataError(f"{where}: field {key!r} must be a JSON list of objects")
+    return out
+
+
+def _json_value(value: Any) -> Any:
+    """numpy scalars / arrays as plain JSON values."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def _config(content: Any, name: str, where: str) -> Mapping[str, Any]:
@@ -394,6 +420,9 @@ class UnlearnInstruction:
     forget_target: float | None = None  # stop once local forget accuracy is at or below this (None: run all epochs)
     group_sizes: list[int] = field(default_factory=list)
     group_targets: list[float | None] = field(default_factory=list)
+    # the client passes its local held-out split (Federation.client_heldout) to the controller: a group without a
+    # forget_target then runs closed-loop under the ``heldout`` target (a whole class stays ``class``)
+    local_heldout: bool = False
 
     @classmethod
     def for_groups(cls, state: Any, spec: "FederationSpec", request_id: str, groups: list[tuple[list[int], float | None]], **kwargs: Any) -> "UnlearnInstruction":
@@ -432,6 +461,7 @@ class UnlearnInstruction:
             "lr": float(self.lr),
             "seed": self.seed,
             "exclude_ids": [int(i) for i in self.exclude_ids],
+            "local_heldout": bool(self.local_heldout),
         }
         return RecordDict({"arrays": state_to_arrays(self.state), "config": ConfigRecord(cfg)})
 
@@ -479,6 +509,7 @@ class UnlearnInstruction:
             lr=_as_float(_get(rec, "lr", where), "lr", where),
             seed=_as_int(_get(rec, "seed", where), "seed", where),
             exclude_ids=_as_ids(_get(rec, "exclude_ids", where), "exclude_ids", where),
+            local_heldout=_as_bool(rec.get("local_heldout", False), "local_heldout", where),
         )
 
 
@@ -488,6 +519,9 @@ class ModelUpdate:
 
     ``num_examples`` is the FedAvg weight (local training samples). For unlearning, ``forget_ids`` are the ids the
     client resolved and unlearned (a class request resolves its label locally) and ``coreset_ids`` the selection.
+    ``verification``: per group of forget ids, the controller's verification of the client's run on it
+    (:func:`~erasus_ray.evaluation.verification.verification_record`: target, criteria, passed, steps, ...), sent as
+    JSON in the config record.
     """
 
     state: dict[str, torch.Tensor]
@@ -496,6 +530,7 @@ class ModelUpdate:
     request_id: str = ""
     forget_ids: list[int] = field(default_factory=list)
     coreset_ids: list[int] = field(default_factory=list)
+    verification: list[dict[str, Any]] = field(default_factory=list)
 
     def to_content(self) -> Any:
         _, ConfigRecord, MetricRecord, RecordDict = _records()
@@ -504,7 +539,8 @@ class ModelUpdate:
                 "arrays": state_to_arrays(self.state),
                 "metrics": MetricRecord({"num-examples": int(self.num_examples), **{k: float(v) for k, v in self.metrics.items()}}),
                 "config": ConfigRecord(
-                    {"request_id": self.request_id, "forget_ids": list(self.forget_ids), "coreset_ids": list(self.coreset_ids)}
+                    {"request_id": self.request_id, "forget_ids": list(self.forget_ids), "coreset_ids": list(self.coreset_ids),
+                     "verification": json.dumps(self.verification, default=_json_value)}
                 ),
             }
         )
@@ -524,6 +560,7 @@ class ModelUpdate:
             request_id=_as_str(_get(rec, "request_id", where), "request_id", where),
             forget_ids=_as_ids(_get(rec, "forget_ids", where), "forget_ids", where),
             coreset_ids=_as_ids(_get(rec, "coreset_ids", where), "coreset_ids", where),
+            verification=_as_records(rec.get("verification", "[]"), "verification", where),
         )
 
 

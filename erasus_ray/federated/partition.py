@@ -119,6 +119,7 @@ class Federation:
     recipe: object
     scenario_forget_ids: np.ndarray
     backdoor_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    _test_labels: dict[int, int] | None = field(default=None, repr=False)
 
     def client_data(self, client_id: str, exclude_ids: Iterable[int] = ()):
         """The client's partition as an IdDataset, minus ``exclude_ids`` (ids deleted so far)."""
@@ -126,6 +127,28 @@ class Federation:
             raise InvalidDataError(f"unknown client {client_id!r}; known: {sorted(self.partitions)}")
         ids = np.setdiff1d(self.partitions[client_id], np.asarray(list(exclude_ids), dtype=np.int64))
         return self.train.subset(ids)
+
+    def client_heldout(self, client_id: str, labels: Iterable[int] | None = None):
+        """The client's local held-out split: its share of the benchmark's test set (a seeded IID split of the test
+        ids over the clients, disjoint between clients; no party ever trains on it), restricted to ``labels`` (the
+        labels the client's own data has) when given, so that its losses are comparable with the client's samples
+        under a label-skewed partition. It is what the controller's ``heldout`` target compares a sample deletion's
+        forget losses with (:func:`~erasus_ray.federated.client_app.client_unlearn`). Cost: one split of the test ids."""
+        if client_id not in self.partitions:
+            raise InvalidDataError(f"unknown client {client_id!r}; known: {sorted(self.partitions)}")
+        shares = partition_ids(self.test.ids, len(self.partitions), scheme="iid", seed=int(self.spec.seed) + 1)
+        share = shares[client_id]
+        if labels is not None:
+            wanted = {int(x) for x in labels}
+            share = np.array([i for i in share.tolist() if self.test_labels[int(i)] in wanted], dtype=np.int64)
+        return self.test.subset(share)
+
+    @property
+    def test_labels(self) -> dict[int, int]:
+        """``{test id: label}`` (built once)."""
+        if self._test_labels is None:
+            self._test_labels = {int(i): int(self.test[r][1][1]) for r, i in enumerate(self.test.ids)}
+        return self._test_labels
 
     def ids_with_label(self, ids: Iterable[int], label: int) -> np.ndarray:
         return np.array(sorted(i for i in ids if self.labels.get(int(i)) == int(label)), dtype=np.int64)

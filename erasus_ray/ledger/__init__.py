@@ -24,10 +24,12 @@ from erasus_ray.ledger.ledger import (
     default_ledger_url,
     hash_id_list,
     scoped_key,
+    verification_result,
 )
 from erasus_ray.ledger.requests import LEVELS, MAX_CREATED_AT, DeletionRequest, OwnershipRegistry, RequestLimits, validate
 
 __all__ = [
+    "verification_result",
     "ALLOWED",
     "BatchLease",
     "DEFAULT_LEDGER_ENV",

@@ -673,6 +673,11 @@ class DeletionLedger:
             values["updated_at"] = time.time()
             conn.execute(update(requests_table).where(requests_table.c.request_id == request_id).values(**values))
 
+    def record_verification(self, request_id: str, verification: Mapping[str, Any], *, expected: str | Iterable[str] | None = "unlearned",
+                            **extra: Any) -> LedgerEntry:
+        """Record a run's verification for a request and let it decide the state (:func:`verification_result`)."""
+        return self.record_results({request_id: verification_result(verification, expected=expected, **extra)})[0]
+
     # ---- batch leases ---------------------------------------------------------------------------------------------
     def claim_batch(self, batch_id: str, owner: str, *, lease_s: float = 300.0, now: float | None = None) -> bool:
         """Take or renew the lease on a batch for ``owner`` (a server's id) until ``now + lease_s``: True when
@@ -812,3 +817,27 @@ class DeletionLedger:
             raise InvalidConfigError(f"unknown state(s) {unknown}; states are {list(STATES)}")
         return wanted
 
+
+
+def verification_result(verification: Mapping[str, Any], *, expected: str | Iterable[str] | None = "unlearned",
+                        **extra: Any) -> dict[str, Any]:
+    """The :meth:`DeletionLedger.record_results` entry of a request whose run was verified: the verification record
+    (:func:`~erasus_ray.evaluation.verification.verification_record` - the controller's target, each criterion's value
+    and bounds, pass/fail - or a :func:`~erasus_ray.evaluation.verification.combined_verification`) goes to
+    ``metrics["verification"]`` and ``metrics["verified"]``, and **it** decides the state: ``passed`` True ->
+    ``verified``; False -> ``failed`` with the failing criteria as the reason; None (nothing measurable) -> the state
+    stays (``unlearned``), the record saying why. ``extra``: more ``record_result`` arguments (``metrics`` merged)."""
+    from erasus_ray.evaluation.verification import verification_record
+
+    record = verification_record(verification)
+    passed = record.get("passed")
+    metrics = {**dict(extra.pop("metrics", None) or {}), "verification": record, "verified": passed}
+    out: dict[str, Any] = {**extra, "metrics": metrics}
+    if passed is None:
+        return out
+    out.update(new_state="verified" if passed else "failed", expected=expected)
+    if not passed and "reason" not in out:
+        failing = record.get("why_failed") or "; ".join(
+            f"{c['name']}={c['value']:.4g} outside [{c.get('low')}, {c.get('high')}]" for c in record.get("criteria", []) if not c.get("passed"))
+        out["reason"] = f"not verified ({record.get('target')} target, {record.get('mode')}): {failing or record.get('stopped', 'failed')}"
+    return out

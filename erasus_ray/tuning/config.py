@@ -27,6 +27,7 @@ BENCHMARK_TASKS: dict[str, str] = {"digits": "classification", "mnist5k": "class
 #: already shows (it would win on Avg.Gap by construction).
 DEFAULT_DENY_STRATEGIES: tuple[str, ...] = ("retrain",)
 OBJECTIVES = ("multi", "single")
+LOOPS = ("closed", "open")
 METRICS = ("avg_gap", "seconds")
 CALLBACKS = ("mlflow", "wandb")
 #: Settings each logger callback accepts (keyword arguments of Ray's ``MLflowLoggerCallback`` /
@@ -133,6 +134,15 @@ class SweepConfig:
     selector_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: fixed runner settings (batch sizes, clipping, ...), as in a job config
     runner: dict[str, Any] = field(default_factory=dict)
+    # --- closed loop (issue 14)
+    #: ``closed``: every trial runs its strategy x selector under the controller (``erasus_ray.control``) until
+    #: ``target`` holds on the whole forget set, within ``budget_steps`` / ``budget_seconds``, with the adaptive
+    #: coreset (nothing about lr / epochs / fraction is searched); ``open``: lr x epochs x fraction are searched and
+    #: each trial is verified once. Unset: ``open`` when ``lr`` or ``epochs`` is given, else ``closed``.
+    loop: str | None = None
+    target: Any = "auto"
+    budget_steps: int | None = None
+    budget_seconds: float | None = None
     # --- objective and Tune
     objective: str = "multi"
     metric: str = "avg_gap"
@@ -202,6 +212,7 @@ class SweepConfig:
                 "(lr and epochs are searched: set them with the top-level 'lr' and 'epochs' keys)"
             )
         self._validate_params()
+        self._validate_loop()
         if self.objective not in OBJECTIVES:
             raise InvalidConfigError(f"objective: must be one of {list(OBJECTIVES)}, got {self.objective!r}")
         if self.metric not in METRICS:
@@ -224,6 +235,31 @@ class SweepConfig:
         if self.time_budget_s is not None and _num(self.time_budget_s, "time_budget_s") <= 0:
             raise InvalidConfigError(f"time_budget_s: must be > 0, got {self.time_budget_s!r}")
         self._validate_callbacks()
+
+    def _validate_loop(self) -> None:
+        if self.loop is None:
+            self.loop = "open" if self.lr is not None or self.epochs is not None else "closed"
+        if self.loop not in LOOPS:
+            raise InvalidConfigError(f"loop: must be one of {list(LOOPS)}, got {self.loop!r}")
+        if self.loop == "closed":
+            for key in ("lr", "epochs"):
+                if getattr(self, key) is not None:
+                    raise InvalidConfigError(f"{key}: a closed-loop sweep does not search it (the controller finds the step size); "
+                                             "set loop: open to search lr x epochs")
+            if self.scheduler is not None:
+                raise InvalidConfigError("scheduler: ASHA stops trials per epoch; a closed-loop trial has no epochs (set loop: open)")
+        from erasus_ray.evaluation.verification import TARGET_NAMES
+
+        if not (isinstance(self.target, dict) or self.target in TARGET_NAMES):
+            raise InvalidConfigError(f"target: must be one of {list(TARGET_NAMES)} or a dict of metric bounds, got {self.target!r}")
+        if self.budget_steps is not None and (isinstance(self.budget_steps, bool) or not isinstance(self.budget_steps, int) or self.budget_steps < 1):
+            raise InvalidConfigError(f"budget_steps: must be a positive integer, got {self.budget_steps!r}")
+        if self.budget_seconds is not None and _num(self.budget_seconds, "budget_seconds") <= 0:
+            raise InvalidConfigError(f"budget_seconds: must be > 0, got {self.budget_seconds!r}")
+
+    @property
+    def closed_loop(self) -> bool:
+        return self.loop == "closed"
 
     def _name_list(self, key: str, registry: Any) -> list[str] | str:
         value = getattr(self, key)

@@ -69,7 +69,8 @@ def load_trials(sweep_dir: str | Path) -> list[dict[str, Any]]:
             "status": ("early_stopped" if str(result.get("stopped", "")).startswith("running") else "ok") if ok else "error",
             "params": trial_params(params),
         }
-        for key in ("avg_gap", "seconds", "select_s", "unlearn_s", "coreset_size", "n_forget", "steps", "stopped", "seed", "lr", "epochs"):
+        for key in ("avg_gap", "seconds", "select_s", "unlearn_s", "coreset_size", "n_forget", "steps", "stopped", "seed", "lr", "epochs",
+                    "verified", "mode", "final_fraction"):
             row[key] = result.get(key)
         row["metrics"] = result.get("metrics") or {}
         rows.append(row)
@@ -95,14 +96,15 @@ def pareto_mask(gap: Sequence[float], seconds: Sequence[float]) -> np.ndarray:
 
 
 def rank_trials(rows: list[dict[str, Any]], primary: str = "avg_gap") -> list[dict[str, Any]]:
-    """Sort finished trials by ``primary`` then the other objective; flag the Pareto front; errored trials last."""
+    """Sort finished trials: verified ones first (the target held on the whole forget set), then by ``primary`` and
+    the other objective; flag the Pareto front; errored trials last."""
     other = "seconds" if primary == "avg_gap" else "avg_gap"
     ok = [r for r in rows if r["status"] == "ok"]
     bad = [r for r in rows if r["status"] != "ok"]
     mask = pareto_mask([r["avg_gap"] for r in ok], [r["seconds"] for r in ok]) if ok else np.zeros(0, bool)
     for r, m in zip(ok, mask):
         r["pareto"] = bool(m)
-    ok.sort(key=lambda r: (r[primary], r[other], r["trial_id"]))
+    ok.sort(key=lambda r: (r.get("verified") is not True, r[primary], r[other], r["trial_id"]))
     for i, r in enumerate(ok, 1):
         r["rank"] = i
     for r in bad:
@@ -188,6 +190,10 @@ def _pts(v: Any, key: str = "") -> float:
     return float(v) if key.endswith("_loss") else 100 * float(v)
 
 
+def _fraction(value: Any) -> str:
+    return value if isinstance(value, str) else f"{value if value is not None else math.nan:.3g}"
+
+
 def leaderboard_rows(ranked: list[dict[str, Any]], refs: list[dict[str, Any]], keys: Sequence[str],
                      reruns: dict[str, list[dict[str, Any]]], sweep_seed: int | None) -> list[dict[str, Any]]:
     """Flat CSV rows: the reference rows, then one per trial (metrics in points, losses as is)."""
@@ -200,13 +206,14 @@ def leaderboard_rows(ranked: list[dict[str, Any]], refs: list[dict[str, Any]], k
         strategy = p.get("strategy")
         extra = {k.split(".", 1)[1]: v for k, v in p.items() if k.startswith(f"{strategy}.") and k.split(".", 1)[1] not in ("lr", "epochs")}
         row = {
-            "rank": r["rank"] if r["rank"] is not None else "", "kind": "trial", "label": f"{strategy}/{p.get('selector')}@{p.get('fraction', math.nan):.3g}",
+            "rank": r["rank"] if r["rank"] is not None else "", "kind": "trial", "label": f"{strategy}/{p.get('selector')}@{_fraction(p.get('fraction'))}",
             "trial_id": r["trial_id"], "status": r["status"], "strategy": strategy, "selector": p.get("selector"),
             "fraction": p.get("fraction"), "lr": r.get("lr"), "epochs": r.get("epochs"),
             "strategy_params": json.dumps(extra, sort_keys=True) if extra else "",
             "avg_gap_pts": _pts(r.get("avg_gap")), "seconds": r.get("seconds"), "select_s": r.get("select_s"),
             "unlearn_s": r.get("unlearn_s"), "coreset_size": r.get("coreset_size"), "n_forget": r.get("n_forget"),
             "steps": r.get("steps"), "pareto": r.get("pareto"), "seed": r.get("seed"),
+            "verified": r.get("verified"), "mode": r.get("mode"), "final_fraction": r.get("final_fraction"),
             **{k: _pts(r["metrics"].get(k), k) for k in keys},
             "params": json.dumps(p, sort_keys=True, default=str),
         }
@@ -226,7 +233,7 @@ def leaderboard_rows(ranked: list[dict[str, Any]], refs: list[dict[str, Any]], k
 
 
 #: Columns read back as text: a Tune trial id such as ``558e4731`` would otherwise parse as a float.
-TEXT_COLUMNS = ("kind", "label", "trial_id", "status", "strategy", "selector", "strategy_params", "params", "rerun_seeds")
+TEXT_COLUMNS = ("kind", "label", "trial_id", "status", "strategy", "selector", "strategy_params", "params", "rerun_seeds", "mode")
 
 
 def read_csv(path: str | Path) -> list[dict[str, Any]]:
@@ -272,12 +279,13 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], keys: Sequence[str], 
              "seconds = coreset selection + unlearning (evaluation not timed); metrics in points, losses as is. "
              "`P` = on the Pareto front (no trial has both lower gap and fewer seconds). The original row's seconds are "
              "its training time; the retrain row's, the gold model's training time.\n")
-    head = ["rank", "run", "lr", "epochs", "params", "Avg.Gap", "seconds", "coreset", "P", *keys]
+    head = ["rank", "run", "verified", "steps", "final coreset", "lr", "epochs", "params", "Avg.Gap", "seconds", "coreset", "P", *keys]
     L.append("| " + " | ".join(head) + " |")
     L.append("|" + "---|" * len(head))
     for r in [x for x in rows if x["kind"] == "reference"] + ok[:max_rows]:
         L.append("| " + " | ".join([
-            _f(r.get("rank"), "d"), r["label"], _f(r.get("lr"), ".2e"), _f(r.get("epochs"), "d"), r.get("strategy_params") or "",
+            _f(r.get("rank"), "d"), r["label"], {True: "yes", False: "no"}.get(r.get("verified"), "-"), _f(r.get("steps"), "d"),
+            _f(r.get("final_fraction"), ".2f"), _f(r.get("lr"), ".2e"), _f(r.get("epochs"), "d"), r.get("strategy_params") or "",
             _f(r["avg_gap_pts"]), _f(r["seconds"]), _f(r.get("coreset_size"), "d"), "P" if r.get("pareto") else "",
             *[_f(r.get(k), ".3f" if k.endswith("_loss") else ".1f") for k in keys]]) + " |")
     if len(ok) > max_rows:
@@ -427,7 +435,8 @@ def build_leaderboard(source: Any, *, rerun: bool = True, top_k: int | None = No
     if not rows:
         raise InvalidDataError(f"{sweep_dir} holds no trials (no */params.json): is it a Tune sweep directory?")
     meta = load_meta(sweep_dir)
-    cfg = SweepConfig.from_dict(meta["config"]) if meta.get("config") else None
+    # a sweep written before closed-loop sweeps existed searched lr x epochs: open loop
+    cfg = SweepConfig.from_dict({"loop": "open", **meta["config"]}) if meta.get("config") else None
     multi = cfg is None or cfg.objective == "multi"
     primary = "avg_gap" if cfg is None or multi else cfg.metric
     ranked = rank_trials(rows, primary)

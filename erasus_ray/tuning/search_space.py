@@ -52,6 +52,8 @@ class SearchSpace:
         cfg = self.cfg
         strategy = trial.suggest_categorical("strategy", self.strategies)
         selector = trial.suggest_categorical("selector", self.selectors)
+        if cfg.closed_loop:  # the controller finds the step size and grows the coreset: nothing of that is searched
+            return {"seed": cfg.seed, "fraction": "auto", **self._strategy_params(trial, strategy)}
         fraction = _suggest(trial, "fraction", cfg.fraction_range())
         constants: dict[str, Any] = {"seed": cfg.seed}
         if fraction is not None and cfg.fraction_range().fixed:
@@ -61,7 +63,12 @@ class SearchSpace:
                 value = _suggest(trial, f"{strategy}.{key}", rng)
                 if rng.fixed:
                     constants[f"{strategy}.{key}"] = value
-        for param, rng in cfg.strategy_param_ranges(strategy).items():
+        return {**constants, **self._strategy_params(trial, strategy)}
+
+    def _strategy_params(self, trial: Any, strategy: str) -> dict[str, Any]:
+        """The strategy's own hyperparameters: suggested, and returned where fixed (Tune keeps what is returned)."""
+        constants = {}
+        for param, rng in self.cfg.strategy_param_ranges(strategy).items():
             if isinstance(rng, Range):
                 value = _suggest(trial, f"{strategy}.{param}", rng)
                 if rng.fixed:
@@ -84,7 +91,7 @@ def job_config(cfg: SweepConfig, params: dict[str, Any], seed: int | None = None
         if key in scoped:
             value = scoped.pop(key)
             runner[key] = int(value) if key == "epochs" else float(value)
-    fraction = float(params["fraction"])
+    fraction = params["fraction"] if params["fraction"] == "auto" else float(params["fraction"])
     selector = params["selector"]
     return JobConfig.from_dict({
         "benchmark": cfg.benchmark,

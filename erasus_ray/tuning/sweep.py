@@ -48,7 +48,7 @@ from typing import Any
 
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.tuning.config import SweepConfig
-from erasus_ray.tuning.leaderboard import build_leaderboard
+from erasus_ray.tuning.leaderboard import _fraction, build_leaderboard
 from erasus_ray.tuning.search_space import SearchSpace, job_config
 from erasus_ray.tuning.trials import META_FILE, flat_result, load_cached_benchmark  # re-exported: imported from here before
 from erasus_ray.utils.atomic import atomic_write_bytes, atomic_write_text
@@ -132,6 +132,23 @@ def _epoch_reporting_unlearner(bench: Any, gold_metrics: dict[str, float], seed:
     return EpochReportingUnlearner, state
 
 
+def _closed_loop_unlearner(cfg: SweepConfig, bench: Any) -> type:
+    """An ``ErasusUnlearner`` that runs the trial under the controller: the sweep's ``target`` and budget, the
+    benchmark's test set as the held-out set (the ``heldout`` target's reference and the utility guard's)."""
+    from erasus_ray.unlearner import ErasusUnlearner
+
+    budget = {k: getattr(cfg, k) for k in ("budget_steps", "budget_seconds") if getattr(cfg, k) is not None}
+
+    class ClosedLoopUnlearner(ErasusUnlearner):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "target": cfg.target, **budget})
+
+        def fit(self, *args: Any, **kwargs: Any) -> Any:
+            return super().fit(*args, **{"heldout_data": bench.test, **kwargs})
+
+    return ClosedLoopUnlearner
+
+
 def evaluate_trial(config: dict[str, Any], sweep: dict[str, Any], gold_metrics: dict[str, float],
                    report_epochs: Any = None, device: str | None = None) -> dict[str, Any]:
     """The sampled job on the cached benchmark, evaluated against the gold model: what a trial reports.
@@ -147,7 +164,9 @@ def evaluate_trial(config: dict[str, Any], sweep: dict[str, Any], gold_metrics: 
     job = job_config(cfg, config)
     bench = load_cached_benchmark(job)
     cls, state = ErasusUnlearner, {"eval_s": 0.0}
-    if report_epochs is not None:
+    if cfg.closed_loop:
+        cls = _closed_loop_unlearner(cfg, bench)
+    elif report_epochs is not None:
         extra = {k: job.runner[k] for k in ("lr", "epochs") if k in job.runner}
         cls, state = _epoch_reporting_unlearner(bench, gold_metrics, job.seed, report_epochs, extra)
     if device is not None:
@@ -279,9 +298,9 @@ def _progress_callback() -> Any:
             s = c.get("strategy")
             lr = f"{r['lr']:.3g}" if isinstance(r.get("lr"), (int, float)) else "-"
             early = f" (stopped early at epoch {r['epoch']})" if str(r.get("stopped", "")).startswith("running") else ""
-            print(f"  trial {trial.trial_id}: {s} {c.get('selector')}@{c.get('fraction', float('nan')):.3g} "
+            print(f"  trial {trial.trial_id}: {s} {c.get('selector')}@{_fraction(c.get('fraction'))} "
                   f"lr={lr} epochs={r.get('epochs')} -> Avg.Gap {100 * r.get('avg_gap', float('nan')):.2f} pts, "
-                  f"{r.get('seconds', float('nan')):.2f}s{early}", flush=True)
+                  f"{r.get('seconds', float('nan')):.2f}s, verified {r.get('verified')}{early}", flush=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             print(f"  trial {trial.trial_id}: {trial.config.get('strategy')} {trial.config.get('selector')} ERRORED "

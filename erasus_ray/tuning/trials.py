@@ -42,6 +42,10 @@ def flat_result(row: dict[str, Any]) -> dict[str, Any]:
         "steps": int(row["report"].get("steps", 0)),
         "stopped": str(row["report"].get("stopped", "")),
         "seed": int(row["seed"]),
+        # the verification on the whole forget set, and what the closed loop cost (steps above, final coreset)
+        "verified": row.get("verified"),
+        "mode": str((row.get("verification") or {}).get("mode", "")),
+        "final_fraction": (row.get("verification") or {}).get("final_fraction", int(row["coreset_size"]) / max(1, int(row["n_forget"]))),
         "lr": runner.get("lr"),
         "epochs": runner.get("epochs"),
         "metrics": metrics,
