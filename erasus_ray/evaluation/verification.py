@@ -227,7 +227,10 @@ class Guard:
     """Utility guard against the original model: retain accuracy may fall by at most ``max_acc_drop``, retain loss
     rise by at most ``max_loss_rise`` (nats), and held-out accuracy (on samples outside a removed class) fall by at
     most ``max_acc_drop``. Defaults: 0.02 and 0.5 (the loss bound matters for LMs, whose retain accuracy is a token
-    rate; a classifier's retain loss near 0 may rise a little without a wrong prediction)."""
+    rate; a classifier's retain loss near 0 may rise a little without a wrong prediction). On a small set the accuracy
+    bound widens to the 95% interval half-width of an accuracy measured on that many samples
+    (:func:`verification_tolerance`): on 72 held-out samples one sample is 1.4 points, and a 2-point bound would trip
+    on two flipped samples the measurement cannot tell from noise (a federated client's local split)."""
 
     max_acc_drop: float = 0.02
     max_loss_rise: float = 0.5
@@ -243,12 +246,17 @@ class Guard:
         # accuracy criteria only where the task has categorical predictions (a loss-only task is guarded by its loss)
         if now.retain is not None and original.retain is not None:
             if original.retain.has_acc:
-                out.append(Criterion("retain_acc", now.retain.acc, low=original.retain.acc - self.max_acc_drop))
+                out.append(Criterion("retain_acc", now.retain.acc, low=original.retain.acc - self.acc_drop(original.retain)))
             out.append(Criterion("retain_loss", now.retain.mean_loss, high=original.retain.mean_loss + self.max_loss_rise))
         kept_now, kept_orig = target.guarded_heldout(now), target.guarded_heldout(original)
         if kept_now is not None and kept_orig is not None and len(kept_now) and kept_orig.has_acc:
-            out.append(Criterion("heldout_acc", kept_now.acc, low=kept_orig.acc - self.max_acc_drop))
+            out.append(Criterion("heldout_acc", kept_now.acc, low=kept_orig.acc - self.acc_drop(kept_orig)))
         return out
+
+    def acc_drop(self, original: SetStats) -> float:
+        """The accuracy drop allowed on ``original``'s samples: ``max_acc_drop``, or the sampling half-width on a
+        small set when larger."""
+        return verification_tolerance(original.acc, len(original), floor=self.max_acc_drop)
 
 
 # --- targets -----------------------------------------------------------------------------------------------------------
