@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from erasus_ray.data import Batch, IdDataset, make_loader
-from erasus_ray.selectors import SELECTORS, Selector, get_selector
+from erasus_ray.selectors import SELECTORS, Selector
 from erasus_ray.strategies import STRATEGIES, Strategy
 from erasus_ray.tasks import Capability, CapabilityError, Task, missing
 from erasus_ray.testing._family import Family
@@ -125,7 +125,7 @@ def check_selector(selector: str | type[Selector] | Selector, family: Family, *,
     lacking = missing(family.task, needs)
 
     def select() -> Any:
-        built = instance if instance is not None else get_selector(cls.name, **kwargs)
+        built = instance if instance is not None else cls(**kwargs)
         return built.select(family.model, family.forget, task=family.task, k=k, seed=0, retain=family.retain,
                             model_factory=family.model_factory)
 
