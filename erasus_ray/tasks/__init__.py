@@ -6,6 +6,9 @@ loss-first; capabilities beyond the per-sample objective are declared (:mod:`era
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from erasus_ray.tasks.base import Task, TaskOutput
 from erasus_ray.tasks.capabilities import Capability, CapabilityError, capability_set
 from erasus_ray.tasks.registry import TASKS, get_task, matching_tasks, missing, providers, register_task, require
@@ -13,6 +16,12 @@ from erasus_ray.tasks.registry import TASKS, get_task, matching_tasks, missing, 
 # the built-in adapters register themselves on import
 from erasus_ray.tasks.causal_lm import CausalLMTask  # noqa: E402
 from erasus_ray.tasks.classification import ClassificationTask  # noqa: E402
+
+# Every public module of this package is imported, so an adapter registers itself: a new model family is a new file,
+# no edit here (the contract modules above are public too; importing them again is free).
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "Capability",
