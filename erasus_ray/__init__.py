@@ -17,6 +17,8 @@ from erasus_ray.selectors import SELECTORS, Coreset, Selector
 from erasus_ray.strategies import STRATEGIES, Strategy
 from erasus_ray.tasks import CausalLMTask, ClassificationTask, Task, get_task
 from erasus_ray.training_sisa import SISAEnsemble, SISATrainer
+from erasus_ray.runner_io import RunnerConfig
+from erasus_ray.settings import ExecutionConfig
 from erasus_ray.unlearner import ErasusUnlearner, UnlearningResult
 from erasus_ray.module import Callback, TrainerResult, UnlearningModule, UnlearningTrainer
 from erasus_ray.strategies.pipeline import StrategyPipeline
@@ -33,6 +35,7 @@ __all__ = [
     "Coreset",
     "ErasusError",
     "ErasusUnlearner",
+    "ExecutionConfig",
     "IdDataset",
     "InvalidConfigError",
     "InvalidDataError",
@@ -41,6 +44,7 @@ __all__ = [
     "SISAEnsemble",
     "SISATrainer",
     "Selector",
+    "RunnerConfig",
     "Strategy",
     "Task",
     "TaskMismatchError",

@@ -1,5 +1,7 @@
-"""Reading YAML config files (jobs, sweeps): one loader whose every failure is an :class:`InvalidConfigError` that
-names the file and, where YAML knows it, the line.
+"""Reading YAML config files (jobs, sweeps): one loader (:func:`load_config`) whose every failure is an
+:class:`InvalidConfigError` that names the file and, where YAML knows it, the line. The keys are the fields of the
+config dataclass; nested settings sections (``runner:``, ``execution:``) are the fields of their dataclasses
+(:mod:`erasus_ray.settings`).
 
 Stricter than ``yaml.safe_load``: a key given twice is an error (safe_load silently keeps the last one), and an empty
 file or a ``null`` document is an error rather than "all defaults" (a truncated or mistyped file must not run the
@@ -8,11 +10,13 @@ default job). Python tags (``!!python/object``) are refused, as safe_load refuse
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
+from erasus_ray.checks import check_known_keys
 from erasus_ray.errors import InvalidConfigError
 
 
@@ -59,3 +63,33 @@ def load_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
     except UnicodeDecodeError as err:
         raise InvalidConfigError(f"{what} {path}: not UTF-8 text ({err})") from None
     return parse_yaml_mapping(text, f"{what} {path}")
+
+
+C = TypeVar("C")
+
+
+def field_names(cls: type) -> tuple[str, ...]:
+    """The public fields of dataclass ``cls`` (its config keys), in declaration order; ``_``-fields are derived state."""
+    return tuple(f.name for f in dataclasses.fields(cls) if not f.name.startswith("_"))
+
+
+def config_from_mapping(cls: type[C], data: Any, what: str = "config") -> C:
+    """A config dataclass ``cls`` (a job, a sweep) from a mapping whose keys are its fields: a key that is not a
+    field is an :class:`InvalidConfigError` naming it, the closest field and every field; then ``cls(**data)`` and
+    its ``validate()`` (whose errors name the key, nested ones as ``section.key``). Nothing heavy runs here."""
+    if not isinstance(data, dict):
+        raise InvalidConfigError(f"a {what} must be a mapping, got {type(data).__name__}")
+    check_known_keys(what, data, field_names(cls))
+    cfg = cls(**data)
+    cfg.validate()  # type: ignore[attr-defined]
+    return cfg
+
+
+def load_config(cls: type[C], path: str | Path, what: str = "config") -> C:
+    """The one YAML loader of jobs (``erasus-ray unlearn --config``) and sweeps (``erasus-ray sweep --config``): read
+    ``path`` (:func:`load_yaml_mapping`) and build ``cls`` (:func:`config_from_mapping`); every error names the file."""
+    data = load_yaml_mapping(path, what)
+    try:
+        return config_from_mapping(cls, data, what)
+    except InvalidConfigError as err:
+        raise InvalidConfigError(f"{what} {path}: {err}") from None

@@ -13,22 +13,24 @@ from pathlib import Path
 from typing import Any
 
 from erasus_ray.benchmarks import BENCHMARKS, Benchmark, get_benchmark_spec, load_benchmark
-from erasus_ray.checks import check_bool, check_int, check_real, check_seed
-from erasus_ray.config_files import load_yaml_mapping
+from erasus_ray.checks import check_int, check_real, check_seed
+from erasus_ray.config_files import config_from_mapping, field_names, load_config
 from erasus_ray.errors import InvalidConfigError, UnknownNameError
 from erasus_ray.evaluation import SUITES, evaluate
 from erasus_ray.runners import RunnerConfig
 from erasus_ray.selectors import get_selector
+from erasus_ray.settings import ExecutionConfig, section_settings
 from erasus_ray.strategies import get_strategy
 from erasus_ray.unlearner import ErasusUnlearner
 
-RUNNER_KEYS = {
-    "lr", "epochs", "optimizer", "batch_size", "retain_batch_size", "grad_clip", "precision", "forget_target", "max_steps",
-    "gradient_checkpointing",
-}
-#: Where the job runs: coreset scoring on the Ray actor pool (``distributed``: none | ray | auto) and the strategy
-#: in process or under Ray Train (``backend``: local | ray_train, with ``num_workers``, ``use_gpu``, ``max_failures``).
-EXECUTION_KEYS = {"distributed", "backend", "num_workers", "use_gpu", "max_failures"}
+#: A job's own keys that set a runner setting: ``seed`` (top level) and ``progress`` (the CLI's ``--no-progress``).
+JOB_OWNED_RUNNER_KEYS: tuple[str, ...] = ("seed", "progress")
+#: Keys of a job's ``runner:`` section: the fields of :class:`~erasus_ray.runners.RunnerConfig` but the job-owned ones.
+RUNNER_KEYS = frozenset(field_names(RunnerConfig)) - set(JOB_OWNED_RUNNER_KEYS)
+#: Where the job runs (``execution:``): the fields of :class:`~erasus_ray.settings.ExecutionConfig` - coreset scoring
+#: on the Ray actor pool (``distributed``: none | ray | auto) and the strategy in process or under Ray Train
+#: (``backend``: local | ray_train, with ``num_workers``, ``use_gpu``, ``max_failures``), ``device``.
+EXECUTION_KEYS = frozenset(field_names(ExecutionConfig))
 
 #: Per-benchmark defaults of the demo and of configs that leave the strategy out.
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -63,21 +65,13 @@ class JobConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobConfig":
         """Validate and build; errors name the offending key before anything heavy starts."""
-        if not isinstance(data, dict):
-            raise InvalidConfigError(f"a job config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
-        cfg = cls(**data)
-        cfg.validate()
-        return cfg
+        return config_from_mapping(cls, data, "job config")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "JobConfig":
-        """Load a job YAML: syntax errors, Python tags, NUL bytes, duplicate keys and an empty or null document are
-        :class:`InvalidConfigError` naming the file (see :mod:`erasus_ray.config_files`)."""
-        return cls.from_dict(load_yaml_mapping(path, "config"))
+        """Load a job YAML: syntax errors, Python tags, NUL bytes, duplicate keys, an empty or null document, unknown
+        keys and bad values are :class:`InvalidConfigError` naming the file (see :mod:`erasus_ray.config_files`)."""
+        return load_config(cls, path, "config")
 
     def validate(self) -> None:
         """Every key's type and range, and that the named strategy / selector / benchmark accept their parameters:
@@ -114,28 +108,11 @@ class JobConfig:
             raise InvalidConfigError(f"scenario: unknown {self.scenario!r} for {self.benchmark}; known: {', '.join(spec.scenarios)}")
 
     def _check_runner(self) -> None:
-        bad = sorted(set(self.runner) - RUNNER_KEYS)
-        if bad:
-            raise InvalidConfigError(f"runner: unknown key(s) {bad}; known: {sorted(RUNNER_KEYS)}")
-        settings = {k: v for k, v in self.runner.items() if k != "gradient_checkpointing"}
-        try:
-            RunnerConfig(**settings).validate()
-            check_bool("gradient_checkpointing", self.runner.get("gradient_checkpointing", False))
-        except InvalidConfigError as err:
-            raise InvalidConfigError(f"runner: {err}") from None
+        section_settings("runner", self.runner, exclude=JOB_OWNED_RUNNER_KEYS,
+                         hint=" (seed is the job's top-level seed; progress is the CLI's --no-progress)")
 
     def _check_execution(self) -> None:
-        bad = sorted(set(self.execution) - EXECUTION_KEYS)
-        if bad:
-            raise InvalidConfigError(f"execution: unknown key(s) {bad}; known: {sorted(EXECUTION_KEYS)}")
-        ex = self.execution
-        if ex.get("distributed", "none") not in (None, "none", "ray", "auto"):
-            raise InvalidConfigError(f"execution.distributed: must be none, ray or auto, got {ex['distributed']!r}")
-        if ex.get("backend", "local") not in ("local", "ray_train"):
-            raise InvalidConfigError(f"execution.backend: must be local or ray_train, got {ex['backend']!r}")
-        check_int("execution.num_workers", ex.get("num_workers", 2), low=1)
-        check_int("execution.max_failures", ex.get("max_failures", 1), low=0)
-        check_bool("execution.use_gpu", ex.get("use_gpu", False))
+        section_settings("execution", self.execution)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,8 +181,8 @@ def run_job(
         model_factory=bench.model_factory,
         recipe=bench.recipe,
         **({"pool_spec": pool} if pool is not None else {}),
-        **cfg.execution,
-        **cfg.runner,
+        runner=cfg.runner,
+        execution=cfg.execution,
         **cfg.strategy_params,
     )
     result = unlearner.fit(forget_data=bench.forget, retain_data=bench.retain)

@@ -6,10 +6,10 @@ in a config or on the command line is fixed in one step.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Callable, Generic, Iterator, TypeVar
 
+from erasus_ray.checks import close_match_hint
 from erasus_ray.errors import InvalidConfigError, UnknownNameError
 
 T = TypeVar("T")
@@ -37,8 +37,7 @@ class Registry(Generic[T]):
         if key in self._entries:
             return self._entries[key]
         known = sorted(self._entries)
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = close_match_hint(key, known)
         raise UnknownNameError(f"Unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(known)}")
 
     def create(self, name: str, **kwargs) -> T:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from erasus_ray.checks import check_bool, check_choice, check_int, check_real, check_seed
+from erasus_ray.checks import check_bool, check_choice, check_field_types, check_int, check_real, check_seed
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.training import OPTIMIZERS
 
@@ -31,6 +31,12 @@ class RunnerConfig:
             such as SCRUB, takes one optimizer step per loss).
         progress: show a progress bar.
         seed: seeds the shuffling of both loaders.
+        gradient_checkpointing: recompute activations in the backward pass (memory for compute) while unlearning;
+            needs a Hugging Face model (``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``).
+
+    Every field is also a flat keyword of :class:`~erasus_ray.ErasusUnlearner` and a key of a job YAML's ``runner:``
+    section (:mod:`erasus_ray.settings` derives both from these fields). Checked on construction: a wrong type or
+    range is an :class:`InvalidConfigError` naming the field.
     """
 
     epochs: int = 10
@@ -44,10 +50,16 @@ class RunnerConfig:
     max_steps: int | None = None
     progress: bool = True
     seed: int = 0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> "RunnerConfig":
         """Check every setting's type and range (errors name the setting) and turn NumPy numbers into Python ones
-        (a DataLoader refuses ``np.int64`` batch sizes); returns self."""
+        (a DataLoader refuses ``np.int64`` batch sizes); returns self. Also run after construction: a field may have
+        been changed since."""
+        check_field_types(self)
         self.epochs = check_int("epochs", self.epochs, low=1)
         self.lr = check_real("lr", self.lr, low=0.0, low_open=True)
         if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZERS:
@@ -60,6 +72,7 @@ class RunnerConfig:
         self.max_steps = check_int("max_steps", self.max_steps, low=1, none_ok=True)
         self.progress = check_bool("progress", self.progress)
         self.seed = check_seed("seed", self.seed)
+        self.gradient_checkpointing = check_bool("gradient_checkpointing", self.gradient_checkpointing)
         return self
 
 

@@ -8,6 +8,7 @@ unlearned model -> :class:`UnlearningResult` (JSON). Evaluation against the retr
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 import dataclasses
 import json
@@ -23,12 +24,13 @@ from torch import nn
 from erasus_ray.control import ClosedLoopRunner, ControlConfig, GrowthPlan
 from erasus_ray.data import IdDataset, as_id_dataset, check_finite_data, loader_batch_size, make_loader
 from erasus_ray.data.ids import FULL_SCAN_LIMIT
-from erasus_ray.checks import check_bool, check_int, check_real, check_seed
+from erasus_ray.checks import check_bool, check_int, check_real, check_seed, close_match_hint
 from erasus_ray.errors import InvalidConfigError, InvalidDataError, TaskMismatchError
 from erasus_ray.evaluation.verification import Measurement, Probe, ResolvedTarget, resolve_target
 from erasus_ray.runners import LocalRunner, RunnerConfig, RunReport
 from erasus_ray.selectors import Coreset, Selector, get_selector, resolve_budget
-from erasus_ray.strategies import Strategy, UnlearnContext, get_strategy
+from erasus_ray.settings import FLAT_KEYWORDS, NOT_FLAT, ExecutionConfig, field_names, section_settings, split_flat_keywords
+from erasus_ray.strategies import STRATEGIES, Strategy, UnlearnContext, get_strategy
 from erasus_ray.strategies.base import refuse_driver_only
 from erasus_ray.tasks import Task, get_task
 from erasus_ray.utils import Timer, clone_model, model_device, model_hash, seed_everything
@@ -158,6 +160,37 @@ def check_arguments(model: Any, *, k: Any, fraction: Any, seed: Any, inplace: An
         raise InvalidConfigError(f"selector_kwargs must be a dict or None, got {type(selector_kwargs).__name__}")
 
 
+def _merged_section(section: str, given: Any, flat: dict[str, Any]) -> dict[str, Any]:
+    """The ``section``'s settings from ``runner=`` / ``execution=`` (a settings dataclass: every field; a mapping:
+    the fields it names) and the flat keywords of that section, each checked by the dataclass; a setting given both
+    ways is an error (neither silently wins). The runner's ``seed`` is the unlearner's own ``seed``."""
+    where = " (the run's seed is ErasusUnlearner's seed= argument)" if section == "runner" else ""
+    base = {} if given is None else section_settings(section, given, exclude=tuple(NOT_FLAT), hint=where)
+    both = sorted(set(base) & set(flat)) if not isinstance(given, (RunnerConfig, ExecutionConfig)) else sorted(flat)
+    if both:
+        raise InvalidConfigError(f"{section}: {both} given both in {section}= and as keyword(s); give each once")
+    return {**base, **section_settings(section, flat)}
+
+
+def check_strategy_keywords(strategy: Strategy | str, kwargs: dict[str, Any]) -> None:
+    """Keywords that are neither settings (:data:`erasus_ray.settings.FLAT_KEYWORDS`) nor hyperparameters of the
+    named strategy: an :class:`InvalidConfigError` naming them, the closest accepted keyword and every accepted one.
+    (A strategy instance, or one taking ``**kwargs``, checks its own arguments in :func:`get_strategy`.)"""
+    if not kwargs or not isinstance(strategy, str):
+        return
+    params = inspect.signature(STRATEGIES.get(strategy)).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        own = [n for n in params if n != "self"]
+        hint = close_match_hint(unknown[0], [*own, *FLAT_KEYWORDS])
+        raise InvalidConfigError(
+            f"strategy {STRATEGIES.get(strategy).name!r}: unknown keyword(s) {unknown}.{hint} accepted parameters: "
+            f"the strategy's {own}; runner and execution settings {sorted(FLAT_KEYWORDS)}"
+        )
+
+
 def named_id_dataset(data: Any, name: str) -> IdDataset:
     """:func:`as_id_dataset`, its errors prefixed with the argument's name."""
     try:
@@ -236,28 +269,35 @@ class ErasusUnlearner:
             override its budget.
         task: a task adapter or ``"classification"`` / ``"causal_lm"`` / ``"auto"``.
         seed: seeds selection, shuffling and any noise; an integer in ``[0, 2**32 - 1]``.
-        lr, epochs, optimizer: runner settings; None uses the strategy's defaults.
-        batch_size, retain_batch_size, grad_clip, precision, forget_target, max_steps, progress: see
-            :class:`~erasus_ray.runners.RunnerConfig`.
+        runner: how the strategy is executed: a :class:`~erasus_ray.runners.RunnerConfig` (every setting fixed, so
+            an open-loop run of exactly those settings) or a mapping of some of its fields (the rest: the strategy's
+            ``default_lr`` / ``default_epochs`` / ``default_optimizer``, the loader's batch size, the dataclass
+            defaults). Its ``seed`` is replaced by ``seed``.
+        execution: where it runs: an :class:`~erasus_ray.settings.ExecutionConfig` or a mapping of some of its
+            fields (``backend`` local | ray_train, ``num_workers``, ``use_gpu``, ``max_failures``, ``distributed``
+            none | ray | auto, ``device``). ``backend="ray_train"`` (``TorchTrainer`` with ``num_workers``
+            data-parallel workers, checkpoints per epoch, ``max_failures`` restarts; see
+            :class:`~erasus_ray.runners.ray_train.RayTrainRunner`) is **open-loop**: the strategy's epochs run in the
+            workers, then the result is verified once on the whole forget set and its verification says
+            ``mode="open_loop"`` with the reason (:data:`RAY_TRAIN_OPEN_LOOP`).
         inplace: modify ``model`` itself instead of a copy.
-        distributed: ``"ray"`` scores the forget set on the Ray actor pool of ``actors/scoring.yaml``; ``"auto"``
-            does so when Ray is already initialised or the forget set has at least
-            ``erasus_ray.distributed.AUTO_THRESHOLD`` samples; None runs selection in process.
         pool_spec: a :class:`~erasus_ray.distributed.PoolSpec` or a path to a pool YAML (default: actors/scoring.yaml),
             or a started :class:`~erasus_ray.distributed.ScoringPool` to reuse (the caller closes it).
-        backend: ``"local"`` (in process) or ``"ray_train"`` (``TorchTrainer`` with ``num_workers`` data-parallel
-            workers, ``use_gpu``, checkpoints per epoch and ``max_failures`` restarts; see
-            :class:`~erasus_ray.runners.ray_train.RayTrainRunner`). ``ray_train`` is **open-loop**: the strategy's
-            epochs run in the workers, then the result is verified once on the whole forget set and its
-            verification says ``mode="open_loop"`` with the reason (:data:`RAY_TRAIN_OPEN_LOOP`).
         selector_kwargs: constructor arguments of the selector.
         model_factory, recipe: how to build and train a fresh model (used by ``retrain``).
-        **strategy_kwargs: hyperparameters of the strategy (e.g. ``beta=0.1`` for NPO).
+        **strategy_kwargs: flat shorthand for the settings - every field of ``RunnerConfig`` (``lr``, ``epochs``,
+            ``optimizer``, ``batch_size``, ``retain_batch_size``, ``grad_clip``, ``precision``, ``forget_target``,
+            ``max_steps``, ``progress``, ``gradient_checkpointing``) and of ``ExecutionConfig`` is a keyword
+            (``erasus_ray.settings.FLAT_KEYWORDS``, derived from the fields); the rest are hyperparameters of the
+            strategy (e.g. ``beta=0.1`` for NPO). An unknown keyword is an :class:`InvalidConfigError` listing the
+            accepted ones. Without ``epochs`` / ``lr`` / ``forget_target`` (flat or in ``runner``) the run is closed-loop.
 
     Example:
         >>> result = ErasusUnlearner(model, strategy="grad_diff", selector="el2n", fraction=0.1).fit(
         ...     forget_data=forget_loader, retain_data=retain_loader)
         >>> result.coreset.ids, result.timings["total"]
+        >>> ErasusUnlearner(model, lr=1e-3, epochs=3)  # the same settings as:
+        >>> ErasusUnlearner(model, runner={"lr": 1e-3, "epochs": 3})
     """
 
     def __init__(
@@ -274,32 +314,19 @@ class ErasusUnlearner:
         control: Any = None,
         task: Task | str = "auto",
         seed: int = 0,
-        lr: float | None = None,
-        epochs: int | None = None,
-        optimizer: str | None = None,
-        batch_size: int | None = None,
-        retain_batch_size: int | None = None,
-        grad_clip: float | None = None,
-        precision: str = "32",
-        forget_target: float | None = None,
-        max_steps: int | None = None,
-        progress: bool = True,
+        runner: RunnerConfig | dict[str, Any] | None = None,
+        execution: ExecutionConfig | dict[str, Any] | None = None,
         inplace: bool = False,
-        device: str | torch.device | None = None,
         selector_kwargs: dict[str, Any] | None = None,
         model_factory: Callable[[], nn.Module] | None = None,
         recipe: Any = None,
-        distributed: str | None = None,
         pool_spec: Any = None,
-        backend: str = "local",
-        num_workers: int = 2,
-        use_gpu: bool = False,
-        max_failures: int = 1,
-        gradient_checkpointing: bool = False,
         **strategy_kwargs: Any,
     ) -> None:
         check_arguments(model, k=k, fraction=None if k is not None else fraction, seed=seed, inplace=inplace,
                         selector_kwargs=selector_kwargs)
+        flat, strategy_kwargs = split_flat_keywords(strategy_kwargs)
+        check_strategy_keywords(strategy, strategy_kwargs)
         self.model = model
         self.strategy = get_strategy(strategy, **strategy_kwargs)
         self.selector = None if selector is None else get_selector(selector, **(selector_kwargs or {}))
@@ -315,43 +342,27 @@ class ErasusUnlearner:
                 f"strategy {self.strategy.name!r} supports tasks {list(self.strategy.supported_tasks)}, not {self.task.name!r}"
             )
         self.seed = int(seed)
-        self.runner_kwargs = dict(
-            lr=lr,
-            epochs=epochs,
-            optimizer=optimizer,
-            batch_size=batch_size,
-            retain_batch_size=retain_batch_size,
-            grad_clip=grad_clip,
-            precision=precision,
-            forget_target=forget_target,
-            max_steps=max_steps,
-            progress=progress,
-        )
-        # Fail at construction on an out-of-range runner setting (e.g. lr=-1 or lr=0, which runner_config's
-        # ``or`` would otherwise replace by the default).
-        RunnerConfig(**{k: v for k, v in self.runner_kwargs.items() if v is not None}).validate()
+        # the runner settings the caller set (None: unset, resolved per fit from the strategy's defaults); checked
+        # now, so an out-of-range value (lr=0, which runner_config's ``or`` would replace) fails at construction
+        given = _merged_section("runner", runner, flat["runner"])
+        self.runner_kwargs = {name: given.get(name) for name in field_names(RunnerConfig) if name not in NOT_FLAT}
+        self.execution = ExecutionConfig(**_merged_section("execution", execution, flat["execution"]))
         self.inplace = inplace
-        self.device = device
-        if gradient_checkpointing and not _checkpointing_switch(model):
+        self.device = self.execution.device
+        self.gradient_checkpointing = bool(self.runner_kwargs["gradient_checkpointing"])
+        if self.gradient_checkpointing and not _checkpointing_switch(model):
             raise InvalidConfigError(
                 "gradient_checkpointing=True needs a model with activation_checkpointing_enable() / "
                 f"gradient_checkpointing_enable() (a Hugging Face PreTrainedModel); {type(model).__name__} has neither"
             )
-        self.gradient_checkpointing = bool(gradient_checkpointing)
         self.model_factory = model_factory
         self.recipe = recipe
-        if distributed not in (None, "none", "ray", "auto"):
-            raise InvalidConfigError(f"distributed must be None, 'ray' or 'auto', got {distributed!r}")
-        self.distributed = None if distributed == "none" else distributed
+        self.distributed = self.execution.distributed
         self.pool_spec = pool_spec
-        if backend not in ("local", "ray_train"):
-            raise InvalidConfigError(f"backend must be 'local' or 'ray_train', got {backend!r}")
-        if backend == "ray_train" and (not isinstance(num_workers, int) or num_workers < 1):
-            raise InvalidConfigError(f"num_workers must be a positive integer, got {num_workers!r}")
-        if backend == "ray_train":
+        if self.execution.backend == "ray_train":
             refuse_driver_only(self.strategy)  # would otherwise compute on the driver, not in the workers
-        self.backend = backend
-        self.train_scaling = {"num_workers": num_workers, "use_gpu": use_gpu, "max_failures": max_failures}
+        self.backend = self.execution.backend
+        self.train_scaling = self.execution.train_scaling
 
     def runner_config(self, forget_data: Any, epochs: int | None) -> RunnerConfig:
         kw = dict(self.runner_kwargs)
@@ -359,7 +370,7 @@ class ErasusUnlearner:
         kw["lr"] = kw["lr"] or self.strategy.default_lr
         kw["optimizer"] = kw["optimizer"] or self.strategy.default_optimizer
         kw["batch_size"] = kw["batch_size"] or loader_batch_size(forget_data, 32)
-        return RunnerConfig(seed=self.seed, **kw).validate()
+        return RunnerConfig(seed=self.seed, **{k: v for k, v in kw.items() if v is not None})
 
     def _coreset(self, model: nn.Module, forget: IdDataset, retain: IdDataset | None, *, adaptive: bool) -> Coreset:
         """The coreset the strategy starts from: the full forget set, a fixed ``fraction`` / ``k``, or (``adaptive``)

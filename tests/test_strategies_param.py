@@ -10,6 +10,7 @@ import torch
 
 from erasus_ray import ErasusUnlearner
 from erasus_ray.evaluation.classification import per_sample_stats
+from erasus_ray.settings import FLAT_KEYWORDS
 from erasus_ray.strategies import STRATEGIES
 from erasus_ray.strategies.base import UnlearnContext
 from erasus_ray.strategies.neuron_pruning import hidden_layers, mean_abs_activation, selectivity_scores
@@ -33,7 +34,7 @@ def _effect(b, res, retain_floor=0.95):
 
 def test_no_strategy_hyperparameter_shadows_an_unlearner_argument():
     """A strategy hyperparameter named like an ErasusUnlearner argument (e.g. ``fraction``) could never be set."""
-    reserved = set(inspect.signature(ErasusUnlearner.__init__).parameters) - {"self", "strategy_kwargs"}
+    reserved = (set(inspect.signature(ErasusUnlearner.__init__).parameters) - {"self", "strategy_kwargs"}) | set(FLAT_KEYWORDS)
     for name in STRATEGIES.names():
         params = set(inspect.signature(STRATEGIES.get(name).__init__).parameters) - {"self"}
         assert not params & reserved, f"{name}: {sorted(params & reserved)} shadow ErasusUnlearner arguments (rename them)"

@@ -15,7 +15,7 @@ from erasus_ray.selectors.glister import GlisterSelector
 from erasus_ray.selectors.gradient_norm import GradientNormSelector, per_sample_grad_norms, trainable_params
 from erasus_ray.selectors.gradmatch import GradMatchSelector
 from erasus_ray.selectors.herding import HerdingSelector
-from erasus_ray.selectors.influence import InfluenceSelector
+from erasus_ray.selectors.influence import CGSettings, DenseSettings, InfluenceSelector, KFACSettings, LissaSettings
 from erasus_ray.selectors.k_center import KCenterSelector
 from erasus_ray.selectors.kmeans_pp import KMeansPPSelector
 from erasus_ray.selectors.random_subset import FullSelector, RandomSelector

@@ -40,9 +40,17 @@ from erasus_ray.selectors._ihvp import (
     linear_head_hessian,
 )
 from erasus_ray.selectors._checks import probe_batch
+from erasus_ray.selectors._solver_settings import (
+    SOLVER_KEYWORDS,
+    CGSettings,
+    DenseSettings,
+    KFACSettings,
+    LissaSettings,
+    SolverSettings,
+    solver_knobs,
+)
 from erasus_ray.selectors._factored import LayerCapture
 from erasus_ray.selectors._per_sample import (
-    FISHER_LABELS,
     FunctionalLoss,
     GaussianProjector,
     iter_per_sample_grads,
@@ -63,7 +71,8 @@ MAX_EXPECTED_CLASSES = 64
 #: ``fisher_samples=None`` for ``ihvp="ggn"`` draws ``ceil(D / n)`` labels per Hessian sample, at most this many.
 MAX_AUTO_DRAWS = 64
 
-__all__ = ["IHVP_METHODS", "InfluenceSelector", "TARGETS", "kfac_layers"]
+__all__ = ["CGSettings", "DenseSettings", "IHVP_METHODS", "InfluenceSelector", "KFACSettings", "LissaSettings", "TARGETS",
+           "kfac_layers"]
 
 
 @dataclass
@@ -171,6 +180,12 @@ class InfluenceSelector(ScoreSelector):
     then ``P^T G P`` from projected Fisher gradients (``ihvp="auto"``/``"ggn"``), or ``P^T H P`` (``"exact"``,
     small ``D`` only), and scores are ``(P^T g_z)^T (P^T H P + damping I)^-1 (P^T g_S)`` (TRAK-style).
 
+    ``solver``: the IHVP back-end and its knobs as one dataclass instead of the flat keywords -
+    :class:`DenseSettings` (``ihvp="exact"`` / ``"ggn"``: ``max_params``, ``exact_solver``, ``fisher``),
+    :class:`CGSettings` (``max_iter``, ``tol``), :class:`LissaSettings` (``depth``, ``repeat``, ``scale``,
+    ``batch_size``, ``tol``) or :class:`KFACSettings` (``correction``, ``cg_iters``, ``tol``, ``fisher``): e.g.
+    ``InfluenceSelector(solver=CGSettings(max_iter=50))`` is ``InfluenceSelector(ihvp="cg", cg_iters=50)``.
+
     ``damping``: added to H; set it to the L2 / weight-decay strength of the training objective (the task loss
     does not include it) plus any extra damping for a non-convex model. The Hessian is estimated on a seeded
     sample of retain (training) data, or of retain + forget with ``hessian_data="retain+forget"``; without retain
@@ -226,6 +241,7 @@ class InfluenceSelector(ScoreSelector):
         kfac_cg_iters: int = 10,
         proj_dim: int | None = None,
         exact_solver: str = "auto",
+        solver: SolverSettings | None = None,
     ) -> None:
         if target not in TARGETS:
             raise InvalidConfigError(f"target must be one of {TARGETS}, got {target!r}")
@@ -233,14 +249,10 @@ class InfluenceSelector(ScoreSelector):
             raise InvalidConfigError(f"ihvp must be one of {IHVP_METHODS}, got {ihvp!r}")
         if not float(damping) >= 0:
             raise InvalidConfigError(f"damping must be >= 0, got {damping!r}")
-        if exact_solver not in EXACT_SOLVERS:
-            raise InvalidConfigError(f"exact_solver must be one of {EXACT_SOLVERS}, got {exact_solver!r}")
         if hessian_data not in ("retain", "retain+forget"):
             raise InvalidConfigError(f"hessian_data must be 'retain' or 'retain+forget', got {hessian_data!r}")
-        if fisher not in ("auto", *FISHER_LABELS):
-            raise InvalidConfigError(f"fisher must be 'auto' or one of {FISHER_LABELS}, got {fisher!r}")
-        if fisher_samples is not None and (isinstance(fisher_samples, bool) or int(fisher_samples) < 1):
-            raise InvalidConfigError(f"fisher_samples must be a positive integer or None, got {fisher_samples!r}")
+        flat = {kw: value for kw, value in locals().items() if kw in SOLVER_KEYWORDS}
+        ihvp, knobs = solver_knobs(solver, ihvp, flat)  # the solvers' knobs, checked by their settings dataclasses
         if proj_dim is not None:
             if isinstance(proj_dim, bool) or not isinstance(proj_dim, (int, np.integer)) or proj_dim < 1:
                 raise InvalidConfigError(f"proj_dim must be a positive integer, got {proj_dim!r}")
@@ -261,20 +273,9 @@ class InfluenceSelector(ScoreSelector):
         self.hessian_data = hessian_data
         self.hessian_batch_size = int(hessian_batch_size)
         self.chunk_size = chunk_size
-        self.max_exact_params = int(max_exact_params)
-        self.cg_iters, self.cg_tol = int(cg_iters), float(cg_tol)
-        if lissa_depth != "auto" and (isinstance(lissa_depth, bool) or not isinstance(lissa_depth, (int, np.integer))
-                                      or lissa_depth < 1):
-            raise InvalidConfigError(f"lissa_depth must be 'auto' or an integer >= 1, got {lissa_depth!r}")
-        self.lissa_depth = lissa_depth if lissa_depth == "auto" else int(lissa_depth)
-        self.lissa_repeat, self.lissa_scale = int(lissa_repeat), lissa_scale
-        self.lissa_batch_size = lissa_batch_size
-        self.fisher, self.fisher_samples, self.kfac_correction = fisher, fisher_samples, bool(kfac_correction)
-        if isinstance(kfac_cg_iters, bool) or int(kfac_cg_iters) != kfac_cg_iters or kfac_cg_iters < 0:
-            raise InvalidConfigError(f"kfac_cg_iters must be a non-negative integer, got {kfac_cg_iters!r}")
-        self.kfac_cg_iters = int(kfac_cg_iters)
+        for kw, value in knobs.items():  # max_exact_params, cg_iters, cg_tol, lissa_*, fisher*, kfac_*, exact_solver
+            setattr(self, kw, value)
         self.proj_dim = None if proj_dim is None else int(proj_dim)
-        self.exact_solver = exact_solver
 
     # ---------------------------------------------------------------------------------------------- planning
 

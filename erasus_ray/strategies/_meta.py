@@ -22,24 +22,19 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from erasus_ray.config_files import field_names
 from erasus_ray.errors import InvalidConfigError
+from erasus_ray.runner_io import RunnerConfig
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, refuse_driver_only
 from erasus_ray.utils import seed_everything
 
 if TYPE_CHECKING:
-    from erasus_ray.runners.local import LocalRunner, RunnerConfig, RunReport
+    from erasus_ray.runners.local import LocalRunner, RunReport
 
-#: Runner settings a stage may carry next to its strategy hyperparameters.
-STAGE_RUNNER_KEYS: tuple[str, ...] = (
-    "lr",
-    "epochs",
-    "optimizer",
-    "batch_size",
-    "retain_batch_size",
-    "grad_clip",
-    "precision",
-    "forget_target",
-    "max_steps",
+#: Runner settings a stage may carry next to its strategy hyperparameters: the fields of ``RunnerConfig`` but those
+#: that belong to the whole run (its seed, progress bar and activation checkpointing).
+STAGE_RUNNER_KEYS: tuple[str, ...] = tuple(
+    k for k in field_names(RunnerConfig) if k not in ("seed", "progress", "gradient_checkpointing")
 )
 #: Runner settings whose fallback is the inner strategy's class default (rule 3 above).
 PER_STRATEGY_KEYS: tuple[str, ...] = ("lr", "epochs", "optimizer")
@@ -97,8 +92,6 @@ def make_stage(spec: Any, *, owner: str) -> Stage:
 
 
 def _check_runner_kwargs(owner: str, name: str, runner_kwargs: Mapping[str, Any]) -> None:
-    from erasus_ray.runners.local import RunnerConfig
-
     try:
         RunnerConfig(**runner_kwargs).validate()
     except InvalidConfigError as err:

@@ -11,15 +11,15 @@ Every error names the offending key, e.g. ``fraction.high: must be in (0, 1], go
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from erasus_ray.config_files import load_yaml_mapping
+from erasus_ray.config_files import config_from_mapping, field_names, load_config
 from erasus_ray.errors import InvalidConfigError, UnknownNameError
-from erasus_ray.experiment import RUNNER_KEYS
+from erasus_ray.experiment import JOB_OWNED_RUNNER_KEYS
+from erasus_ray.settings import section_settings
 
 #: Task adapter name of each bundled benchmark (avoids building the authors tokenizer just to validate a config).
 BENCHMARK_TASKS: dict[str, str] = {"digits": "classification", "mnist5k": "classification", "authors": "causal_lm"}
@@ -167,23 +167,16 @@ class SweepConfig:
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
     def keys(cls) -> list[str]:
-        return sorted(f.name for f in dataclasses.fields(cls) if not f.name.startswith("_"))
+        return sorted(field_names(cls))
 
     @classmethod
     def from_dict(cls, data: Any) -> "SweepConfig":
         """Validate and build; every error names the key, and nothing here starts Ray or trains a model."""
-        if not isinstance(data, dict):
-            raise InvalidConfigError(f"a sweep config must be a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(cls.keys()))
-        if unknown:
-            raise InvalidConfigError(f"unknown sweep config key(s) {unknown}; known keys: {cls.keys()}")
-        cfg = cls(**data)
-        cfg.validate()
-        return cfg
+        return config_from_mapping(cls, data, "sweep config")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SweepConfig":
-        return cls.from_dict(load_yaml_mapping(path, "sweep config"))
+        return load_config(cls, path, "sweep config")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.keys()}
@@ -205,12 +198,8 @@ class SweepConfig:
         self._lr = None if self.lr is None else Range.parse(self.lr, "lr")
         self._epochs = None if self.epochs is None else Range.parse(self.epochs, "epochs", integer=True, low_bound=1, low_open=False)
         self._validate_names()
-        bad = sorted(set(self.runner) - (RUNNER_KEYS - set(SEARCHED_RUNNER_KEYS)))
-        if bad:
-            raise InvalidConfigError(
-                f"runner: unknown or searched key(s) {bad}; fixed runner keys: {sorted(RUNNER_KEYS - set(SEARCHED_RUNNER_KEYS))} "
-                "(lr and epochs are searched: set them with the top-level 'lr' and 'epochs' keys)"
-            )
+        section_settings("runner", self.runner, exclude=(*SEARCHED_RUNNER_KEYS, *JOB_OWNED_RUNNER_KEYS),
+                         hint=" (lr and epochs are searched: set them with the top-level 'lr' and 'epochs' keys)")
         self._validate_params()
         self._validate_loop()
         if self.objective not in OBJECTIVES:
