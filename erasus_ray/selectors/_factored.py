@@ -108,10 +108,13 @@ def _layer_modules(model: nn.Module, param_names: set[str]) -> dict[str, nn.Modu
     return layout[0]
 
 
-def factored_supported(model: nn.Module, param_names: set[str], norms_only: bool = False) -> bool:
+def factored_supported(model: nn.Module, param_names: set[str], norms_only: bool = False, task: Task | None = None) -> bool:
     """Whether the factored per-sample gradients (:func:`factored_backward`) - or with ``norms_only`` just their
     norms (:func:`factored_grad_sq_norms`, which also handles embeddings and a tied embedding / head) - are exact for
-    these parameters of ``model``."""
+    these parameters of ``model`` (never for a ``task`` whose forward feeds some layer inputs shared by the batch,
+    :attr:`~erasus_ray.tasks.Task.shared_inputs`)."""
+    if task is not None and task.shared_inputs:
+        return False
     if norms_only:
         return _norm_layout(model, set(param_names)) is not None
     return _layer_modules(model, set(param_names)) is not None
@@ -279,9 +282,19 @@ def captured_forward(
     return capture, out
 
 
+def check_rows(act: torch.Tensor, batch_size: int) -> None:
+    """Raise ``ValueError`` (the callers' signal to fall back to ``torch.func``) when a layer's input is not one block
+    of rows per sample, e.g. a text tower encoding a caption set shared by the whole batch: its gradient is a sum over
+    shared rows that layer factors cannot split per sample."""
+    if act.ndim == 0 or act.shape[0] != batch_size:
+        raise ValueError(f"a layer's input has {act.shape[0] if act.ndim else 0} leading rows for a batch of "
+                         f"{batch_size}: its rows are shared by the batch, so factored per-sample gradients do not apply")
+
+
 def layer_rows(module: nn.Module, act: torch.Tensor, grad: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a [B, T, in], d [B, T, out])``: a Linear / Conv1D / Conv2d layer as ``T`` applications of one linear map
     per sample (a convolution's positions become tokens over unfolded patches)."""
+    check_rows(act, batch_size)
     if isinstance(module, nn.Conv2d):
         act = torch.nn.functional.unfold(
             act, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
@@ -298,6 +311,7 @@ def layer_per_sample_grads(
     prefix = f"{name}." if name else ""
     out: dict[str, torch.Tensor] = {}
     if _is_layer_norm(module):
+        check_rows(act, batch_size)
         dims = tuple(range(act.ndim - len(module.normalized_shape), act.ndim))
         mean = act.mean(dims, keepdim=True)
         var = act.var(dims, unbiased=False, keepdim=True)

@@ -123,14 +123,14 @@ def batch_grads(
         return vmap(grad(loss.one), in_dims=(None, 0), chunk_size=chunk_size)(params, data)
 
 
-def gradient_method(model: nn.Module, params: dict[str, torch.Tensor], method: str = "auto") -> str:
+def gradient_method(model: nn.Module, params: dict[str, torch.Tensor], method: str = "auto", task: Task | None = None) -> str:
     """``"factored"`` when every parameter is an unshared Linear/Conv1D/Conv2d/LayerNorm weight or bias (and
     ``method`` allows it), else ``"func"``."""
     if method not in ("auto", "factored", "func"):
         raise InvalidConfigError(f"gradient method must be 'auto', 'factored' or 'func', got {method!r}")
     if method == "func":
         return "func"
-    if factored_supported(model, set(params)):
+    if factored_supported(model, set(params), task=task):
         return "factored"
     if method == "factored":
         raise InvalidConfigError("method='factored' needs every parameter in scope to be an unshared Linear/Conv1D/Conv2d/LayerNorm parameter")
@@ -214,7 +214,7 @@ def iter_per_sample_grads(
     """
     device = model_device(model)
     loss = FunctionalLoss(model, task, params)
-    how = gradient_method(model, params, method)
+    how = gradient_method(model, params, method, task)
     names = list(params)
     row = 0
     for b in make_loader(dataset, task.collate, batch_size=batch_size, shuffle=False):
@@ -269,7 +269,7 @@ def fisher_gradients(
         raise InvalidConfigError(f"fisher labels must be one of {FISHER_LABELS}, got {labels!r}")
     if labels == "empirical":
         loss = FunctionalLoss(model, task, params)
-        if gradient_method(model, params, method) == "factored":
+        if gradient_method(model, params, method, task) == "factored":
             try:
                 return flatten(factored_backward(model, task, data, list(params))[1][0]).detach()[:, None], 1.0
             except ValueError:
@@ -278,7 +278,7 @@ def fisher_gradients(
     draws = int(draws)
     if draws < 1:
         raise InvalidConfigError(f"fisher_samples must be >= 1, got {draws!r}")
-    if gradient_method(model, params, method) == "factored":
+    if gradient_method(model, params, method, task) == "factored":
         try:
             return _fisher_factored(model, task, data, params, labels, draws, seed, batch_index)
         except ValueError as err:

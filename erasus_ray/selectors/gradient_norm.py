@@ -59,7 +59,7 @@ def per_sample_grad_norms(
     if method not in ("func", "factored", "auto"):
         raise InvalidConfigError(f"method must be 'auto', 'factored' or 'func', got {method!r}")
     if method != "func":
-        supported = factored_supported(model, set(params), norms_only=True)
+        supported = factored_supported(model, set(params), norms_only=True, task=task)
         if supported:
             try:
                 return factored_grad_sq_norms(model, task, data, set(params)).sqrt().to(torch.float32)

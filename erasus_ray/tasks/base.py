@@ -168,6 +168,13 @@ class Task(ABC):
         """Whether ``task="auto"`` should pick this adapter for ``model`` (default: never; only by name)."""
         return False
 
+    @property
+    def shared_inputs(self) -> bool:
+        """Whether the forward feeds some layer inputs that belong to no single sample (a caption set encoded once
+        per batch). Then a layer's gradient is a sum over shared rows, and per-sample gradients come from
+        ``torch.func`` rather than layer factors. Default False: every layer input row belongs to one sample."""
+        return False
+
     def provides(self, capability: Capability | str) -> bool:
         """Whether this task declares ``capability``."""
         return Capability(capability) in self.capabilities

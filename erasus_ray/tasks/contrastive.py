@@ -82,6 +82,11 @@ class ContrastiveTask(Task):
     def fixed(self) -> bool:
         return self.captions is not None
 
+    @property
+    def shared_inputs(self) -> bool:
+        """The fixed caption set passes through the text tower once per batch, shared by every sample."""
+        return self.fixed
+
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         if not isinstance(items[0], (tuple, list)) or len(items[0]) < 2:
             raise TaskMismatchError("contrastive items must be (image, text_tokens) or (image, text_tokens, label)")
