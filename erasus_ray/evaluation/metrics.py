@@ -31,7 +31,7 @@ from torch import nn
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError, UnknownNameError
 from erasus_ray.evaluation.stats import Column, SetStats, set_stats
-from erasus_ray.tasks import Capability, Task, capability_set, require
+from erasus_ray.tasks import TASKS, Capability, Task, capability_set, require
 
 #: The splits an evaluation measures: the forget set, the retain set and held-out test data.
 SPLITS = ("forget", "retain", "test")
@@ -221,19 +221,23 @@ def register_column(name: str) -> Callable[[Callable[[MetricOptions, nn.Module],
     return decorator
 
 
-def _runnable(task: Task, name: str) -> bool:
+#: A task adapter or its class: suites are class attributes, so tables can be laid out without an instance.
+TaskLike = Task | type[Task]
+
+
+def _runnable(task: TaskLike, name: str) -> bool:
     return METRICS.get(name).requires <= task.capabilities
 
 
-def metric_names_for(task: Task) -> tuple[str, ...]:
+def metric_names_for(task: TaskLike) -> tuple[str, ...]:
     """The task's default suite: its ``default_metrics`` that it can run or, when it declares none, every registered
-    metric whose requirements it meets (in registration order)."""
+    metric whose requirements it meets (in registration order). An unknown declared name is an UnknownNameError."""
     declared = task.default_metrics
     names = METRICS.names() if declared is None else declared
     return tuple(n for n in names if _runnable(task, n))
 
 
-def _by_task_or_flag(task: Task, names: Iterable[str], declared: tuple[str, ...] | None, flag: str) -> tuple[str, ...]:
+def _by_task_or_flag(task: TaskLike, names: Iterable[str], declared: tuple[str, ...] | None, flag: str) -> tuple[str, ...]:
     # the task's list rules over the metrics of its suite; any other metric counts by its own flag
     names = list(names)
     chosen = [n for n in declared if n in names] if declared is not None else []
@@ -241,16 +245,26 @@ def _by_task_or_flag(task: Task, names: Iterable[str], declared: tuple[str, ...]
     return tuple(chosen + [n for n in names if n not in governed and getattr(METRICS.get(n), flag)])
 
 
-def gap_names_for(task: Task, names: Iterable[str] | None = None) -> tuple[str, ...]:
+def gap_names_for(task: TaskLike, names: Iterable[str] | None = None) -> tuple[str, ...]:
     """Which of ``names`` (default: the task's suite) make up Avg.Gap: the task's ``gap_metrics`` for the metrics of
     its suite, each other metric's own ``gap`` flag."""
     return _by_task_or_flag(task, metric_names_for(task) if names is None else names, task.gap_metrics, "gap")
 
 
-def display_names_for(task: Task, names: Iterable[str] | None = None) -> tuple[str, ...]:
+def display_names_for(task: TaskLike, names: Iterable[str] | None = None) -> tuple[str, ...]:
     """Which of ``names`` (default: the task's suite) tables show, in column order: the task's ``display_metrics``
     for the metrics of its suite, each other metric's own ``display`` flag."""
     return _by_task_or_flag(task, metric_names_for(task) if names is None else names, task.display_metrics, "display")
+
+
+def display_names_for_row(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """Table columns for a result row whose task is not at hand (a CSV read back): the display metrics of the first
+    registered task whose every display metric has a value in ``row``; ``()`` if none fits."""
+    for name in TASKS.names():
+        keys = display_names_for(TASKS.get(name))
+        if keys and all(row.get(k) is not None for k in keys):
+            return keys
+    return ()
 
 
 def run_metrics(
@@ -301,5 +315,6 @@ def _options(options: Mapping[str, Any]) -> MetricOptions:
 
 __all__ = [
     "METRICS", "SPLITS", "EvalContext", "Metric", "MetricOptions", "MetricRegistry", "display_names_for",
+    "display_names_for_row",
     "gap_names_for", "metric_names_for", "register_column", "register_metric", "register_split_metric", "run_metrics",
 ]
