@@ -25,7 +25,7 @@ from erasus_ray.evaluation import (
 )
 from erasus_ray.evaluation.classification import svc_mia_efficacy
 from erasus_ray.evaluation.lm import greedy_answers, membership_auc, mink_scores, rouge_l_recall
-from erasus_ray.tasks import TASKS, CapabilityError, CausalLMTask, Task, TaskOutput
+from erasus_ray.tasks import TASKS, Capability, CapabilityError, CausalLMTask, Task, TaskOutput
 
 # The suites as erasus_ray.evaluation.SUITES declared them before the registry (commit 684c8a8).
 OLD_SUITES = {
@@ -155,6 +155,15 @@ def test_every_registered_task_declares_registered_metrics():
     for name in TASKS.names():
         suite = metric_names_for(TASKS.get(name))  # an unknown declared name raises UnknownNameError
         assert suite and set(gap_names_for(TASKS.get(name))) <= set(suite), name
+
+
+def test_declared_suite_drops_metrics_the_task_cannot_run():
+    class NoGenerationLM(CausalLMTask):  # not registered
+        capabilities = CausalLMTask.capabilities - {Capability.GENERATION}
+
+    suite = metric_names_for(NoGenerationLM)
+    assert suite == tuple(n for n in CausalLMTask.default_metrics if not n.endswith("rougeL"))
+    assert gap_names_for(NoGenerationLM) == ("forget_prob", "retain_prob", "mia_mink_auc")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
