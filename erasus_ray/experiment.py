@@ -16,7 +16,7 @@ from erasus_ray.benchmarks import BENCHMARKS, Benchmark, get_benchmark_spec, loa
 from erasus_ray.checks import check_int, check_real, check_seed
 from erasus_ray.config_files import config_from_mapping, field_names, load_config
 from erasus_ray.errors import InvalidConfigError, UnknownNameError
-from erasus_ray.evaluation import SUITES, evaluate
+from erasus_ray.evaluation import display_names_for, evaluate
 from erasus_ray.runners import RunnerConfig
 from erasus_ray.selectors import get_selector
 from erasus_ray.settings import ExecutionConfig, section_settings
@@ -218,4 +218,4 @@ def reference_rows(bench: Benchmark, gold_metrics: dict[str, float], seed: int) 
 
 
 def display_keys(bench: Benchmark) -> tuple[str, ...]:
-    return SUITES[bench.task.name].display_keys
+    return display_names_for(bench.task)

@@ -481,11 +481,10 @@ def report_only(args: argparse.Namespace, argv: list[str] | None) -> int:
     plot_tradeoff(summary, refs, out / "tradeoff.png")
     run_args = argparse.Namespace(**meta["args"])
     keys_by_task = {}
-    from erasus_ray.evaluation import SUITES
+    from erasus_ray.evaluation import display_names_for_row
 
     for t in dict.fromkeys(r["task"] for r in rows):
-        first = next(r for r in rows if r["task"] == t)
-        keys_by_task[t] = next(sp.display_keys for sp in SUITES.values() if first.get(sp.display_keys[0]) is not None)
+        keys_by_task[t] = display_names_for_row(next(r for r in rows if r["task"] == t))
     regen = "python benchmarks/coreset_vs_full/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     notes = list(meta.get("notes", run_args.note))
     notes.append(f"Report text, summary and plot regenerated from this run's results.csv/refs.csv by `{regen}` "

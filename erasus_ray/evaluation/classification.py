@@ -1,11 +1,13 @@
-"""Classifier metrics: accuracy on forget / retain / test and two membership-inference attacks.
+"""Metrics of categorical predictions (``Capability.LOGITS``): accuracy on forget / retain / test and SalUn's MIA.
 
-* ``mia_loss_auc``: the loss-threshold attack (Yeom et al., CSF 2018) as an AUC of forget (members) vs test
-  (true non-members); 0.5 means the forget set looks like unseen data.
+* ``<split>_acc``: fraction of the split's prediction units predicted correctly (argmax), averaged over samples.
 * ``mia_svc_efficacy``: SalUn's MIA-efficacy (Jia et al., NeurIPS 2023 "Model Sparsity Can Simplify Machine
   Unlearning"; Fan et al., ICLR 2024): an RBF SVC is trained to tell retain samples (members) from test samples
   (non-members) by the confidence on the true label, then applied to the forget set; the metric is the
   fraction of forget samples it calls non-members (higher = more forgotten; a retrained model's value is the target).
+
+The loss metrics and the loss-threshold MIA (``mia_loss_auc``) need only the loss: :mod:`.loss_metrics`.
+Cost: nothing beyond the shared forward pass over forget / retain / test, plus one small SVC fit.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from sklearn.svm import SVC
 from torch import nn
 
 from erasus_ray.data import IdDataset
+from erasus_ray.evaluation.metrics import EvalContext, metric_names_for, register_metric, register_split_metric, run_metrics
 from erasus_ray.evaluation.stats import set_stats
-from erasus_ray.tasks import Task
-
-GAP_KEYS = ("forget_acc", "retain_acc", "test_acc", "mia_svc_efficacy")
+from erasus_ray.tasks import Capability, Task
 
 
 def per_sample_stats(model: nn.Module, task: Task, data: IdDataset, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -55,17 +56,25 @@ def svc_mia_efficacy(
     return float(1.0 - clf.predict(forget_conf.reshape(-1, 1)).mean())
 
 
+@register_split_metric("acc", requires={Capability.LOGITS}, gap=("forget", "retain", "test"))
+def split_accuracy(ctx: EvalContext, split: str) -> float:
+    """Accuracy on the split (NaN when it is empty)."""
+    return ctx.stats(split).acc
+
+
+@register_metric("mia_svc_efficacy", requires={Capability.LOGITS}, splits=("forget", "retain", "test"), gap=True,
+                 display=True)
+def mia_svc_efficacy(ctx: EvalContext) -> float:
+    """SalUn's MIA-efficacy on the confidences ``exp(-loss)`` (probability of the true label)."""
+    conf = {s: np.exp(-ctx.stats(s).loss) for s in ("retain", "test", "forget")}
+    return svc_mia_efficacy(conf["retain"], conf["test"], conf["forget"], ctx.seed)
+
+
 def evaluate_classification(
-    model: nn.Module, task: Task, *, forget: IdDataset, retain: IdDataset, test: IdDataset, batch_size: int = 256, seed: int = 0, **_: Any
+    model: nn.Module, task: Task, *, forget: IdDataset, retain: IdDataset, test: IdDataset, batch_size: int = 256,
+    seed: int = 0, **_: Any
 ) -> dict[str, float]:
-    """Accuracy and loss on forget / retain / test, and the two MIAs (forget vs test)."""
-    stats = {name: per_sample_stats(model, task, ds, batch_size) for name, ds in (("forget", forget), ("retain", retain), ("test", test))}
-    metrics: dict[str, float] = {}
-    for name, s in stats.items():
-        metrics[f"{name}_acc"] = float(s["correct"].mean()) if len(s["correct"]) else float("nan")
-        metrics[f"{name}_loss"] = float(s["loss"].mean()) if len(s["loss"]) else float("nan")
-    metrics["mia_loss_auc"] = auc(-stats["forget"]["loss"], -stats["test"]["loss"])
-    metrics["mia_svc_efficacy"] = svc_mia_efficacy(
-        stats["retain"]["confidence"], stats["test"]["confidence"], stats["forget"]["confidence"], seed
-    )
-    return metrics
+    """The classifier's default suite (accuracy and loss on forget / retain / test, the two MIAs): a thin wrapper of
+    :func:`~erasus_ray.evaluation.metrics.run_metrics` kept for callers of the old suite function."""
+    return run_metrics(model, task, {"forget": forget, "retain": retain, "test": test}, metric_names_for(task),
+                       batch_size=batch_size, seed=seed)

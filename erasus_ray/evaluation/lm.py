@@ -1,8 +1,9 @@
-"""Language-model unlearning metrics (TOFU-style), written against the :class:`~erasus_ray.tasks.Task` interface.
+"""Language-model unlearning metrics (TOFU-style), written against the :class:`~erasus_ray.tasks.Task` interface and
+registered in :data:`~erasus_ray.evaluation.metrics.METRICS` with the capabilities they need.
 
 For each of the forget / retain / test sets (id datasets of QA items):
 
-* ``<split>_loss``: mean over samples of the sample's mean answer-token cross-entropy (``TaskOutput.sample_loss``).
+* ``<split>_loss`` (:mod:`.loss_metrics`): mean over samples of the sample's mean answer-token cross-entropy.
 * ``<split>_prob``: mean over samples of ``exp(-sample_loss)``, i.e. the geometric mean of the answer tokens'
   target probabilities, averaged over samples (TOFU's length-normalised ``P(a|q)``; 1 = answered with certainty).
 * ``<split>_rougeL``: mean ROUGE-L recall (Lin 2004) of the greedy-decoded answer against the reference answer,
@@ -14,10 +15,11 @@ and membership inference, forget set (members) against test set (non-members):
 * ``mia_mink_auc``: ROC AUC of Min-K% Prob (Shi et al. 2023, "Detecting Pretraining Data from Large Language
   Models"): a sample's score is the mean of its lowest ``k`` fraction (``ceil(k * n)``, at least one) of answer-token
   log-probabilities; higher score = member. 0.5 = the forget set looks like unseen data; 1.0 = clearly memorised.
-* ``mia_loss_auc``: the same AUC with ``-sample_loss`` as the score (the LOSS attack, Yeom et al. 2018).
+* ``mia_loss_auc`` (:mod:`.loss_metrics`): the same AUC with ``-sample_loss`` as the score (the LOSS attack).
 
-Cost: one forward pass per sample plus greedy generation (``max_new_tokens`` forward steps per batch).
-A set that is empty (or ``None``) is skipped: its keys are absent.
+Cost: the shared forward pass per split (Min-K% scores and references are columns of it) plus greedy generation
+(``max_new_tokens`` forward steps per batch) once per split for ROUGE. Through :func:`evaluate_lm` a set that is
+empty (or ``None``) is skipped: its keys are absent; through ``evaluate`` an empty set gives NaN.
 
 Example::
 
@@ -34,7 +36,18 @@ import torch
 from torch import nn
 
 from erasus_ray.data import IdDataset, make_loader
-from erasus_ray.tasks import Task, TaskOutput
+from erasus_ray.evaluation.loss_metrics import membership_auc
+from erasus_ray.evaluation.metrics import (
+    EvalContext,
+    MetricOptions,
+    metric_names_for,
+    register_column,
+    register_metric,
+    register_split_metric,
+    run_metrics,
+)
+from erasus_ray.evaluation.stats import Column
+from erasus_ray.tasks import Capability, Task, TaskOutput
 from erasus_ray.utils import model_device
 
 
@@ -85,34 +98,26 @@ def mink_scores(out: TaskOutput, k: float = 0.2) -> torch.Tensor:
     return torch.where(n > 0, total / keep, torch.full_like(total, math.nan))
 
 
-@torch.no_grad()
-def lm_sample_scores(
-    model: nn.Module,
-    task: Task,
-    dataset: IdDataset,
-    *,
-    batch_size: int = 32,
-    mink_k: float = 0.2,
-    eos_token_id: int | None = None,
-) -> dict[str, Any]:
-    """Per-sample ``ids``, ``loss`` (mean answer CE), ``mink`` (Min-K% score) and ``references`` (answer targets
-    without the final eos, as lists of token ids), in dataset order. One forward pass per sample."""
-    device = model_device(model)
-    eos = _eos_ids(model, eos_token_id)
-    ids, losses, minks, refs = [], [], [], []
-    for batch in make_loader(dataset, task.collate, batch_size=batch_size):
-        out = task.forward(model, batch.to(device).data)
-        ids.append(batch.ids.numpy())
-        losses.append(out.sample_loss().cpu().numpy())
-        minks.append(mink_scores(out, mink_k).cpu().numpy())
+@register_column("mink")
+def mink_column(options: MetricOptions, model: nn.Module) -> Column:
+    """Per-sample Min-K% Prob score (``options.mink_k``)."""
+    return lambda out: mink_scores(out, options.mink_k).cpu().numpy()
+
+
+@register_column("references")
+def references_column(options: MetricOptions, model: nn.Module) -> Column:
+    """Per-sample reference answer: the supervised target tokens without a final eos (lists of token ids)."""
+    eos = _eos_ids(model, options.eos_token_id)
+
+    def references(out: TaskOutput) -> list[list[int]]:
         targets, mask = _units_by_sample(out, out.targets)
+        refs = []
         for row, valid in zip(targets.tolist(), mask.tolist()):
             ref = [t for t, ok in zip(row, valid) if ok]
-            if ref and ref[-1] in eos:
-                ref = ref[:-1]
-            refs.append(ref)
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
-    return {"ids": cat(ids).astype(np.int64), "loss": cat(losses), "mink": cat(minks), "references": refs}
+            refs.append(ref[:-1] if ref and ref[-1] in eos else ref)
+        return refs
+
+    return references
 
 
 def _eos_ids(model: nn.Module, eos_token_id: int | None = None) -> set[int]:
@@ -166,16 +171,39 @@ def greedy_answers(
     return answers
 
 
-def membership_auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
-    """ROC AUC of attack scores, members labelled 1 (higher score = member); NaN scores dropped, NaN if one class."""
-    from sklearn.metrics import roc_auc_score
+@register_split_metric("prob", requires={Capability.LOGITS}, gap=("forget", "retain"), display=())
+def split_prob(ctx: EvalContext, split: str) -> float:
+    """Mean over samples of ``exp(-sample_loss)`` (TOFU's length-normalised answer probability)."""
+    loss = ctx.stats(split).loss
+    return float(np.mean(np.exp(-loss))) if len(loss) else math.nan
 
-    scores = np.concatenate([members, nonmembers])
-    labels = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
-    finite = np.isfinite(scores)
-    if len(np.unique(labels[finite])) < 2:
+
+def _max_new_tokens(ctx: EvalContext) -> int:
+    """The option, else the longest reference answer over the evaluation's splits + 2 (the same for every split)."""
+    if ctx.options.max_new_tokens is not None:
+        return ctx.options.max_new_tokens
+    return max((len(r) for s in ctx.splits for r in ctx.stats(s).columns["references"]), default=0) + 2
+
+
+@register_split_metric("rougeL", requires={Capability.LOGITS, Capability.TOKENS, Capability.GENERATION},
+                       columns=("references",), gap=("forget", "retain"))
+def split_rouge_l(ctx: EvalContext, split: str) -> float:
+    """Mean ROUGE-L recall of the greedy answer against the reference answer."""
+    refs = ctx.stats(split).columns["references"]
+    if not len(refs):
         return math.nan
-    return float(roc_auc_score(labels[finite], scores[finite]))
+    max_new = ctx.cached("max_new_tokens", lambda: _max_new_tokens(ctx))
+    answers = ctx.cached(("answers", split), lambda: greedy_answers(
+        ctx.model, ctx.task, ctx.splits[split], max_new_tokens=max_new, batch_size=ctx.batch_size,
+        eos_token_id=ctx.options.eos_token_id))
+    return float(np.mean([rouge_l_recall(r, a) for r, a in zip(refs, answers)]))
+
+
+@register_metric("mia_mink_auc", requires={Capability.LOGITS}, splits=("forget", "test"), columns=("mink",),
+                 gap=True, display=True)
+def mia_mink_auc(ctx: EvalContext) -> float:
+    """Min-K% Prob AUC, forget (members) vs test (non-members)."""
+    return membership_auc(ctx.stats("forget").columns["mink"], ctx.stats("test").columns["mink"])
 
 
 def evaluate_lm(
@@ -191,37 +219,16 @@ def evaluate_lm(
     eos_token_id: int | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """TOFU-style metrics of ``model`` on the forget / retain / test sets (see the module docstring for definitions).
+    """TOFU-style metrics of ``model`` on the forget / retain / test sets (see the module docstring for definitions):
+    the task's default suite through :func:`~erasus_ray.evaluation.metrics.run_metrics`, empty sets left out.
 
     ``max_new_tokens`` defaults to the longest reference answer (over all sets) + 2. ``eos_token_id`` defaults to
-    the model's generation / model config. ``seed`` is accepted for the common ``evaluate`` signature; decoding is
-    greedy, so nothing here is random. The model is left in the train/eval mode it came in.
+    the model's generation / model config. Decoding is greedy, so nothing here is random. The model is left in the
+    train/eval mode it came in.
     """
     sets = {name: ds for name, ds in (("forget", forget), ("retain", retain), ("test", test)) if ds is not None and len(ds)}
-    was_training = model.training
-    model.eval()
-    try:
-        scores = {name: lm_sample_scores(
-            model, task, ds, batch_size=batch_size, mink_k=mink_k, eos_token_id=eos_token_id
-        ) for name, ds in sets.items()}
-        if max_new_tokens is None:
-            longest = max((len(r) for s in scores.values() for r in s["references"]), default=0)
-            max_new_tokens = longest + 2
-        metrics: dict[str, float] = {}
-        for name, ds in sets.items():
-            s = scores[name]
-            metrics[f"{name}_loss"] = float(np.mean(s["loss"]))
-            metrics[f"{name}_prob"] = float(np.mean(np.exp(-s["loss"])))
-            answers = greedy_answers(
-                model, task, ds, max_new_tokens=max_new_tokens, batch_size=batch_size, eos_token_id=eos_token_id
-            )
-            metrics[f"{name}_rougeL"] = float(np.mean([rouge_l_recall(r, a) for r, a in zip(s["references"], answers)]))
-        if "forget" in scores and "test" in scores:
-            metrics["mia_mink_auc"] = membership_auc(scores["forget"]["mink"], scores["test"]["mink"])
-            metrics["mia_loss_auc"] = membership_auc(-scores["forget"]["loss"], -scores["test"]["loss"])
-    finally:
-        model.train(was_training)
-    return metrics
+    return run_metrics(model, task, sets, metric_names_for(task), batch_size=batch_size, max_new_tokens=max_new_tokens,
+                       mink_k=mink_k, eos_token_id=eos_token_id, seed=seed)
 
 
-__all__ = ["evaluate_lm", "rouge_l_recall", "mink_scores", "membership_auc", "lm_sample_scores", "greedy_answers"]
+__all__ = ["evaluate_lm", "rouge_l_recall", "mink_scores", "membership_auc", "greedy_answers"]

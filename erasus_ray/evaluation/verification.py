@@ -30,7 +30,7 @@ from erasus_ray.data import IdDataset, make_loader
 from erasus_ray.errors import ErasusError, InvalidConfigError, InvalidDataError
 from erasus_ray.registry import Registry
 from erasus_ray.evaluation.stats import SetStats, set_stats
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task, require
 
 # --- the verification rule against a retrained model (federated, continual, ledger, target "gold") ---------------
 
@@ -274,6 +274,8 @@ class Target:
     name: ClassVar[str] = "target"
     #: what the target needs: any of "heldout", "labels", "gold"
     requires: ClassVar[tuple[str, ...]] = ()
+    #: what the task must provide to measure it (a loss-only task can be verified against held-out losses only)
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.LOSS})
 
     def prepare(self, original: Measurement, n_classes: int | None) -> None:
         """Record what the target needs from the original model (called once before unlearning)."""
@@ -308,6 +310,7 @@ class ClassTarget(Target):
     still predicted as its label (most confident first)."""
 
     requires = ("labels",)
+    capabilities = frozenset({Capability.LOGITS, Capability.LABELS})
 
     def __init__(self, classes: np.ndarray) -> None:
         self.classes = np.asarray(classes)
@@ -407,6 +410,7 @@ class GoldTarget(Target):
     the gold model's, a forget sample fails while it is still predicted right."""
 
     requires = ("gold",)
+    capabilities = frozenset({Capability.LOGITS})
 
     def __init__(self, gold: nn.Module | Mapping[str, float], probe: Probe | None = None, floor: float = 0.05) -> None:
         self.gold = gold
@@ -490,13 +494,17 @@ class BoundsTarget(Target):
                 raise InvalidConfigError(f"target bound for {key!r} sets neither 'min' nor 'max'")
             self.bounds[key] = (low, high)
         self.requires = tuple(sorted({r for k in self.bounds for r in BOUND_METRICS[k]}))
+        if any(k.endswith("_acc") for k in self.bounds):
+            self.capabilities = frozenset({Capability.LOSS, Capability.LOGITS})
 
     def _values(self, m: Measurement) -> dict[str, float]:
-        v = {"forget_acc": m.forget.acc, "forget_loss": m.forget.mean_loss}
+        acc = lambda s: {} if not s.has_acc else {"acc": s.acc}  # noqa: E731  (a loss-only task has no accuracy)
+        v = {"forget_loss": m.forget.mean_loss, **{f"forget_{k}": x for k, x in acc(m.forget).items()}}
         if m.retain is not None:
-            v.update(retain_acc=m.retain.acc, retain_loss=m.retain.mean_loss)
+            v.update(retain_loss=m.retain.mean_loss, **{f"retain_{k}": x for k, x in acc(m.retain).items()})
         if m.heldout is not None:
-            v.update(heldout_acc=m.heldout.acc, heldout_loss=m.heldout.mean_loss, mia_loss_auc=_auc(-m.forget.loss, -m.heldout.loss))
+            v.update(heldout_loss=m.heldout.mean_loss, mia_loss_auc=_auc(-m.forget.loss, -m.heldout.loss),
+                     **{f"heldout_{k}": x for k, x in acc(m.heldout).items()})
         return v
 
     def verdict(self, m: Measurement) -> Verdict:
@@ -564,6 +572,16 @@ def resolve_target(
     in a class that no retain sample has -> ``class``; a held-out set given -> ``heldout``; otherwise no measurable
     target (the run falls back to the strategy's fixed budget and says it is unverified). A named target that cannot
     be evaluated with what was given raises :class:`InvalidConfigError` naming what is missing."""
+    resolved = _resolve(target, task=task, forget=forget, retain=retain, heldout=heldout, gold=gold, probe=probe)
+    if resolved.target is not None:
+        require(task, resolved.target.capabilities, algorithm=f"target {resolved.target.name!r}")
+    return resolved
+
+
+def _resolve(
+    target: str | Mapping[str, Any] | Target, *, task: Task, forget: IdDataset, retain: IdDataset | None,
+    heldout: IdDataset | None, gold: nn.Module | Mapping[str, float] | None, probe: Probe | None,
+) -> ResolvedTarget:
     if isinstance(target, Target):
         return ResolvedTarget(target, "given")
     if isinstance(target, Mapping):
@@ -576,7 +594,7 @@ def resolve_target(
         if gold is None:
             raise InvalidConfigError("target 'gold' needs gold= (a model retrained without the forget set, or its metrics)")
         return ResolvedTarget(GoldTarget(gold, probe), "a retrained model was given" if target == "auto" else "requested")
-    if target in ("class", "auto"):
+    if target in ("class", "auto") and (target == "class" or task.provides(Capability.LOGITS)):
         classes = removed_classes(task, forget, retain)
         if classes is not None:
             return ResolvedTarget(ClassTarget(classes), f"every forget sample is in class(es) {classes.tolist()}, which no retain sample has")

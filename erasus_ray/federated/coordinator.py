@@ -567,10 +567,10 @@ class DeletionCoordinator:
         if owners:
             target = None
             if partial and self.config.sample_forget_target == "test":
-                from erasus_ray.evaluation import evaluate_classification
+                from erasus_ray.evaluation import run_metrics
 
-                test = self.fed.test
-                target = float(evaluate_classification(self.model(new_state), self.fed.task, forget=test, retain=test, test=test)["test_acc"])
+                test_acc = run_metrics(self.model(new_state), self.fed.task, {"test": self.fed.test}, ["test_acc"])
+                target = float(test_acc["test_acc"])
             groups = {c: [(sorted(full.get(c, ())), None), (sorted(partial.get(c, set()) - full.get(c, set())), target)] for c in owners}
             contents = {
                 c: UnlearnInstruction.for_groups(

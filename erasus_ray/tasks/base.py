@@ -152,11 +152,20 @@ class Task(ABC):
         name: the registered name (set by :func:`~erasus_ray.tasks.registry.register_task`).
         capabilities: the declared :class:`Capability` set (``loss`` is always included).
         match_priority: order among tasks whose :meth:`matches` accepts a model (higher first) for ``task="auto"``.
+        default_metrics: the registered metric names ``evaluate`` runs by default, in output order (None: every
+            registered metric whose requirements the task meets; see :mod:`erasus_ray.evaluation.metrics`).
+        gap_metrics / display_metrics: which of those make up Avg.Gap / which tables show, in order (None: each
+            metric's own ``gap`` / ``display`` flag).
+        eval_batch_size: batch size of evaluation forward passes.
     """
 
     name: ClassVar[str] = "task"
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.LOSS})
     match_priority: ClassVar[int] = 0
+    default_metrics: ClassVar[tuple[str, ...] | None] = None
+    gap_metrics: ClassVar[tuple[str, ...] | None] = None
+    display_metrics: ClassVar[tuple[str, ...] | None] = None
+    eval_batch_size: ClassVar[int] = 256
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

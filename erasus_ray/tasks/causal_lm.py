@@ -44,6 +44,12 @@ class CausalLMTask(Task):
 
     capabilities = frozenset({C.LOGITS, C.FEATURES, C.HEAD, C.INDEPENDENT, C.TOKENS, C.GENERATION})
     match_priority = 10
+    default_metrics = tuple(f"{s}_{m}" for s in ("forget", "retain", "test") for m in ("loss", "prob", "rougeL")) + (
+        "mia_mink_auc", "mia_loss_auc")
+    gap_metrics = ("forget_rougeL", "retain_rougeL", "forget_prob", "retain_prob", "mia_mink_auc")
+    display_metrics = ("forget_rougeL", "retain_rougeL", "test_rougeL", "forget_loss", "retain_loss", "test_loss",
+                       "mia_mink_auc")
+    eval_batch_size = 32  # [B, T, V] logits
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -50,6 +50,10 @@ class ClassificationTask(Task):
     capabilities = frozenset({C.LOGITS, C.LABELS, C.FEATURES, C.HEAD, C.INDEPENDENT})
     #: the fallback for any plain module: every adapter that matches a model more specifically wins over it
     match_priority = -10
+    default_metrics = ("forget_acc", "forget_loss", "retain_acc", "retain_loss", "test_acc", "test_loss",
+                       "mia_loss_auc", "mia_svc_efficacy")
+    gap_metrics = ("forget_acc", "retain_acc", "test_acc", "mia_svc_efficacy")
+    display_metrics = ("forget_acc", "retain_acc", "test_acc", "mia_svc_efficacy", "mia_loss_auc")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -170,18 +170,15 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 # writing
 # ----------------------------------------------------------------------------------------------------------------------
 def _display_keys(cfg: SweepConfig | None, rows: list[dict[str, Any]]) -> tuple[str, ...]:
-    from erasus_ray.evaluation import SUITES
+    from erasus_ray.evaluation import display_names_for, display_names_for_row
+    from erasus_ray.tasks import TASKS
 
     if cfg is not None:
         try:
-            return tuple(SUITES[cfg.task_name()].display_keys)
-        except KeyError:
+            return display_names_for(TASKS.get(cfg.task_name()))
+        except KeyError:  # an unknown benchmark or task: lay the table out from the rows
             pass
-    keys = set().union(*(r["metrics"] for r in rows)) if rows else set()
-    for suite in SUITES.values():
-        if set(suite.display_keys) <= keys:
-            return tuple(suite.display_keys)
-    return ()
+    return display_names_for_row({k: v for r in rows for k, v in r["metrics"].items() if v is not None})
 
 
 def _pts(v: Any, key: str = "") -> float:
