@@ -86,12 +86,14 @@ FLAT_KEYWORDS: dict[str, str] = {
 
 def split_flat_keywords(kwargs: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """``({section: {field: value}}, rest)``: the flat keywords of ``kwargs`` sorted into their sections (see
-    :data:`FLAT_KEYWORDS`), and what is left (a strategy's hyperparameters)."""
+    :data:`FLAT_KEYWORDS`), and what is left (a strategy's hyperparameters). A flat keyword given as None is
+    left out: "not set, use the default" (``epochs=None`` from a caller passing its own optional setting through)."""
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     rest = {}
     for key, value in kwargs.items():
         if key in FLAT_KEYWORDS:
-            sections[FLAT_KEYWORDS[key]][key] = value
+            if value is not None:
+                sections[FLAT_KEYWORDS[key]][key] = value
         else:
             rest[key] = value
     return sections, rest
