@@ -19,7 +19,7 @@ from torch import nn
 
 from erasus_ray.data import IdDataset, as_id_dataset, make_loader
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
-from erasus_ray.tasks import Task, get_task
+from erasus_ray.tasks import Capability, Task, get_task, require
 from erasus_ray.tasks.causal_lm import GreedyGenerate, accepts_position_ids
 from erasus_ray.training import TrainRecipe, make_optimizer
 
@@ -48,6 +48,10 @@ def _stage_seed(seed: int, shard: int, stage: int) -> int:
     """The shuffling seed of one (shard, slice) training stage."""
     key = id_keys(np.array([int(shard) * 1_000_003 + int(stage)], dtype=np.int64), seed)[0]
     return int(key) & ((1 << 63) - 1)
+
+
+#: What a shard ensemble reads: the members' logits, averaged as class / next-token probabilities.
+SISA_NEEDS = frozenset({Capability.LOSS, Capability.LOGITS})
 
 
 @dataclass
@@ -160,11 +164,7 @@ class SISATrainer:
             with torch.random.fork_rng(devices=[]):  # probing the architecture must not move the seeded RNG
                 task = get_task("auto", model_factory())
         self.task = get_task(task)
-        if self.task.name not in ("classification", "causal_lm"):
-            raise InvalidConfigError(
-                f"SISATrainer aggregates class or next-token probabilities: task must be 'classification' or 'causal_lm', "
-                f"got {self.task.name!r}"
-            )
+        require(self.task, SISA_NEEDS, algorithm="SISATrainer (it aggregates the shards' class or next-token probabilities)")
         self.aggregation = aggregation
         if slice_epochs is None:
             per = max(1, int(round(2 * self.recipe.epochs / (self.num_slices + 1))))

@@ -337,10 +337,10 @@ class ErasusUnlearner:
         self.target = target
         self.control = _control_config(control, budget_steps, budget_seconds)
         self.task = get_task(task, model)
-        if self.strategy.supported_tasks is not None and self.task.name not in self.strategy.supported_tasks:
-            raise InvalidConfigError(
-                f"strategy {self.strategy.name!r} supports tasks {list(self.strategy.supported_tasks)}, not {self.task.name!r}"
-            )
+        # requirements checked once, here, before any forward pass or training step
+        self.strategy.check_task(self.task)
+        if self.selector is not None:
+            self.selector.check_task(self.task)
         self.seed = int(seed)
         # the runner settings the caller set (None: unset, resolved per fit from the strategy's defaults); checked
         # now, so an out-of-range value (lr=0, which runner_config's ``or`` would replace) fails at construction

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from _runs_on import runs_on
 from erasus_ray.benchmarks.prepared import PREPARED, prepare_model
 from erasus_ray.evaluation import evaluate
 from erasus_ray.experiment import JobConfig, run_job
 from erasus_ray.strategies import STRATEGIES
+from erasus_ray.tasks import CausalLMTask, ClassificationTask
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +41,7 @@ def _runnable_on_classifier() -> list[str]:
     return [
         n for n in STRATEGIES.names()
         if n != "retrain"
-        and (STRATEGIES.get(n).supported_tasks is None or "classification" in STRATEGIES.get(n).supported_tasks)
+        and runs_on(STRATEGIES.get(n), ClassificationTask())
         and (not STRATEGIES.get(n).contract_exempt_reason or n in PREPARED)
     ]
 
@@ -203,7 +205,7 @@ def _runnable_on_lm() -> list[str]:
     return [
         n for n in STRATEGIES.names()
         if n != "retrain"
-        and (STRATEGIES.get(n).supported_tasks is None or "causal_lm" in STRATEGIES.get(n).supported_tasks)
+        and runs_on(STRATEGIES.get(n), CausalLMTask())
         and (not STRATEGIES.get(n).contract_exempt_reason or n in PREPARED)
     ]
 

@@ -16,7 +16,11 @@ from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.strategies import STRATEGIES, Strategy
 from erasus_ray.strategies.auto import Auto, choose
 from erasus_ray.strategies.ensemble import Ensemble, average_states
+from erasus_ray.tasks import Capability, CapabilityError, CausalLMTask, ClassificationTask
 from erasus_ray.utils import model_hash
+
+#: What the auto rule reads of a task: its declared capabilities.
+CLS, LM, LOSS_ONLY = ClassificationTask.capabilities, CausalLMTask.capabilities, {"loss"}
 
 
 def _run(model, strategy, forget, retain, **kw):
@@ -42,15 +46,15 @@ def _loss(model, task, ds):
 @pytest.mark.parametrize(
     "task, n_forget, n_retain, kw, strategy, rule",
     [
-        ("classification", 100, 0, {}, "gradient_ascent", "no_retain"),
-        ("causal_lm", 100, 0, {}, "gradient_ascent", "no_retain"),
-        ("classification", 100, 80, {"can_retrain": True}, "retrain", "small_retain"),
-        ("classification", 100, 80, {"can_retrain": False}, "grad_diff", "classifier"),  # no recipe: cannot retrain
-        ("classification", 100, 500, {"can_retrain": True}, "grad_diff", "classifier"),  # retain too big to retrain
-        ("classification", 100, 500, {"can_retrain": True, "retrain_ratio": 10.0}, "retrain", "small_retain"),
-        ("classification", 100, 500, {"budget": "exact"}, "retrain", "exact"),
-        ("causal_lm", 8, 24, {}, "npo", "lm"),
-        ("diffusion", 8, 24, {}, "grad_diff", "other_task"),
+        (CLS, 100, 0, {}, "gradient_ascent", "no_retain"),
+        (LM, 100, 0, {}, "gradient_ascent", "no_retain"),
+        (CLS, 100, 80, {"can_retrain": True}, "retrain", "small_retain"),
+        (CLS, 100, 80, {"can_retrain": False}, "grad_diff", "classifier"),  # no recipe: cannot retrain
+        (CLS, 100, 500, {"can_retrain": True}, "grad_diff", "classifier"),  # retain too big to retrain
+        (CLS, 100, 500, {"can_retrain": True, "retrain_ratio": 10.0}, "retrain", "small_retain"),
+        (CLS, 100, 500, {"budget": "exact"}, "retrain", "exact"),
+        (LM, 8, 24, {}, "npo", "lm"),
+        (LOSS_ONLY, 8, 24, {}, "grad_diff", "other_task"),
     ],
 )
 def test_auto_rule_branches(task, n_forget, n_retain, kw, strategy, rule):
@@ -61,12 +65,12 @@ def test_auto_rule_branches(task, n_forget, n_retain, kw, strategy, rule):
 
 
 def test_auto_budget_scales_epochs_or_caps_steps():
-    assert choose("classification", 10, 100, budget="low").runner == {"epochs": 5}  # grad_diff default 20 / 4
-    assert choose("classification", 10, 100, budget="high").runner == {"epochs": 40}
-    assert choose("classification", 10, 100).runner == {}
-    assert choose("causal_lm", 10, 100, budget=7).runner == {"max_steps": 7}
+    assert choose(CLS, 10, 100, budget="low").runner == {"epochs": 5}  # grad_diff default 20 / 4
+    assert choose(CLS, 10, 100, budget="high").runner == {"epochs": 40}
+    assert choose(CLS, 10, 100).runner == {}
+    assert choose(LM, 10, 100, budget=7).runner == {"max_steps": 7}
     with pytest.raises(InvalidConfigError, match="budget"):
-        choose("classification", 10, 0, budget="exact")
+        choose(CLS, 10, 0, budget="exact")
     with pytest.raises(InvalidConfigError, match="budget"):
         Auto(budget="cheap")
     with pytest.raises(InvalidConfigError, match="budget"):
@@ -431,15 +435,17 @@ def test_runner_settings_out_of_range_fail_at_construction(digits_class, setting
 def test_lm_only_strategies_refuse_a_classifier(digits_class):
     class LMOnly(Strategy):
         name = "lm_only_test"
-        supported_tasks = ("causal_lm",)
+        requires = {"tokens"}
 
     b = digits_class
-    with pytest.raises(InvalidConfigError, match=r"'lm_only_test'.*causal_lm.*'classification'"):
+    with pytest.raises(CapabilityError, match=r"'lm_only_test'.*'tokens'.*'classification'"):
         ErasusUnlearner(b.original, strategy=LMOnly(), task=b.task)
-    with pytest.raises(InvalidConfigError, match=r"'pipeline'.*causal_lm.*'classification'"):
+    with pytest.raises(CapabilityError, match=r"'pipeline'.*'tokens'.*'classification'"):
         ErasusUnlearner(b.original, strategy=StrategyPipeline(["grad_diff", LMOnly()]), task=b.task)
+    refused = []
     for name in STRATEGIES.names():
-        tasks = STRATEGIES.get(name).supported_tasks
-        if tasks is not None and "classification" not in tasks:
-            with pytest.raises(InvalidConfigError, match=rf"'{name}'.*'classification'"):
+        if Capability.TOKENS in STRATEGIES.get(name).requires:
+            refused.append(name)
+            with pytest.raises(CapabilityError, match=rf"'{name}'.*'tokens'.*'classification'"):
                 ErasusUnlearner(b.original, strategy=name, task=b.task)
+    assert refused == ["attention_surgery", "token_masking"]

@@ -11,12 +11,14 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from _runs_on import runs_on
 from erasus_ray import ErasusUnlearner
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.evaluation import evaluate
 from erasus_ray.runners import LocalRunner
 from erasus_ray import StrategyPipeline
 from erasus_ray.strategies import STRATEGIES, Strategy
+from erasus_ray.tasks import ClassificationTask
 
 ray = pytest.importorskip("ray")
 
@@ -115,9 +117,8 @@ def test_driver_only_list():
 
 @pytest.mark.parametrize("name", DRIVER_ONLY)
 def test_driver_only_strategies_are_refused_by_ray_train(name, digits_class, tiny_lm):
-    supported = STRATEGIES.get(name).supported_tasks
     model, task = (digits_class.original, digits_class.task)
-    if supported is not None and "classification" not in supported:
+    if not runs_on(STRATEGIES.get(name), task):
         model, task = tiny_lm["model"], tiny_lm["task"]
     with pytest.raises(InvalidConfigError, match=rf"strategy '{name}' cannot run under backend='ray_train': .*calling process.*backend='local'"):
         ErasusUnlearner(model, strategy=name, task=task, backend="ray_train", num_workers=2)
@@ -149,7 +150,7 @@ def _override_unlearn_but_use_the_runner():
         cls = STRATEGIES.get(n)
         if cls.unlearn is Strategy.unlearn or _default(n).driver_only() or cls.contract_exempt_reason:
             continue
-        if cls.supported_tasks is None or "classification" in cls.supported_tasks:
+        if runs_on(cls, ClassificationTask()):
             names.append(n)
     return names
 

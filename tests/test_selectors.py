@@ -6,9 +6,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from erasus_ray.data import as_id_dataset, make_loader
-from erasus_ray.errors import InvalidConfigError, InvalidDataError, TaskMismatchError, UnknownNameError
+from erasus_ray.errors import InvalidConfigError, InvalidDataError, UnknownNameError
 from erasus_ray.selectors import SELECTORS, get_selector, per_sample_grad_norms, trainable_params
+from erasus_ray.tasks import CapabilityError
 
+from _runs_on import runs_on
 from _tolerances import assert_float32_close
 
 ALL = SELECTORS.names()
@@ -44,9 +46,10 @@ def test_contract_classifier(name, digits_class):
 @pytest.mark.parametrize("name", ALL)
 def test_contract_lm(name, tiny_lm):
     forget = tiny_lm["forget"]
-    if "causal_lm" not in getattr(SELECTORS.get(name), "supported_tasks", ("causal_lm",)):
-        # classifier-only selectors (e.g. deepfool perturbs float inputs) must say so, naming themselves
-        with pytest.raises(TaskMismatchError, match=name):
+    if not runs_on(SELECTORS.get(name), tiny_lm["task"]):
+        # selectors needing what an LM lacks (class labels: deepfool, data_shapley) refuse it, naming themselves
+        # and the missing capability, before any forward pass
+        with pytest.raises(CapabilityError, match=rf"'{name}'.*'labels'"):
             get_selector(name).select(tiny_lm["model"], forget, task=tiny_lm["task"], k=3, seed=0, retain=tiny_lm["retain"])
         return
     core = get_selector(name).select(tiny_lm["model"], forget, task=tiny_lm["task"], k=3, seed=0, retain=tiny_lm["retain"])

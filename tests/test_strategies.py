@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from _runs_on import runs_on
 from erasus_ray import ErasusUnlearner
 from erasus_ray.data import make_loader
 from erasus_ray.errors import InvalidConfigError, UnknownNameError
 from erasus_ray.strategies import STRATEGIES, get_strategy, npo_loss
+from erasus_ray.tasks import missing
 from erasus_ray.utils import model_hash
 
 ALL = STRATEGIES.names()
@@ -32,8 +34,8 @@ def _run(name, model, task, forget, retain, factory=None, recipe=None, **kw):
 def test_contract_classifier(name, digits_class):
     b = digits_class
     cls = STRATEGIES.get(name)
-    if cls.supported_tasks is not None and b.task.name not in cls.supported_tasks:
-        pytest.skip(f"{name} supports {cls.supported_tasks} only")
+    if not runs_on(cls, b.task):
+        pytest.skip(f"{name} needs {sorted(map(str, missing(b.task, cls.requires)))}, which {b.task.name!r} lacks")
     if cls.contract_exempt_reason:
         pytest.skip(cls.contract_exempt_reason)
     before = mean_loss(b.original, b.task, b.forget)
@@ -51,12 +53,11 @@ def test_contract_lm(name, tiny_lm):
     from erasus_ray.training import TrainRecipe
 
     t = tiny_lm
-    supported = STRATEGIES.get(name).supported_tasks
-    if supported is not None and t["task"].name not in supported:
-        pytest.skip(f"{name} supports {supported} only")
+    if not runs_on(STRATEGIES.get(name), t["task"]):
+        pytest.skip(f"{name} needs {sorted(map(str, missing(t['task'], STRATEGIES.get(name).requires)))}")
     if STRATEGIES.get(name).contract_exempt_reason:
         pytest.skip(STRATEGIES.get(name).contract_exempt_reason)
-    if getattr(STRATEGIES.get(name), "lm_contract_exempt_reason", None):  # concept-level methods: own LM tests
+    if STRATEGIES.get(name).lm_contract_exempt_reason:  # concept-level methods: own LM tests
         pytest.skip(STRATEGIES.get(name).lm_contract_exempt_reason)
     before = mean_loss(t["model"], t["task"], t["forget"])
     recipe = TrainRecipe(epochs=30, lr=1e-2, batch_size=8, optimizer="adamw", seed=0)

@@ -19,7 +19,7 @@ from erasus_ray.strategies.activation_steering import ActivationSteering, Steere
 from erasus_ray.strategies.attention_surgery import AttentionSurgery, attention_sites
 from erasus_ray.strategies.causal_tracing import indirect_effects, top_layers
 from erasus_ray.strategies.dexperts import DExpertsModel, dexperts_logits
-from erasus_ray.tasks import ClassificationTask
+from erasus_ray.tasks import CapabilityError, ClassificationTask
 from erasus_ray.utils import model_hash
 
 from _tolerances import assert_float32_close
@@ -242,7 +242,7 @@ def test_attention_surgery_zeroes_exactly_the_top_heads(concept_lm):
 
 def test_attention_surgery_finds_heads_and_refuses_classifiers(tiny_lm, digits_class):
     assert [(s.name, s.num_heads, s.head_dim) for s in attention_sites(tiny_lm["model"])] == [("transformer.h.0.attn", 2, 16)]
-    with pytest.raises(InvalidConfigError, match="supports tasks"):
+    with pytest.raises(CapabilityError, match=r"'attention_surgery'.*'tokens'.*'classification'"):
         ErasusUnlearner(digits_class.original, strategy="attention_surgery", task=digits_class.task)
     with pytest.raises(InvalidConfigError, match="num_heads"):
         AttentionSurgery(num_heads=0)

@@ -14,6 +14,7 @@ from erasus_ray.data import make_loader
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies import STRATEGIES, UnlearnContext, get_strategy
 from erasus_ray.strategies._preference import alternative_answers, build_pairs, chosen_batch, other_labels
+from erasus_ray.tasks import Capability, CapabilityError
 from erasus_ray.strategies.dpo import dpo_loss
 from erasus_ray.strategies.embedding_alignment import assign_anchors
 from erasus_ray.strategies.flat import flat_loss
@@ -56,7 +57,7 @@ def _perturbed(model, scale=0.02, seed=1):
 def test_all_registered():
     for name in LLM_NAMES:
         assert name in STRATEGIES.names()
-    assert STRATEGIES.get("token_masking").supported_tasks == ("causal_lm",)
+    assert STRATEGIES.get("token_masking").requires == {Capability.LOSS, Capability.LOGITS, Capability.TOKENS}
 
 
 # --- dpo / idk_dpo -----------------------------------------------------------------------------------------------------
@@ -270,9 +271,8 @@ def test_token_masking_forgets_fact_tokens_and_keeps_the_rest(tiny_lm):
 
 def test_token_masking_is_lm_only(digits_class):
     b = digits_class
-    with pytest.raises(InvalidConfigError, match="causal"):
-        ErasusUnlearner(b.original, strategy="token_masking", selector=None, progress=False).fit(
-            forget_data=b.forget, retain_data=b.retain)
+    with pytest.raises(CapabilityError, match=r"strategy 'token_masking' needs 'tokens'.*'classification'"):
+        ErasusUnlearner(b.original, strategy="token_masking", selector=None, progress=False)
 
 
 # --- delta_unlearning --------------------------------------------------------------------------------------------------

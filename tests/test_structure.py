@@ -4,8 +4,7 @@
   Function-local (deferred) imports are collected separately; a cycle that exists only through them is reported and
   must be listed in ``DEFERRED_CYCLES_ALLOWED`` with the reason it is not a circle of layers.
 - No task-name string literal and no isinstance check against a task class outside ``erasus_ray/tasks/`` (issue 23:
-  the task adapter declares capabilities instead). Not true yet: that part is ``xfail(strict=True)`` and lists the
-  offending sites, so it fails loudly (XPASS) once the redesign lands and must then be un-xfailed.
+  the task adapter declares capabilities; algorithms declare ``requires``). A failure lists the offending sites.
 
 Edges follow import-linter's convention: ``from erasus_ray.a import b`` points at ``erasus_ray.a.b`` when that is a
 module, else at ``erasus_ray.a`` (its ``__init__``); the parent packages Python initialises on the way are not edges.
@@ -22,7 +21,20 @@ import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "erasus_ray"
 TASKS_PREFIX = "erasus_ray.tasks"
-TASK_NAMES = frozenset({"classification", "causal_lm"})
+
+
+def _registered_task_names() -> frozenset[str]:
+    """The names in ``@register_task("...")`` decorators under erasus_ray/tasks/ (read with ast, nothing imported)."""
+    names = set()
+    for path in sorted((PACKAGE_DIR / "tasks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register_task" and node.args
+                    and isinstance(node.args[0], ast.Constant)):
+                names.add(node.args[0].value)
+    return frozenset(names)
+
+
+TASK_NAMES = _registered_task_names()
 
 #: Cycles (as sorted module lists) that exist only through function-local imports and are accepted, with why.
 #: Empty: every such cycle found so far was a real circle and was removed.
@@ -201,31 +213,45 @@ def _class_names(node: ast.expr) -> list[str]:
     return [p.id if isinstance(p, ast.Name) else p.attr for p in parts if isinstance(p, (ast.Name, ast.Attribute))]
 
 
+def _leaks_in(tree: ast.AST, path: str, task_classes: set[str]) -> list[str]:
+    sites = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in TASK_NAMES:
+            sites.append(f"{path}:{node.lineno} literal {node.value!r}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2):
+            hit = sorted(set(_class_names(node.args[1])) & task_classes)
+            if hit:
+                sites.append(f"{path}:{node.lineno} {node.func.id}(..., {', '.join(hit)})")
+    return sites
+
+
 @cache
 def task_leaks() -> tuple[str, ...]:
     """``path:line what`` for each task-name literal or isinstance/issubclass on a task class outside tasks/."""
     task_classes = _task_class_names()
     sites = []
     for name, tree in modules().items():
-        if name.startswith(TASKS_PREFIX):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and node.value in TASK_NAMES:
-                sites.append(f"{source_path(name)}:{node.lineno} literal {node.value!r}")
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                  and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2):
-                hit = sorted(set(_class_names(node.args[1])) & task_classes)
-                if hit:
-                    sites.append(f"{source_path(name)}:{node.lineno} {node.func.id}(..., {', '.join(hit)})")
+        if not name.startswith(TASKS_PREFIX):
+            sites += _leaks_in(tree, source_path(name), task_classes)
     return tuple(sites)
 
 
 def test_task_leak_finder_sees_the_known_sites():
-    """The finder itself works (so the xfail below fails for the right reason): two sites the issue names."""
-    sites = task_leaks()
-    assert any(s.startswith("erasus_ray/strategies/_preference.py:") and "CausalLMTask" in s for s in sites), sites
-    assert any(s.startswith("erasus_ray/tuning/config.py:") and "literal" in s for s in sites), sites
-    assert not any(s.startswith("erasus_ray/tasks/") for s in sites)
+    """The finder itself works (so the test below fails for the right reason): the two kinds of site the issue
+    named (``_preference.py``'s ``isinstance(ctx.task, CausalLMTask)``, ``tuning/config.py``'s name table), in a
+    snippet; and the task classes it knows include the adapters."""
+    task_classes = _task_class_names()
+    assert {"Task", "CausalLMTask", "ClassificationTask"} <= task_classes
+    snippet = ast.parse(
+        "def is_lm(ctx):\n    return isinstance(ctx.task, CausalLMTask)\n"
+        "TABLE = {'digits': 'classification', 'authors': 'causal_lm'}\n"
+        "ok = ctx.task.provides('tokens')\n"
+    )
+    assert _leaks_in(snippet, "x.py", task_classes) == [
+        "x.py:2 isinstance(..., CausalLMTask)", "x.py:3 literal 'classification'", "x.py:3 literal 'causal_lm'"
+    ]
+    assert not any(s.startswith("erasus_ray/tasks/") for s in task_leaks())
 
 
 def _task_leak_report() -> str:
@@ -235,7 +261,10 @@ def _task_leak_report() -> str:
 
 # The reason carries the list (``pytest -rx -vv`` shows it whole); strict: an XPASS fails, so the mark goes when the
 # redesign removes the last site.
-@pytest.mark.xfail(strict=True, reason=f"issue 23, redesign pending (un-xfail once this passes): {_task_leak_report()}")
+def test_task_names_are_read_from_the_registrations():
+    assert {"classification", "causal_lm", "denoising", "contrastive", "seq2seq"} <= TASK_NAMES
+
+
 def test_no_task_name_or_task_class_check_outside_tasks():
     print(_task_leak_report())
     assert not task_leaks(), _task_leak_report()

@@ -16,7 +16,7 @@ def _batch(fam, n=4):
 
 
 def test_fixed_caption_set_loss_is_cross_entropy_against_the_captions():
-    fam = build_family("contrastive")
+    fam = build_family("two_tower")
     batch = _batch(fam)
     img, cap = fam.model(batch.data["images"], fam.task.captions)
     logits = F.normalize(img, dim=-1) @ F.normalize(cap, dim=-1).T / 0.1
@@ -27,7 +27,7 @@ def test_fixed_caption_set_loss_is_cross_entropy_against_the_captions():
 
 
 def test_in_batch_loss_is_symmetric_infonce_and_depends_on_batch_mates():
-    fam = build_family("contrastive_inbatch")
+    fam = build_family("two_tower_inbatch")
     batch = _batch(fam)
     img, txt = fam.model(batch.data["images"], batch.data["texts"])
     logits = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T / 0.1
@@ -42,7 +42,7 @@ def test_in_batch_loss_is_symmetric_infonce_and_depends_on_batch_mates():
 
 
 def test_in_batch_mode_refuses_per_sample_paths_instead_of_scoring_zero():
-    fam = build_family("contrastive_inbatch")
+    fam = build_family("two_tower_inbatch")
     with pytest.raises(CapabilityError, match="independent"):
         require(fam.task, {"loss", "independent"}, algorithm="selector 'gradient_norm'")
     with pytest.raises(CapabilityError, match="logits"):
@@ -54,7 +54,7 @@ def test_in_batch_mode_refuses_per_sample_paths_instead_of_scoring_zero():
 
 
 def test_auto_and_item_validation():
-    fam = build_family("contrastive")
+    fam = build_family("two_tower")
     assert isinstance(get_task("auto", fam.model), ContrastiveTask)
     with pytest.raises(Exception, match="label"):
         ContrastiveTask(captions=torch.zeros(3, 2, dtype=torch.long)).collate([(torch.zeros(64), torch.tensor([1]))])

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from erasus_ray.tasks import missing
 from erasus_ray.utils.atomic import atomic_write_text
 
 DEFAULT_TASKS = ("digits:class,digits:random10,wine:class,wine:random10,iris:class,breast_cancer:random10,"
@@ -70,7 +71,7 @@ def strategies_for(task: str, bench: Any, requested: str) -> list[str]:
         return SUBSET[task].split(",")
     return [n for n in STRATEGIES.names()
             if n != "retrain" and not STRATEGIES.get(n).contract_exempt_reason
-            and (STRATEGIES.get(n).supported_tasks is None or bench.task.name in STRATEGIES.get(n).supported_tasks)]
+            and not missing(bench.task, STRATEGIES.get(n).requires)]
 
 
 def split_test(bench: Any, seed: int) -> tuple[Any, Any]:

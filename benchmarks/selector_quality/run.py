@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from erasus_ray.tasks import missing
 from erasus_ray.utils.atomic import atomic_savefig, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
@@ -67,15 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def selectors_for(task_name: str, requested: str) -> list[str]:
-    """Every registered selector that runs on ``task_name`` (``random`` first; ``full`` is the 100% row)."""
+def selectors_for(task: Any, requested: str) -> list[str]:
+    """Every registered selector whose requirements ``task`` declares (``random`` first; ``full`` is the 100% row)."""
     from erasus_ray.selectors import SELECTORS
 
     if requested != "all":
         names = [s for s in requested.split(",") if s]
     else:
         names = [n for n in SELECTORS.names()
-                 if getattr(SELECTORS.get(n), "supported_tasks", None) is None or task_name in SELECTORS.get(n).supported_tasks]
+                 if not missing(task, SELECTORS.get(n).requires)]
     names = [n for n in names if n != "full"]
     return ["random"] + [n for n in names if n != "random"]
 
@@ -234,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             task, scenario = spec.split(":")
             from erasus_ray.benchmarks import load_benchmark
 
-            task_name = load_benchmark(task, scenario, 0).task.name
-            sels = selectors_for(task_name, args.selectors)
+            sels = selectors_for(load_benchmark(task, scenario, 0).task, args.selectors)
             r, f, _ = ablation.run_task(task, scenario, [int(s) for s in args.seeds.split(",")], fractions + [1.0], sels,
                                         [args.strategy], {}, lambda m: print(m, flush=True))
             rows += r

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from erasus_ray.benchmarks.prepared import prepare_model  # sisa's SISA ensemble, certified_removal's certified head
+from erasus_ray.tasks import missing
 from erasus_ray.utils.atomic import atomic_write_text
 
 
@@ -70,8 +71,9 @@ def run_task(task: str, scenario: str, seeds: list[int], names: list[str], optio
         for name in names:
             cls = STRATEGIES.get(name)
             row: dict[str, Any] = {**base, "strategy": name}
-            if cls.supported_tasks is not None and bench.task.name not in cls.supported_tasks:
-                rows.append({**row, "status": f"skipped: supports {list(cls.supported_tasks)} only"})
+            lacking = missing(bench.task, cls.requires)
+            if lacking:
+                rows.append({**row, "status": f"skipped: needs {', '.join(map(str, lacking))}"})
                 continue
             run_bench = bench
             prepared = prepare_model(name, bench, seed) if cls.contract_exempt_reason else None

@@ -25,11 +25,16 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
-def get_benchmark_spec(name: str, **options: Any) -> BenchmarkSpec:
+def benchmark_spec_class(name: str) -> type[BenchmarkSpec]:
+    """The spec class of benchmark ``name`` (imports its module; builds nothing)."""
     if name not in BENCHMARKS:
         raise UnknownNameError(f"Unknown benchmark {name!r}. Known benchmarks: {', '.join(sorted(BENCHMARKS))}")
     module, cls = BENCHMARKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(**options)
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_benchmark_spec(name: str, **options: Any) -> BenchmarkSpec:
+    return benchmark_spec_class(name)(**options)
 
 
 def load_benchmark(
@@ -39,4 +44,4 @@ def load_benchmark(
     return build_benchmark(get_benchmark_spec(name, **options), scenario=scenario, seed=seed, cache_dir=cache_dir)
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "BenchmarkSpec", "TaskData", "build_benchmark", "cache_root", "get_benchmark_spec", "load_benchmark"]
+__all__ = ["BENCHMARKS", "Benchmark", "BenchmarkSpec", "TaskData", "benchmark_spec_class", "build_benchmark", "cache_root", "get_benchmark_spec", "load_benchmark"]

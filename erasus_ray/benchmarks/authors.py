@@ -119,6 +119,7 @@ class AuthorsBenchmark(BenchmarkSpec):
     """
 
     name = "authors"
+    task_class = CausalLMTask
     scenarios = ("forget01", "forget05", "forget10")
     default_scenario = "forget10"
 

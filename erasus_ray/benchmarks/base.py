@@ -14,7 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ class BenchmarkSpec(ABC):
     name: str = "benchmark"
     scenarios: tuple[str, ...] = ()
     default_scenario: str = ""
+    #: The adapter class :meth:`make_task` returns: what its task declares (capabilities, name) is read from it
+    #: without building the benchmark (the authors tokenizer), e.g. to validate a sweep's strategies.
+    task_class: ClassVar[type[Task]] = Task
 
     def __init__(self, **options: Any) -> None:
         self.options = options

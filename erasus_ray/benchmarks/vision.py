@@ -40,6 +40,7 @@ class VisionBenchmark(BenchmarkSpec):
 
     scenarios = ("class", "random10")
     default_scenario = "class"
+    task_class = ClassificationTask
 
     def __init__(self, forget_class: int = 3, test_size: float = 0.2, **options: Any) -> None:
         super().__init__(forget_class=forget_class, test_size=test_size, **options)

@@ -80,6 +80,8 @@ def require_gradients(
     dead = [n for n, g in zip(wanted, grads) if g is None or not bool(torch.any(g != 0))]
     if dead:
         raise dead_gradients_error(model, dead, len(wanted), who)
+    if not out.has_logits:  # a loss-only task: per-sample gradients need no more than its objective
+        return TaskOutput(losses=out.losses.detach(), batch_size=out.batch_size)
     return TaskOutput(out.logits.detach(), out.targets, out.owner, out.batch_size)
 
 

@@ -33,11 +33,17 @@ from torch import nn
 
 from erasus_ray.data import IdDataset, as_id_dataset, make_loader
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 from erasus_ray.tasks.base import TaskOutput
 from erasus_ray.utils import model_device
 
 EMBEDDINGS = ("features", "gradient")
+#: What each embedding reads of the task: penultimate features, and for last-layer gradients also the logits
+#: (``softmax(z) - onehot(y)``). Geometry selectors add it to their requirements.
+EMBEDDING_NEEDS: dict[str, frozenset[Capability]] = {
+    "features": frozenset({Capability.LOSS, Capability.FEATURES}),
+    "gradient": frozenset({Capability.LOSS, Capability.LOGITS, Capability.FEATURES}),
+}
 #: Largest number of matrix entries one chunk of a distance / similarity computation may hold (float64: 128 MiB).
 CHUNK_ELEMENTS = 1 << 24
 

@@ -11,6 +11,7 @@ from torch import nn
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
+from erasus_ray.tasks import Capability
 from erasus_ray.tasks import Task
 
 MemberSpec = Any  # a registry name, (name, kwargs), {"name": ..., **kwargs} or a Selector
@@ -112,6 +113,10 @@ class EnsembleSelector(Selector):
         self.selectors = list(selectors) if not isinstance(selectors, str) else selectors
         self.members = build_members(self.selectors, self.name)
         self.weights = check_weights(weights, len(self.members), self.name)
+
+    def requirements(self) -> frozenset[Capability]:
+        """The union of its members' requirements: it runs every member."""
+        return type(self).requires.union(*(m.requirements() for m in self.members))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(selectors={self.selectors!r}, weights={self.weights!r})"

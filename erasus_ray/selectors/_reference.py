@@ -7,7 +7,6 @@
   has its own fallback).
 * :func:`union_with_ids` puts forget and retain rows in one :class:`IdDataset` that keeps the forget ids.
 * :func:`unit_uncertainty` - least confidence / entropy / margin of prediction units (Settles 2009).
-* :func:`require_classification` - a clear error for selectors that only make sense for classifiers.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from erasus_ray.data import IdDataset, as_id_dataset, make_loader
-from erasus_ray.errors import InvalidConfigError, TaskMismatchError
+from erasus_ray.errors import InvalidConfigError
 from erasus_ray.tasks import Task
 from erasus_ray.utils import model_device
 
@@ -87,14 +86,6 @@ def union_with_ids(forget: IdDataset, other: IdDataset | None) -> IdDataset:
     start = int(forget.ids.max()) + 1
     ids = np.concatenate([forget.ids, np.arange(start, start + len(other), dtype=np.int64)])
     return IdDataset(both, np.arange(len(both)), ids)
-
-
-def require_classification(selector: str, task: Task) -> None:
-    if task.name != "classification":
-        raise TaskMismatchError(
-            f"selector {selector!r} supports classifiers only (it needs class labels / inputs to perturb); "
-            f"the task is {task.name!r}. Use e.g. 'el2n', 'loss' or 'active_learning' for this model."
-        )
 
 
 def unit_uncertainty(logits: torch.Tensor, criterion: str) -> torch.Tensor:

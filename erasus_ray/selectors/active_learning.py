@@ -12,7 +12,7 @@ from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors._reference import CRITERIA, unit_uncertainty
 from erasus_ray.selectors.base import SELECTORS, ScoreSelector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 
 @SELECTORS.register("active_learning")
@@ -40,6 +40,9 @@ class ActiveLearningSelector(ScoreSelector):
     Example:
         >>> coreset = ActiveLearningSelector(criterion="entropy").select(model, forget_loader, k=20)
     """
+
+    #: uncertainty of the predictive distribution over each sample's units.
+    requires = frozenset({Capability.LOGITS})
 
     default_order = "high"
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from erasus_ray.data import IdDataset, make_loader
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 #: Above this many forget samples DeepFool's ``C`` input-gradient passes per step are not worth it: EL2N instead.
 DEEPFOOL_MAX_FORGET = 20_000
@@ -38,8 +38,9 @@ class AutoSelector(Selector):
     The rule, in order:
 
     1. the budget covers the whole forget set -> ``full`` (nothing to choose);
-    2. not a classifier (e.g. a causal LM) -> ``el2n``: defined on answer tokens, forward passes only, the project
-       default;
+    2. a task without logits (a loss-only objective) -> ``loss``: the per-sample objective, forward passes only;
+       a task without a class label per sample (``labels``; e.g. a causal LM) -> ``el2n``: defined on answer
+       tokens, forward passes only, the project default;
     3. a classifier whose forget set is class-like (its most frequent label holds >= 50%: a redundant request such
        as "forget this class") and has at most 20,000 samples -> ``deepfool``: the boundary samples of the class.
        Measured on digits class 3, 10% coreset, ``grad_diff``, 3 seeds: mean Avg.Gap to the gold model 0.0017
@@ -57,6 +58,9 @@ class AutoSelector(Selector):
         >>> core.info["chose"], core.info["why"]
     """
 
+    #: picks by the task's capabilities; the selector it picks checks its own requirements.
+    requires = frozenset({Capability.LOSS})
+
     distributed_merge = "central"
     central_reason = "chooses from whole-forget-set statistics (size, label share), then runs its choice once in the driver"
 
@@ -64,8 +68,10 @@ class AutoSelector(Selector):
         n = len(forget)
         if budget >= n:
             return "full", f"the budget ({budget}) covers the whole forget set ({n})"
-        if task.name != "classification":
-            return "el2n", f"task {task.name!r} is not a classifier: el2n scores answer tokens with forward passes only"
+        if not task.provides(Capability.LOGITS):
+            return "loss", f"task {task.name!r} has no logits: loss scores the per-sample objective with forward passes only"
+        if not task.provides(Capability.LABELS):
+            return "el2n", f"task {task.name!r} has no class label per sample: el2n scores its prediction units with forward passes only"
         share = forget_label_share(forget, task)
         if share is not None and share >= CLASS_LIKE_SHARE and n <= DEEPFOOL_MAX_FORGET:
             return "deepfool", (

@@ -19,7 +19,7 @@ from erasus_ray.checks import check_int, check_real
 from erasus_ray.data import IdDataset, as_id_dataset, make_loader
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.registry import Registry
-from erasus_ray.tasks import Task, get_task
+from erasus_ray.tasks import Capability, Task, capability_set, get_task, require
 from erasus_ray.utils import model_device
 
 SELECTORS: Registry["Selector"] = Registry("selector")
@@ -101,9 +101,27 @@ class Selector:
     central_reason: ClassVar[str] = ""
     #: Whether a larger (``"max"``) or smaller (``"min"``) :meth:`set_objective` is better; None: no set objective.
     objective_sense: ClassVar[str | None] = None
+    #: The task capabilities this selector reads (:class:`~erasus_ray.tasks.Capability`; ``loss`` is always
+    #: included). Parsed at class definition (a misspelt name fails at import) and checked at the start of
+    #: :meth:`select` (:meth:`check_task`), before any forward pass.
+    requires: ClassVar[frozenset[Capability]] = frozenset({Capability.LOSS})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.requires = capability_set(cls.requires, f"selector {cls.__name__}.requires") | {Capability.LOSS}
 
     def __init__(self, batch_size: int = 128) -> None:
         self.batch_size = int(batch_size)
+
+    def requirements(self) -> frozenset[Capability]:
+        """What this configured instance reads: the class's ``requires``, refined where a parameter changes it (an
+        ``embedding="gradient"`` geometry selector also reads logits)."""
+        return type(self).requires
+
+    def check_task(self, task: Task) -> None:
+        """Raise :class:`~erasus_ray.tasks.CapabilityError` naming this selector, the task and what is missing
+        unless ``task`` provides :meth:`requirements`. Cost: a set difference."""
+        require(task, self.requirements(), algorithm=f"selector {self.name!r}")
 
     def set_objective(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> Callable[[np.ndarray], float]:
         """``f(ids)``: the selector's objective of a candidate coreset (dataset ids of ``forget``) evaluated on the
@@ -129,6 +147,7 @@ class Selector:
             raise InvalidDataError("the forget set is empty: nothing to select")
         budget = resolve_budget(len(forget), k, fraction)
         task = get_task(task, model)
+        self.check_task(task)
         was_training = model.training
         model.eval()
         try:

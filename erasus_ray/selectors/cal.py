@@ -14,7 +14,7 @@ from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors._embeddings import feature_matrix, output_distributions, pairwise_distances
 from erasus_ray.selectors._reference import reference_set
 from erasus_ray.selectors.base import SELECTORS, Coreset, ScoreSelector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 
 def cal_scores(
@@ -71,6 +71,9 @@ class CALSelector(ScoreSelector):
         >>> coreset = CALSelector(k_neighbors=10).select(model, forget_loader, fraction=0.1, retain=retain_loader)
         >>> coreset.info["reference"]
     """
+
+    #: feature neighbours and their predictive distributions.
+    requires = frozenset({Capability.LOGITS, Capability.FEATURES})
 
     default_order = "high"
     #: The fallback pool (the rest of the forget set) depends on the whole forget set: run centrally.

@@ -15,7 +15,7 @@ from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors._embeddings import _chunk_rows, output_distributions, rows_of, symmetric_kl_to
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
 from erasus_ray.selectors.k_center import geometric_coreset, greedy_k_center
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 
 def kl_medoid(p: torch.Tensor, eps: float = 1e-12) -> int:
@@ -48,6 +48,9 @@ class ContextualDiversitySelector(Selector):
         >>> coreset = ContextualDiversitySelector().select(model, forget_loader, fraction=0.1)
         >>> coreset.info["objective"]
     """
+
+    #: symmetric KL between predictive distributions.
+    requires = frozenset({Capability.LOGITS})
 
     def __init__(self, batch_size: int = 128, start: str = "medoid", eps: float = 1e-12) -> None:
         super().__init__(batch_size=batch_size)

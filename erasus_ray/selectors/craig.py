@@ -11,10 +11,10 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.selectors._embeddings import Similarity, check_embedding, embed, rows_of, score_map, to_numpy_ids
+from erasus_ray.selectors._embeddings import EMBEDDING_NEEDS, Similarity, check_embedding, embed, rows_of, score_map, to_numpy_ids
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
 from erasus_ray.selectors.submodular import OPTIMIZERS, FacilityLocation, greedy_scores, maximize
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 
 def cluster_sizes(sim: Similarity, rows: list[int]) -> np.ndarray:
@@ -51,6 +51,9 @@ class CraigSelector(Selector):
         >>> coreset.weights.sum() == len(forget)  # cluster sizes
     """
 
+    #: embedding='gradient' (default): last-layer gradients (softmax error x features); 'features': features only.
+    requires = frozenset({Capability.LOGITS, Capability.FEATURES})
+
     def __init__(
         self,
         batch_size: int = 128,
@@ -68,6 +71,10 @@ class CraigSelector(Selector):
         self.epsilon = float(epsilon)
         self.max_dense = int(max_dense)
         self.proj_dim = proj_dim
+
+    def requirements(self) -> frozenset[Capability]:
+        """What its ``embedding`` reads (:data:`~erasus_ray.selectors._embeddings.EMBEDDING_NEEDS`)."""
+        return EMBEDDING_NEEDS[self.embedding]
 
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
         x = embed(model, forget, task, self.embedding, self.batch_size, seed=seed, proj_dim=self.proj_dim)

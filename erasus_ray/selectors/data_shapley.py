@@ -12,9 +12,9 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.selectors._reference import labels_and_features, reference_set, require_classification
+from erasus_ray.selectors._reference import labels_and_features, reference_set
 from erasus_ray.selectors.base import SELECTORS, Coreset, ScoreSelector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 METHODS = ("knn", "tmc")
 POOLS = ("forget+reference", "forget")
@@ -137,12 +137,14 @@ class DataShapleySelector(ScoreSelector):
         >>> DataShapleySelector(method="tmc", num_permutations=500).select(model, forget, k=10, validation=val)
     """
 
+    #: KNN-Shapley over features with one class label per sample (the units' targets).
+    requires = frozenset({Capability.LOGITS, Capability.LABELS, Capability.FEATURES})
+
     default_order = "low"
     needs_retain: ClassVar[bool] = True
     #: Shapley values depend on every player: run centrally.
     distributed_merge = "central"
     central_reason = "a Shapley value depends on every player: all forget samples are valued together"
-    supported_tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
     def __init__(
         self,
@@ -176,7 +178,6 @@ class DataShapleySelector(ScoreSelector):
         self.tolerance = float(tolerance)
 
     def _values(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, context: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-        require_classification(self.name, task)
         ref = reference_set(self.name, context, self.validation, seed=seed, max_size=self.max_reference)
         assert ref is not None
         ref = ref.exclude(forget.ids) if ref.base is forget.base else ref

@@ -12,9 +12,8 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError, TaskMismatchError
-from erasus_ray.selectors._reference import require_classification
 from erasus_ray.selectors.base import SELECTORS, ScoreSelector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 from erasus_ray.utils import model_device
 
 
@@ -81,8 +80,9 @@ class DeepFoolSelector(ScoreSelector):
     class 3, 0.028 on random10): ``"low"``: class 3: 0.0017 (the best
     measured there), random10: 0.066; ``"high"``: class 3: 0.017.
 
-    Classifiers with float inputs only: an LM's inputs are discrete token ids, so the selector raises
-    :class:`~erasus_ray.errors.TaskMismatchError` naming itself for any other task.
+    Tasks with one class label per sample (``requires``: logits and labels) and float inputs only: an LM's inputs
+    are discrete token ids; any other task is refused with a :class:`~erasus_ray.tasks.CapabilityError` (a
+    :class:`~erasus_ray.errors.TaskMismatchError`) naming the selector, before any forward pass.
 
     Cost: per batch and DeepFool step, one forward and ``C`` (number of classes) backward passes w.r.t. the inputs;
     at most ``max_iter`` steps (a few on a trained MLP).
@@ -91,9 +91,11 @@ class DeepFoolSelector(ScoreSelector):
         >>> coreset = DeepFoolSelector().select(model, forget_loader, fraction=0.1)
     """
 
+    #: distance to the decision boundary between class logits of one sample.
+    requires = frozenset({Capability.LOGITS, Capability.LABELS})
+
     default_order = "low"
     forward_only = False
-    supported_tasks = ("classification",)
 
     def __init__(self, batch_size: int = 128, order: str | None = None, max_iter: int = 50, overshoot: float = 0.02) -> None:
         super().__init__(batch_size=batch_size, order=order)
@@ -105,7 +107,6 @@ class DeepFoolSelector(ScoreSelector):
         self.overshoot = float(overshoot)
 
     def score(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> np.ndarray:
-        require_classification(self.name, task)
         device = model_device(model)
         requires = [p.requires_grad for p in model.parameters()]
         for p in model.parameters():  # gradients w.r.t. the inputs only

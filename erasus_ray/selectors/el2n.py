@@ -11,7 +11,7 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.selectors.base import SELECTORS, ScoreSelector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 from erasus_ray.utils import clone_model
 
 
@@ -32,6 +32,9 @@ class EL2NSelector(ScoreSelector):
     Example:
         >>> coreset = EL2NSelector().select(model, forget_loader, fraction=0.1, seed=0)
     """
+
+    #: ||softmax(logits) - onehot(target)|| (sample_el2n).
+    requires = frozenset({Capability.LOGITS})
 
     default_order = "high"
 

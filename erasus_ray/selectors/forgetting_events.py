@@ -14,7 +14,7 @@ from erasus_ray.data import IdDataset, as_id_dataset, make_loader
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.selectors._reference import union_with_ids
 from erasus_ray.selectors.base import SELECTORS, Coreset, ScoreSelector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 from erasus_ray.training import make_optimizer
 from erasus_ray.utils import model_device, seed_everything
 
@@ -62,6 +62,9 @@ class ForgettingEventsSelector(ScoreSelector):
         >>> coreset = ForgettingEventsSelector().select(model, forget, k=20, dynamics={7: [0, 1, 0, 1], 9: [1, 1, 1, 1]})
         >>> ForgettingEventsSelector(model_factory=make_model, epochs=10).select(model, forget, k=20, retain=retain)
     """
+
+    #: counts accuracy flips (sample_accuracy) while training a copy.
+    requires = frozenset({Capability.LOGITS})
 
     default_order = "high"
     forward_only = False

@@ -16,7 +16,7 @@ from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors._embeddings import _batches, _features_of, gradient_factors, score_map, to_numpy_ids
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
 from erasus_ray.selectors.submodular import greedy_scores, maximize
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 
 class _ValidationSet:
@@ -139,6 +139,9 @@ class GlisterSelector(Selector):
         >>> coreset = GlisterSelector().select(model, forget_loader, fraction=0.1, retain=retain_loader)
         >>> coreset.info["validation_loss_after"]
     """
+
+    #: last-layer gradient factors (softmax error x features) against a validation set; a head's bias where declared.
+    requires = frozenset({Capability.LOGITS, Capability.FEATURES})
 
     #: Like ``Strategy.needs_retain``: ``select`` needs ``retain=`` (or ``validation=``) context.
     needs_retain: ClassVar[bool] = True

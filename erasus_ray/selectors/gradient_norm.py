@@ -16,7 +16,7 @@ from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors._checks import require_gradients, torch_func_errors
 from erasus_ray.selectors._factored import factored_grad_sq_norms, factored_supported
 from erasus_ray.selectors.base import SELECTORS, ScoreSelector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 from erasus_ray.utils import model_device
 
 
@@ -106,6 +106,9 @@ class GradientNormSelector(ScoreSelector):
     Example:
         >>> coreset = GradientNormSelector(scope="last").select(model, forget_loader, k=20)
     """
+
+    #: per-sample gradient norms (vmap or layer factors: a sample's loss evaluated alone).
+    requires = frozenset({Capability.INDEPENDENT})
 
     default_order = "high"
     forward_only = False

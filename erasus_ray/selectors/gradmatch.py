@@ -14,9 +14,9 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.selectors._embeddings import check_embedding, embed, rows_of, to_numpy_ids
+from erasus_ray.selectors._embeddings import EMBEDDING_NEEDS, check_embedding, embed, rows_of, to_numpy_ids
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 
 def nnls_gram(gram: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
@@ -86,6 +86,9 @@ class GradMatchSelector(Selector):
         >>> coreset.info["objective"]  # relative gradient-matching error
     """
 
+    #: embedding='gradient' (default): last-layer gradients (softmax error x features); 'features': features only.
+    requires = frozenset({Capability.LOGITS, Capability.FEATURES})
+
     def __init__(self, batch_size: int = 128, embedding: str = "gradient", lam: float = 1e-4, proj_dim: int | None = None) -> None:
         super().__init__(batch_size=batch_size)
         self.embedding = check_embedding(embedding)
@@ -93,6 +96,10 @@ class GradMatchSelector(Selector):
             raise InvalidConfigError(f"lam must be >= 0, got {lam!r}")
         self.lam = float(lam)
         self.proj_dim = proj_dim
+
+    def requirements(self) -> frozenset[Capability]:
+        """What its ``embedding`` reads (:data:`~erasus_ray.selectors._embeddings.EMBEDDING_NEEDS`)."""
+        return EMBEDDING_NEEDS[self.embedding]
 
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
         x = embed(model, forget, task, self.embedding, self.batch_size, seed=seed, proj_dim=self.proj_dim)

@@ -15,7 +15,7 @@ from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors._reference import union_with_ids
 from erasus_ray.selectors.base import SELECTORS, Coreset, ScoreSelector
 from erasus_ray.selectors.gradient_norm import GradientNormSelector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 from erasus_ray.training import TrainRecipe, train_model
 from erasus_ray.utils import model_device
 
@@ -55,6 +55,9 @@ class GraNdEnsembleSelector(ScoreSelector):
     Example:
         >>> GraNdEnsembleSelector(model_factory=make_model, num_models=4, epochs=3).select(model, forget, k=20, retain=retain)
     """
+
+    #: per-sample gradient norms of briefly trained copies.
+    requires = frozenset({Capability.INDEPENDENT})
 
     default_order = "high"
     forward_only = False

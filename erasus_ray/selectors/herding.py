@@ -12,10 +12,10 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.selectors._embeddings import Similarity, check_embedding, embed, rows_of
+from erasus_ray.selectors._embeddings import EMBEDDING_NEEDS, Similarity, check_embedding, embed, rows_of
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
 from erasus_ray.selectors.k_center import geometric_coreset
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 
 def herd_linear(x: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
@@ -91,6 +91,9 @@ class HerdingSelector(Selector):
         >>> coreset.info["objective"]  # ||mean(chosen) - mean(forget)||
     """
 
+    #: embedding='features' (default); 'gradient' also reads logits (see requirements()).
+    requires = frozenset({Capability.FEATURES})
+
     def __init__(self, batch_size: int = 128, embedding: str = "features", kernel: str = "linear", proj_dim: int | None = None) -> None:
         super().__init__(batch_size=batch_size)
         self.embedding = check_embedding(embedding)
@@ -98,6 +101,10 @@ class HerdingSelector(Selector):
             raise InvalidConfigError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
         self.kernel = kernel
         self.proj_dim = proj_dim
+
+    def requirements(self) -> frozenset[Capability]:
+        """What its ``embedding`` reads (:data:`~erasus_ray.selectors._embeddings.EMBEDDING_NEEDS`)."""
+        return EMBEDDING_NEEDS[self.embedding]
 
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
         x = embed(model, forget, task, self.embedding, self.batch_size, seed=seed, proj_dim=self.proj_dim)

@@ -59,7 +59,7 @@ from erasus_ray.selectors._per_sample import (
 )
 from erasus_ray.selectors.base import SELECTORS, ScoreSelector, SharedState
 from erasus_ray.selectors.gradient_norm import trainable_params
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 from erasus_ray.tasks.base import TaskOutput
 from erasus_ray.utils import model_device
 
@@ -212,6 +212,9 @@ class InfluenceSelector(ScoreSelector):
         >>> coreset = sel.select(model, forget_loader, retain=retain_loader, fraction=0.1, seed=0)
         >>> coreset.info["hessian_data"], coreset.info["ihvp"]
     """
+
+    #: per-sample gradients under vmap, and head / Gauss-Newton / Fisher curvature from the logits.
+    requires = frozenset({Capability.LOGITS, Capability.INDEPENDENT})
 
     default_order = "high"
     forward_only = False

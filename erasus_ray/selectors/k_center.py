@@ -12,6 +12,7 @@ from torch import nn
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors._embeddings import (
+    EMBEDDING_NEEDS,
     check_embedding,
     distances_to,
     embed,
@@ -22,7 +23,7 @@ from erasus_ray.selectors._embeddings import (
     to_numpy_ids,
 )
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 
 def greedy_k_center(dist_to: Callable[[int], torch.Tensor], n: int, k: int, first: int) -> tuple[list[int], torch.Tensor, float]:
@@ -82,6 +83,9 @@ class KCenterSelector(Selector):
         >>> coreset.info["objective"]  # covering radius in feature space
     """
 
+    #: embedding='features' (default); 'gradient' also reads logits (see requirements()).
+    requires = frozenset({Capability.FEATURES})
+
     def __init__(self, batch_size: int = 128, embedding: str = "features", start: str = "medoid", proj_dim: int | None = None) -> None:
         super().__init__(batch_size=batch_size)
         self.embedding = check_embedding(embedding)
@@ -89,6 +93,10 @@ class KCenterSelector(Selector):
             raise InvalidConfigError(f"start must be 'medoid' or 'first', got {start!r}")
         self.start = start
         self.proj_dim = proj_dim
+
+    def requirements(self) -> frozenset[Capability]:
+        """What its ``embedding`` reads (:data:`~erasus_ray.selectors._embeddings.EMBEDDING_NEEDS`)."""
+        return EMBEDDING_NEEDS[self.embedding]
 
     def first_row(self, x: torch.Tensor, seed: int) -> int:
         return medoid_index(x) if self.start == "medoid" else 0

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from erasus_ray.data import IdDataset
-from erasus_ray.selectors._embeddings import check_embedding, distances_to, embed, pairwise_distances, rows_of
+from erasus_ray.selectors._embeddings import EMBEDDING_NEEDS, check_embedding, distances_to, embed, pairwise_distances, rows_of
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
 from erasus_ray.selectors.k_center import geometric_coreset
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 
 def kmeans_pp_seeding(x: torch.Tensor, k: int, rng: np.random.Generator) -> tuple[list[int], torch.Tensor, float]:
@@ -65,10 +65,17 @@ class KMeansPPSelector(Selector):
         >>> coreset.info["objective"]
     """
 
+    #: embedding='features' (default); 'gradient' also reads logits (see requirements()).
+    requires = frozenset({Capability.FEATURES})
+
     def __init__(self, batch_size: int = 128, embedding: str = "features", proj_dim: int | None = None) -> None:
         super().__init__(batch_size=batch_size)
         self.embedding = check_embedding(embedding)
         self.proj_dim = proj_dim
+
+    def requirements(self) -> frozenset[Capability]:
+        """What its ``embedding`` reads (:data:`~erasus_ray.selectors._embeddings.EMBEDDING_NEEDS`)."""
+        return EMBEDDING_NEEDS[self.embedding]
 
     def _select(self, model: nn.Module, forget: IdDataset, task: Task, budget: int, seed: int, **context: Any) -> Coreset:
         x = embed(model, forget, task, self.embedding, self.batch_size, seed=seed, proj_dim=self.proj_dim)

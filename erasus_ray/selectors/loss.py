@@ -11,7 +11,7 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.selectors.base import SELECTORS, ScoreSelector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 
 @SELECTORS.register("loss")
@@ -32,6 +32,9 @@ class LossSelector(ScoreSelector):
         >>> coreset = LossSelector().select(model, forget_loader, fraction=0.1)
         >>> ErasusUnlearner(model, selector="loss", fraction=0.1).fit(forget_loader, retain_loader)
     """
+
+    #: the per-sample loss: any task.
+    requires = frozenset({Capability.LOSS})
 
     default_order = "high"
 

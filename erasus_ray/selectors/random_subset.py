@@ -9,7 +9,7 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 
 @SELECTORS.register("random")
@@ -23,6 +23,9 @@ class RandomSelector(Selector):
         >>> coreset = RandomSelector().select(model, forget_loader, fraction=0.1, seed=0)
     """
 
+    #: model-free: any task.
+    requires = frozenset({Capability.LOSS})
+
     distributed_merge = "central"
     central_reason = "no model pass: one seeded draw over all forget ids, nothing worth sharding"
 
@@ -35,6 +38,9 @@ class RandomSelector(Selector):
 @SELECTORS.register("full")
 class FullSelector(Selector):
     """The whole forget set (no coreset): the reference every coreset is compared with."""
+
+    #: model-free: any task.
+    requires = frozenset({Capability.LOSS})
 
     distributed_merge = "central"
     central_reason = "no model pass: the whole forget set, nothing to select"

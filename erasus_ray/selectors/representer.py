@@ -12,7 +12,7 @@ from torch import nn
 from erasus_ray.data import IdDataset, as_id_dataset
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors.base import SELECTORS, Coreset, ScoreSelector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 from erasus_ray.tasks.base import TaskOutput
 from erasus_ray.utils import model_device
 
@@ -50,6 +50,9 @@ class RepresenterSelector(ScoreSelector):
         >>> coreset = sel.select(model, forget_loader, retain=retain_loader, fraction=0.1)
         >>> coreset.scores  # id -> ||alpha_i|| * ||f_i||
     """
+
+    #: representer values: the loss gradient w.r.t. the logits times the features.
+    requires = frozenset({Capability.LOGITS, Capability.FEATURES})
 
     default_order = "high"
     forward_only = True

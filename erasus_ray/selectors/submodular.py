@@ -16,9 +16,9 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.selectors._embeddings import Similarity, check_embedding, embed, rows_of, score_map, to_numpy_ids
+from erasus_ray.selectors._embeddings import EMBEDDING_NEEDS, Similarity, check_embedding, embed, rows_of, score_map, to_numpy_ids
 from erasus_ray.selectors.base import SELECTORS, Coreset, Selector
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 FUNCTIONS = ("facility_location", "graph_cut", "log_det")
 OPTIMIZERS = ("naive", "lazy", "stochastic")
@@ -218,6 +218,9 @@ class SubmodularSelector(Selector):
         >>> coreset = sel.select(model, forget_loader, fraction=0.1)
     """
 
+    #: embedding='features' (default); 'gradient' also reads logits (see requirements()).
+    requires = frozenset({Capability.FEATURES})
+
     def __init__(
         self,
         batch_size: int = 128,
@@ -251,6 +254,10 @@ class SubmodularSelector(Selector):
         self.graph_cut_lambda = float(graph_cut_lambda)
         self.max_dense = int(max_dense)
         self.proj_dim = proj_dim
+
+    def requirements(self) -> frozenset[Capability]:
+        """What its ``embedding`` reads (:data:`~erasus_ray.selectors._embeddings.EMBEDDING_NEEDS`)."""
+        return EMBEDDING_NEEDS[self.embedding]
 
     def run(self, x: torch.Tensor, budget: int, seed: int) -> tuple[SetFunction, list[int], list[float], int]:
         """Greedy on an embedding ``x`` ``[n, d]`` (rows sorted by id): ``(function, rows, gains, evaluations)``."""

@@ -15,7 +15,7 @@ from erasus_ray.selectors._checks import probe_batch
 from erasus_ray.selectors._per_sample import GaussianProjector, iter_per_sample_grads, mean_grad, require_gradients
 from erasus_ray.selectors.base import SELECTORS, ScoreSelector, SharedState
 from erasus_ray.selectors.gradient_norm import trainable_params
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 from erasus_ray.utils import clone_model, model_device
 
 TARGETS = ("self", "forget", "retain")
@@ -52,6 +52,9 @@ class TracInSelector(ScoreSelector):
         >>> coreset = TracInSelector(checkpoints=ckpts).select(model, forget_loader, fraction=0.1, seed=0)
         >>> coreset.scores  # id -> TracIn self-influence
     """
+
+    #: per-sample gradients under vmap (a sample's loss evaluated alone).
+    requires = frozenset({Capability.INDEPENDENT})
 
     default_order = "high"
     forward_only = False

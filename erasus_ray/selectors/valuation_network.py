@@ -12,10 +12,10 @@ from torch import nn
 
 from erasus_ray.data import IdDataset, make_loader
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
-from erasus_ray.selectors._reference import reference_set, require_classification
+from erasus_ray.selectors._reference import reference_set
 from erasus_ray.selectors.base import SELECTORS, Coreset, ScoreSelector
 from erasus_ray.selectors.data_shapley import knn_shapley
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 from erasus_ray.utils import model_device
 
 FEATURE_NAMES = ("loss", "el2n", "last_layer_grad_norm", "entropy", "margin", "max_prob")
@@ -90,6 +90,10 @@ class ValuationNetworkSelector(ScoreSelector):
         >>> ValuationNetworkSelector(reference=valued_ds, targets={7: 0.3, 8: -0.1, ...}).select(model, forget, k=20)
     """
 
+    #: loss/confidence statistics and features, and class labels as the targets it learns unless ``targets`` are
+    #: given to the constructor (see requirements(); targets passed to ``select`` do not lift the check).
+    requires = frozenset({Capability.LOGITS, Capability.LABELS, Capability.FEATURES})
+
     default_order = "low"
     forward_only = False
     needs_retain: ClassVar[bool] = True
@@ -97,7 +101,6 @@ class ValuationNetworkSelector(ScoreSelector):
     central_reason = ("fits one value network on the reference set (KNN-Shapley targets over the whole reference "
                       "pool) before scoring; scoring alone would shard, the fit would repeat per shard")
     #: With the default (KNN-Shapley) targets; any task with ``targets=``.
-    supported_tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
     def __init__(
         self,
@@ -131,13 +134,15 @@ class ValuationNetworkSelector(ScoreSelector):
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
 
+    def requirements(self) -> frozenset[Capability]:
+        """Class labels are the targets it learns, unless the constructor was given ``targets``."""
+        return type(self).requires - {Capability.LABELS} if self.targets is not None else type(self).requires
+
     def _inputs(self, stats: torch.Tensor, emb: torch.Tensor, proj_on: bool) -> torch.Tensor:
         return torch.cat([stats, emb], 1) if proj_on else stats
 
     def fit_predict(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, context: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         targets = context.get("targets") if context.get("targets") is not None else self.targets
-        if targets is None:
-            require_classification(self.name, task)
         ref = reference_set(self.name, context, self.reference, keys=("reference", "validation"), seed=seed, max_size=self.max_reference)
         assert ref is not None
         if ref.base is forget.base:

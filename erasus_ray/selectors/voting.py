@@ -11,7 +11,7 @@ from torch import nn
 from erasus_ray.data import IdDataset
 from erasus_ray.selectors._ensemble import EnsembleSelector, borda_points, has_full_scores, run_member
 from erasus_ray.selectors.base import SELECTORS, Coreset
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 
 @SELECTORS.register("voting")
@@ -36,6 +36,9 @@ class VotingSelector(EnsembleSelector):
         >>> VotingSelector(selectors=["el2n", ("active_learning", {"criterion": "margin"})]).select(model, forget, k=20)
         >>> ErasusUnlearner(model, selector="voting", selector_kwargs={"selectors": ["el2n", "loss"]}, fraction=0.1)
     """
+
+    #: nothing of its own: requirements() is the union of its members'.
+    requires = frozenset({Capability.LOSS})
 
     default_members = ("el2n", "active_learning", "k_center")
 

@@ -13,7 +13,7 @@ from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors._ensemble import EnsembleSelector, has_full_scores, minmax, oriented_scores, run_member
 from erasus_ray.selectors.base import SELECTORS, Coreset
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 
 @SELECTORS.register("weighted_fusion")
@@ -37,6 +37,9 @@ class WeightedFusionSelector(EnsembleSelector):
     Example:
         >>> WeightedFusionSelector(selectors=["el2n", "gradient_norm"], weights=[0.7, 0.3]).select(model, forget, k=20)
     """
+
+    #: nothing of its own: requirements() is the union of its members'.
+    requires = frozenset({Capability.LOSS})
 
     default_members = ("el2n", "active_learning")
 

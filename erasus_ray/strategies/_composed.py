@@ -11,6 +11,7 @@ from torch import nn
 from erasus_ray.data import Batch
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import STRATEGIES, StepLoss, Strategy, UnlearnContext
+from erasus_ray.tasks import Capability
 
 
 class ComposedStrategy(Strategy):
@@ -30,11 +31,14 @@ class ComposedStrategy(Strategy):
         self._inner = inner
         # the runner reads these from the strategy it drives
         self.needs_retain = inner.needs_retain  # type: ignore[misc]
-        self.supported_tasks = inner.supported_tasks  # type: ignore[misc]
         self.setup_scope = inner.setup_scope  # type: ignore[misc]
 
+    def requirements(self) -> frozenset[Capability]:
+        """Its own ``requires`` and the objective's: it runs the objective's loss."""
+        return type(self).requires | self._inner.requirements()
+
     def hparams(self) -> dict[str, Any]:
-        return {k: v for k, v in super().hparams().items() if k not in ("needs_retain", "supported_tasks", "setup_scope")}
+        return {k: v for k, v in super().hparams().items() if k not in ("needs_retain", "setup_scope")}
 
     def setup(self, ctx: UnlearnContext) -> None:
         self._inner.setup(ctx)

@@ -26,6 +26,7 @@ from erasus_ray.config_files import field_names
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.runner_io import RunnerConfig
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, refuse_driver_only
+from erasus_ray.tasks import Capability
 from erasus_ray.utils import seed_everything
 
 if TYPE_CHECKING:
@@ -105,15 +106,6 @@ def make_stages(specs: Iterable[Any], *, owner: str) -> list[Stage]:
     return stages
 
 
-def shared_supported_tasks(strategies: Sequence[Strategy]) -> tuple[str, ...] | None:
-    """The tasks every strategy supports (None: any task)."""
-    allowed: set[str] | None = None
-    for s in strategies:
-        if s.supported_tasks is not None:
-            allowed = set(s.supported_tasks) if allowed is None else allowed & set(s.supported_tasks)
-    return None if allowed is None else tuple(sorted(allowed))
-
-
 def stage_config(base: "RunnerConfig", stage: Stage, overrides: Mapping[str, Any]) -> "RunnerConfig":
     """The runner config of one inner run (precedence in the module docstring)."""
     updates: dict[str, Any] = {}
@@ -133,6 +125,7 @@ def run_stage(stage: Stage, ctx: UnlearnContext, runner: "LocalRunner") -> tuple
     """Run one inner strategy on ``ctx`` with a copy of ``runner``; returns (report, config used, seconds)."""
     if getattr(runner, "distributed", False):  # e.g. auto's run-time choice; construction checks the rest
         refuse_driver_only(stage.strategy, "a distributed runner (backend='ray_train')")
+    stage.strategy.check_task(ctx.task)  # auto's run-time choice; stages known at construction were checked then
     overrides = ctx.state.get("runner_overrides", {})
     config = stage_config(runner.config, stage, overrides)
     inner = copy.copy(runner)  # same runner type and scaling (local or Ray Train), another config
@@ -176,6 +169,11 @@ def merge_reports(
     )
 
 
+def union_requirements(parts: Iterable[Iterable[Capability]]) -> frozenset[Capability]:
+    """The capabilities any of ``parts`` needs: what a strategy running all of them reads."""
+    return frozenset().union(*parts)
+
+
 class _MetaBase(Strategy):
     """Base of strategies that run other strategies (they override :meth:`unlearn`, never :meth:`loss`).
 
@@ -187,6 +185,11 @@ class _MetaBase(Strategy):
     def inner_stages(self) -> list[Stage]:
         """The stages known at construction (``auto`` decides its one at run time: none)."""
         return []
+
+    def requirements(self) -> frozenset[Capability]:
+        """The union of this strategy's own ``requires`` and its stages' requirements (``auto``: its own only; the
+        strategy it picks is checked when it picks it)."""
+        return union_requirements([type(self).requires, *(s.strategy.requirements() for s in self.inner_stages())])
 
     def driver_only(self) -> str | None:
         for stage in self.inner_stages():

@@ -34,8 +34,7 @@ import torch
 from erasus_ray.data import Batch, IdDataset, make_loader
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import UnlearnContext
-from erasus_ray.tasks import TaskOutput
-from erasus_ray.tasks.causal_lm import CausalLMTask
+from erasus_ray.tasks import Capability, TaskOutput, require
 
 #: Refusal answers in the style of TOFU's ``idontknow.jsonl`` (Maini et al. 2024).
 DEFAULT_REFUSALS: tuple[str, ...] = (
@@ -47,8 +46,16 @@ DEFAULT_REFUSALS: tuple[str, ...] = (
 )
 
 
-def is_lm(ctx: UnlearnContext) -> bool:
-    return isinstance(ctx.task, CausalLMTask)
+#: What the preference objectives read: log-likelihoods of chosen and rejected responses (``sample_logprob``).
+#: Responses are token sequences on a task with ``tokens``, other labels on one with ``labels`` (checked in
+#: :func:`build_pairs`, which needs one of the two).
+PREFERENCE_NEEDS = frozenset({Capability.LOSS, Capability.LOGITS})
+
+
+def has_tokens(ctx: UnlearnContext) -> bool:
+    """Whether the task's samples are token sequences with a prompt/answer split (responses are tokens), rather
+    than inputs with a class label (responses are labels)."""
+    return ctx.task.provides(Capability.TOKENS)
 
 
 def sample_mean(out: TaskOutput, unit_values: torch.Tensor) -> torch.Tensor:
@@ -84,7 +91,7 @@ def iter_rows(ctx: UnlearnContext, dataset: IdDataset, batch_size: int = 64):
     """``(id, prompt, answer)`` for an LM or ``(id, x, label)`` for a classifier, over ``dataset`` in row order."""
     for batch in make_loader(dataset, ctx.task.collate, batch_size=batch_size):
         ids = batch.ids.tolist()
-        if is_lm(ctx):
+        if has_tokens(ctx):
             for i, (prompt, answer) in zip(ids, lm_rows(batch.data)):
                 yield i, prompt, answer
         else:
@@ -100,7 +107,7 @@ def chosen_batch(ctx: UnlearnContext, batch: Batch, responses: Sequence[Any]) ->
     """
     if len(responses) != len(batch):
         raise InvalidConfigError(f"{len(responses)} responses for a batch of {len(batch)}")
-    if is_lm(ctx):
+    if has_tokens(ctx):
         items = []
         for (prompt, _), resp in zip(lm_rows(batch.data), responses):
             seq = torch.cat([prompt, torch.as_tensor(list(resp), dtype=torch.long)])
@@ -218,7 +225,9 @@ def build_pairs(
     ``with_reference``, the current model's log-likelihoods of chosen and rejected responses (the reference)."""
     seed = int(ctx.seed)
     chosen: dict[int, list[Any]] = {}
-    if is_lm(ctx):
+    if not has_tokens(ctx):  # responses are then other labels
+        require(ctx.task, {Capability.LABELS}, algorithm="a preference objective on a task without 'tokens'")
+    if has_tokens(ctx):
         if source == "refusal":
             options = refusal_token_ids(ctx, refusals, tokenizer, refusal_ids)
             for fid, _, _ in iter_rows(ctx, ctx.forget):

@@ -21,6 +21,7 @@ from erasus_ray.strategies._inference import (
 )
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
 from erasus_ray.strategies.fisher_forgetting import retain_subset
+from erasus_ray.tasks import Capability
 
 if TYPE_CHECKING:
     from erasus_ray.runners.local import LocalRunner, RunReport
@@ -177,12 +178,14 @@ class ActivationSteering(Strategy):
         >>> res.model(x)     # steered logits; res.model.vector is v
     """
 
+    #: layer='auto' steers the input of the adapter's head module (another layer: loss only; see requirements()).
+    requires = frozenset({Capability.HEAD})
+
     needs_retain = True
     driver_only_reason = (
         "the steering vector is computed in the calling process (forward passes only) and applied at "
         "inference time"
     )
-    #: read by the LM registry contract (tests/test_strategies.py): its fixture forgets exchangeable random sequences.
     lm_contract_exempt_reason = (
         "a mean-difference direction needs a concept shared by the forget samples; the contract LM forgets 8 random "
         "sequences exchangeable with the retain ones (tests/test_strategies_edit.py uses a concept LM instead)"
@@ -208,6 +211,10 @@ class ActivationSteering(Strategy):
             raise InvalidConfigError(f"activation_steering: max_retain must be >= 1, got {max_retain!r}")
         self.max_retain = None if max_retain is None else int(max_retain)
         self.stats_batch_size = int(self.check_range("stats_batch_size", stats_batch_size, 1, 1e9))
+
+    def requirements(self) -> frozenset[Capability]:
+        """``layer="auto"`` reads the adapter's head module; a named layer is hooked on the model itself."""
+        return type(self).requires if self.layer == "auto" else frozenset({Capability.LOSS})
 
     def vector(self, ctx: UnlearnContext) -> tuple[torch.Tensor, str, bool, int]:
         """``(v, module name, steer its input, batches)`` for this context."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from erasus_ray.data import Batch
-from erasus_ray.strategies._preference import build_pairs, chosen_batch, retain_nll
+from erasus_ray.strategies._preference import PREFERENCE_NEEDS, build_pairs, chosen_batch, retain_nll
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.strategies.dpo import dpo_loss
 
@@ -51,6 +51,9 @@ class AltPO(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="altpo", selector=None, num_alternatives=2).fit(forget_data=f, retain_data=r)
     """
+
+    #: log-likelihoods of chosen/rejected responses (sample_logprob); pairs need tokens or labels (checked in setup).
+    requires = PREFERENCE_NEEDS
 
     setup_scope = "forget"  # per-id tables from the original model
 

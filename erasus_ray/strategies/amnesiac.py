@@ -16,7 +16,7 @@ from erasus_ray.data import Batch, as_id_dataset, make_loader
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.strategies.random_label import wrong_targets
-from erasus_ray.tasks import Task, TaskOutput
+from erasus_ray.tasks import Capability, Task, TaskOutput
 from erasus_ray.training import TrainRecipe, make_optimizer
 from erasus_ray.utils import model_device, model_hash, seed_everything
 
@@ -163,6 +163,9 @@ class Amnesiac(Strategy):
         >>> log = train_with_amnesiac_log(model, train, task, recipe)
         >>> ErasusUnlearner(model, strategy="amnesiac", selector=None, log=log).fit(forget_data=f, retain_data=r)
     """
+
+    #: relabels forget units with wrong targets (logits over classes/tokens).
+    requires = frozenset({Capability.LOGITS})
 
     needs_retain = True
     default_lr = 1e-3

@@ -15,6 +15,7 @@ from erasus_ray.data import IdDataset, make_loader
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
 from erasus_ray.strategies.fisher_forgetting import retain_subset
+from erasus_ray.tasks import Capability
 
 if TYPE_CHECKING:
     from erasus_ray.runners.local import LocalRunner, RunReport
@@ -158,13 +159,14 @@ class AttentionSurgery(Strategy):
         >>> res.report.history[0]     # pruned heads and their scores
     """
 
+    #: ranks the attention heads of a token-sequence model by their forget/retain loss importance.
+    requires = frozenset({Capability.TOKENS})
+
     needs_retain = True
     driver_only_reason = (
         "head scores and head zeroing are computed in the calling process; there are no optimizer steps to "
         "distribute"
     )
-    supported_tasks = ("causal_lm",)
-    #: read by the LM registry contract (tests/test_strategies.py).
     lm_contract_exempt_reason = (
         "head pruning removes a mechanism the forget samples share; the contract LM (1 block, 2 heads) forgets 8 "
         "random sequences that use the same heads as the retain ones (pruning the top head: forget loss 0.02 -> 0.18, "

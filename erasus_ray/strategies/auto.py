@@ -4,11 +4,12 @@ documented rule, and report which rule fired."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies._meta import MetaReport, Stage, _MetaBase, merge_reports, run_stage
 from erasus_ray.strategies.base import STRATEGIES, UnlearnContext
+from erasus_ray.tasks import Capability, capability_set
 
 if TYPE_CHECKING:
     from erasus_ray.runners.local import LocalRunner
@@ -34,7 +35,7 @@ class AutoChoice:
 
 
 def choose(
-    task: str,
+    capabilities: Iterable[Capability | str],
     n_forget: int,
     n_retain: int,
     *,
@@ -45,7 +46,8 @@ def choose(
     """The rule of :class:`Auto` (first match wins; see its docstring for why each branch picks what it picks).
 
     Args:
-        task: the task adapter's name (``"classification"``, ``"causal_lm"``, ...).
+        capabilities: what the task adapter declares (``task.capabilities``; the rule reads ``tokens``, ``labels``,
+            ``logits``).
         n_forget: size of the whole forget set (not the coreset).
         n_retain: size of the retain set (0 if none).
         can_retrain: the original training recipe is known (``recipe=`` given to the unlearner).
@@ -53,6 +55,7 @@ def choose(
         retrain_ratio: retrain exactly when ``n_retain <= retrain_ratio * n_forget`` and ``can_retrain``.
     """
     budget = _check_budget(budget)
+    caps = capability_set(capabilities, "auto: task capabilities")
     if budget == "exact":
         if n_retain == 0:
             raise InvalidConfigError("auto: budget='exact' retrains on the retain set, but no retain data was given")
@@ -73,29 +76,30 @@ def choose(
             reason=f"retain set ({n_retain}) <= {retrain_ratio:g} x forget set ({n_forget}) and the training recipe "
             "is known: retraining costs about as much as approximate unlearning here and is exact",
         )
-    elif task == "causal_lm":
+    elif {Capability.TOKENS, Capability.LOGITS} <= caps:
         choice = AutoChoice(
             "npo",
             {"beta": 0.1, "alpha": 1.0},
             rule="lm",
-            reason="causal LM with retain data: NPO+RT (Zhang et al. 2024, beta=0.1 as on TOFU) - its forget term is "
+            reason="token sequences (a language model) with retain data: NPO+RT (Zhang et al. 2024, beta=0.1 as on TOFU) - its forget term is "
             "bounded, so it avoids the collapse of gradient ascent on LMs",
         )
-    elif task == "classification":
+    elif {Capability.LABELS, Capability.LOGITS} <= caps:
         choice = AutoChoice(
             "grad_diff",
             {"gamma": 1.0, "alpha": 1.0, "forget_loss_cap": "uniform"},
             rule="classifier",
-            reason="classifier with retain data: grad_diff with its forget loss capped at log C, measured to reach "
+            reason="class labels with retain data (a classifier): grad_diff with its forget loss capped at log C, measured to reach "
             "forget accuracy 0 at retain accuracy 0.99 on digits",
         )
     else:
+        capped = Capability.LOGITS in caps  # the log C cap reads C off the logits
         choice = AutoChoice(
             "grad_diff",
-            {"gamma": 1.0, "alpha": 1.0, "forget_loss_cap": "uniform"},
+            {"gamma": 1.0, "alpha": 1.0, "forget_loss_cap": "uniform" if capped else None},
             rule="other_task",
-            reason=f"task {task!r} with retain data: grad_diff only needs per-sample losses, so it applies to any "
-            "task adapter",
+            reason=f"a task with {', '.join(sorted(map(str, caps)))} and retain data: grad_diff only needs per-sample "
+            "losses, so it applies to any task adapter" + ("" if capped else " (uncapped: the task has no logits)"),
         )
     default_epochs = STRATEGIES.get(choice.strategy).default_epochs
     if isinstance(budget, int):
@@ -130,9 +134,9 @@ class Auto(_MetaBase):
     1. ``exact``: ``budget="exact"`` -> ``retrain`` (an error without retain data).
     2. ``no_retain``: no retain data -> ``gradient_ascent`` (its defaults: lr 1e-4, 5 epochs).
     3. ``small_retain``: recipe known and ``n_retain <= retrain_ratio * n_forget`` -> ``retrain``.
-    4. ``lm``: task ``causal_lm`` -> ``npo`` (beta 0.1, alpha 1: NPO+RT).
-    5. ``classifier``: task ``classification`` -> ``grad_diff`` (forget loss capped at log C).
-    6. ``other_task``: any other task -> ``grad_diff``.
+    4. ``lm``: a task with ``tokens`` and ``logits`` (a causal LM) -> ``npo`` (beta 0.1, alpha 1: NPO+RT).
+    5. ``classifier``: a task with ``labels`` and ``logits`` -> ``grad_diff`` (forget loss capped at log C).
+    6. ``other_task``: any other task -> ``grad_diff`` (capped at log C where the task has logits, else uncapped).
 
     Why: NPO's bounded forget term avoids the catastrophic collapse of ascent on LMs (Zhang et al., COLM 2024);
     capped grad_diff reached forget accuracy 0 at retain accuracy 0.99 on digits; retraining costs
@@ -152,6 +156,9 @@ class Auto(_MetaBase):
         >>> result.report.choice["strategy"], result.report.choice["reason"]
     """
 
+    #: picks by the task's capabilities at run time; the strategy it picks is checked then.
+    requires = frozenset({Capability.LOSS})
+
     def __init__(self, budget: str | int = "balanced", retrain_ratio: float = 1.0) -> None:
         super().__init__()
         self.budget = _check_budget(budget)
@@ -166,7 +173,7 @@ class Auto(_MetaBase):
     def decide(self, ctx: UnlearnContext) -> AutoChoice:
         full = ctx.full_forget if ctx.full_forget is not None else ctx.forget
         return choose(
-            ctx.task.name,
+            ctx.task.capabilities,
             len(full),
             0 if ctx.retain is None else len(ctx.retain),
             can_retrain=ctx.recipe is not None,

@@ -25,7 +25,7 @@ from erasus_ray.checks import check_real
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.registry import Registry
 from erasus_ray.runner_io import RunnerConfig, RunReport
-from erasus_ray.tasks import Task, TaskOutput
+from erasus_ray.tasks import Capability, Task, TaskOutput, capability_set, require
 
 STRATEGIES: Registry["Strategy"] = Registry("strategy")
 
@@ -96,11 +96,17 @@ class Strategy:
     default_lr: ClassVar[float] = 1e-3
     default_epochs: ClassVar[int] = 10
     default_optimizer: ClassVar[str] = "adam"
-    #: Only for these task names (None: any task).
-    supported_tasks: ClassVar[tuple[str, ...] | None] = None
+    #: The task capabilities this strategy reads (:class:`~erasus_ray.tasks.Capability`; ``loss`` is always
+    #: included). Parsed at class definition (a misspelt name fails at import) and checked once against the task
+    #: at ``ErasusUnlearner`` construction / ``fit`` (:meth:`check_task`), before any training step.
+    requires: ClassVar[frozenset[Capability]] = frozenset({Capability.LOSS})
     #: Why the generic registry contract (a plain model + forget/retain sets) cannot run this strategy, e.g. it
     #: needs a SISA-trained ensemble or a convex head; such strategies carry their own method-specific tests.
     contract_exempt_reason: ClassVar[str | None] = None
+    #: Why the generic contract's token-sequence fixture (a tiny LM forgetting random sequences exchangeable with the
+    #: retain ones) cannot show this strategy's effect though the strategy runs on it (a concept-level method); its
+    #: own tests use a concept LM. Not a capability: the strategy does run on such a task.
+    lm_contract_exempt_reason: ClassVar[str | None] = None
     #: Why this strategy cannot run under a distributed runner (``backend="ray_train"``): it computes its update in
     #: the calling process instead of through ``runner.run`` (Fisher noise, SSD dampening, Newton steps, shard
     #: retraining). None: every optimizer step it takes goes through the runner. See :meth:`driver_only`.
@@ -118,9 +124,23 @@ class Strategy:
     #: unlearned, e.g. DExperts' anti-expert): it then runs its fixed defaults and is verified once. None: it can.
     closed_loop_reason: ClassVar[str | None] = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.requires = capability_set(cls.requires, f"strategy {cls.__name__}.requires") | {Capability.LOSS}
+
     def __init__(self, **hparams: Any) -> None:
         if hparams:
             raise InvalidConfigError(f"{self.name} got unknown hyperparameters: {sorted(hparams)}")
+
+    def requirements(self) -> frozenset[Capability]:
+        """What this configured instance reads: the class's ``requires``, refined where a hyperparameter changes it
+        (meta strategies: the union of their stages'; ``grad_diff`` without its ``log C`` cap needs no logits)."""
+        return type(self).requires
+
+    def check_task(self, task: Task) -> None:
+        """Raise :class:`~erasus_ray.tasks.CapabilityError` naming this strategy, the task and what is missing
+        unless ``task`` provides :meth:`requirements`. Cost: a set difference."""
+        require(task, self.requirements(), algorithm=f"strategy {self.name!r}")
 
     # --- hooks -----------------------------------------------------------------------------------------
     def setup(self, ctx: UnlearnContext) -> None:

@@ -13,6 +13,7 @@ from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies._inference import first_tensor, get_module, replace_first
 from erasus_ray.strategies.base import STRATEGIES, UnlearnContext
 from erasus_ray.strategies.grad_diff import GradDiff
+from erasus_ray.tasks import Capability
 
 if TYPE_CHECKING:
     from erasus_ray.runners.local import LocalRunner, RunReport
@@ -195,6 +196,9 @@ class CausalTracing(GradDiff):
         ...     forget_data=f, retain_data=r)
         >>> res.report.history[0]     # indirect effect of every traced layer; "edited" lists the chosen ones
     """
+
+    #: as grad_diff (its objective), plus hooks on the model's own layers; prompt spans where the data has them.
+    requires = frozenset({Capability.LOGITS})
 
     default_lr = 1e-3
     default_epochs = 20

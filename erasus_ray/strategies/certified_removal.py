@@ -15,7 +15,7 @@ from torch import nn
 from erasus_ray.data import IdDataset, as_id_dataset, make_loader
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
-from erasus_ray.tasks import Task, get_task
+from erasus_ray.tasks import Capability, Task, get_task, require
 
 if TYPE_CHECKING:
     from erasus_ray.runners.local import LocalRunner, RunReport
@@ -192,6 +192,10 @@ class CertifiedHead:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+#: A convex one-vs-rest head over frozen features: one class label per sample, the head's logits and its input.
+CERTIFIED_NEEDS = frozenset({Capability.LOGITS, Capability.LABELS, Capability.FEATURES, Capability.HEAD})
+
+
 def find_linear_head(model: nn.Module, task: Task, scope: str, head: str | None = None) -> tuple[str, nn.Linear]:
     """The model's linear head, refusing set-ups where the objective would not be convex.
 
@@ -200,8 +204,7 @@ def find_linear_head(model: nn.Module, task: Task, scope: str, head: str | None 
     """
     if scope not in ("head", "model"):
         raise InvalidConfigError(f"scope must be 'head' or 'model', got {scope!r}")
-    if task.name != "classification":
-        raise InvalidConfigError(f"certified_removal needs a classification task (a linear softmax head), got {task.name!r}")
+    require(task, CERTIFIED_NEEDS, algorithm="certified_removal")
     name = head if head is not None else getattr(task, "head", None)
     if name is None:
         name = ""
@@ -362,11 +365,13 @@ class CertifiedRemoval(Strategy):
         >>> res.report.info["epsilon"], res.report.info["residual_bound"]
     """
 
+    #: a convex one-vs-rest head over frozen features: one class label per sample, the head's logits.
+    requires = CERTIFIED_NEEDS
+
     needs_retain = True
     driver_only_reason = (
         "the Newton step on the convex head is computed in the calling process"
     )
-    supported_tasks = ("classification",)
     contract_exempt_reason = (
         "certified_removal needs a convex head fitted by train_certified_head (the exact optimum of the perturbed "
         "objective); its Newton-step and bound tests are in tests/test_strategies_data.py"

@@ -14,6 +14,7 @@ from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies._preference import retain_nll
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.strategies.npo import npo_loss
+from erasus_ray.tasks import Capability
 from erasus_ray.tasks.causal_lm import GreedyGenerate, accepts_position_ids
 
 
@@ -105,6 +106,9 @@ class DeltaUnlearning(Strategy):
         ...     forget_data=f, retain_data=r)
         >>> res.model  # OffsetModel(base=model, ...)
     """
+
+    #: NPO on logits combined from the base and the offset pair (sample_logprob).
+    requires = frozenset({Capability.LOGITS})
 
     setup_scope = "forget"  # per-id tables from the original model
 

@@ -13,6 +13,7 @@ from erasus_ray.data import Batch
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies._inference import InferenceWrapper, logits_of, sub_context, with_logits
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
+from erasus_ray.tasks import Capability
 
 if TYPE_CHECKING:
     from erasus_ray.runners.local import LocalRunner, RunReport
@@ -101,6 +102,9 @@ class DExperts(Strategy):
         >>> res = ErasusUnlearner(model, strategy="dexperts", selector=None, alpha=1.5).fit(forget_data=f, retain_data=r)
         >>> res.model(x)      # logits of the DExperts ensemble; res.model.base is the untouched original
     """
+
+    #: combines the base model's and the anti-expert's logits.
+    requires = frozenset({Capability.LOGITS})
 
     default_lr = 1e-3
     default_epochs = 5

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from erasus_ray.data import Batch
-from erasus_ray.strategies._preference import build_pairs, chosen_batch, retain_nll
+from erasus_ray.strategies._preference import PREFERENCE_NEEDS, build_pairs, chosen_batch, retain_nll
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 
 
@@ -54,6 +54,9 @@ class DPO(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="dpo", selector=None, beta=0.1).fit(forget_data=f, retain_data=r)
     """
+
+    #: log-likelihoods of chosen/rejected responses (sample_logprob); pairs need tokens or labels (checked in setup).
+    requires = PREFERENCE_NEEDS
 
     setup_scope = "forget"  # per-id tables from the original model
 

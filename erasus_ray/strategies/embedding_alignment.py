@@ -13,9 +13,10 @@ import torch
 
 from erasus_ray.data import Batch, make_loader
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.strategies._preference import is_lm, retain_nll
+from erasus_ray.strategies._preference import retain_nll
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.strategies.rmu import activations
+from erasus_ray.tasks import Capability
 
 
 def pooled(acts: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,9 @@ class EmbeddingAlignment(Strategy):
         >>> ErasusUnlearner(model, strategy="embedding_alignment", selector=None).fit(forget_data=f, retain_data=r)
     """
 
+    #: layer='auto' aligns the adapter's penultimate features (another layer: loss only; labels used where declared).
+    requires = frozenset({Capability.FEATURES})
+
     needs_retain = True
     default_lr = 3e-3
     default_epochs = 20
@@ -86,12 +90,16 @@ class EmbeddingAlignment(Strategy):
         self.layer = layer
         self.alpha = self.check_range("alpha", alpha, 0.0, 1e6)
 
+    def requirements(self) -> frozenset[Capability]:
+        """``layer="auto"`` reads the adapter's features; a named layer is hooked on the model itself."""
+        return type(self).requires if self.layer == "auto" else frozenset({Capability.LOSS})
+
     def _labels(self, ctx: UnlearnContext, dataset) -> tuple[list[int], list[int | None]]:
         ids: list[int] = []
         labels: list[int | None] = []
         for batch in make_loader(dataset, ctx.task.collate, batch_size=256):
             ids += batch.ids.tolist()
-            y = None if is_lm(ctx) else ctx.task.labels_of(batch.data)
+            y = ctx.task.labels_of(batch.data) if ctx.task.provides(Capability.LABELS) else None
             labels += [None] * len(batch) if y is None else [int(v) for v in y]
         return ids, labels
 

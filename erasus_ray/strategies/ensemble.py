@@ -12,11 +12,15 @@ from torch import nn
 
 from erasus_ray.data import make_loader
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.strategies._meta import MetaReport, Stage, _MetaBase, make_stages, merge_reports, run_stage, shared_supported_tasks
+from erasus_ray.strategies._meta import MetaReport, Stage, _MetaBase, make_stages, merge_reports, run_stage
 from erasus_ray.strategies.base import STRATEGIES, UnlearnContext
+from erasus_ray.tasks import Capability
 
 if TYPE_CHECKING:
     from erasus_ray.runners.local import LocalRunner
+
+#: What the built-in validation metrics read (per-sample accuracy).
+SELECT_METRIC_NEEDS = frozenset({Capability.LOGITS})
 
 #: Validation metric of ``mode="select"``: ``(model, ctx) -> float``, higher is better.
 Metric = Callable[[nn.Module, UnlearnContext], float]
@@ -122,6 +126,9 @@ class Ensemble(_MetaBase):
         ('average', ['grad_diff', 'npo'])
     """
 
+    #: nothing of its own: requirements() is the union of its members' (and logits for mode='select').
+    requires = frozenset({Capability.LOSS})
+
     def __init__(
         self,
         members: Sequence[Any] = ("grad_diff", "npo"),
@@ -155,7 +162,6 @@ class Ensemble(_MetaBase):
         inner = [m.strategy for m in self._members]
         self.needs_retain = any(s.needs_retain for s in inner)
         self.uses_forget = any(s.uses_forget for s in inner)
-        self.supported_tasks = shared_supported_tasks(inner)
 
     @property
     def members(self) -> list[Stage]:
@@ -163,6 +169,11 @@ class Ensemble(_MetaBase):
 
     def inner_stages(self) -> list[Stage]:
         return list(self._members)
+
+    def requirements(self) -> frozenset[Capability]:
+        """The members' requirements; ``mode="select"`` with a built-in metric also reads accuracies (logits)."""
+        scored = self.mode == "select" and isinstance(self.metric, str)
+        return super().requirements() | (SELECT_METRIC_NEEDS if scored else frozenset())
 
     def hparams(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ import torch
 
 from erasus_ray.data import Batch
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
+from erasus_ray.tasks import Capability
 
 
 @STRATEGIES.register("fine_tune")
@@ -19,6 +20,9 @@ class FineTune(Strategy):
 
     Cost: one forward+backward on a retain batch per step.
     """
+
+    #: the retain loss only.
+    requires = frozenset({Capability.LOSS})
 
     needs_retain = True
     uses_forget = False

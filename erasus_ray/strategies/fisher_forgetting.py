@@ -14,7 +14,7 @@ from erasus_ray.data import IdDataset, make_loader
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.selectors.gradient_norm import trainable_params
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
-from erasus_ray.tasks import Task
+from erasus_ray.tasks import Capability, Task
 
 if TYPE_CHECKING:
     from erasus_ray.runners.local import LocalRunner, RunReport
@@ -122,6 +122,9 @@ class FisherForgetting(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="fisher_forgetting", selector=None, alpha=1e-6).fit(forget_data=f, retain_data=r)
     """
+
+    #: a diagonal Fisher from per-sample gradients under vmap (a sample's loss evaluated alone).
+    requires = frozenset({Capability.INDEPENDENT})
 
     strength = ("alpha", 3.0)  # closed loop: more noise forgets more
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from erasus_ray.data import Batch
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.strategies._preference import DEFAULT_REFUSALS, build_pairs, chosen_batch, sample_mean
+from erasus_ray.strategies._preference import DEFAULT_REFUSALS, PREFERENCE_NEEDS, build_pairs, chosen_batch, sample_mean
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 
 # Variational f-divergence pieces (Nowozin, Cseke & Tomioka 2016, "f-GAN", Table 2): an output activation g* and the
@@ -69,6 +69,9 @@ class FLAT(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="flat", selector=None, divergence="kl").fit(forget_data=f)
     """
+
+    #: f-divergence over unit target probabilities of refusal/forget responses; pairs need tokens or labels.
+    requires = PREFERENCE_NEEDS
 
     needs_retain = False
     default_lr = 3e-4

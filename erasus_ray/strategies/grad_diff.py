@@ -10,6 +10,7 @@ import torch
 
 from erasus_ray.data import Batch
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
+from erasus_ray.tasks import Capability
 
 
 @STRATEGIES.register("grad_diff")
@@ -30,6 +31,9 @@ class GradDiff(Strategy):
     by the coreset, so a 10% coreset costs ~10% of the full-forget-set run.
     """
 
+    #: forget_loss_cap='uniform' (default) caps at log C, C read off the logits; another cap needs the loss only.
+    requires = frozenset({Capability.LOGITS})
+
     needs_retain = True
     default_lr = 1e-3
     default_epochs = 20
@@ -41,6 +45,10 @@ class GradDiff(Strategy):
         if forget_loss_cap is not None and forget_loss_cap != "uniform":
             forget_loss_cap = self.check_range("forget_loss_cap", forget_loss_cap, 0.0, 1e6, low_open=True)
         self.forget_loss_cap = forget_loss_cap
+
+    def requirements(self) -> frozenset[Capability]:
+        """The ``"uniform"`` cap is ``log C``, C read off the logits; a numeric cap or none needs the loss only."""
+        return type(self).requires if self.forget_loss_cap == "uniform" else frozenset({Capability.LOSS})
 
     def forget_term(self, ctx: UnlearnContext, forget: Batch) -> torch.Tensor:
         out = ctx.forward(forget)

@@ -9,6 +9,7 @@ import torch
 
 from erasus_ray.data import Batch
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
+from erasus_ray.tasks import Capability
 
 
 @STRATEGIES.register("gradient_ascent")
@@ -23,6 +24,9 @@ class GradientAscent(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="gradient_ascent", selector="el2n", fraction=0.1).fit(forget_data=f, retain_data=r)
     """
+
+    #: ascends the per-sample loss: any task.
+    requires = frozenset({Capability.LOSS})
 
     default_lr = 1e-4
     default_epochs = 5

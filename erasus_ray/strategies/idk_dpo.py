@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.strategies._preference import DEFAULT_REFUSALS
+from erasus_ray.strategies._preference import DEFAULT_REFUSALS, PREFERENCE_NEEDS
 from erasus_ray.strategies.base import STRATEGIES
 from erasus_ray.strategies.dpo import DPO
 
@@ -44,6 +44,9 @@ class IdkDPO(DPO):
     Example:
         >>> ErasusUnlearner(model, strategy="idk_dpo", selector=None, tokenizer=tok).fit(forget_data=f, retain_data=r)
     """
+
+    #: as dpo, with refusal answers (tokenised for a token task, other labels for a labelled one).
+    requires = PREFERENCE_NEEDS
 
     chosen_source = "refusal"
     default_lr = 3e-3

@@ -12,6 +12,7 @@ from torch import nn
 from erasus_ray.data import Batch
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.strategies.scrub import frozen_copy, sample_kl, teacher_logits
+from erasus_ray.tasks import Capability
 
 
 def incompetent_teacher(model: nn.Module, seed: int) -> nn.Module:
@@ -67,6 +68,9 @@ class KnowledgeDistillation(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="knowledge_distillation", selector=None).fit(forget_data=f, retain_data=r)
     """
+
+    #: KL between student and teacher logits.
+    requires = frozenset({Capability.LOGITS})
 
     needs_retain = True
     default_lr = 3e-3

@@ -9,6 +9,7 @@ import torch
 
 from erasus_ray.data import Batch
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
+from erasus_ray.tasks import Capability
 
 
 @STRATEGIES.register("l1_sparse")
@@ -37,6 +38,9 @@ class L1Sparse(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="l1_sparse", selector=None, gamma=5e-4).fit(forget_data=f, retain_data=r)
     """
+
+    #: retain loss plus an L1 penalty on the weights.
+    requires = frozenset({Capability.LOSS})
 
     needs_retain = True
     uses_forget = False

@@ -11,6 +11,7 @@ import torch
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies._composed import ComposedStrategy, freeze_except, unfreeze, weight_layers
 from erasus_ray.strategies.base import STRATEGIES, UnlearnContext
+from erasus_ray.tasks import Capability
 
 
 @STRATEGIES.register("layer_freezing")
@@ -41,6 +42,9 @@ class LayerFreezing(ComposedStrategy):
     Example:
         >>> ErasusUnlearner(model, strategy="layer_freezing", num_layers=1).fit(forget_data=f, retain_data=r)
     """
+
+    #: freezes layers of the model itself; requirements() adds its objective's.
+    requires = frozenset({Capability.LOSS})
 
     default_lr = 1e-3
     default_epochs = 20

@@ -14,6 +14,7 @@ from torch import nn
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies._composed import ComposedStrategy, freeze_except, unfreeze
 from erasus_ray.strategies.base import STRATEGIES, UnlearnContext
+from erasus_ray.tasks import Capability
 
 
 def _peft() -> Any:
@@ -79,6 +80,9 @@ class LoRAUnlearning(ComposedStrategy):
     Example:
         >>> ErasusUnlearner(model, strategy="lora_unlearning", rank=8, objective="npo").fit(forget_data=f, retain_data=r)
     """
+
+    #: adapters on the model's own Linear layers; requirements() adds its objective's.
+    requires = frozenset({Capability.LOSS})
 
     default_lr = 1e-2
     default_epochs = 20

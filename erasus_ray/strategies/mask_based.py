@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 from erasus_ray.strategies._composed import ComposedStrategy, freeze_except, unfreeze
 from erasus_ray.strategies.base import STRATEGIES, UnlearnContext
 from erasus_ray.strategies.lora_unlearning import _adaptable_modules
+from erasus_ray.tasks import Capability
 
 
 class BinaryMask(nn.Module):
@@ -60,6 +61,9 @@ class MaskBased(ComposedStrategy):
     Example:
         >>> ErasusUnlearner(model, strategy="mask_based", sparsity=0.1).fit(forget_data=f, retain_data=r)
     """
+
+    #: weight masks on the model's own layers; requirements() adds its objective's.
+    requires = frozenset({Capability.LOSS})
 
     default_lr = 1e-2
     default_epochs = 20

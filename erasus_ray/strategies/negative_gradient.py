@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from erasus_ray.strategies.base import STRATEGIES
 from erasus_ray.strategies.gradient_ascent import GradientAscent
+from erasus_ray.tasks import Capability
 
 
 @STRATEGIES.register("negative_gradient")
@@ -19,3 +20,6 @@ class NegativeGradient(GradientAscent):
     Example:
         >>> ErasusUnlearner(model, strategy="negative_gradient", selector=None).fit(forget_data=f)
     """
+
+    #: gradient ascent under its seed name: the per-sample loss only.
+    requires = frozenset({Capability.LOSS})

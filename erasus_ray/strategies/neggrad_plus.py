@@ -11,6 +11,7 @@ from erasus_ray.data import Batch
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
 from erasus_ray.strategies.grad_diff import GradDiff
+from erasus_ray.tasks import Capability
 
 
 @STRATEGIES.register("neggrad_plus")
@@ -38,6 +39,9 @@ class NegGradPlus(GradDiff):
     Example:
         >>> ErasusUnlearner(model, strategy="neggrad_plus", selector=None, beta=0.9).fit(forget_data=f, retain_data=r)
     """
+
+    #: as grad_diff: the default forget_loss_cap='uniform' reads C off the logits.
+    requires = frozenset({Capability.LOGITS})
 
     needs_retain = True
     default_lr = 1e-3

@@ -12,6 +12,7 @@ from erasus_ray.data import IdDataset, make_loader
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
 from erasus_ray.strategies.fisher_forgetting import retain_subset
+from erasus_ray.tasks import Capability
 
 if TYPE_CHECKING:
     from erasus_ray.runners.local import LocalRunner, RunReport
@@ -106,6 +107,9 @@ class NeuronPruning(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="neuron_pruning", prune_fraction=0.02, iterations=5).fit(forget_data=f, retain_data=r)
     """
+
+    #: hooks on the model's own layers over plain forward passes: any task.
+    requires = frozenset({Capability.LOSS})
 
     needs_retain = True
     driver_only_reason = (

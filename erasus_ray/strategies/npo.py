@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from erasus_ray.data import Batch, make_loader
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
+from erasus_ray.tasks import Capability
 
 
 def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
@@ -35,6 +36,9 @@ class NPO(Strategy):
 
     Cost: one extra forward per coreset sample (setup), then one forward+backward on forget and retain per step.
     """
+
+    #: log-likelihood of each forget sample against the reference's (sample_logprob).
+    requires = frozenset({Capability.LOGITS})
 
     setup_scope = "forget"  # per-id tables from the original model
 

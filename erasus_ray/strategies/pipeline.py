@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from erasus_ray.strategies._meta import MetaReport, Stage, _MetaBase, make_stages, merge_reports, run_stage, shared_supported_tasks
+from erasus_ray.strategies._meta import MetaReport, Stage, _MetaBase, make_stages, merge_reports, run_stage
 from erasus_ray.strategies.base import STRATEGIES, UnlearnContext
+from erasus_ray.tasks import Capability
 
 if TYPE_CHECKING:
     from erasus_ray.runners.local import LocalRunner
@@ -61,14 +62,16 @@ class StrategyPipeline(_MetaBase):
         ['gradient_ascent', 'fine_tune']
     """
 
+    #: nothing of its own: requirements() is the union of its stages'.
+    requires = frozenset({Capability.LOSS})
+
     def __init__(self, stages: Sequence[Any] | None = None) -> None:
         super().__init__()
         self._stages: list[Stage] = make_stages(DEFAULT_STAGES if stages is None else stages, owner="pipeline")
         inner = [s.strategy for s in self._stages]
-        # Instance attributes: the unlearner checks them before running (retain data, task).
+        # Instance attributes: the unlearner checks them before running (retain data); requirements() unions the stages'.
         self.needs_retain = any(s.needs_retain for s in inner)
         self.uses_forget = any(s.uses_forget for s in inner)
-        self.supported_tasks = shared_supported_tasks(inner)
         first = self._stages[0]
         self.default_lr = first.runner_kwargs.get("lr", first.strategy.default_lr)
         self.default_epochs = first.runner_kwargs.get("epochs", first.strategy.default_epochs)

@@ -9,7 +9,7 @@ import torch
 
 from erasus_ray.data import Batch
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
-from erasus_ray.tasks import TaskOutput
+from erasus_ray.tasks import Capability, TaskOutput
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, id) pairs over the generator's seed space
 
@@ -57,6 +57,9 @@ class RandomLabel(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="random_label", selector=None).fit(forget_data=f, retain_data=r)
     """
+
+    #: cross-entropy of the logits against random wrong targets.
+    requires = frozenset({Capability.LOGITS})
 
     needs_retain = True
     default_lr = 1e-3

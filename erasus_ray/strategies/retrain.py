@@ -9,6 +9,7 @@ from torch import nn
 
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
+from erasus_ray.tasks import Capability
 from erasus_ray.training import TrainRecipe, train_model
 
 if TYPE_CHECKING:
@@ -46,6 +47,9 @@ class Retrain(Strategy):
 
     Cost: a full training run.
     """
+
+    #: trains a fresh model on the retain set with the task's loss.
+    requires = frozenset({Capability.LOSS})
 
     needs_retain = True
     driver_only_reason = (

@@ -12,6 +12,7 @@ from torch import nn
 from erasus_ray.data import Batch, make_loader
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
+from erasus_ray.tasks import Capability
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
@@ -91,6 +92,9 @@ class RMU(Strategy):
         >>> ErasusUnlearner(model, strategy="rmu", selector=None, layer="transformer.h.3").fit(forget_data=f, retain_data=r)
     """
 
+    #: layer='auto' steers the adapter's penultimate features (another layer: loss only; see requirements()).
+    requires = frozenset({Capability.FEATURES})
+
     needs_retain = True
     default_lr = 3e-3
     default_epochs = 20
@@ -115,6 +119,10 @@ class RMU(Strategy):
         if isinstance(update_params, str):
             update_params = (update_params,)
         self.update_params = None if update_params is None else tuple(update_params)
+
+    def requirements(self) -> frozenset[Capability]:
+        """``layer="auto"`` reads the adapter's features; a named layer is hooked on the model itself."""
+        return type(self).requires if self.layer == "auto" else frozenset({Capability.LOSS})
 
     # --- setup: frozen copy, control vector, which parameters may move ----------------------------------------
     def setup(self, ctx: UnlearnContext) -> None:

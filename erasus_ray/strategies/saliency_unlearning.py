@@ -12,7 +12,7 @@ from torch import nn
 
 from erasus_ray.data import Batch, IdDataset, make_loader
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
-from erasus_ray.tasks import Task, TaskOutput
+from erasus_ray.tasks import Capability, Task, TaskOutput
 
 
 def forget_gradient(
@@ -106,6 +106,9 @@ class SaliencyUnlearning(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="saliency_unlearning", selector=None, gamma=0.5).fit(forget_data=f, retain_data=r)
     """
+
+    #: random-label cross-entropy on the logits, masked by loss-gradient saliency.
+    requires = frozenset({Capability.LOGITS})
 
     needs_retain = True
     default_lr = 1e-3

@@ -13,7 +13,7 @@ from torch import nn
 from erasus_ray.data import Batch
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import STRATEGIES, StepLoss, Strategy, UnlearnContext, weighted_mean
-from erasus_ray.tasks import TaskOutput
+from erasus_ray.tasks import Capability, TaskOutput
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -110,6 +110,9 @@ class SCRUB(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="scrub", selector=None, msteps=5).fit(forget_data=f, retain_data=r)
     """
+
+    #: KL between student and teacher logits.
+    requires = frozenset({Capability.LOGITS})
 
     needs_retain = True
     default_lr = 1e-3

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from erasus_ray.data import Batch
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
+from erasus_ray.tasks import Capability
 
 
 def simnpo_loss(logp: torch.Tensor, lengths: torch.Tensor, beta: float, gamma: float = 0.0) -> torch.Tensor:
@@ -41,6 +42,9 @@ class SimNPO(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="simnpo", selector=None, beta=2.5).fit(forget_data=f, retain_data=r)
     """
+
+    #: length-normalised log-likelihood (sample_logprob / sample_units).
+    requires = frozenset({Capability.LOGITS})
 
     needs_retain = True
     default_lr = 3e-4

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
-from erasus_ray.training_sisa import SISAEnsemble
+from erasus_ray.training_sisa import SISA_NEEDS, SISAEnsemble
 
 if TYPE_CHECKING:
     from erasus_ray.runners.local import LocalRunner, RunReport
@@ -46,6 +46,9 @@ class SISA(Strategy):
         >>> ensemble = SISATrainer(factory, recipe, num_shards=5, num_slices=4, seed=0).fit(train)
         >>> res = ErasusUnlearner(ensemble, strategy="sisa", selector=None).fit(forget_data=forget)
     """
+
+    #: the shard ensemble aggregates class / next-token probabilities from the members' logits.
+    requires = SISA_NEEDS
 
     uses_forget = True
     driver_only_reason = (

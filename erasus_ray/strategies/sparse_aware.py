@@ -10,6 +10,7 @@ import torch
 
 from erasus_ray.strategies._composed import ComposedStrategy, weight_layers
 from erasus_ray.strategies.base import STRATEGIES, UnlearnContext
+from erasus_ray.tasks import Capability
 
 
 def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
@@ -55,6 +56,9 @@ class SparseAware(ComposedStrategy):
     Example:
         >>> ErasusUnlearner(model, strategy="sparse_aware", sparsity=0.5).fit(forget_data=f, retain_data=r)
     """
+
+    #: prunes the model's own weights; requirements() adds its objective's.
+    requires = frozenset({Capability.LOSS})
 
     default_lr = 1e-3
     default_epochs = 20

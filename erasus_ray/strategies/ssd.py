@@ -12,6 +12,7 @@ from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
 from erasus_ray.strategies.fisher_forgetting import diagonal_fisher, retain_subset
+from erasus_ray.tasks import Capability
 
 if TYPE_CHECKING:
     from erasus_ray.runners.local import LocalRunner, RunReport
@@ -61,6 +62,9 @@ class SSD(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="ssd", selector=None, alpha=10, lam=1).fit(forget_data=f, retain_data=r)
     """
+
+    #: diagonal Fisher importances from per-sample gradients under vmap.
+    requires = frozenset({Capability.INDEPENDENT})
 
     strength = ("alpha", 0.5)  # closed loop: a lower selection threshold dampens more parameters
 

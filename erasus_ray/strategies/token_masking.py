@@ -17,6 +17,7 @@ from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies._preference import iter_rows, retain_nll, sample_sum
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.strategies.npo import npo_loss
+from erasus_ray.tasks import Capability
 
 
 def fact_token_mask(answer: Sequence[int], pool_answers: Sequence[Sequence[int]], fraction: float) -> list[bool]:
@@ -71,10 +72,12 @@ class TokenMasking(Strategy):
         >>> ErasusUnlearner(model, strategy="token_masking", selector=None, token_fraction=0.3).fit(forget_data=f, retain_data=r)
     """
 
+    #: per-token log-likelihoods (unit_loss) of the answer tokens that carry the fact.
+    requires = frozenset({Capability.LOGITS, Capability.TOKENS})
+
     setup_scope = "forget"  # per-id tables from the original model
 
     needs_retain = True
-    supported_tasks = ("causal_lm",)
     default_lr = 1e-3
     default_epochs = 10
 
@@ -87,8 +90,6 @@ class TokenMasking(Strategy):
 
     @torch.no_grad()
     def setup(self, ctx: UnlearnContext) -> None:
-        if ctx.task.name not in self.supported_tasks:
-            raise InvalidConfigError(f"token_masking supports causal LMs only, got task {ctx.task.name!r}")
         pool = ctx.retain if ctx.retain is not None and len(ctx.retain) else ctx.forget
         # Pool answers as supervised targets (the same tokens a forget sample's units are).
         pool_answers = [answer.tolist() for _, _, answer in iter_rows(ctx, pool)]

@@ -12,6 +12,7 @@ from erasus_ray.data import Batch, make_loader
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies._preference import sample_mean
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
+from erasus_ray.tasks import Capability
 from erasus_ray.tasks.base import at_least_fp32
 
 
@@ -57,6 +58,9 @@ class UNDIAL(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="undial", selector=None, gamma=10.0).fit(forget_data=f)
     """
+
+    #: distils from teacher logits with the target logit lowered.
+    requires = frozenset({Capability.LOGITS})
 
     setup_scope = "forget"  # per-id tables from the original model
 

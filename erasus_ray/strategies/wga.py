@@ -9,7 +9,7 @@ import torch
 
 from erasus_ray.data import Batch
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
-from erasus_ray.tasks import TaskOutput
+from erasus_ray.tasks import Capability, TaskOutput
 
 
 def wga_weights(unit_loss: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -46,6 +46,9 @@ class WGA(Strategy):
     Example:
         >>> ErasusUnlearner(model, strategy="wga", selector=None, alpha=1.0).fit(forget_data=f, retain_data=r)
     """
+
+    #: weights each unit's loss by its target probability (unit_loss).
+    requires = frozenset({Capability.LOGITS})
 
     needs_retain = True
     default_lr = 3e-4

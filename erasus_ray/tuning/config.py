@@ -20,9 +20,8 @@ from erasus_ray.config_files import config_from_mapping, field_names, load_confi
 from erasus_ray.errors import InvalidConfigError, UnknownNameError
 from erasus_ray.experiment import JOB_OWNED_RUNNER_KEYS
 from erasus_ray.settings import section_settings
+from erasus_ray.tasks import CapabilityError, Task, missing, require
 
-#: Task adapter name of each bundled benchmark (avoids building the authors tokenizer just to validate a config).
-BENCHMARK_TASKS: dict[str, str] = {"digits": "classification", "mnist5k": "classification", "authors": "causal_lm"}
 #: Left out of ``strategies: all`` unless listed explicitly: ``retrain`` is the gold reference every leaderboard
 #: already shows (it would win on Avg.Gap by construction).
 DEFAULT_DENY_STRATEGIES: tuple[str, ...] = ("retrain",)
@@ -276,9 +275,10 @@ class SweepConfig:
         self.exclude_selectors = self._name_list("exclude_selectors", SELECTORS)  # type: ignore[assignment]
         task = self.task_name()
         for name in self.strategy_names(explicit_only=True):
-            cls = STRATEGIES.get(name)
-            if cls.supported_tasks is not None and task not in cls.supported_tasks:
-                raise InvalidConfigError(f"strategies: {name!r} supports tasks {list(cls.supported_tasks)}, not {task!r} ({self.benchmark})")
+            try:
+                require(self.task_adapter(), STRATEGIES.get(name).requires, algorithm=f"strategy {name!r}")
+            except CapabilityError as err:
+                raise InvalidConfigError(f"strategies: {err} ({self.benchmark})") from None
         if not self.strategy_names():
             raise InvalidConfigError(
                 f"strategies: the search space is empty (strategies={self.strategies!r}, exclude_strategies={self.exclude_strategies!r}, "
@@ -367,12 +367,14 @@ class SweepConfig:
                 raise InvalidConfigError(f"scheduler.{k}: must be an integer >= {low}, got {v!r}")
 
     # ------------------------------------------------------------------------------------------------------------
-    def task_name(self) -> str:
-        if self.benchmark in BENCHMARK_TASKS:
-            return BENCHMARK_TASKS[self.benchmark]
-        from erasus_ray.benchmarks import get_benchmark_spec
+    def task_adapter(self) -> Task:
+        """A default instance of the benchmark's adapter class: what it declares, without building the benchmark."""
+        from erasus_ray.benchmarks import benchmark_spec_class
 
-        return get_benchmark_spec(self.benchmark, **self.benchmark_options).make_task().name
+        return benchmark_spec_class(self.benchmark).task_class()
+
+    def task_name(self) -> str:
+        return self.task_adapter().name
 
     def strategy_names(self, explicit_only: bool = False) -> list[str]:
         """The strategies in the space: the allow list (or every registered one that runs on this task and is
@@ -384,11 +386,10 @@ class SweepConfig:
         elif explicit_only:
             return []
         else:
-            task = self.task_name()
+            task = self.task_adapter()
             names = [
                 n for n in STRATEGIES.names()
-                if (STRATEGIES.get(n).supported_tasks is None or task in STRATEGIES.get(n).supported_tasks)
-                and STRATEGIES.get(n).contract_exempt_reason is None
+                if not missing(task, STRATEGIES.get(n).requires) and STRATEGIES.get(n).contract_exempt_reason is None
             ]
         return [n for n in names if n not in self.exclude_strategies]
 
@@ -396,9 +397,9 @@ class SweepConfig:
         from erasus_ray.selectors import SELECTORS
 
         if self.selectors == "all":
-            # only selectors that run on this benchmark's task (some are classifier-only, e.g. deepfool)
-            task = self.task_name()
-            names = [n for n in SELECTORS.names() if getattr(SELECTORS.get(n), "supported_tasks", None) in (None,) or task in SELECTORS.get(n).supported_tasks]
+            # only selectors whose requirements this benchmark's task declares (e.g. deepfool needs class labels)
+            task = self.task_adapter()
+            names = [n for n in SELECTORS.names() if not missing(task, SELECTORS.get(n).requires)]
         else:
             names = list(self.selectors)
         return [n for n in names if n not in self.exclude_selectors]

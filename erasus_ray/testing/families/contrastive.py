@@ -59,11 +59,11 @@ def _family(name: str, task: ContrastiveTask) -> Family:
                           lr=1e-2, batch_size=8)
 
 
-@register_family("contrastive", cheap=True)
+@register_family("two_tower", cheap=True)
 def contrastive_family() -> Family:
-    return _family("contrastive", ContrastiveTask(captions=CLASS_CAPTIONS, temperature=0.1))
+    return _family("two_tower", ContrastiveTask(captions=CLASS_CAPTIONS, temperature=0.1))
 
 
-@register_family("contrastive_inbatch", cheap=True)
+@register_family("two_tower_inbatch", cheap=True)
 def contrastive_inbatch_family() -> Family:
-    return _family("contrastive_inbatch", ContrastiveTask(temperature=0.1))
+    return _family("two_tower_inbatch", ContrastiveTask(temperature=0.1))
