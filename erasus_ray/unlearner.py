@@ -28,7 +28,7 @@ from erasus_ray.checks import check_bool, check_int, check_real, check_seed, clo
 from erasus_ray.errors import InvalidConfigError, InvalidDataError, TaskMismatchError
 from erasus_ray.evaluation.verification import Measurement, Probe, ResolvedTarget, resolve_target
 from erasus_ray.runners import LocalRunner, RunnerConfig, RunReport
-from erasus_ray.selectors import Coreset, Selector, get_selector, resolve_budget
+from erasus_ray.selectors import SELECTORS, Coreset, Selector, get_selector, resolve_budget
 from erasus_ray.settings import FLAT_KEYWORDS, NOT_FLAT, ExecutionConfig, field_names, section_settings, split_flat_keywords
 from erasus_ray.strategies import STRATEGIES, Strategy, UnlearnContext, get_strategy
 from erasus_ray.strategies.base import refuse_driver_only
@@ -243,13 +243,27 @@ def check_model_fits(model: nn.Module, task: Task, data: IdDataset, name: str = 
         ) from err
 
 
+#: the default selector's candidates, in order: the first whose requirements the task meets is used
+DEFAULT_SELECTORS = ("el2n", "loss")
+
+
+def default_selector(task: Task) -> str:
+    """The selector ``selector="default"`` means for ``task``: EL2N (Paul et al. 2021) where the task has the logits
+    it reads, else the per-sample loss (which every task has)."""
+    from erasus_ray.tasks import missing
+
+    return next(n for n in DEFAULT_SELECTORS if not missing(task, SELECTORS.get(n).requires))
+
+
 class ErasusUnlearner:
     """Coreset unlearning with one call.
 
     Args:
         model: the trained model to unlearn from.
         strategy: a registry name (see ``erasus_ray.strategies.STRATEGIES``) or a :class:`Strategy`.
-        selector: a registry name, a :class:`Selector`, or None for the full forget set.
+        selector: a registry name, a :class:`Selector`, or None for the full forget set. ``"default"``: ``el2n``
+            where the task has categorical predictions (capability ``logits``), else ``loss`` - the first of
+            :data:`DEFAULT_SELECTORS` the task can feed, so the default never refuses a model family.
         fraction: ``"auto"`` (default): an adaptive coreset - the selector picks a small one and forget samples that
             still fail the target join it until the whole forget set passes (closed loop only; without a measurable
             target the full forget set is used). A number in (0, 1]: a fixed coreset of that fraction (1.0: the full
@@ -304,7 +318,7 @@ class ErasusUnlearner:
         self,
         model: nn.Module,
         strategy: Strategy | str = "grad_diff",
-        selector: Selector | str | None = "el2n",
+        selector: Selector | str | None = "default",
         fraction: float | str | None = "auto",
         *,
         k: int | None = None,
@@ -329,7 +343,6 @@ class ErasusUnlearner:
         check_strategy_keywords(strategy, strategy_kwargs)
         self.model = model
         self.strategy = get_strategy(strategy, **strategy_kwargs)
-        self.selector = None if selector is None else get_selector(selector, **(selector_kwargs or {}))
         if k is not None:
             fraction = None
         self.fraction = fraction
@@ -337,6 +350,9 @@ class ErasusUnlearner:
         self.target = target
         self.control = _control_config(control, budget_steps, budget_seconds)
         self.task = get_task(task, model)
+        if isinstance(selector, str) and selector == "default":
+            selector = default_selector(self.task)
+        self.selector = None if selector is None else get_selector(selector, **(selector_kwargs or {}))
         # requirements checked once, here, before any forward pass or training step
         self.strategy.check_task(self.task)
         if self.selector is not None:

@@ -82,9 +82,9 @@ def test_logits_strategy_refused_at_construction_before_any_forward(toy):
     model, forget, retain = toy
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = forward_counter(model)
-    for name in ("npo", "grad_diff", "scrub"):
+    for name, kwargs in (("npo", {}), ("grad_diff", {"forget_loss_cap": "uniform"}), ("scrub", {})):
         with pytest.raises(CapabilityError, match=rf"strategy '{name}' needs 'logits'.*task 'loss_only_toy'"):
-            ErasusUnlearner(model, strategy=name, selector=None, fraction=None, task=LossOnlyTask())
+            ErasusUnlearner(model, strategy=name, selector=None, fraction=None, task=LossOnlyTask(), **kwargs)
     assert calls == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -159,7 +159,8 @@ def test_a_pipeline_is_refused_for_its_stage(toy):
 
 
 def test_configuration_refines_requirements():
-    assert STRATEGIES.create("grad_diff").requirements() == {C.LOSS, C.LOGITS}  # log C cap
+    assert STRATEGIES.create("grad_diff").requirements() == {C.LOSS}  # "auto" cap: log C only where logits exist
+    assert STRATEGIES.create("grad_diff", forget_loss_cap="uniform").requirements() == {C.LOSS, C.LOGITS}
     assert STRATEGIES.create("grad_diff", forget_loss_cap=None).requirements() == {C.LOSS}
     assert STRATEGIES.create("rmu", layer="fc").requirements() == {C.LOSS}
     assert SELECTORS.create("k_center").requirements() == {C.LOSS, C.FEATURES}
@@ -178,8 +179,8 @@ def _declares_requires(cls: type) -> bool:
 
 #: Registered algorithms that read nothing beyond the per-sample loss (or run others, which bring their own).
 LOSS_ONLY_STRATEGIES = {
-    "auto", "ensemble", "fine_tune", "gradient_ascent", "l1_sparse", "layer_freezing", "lora_unlearning",
-    "mask_based", "negative_gradient", "neuron_pruning", "pipeline", "retrain", "sparse_aware",
+    "auto", "ensemble", "fine_tune", "grad_diff", "gradient_ascent", "l1_sparse", "layer_freezing", "lora_unlearning",
+    "mask_based", "negative_gradient", "neggrad_plus", "neuron_pruning", "pipeline", "retrain", "sparse_aware",
 }
 LOSS_ONLY_SELECTORS = {"auto", "full", "loss", "random", "voting", "weighted_fusion"}
 #: Registered classes that inherit ``requires`` from a registered parent on purpose (same reads).

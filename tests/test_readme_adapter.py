@@ -61,7 +61,8 @@ def test_readme_adapter_example_runs_and_forgets(fresh_registry):
     scope = {"model": model, "forget_set": forget_set, "retain_set": retain_set, "val_set": val_set}
     exec(compile(adapter_example(), str(README), "exec"), scope)
     result = scope["result"]
-    assert type(result.task).__name__ == "RegressionTask"  # picked by matches(), over the classification fallback
+    assert result.config["task"] == "regression"  # picked by matches(), over the classification fallback
+    assert result.coreset.selector == "loss"  # the default selector for a task without logits
     assert result.verification["target"] == "heldout"
     assert result.verified is True, result.verification
     with torch.no_grad():

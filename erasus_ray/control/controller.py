@@ -43,6 +43,7 @@ from erasus_ray.errors import InvalidConfigError, NonFiniteLossError, NonFiniteW
 from erasus_ray.evaluation.verification import Guard, Measurement, Probe, Target, Verdict
 from erasus_ray.runners.local import LocalRunner, RunnerConfig, RunReport, StepExecutor, _cycle
 from erasus_ray.strategies.base import Strategy, UnlearnContext
+from erasus_ray.tasks import Capability
 
 
 @dataclass
@@ -428,7 +429,10 @@ def _mean_loss(stats: Any, ids: np.ndarray) -> float:
 
 @torch.no_grad()
 def _n_classes(ctx: UnlearnContext, data: IdDataset) -> int | None:
-    """Output classes per prediction unit (vocabulary size for an LM), from one forward pass on two samples."""
+    """Output classes per prediction unit (vocabulary size for an LM), from one forward pass on two samples; None
+    for a task without categorical predictions (no forward pass then)."""
+    if not ctx.task.provides(Capability.LOGITS):
+        return None
     batch = next(iter(make_loader(data.subset(data.ids[:2]), ctx.task.collate, batch_size=2))).to(ctx.device)
     was = ctx.model.training
     ctx.model.eval()

@@ -92,7 +92,7 @@ class DeepFoolSelector(ScoreSelector):
     """
 
     #: distance to the decision boundary between class logits of one sample.
-    requires = frozenset({Capability.LOGITS, Capability.LABELS})
+    requires = frozenset({Capability.LOGITS, Capability.LABELS, Capability.INPUT})
 
     default_order = "low"
     forward_only = False

@@ -114,9 +114,8 @@ def chosen_batch(ctx: UnlearnContext, batch: Batch, responses: Sequence[Any]) ->
             items.append({"input_ids": seq, "answer_start": len(prompt)})
         data = ctx.task.collate(items)
         return Batch(batch.ids, data, batch.weights).to(ctx.device)
-    x, _ = batch.data
-    labels = torch.as_tensor([int(r) for r in responses], dtype=torch.long, device=x.device)
-    return Batch(batch.ids, (x, labels), batch.weights)
+    labels = torch.as_tensor([int(r) for r in responses], dtype=torch.long)
+    return Batch(batch.ids, ctx.task.relabel(batch.data, labels), batch.weights)
 
 
 # --- building responses ---------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ class CausalTracing(GradDiff):
     """
 
     #: as grad_diff (its objective), plus hooks on the model's own layers; prompt spans where the data has them.
-    requires = frozenset({Capability.LOGITS})
+    requires = frozenset({Capability.LOGITS, Capability.INPUT})  # corrupts the input (tensor / token embeddings)
 
     default_lr = 1e-3
     default_epochs = 20

@@ -108,7 +108,7 @@ class DeltaUnlearning(Strategy):
     """
 
     #: NPO on logits combined from the base and the offset pair (sample_logprob).
-    requires = frozenset({Capability.LOGITS})
+    requires = frozenset({Capability.LOGITS, Capability.MODEL_LOGITS})  # wraps the model, edits its output logits
 
     setup_scope = "forget"  # per-id tables from the original model
 

@@ -104,7 +104,7 @@ class DExperts(Strategy):
     """
 
     #: combines the base model's and the anti-expert's logits.
-    requires = frozenset({Capability.LOGITS})
+    requires = frozenset({Capability.LOGITS, Capability.MODEL_LOGITS})  # wraps the model, edits its output logits
 
     default_lr = 1e-3
     default_epochs = 5

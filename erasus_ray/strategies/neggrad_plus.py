@@ -10,7 +10,7 @@ import torch
 from erasus_ray.data import Batch
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
-from erasus_ray.strategies.grad_diff import GradDiff
+from erasus_ray.strategies.grad_diff import GradDiff, check_cap
 from erasus_ray.tasks import Capability
 
 
@@ -24,7 +24,8 @@ class NegGradPlus(GradDiff):
 
     Args:
         beta: weight of the retain term in [0, 1); the forget term gets ``1 - beta``.
-        forget_loss_cap: as in :class:`GradDiff`: ``"uniform"`` (default) caps each forget sample's loss at
+        forget_loss_cap: as in :class:`GradDiff`: ``"auto"`` (default; ``"uniform"`` where the task has logits)
+            or ``"uniform"`` caps each forget sample's loss at
             ``log C`` so ascent stops once the sample is predicted no better than chance; ``None`` is the paper's
             uncapped form.
 
@@ -40,21 +41,19 @@ class NegGradPlus(GradDiff):
         >>> ErasusUnlearner(model, strategy="neggrad_plus", selector=None, beta=0.9).fit(forget_data=f, retain_data=r)
     """
 
-    #: as grad_diff: the default forget_loss_cap='uniform' reads C off the logits.
-    requires = frozenset({Capability.LOGITS})
+    #: as grad_diff: the loss only; forget_loss_cap='uniform' adds logits (see requirements())
+    requires = frozenset({Capability.LOSS})
 
     needs_retain = True
     default_lr = 1e-3
     default_epochs = 10
 
-    def __init__(self, beta: float = 0.9, forget_loss_cap: float | str | None = "uniform") -> None:
+    def __init__(self, beta: float = 0.9, forget_loss_cap: float | str | None = "auto") -> None:
         Strategy.__init__(self)
         self.beta = self.check_range("beta", beta, 0.0, 1.0)
         if self.beta == 1.0:  # no forget term left: it would only fine-tune
             raise InvalidConfigError(f"{self.name}: beta must be < 1 (the forget term has weight 1 - beta)")
-        if forget_loss_cap is not None and forget_loss_cap != "uniform":
-            forget_loss_cap = self.check_range("forget_loss_cap", forget_loss_cap, 0.0, 1e6, low_open=True)
-        self.forget_loss_cap = forget_loss_cap
+        self.forget_loss_cap = check_cap(self, forget_loss_cap)
 
     def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, Any]]:
         forget_loss = self.forget_term(ctx, forget)

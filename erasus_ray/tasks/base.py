@@ -247,6 +247,10 @@ class Task(ABC):
         """Per-sample class labels where the task has them (``Capability.LABELS``), else None."""
         return None
 
+    def relabel(self, data: Any, labels: torch.Tensor) -> Any:
+        """``data`` with each sample's class label replaced by ``labels`` (``Capability.LABELS``)."""
+        raise CapabilityError(f"task {self.name!r} has no class labels to replace (capability 'labels')")
+
     def head_module(self, model: nn.Module) -> nn.Module:
         """The module whose input is the feature (``Capability.HEAD``)."""
         raise CapabilityError(f"task {self.name!r} declares no head module (capability 'head')")

@@ -28,7 +28,8 @@ class Capability(str, Enum):
     #: Categorical predictions: logits over prediction units, their targets and owners (``TaskOutput.logits``),
     #: so log-likelihoods, accuracies, EL2N errors and Gauss-Newton units (``dense_units``) exist.
     LOGITS = "logits"
-    #: A class label per sample (``Task.labels_of``): class-level forgetting targets, class-balanced selection.
+    #: A class label per sample (``Task.labels_of``, and ``Task.relabel`` to give a batch other labels): class-level
+    #: forgetting targets, class-balanced selection, label preference pairs.
     LABELS = "labels"
     #: Penultimate features per sample (``Task.features``), for geometry selectors and representation metrics.
     FEATURES = "features"
@@ -42,6 +43,13 @@ class Capability(str, Enum):
     TOKENS = "tokens"
     #: Generation from a prompt (``model.generate``) and text metrics over what is generated (ROUGE, ...).
     GENERATION = "generation"
+    #: A continuous input that perturbation methods may corrupt or optimise: a classifier's one input tensor
+    #: (``model_inputs`` is ``((x,), {})``), an LM's input token embeddings (DeepFool, causal tracing).
+    INPUT = "input"
+    #: The model's own output carries the logits (a tensor, or an object with ``.logits``), so a method may wrap the
+    #: model and edit its output logits (offset / expert-ensemble methods). A two-tower model returns embeddings and
+    #: its logits are formed by the task, so it does not declare this.
+    MODEL_LOGITS = "model_logits"
 
     def __str__(self) -> str:
         return self.value
@@ -60,6 +68,8 @@ _MEANING: dict[Capability, str] = {
     Capability.INDEPENDENT: "a per-sample objective that does not depend on the other samples of the batch",
     Capability.TOKENS: "token sequences with a prompt/answer split",
     Capability.GENERATION: "generation from a prompt",
+    Capability.INPUT: "a continuous input to perturb (a classifier's input tensor, an LM's token embeddings)",
+    Capability.MODEL_LOGITS: "logits in the model's own output (so a wrapper can edit them)",
 }
 
 

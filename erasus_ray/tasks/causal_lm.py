@@ -42,7 +42,8 @@ class CausalLMTask(Task):
             answers of ``idk_dpo`` / ``flat``); never used to read batches.
     """
 
-    capabilities = frozenset({C.LOGITS, C.FEATURES, C.HEAD, C.INDEPENDENT, C.TOKENS, C.GENERATION})
+    capabilities = frozenset({C.LOGITS, C.FEATURES, C.HEAD, C.INDEPENDENT, C.TOKENS, C.GENERATION, C.INPUT,
+                              C.MODEL_LOGITS})
     match_priority = 10
     default_metrics = tuple(f"{s}_{m}" for s in ("forget", "retain", "test") for m in ("loss", "prob", "rougeL")) + (
         "mia_mink_auc", "mia_loss_auc")

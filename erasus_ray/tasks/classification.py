@@ -47,7 +47,7 @@ class ClassificationTask(Task):
         head: name of the module whose *input* is the penultimate feature (default: the last ``nn.Linear``).
     """
 
-    capabilities = frozenset({C.LOGITS, C.LABELS, C.FEATURES, C.HEAD, C.INDEPENDENT})
+    capabilities = frozenset({C.LOGITS, C.LABELS, C.FEATURES, C.HEAD, C.INDEPENDENT, C.INPUT, C.MODEL_LOGITS})
     #: the fallback for any plain module: every adapter that matches a model more specifically wins over it
     match_priority = -10
     default_metrics = ("forget_acc", "forget_loss", "retain_acc", "retain_loss", "test_acc", "test_loss",
@@ -75,6 +75,9 @@ class ClassificationTask(Task):
 
     def labels_of(self, data: Any) -> torch.Tensor:
         return data[1]
+
+    def relabel(self, data: Any, labels: torch.Tensor) -> Any:
+        return data[0], labels.to(data[1].device)
 
     def read_output(self, raw: Any, data: Any, *, features: torch.Tensor | None = None) -> TaskOutput:
         logits = _logits_of(raw)

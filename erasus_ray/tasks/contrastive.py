@@ -111,6 +111,11 @@ class ContrastiveTask(Task):
     def labels_of(self, data: Any) -> torch.Tensor | None:
         return data.get("labels") if self.fixed else None
 
+    def relabel(self, data: Any, labels: torch.Tensor) -> Any:
+        if not self.fixed:
+            return super().relabel(data, labels)
+        return {**data, "labels": labels.to(data["labels"].device)}
+
     def similarities(self, raw: Any) -> torch.Tensor:
         """``[B, K]`` image-to-text logits: cosine similarities over the temperature."""
         image, text = _embeddings(raw)

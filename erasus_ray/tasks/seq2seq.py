@@ -40,7 +40,7 @@ class Seq2SeqTask(Task):
         decoder_start_token_id: the first decoder input (T5: the pad id; Whisper: ``<|startoftranscript|>``).
     """
 
-    capabilities = frozenset({C.LOGITS, C.FEATURES, C.INDEPENDENT})
+    capabilities = frozenset({C.LOGITS, C.FEATURES, C.INDEPENDENT, C.MODEL_LOGITS})
     # above the causal LM (an encoder-decoder is not a decoder-only LM, whatever its class name says)
     match_priority = 15
 

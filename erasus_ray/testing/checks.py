@@ -32,9 +32,10 @@ from erasus_ray.utils import model_hash
 STRATEGY_STEPS = 6
 
 
-def declared_requires(cls: type) -> frozenset[Capability]:
-    """What an algorithm class declares it needs (``requires``; ``{loss}`` where it declares nothing yet)."""
-    return frozenset(Capability(c) for c in getattr(cls, "requires", frozenset({Capability.LOSS})))
+def declared_requires(algorithm: Any) -> frozenset[Capability]:
+    """What a configured algorithm declares it needs: ``requirements()`` (its class ``requires``, refined by its
+    configuration - a meta strategy's stages, a grad_diff cap)."""
+    return frozenset(algorithm.requirements())
 
 
 def _class_of(algorithm: Any, registry: Any, base: type) -> tuple[type, Any]:
@@ -85,11 +86,11 @@ def check_strategy(strategy: str | type[Strategy] | Strategy, family: Family, **
 
     cls, instance = _class_of(strategy, STRATEGIES, Strategy)
     what = f"strategy {getattr(cls, 'name', cls.__name__)!r} on family {family.name!r}"
-    needs = declared_requires(cls)
+    built = instance if instance is not None else cls(**hparams)
+    needs = declared_requires(built)
     lacking = missing(family.task, needs)
 
     def fit() -> Any:
-        built = instance if instance is not None else cls(**hparams)
         unlearner = ErasusUnlearner(
             family.model, strategy=built, selector=None, fraction=None, task=family.task, seed=0, progress=False,
             max_steps=STRATEGY_STEPS, model_factory=family.model_factory, recipe=family.recipe,
@@ -121,11 +122,11 @@ def check_selector(selector: str | type[Selector] | Selector, family: Family, *,
     and not all equal. Returns ``{"outcome": "refused" | "ran", ...}``. Cost: one selection."""
     cls, instance = _class_of(selector, SELECTORS, Selector)
     what = f"selector {getattr(cls, 'name', cls.__name__)!r} on family {family.name!r}"
-    needs = declared_requires(cls)
+    built = instance if instance is not None else cls(**kwargs)
+    needs = declared_requires(built)
     lacking = missing(family.task, needs)
 
     def select() -> Any:
-        built = instance if instance is not None else cls(**kwargs)
         return built.select(family.model, family.forget, task=family.task, k=k, seed=0, retain=family.retain,
                             model_factory=family.model_factory)
 
