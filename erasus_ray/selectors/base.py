@@ -19,7 +19,7 @@ from erasus_ray.checks import check_int, check_real
 from erasus_ray.data import IdDataset, as_id_dataset, make_loader
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.registry import Registry
-from erasus_ray.tasks import Capability, Task, capability_set, get_task, require
+from erasus_ray.tasks import Capability, Task, capability_set, get_task, require, require_one_of
 from erasus_ray.utils import model_device
 
 SELECTORS: Registry["Selector"] = Registry("selector")
@@ -105,10 +105,14 @@ class Selector:
     #: included). Parsed at class definition (a misspelt name fails at import) and checked at the start of
     #: :meth:`select` (:meth:`check_task`), before any forward pass.
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.LOSS})
+    #: At least one of these must be provided too (empty: no constraint), e.g. a preference objective's responses are
+    #: answer tokens (``tokens``) or class labels (``labels``). Checked with ``requires`` by :meth:`check_task`.
+    requires_one_of: ClassVar[frozenset[Capability]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.requires = capability_set(cls.requires, f"selector {cls.__name__}.requires") | {Capability.LOSS}
+        cls.requires_one_of = capability_set(cls.requires_one_of, f"selector {cls.__name__}.requires_one_of")
 
     def __init__(self, batch_size: int = 128) -> None:
         self.batch_size = int(batch_size)
@@ -122,6 +126,7 @@ class Selector:
         """Raise :class:`~erasus_ray.tasks.CapabilityError` naming this selector, the task and what is missing
         unless ``task`` provides :meth:`requirements`. Cost: a set difference."""
         require(task, self.requirements(), algorithm=f"selector {self.name!r}")
+        require_one_of(task, self.requires_one_of, algorithm=f"selector {self.name!r}")
 
     def set_objective(self, model: nn.Module, forget: IdDataset, task: Task, seed: int, **context: Any) -> Callable[[np.ndarray], float]:
         """``f(ids)``: the selector's objective of a candidate coreset (dataset ids of ``forget``) evaluated on the

@@ -26,7 +26,7 @@ from erasus_ray.config_files import field_names
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.runner_io import RunnerConfig
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, refuse_driver_only
-from erasus_ray.tasks import Capability
+from erasus_ray.tasks import Capability, Task
 from erasus_ray.utils import seed_everything
 
 if TYPE_CHECKING:
@@ -190,6 +190,12 @@ class _MetaBase(Strategy):
         """The union of this strategy's own ``requires`` and its stages' requirements (``auto``: its own only; the
         strategy it picks is checked when it picks it)."""
         return union_requirements([type(self).requires, *(s.strategy.requirements() for s in self.inner_stages())])
+
+    def check_task(self, task: Task) -> None:
+        """Its own requirements, then each stage's own check (so a stage's ``requires_one_of`` counts too)."""
+        super().check_task(task)
+        for stage in self.inner_stages():
+            stage.strategy.check_task(task)
 
     def driver_only(self) -> str | None:
         for stage in self.inner_stages():

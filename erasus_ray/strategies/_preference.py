@@ -50,6 +50,8 @@ DEFAULT_REFUSALS: tuple[str, ...] = (
 #: Responses are token sequences on a task with ``tokens``, other labels on one with ``labels`` (checked in
 #: :func:`build_pairs`, which needs one of the two).
 PREFERENCE_NEEDS = frozenset({Capability.LOSS, Capability.LOGITS})
+#: ...and responses to compare: answer tokens (``tokens``) or class labels (``labels``), one of the two.
+PREFERENCE_RESPONSES = frozenset({Capability.TOKENS, Capability.LABELS})
 
 
 def has_tokens(ctx: UnlearnContext) -> bool:

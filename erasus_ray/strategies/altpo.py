@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from erasus_ray.data import Batch
-from erasus_ray.strategies._preference import PREFERENCE_NEEDS, build_pairs, chosen_batch, retain_nll
+from erasus_ray.strategies._preference import PREFERENCE_NEEDS, PREFERENCE_RESPONSES, build_pairs, chosen_batch, retain_nll
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.strategies.dpo import dpo_loss
 
@@ -54,6 +54,7 @@ class AltPO(Strategy):
 
     #: log-likelihoods of chosen/rejected responses (sample_logprob); pairs need tokens or labels (checked in setup).
     requires = PREFERENCE_NEEDS
+    requires_one_of = PREFERENCE_RESPONSES
 
     setup_scope = "forget"  # per-id tables from the original model
 

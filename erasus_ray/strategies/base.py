@@ -25,7 +25,7 @@ from erasus_ray.checks import check_real
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.registry import Registry
 from erasus_ray.runner_io import RunnerConfig, RunReport
-from erasus_ray.tasks import Capability, Task, TaskOutput, capability_set, require
+from erasus_ray.tasks import Capability, Task, TaskOutput, capability_set, require, require_one_of
 
 STRATEGIES: Registry["Strategy"] = Registry("strategy")
 
@@ -100,6 +100,9 @@ class Strategy:
     #: included). Parsed at class definition (a misspelt name fails at import) and checked once against the task
     #: at ``ErasusUnlearner`` construction / ``fit`` (:meth:`check_task`), before any training step.
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.LOSS})
+    #: At least one of these must be provided too (empty: no constraint), e.g. a preference objective's responses are
+    #: answer tokens (``tokens``) or class labels (``labels``). Checked with ``requires`` by :meth:`check_task`.
+    requires_one_of: ClassVar[frozenset[Capability]] = frozenset()
     #: Why the generic registry contract (a plain model + forget/retain sets) cannot run this strategy, e.g. it
     #: needs a SISA-trained ensemble or a convex head; such strategies carry their own method-specific tests.
     contract_exempt_reason: ClassVar[str | None] = None
@@ -127,6 +130,7 @@ class Strategy:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.requires = capability_set(cls.requires, f"strategy {cls.__name__}.requires") | {Capability.LOSS}
+        cls.requires_one_of = capability_set(cls.requires_one_of, f"strategy {cls.__name__}.requires_one_of")
 
     def __init__(self, **hparams: Any) -> None:
         if hparams:
@@ -141,6 +145,7 @@ class Strategy:
         """Raise :class:`~erasus_ray.tasks.CapabilityError` naming this strategy, the task and what is missing
         unless ``task`` provides :meth:`requirements`. Cost: a set difference."""
         require(task, self.requirements(), algorithm=f"strategy {self.name!r}")
+        require_one_of(task, self.requires_one_of, algorithm=f"strategy {self.name!r}")
 
     # --- hooks -----------------------------------------------------------------------------------------
     def setup(self, ctx: UnlearnContext) -> None:

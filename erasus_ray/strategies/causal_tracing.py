@@ -20,14 +20,14 @@ if TYPE_CHECKING:
 
 
 def candidate_layers(ctx: UnlearnContext) -> list[str]:
-    """Default layers to trace: an LM's per-block MLPs (modules named ``*.mlp``); otherwise every ``nn.Linear``
-    except the classifier head."""
+    """Default layers to trace: an LM's per-block MLPs (modules named ``*.mlp``); otherwise every ``nn.Linear`` and
+    ``nn.Conv2d`` except the classifier head."""
     model = ctx.model
     mlps = [n for n, _ in model.named_modules() if n.endswith(".mlp") or n == "mlp"]
     if mlps:
         return mlps
     head = ctx.task.head_module(model) if ctx.task.provides("head") else None
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not head]
     if not linears:
         raise InvalidConfigError("causal_tracing: no '*.mlp' module and no hidden nn.Linear to trace; pass layers=[...]")
     return linears

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from erasus_ray.data import Batch
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.strategies._preference import DEFAULT_REFUSALS, PREFERENCE_NEEDS, build_pairs, chosen_batch, sample_mean
+from erasus_ray.strategies._preference import DEFAULT_REFUSALS, PREFERENCE_NEEDS, PREFERENCE_RESPONSES, build_pairs, chosen_batch, sample_mean
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 
 # Variational f-divergence pieces (Nowozin, Cseke & Tomioka 2016, "f-GAN", Table 2): an output activation g* and the
@@ -72,6 +72,7 @@ class FLAT(Strategy):
 
     #: f-divergence over unit target probabilities of refusal/forget responses; pairs need tokens or labels.
     requires = PREFERENCE_NEEDS
+    requires_one_of = PREFERENCE_RESPONSES
 
     needs_retain = False
     default_lr = 3e-4

@@ -73,7 +73,7 @@ class GradDiff(Strategy):
     def requirements(self) -> frozenset[Capability]:
         """The ``"uniform"`` cap is ``log C``, C read off the logits; ``"auto"``, a numeric cap or none need the loss
         only."""
-        return cap_requirements(self.forget_loss_cap)
+        return type(self).requires | cap_requirements(self.forget_loss_cap)
 
     def forget_term(self, ctx: UnlearnContext, forget: Batch) -> torch.Tensor:
         out = ctx.forward(forget)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.strategies._preference import DEFAULT_REFUSALS, PREFERENCE_NEEDS
+from erasus_ray.strategies._preference import DEFAULT_REFUSALS, PREFERENCE_NEEDS, PREFERENCE_RESPONSES
 from erasus_ray.strategies.base import STRATEGIES
 from erasus_ray.strategies.dpo import DPO
 
@@ -47,6 +47,7 @@ class IdkDPO(DPO):
 
     #: as dpo, with refusal answers (tokenised for a token task, other labels for a labelled one).
     requires = PREFERENCE_NEEDS
+    requires_one_of = PREFERENCE_RESPONSES
 
     chosen_source = "refusal"
     default_lr = 3e-3

@@ -19,15 +19,17 @@ if TYPE_CHECKING:
 
 
 def hidden_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Linear / GPT-2 Conv1D layers whose outputs are hidden neurons: every such layer except the last one (the
-    output layer) and layers with weights tied to another module."""
+    """Linear / GPT-2 Conv1D / Conv2d layers whose outputs are hidden neurons (a convolution's output channels, the
+    CNN analogue of the paper's feed-forward neurons): every such layer except the last one (the output layer) and
+    layers with weights tied to another module."""
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
     layers = [
         (name, m)
         for name, m in model.named_modules()
-        if (isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))) and counts[id(m.weight)] == 1
+        if (isinstance(m, (nn.Linear, nn.Conv2d)) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")))
+        and counts[id(m.weight)] == 1
     ]
     return layers[:-1]
 
@@ -41,7 +43,8 @@ def mean_abs_activation(model: nn.Module, task, data: IdDataset, layers: list[tu
 
     def hook(name: str):
         def fn(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            flat = output.detach().abs().reshape(-1, output.shape[-1]).double()
+            out = output.detach().movedim(1, -1) if isinstance(module, nn.Conv2d) else output.detach()  # channels last
+            flat = out.abs().reshape(-1, out.shape[-1]).double()
             sums[name] = sums.get(name, 0) + flat.sum(0)
             counts[name] = counts.get(name, 0) + flat.shape[0]
 
@@ -69,8 +72,9 @@ def selectivity_scores(forget_act: dict[str, torch.Tensor], retain_act: dict[str
 
 @torch.no_grad()
 def prune_neurons(module: nn.Module, rows: torch.Tensor) -> None:
-    """Zero the weights and biases that produce output neurons ``rows`` (Linear: weight rows; Conv1D: columns)."""
-    if isinstance(module, nn.Linear):
+    """Zero the weights and biases that produce output neurons ``rows`` (Linear: weight rows; Conv2d: output
+    channels; Conv1D: columns)."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
         module.weight[rows] = 0
     else:
         module.weight[:, rows] = 0
@@ -134,9 +138,10 @@ class NeuronPruning(Strategy):
 
         layers = hidden_layers(ctx.model)
         if not layers:
-            raise InvalidConfigError(f"{self.name}: the model has no hidden Linear/Conv1D layers to prune")
+            raise InvalidConfigError(f"{self.name}: the model has no hidden Linear/Conv1D/Conv2d layers to prune")
         retain = retain_subset(ctx, self.max_retain)
-        pruned = {name: torch.zeros(m.weight.shape[0] if isinstance(m, nn.Linear) else m.weight.shape[1], dtype=torch.bool) for name, m in layers}
+        pruned = {name: torch.zeros(m.weight.shape[0] if isinstance(m, (nn.Linear, nn.Conv2d)) else m.weight.shape[1], dtype=torch.bool)
+                  for name, m in layers}
         total = sum(int(v.numel()) for v in pruned.values())
         per_iteration = max(1, int(round(self.prune_fraction * total)))
         iterations = self.iterations if self.iterations is not None else runner.config.epochs

@@ -11,7 +11,16 @@ import pkgutil
 
 from erasus_ray.tasks.base import Task, TaskOutput
 from erasus_ray.tasks.capabilities import Capability, CapabilityError, capability_set
-from erasus_ray.tasks.registry import TASKS, get_task, matching_tasks, missing, providers, register_task, require
+from erasus_ray.tasks.registry import (
+    TASKS,
+    get_task,
+    matching_tasks,
+    missing,
+    providers,
+    register_task,
+    require,
+    require_one_of,
+)
 
 # the built-in adapters register themselves on import
 from erasus_ray.tasks.causal_lm import CausalLMTask  # noqa: E402
@@ -38,4 +47,5 @@ __all__ = [
     "providers",
     "register_task",
     "require",
+    "require_one_of",
 ]

@@ -101,4 +101,18 @@ def require(task: Task, needs: Iterable[Capability | str], *, algorithm: str) ->
     )
 
 
-__all__ = ["TASKS", "WRITE_AN_ADAPTER", "get_task", "matching_tasks", "missing", "providers", "register_task", "require"]
+def require_one_of(task: Task, options: Iterable[Capability | str], *, algorithm: str) -> None:
+    """Raise :class:`CapabilityError` unless ``task`` declares at least one capability of ``options`` (empty: no
+    constraint), e.g. a preference objective whose responses are answer tokens or class labels."""
+    options = capability_set(options) if options else frozenset()
+    if not options or options & task.capabilities:
+        return
+    alternatives = " or ".join(f"'{c}' - {c.meaning}" for c in Capability if c in options)
+    has = ", ".join(sorted(str(c) for c in task.capabilities))
+    raise CapabilityError(
+        f"{algorithm} needs one of: {alternatives}; task {task.name!r} ({type(task).__name__}) declares only: {has}. "
+        f"Use a task that provides one, or give the adapter that capability (README: 'Write an adapter')."
+    )
+
+
+__all__ = ["TASKS", "require_one_of", "WRITE_AN_ADAPTER", "get_task", "matching_tasks", "missing", "providers", "register_task", "require"]

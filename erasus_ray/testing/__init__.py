@@ -15,6 +15,7 @@ from erasus_ray.testing.checks import (
     check_selector,
     check_strategy,
     check_task,
+    declared_refusal,
     declared_requires,
     mean_loss,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "check_selector",
     "check_strategy",
     "check_task",
+    "declared_refusal",
     "declared_requires",
     "family_names",
     "mean_loss",

@@ -38,6 +38,20 @@ def declared_requires(algorithm: Any) -> frozenset[Capability]:
     return frozenset(algorithm.requirements())
 
 
+def declared_refusal(algorithm: Any, task: Task) -> list[str]:
+    """Why ``algorithm`` declares it cannot run on ``task``: the capabilities of ``requirements()`` the task lacks,
+    or the message of its ``check_task`` (which also checks ``requires_one_of`` and a meta strategy's stages); empty
+    when its declarations are met. Runs no model."""
+    lacking = [str(c) for c in missing(task, declared_requires(algorithm))]
+    if lacking:
+        return lacking
+    try:
+        algorithm.check_task(task)
+    except CapabilityError as err:
+        return [str(err)]
+    return []
+
+
 def _class_of(algorithm: Any, registry: Any, base: type) -> tuple[type, Any]:
     if isinstance(algorithm, base):
         return type(algorithm), algorithm
@@ -65,7 +79,7 @@ def _undeclared(what: str, needs: frozenset[Capability], err: CapabilityError) -
 class _Refusal:
     """``with _Refusal(name, lacking):`` passes only if the block raises CapabilityError."""
 
-    def __init__(self, what: str, lacking: list[Capability]) -> None:
+    def __init__(self, what: str, lacking: list[str]) -> None:
         self.what, self.lacking = what, lacking
 
     def __enter__(self) -> None:
@@ -73,7 +87,7 @@ class _Refusal:
 
     def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
         if kind is None:
-            raise AssertionError(f"{self.what} ran although the task lacks {[str(c) for c in self.lacking]}, which it "
+            raise AssertionError(f"{self.what} ran although the task lacks {self.lacking}, which it "
                                  "declares it requires: it must refuse with CapabilityError")
         return issubclass(kind, CapabilityError)
 
@@ -88,7 +102,7 @@ def check_strategy(strategy: str | type[Strategy] | Strategy, family: Family, **
     what = f"strategy {getattr(cls, 'name', cls.__name__)!r} on family {family.name!r}"
     built = instance if instance is not None else cls(**hparams)
     needs = declared_requires(built)
-    lacking = missing(family.task, needs)
+    lacking = declared_refusal(built, family.task)
 
     def fit() -> Any:
         unlearner = ErasusUnlearner(
@@ -100,7 +114,7 @@ def check_strategy(strategy: str | type[Strategy] | Strategy, family: Family, **
     if lacking:
         with _Refusal(what, lacking):
             fit()
-        return {"outcome": "refused", "lacking": [str(c) for c in lacking]}
+        return {"outcome": "refused", "lacking": lacking}
     before = mean_loss(family.model, family.task, family.forget)
     try:
         result = fit()
@@ -124,7 +138,7 @@ def check_selector(selector: str | type[Selector] | Selector, family: Family, *,
     what = f"selector {getattr(cls, 'name', cls.__name__)!r} on family {family.name!r}"
     built = instance if instance is not None else cls(**kwargs)
     needs = declared_requires(built)
-    lacking = missing(family.task, needs)
+    lacking = declared_refusal(built, family.task)
 
     def select() -> Any:
         return built.select(family.model, family.forget, task=family.task, k=k, seed=0, retain=family.retain,
@@ -133,7 +147,7 @@ def check_selector(selector: str | type[Selector] | Selector, family: Family, *,
     if lacking:
         with _Refusal(what, lacking):
             select()
-        return {"outcome": "refused", "lacking": [str(c) for c in lacking]}
+        return {"outcome": "refused", "lacking": lacking}
     try:
         core = select()
     except CapabilityError as err:
