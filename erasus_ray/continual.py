@@ -21,18 +21,25 @@ Choices we made:
   pushing an already-forgotten batch again with a gradient-ascent objective overshoots and costs utility. A rebounded
   batch whose coreset is no longer valid is not replayed, and the history says why (``replay_skipped``). Replay is off
   with ``replay=False``.
-- **Verification.** ``verified`` means measured against a retrain baseline, with the federated coordinator's rule
-  (:func:`erasus_ray.evaluation.verification.verification_checks`, ``VERIFY_RULE``): on the request's new ids, the
-  forget accuracy (and, with ``test_data``, the SVC MIA efficacy) of the unlearned model must be within tolerance of
-  the baseline's (max(``verify_tolerance``, the 95% Agresti-Coull half-width)), or unlearning must have closed at least
+- **Verification.** Each request's verdict combines two measurements, the way the federated coordinator combines its
+  server's rule with its clients' runs (:func:`erasus_ray.evaluation.verification.combined_verification`): the run's
+  own verification by the closed-loop controller (``result.verification`` of the request's
+  :class:`~erasus_ray.ErasusUnlearner` run: the ``class`` target when the request is a whole class, else ``heldout``
+  with ``test_data`` as the held-out set, or the target given) and, when a baseline is given, the federated rule
+  against it (:func:`~erasus_ray.evaluation.verification.verification_checks`, ``VERIFY_RULE``, as a record by
+  :func:`~erasus_ray.evaluation.verification.gold_rule_record`): on the request's new ids, the forget accuracy (and,
+  with ``test_data``, the SVC MIA efficacy) of the unlearned model must be within tolerance of the baseline's
+  (max(``verify_tolerance``, the 95% Agresti-Coull half-width)), or unlearning must have closed at least
   ``verify_close_fraction`` of the previous model's gap. The baseline is ``gold`` (a model retrained without every id
   marked so far, or a callable returning one for the dataset) or ``gold_metrics`` (the baseline's metrics on the
-  request's new ids: ``forget_acc``, optionally ``mia_svc_efficacy``). A request that fails the rule is ``failed``
-  with the measured gaps as the reason. **Without a baseline the request stops at ``unlearned``**, its ledger reason
-  saying that no verification baseline was given: nothing is marked verified unmeasured.
+  request's new ids: ``forget_acc``, optionally ``mia_svc_efficacy``). Both must hold (one that measured nothing does
+  not count): ``verified``; either failing: ``failed`` with the failing criteria as the reason. **When neither measured
+  anything** (no whole class, no ``test_data``, no baseline) **the request stops at ``unlearned``**, its ledger reason
+  saying so: nothing is marked verified unmeasured.
 - **Ledger.** Every request goes through :class:`~erasus_ray.ledger.DeletionLedger`: submitted (``validated``),
   ``scheduled``, ``unlearned`` (coreset ids, strategy, model hashes before/after, timings), then ``verified`` /
-  ``failed`` (the metrics and the checks) or, without a baseline, left ``unlearned``. A strategy error moves it to
+  ``failed`` (recorded with :meth:`~erasus_ray.ledger.DeletionLedger.record_verification`: the combined verification
+  in ``metrics["verification"]``, the metrics and the checks) or, with nothing measured, left ``unlearned``. A strategy error moves it to
   ``failed`` with the error and re-raises. Default (``ledger=None``): the durable SQLite file
   :func:`~erasus_ray.ledger.default_ledger_url` - ``$ERASUS_RAY_LEDGER``, else ``./erasus-ledger.db``, the file
   ``erasus-ray ledger list`` reads without ``--db`` (its path is logged). ``ledger="sqlite://"`` keeps it in memory,
@@ -68,13 +75,16 @@ from erasus_ray.errors import ErasusError, InvalidConfigError, InvalidDataError,
 from erasus_ray.evaluation.classification import per_sample_stats
 from erasus_ray.selectors import Coreset, Selector
 from erasus_ray.strategies import Strategy
-from erasus_ray.evaluation.verification import VERIFY_RULE, verification_checks
+from erasus_ray.evaluation.verification import (
+    VERIFY_RULE, combined_verification, gold_rule_record, verification_checks, verification_record,
+)
 from erasus_ray.unlearner import ErasusUnlearner, UnlearningResult
 
 log = logging.getLogger("erasus_ray.continual")
 NO_BASELINE = (
-    "not verified: no verification baseline was given (gold= a model retrained without the forgotten ids, or "
-    "gold_metrics= its metrics on them); the request stops at 'unlearned'"
+    "not verified: the run had no measurable target (the forget set is not a whole removed class and no test_data= "
+    "was given as its held-out set) and no verification baseline was given (gold= a model retrained without the "
+    "forgotten ids, or gold_metrics= its metrics on them); the request stops at 'unlearned'"
 )
 
 
@@ -193,10 +203,11 @@ class ContinualResult:
         history: one dict per request: ``n_new``, ``n_coreset``, ``replayed``, ``replay_skipped`` (rebounded batches
             whose coreset was no longer valid, with why), per-batch ``forget_acc``/``forget_loss`` (``batches``),
             ``forget_acc`` over all forgotten ids still stored, ``retain_acc``, ``retain_loss``, ``test_acc``,
-            ``verified`` (True / False / None without a baseline), ``verify`` (the measured checks), ``seconds``.
+            ``verified`` (True / False / None: nothing measured), ``verification`` (the combined record: the gold rule
+            and the run's own controller verification), ``verify`` (the gold rule's checks), ``seconds``.
         step_result: the :class:`UnlearningResult` of this request's strategy run.
-        verified: this request's verdict: True (passed the rule), False (failed it: the ledger says ``failed``), None
-            (no baseline: ``unlearned``).
+        verified: this request's verdict: True (the run's own target and, with a baseline, the gold rule held), False
+            (one failed: the ledger says ``failed``), None (nothing measured: ``unlearned``).
     """
 
     model: nn.Module
@@ -221,12 +232,13 @@ class ContinualUnlearner:
         ledger: a :class:`~erasus_ray.ledger.DeletionLedger`, a SQLAlchemy URL / SQLite path, None for the durable
             default (``$ERASUS_RAY_LEDGER``, else ``./erasus-ledger.db``), or False for none.
         client_id: who the ledger records as the requester (and whose namespace the request ids are in).
-        test_data: optional held-out set measured after each request (``test_acc``); with a baseline it also adds the
-            SVC MIA efficacy to the verification.
+        test_data: optional held-out set: measured after each request (``test_acc``), the held-out set of each run's
+            controller (its ``heldout`` target where a request is not a whole class), and with a baseline it adds the
+            SVC MIA efficacy to the gold rule.
         gold: the verification baseline for every request: a model retrained without every id marked so far, or a
             callable ``gold(dataset) -> model`` called once per request (e.g. retrain on ``dataset.retain``).
-            ``incremental_fit(gold=..., gold_metrics=...)`` overrides it per request. None: requests stop at
-            ``unlearned`` unless a call passes a baseline.
+            ``incremental_fit(gold=..., gold_metrics=...)`` overrides it per request. None: the run's own
+            verification alone decides.
         verify_tolerance, verify_close_fraction: the verification rule's floor and closed-gap fraction (the federated
             coordinator's ``ServerConfig`` defaults, 0.05 and 0.9).
         replay: reuse rebounded batches' coresets (see the module docstring for the rule).
@@ -323,8 +335,8 @@ class ContinualUnlearner:
         self, before: nn.Module, after: nn.Module, forget: IdDataset, retain: IdDataset, gold: nn.Module | None,
         gold_metrics: Mapping[str, float] | None,
     ) -> tuple[bool | None, dict[str, Any], str]:
-        """Judge the request with the federated coordinator's rule against the baseline; ``(None, {}, why)`` when
-        there is no baseline or the task has no forget accuracy."""
+        """Judge the request with the federated coordinator's rule against the baseline: ``(ok, report, the failing
+        metrics)``; ``(None, {...}, why not)`` when there is no baseline or the task has no forget accuracy."""
 
         if gold is None and gold_metrics is None:
             return None, {}, NO_BASELINE
@@ -359,7 +371,17 @@ class ContinualUnlearner:
             "verify_rule": VERIFY_RULE.format(close=self.verify_close_fraction), "verify_checks": checks,
             "verified": ok, "after": m_after, "before": m_before,
         }
-        return ok, report, "" if ok else f"not verified against the retrain baseline: {why}"
+        return ok, report, why
+
+    def _verdict(self, own: Mapping[str, Any], gold_ok: bool | None, verify: Mapping[str, Any], gold_why: str) -> dict[str, Any]:
+        """The request's verification: the run's own controller verification (``own``) and, when a baseline measured
+        something, the gold rule as a record, combined as the federated coordinator combines its server's rule and the
+        clients' runs (:func:`~erasus_ray.evaluation.verification.combined_verification`): both must hold; one that
+        measured nothing does not count; neither measured -> ``passed`` None."""
+        if gold_ok is None:
+            return combined_verification(own, {})
+        gold = gold_rule_record(gold_ok, verify["verify_checks"], gold_why, close_fraction=self.verify_close_fraction)
+        return combined_verification(gold, {"controller": [own]} if own else {})
 
     # ---- the request ----------------------------------------------------------------------------------------------
     def incremental_fit(
@@ -372,7 +394,8 @@ class ContinualUnlearner:
         gold: nn.Module | None = None,
         gold_metrics: Mapping[str, float] | None = None,
     ) -> ContinualResult:
-        """Unlearn the ids marked since the last request, as one ledger request, and verify it if a baseline is known.
+        """Unlearn the ids marked since the last request, as one ledger request, and verify it: the run's own controller
+        verification and, when a baseline is known, the gold rule (module docstring).
 
         Args:
             dataset: the :class:`UnlearningDataset` with its current marks (every :meth:`~UnlearningDataset.mark_forget`
@@ -487,7 +510,8 @@ class ContinualUnlearner:
             else:
                 coreset, forget_data = new_coreset, forget_new
             self.engine.model = model
-            step = self.engine.fit(forget_data, retain, coreset=coreset)
+            # test_data is the run's held-out set: the controller's "heldout" target where the request is not a class
+            step = self.engine.fit(forget_data, retain, coreset=coreset, heldout_data=self.test_data)
         except Exception as err:
             if self.ledger is not None:
                 self.ledger.transition(key, "failed", reason=f"{type(err).__name__}: {str(err)[:500]}")
@@ -500,7 +524,8 @@ class ContinualUnlearner:
             gold = self.gold if isinstance(self.gold, nn.Module) else self.gold(dataset)
             if not isinstance(gold, nn.Module):
                 raise InvalidConfigError(f"the gold callable must return an nn.Module, got {type(gold).__name__}")
-        has_baseline = gold is not None or gold_metrics is not None
+        own = verification_record(step.verification or {})  # the run's own controller verification
+        measurable = gold is not None or gold_metrics is not None or own.get("passed") is not None
         if self.ledger is not None:
             self.ledger.record_result(
                 key,
@@ -511,12 +536,14 @@ class ContinualUnlearner:
                 new_state="unlearned",
                 expected="scheduled",
                 timings=step.timings,
-                **({} if has_baseline else {"reason": NO_BASELINE}),
+                **({} if measurable else {"reason": NO_BASELINE}),
             )
 
         new_model = step.model
         retain_eval = self._retain_eval(retain)
-        verified, verify, verdict = self._verify(model, new_model, dataset.data.subset(new_ids), retain_eval, gold, gold_metrics)
+        gold_ok, verify, gold_why = self._verify(model, new_model, dataset.data.subset(new_ids), retain_eval, gold, gold_metrics)
+        verification = self._verdict(own, gold_ok, verify, gold_why)
+        verified = verification["passed"]
         acc_new, loss_new = self._stats(new_model, dataset.data.subset(new_ids))
         new_batch = ForgottenBatch(
             request_id=key,
@@ -553,6 +580,7 @@ class ContinualUnlearner:
             "retain_acc": retain_acc,
             "retain_loss": retain_loss,
             "verified": verified,
+            "verification": verification,
             "verify": verify,
             "seconds": time.perf_counter() - start,
             "timings": dict(step.timings),
@@ -561,20 +589,16 @@ class ContinualUnlearner:
         if self.test_data is not None:
             record["test_acc"], record["test_loss"] = self._stats(new_model, self.test_data)
         history.append(record)
-        if self.ledger is not None:
-            metrics: dict[str, Any] = {k: record[k] for k in ("forget_acc", "forget_loss", "retain_acc", "retain_loss", "test_acc") if k in record}
-            metrics["new_forget_acc"] = acc_new
-            if verify:
-                metrics.update({f"after_{k}": v for k, v in verify["after"].items()})
-                metrics.update({f"before_{k}": v for k, v in verify.get("before", {}).items()})
-                metrics.update({k: verify[k] for k in ("verify_rule", "verify_checks", "verified") if k in verify})
-            if verified is None:
-                self.ledger.record_result(key, metrics=metrics)  # stays unlearned; its reason says why
-            else:
-                self.ledger.record_result(
-                    key, metrics=metrics, new_state="verified" if verified else "failed", expected="unlearned",
-                    **({} if verified else {"reason": verdict}),
-                )
+        metrics: dict[str, Any] = {k: record[k] for k in ("forget_acc", "forget_loss", "retain_acc", "retain_loss", "test_acc") if k in record}
+        metrics["new_forget_acc"] = acc_new
+        if verify:
+            metrics.update({f"after_{k}": v for k, v in verify["after"].items()})
+            metrics.update({f"before_{k}": v for k, v in verify.get("before", {}).items()})
+            metrics.update({k: verify[k] for k in ("verify_rule", "verify_checks") if k in verify})
+        verdict = f"not verified: {verification['why_failed']}" if verified is False else "" if verified else gold_why or NO_BASELINE
+        if self.ledger is not None:  # the verdict decides the state: verified / failed (the failing criteria) / stays unlearned
+            self.ledger.record_verification(key, verification, expected="unlearned", metrics=metrics,
+                                            **({"reason": verdict} if verified is False else {}))
         if verified is False:
             log.warning("request %s unlearned but %s", key, verdict)
         result = ContinualResult(

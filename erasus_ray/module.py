@@ -15,6 +15,7 @@ Hook points, in the order they fire (every :class:`Callback` method receives the
         on_epoch_start(trainer, module, epoch=e)
         for each step: on_step_end(trainer, module, step=global step (1-based), logs=the step's logs)
         if e % validate_every == 0: on_validation_end(trainer, module, metrics)   # early stopping decided here
+                                    # (metrics: val_forget_acc, val_forget_loss, val_retain_*, validation_step's)
         on_epoch_end(trainer, module, epoch=e, logs=the epoch's history entry)
     on_fit_end(trainer, module, result)
 
@@ -33,7 +34,7 @@ Example:
     ...         return self.sample_loss(batch).mean()
     >>> trainer = UnlearningTrainer(epochs=10, validate_every=2, early_stopping_patience=3)
     >>> result = trainer.fit(Ascent(model), forget_loader, retain_loader)
-    >>> result.history[-1]["forget_acc"], result.report.stopped
+    >>> result.history[-1]["val_forget_acc"], result.report.stopped
 """
 
 from __future__ import annotations
@@ -48,14 +49,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from erasus_ray.checks import close_match_hint
 from erasus_ray.data import Batch, IdDataset, as_id_dataset, make_loader
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.runners.local import LocalRunner, RunnerConfig, RunReport, StepExecutor
 from erasus_ray.selectors import Coreset, Selector, get_selector, resolve_budget
+from erasus_ray.settings import FLAT_KEYWORDS, NOT_FLAT, ExecutionConfig, merged_section, split_flat_keywords
 from erasus_ray.strategies.base import Strategy, UnlearnContext
 from erasus_ray.tasks import Task, TaskOutput, get_task
 from erasus_ray.training import make_optimizer
-from erasus_ray.unlearner import UnlearningResult, check_model_fits
+from erasus_ray.unlearner import UnlearningResult, activation_checkpointing, check_model_fits, require_checkpointing
 from erasus_ray.utils import model_device, model_hash, seed_everything
 
 
@@ -231,26 +234,95 @@ class TrainerResult(UnlearningResult):
         return {**super().to_dict(), "history": self.history, "best": self.best}
 
 
+_ON_THE_UNLEARNER = ("ErasusUnlearner's (UnlearningTrainer runs in this process: its callbacks, validation and early "
+                      "stopping read the model between epochs)")
+_ON_THE_MODULE = "the module's: configure_optimizers() (default: Adam at hparams['lr'], see save_hyperparameters)"
+#: Runner / execution fields that are not the trainer's settings, and where each is set instead. Every other field of
+#: :class:`~erasus_ray.runners.RunnerConfig` and :class:`~erasus_ray.settings.ExecutionConfig` is a flat keyword of
+#: the trainer, as of :class:`~erasus_ray.ErasusUnlearner` (one spelling list: :data:`TRAINER_KEYWORDS`).
+NOT_TRAINER_SETTINGS: dict[str, str] = {
+    "lr": _ON_THE_MODULE, "optimizer": _ON_THE_MODULE, "backend": _ON_THE_UNLEARNER, "num_workers": _ON_THE_UNLEARNER,
+    "use_gpu": _ON_THE_UNLEARNER, "max_failures": _ON_THE_UNLEARNER,
+    "distributed": "ErasusUnlearner's (the trainer scores its coreset in this process)",
+}
+#: the trainer's flat keywords (keyword -> settings section): :data:`~erasus_ray.settings.FLAT_KEYWORDS` less
+#: :data:`NOT_TRAINER_SETTINGS`.
+TRAINER_KEYWORDS: dict[str, str] = {k: section for k, section in FLAT_KEYWORDS.items() if k not in NOT_TRAINER_SETTINGS}
+#: the trainer's own defaults where they differ from the dataclass's (a settings dataclass given whole keeps its own)
+TRAINER_DEFAULTS: dict[str, Any] = {"progress": False}
+#: the built-in validation metrics' names before they got their ``val_`` prefix: still accepted as ``monitor``
+MONITOR_ALIASES: dict[str, str] = {f"{s}_{m}": f"val_{s}_{m}" for s in ("forget", "retain") for m in ("acc", "loss")}
+
+
+def _trainer_settings(section: str, given: Any, flat: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's ``section`` settings (:func:`~erasus_ray.settings.merged_section`): a field of
+    :data:`NOT_TRAINER_SETTINGS` is refused with where it is set instead, as a flat keyword, a mapping key, or a
+    settings dataclass's field away from its default."""
+    refused = sorted(k for k in flat if k in NOT_TRAINER_SETTINGS)
+    if isinstance(given, (RunnerConfig, ExecutionConfig)):
+        defaults = type(given)()
+        refused += [k for k in NOT_TRAINER_SETTINGS if hasattr(given, k) and getattr(given, k) != getattr(defaults, k)]
+    elif isinstance(given, dict):
+        refused += sorted(k for k in given if k in NOT_TRAINER_SETTINGS)
+    if refused:
+        raise InvalidConfigError(
+            f"UnlearningTrainer: {section} setting(s) {refused} are not the trainer's; "
+            + "; ".join(f"{k} is {NOT_TRAINER_SETTINGS[k]}" for k in refused)
+        )
+    exclude = tuple(NOT_FLAT | set(NOT_TRAINER_SETTINGS))
+    hint = " (the run's seed is UnlearningTrainer's seed= argument)" if section == "runner" else ""
+    return merged_section(section, given, flat, exclude=exclude, hint=hint)
+
+
+def _check_trainer_keywords(rest: dict[str, Any]) -> None:
+    """Keywords that are no setting of the trainer: an :class:`InvalidConfigError` naming them, the closest accepted
+    keyword and every accepted one."""
+    if rest:
+        unknown = sorted(rest)
+        params = inspect.signature(UnlearningTrainer).parameters.values()
+        accepted = sorted({p.name for p in params if p.kind is not p.VAR_KEYWORD} | set(TRAINER_KEYWORDS))
+        raise InvalidConfigError(
+            f"UnlearningTrainer: unknown keyword(s) {unknown}.{close_match_hint(unknown[0], accepted)} Accepted: {accepted}"
+        )
+
+
 class UnlearningTrainer:
     """Runs an :class:`UnlearningModule` over the forget coreset (paired with retain batches), validates, stops early.
 
     Args:
-        epochs: passes over the forget coreset.
+        epochs: passes over the forget coreset (default 10, :class:`~erasus_ray.runners.RunnerConfig`'s).
         validate_every: validate after every ``validate_every``-th epoch (None: never).
         early_stopping_patience: stop after this many validations in a row without improvement of ``monitor``
             (None: no early stopping). Needs ``validate_every``.
-        monitor: the validation metric to watch. Built in: ``forget_acc`` / ``forget_loss`` (on up to
-            ``val_max_samples`` ids of the whole forget set) and ``retain_acc`` / ``retain_loss`` (same, retain set);
-            plus whatever ``validation_step`` returns.
-        mode: ``"min"`` or ``"max"``: which direction is an improvement (``forget_acc`` falls as it unlearns).
+        monitor: the validation metric to watch. Built in: ``val_forget_acc`` / ``val_forget_loss`` (on up to
+            ``val_max_samples`` ids of the whole forget set) and ``val_retain_acc`` / ``val_retain_loss`` (same,
+            retain set); plus whatever ``validation_step`` returns, under the names it gives. The built-in names
+            carry ``val_`` so that they never overwrite what the module logs in training with :meth:`UnlearningModule.log`
+            (a module's own ``forget_loss`` keeps its value in ``history`` on validation epochs); their former names
+            ``forget_acc`` ... are still accepted as ``monitor`` (:data:`MONITOR_ALIASES`) when ``validation_step``
+            returns no metric of that name.
+        mode: ``"min"`` or ``"max"``: which direction is an improvement (``val_forget_acc`` falls as it unlearns).
         min_delta: an improvement must beat the best value by more than this.
         restore_best: load the weights of the best validation at the end.
         callbacks: :class:`Callback` instances, called in list order.
-        batch_size, retain_batch_size, grad_clip, precision, max_steps, forget_target, progress: as in
-            :class:`~erasus_ray.runners.RunnerConfig`.
+        runner: how the loop runs: a :class:`~erasus_ray.runners.RunnerConfig` (every field fixed) or a mapping of
+            some of its fields. Not ``lr`` / ``optimizer``: the module's ``configure_optimizers`` sets them.
+        execution: an :class:`~erasus_ray.settings.ExecutionConfig` or a mapping; the trainer takes its ``device``
+            (the model is moved there before the fit). Ray Train and the Ray scoring pool (``backend``,
+            ``num_workers``, ``use_gpu``, ``max_failures``, ``distributed``) are :class:`~erasus_ray.ErasusUnlearner`'s.
+        **settings: the same fields as flat keywords (:data:`TRAINER_KEYWORDS`, derived from the dataclasses as
+            :class:`~erasus_ray.ErasusUnlearner`'s are): ``batch_size``, ``retain_batch_size``, ``grad_clip``,
+            ``precision``, ``max_steps``, ``forget_target``, ``progress`` (default False here),
+            ``gradient_checkpointing`` (a Hugging Face model's switch, on during the fit), ``device``. An unknown
+            keyword, a setting given both flat and in ``runner=`` / ``execution=``, or one of
+            :data:`NOT_TRAINER_SETTINGS` is an :class:`InvalidConfigError` naming it (and the accepted keywords).
         selector, fraction, k, selector_kwargs: select a coreset of the forget set first (default: the whole set).
         val_max_samples: cap on the samples the built-in validation metrics read per set.
         seed: seeds selection, shuffling and the validation subsample.
+
+    Example:
+        >>> UnlearningTrainer(epochs=5, batch_size=16, grad_clip=1.0)          # flat shorthand
+        >>> UnlearningTrainer(runner={"epochs": 5, "batch_size": 16, "grad_clip": 1.0})   # the same settings
 
     Cost: that of the module's steps (one forward+backward per forget batch, plus per retain batch if it defines
     ``retain_step``), plus one forward pass over at most ``2 * val_max_samples`` samples per validation.
@@ -258,34 +330,34 @@ class UnlearningTrainer:
 
     def __init__(
         self,
-        epochs: int = 10,
+        epochs: int | None = None,
         validate_every: int | None = 1,
         early_stopping_patience: int | None = None,
-        monitor: str = "forget_acc",
+        monitor: str = "val_forget_acc",
         mode: str = "min",
         min_delta: float = 0.0,
         restore_best: bool = False,
         callbacks: Sequence[Callback] = (),
         *,
-        batch_size: int = 32,
-        retain_batch_size: int | None = None,
-        grad_clip: float | None = None,
-        precision: str = "32",
-        max_steps: int | None = None,
-        forget_target: float | None = None,
-        progress: bool = False,
+        runner: RunnerConfig | dict[str, Any] | None = None,
+        execution: ExecutionConfig | dict[str, Any] | None = None,
         selector: Selector | str | None = None,
         fraction: float | None = None,
         k: int | None = None,
         selector_kwargs: dict[str, Any] | None = None,
         val_max_samples: int = 512,
         seed: int = 0,
+        **settings: Any,
     ) -> None:
-        # lr / optimizer are the module's business (configure_optimizers); the config only carries the loop settings.
-        self.config = RunnerConfig(
-            epochs=epochs, batch_size=batch_size, retain_batch_size=retain_batch_size, grad_clip=grad_clip,
-            precision=precision, max_steps=max_steps, forget_target=forget_target, progress=progress, seed=int(seed),
-        ).validate()
+        flat, rest = split_flat_keywords({"epochs": epochs, **settings})
+        _check_trainer_keywords(rest)
+        given = _trainer_settings("runner", runner, flat["runner"])
+        if not isinstance(runner, RunnerConfig):
+            given = {**TRAINER_DEFAULTS, **given}
+        # lr / optimizer are the module's business (configure_optimizers); the config carries the loop settings
+        self.config = RunnerConfig(**given, seed=seed).validate()
+        self.execution = ExecutionConfig(**_trainer_settings("execution", execution, flat["execution"]))
+        self.device = self.execution.device
         if validate_every is not None and (isinstance(validate_every, bool) or not isinstance(validate_every, int) or validate_every < 1):
             raise InvalidConfigError(f"validate_every must be a positive integer or None, got {validate_every!r}")
         if early_stopping_patience is not None:
@@ -302,7 +374,7 @@ class UnlearningTrainer:
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise InvalidConfigError(f"callbacks must be Callback instances, got {type(cb).__name__}")
-        self.epochs = epochs
+        self.epochs = self.config.epochs
         self.validate_every = validate_every
         self.early_stopping_patience = early_stopping_patience
         self.monitor = monitor
@@ -317,7 +389,7 @@ class UnlearningTrainer:
             resolve_budget(1, fraction=fraction)
         self.fraction, self.k = fraction, k
         self.val_max_samples = int(val_max_samples)
-        self.seed = int(seed)
+        self.seed = self.config.seed
         self.should_stop = False
         self.current_epoch = 0
         self.global_step = 0
@@ -330,7 +402,8 @@ class UnlearningTrainer:
     # --- validation -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, module: UnlearningModule, ctx: UnlearnContext, val_data: IdDataset | None) -> dict[str, float]:
-        """Built-in metrics (forget/retain accuracy and loss on a seeded subsample) plus ``validation_step``'s."""
+        """Built-in metrics (``val_forget_acc`` / ``val_forget_loss`` / ``val_retain_acc`` / ``val_retain_loss`` on a
+        seeded subsample) plus ``validation_step``'s, under its own names."""
         model, task = module.model, ctx.task
         was_training = model.training
         model.eval()
@@ -346,7 +419,7 @@ class UnlearningTrainer:
                 acc_sum += float(out.sample_accuracy().sum())
                 loss_sum += float(out.sample_loss().sum())
                 n += len(batch)
-            metrics[f"{prefix}_acc"], metrics[f"{prefix}_loss"] = acc_sum / n, loss_sum / n
+            metrics[f"val_{prefix}_acc"], metrics[f"val_{prefix}_loss"] = acc_sum / n, loss_sum / n
         if module._overrides("validation_step"):
             source = val_data if val_data is not None else ctx.forget
             sums: dict[str, float] = {}
@@ -366,6 +439,10 @@ class UnlearningTrainer:
             return ids
         rng = np.random.default_rng([self.seed, 0 if which == "forget" else 1])
         return np.sort(rng.choice(ids, size=self.val_max_samples, replace=False))
+
+    def _monitored(self, metrics: dict[str, float]) -> str:
+        """The validation metric ``monitor`` names: itself, else its ``val_`` name (:data:`MONITOR_ALIASES`)."""
+        return self.monitor if self.monitor in metrics else MONITOR_ALIASES.get(self.monitor, self.monitor)
 
     def _improved(self, value: float, best: float | None) -> bool:
         if best is None:
@@ -405,6 +482,10 @@ class UnlearningTrainer:
             raise InvalidDataError(f"{type(module).__name__} defines retain_step but no retain_data was given")
         val = None if val_data is None else as_id_dataset(val_data)
         model = module.model
+        if self.config.gradient_checkpointing:
+            require_checkpointing(model)
+        if self.device is not None:
+            model.to(self.device)
         module.task = get_task(task, model)
         module.trainer = self
         check_model_fits(model, module.task, forget)
@@ -445,7 +526,8 @@ class UnlearningTrainer:
             self._fire("on_epoch_start", module, epoch=epoch + 1)
             strategy._batch_idx = 0
             one_epoch = LocalRunner(replace(self.config, epochs=epoch + 1))
-            one_epoch.run_epochs(strategy, ctx, executor, forget_loader, retain_loader, start_epoch=epoch, report=report)
+            with activation_checkpointing(model, self.config.gradient_checkpointing):
+                one_epoch.run_epochs(strategy, ctx, executor, forget_loader, retain_loader, start_epoch=epoch, report=report)
             self.global_step = executor.global_step
             entry = report.history[-1] if len(report.history) == len(history) + 1 else {"epoch": float(epoch + 1)}
             if executor.scheduler is not None:
@@ -454,8 +536,9 @@ class UnlearningTrainer:
                 metrics = self.validate(module, ctx, val)
                 entry.update(metrics)
                 self._fire("on_validation_end", module, metrics=metrics)
-                if self.monitor in metrics:
-                    value = metrics[self.monitor]
+                monitor = self._monitored(metrics)
+                if monitor in metrics:
+                    value = metrics[monitor]
                     if self._improved(value, best_value):
                         best_value, waited = value, 0
                         best = {"epoch": float(epoch + 1), "value": value}
@@ -515,4 +598,5 @@ class UnlearningTrainer:
         }
 
 
-__all__ = ["AttributeDict", "Callback", "TrainerResult", "UnlearningModule", "UnlearningTrainer"]
+__all__ = ["AttributeDict", "Callback", "MONITOR_ALIASES", "NOT_TRAINER_SETTINGS", "TRAINER_KEYWORDS", "TrainerResult", "UnlearningModule",
+           "UnlearningTrainer"]

@@ -122,3 +122,15 @@ def section_settings(section: str, given: Any, *, exclude: tuple[str, ...] = (),
     except InvalidConfigError as err:
         raise InvalidConfigError(f"{section}.{err}") from None  # the message starts with the field's name
     return {k: getattr(checked, k) for k in given}
+
+
+def merged_section(section: str, given: Any, flat: Mapping[str, Any], *, exclude: tuple[str, ...] = (), hint: str = "") -> dict[str, Any]:
+    """The ``section``'s settings from ``runner=`` / ``execution=`` (a settings dataclass: every field but
+    ``exclude``; a mapping: the fields it names) and the flat keywords of that section (:func:`split_flat_keywords`),
+    each checked by the dataclass (:func:`section_settings`); a setting given both ways is an error (neither silently
+    wins). Shared by :class:`~erasus_ray.ErasusUnlearner` and :class:`~erasus_ray.UnlearningTrainer`."""
+    base = {} if given is None else section_settings(section, given, exclude=exclude, hint=hint)
+    both = sorted(set(base) & set(flat)) if not isinstance(given, SECTIONS[section]) else sorted(flat)
+    if both:
+        raise InvalidConfigError(f"{section}: {both} given both in {section}= and as keyword(s); give each once")
+    return {**base, **section_settings(section, flat, exclude=exclude, hint=hint)}

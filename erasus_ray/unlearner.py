@@ -29,7 +29,7 @@ from erasus_ray.errors import InvalidConfigError, InvalidDataError, TaskMismatch
 from erasus_ray.evaluation.verification import Measurement, Probe, ResolvedTarget, resolve_target
 from erasus_ray.runners import LocalRunner, RunnerConfig, RunReport
 from erasus_ray.selectors import SELECTORS, Coreset, Selector, get_selector, resolve_budget
-from erasus_ray.settings import FLAT_KEYWORDS, NOT_FLAT, ExecutionConfig, field_names, section_settings, split_flat_keywords
+from erasus_ray.settings import FLAT_KEYWORDS, NOT_FLAT, ExecutionConfig, field_names, merged_section, split_flat_keywords
 from erasus_ray.strategies import STRATEGIES, Strategy, UnlearnContext, get_strategy
 from erasus_ray.strategies.base import refuse_driver_only
 from erasus_ray.tasks import Task, get_task
@@ -132,6 +132,15 @@ def _checkpointing_switch(model: nn.Module) -> tuple[Callable[[], None], Callabl
     return None
 
 
+def require_checkpointing(model: nn.Module) -> None:
+    """``gradient_checkpointing=True`` needs the model's switch: an :class:`InvalidConfigError` naming it otherwise."""
+    if _checkpointing_switch(model) is None:
+        raise InvalidConfigError(
+            "gradient_checkpointing=True needs a model with activation_checkpointing_enable() / "
+            f"gradient_checkpointing_enable() (a Hugging Face PreTrainedModel); {type(model).__name__} has neither"
+        )
+
+
 @contextlib.contextmanager
 def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Recompute activations in the backward pass (memory for compute) while unlearning; the returned model has
@@ -161,15 +170,9 @@ def check_arguments(model: Any, *, k: Any, fraction: Any, seed: Any, inplace: An
 
 
 def _merged_section(section: str, given: Any, flat: dict[str, Any]) -> dict[str, Any]:
-    """The ``section``'s settings from ``runner=`` / ``execution=`` (a settings dataclass: every field; a mapping:
-    the fields it names) and the flat keywords of that section, each checked by the dataclass; a setting given both
-    ways is an error (neither silently wins). The runner's ``seed`` is the unlearner's own ``seed``."""
+    """:func:`~erasus_ray.settings.merged_section`; the runner's ``seed`` is the unlearner's own ``seed``."""
     where = " (the run's seed is ErasusUnlearner's seed= argument)" if section == "runner" else ""
-    base = {} if given is None else section_settings(section, given, exclude=tuple(NOT_FLAT), hint=where)
-    both = sorted(set(base) & set(flat)) if not isinstance(given, (RunnerConfig, ExecutionConfig)) else sorted(flat)
-    if both:
-        raise InvalidConfigError(f"{section}: {both} given both in {section}= and as keyword(s); give each once")
-    return {**base, **section_settings(section, flat)}
+    return merged_section(section, given, flat, exclude=tuple(NOT_FLAT), hint=where)
 
 
 def check_strategy_keywords(strategy: Strategy | str, kwargs: dict[str, Any]) -> None:
@@ -366,11 +369,8 @@ class ErasusUnlearner:
         self.inplace = inplace
         self.device = self.execution.device
         self.gradient_checkpointing = bool(self.runner_kwargs["gradient_checkpointing"])
-        if self.gradient_checkpointing and not _checkpointing_switch(model):
-            raise InvalidConfigError(
-                "gradient_checkpointing=True needs a model with activation_checkpointing_enable() / "
-                f"gradient_checkpointing_enable() (a Hugging Face PreTrainedModel); {type(model).__name__} has neither"
-            )
+        if self.gradient_checkpointing:
+            require_checkpointing(model)
         self.model_factory = model_factory
         self.recipe = recipe
         self.distributed = self.execution.distributed

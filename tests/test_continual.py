@@ -1,6 +1,7 @@
 """Continual unlearning on digits: each request unlearns only the newly marked ids, earlier batches stay forgotten,
-utility is tracked per request, every request is verified against a retrain baseline in the ledger (a no-op is not,
-and without a baseline a request stops at 'unlearned'); rebounded batches replay their coreset exactly when it is still
+utility is tracked per request, every request is verified in the ledger by its run's own controller verification and,
+with a retrain baseline, the gold rule: both must hold (a no-op is never verified, and when nothing was measured a
+request stops at 'unlearned'); rebounded batches replay their coreset exactly when it is still
 valid; the default ledger is a durable file."""
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ def test_both_requests_verified_in_the_durable_ledger(two_requests) -> None:
             assert checks["passed"] and e.metrics["verified"] is True and "Agresti-Coull" in e.metrics["verify_rule"]
             assert checks["gold"] < 0.05 and checks["before"] > 0.95 and checks["gap_after"] < 0.1
             assert e.metrics["after_gold_forget_acc"] == checks["gold"] and "mia_svc_efficacy" in e.metrics["verify_checks"]
+            # the gold rule and the run's own controller verification (digit 3, then 5: a whole class each) both held
+            assert e.metrics["verification"]["target"] == "gold" and e.metrics["verification"]["passed"] is True
+            assert [(p["target"], p["passed"]) for p in e.metrics["verification"]["parts"]["controller"]] == [("class", True)]
         assert entries[0].ids == t["ids3"].tolist() and entries[1].ids == t["ids5"].tolist()
         assert entries[1].coreset_ids == sorted(r2.coreset.ids.tolist())
         assert entries[1].model_hash_before == entries[0].model_hash_after
@@ -195,7 +199,7 @@ def test_a_failing_request_is_marked_failed_in_the_ledger(digits_class, monkeypa
 def _no_op(cu: ContinualUnlearner):
     """A strategy run that changes nothing (what a broken unlearner looks like)."""
 
-    def fit(forget, retain, coreset=None):
+    def fit(forget, retain, coreset=None, **kwargs):
         h = model_hash(cu.engine.model)
         return UnlearningResult(clone_model(cu.engine.model), coreset, {}, {}, None, model_hash_before=h, model_hash_after=h)
 
@@ -218,7 +222,7 @@ def test_a_no_op_unlearner_is_never_verified(digits_class, monkeypatch) -> None:
     for name in ("gold", "gold_metrics"):
         r, entry = runs[name]
         assert r.verified is False and entry.state == "failed", (name, entry.state, entry.state_reason)
-        assert "not verified against the retrain baseline" in entry.state_reason and "forget_acc gap" in entry.state_reason
+        assert entry.state_reason.startswith("not verified: gold target: forget_acc gap"), entry.state_reason
         check = entry.metrics["verify_checks"]["forget_acc"]
         assert check["gap_after"] > 0.9 and not check["passed"]  # the original still knows every 3
     r, entry = runs["none"]  # no baseline: it ran, it is not verified, and the ledger says why
@@ -286,3 +290,58 @@ def test_the_default_ledger_is_a_durable_file(digits_class, tmp_path, monkeypatc
     cu2 = ContinualUnlearner(bench.original, selector=None, progress=False)
     assert cu2.ledger.url == f"sqlite:///{tmp_path / 'erasus-ledger.db'}" and (tmp_path / "erasus-ledger.db").exists()
     cu2.ledger.close()
+
+
+# ---- verification: the run's own controller verification, and the gold rule when a baseline is given --------------
+def _request(bench, ids, rid, *, fit_kwargs=None, **kwargs):
+    cu = ContinualUnlearner(bench.original, strategy="grad_diff", selector=None, seed=0, progress=False, ledger="sqlite://", **kwargs)
+    r = cu.incremental_fit(UnlearningDataset(bench.train, forget_indices=ids), request_id=rid, **(fit_kwargs or {}))
+    return r, cu.ledger.get(rid), [x.to_state for x in cu.ledger.history(rid)]
+
+
+def test_a_heldout_set_without_gold_is_verified_by_the_runs_own_verification(digits_random10) -> None:
+    bench = digits_random10
+    ids = np.sort(bench.forget_ids)[:40]  # no whole class: only the held-out set (test_data) makes the run measurable
+    r, entry, states = _request(bench, ids, "heldout", test_data=bench.test)
+    own = r.step_result.verification
+    assert own["target"] == "heldout" and own["passed"] is True
+    assert r.verified is True and entry.state == "verified" and entry.metrics["verified"] is True and states[-1] == "verified"
+    assert entry.metrics["verification"]["target"] == "heldout" and entry.metrics["verification"]["criteria"] == own["criteria"]
+    # the same request without the held-out set measured nothing: it stops at 'unlearned' and says why
+    r0, entry0, _ = _request(bench, ids, "none")
+    assert r0.step_result.verification["passed"] is None and r0.verified is None
+    assert entry0.state == "unlearned" and entry0.state_reason == NO_BASELINE
+
+
+@pytest.fixture(scope="module")
+def short_class_run(digits_class):
+    """Forgetting digit 3 with a one-step budget: the controller's class target fails (forget accuracy ~0.9 > 0)."""
+    return _request(digits_class, digits_class.forget_ids, "short", budget_steps=1)
+
+
+def test_a_run_that_fails_its_criteria_is_failed_with_them_in_the_ledger(short_class_run) -> None:
+    r, entry, states = short_class_run
+    own = r.step_result.verification
+    assert own["target"] == "class" and own["passed"] is False
+    assert r.verified is False and entry.state == "failed"
+    [criterion] = [c for c in own["criteria"] if not c["passed"]]
+    assert f"class target: {criterion['name']}={criterion['value']:.4g} outside" in entry.state_reason, entry.state_reason
+    assert states == ["received", "validated", "scheduled", "unlearned", "failed"]
+
+
+def test_with_gold_both_the_gold_rule_and_the_runs_verification_must_hold(digits_class, digits_random10, short_class_run) -> None:
+    # the gold rule passes (the baseline's forget accuracy is what the short run reached), the run's own target fails
+    short = short_class_run[0]
+    bench = digits_class
+    reached = short.history[-1]["batches"][short.request_id]["forget_acc"]
+    r, entry, _ = _request(bench, bench.forget_ids, "gold-ok", budget_steps=1, fit_kwargs={"gold_metrics": {"forget_acc": reached}})
+    verification = entry.metrics["verification"]
+    assert verification["target"] == "gold" and all(c["passed"] for c in verification["criteria"])
+    assert verification["parts"]["controller"][0]["passed"] is False
+    assert r.verified is False and entry.state == "failed" and "controller: class target failed" in entry.state_reason
+    # the run's own target holds, the gold rule fails (a baseline that got every forgotten sample wrong)
+    ids = np.sort(digits_random10.forget_ids)[:40]
+    r, entry, _ = _request(digits_random10, ids, "gold-bad", test_data=digits_random10.test, fit_kwargs={"gold_metrics": {"forget_acc": 0.0}})
+    assert r.step_result.verification["passed"] is True
+    assert r.verified is False and entry.state == "failed" and entry.state_reason.startswith("not verified: gold target: forget_acc gap")
+    assert "controller" not in entry.state_reason

@@ -237,7 +237,7 @@ def test_module_gradient_ascent_lowers_forget_fit_keeps_retain(digits_class):
     res = UnlearningTrainer(epochs=10, validate_every=5).fit(module, b.forget, b.retain)
     assert before_f == 1.0 and _acc(model, b.task, b.forget) <= 0.05
     assert _acc(model, b.task, b.retain) >= before_r - 0.02
-    assert res.history[4]["forget_acc"] <= 0.05 and "forget_acc" not in res.history[3]  # validates every 5 epochs
+    assert res.history[4]["val_forget_acc"] <= 0.05 and "val_forget_acc" not in res.history[3]  # validates every 5 epochs
     assert "forget_loss" in res.history[0] and res.report.steps == 10 * int(np.ceil(len(b.forget) / 32))
     assert res.model_hash_before != res.model_hash_after and res.to_dict()["history"]
 
@@ -303,7 +303,7 @@ class Recorder(Callback):
         self.log.append(("step_end" + self.tag, step))
 
     def on_validation_end(self, trainer, module, metrics):
-        self.log.append(("validation_end" + self.tag, trainer.current_epoch, round(metrics["forget_acc"], 6) >= 0))
+        self.log.append(("validation_end" + self.tag, trainer.current_epoch, round(metrics["val_forget_acc"], 6) >= 0))
 
     def on_epoch_end(self, trainer, module, epoch, logs):
         self.log.append(("epoch_end" + self.tag, epoch))
@@ -330,6 +330,31 @@ def test_callbacks_fire_in_the_documented_order(digits_class):
         expected += [("epoch_end", epoch), ("epoch_end'", epoch)]
     expected += [("fit_end", 2), ("fit_end'", 2)]
     assert log == expected
+
+
+class LogsItsOwnForgetLoss(UnlearningModule):
+    """The seed README's module: logs its own ``forget_loss`` (the ascent objective, here a fixed marker value)."""
+
+    def forget_step(self, batch, batch_idx):
+        self.log("forget_loss", 123.0)
+        return -self.sample_loss(batch).mean()
+
+
+def test_validation_metrics_do_not_overwrite_what_the_module_logs():
+    """Issue 19: on validation epochs the trainer's own forget loss used to replace the module's ``forget_loss``."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(40, 4, generator=g), torch.arange(40) % 3)
+    forget, retain = torch.utils.data.Subset(data, range(10)), torch.utils.data.Subset(data, range(10, 40))
+    res = UnlearningTrainer(epochs=2, validate_every=1, early_stopping_patience=5).fit(
+        LogsItsOwnForgetLoss(torch.nn.Linear(4, 3)), forget, retain)
+    for entry in res.history:  # every epoch validated: the module's value and the trainer's, side by side
+        assert entry["forget_loss"] == 123.0
+        assert 0 < entry["val_forget_loss"] < 10 and {"val_forget_acc", "val_retain_acc", "val_retain_loss"} <= set(entry)
+    assert res.best["value"] == min(e["val_forget_acc"] for e in res.history)  # default monitor: val_forget_acc
+    # the built-in metrics' former names still work as monitor
+    old = UnlearningTrainer(epochs=2, validate_every=1, early_stopping_patience=5, monitor="forget_loss", mode="max").fit(
+        LogsItsOwnForgetLoss(torch.nn.Linear(4, 3)), forget, retain)
+    assert old.best["value"] == max(e["val_forget_loss"] for e in old.history) != 123.0
 
 
 def test_callback_can_stop_and_bad_trainer_input(digits_class):

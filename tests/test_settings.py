@@ -1,10 +1,11 @@
 """Typed settings (issue 23 item 5): the dataclass fields are the one spelling list of runner / execution settings,
-the flat keywords and the YAML keys; each path reaches the runner with the same values; solver dataclasses change
+the flat keywords (of ErasusUnlearner and UnlearningTrainer) and the YAML keys; each path reaches the runner with the same values; solver dataclasses change
 what the influence solver does."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import numpy as np
 import pytest
@@ -13,10 +14,11 @@ import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from erasus_ray import ErasusUnlearner
+from erasus_ray import ErasusUnlearner, UnlearningModule, UnlearningTrainer
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.experiment import RUNNER_KEYS, JobConfig, run_job
-from erasus_ray.runners import RunnerConfig
+from erasus_ray.module import NOT_TRAINER_SETTINGS, TRAINER_KEYWORDS
+from erasus_ray.runners import LocalRunner, RunnerConfig
 from erasus_ray.selectors import CGSettings, DenseSettings, InfluenceSelector, KFACSettings, LissaSettings
 from erasus_ray.selectors._solver_settings import SOLVER_KEYWORDS, keyword_map
 from erasus_ray.settings import FLAT_KEYWORDS, ExecutionConfig
@@ -259,3 +261,99 @@ def test_each_solver_dataclass_sets_the_selector_knobs(solver, attrs):
 def test_bad_solver_settings_are_named(make, match):
     with pytest.raises(InvalidConfigError, match=match):
         make()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UnlearningTrainer: the same spelling list as ErasusUnlearner
+# ---------------------------------------------------------------------------------------------------------------------
+class Ascent(UnlearningModule):
+    """Gradient ascent on the forget batch; records each forget batch's size and whether checkpointing was on."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.batch_sizes: list[int] = []
+        self.checkpointing: list[bool] = []
+
+    def forget_step(self, batch, batch_idx):
+        self.batch_sizes.append(len(batch))
+        self.checkpointing.append(getattr(self.model, "checkpointing", False))
+        return -self.sample_loss(batch).mean()
+
+
+def _trainer_fit(trainer, model=None):
+    data = _data()
+    module = Ascent(model if model is not None else CheckpointedNet())
+    res = trainer.fit(module, torch.utils.data.Subset(data, range(12)), torch.utils.data.Subset(data, range(12, 40)))
+    return module, res
+
+
+def test_the_trainers_keywords_are_the_unlearners_from_the_same_fields():
+    assert set(TRAINER_KEYWORDS) | set(NOT_TRAINER_SETTINGS) == set(FLAT_KEYWORDS)
+    assert all(FLAT_KEYWORDS[k] == section for k, section in TRAINER_KEYWORDS.items())
+    assert not set(TRAINER_KEYWORDS) & set(NOT_TRAINER_SETTINGS)
+    # the trainer spells no setting itself: epochs is its one positional settings parameter, the rest is **settings
+    params = set(inspect.signature(UnlearningTrainer).parameters)
+    assert params & set(FLAT_KEYWORDS) == {"epochs"}
+    for name in TRAINER_KEYWORDS:  # every field at its default is a trainer keyword and a runner= / execution= key
+        section = FLAT_KEYWORDS[name]
+        default = next(f.default for f in dataclasses.fields(RunnerConfig if section == "runner" else ExecutionConfig)
+                       if f.name == name)
+        assert getattr(UnlearningTrainer(**{name: default}), "config" if section == "runner" else "execution") is not None
+        UnlearningTrainer(**{section: {name: default}})
+    for name, where in NOT_TRAINER_SETTINGS.items():  # the others are refused with where they are set instead
+        with pytest.raises(InvalidConfigError, match=rf"\['{name}'\] are not the trainer's; {name} is"):
+            UnlearningTrainer(**{name: "x"})
+
+
+class SpyRunner(LocalRunner):
+    seen: list[RunnerConfig] = []
+
+    def __init__(self, config):
+        super().__init__(config)
+        SpyRunner.seen.append(config)
+
+
+TRAINER_SETTINGS = {"epochs": 3, "batch_size": 4, "max_steps": 5, "grad_clip": 0.5, "retain_batch_size": 8, "progress": False}
+
+
+@pytest.mark.parametrize("form", ["flat", "mapping", "dataclass"])
+def test_a_trainer_keyword_reaches_its_runner_with_the_value(form, monkeypatch):
+    import erasus_ray.module as module_mod
+
+    monkeypatch.setattr(module_mod, "LocalRunner", SpyRunner)
+    SpyRunner.seen = []
+    kwargs = {"flat": dict(TRAINER_SETTINGS), "mapping": {"runner": dict(TRAINER_SETTINGS)},
+              "dataclass": {"runner": RunnerConfig(**TRAINER_SETTINGS)}}[form]
+    module, res = _trainer_fit(UnlearningTrainer(validate_every=None, **kwargs))
+    loop = {k: v for k, v in TRAINER_SETTINGS.items() if k != "epochs"}  # the per-epoch runners count their own epochs
+    assert SpyRunner.seen[0].epochs == 3 and all({k: getattr(c, k) for k in loop} == loop for c in SpyRunner.seen)
+    assert module.batch_sizes == [4, 4, 4, 4, 4] and res.report.steps == 5  # 12 forget ids, batches of 4, capped at 5 steps
+    assert res.to_dict()["config"]["runner"]["grad_clip"] == 0.5
+
+
+def test_trainer_gradient_checkpointing_and_device_are_settings():
+    model = CheckpointedNet()
+    module, _ = _trainer_fit(UnlearningTrainer(1, validate_every=None, gradient_checkpointing=True, device="cpu"), model)
+    assert module.checkpointing == [True] and not model.checkpointing  # on while it ran, off again after
+    module, _ = _trainer_fit(UnlearningTrainer(1, validate_every=None, execution={"device": "cpu"}))
+    assert module.checkpointing == [False]
+    with pytest.raises(InvalidConfigError, match="gradient_checkpointing=True needs"):
+        _trainer_fit(UnlearningTrainer(1, gradient_checkpointing=True), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batch_sise": 4}, r"UnlearningTrainer: unknown keyword\(s\) \['batch_sise'\]. Did you mean 'batch_size'\?.*Accepted: \[.*'grad_clip'"),
+    ({"epoch": 4}, "Did you mean 'epochs'"),
+    ({"lr": 0.1}, r"\['lr'\] are not the trainer's; lr is the module's: configure_optimizers"),
+    ({"runner": {"optimizer": "sgd"}}, r"\['optimizer'\] are not the trainer's"),
+    ({"runner": RunnerConfig(lr=0.5)}, r"\['lr'\] are not the trainer's"),
+    ({"execution": ExecutionConfig(backend="ray_train")}, r"\['backend'\] are not the trainer's; backend is ErasusUnlearner's"),
+    ({"runner": {"batch_size": 4}, "batch_size": 8}, r"\['batch_size'\] given both"),
+    ({"epochs": 2, "runner": RunnerConfig()}, r"\['epochs'\] given both"),
+    ({"runner": {"seed": 1}}, "UnlearningTrainer's seed= argument"),
+    ({"grad_clip": "big"}, r"runner\.grad_clip must be float"),
+    ({"device": "gpu7"}, "device must name a torch device"),
+])
+def test_bad_trainer_settings_give_named_errors(kwargs, match):
+    with pytest.raises(InvalidConfigError, match=match):
+        UnlearningTrainer(**kwargs)

@@ -117,16 +117,36 @@ def gold_rule_record(ok: bool, checks: Mapping[str, Mapping[str, Any]], why: str
             **({"failing": why} if why else {})}
 
 
+def failing_criteria(record: Mapping[str, Any]) -> str:
+    """What made a failed verification record fail, in one line: the gold rule's ``failing`` sentence, else each failing
+    criterion and guard check with its value and bounds (``mia_auc=0.71 outside [0.45, 0.55]``), else a no-effect run's
+    ``why``, else how the run stopped."""
+    if record.get("failing"):
+        return str(record["failing"])
+    checks = [(c, "") for c in record.get("criteria", [])] + [(c, "guard ") for c in record.get("guard", [])]
+    out = "; ".join(f"{kind}{c['name']}={_fmt(c.get('value'))} outside [{c.get('low')}, {c.get('high')}]"
+                    for c, kind in checks if not c.get("passed"))
+    if not out and record.get("mode") == "no_effect":
+        out = str(record.get("why", ""))
+    return out or str(record.get("stopped") or "failed")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+
 def combined_verification(server: Mapping[str, Any], parts: Mapping[str, list[Mapping[str, Any]]]) -> dict[str, Any]:
-    """One request's verification from the server's record and the records of the runs that served it (``parts``:
-    e.g. per federated client, the controller's verification of each group of its ids): passed when the server's
-    passed and no part failed (a part with ``passed`` None measured nothing and does not count); ``why`` names what
-    failed."""
-    failed = [f"{name}: {rec.get('target')} target failed ({rec.get('stopped', '')})" for name, recs in sorted(parts.items())
-              for rec in recs if rec.get("passed") is False]
+    """One request's verification from a main record (``server``: the federated server's or the continual unlearner's
+    gold rule, :func:`gold_rule_record`; or a run's own :func:`verification_record`) and the records of the runs that
+    served it (``parts``: e.g. per federated client, the controller's verification of each group of its ids): passed
+    when no record failed and at least one measured something (a record with ``passed`` None measured nothing and
+    does not count; all None -> None); ``why_failed`` names each failed record and its failing criteria."""
+    failed = [f"{name}: {rec.get('target')} target failed ({rec.get('stopped', '')}): {failing_criteria(rec)}"
+              for name, recs in sorted(parts.items()) for rec in recs if rec.get("passed") is False]
     if server.get("passed") is False:
-        failed.insert(0, f"{server.get('target')} target: {server.get('failing', 'failed')}")
-    passed = None if server.get("passed") is None and not failed else not failed
+        failed.insert(0, f"{server.get('target')} target: {failing_criteria(server)}")
+    measured = server.get("passed") is not None or any(rec.get("passed") is not None for recs in parts.values() for rec in recs)
+    passed = not failed if measured else None
     return {**dict(server), "passed": passed, "parts": {k: list(v) for k, v in parts.items()}, "why_failed": "; ".join(failed)}
 
 

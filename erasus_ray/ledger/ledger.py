@@ -827,7 +827,7 @@ def verification_result(verification: Mapping[str, Any], *, expected: str | Iter
     ``metrics["verification"]`` and ``metrics["verified"]``, and **it** decides the state: ``passed`` True ->
     ``verified``; False -> ``failed`` with the failing criteria as the reason; None (nothing measurable) -> the state
     stays (``unlearned``), the record saying why. ``extra``: more ``record_result`` arguments (``metrics`` merged)."""
-    from erasus_ray.evaluation.verification import verification_record
+    from erasus_ray.evaluation.verification import failing_criteria, verification_record
 
     record = verification_record(verification)
     passed = record.get("passed")
@@ -837,7 +837,6 @@ def verification_result(verification: Mapping[str, Any], *, expected: str | Iter
         return out
     out.update(new_state="verified" if passed else "failed", expected=expected)
     if not passed and "reason" not in out:
-        failing = record.get("why_failed") or "; ".join(
-            f"{c['name']}={c['value']:.4g} outside [{c.get('low')}, {c.get('high')}]" for c in record.get("criteria", []) if not c.get("passed"))
-        out["reason"] = f"not verified ({record.get('target')} target, {record.get('mode')}): {failing or record.get('stopped', 'failed')}"
+        failing = record.get("why_failed") or failing_criteria(record)
+        out["reason"] = f"not verified ({record.get('target')} target, {record.get('mode')}): {failing}"
     return out
