@@ -32,7 +32,8 @@ from erasus_ray.selectors import SELECTORS, Coreset, Selector, get_selector, res
 from erasus_ray.settings import FLAT_KEYWORDS, NOT_FLAT, ExecutionConfig, field_names, merged_section, split_flat_keywords
 from erasus_ray.strategies import STRATEGIES, Strategy, UnlearnContext, get_strategy
 from erasus_ray.strategies.base import refuse_driver_only
-from erasus_ray.tasks import Task, get_task
+from erasus_ray.strategies._meta import runner_requirements
+from erasus_ray.tasks import Task, get_task, require
 from erasus_ray.utils import Timer, clone_model, model_device, model_hash, seed_everything
 from erasus_ray.utils.atomic import atomic_torch_save, atomic_write_text, remove_durably
 
@@ -365,6 +366,7 @@ class ErasusUnlearner:
         # now, so an out-of-range value (lr=0, which runner_config's ``or`` would replace) fails at construction
         given = _merged_section("runner", runner, flat["runner"])
         self.runner_kwargs = {name: given.get(name) for name in field_names(RunnerConfig) if name not in NOT_FLAT}
+        require(self.task, runner_requirements(self.runner_kwargs), algorithm="forget_target= (a forget-accuracy stopping rule)")
         self.execution = ExecutionConfig(**_merged_section("execution", execution, flat["execution"]))
         self.inplace = inplace
         self.device = self.execution.device

@@ -51,6 +51,15 @@ class Stage:
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.strategy.name, "params": self.strategy.hparams(), "runner": dict(self.runner_kwargs)}
 
+    def requirements(self) -> frozenset[Capability]:
+        """The strategy's, plus logits when the stage stops on a forget accuracy (``forget_target``)."""
+        return self.strategy.requirements() | runner_requirements(self.runner_kwargs)
+
+
+def runner_requirements(settings: Mapping[str, Any]) -> frozenset[Capability]:
+    """What runner settings read from the task: ``forget_target`` stops on the coreset's forget accuracy (logits)."""
+    return frozenset({Capability.LOGITS}) if settings.get("forget_target") is not None else frozenset()
+
 
 def make_stage(spec: Any, *, owner: str) -> Stage:
     """A :class:`Stage` from ``"name"``, ``("name", {kwargs})``, a :class:`Strategy` or ``(strategy, {runner kwargs})``.
@@ -189,7 +198,7 @@ class _MetaBase(Strategy):
     def requirements(self) -> frozenset[Capability]:
         """The union of this strategy's own ``requires`` and its stages' requirements (``auto``: its own only; the
         strategy it picks is checked when it picks it)."""
-        return union_requirements([type(self).requires, *(s.strategy.requirements() for s in self.inner_stages())])
+        return union_requirements([type(self).requires, *(s.requirements() for s in self.inner_stages())])
 
     def check_task(self, task: Task) -> None:
         """Its own requirements, then each stage's own check (so a stage's ``requires_one_of`` counts too)."""
