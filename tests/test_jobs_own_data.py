@@ -162,3 +162,61 @@ def test_filter_grammar_is_parsed_not_evaluated():
     for bad in ("__import__('os').system('true')", "age.sum() > 0", "age + 1 > 3"):
         with pytest.raises(InvalidConfigError, match="not allowed in a filter"):
             where_mask(bad, table, "data.forget.where")
+
+
+def _save_arrow_dataset(folder, columns):
+    """A folder in the layout ``datasets.Dataset.save_to_disk`` writes (state.json + Arrow IPC stream files)."""
+    import pyarrow as pa
+
+    folder.mkdir()
+    table = pa.table(columns)
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (folder / "dataset_info.json").write_text("{}")
+
+
+def test_hf_folder_and_saved_dataset_unlearn_and_reload(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=48, n_positions=32, bos_token_id=0, eos_token_id=0,
+                     pad_token_id=0)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    rng = np.random.default_rng(0)
+    ids = (50 + 3 * np.arange(24)).tolist()
+    _save_arrow_dataset(tmp_path / "texts", {"doc_id": ids, "input_ids": [rng.integers(1, 48, 8).tolist() for _ in ids]})
+    job = {"model": {"path": "gpt2"}, "data": {"path": "texts", "id_column": "doc_id", "forget": ids[:6]},
+           "strategy": "gradient_ascent", "selector": None, "fraction": 1.0, "runner": {"epochs": 3, "lr": 5e-3},
+           "output": "out"}
+    assert main(["unlearn", "--config", str(_write(tmp_path, job)), "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["config"]["task"] == "causal_lm" and doc["model_file"] == "model"
+    assert doc["data"]["forget_ids"] == ids[:6] and sorted(doc["coreset"]["ids"]) == ids[:6]
+    # gradient ascent raised the forget loss; the folder reloads as the same class with the unlearned weights
+    assert doc["metrics_after"]["forget_loss"] > doc["metrics_before"]["forget_loss"] + 0.1
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "out" / "model", local_files_only=True)
+    original = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2", local_files_only=True)
+    assert not torch.equal(reloaded.lm_head.weight, original.lm_head.weight)
+
+
+def test_t5_folder_and_jsonl_go_through_task_auto(tmp_path):
+    """A saved tiny T5 is picked up by ``task: auto`` as seq2seq (encoder input_ids, decoder labels)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+                                        num_heads=2, pad_token_id=0, decoder_start_token_id=0, eos_token_id=1)
+                               ).save_pretrained(tmp_path / "t5")
+    rng = np.random.default_rng(0)
+    rows = [{"id": 10 + i, "input_ids": rng.integers(2, 40, 6).tolist(), "labels": rng.integers(2, 40, 4).tolist()}
+            for i in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = {"model": {"path": "t5"}, "data": {"path": "pairs.jsonl", "id_column": "id", "forget": [10, 11, 12, 13]},
+           "strategy": "gradient_ascent", "selector": None, "fraction": 1.0, "runner": {"epochs": 3, "lr": 5e-3},
+           "output": "out"}
+    assert main(["unlearn", "--config", str(_write(tmp_path, job)), "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["config"]["task"] == "seq2seq" and (tmp_path / "out" / "model" / "config.json").is_file()
+    assert doc["metrics_after"]["forget_loss"] > doc["metrics_before"]["forget_loss"] + 0.3
+    assert abs(doc["metrics_after"]["retain_loss"] - doc["metrics_before"]["retain_loss"]) < 0.3
