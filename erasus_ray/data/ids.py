@@ -156,6 +156,23 @@ class Batch:
     def __len__(self) -> int:
         return int(self.ids.numel())
 
+    def __getitem__(self, key: int | str) -> Any:
+        """``batch[0]`` / ``batch[1]``: the items of tuple data, e.g. inputs and labels of ``(x, y)`` data (the seed's
+        ``forget_step`` indexed its batches as tuples); ``batch["input_ids"]``: a field of dict data. The ids and
+        weights stay attributes (``batch.ids``, ``batch.weights``)."""
+        if isinstance(self.data, (tuple, list)) and isinstance(key, int):
+            return self.data[key]
+        if isinstance(self.data, Mapping) and isinstance(key, str):
+            return self.data[key]
+        raise TypeError(f"Batch[{key!r}]: this batch's data is {type(self.data).__name__}; index tuple data by position "
+                        "(batch[0]), dict data by key (batch['input_ids']), or use batch.data")
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpack like the data: ``x, y = batch`` for ``(x, y)`` data (not the rows: iterate a DataLoader for those)."""
+        if not isinstance(self.data, (tuple, list)):
+            raise TypeError(f"cannot unpack a Batch of {type(self.data).__name__} data; use batch.data")
+        return iter(self.data)
+
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.ids, _to_device(self.data, device), None if self.weights is None else self.weights.to(device))
 
