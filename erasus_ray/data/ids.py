@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from erasus_ray.errors import InvalidDataError
 
@@ -113,6 +113,8 @@ def as_id_dataset(data: Any) -> IdDataset:
         return IdDataset(inner.base, inner.positions[idx], inner.ids[idx])
     if data is None:
         raise InvalidDataError("data is None: pass a Dataset, Subset or DataLoader")
+    if is_stream(data):
+        raise InvalidDataError(STREAM_REFUSED.format(what=type(data).__name__))
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
         raise InvalidDataError(
             f"cannot address samples of {type(data).__name__} by id: pass a map-style Dataset, Subset or DataLoader"
@@ -121,6 +123,18 @@ def as_id_dataset(data: Any) -> IdDataset:
     ids = getattr(data, "ids", None)
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids)
     return IdDataset(data, np.arange(n, dtype=np.int64), ids)
+
+
+def is_stream(data: Any) -> bool:
+    """An ``IterableDataset``, or a DataLoader over one."""
+    return isinstance(data, IterableDataset) or isinstance(getattr(data, "dataset", None), IterableDataset)
+
+
+#: why a stream is refused where samples are taken by id (and where streams are accepted instead)
+STREAM_REFUSED = ("{what} is a stream (IterableDataset): this step needs random access by id (the coreset is "
+                  "taken by id, the retain set reshuffled each epoch). Streams are accepted where one pass is enough: "
+                  "erasus_ray.jobs.streaming.stream_top_k (coreset selection) and stream_metrics (verification); "
+                  "materialise the chosen samples (or a retain sample) as a map-style Dataset for the run.")
 
 
 def _subset_indices(indices: Any, n: int) -> np.ndarray:

@@ -1,10 +1,10 @@
 """Turning a job's :class:`~erasus_ray.jobs.tables.Table` into the items its task adapter collates.
 
-* A classifier (``task: classification``) reads ``(x, y)`` pairs: ``x`` float32 from the ``features`` columns
+* With a ``label_column`` (a classifier) the items are ``(x, y)`` pairs: ``x`` float32 from the ``features`` columns
   (default: every numeric column but the id and label columns; a ``[N, ...]`` array such as an ``.npz``'s ``x`` keeps
   its shape), ``y`` from ``label_column``. The dataset is a ``TensorDataset``, so its NaN/inf check is one vectorised
   pass.
-* Token tasks (``causal_lm``, ``seq2seq``, and any adapter whose items are dicts) read one dict per row: the columns
+* Without one (token tasks: ``causal_lm``, ``seq2seq``, any adapter whose items are dicts), one dict per row: the columns
   named in ``features`` (default: those of ``input_ids``, ``attention_mask``, ``labels``, ``answer_start``,
   ``decoder_input_ids`` that exist), plus ``text_column`` tokenised to ``input_ids`` and ``target_column`` tokenised
   to ``labels`` when a tokenizer is given.

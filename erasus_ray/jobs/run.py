@@ -50,10 +50,11 @@ def read_job_table(cfg: UserJobConfig) -> Table:
 
 
 def build_dataset(cfg: UserJobConfig, table: Table, ids: np.ndarray, task: Task, tokenizer: Any) -> Dataset:
-    """The table's rows as the items ``task`` collates (:mod:`erasus_ray.jobs.items`)."""
+    """The table's rows as items (:mod:`erasus_ray.jobs.items`): ``(x, y)`` pairs when the job names a
+    ``label_column`` (classifiers), else one dict per row (token tasks: causal LM, seq2seq)."""
     data = cfg.data
-    if task.name == "classification":
-        return classifier_dataset(table, ids, features=data.get("features"), label_column=data.get("label_column") or "label",
+    if data.get("label_column") is not None:  # labelled rows: (x, y) items
+        return classifier_dataset(table, ids, features=data.get("features"), label_column=data["label_column"],
                                   id_column=data["id_column"])
     return token_dataset(table, ids, features=data.get("features"), tokenizer=tokenizer,
                          text_column=data.get("text_column"), target_column=data.get("target_column"))

@@ -4,7 +4,7 @@ the forget/retain selection (:mod:`erasus_ray.jobs.rows`) and the item builders 
 written once for every source.
 
 Cost: the whole table is read into memory once (Arrow -> NumPy); for data larger than memory pass an
-``IterableDataset`` through the Python API (streaming; see :mod:`erasus_ray.data.streaming`).
+``IterableDataset`` through the Python API (streaming; see :mod:`erasus_ray.jobs.streaming`).
 """
 
 from __future__ import annotations
