@@ -142,6 +142,15 @@ def require_checkpointing(model: nn.Module) -> None:
         )
 
 
+def check_checkpointing(model: nn.Module, enabled: Any) -> bool:
+    """``enabled`` as a bool (None: off); True on a model without a checkpointing switch is an
+    :class:`InvalidConfigError` naming ``gradient_checkpointing``."""
+    enabled = False if enabled is None else check_bool("gradient_checkpointing", enabled)
+    if enabled:
+        require_checkpointing(model)
+    return enabled
+
+
 @contextlib.contextmanager
 def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Recompute activations in the backward pass (memory for compute) while unlearning; the returned model has
@@ -370,9 +379,7 @@ class ErasusUnlearner:
         self.execution = ExecutionConfig(**_merged_section("execution", execution, flat["execution"]))
         self.inplace = inplace
         self.device = self.execution.device
-        self.gradient_checkpointing = bool(self.runner_kwargs["gradient_checkpointing"])
-        if self.gradient_checkpointing:
-            require_checkpointing(model)
+        self.gradient_checkpointing = check_checkpointing(model, self.runner_kwargs["gradient_checkpointing"])
         self.model_factory = model_factory
         self.recipe = recipe
         self.distributed = self.execution.distributed
@@ -516,6 +523,7 @@ class ErasusUnlearner:
         gold: nn.Module | dict[str, float] | None = None,
         epochs: int | None = None,
         coreset: Coreset | None = None,
+        gradient_checkpointing: bool | None = None,
     ) -> UnlearningResult:
         """Select a coreset of ``forget_data`` and unlearn it, keeping ``retain_data``; verify on the whole forget set.
 
@@ -524,7 +532,8 @@ class ErasusUnlearner:
         on (e.g. a validation split) - the reference for the ``heldout`` target and for the utility guard; without it a
         forget set that is not a whole class has no measurable target unless ``gold`` (a model retrained without the
         forget set, or its metrics ``{"forget_acc": ..., "mia_svc_efficacy": ...}``) is given. ``coreset``: reuse an
-        earlier selection instead of selecting again (kept fixed).
+        earlier selection instead of selecting again (kept fixed). ``gradient_checkpointing``: the constructor's
+        setting of that name for this fit only (None: the constructor's); the seed passed it to ``fit``, so both work.
 
         Checked before any work, each failure an :class:`InvalidDataError` / :class:`InvalidConfigError` naming the
         argument: the forget set is non-empty and has no NaN/inf features (one pass of data loading over it), ``k``
@@ -534,8 +543,10 @@ class ErasusUnlearner:
         retain set is checked batch by batch as the runner draws it, before the batch is used).
         """
         forget, retain = self.checked_data(forget_data, retain_data, epochs=epochs, coreset=coreset)
+        checkpointing = (self.gradient_checkpointing if gradient_checkpointing is None
+                         else check_checkpointing(self.model, gradient_checkpointing))
         heldout = None if heldout_data is None else _heldout(heldout_data, forget, retain)
-        config = self.runner_config(forget_data, epochs)
+        config = dataclasses.replace(self.runner_config(forget_data, epochs), gradient_checkpointing=checkpointing)
 
         model = self.model if self.inplace else clone_model(self.model)
         if self.device is not None:
@@ -570,7 +581,7 @@ class ErasusUnlearner:
             search = closed and self.strategy.strength is not None
             pristine = clone_model(model) if search else None
             with timer("unlearn"):
-                with activation_checkpointing(model, self.gradient_checkpointing):
+                with activation_checkpointing(model, checkpointing):
                     report = self.strategy.unlearn(ctx, runner)
                 model = ctx.model  # inference-time strategies (dexperts, activation_steering) return a wrapper around it
                 model.eval()
@@ -596,7 +607,7 @@ class ErasusUnlearner:
                    + "; nothing else measures whether it forgot (pass heldout_data= or gold= to verify the run)")
             warnings.warn(why, RuntimeWarning, stacklevel=2)
             verification = {**verification, "mode": "no_effect", "passed": False, "why": why}
-        described = self.describe(config, len(forget))
+        described = {**self.describe(config, len(forget)), "gradient_checkpointing": checkpointing}
         if "strength" in verification:  # the setting of the model the search returned
             knob = verification["strength"]["knob"]
             described["strategy_params"] = {**described["strategy_params"], knob: verification["strength"]["used"]}

@@ -58,7 +58,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from erasus_ray.cli.demo import run_config
 
-    run_config(Path(args.config), out=args.out, progress=not args.no_progress)
+    run_config(Path(args.config), out=args.out, progress=not args.no_progress, coreset_from=args.coreset_from,
+               coreset_k=args.coreset_k)
     return 0
 
 
@@ -105,10 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-ray", action="store_true", help="score the coreset in process instead of on the local Ray actor pool")
     demo.set_defaults(func=cmd_demo)
 
-    unlearn = sub.add_parser("unlearn", help="run one configured job (YAML) and evaluate it against the gold model")
+    unlearn = sub.add_parser("unlearn", help="run one configured job (YAML): a bundled benchmark, or your own model and data (model:/data:)")
     unlearn.add_argument("--config", required=True, help="job YAML (see examples/configs/)")
     unlearn.add_argument("--out", default=None, help="output folder (default: the config's 'output' or results/<benchmark>)")
     unlearn.add_argument("--no-progress", action="store_true")
+    unlearn.add_argument("--coreset-from", default=None, metavar="SELECTOR",
+                         help="coreset selector (overrides the config's 'selector'; e.g. influence, el2n)")
+    unlearn.add_argument("--coreset-k", type=int, default=None, metavar="K",
+                         help="coreset size as a count (overrides the config's 'k' and 'fraction')")
     unlearn.set_defaults(func=cmd_unlearn)
 
     from erasus_ray.cli.sweep import add_sweep_parsers

@@ -91,9 +91,28 @@ def _warm_pool(task: Any) -> tuple[Any, float]:
     return pool, time.perf_counter() - start
 
 
-def run_config(path: Path, out: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run one job from a YAML config; write results.json (metrics, coreset ids, timings) and the model weights."""
-    cfg = JobConfig.from_yaml(path)
+def run_config(path: Path, out: str | None = None, progress: bool = True, coreset_from: str | None = None,
+               coreset_k: int | None = None) -> dict[str, Any]:
+    """Run one job from a YAML config; write results.json (metrics, coreset ids, timings) and the model weights.
+
+    A config with ``model:`` / ``data:`` runs on the user's own model and data (:mod:`erasus_ray.jobs`); one with
+    ``benchmark:`` on a bundled benchmark. ``coreset_from`` / ``coreset_k`` (``--coreset-from`` / ``--coreset-k``,
+    the seed's flags) override the config's ``selector`` and ``k``."""
+    from erasus_ray.config_files import config_from_mapping, load_yaml_mapping
+    from erasus_ray.errors import InvalidConfigError
+    from erasus_ray.jobs import is_own_data_job, run_user_job
+    from erasus_ray.jobs.config import from_mapping
+
+    data = load_yaml_mapping(path, "config")
+    overrides = {k: v for k, v in (("selector", coreset_from), ("k", coreset_k)) if v is not None}
+    if is_own_data_job(data):
+        doc = run_user_job(from_mapping({**data, **overrides}, path), out=out, progress=progress)
+        print(f"wrote {doc['output']}/results.json and {doc['output']}/{doc['model_file']}")
+        return doc
+    try:
+        cfg = config_from_mapping(JobConfig, {**data, **overrides}, "config")  # as JobConfig.from_yaml reads it
+    except InvalidConfigError as err:
+        raise InvalidConfigError(f"config {path}: {err}") from None
     row = run_job(cfg, progress=progress)
     folder = Path(out or cfg.output or f"results/{cfg.benchmark}")
     row["result"].save(folder)  # model first, results last, both atomic

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from erasus_ray.errors import InvalidDataError
 
@@ -113,6 +113,8 @@ def as_id_dataset(data: Any) -> IdDataset:
         return IdDataset(inner.base, inner.positions[idx], inner.ids[idx])
     if data is None:
         raise InvalidDataError("data is None: pass a Dataset, Subset or DataLoader")
+    if is_stream(data):
+        raise InvalidDataError(STREAM_REFUSED.format(what=type(data).__name__))
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
         raise InvalidDataError(
             f"cannot address samples of {type(data).__name__} by id: pass a map-style Dataset, Subset or DataLoader"
@@ -121,6 +123,18 @@ def as_id_dataset(data: Any) -> IdDataset:
     ids = getattr(data, "ids", None)
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids)
     return IdDataset(data, np.arange(n, dtype=np.int64), ids)
+
+
+def is_stream(data: Any) -> bool:
+    """An ``IterableDataset``, or a DataLoader over one."""
+    return isinstance(data, IterableDataset) or isinstance(getattr(data, "dataset", None), IterableDataset)
+
+
+#: why a stream is refused where samples are taken by id (and where streams are accepted instead)
+STREAM_REFUSED = ("{what} is a stream (IterableDataset): this step needs random access by id (the coreset is "
+                  "taken by id, the retain set reshuffled each epoch). Streams are accepted where one pass is enough: "
+                  "erasus_ray.jobs.streaming.stream_top_k (coreset selection) and stream_metrics (verification); "
+                  "materialise the chosen samples (or a retain sample) as a map-style Dataset for the run.")
 
 
 def _subset_indices(indices: Any, n: int) -> np.ndarray:
@@ -155,6 +169,23 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.ids.numel())
+
+    def __getitem__(self, key: int | str) -> Any:
+        """``batch[0]`` / ``batch[1]``: the items of tuple data, e.g. inputs and labels of ``(x, y)`` data (the seed's
+        ``forget_step`` indexed its batches as tuples); ``batch["input_ids"]``: a field of dict data. The ids and
+        weights stay attributes (``batch.ids``, ``batch.weights``)."""
+        if isinstance(self.data, (tuple, list)) and isinstance(key, int):
+            return self.data[key]
+        if isinstance(self.data, Mapping) and isinstance(key, str):
+            return self.data[key]
+        raise TypeError(f"Batch[{key!r}]: this batch's data is {type(self.data).__name__}; index tuple data by position "
+                        "(batch[0]), dict data by key (batch['input_ids']), or use batch.data")
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpack like the data: ``x, y = batch`` for ``(x, y)`` data (not the rows: iterate a DataLoader for those)."""
+        if not isinstance(self.data, (tuple, list)):
+            raise TypeError(f"cannot unpack a Batch of {type(self.data).__name__} data; use batch.data")
+        return iter(self.data)
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.ids, _to_device(self.data, device), None if self.weights is None else self.weights.to(device))

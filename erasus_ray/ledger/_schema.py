@@ -168,6 +168,16 @@ def normalise_url(url: str | Path | None) -> str:
     return str(url)
 
 
+def _create_parent_folder(url: str) -> None:
+    """Create the folder of a SQLite file URL: SQLite creates the file but not its folder, and failed with "unable to
+    open database file" for ``sqlite:///new-dir/ledger.db``."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
 def open_engine(url: str, *, wal: bool, synchronous: str, busy_timeout_s: float, echo: bool) -> Engine:
     """An engine on ``url`` (normalised); SQLite gets its busy timeout, one shared connection when in memory (else
     every checkout would see an empty database) and the pragmas of :func:`_configure_sqlite`."""
@@ -178,6 +188,8 @@ def open_engine(url: str, *, wal: bool, synchronous: str, busy_timeout_s: float,
         kwargs["connect_args"] = {"timeout": busy_timeout_s, "check_same_thread": False}
         if memory:
             kwargs["poolclass"] = StaticPool
+    if is_sqlite and not memory:
+        _create_parent_folder(url)
     engine = create_engine(url, **kwargs)
     if is_sqlite:
         _configure_sqlite(engine, wal=wal and not memory, synchronous=synchronous, busy_ms=int(busy_timeout_s * 1000))

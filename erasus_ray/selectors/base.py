@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -46,6 +46,16 @@ class Coreset:
 
     def __len__(self) -> int:
         return int(len(self.ids))
+
+    def __iter__(self) -> Iterator[int]:
+        """The chosen ids, in selection order (the seed's ``select_coreset`` returned the indices themselves)."""
+        return (int(i) for i in self.ids)
+
+    def __getitem__(self, position: int | slice) -> int | list[int]:
+        """The ``position``-th chosen id (a slice: a list of ids)."""
+        if isinstance(position, slice):
+            return [int(i) for i in self.ids[position]]
+        return int(self.ids[position])
 
     def weight_map(self) -> dict[int, float]:
         w = np.asarray(self.weights, dtype=np.float64)
