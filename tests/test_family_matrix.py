@@ -13,7 +13,8 @@ import torch
 
 from erasus_ray.selectors import SELECTORS
 from erasus_ray.strategies import STRATEGIES
-from erasus_ray.testing import build_family, check_selector, check_strategy, check_task, family_names
+from erasus_ray.evaluation import METRICS
+from erasus_ray.testing import build_family, check_metric, check_selector, check_strategy, check_task, family_names
 
 #: (algorithm, family) -> why the pair does not pass yet: every remaining entry is an algorithm that runs but shows no
 #: effect (or no information) within the matrix's small budget, said here rather than hidden. Strict xfail: a pair that
@@ -49,6 +50,12 @@ def test_strategy_runs_or_refuses(name, fam):
 @pytest.mark.parametrize("name, fam", _cases(SELECTORS, True) + _cases(SELECTORS, False))
 def test_selector_runs_or_refuses(name, fam):
     assert check_selector(name, build_family(fam))["outcome"] in ("ran", "refused")
+
+
+@pytest.mark.parametrize("name, fam", _cases(METRICS, True) + _cases(METRICS, False))
+def test_metric_runs_or_refuses(name, fam):
+    result = check_metric(name, build_family(fam))
+    assert result["outcome"] in ("ran", "refused")
 
 
 @pytest.mark.parametrize("fam", [pytest.param(f, marks=[] if f in family_names(cheap=True) else [pytest.mark.slow])

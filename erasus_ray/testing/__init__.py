@@ -12,6 +12,7 @@ Example:
 from erasus_ray.testing._family import FAMILIES, Family, build_family, family_names, register_family, trained_family
 from erasus_ray.testing.checks import (
     STRATEGY_STEPS,
+    check_metric,
     check_selector,
     check_strategy,
     check_task,
@@ -26,6 +27,7 @@ __all__ = [
     "Family",
     "STRATEGY_STEPS",
     "build_family",
+    "check_metric",
     "check_selector",
     "check_strategy",
     "check_task",

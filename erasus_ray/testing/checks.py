@@ -241,3 +241,37 @@ def _check_optional(task: Task, model: nn.Module, batch: Batch) -> list[str]:
         assert any(head is m for m in model.modules()), f"{task!r}: head_module is not a module of the model"
         checked.append("head")
     return checked
+
+
+def check_metric(metric: str, family: Family) -> dict[str, Any]:
+    """Compute the registered ``metric`` of ``family``'s model on its forget / retain / test sets (or expect its
+    capability refusal when the task lacks what the metric declares). Checks: a finite value (a rate in [0, 1] for
+    names ending in ``_acc``, ``_auc``, ``_efficacy``, ``_rougeL`` or ``_prob``); a CapabilityError while the
+    declarations are met fails as an undeclared requirement. Returns ``{"outcome": "refused" | "ran", "value": ...}``.
+    Cost: one forward pass per split the metric reads (plus generation for text metrics)."""
+    from erasus_ray.evaluation import METRICS, run_metrics
+
+    declared = METRICS.get(metric).requires
+    what = f"metric {metric!r} on family {family.name!r}"
+    lacking = [str(c) for c in missing(family.task, declared)]
+    splits = {"forget": family.forget, "retain": family.retain, "test": family.test}
+
+    def compute() -> dict[str, float]:
+        return run_metrics(family.model, family.task, splits, [metric], max_new_tokens=4)
+
+    if lacking:
+        with _Refusal(what, lacking):
+            compute()
+        return {"outcome": "refused", "lacking": lacking}
+    try:
+        value = compute()[metric]
+    except CapabilityError as err:
+        raise _undeclared(what, declared, err) from err
+    assert np.isfinite(value), f"{what}: non-finite value {value}"
+    if metric.endswith(RATE_SUFFIXES):
+        assert -1e-9 <= value <= 1 + 1e-9, f"{what}: a rate outside [0, 1]: {value}"
+    return {"outcome": "ran", "value": float(value)}
+
+
+#: metric name endings that denote a rate or probability in [0, 1]
+RATE_SUFFIXES = ("_acc", "_auc", "_efficacy", "_rougeL", "_prob")
