@@ -504,3 +504,37 @@ def test_closed_loop_guard_trips_restore_on_every_rank(wine, ray_cluster, tmp_pa
     assert v["guard_ok"] is True
     assert set_stats(r.model, wine.task, wine.retain).acc >= 1.0 - Guard().max_acc_drop - 1e-9
     _ranks_agree(tmp_path / "w", 2, r.model)
+
+
+@pytest.mark.slow
+def test_closed_loop_resumes_from_its_window_checkpoint_to_the_uninterrupted_result(wine, ray_cluster, tmp_path):
+    """Kill rank 1 once Ray Train registered the checkpoint of verification window 3: the restarted group resumes
+    there (weights, last good and best weights, optimizer, coreset, stream positions, rank 0's controller state) and
+    ends where an uninterrupted run ends: same steps, verifications and coreset growth, same weights."""
+    from erasus_ray.runners.ray_train import RayTrainRunner
+
+    marker, storage = tmp_path / "killed-once", tmp_path / "train"
+    _wait_for_registered_checkpoint = _registered_checkpoint_waiter()
+
+    def kill_once(window, rank):
+        if window == 3 and rank == 1 and not marker.exists():
+            _wait_for_registered_checkpoint(storage, epoch=3)
+            marker.write_text("x")
+            os._exit(1)
+
+    def fit(after_window):
+        unlearner = ErasusUnlearner(wine.original, progress=False, backend="ray_train", num_workers=2, max_failures=1)
+        unlearner.make_runner = lambda cfg, controller=None: RayTrainRunner(
+            cfg, num_workers=2, max_failures=1, after_epoch=after_window, storage_path=str(storage), closed_loop=controller,
+            checkpoint_every_s=0)
+        return unlearner.fit(forget_data=wine.forget, retain_data=wine.retain)
+
+    res = fit(kill_once)
+    assert marker.exists(), "the fault was injected"
+    resumed = [h["resumed_from_step"] for h in res.report.history if "resumed_from_step" in h]
+    assert resumed and resumed[0] > 0, res.report.history
+    uninterrupted = fit(None)
+    v, u = res.verification, uninterrupted.verification
+    assert v["mode"] == u["mode"] == "closed_loop" and v["passed"] is u["passed"] is True
+    assert (res.report.steps, v["verifications"], v["coreset_growth"]) == (uninterrupted.report.steps, u["verifications"], u["coreset_growth"])
+    _assert_same_weights(res.model, uninterrupted.model, atol=1e-6)
