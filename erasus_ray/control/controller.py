@@ -21,6 +21,10 @@ measurements, every ``verify_every`` steps, by forward passes only (:class:`~era
    closer; when spent, the best weights that satisfied the guard (smallest violation of the target) are returned and
    the result says which criterion failed.
 
+The decisions (:class:`Controller`) are kept apart from the weights, the optimizer and the data streams
+(:class:`ClosedLoopRunner`, which applies each :class:`Decision`), so the same loop runs in process and inside Ray
+Train workers (:mod:`erasus_ray.runners.ray_train`: rank 0 decides, every rank applies; see :class:`Seat`).
+
 Cost per verification: one forward pass over the forget set, a fixed retain sample (``retain_samples``) and the
 held-out set; ``verify_every="auto"`` keeps that below about half of the training steps' cost.
 """
