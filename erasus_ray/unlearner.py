@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from erasus_ray.control import ClosedLoopRunner, ControlConfig, GrowthPlan
+from erasus_ray.control.controller import Controller
 from erasus_ray.data import IdDataset, as_id_dataset, check_finite_data, loader_batch_size, make_loader
 from erasus_ray.data.ids import FULL_SCAN_LIMIT
 from erasus_ray.checks import check_bool, check_int, check_real, check_seed, close_match_hint
@@ -303,10 +304,10 @@ class ErasusUnlearner:
         execution: where it runs: an :class:`~erasus_ray.settings.ExecutionConfig` or a mapping of some of its
             fields (``backend`` local | ray_train, ``num_workers``, ``use_gpu``, ``max_failures``, ``distributed``
             none | ray | auto, ``device``). ``backend="ray_train"`` (``TorchTrainer`` with ``num_workers``
-            data-parallel workers, checkpoints per epoch, ``max_failures`` restarts; see
-            :class:`~erasus_ray.runners.ray_train.RayTrainRunner`) is **open-loop**: the strategy's epochs run in the
-            workers, then the result is verified once on the whole forget set and its verification says
-            ``mode="open_loop"`` with the reason (:data:`RAY_TRAIN_OPEN_LOOP`).
+            data-parallel workers, ``max_failures`` restarts; see :class:`~erasus_ray.runners.ray_train.RayTrainRunner`)
+            runs the same closed loop inside the workers (one TorchTrainer start; rank 0 verifies and decides, every
+            rank follows; a checkpoint per verification window) and says ``mode="closed_loop"``; with explicit
+            ``epochs``/``lr`` it is open-loop there as in process (checkpoints per epoch).
         inplace: modify ``model`` itself instead of a copy.
         pool_spec: a :class:`~erasus_ray.distributed.PoolSpec` or a path to a pool YAML (default: actors/scoring.yaml),
             or a started :class:`~erasus_ray.distributed.ScoringPool` to reuse (the caller closes it).
@@ -467,12 +468,17 @@ class ErasusUnlearner:
                         "strength": {"knob": knob, "factor": factor, "attempts": attempts, "used": best_value}}
         return model, report, verification
 
-    def make_runner(self, config: RunnerConfig) -> Any:
+    def make_runner(self, config: RunnerConfig, controller: Controller | None = None) -> Any:
+        """The runner of the backend; with a ``controller``, one that runs its closed loop (in process, or inside the
+        Ray Train workers)."""
         if self.backend == "ray_train":
             from erasus_ray.runners.ray_train import RayTrainRunner
 
-            return RayTrainRunner(config, **self.train_scaling)
-        return LocalRunner(config)
+            return RayTrainRunner(config, closed_loop=controller, **self.train_scaling)
+        if controller is None:
+            return LocalRunner(config)
+        return ClosedLoopRunner(config, controller.control, controller.target, controller.probe, controller.growth,
+                                original=controller.original)
 
     def _use_ray(self, n_forget: int) -> bool:
         if self.distributed == "ray":
@@ -559,8 +565,7 @@ class ErasusUnlearner:
         resolved = resolve_target(self.target, task=self.task, forget=forget, retain=retain, heldout=heldout, gold=gold, probe=probe)
         # the caller's own stopping rule (epochs, lr, forget_target) means an open-loop run, verified afterwards
         open_loop = epochs is not None or any(self.runner_kwargs[k] is not None for k in ("epochs", "lr", "forget_target"))
-        closed = (resolved.target is not None and not open_loop and self.backend == "local"
-                  and self.strategy.closed_loop_reason is None)
+        closed = resolved.target is not None and not open_loop and self.strategy.closed_loop_reason is None
         adaptive = closed and coreset is None and self.selector is not None and self.fraction == "auto" and self.k is None
         hash_before = model_hash(model)
         original = probe.measure(model) if resolved.target is not None else None
@@ -575,7 +580,7 @@ class ErasusUnlearner:
             ctx = self._context(model, forget, retain, chosen, epochs)
             if closed:
                 growth = GrowthPlan.from_coreset(chosen.scores, chosen.info.get("order"), adaptive)
-                runner: Any = ClosedLoopRunner(config, self.control, resolved.target, probe, growth, original=original)
+                runner: Any = self.make_runner(config, Controller(config, self.control, resolved.target, probe, growth, original=original))
             else:
                 runner = self.make_runner(config)
             search = closed and self.strategy.strength is not None
@@ -590,11 +595,8 @@ class ErasusUnlearner:
                     if adaptive:
                         chosen = _grown_coreset(chosen, runner, len(forget))
                 else:  # open loop, or a strategy that computed its update without the runner: verified once
-                    on_ray_train = self.backend == "ray_train" and not open_loop
-                    verification = _verify_once(resolved, probe, model, original, self.control, report, open_loop or on_ray_train)
-                    if on_ray_train and resolved.target is not None:
-                        verification["note"] = RAY_TRAIN_OPEN_LOOP
-                    elif self.strategy.closed_loop_reason and not open_loop:
+                    verification = _verify_once(resolved, probe, model, original, self.control, report, open_loop)
+                    if self.strategy.closed_loop_reason and not open_loop:
                         verification["note"] = f"not closed-loop: {self.strategy.closed_loop_reason}"
                 if search and not runner.ran and not verification["passed"]:
                     model, report, verification = self._search_strength(
@@ -646,14 +648,6 @@ class ErasusUnlearner:
         }
 
 
-#: why ``backend="ray_train"`` runs open-loop (said in the result's verification)
-RAY_TRAIN_OPEN_LOOP = (
-    "open loop on backend='ray_train': the strategy's fixed epochs run inside the TorchTrainer workers and the result "
-    "is verified once on the driver; the controller's verify/grow loop is not run around Ray Train segments yet (each "
-    "segment would be a TorchTrainer run of verify_every steps, ~23 s of start-up each on CPU workers), so pass "
-    "epochs=/lr= for the budget, or use backend='local' for the closed loop")
-
-
 def _control_config(control: Any, budget_steps: Any, budget_seconds: Any) -> ControlConfig:
     if control is not None and not isinstance(control, ControlConfig):
         raise InvalidConfigError(f"control must be an erasus_ray.control.ControlConfig, got {type(control).__name__}")
@@ -676,7 +670,7 @@ def _heldout(heldout_data: Any, forget: IdDataset, retain: IdDataset | None) -> 
     return heldout
 
 
-def _closed_loop_verification(runner: ClosedLoopRunner, resolved: ResolvedTarget, report: RunReport) -> dict[str, Any]:
+def _closed_loop_verification(runner: Any, resolved: ResolvedTarget, report: RunReport) -> dict[str, Any]:
     rec = dict(runner.record)
     verdict = rec.pop("verdict")
     rec.pop("coreset_ids", None)

@@ -294,18 +294,3 @@ def test_an_explicit_stopping_rule_means_open_loop(wine):
         r = ErasusUnlearner(wine["original"], selector=None, progress=False, **kw).fit(forget_data=wine["forget"], retain_data=wine["retain"])
         assert r.verification["mode"] == "open_loop" and r.verification["target"] == "class", kw
         assert r.verified is (r.verification["criteria"][0]["passed"] and r.verification["guard_ok"])
-
-
-def test_ray_train_backend_says_it_ran_open_loop_and_why(wine, monkeypatch):
-    """``backend="ray_train"`` does not run the controller: the result must say ``open_loop`` with the reason, and still
-    carry the class target's verification. (The workers are replaced by the in-process runner here: this pins the
-    decision, tests/test_ray_train.py runs the TorchTrainer itself.)"""
-    from erasus_ray.runners import LocalRunner
-    from erasus_ray.unlearner import RAY_TRAIN_OPEN_LOOP
-
-    u = ErasusUnlearner(wine["original"], selector=None, backend="ray_train", progress=False)
-    monkeypatch.setattr(u, "make_runner", lambda config: LocalRunner(config))
-    r = u.fit(forget_data=wine["forget"], retain_data=wine["retain"])
-    v = r.verification
-    assert v["mode"] == "open_loop" and v["note"] == RAY_TRAIN_OPEN_LOOP and v["target"] == "class"
-    assert v["passed"] in (True, False) and "lr_history" not in v  # verified once, no controller record

@@ -1,6 +1,7 @@
 """Ray Train runner: the config key selects it; 1 worker matches the local runner (loss-based, two-phase and
 structural strategies); 2 workers unlearn, also a causal LM; a killed worker resumes to the uninterrupted result;
-strategies that compute on the driver are refused."""
+strategies that compute on the driver are refused; the closed loop runs inside the workers (rank 0 verifies and
+decides, every rank follows) and resumes from its per-window checkpoints."""
 
 import json
 import os
@@ -359,7 +360,7 @@ def test_retries_exhausted_error_names_the_last_good_checkpoint(digits_class, ra
             os._exit(1)
 
     b = digits_class
-    unlearner = ErasusUnlearner(b.original, strategy="grad_diff", selector="el2n", fraction=0.2, progress=False,
+    unlearner = ErasusUnlearner(b.original, strategy="grad_diff", selector="el2n", fraction=0.2, progress=False, epochs=20,
                                 retain_batch_size=64, backend="ray_train", num_workers=2, max_failures=0)
     unlearner.make_runner = lambda cfg: RayTrainRunner(cfg, num_workers=2, max_failures=0, after_epoch=always_die,
                                                        storage_path=str(storage))
@@ -392,3 +393,148 @@ def test_last_good_checkpoint_reads_ray_trains_snapshot_and_skips_files(tmp_path
     (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))  # newest file, as Ray leaves it
     assert last_good_checkpoint(run) == (run / "checkpoint_2026-01-01_00-00-02.000001", 2)
     assert last_good_checkpoint(tmp_path / "empty") is None
+
+
+# --- the closed loop inside the workers -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wine():
+    """A converged wine MLP (the closed loop's hard case, see tests/test_closed_loop.py), forgetting class 0."""
+    from erasus_ray.benchmarks import load_benchmark
+
+    return load_benchmark("wine", scenario="class", seed=0)
+
+
+def test_ray_train_backend_runs_the_controller_unless_the_caller_fixed_epochs(wine, monkeypatch):
+    """Without epochs/lr the unlearner hands RayTrainRunner a Controller (the class target, the adaptive coreset's plan)
+    and the result is ``closed_loop`` with the controller's record; with ``epochs`` it is open-loop and verified once.
+    (The workers are replaced by the in-process loop over the same controller here; the slow tests below run them.)"""
+    from erasus_ray.control import ClosedLoopRunner
+    from erasus_ray.runners.ray_train import RayTrainRunner
+
+    seen = []
+
+    def run(self, strategy, ctx):
+        seen.append(self.closed_loop)
+        if self.closed_loop is None:
+            return LocalRunner(self.config).run(strategy, ctx)
+        c = self.closed_loop
+        inner = ClosedLoopRunner(self.config, c.control, c.target, c.probe, c.growth, original=c.original)
+        report = inner.run(strategy, ctx)
+        self.ran, self.record = True, inner.record
+        return report
+
+    monkeypatch.setattr(RayTrainRunner, "run", run)
+    r = ErasusUnlearner(wine.original, backend="ray_train", num_workers=2, progress=False).fit(forget_data=wine.forget, retain_data=wine.retain)
+    v = r.verification
+    assert seen[-1] is not None and seen[-1].growth.adaptive and type(seen[-1].target).__name__ == "ClassTarget"
+    assert v["mode"] == "closed_loop" and v["target"] == "class" and r.verified is True and v["verifications"] >= 1, v
+    assert r.coreset.info["adaptive"] and r.coreset.info["growth"] == v["coreset_growth"]
+    r = ErasusUnlearner(wine.original, backend="ray_train", epochs=2, selector=None, progress=False).fit(
+        forget_data=wine.forget, retain_data=wine.retain)
+    assert seen[-1] is None and r.verification["mode"] == "open_loop" and "lr_history" not in r.verification
+
+
+def _weights_recording(base, folder: Path, **attrs):
+    """``base`` (a strategy class, with class attributes ``attrs``) that saves each Ray Train rank's finished weights
+    to ``folder/rank<r>.pt`` in ``finish`` (made inside a function so that cloudpickle ships it by value)."""
+
+    class Recording(base):
+        def finish(self, ctx):
+            super().finish(ctx)
+            import ray.train
+
+            folder.mkdir(parents=True, exist_ok=True)
+            rank = ray.train.get_context().get_world_rank()
+            torch.save({k: v.detach().cpu() for k, v in ctx.model.state_dict().items()}, folder / f"rank{rank}.pt")
+
+    for k, v in attrs.items():
+        setattr(Recording, k, v)
+    return Recording
+
+
+def _ranks_agree(folder: Path, world: int, model) -> None:
+    """Every rank ended with the same weights, and they are the weights the driver got."""
+    saved = [torch.load(folder / f"rank{r}.pt") for r in range(world)]
+    for other in saved[1:]:
+        for k in saved[0]:
+            assert torch.equal(saved[0][k], other[k]), f"ranks diverged at {k}"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.cpu(), saved[0][k]), k
+
+
+@pytest.mark.slow
+def test_closed_loop_in_two_workers_verifies_like_the_local_backend(wine, ray_cluster, tmp_path):
+    """The defaults on the converged wine MLP, 2 workers: verified closed-loop on the same target and criteria as in
+    process, forget accuracy within the class bound, the guard holding; verified several times on the way (not
+    once at the end), and both ranks end with the driver's weights (they stayed in lockstep)."""
+    from erasus_ray.evaluation.verification import set_stats
+    from erasus_ray.strategies.grad_diff import GradDiff
+
+    local = ErasusUnlearner(wine.original, progress=False).fit(forget_data=wine.forget, retain_data=wine.retain)
+    unlearner = ErasusUnlearner(wine.original, strategy=_weights_recording(GradDiff, tmp_path / "w")(), progress=False,
+                                backend="ray_train", num_workers=2)
+    r = unlearner.fit(forget_data=wine.forget, retain_data=wine.retain)
+    v, lv = r.verification, local.verification
+    assert v["mode"] == "closed_loop" and r.verified is True and v["guard_ok"] is True, v
+    assert (v["target"], v["why"]) == (lv["target"], lv["why"]) == ("class", lv["why"])
+    assert [(c["name"], c["high"]) for c in v["criteria"]] == [(c["name"], c["high"]) for c in lv["criteria"]]
+    bound = next(c["high"] for c in v["criteria"] if c["name"] == "forget_acc")
+    assert set_stats(r.model, wine.task, wine.forget).acc <= bound
+    steps = [h["step"] for h in r.report.history if "violation" in h]
+    assert v["verifications"] > 1 and len(steps) == v["verifications"] and steps == sorted(set(steps)), r.report.history
+    assert r.coreset.info["adaptive"] and v["final_fraction"] <= 0.5
+    _ranks_agree(tmp_path / "w", 2, r.model)
+
+
+@pytest.mark.slow
+def test_closed_loop_guard_trips_restore_on_every_rank(wine, ray_cluster, tmp_path):
+    """grad_diff without its loss cap at a starting lr of 30 (as tests/test_closed_loop.py's guard test), 2 workers:
+    rank 0's guard trips; every rank restores the last good weights and halves the step; the result keeps retain
+    accuracy within the guard and the ranks still agree."""
+    from erasus_ray.control import ControlConfig
+    from erasus_ray.evaluation.verification import Guard, set_stats
+    from erasus_ray.strategies.grad_diff import GradDiff
+
+    absurd = _weights_recording(GradDiff, tmp_path / "w", default_lr=30.0)(forget_loss_cap=None)
+    control = ControlConfig(budget_steps=200, verify_every=4, max_lr=100.0)
+    r = ErasusUnlearner(wine.original, strategy=absurd, selector=None, control=control, progress=False, backend="ray_train",
+                        num_workers=2).fit(forget_data=wine.forget, retain_data=wine.retain)
+    v = r.verification
+    assert v["mode"] == "closed_loop" and v["guard_events"] and v["guard_events"][0]["lr"] == 15.0, v
+    assert v["guard_ok"] is True
+    assert set_stats(r.model, wine.task, wine.retain).acc >= 1.0 - Guard().max_acc_drop - 1e-9
+    _ranks_agree(tmp_path / "w", 2, r.model)
+
+
+@pytest.mark.slow
+def test_closed_loop_resumes_from_its_window_checkpoint_to_the_uninterrupted_result(wine, ray_cluster, tmp_path):
+    """Kill rank 1 once Ray Train registered the checkpoint of verification window 3: the restarted group resumes
+    there (weights, last good and best weights, optimizer, coreset, stream positions, rank 0's controller state) and
+    ends where an uninterrupted run ends: same steps, verifications and coreset growth, same weights."""
+    from erasus_ray.runners.ray_train import RayTrainRunner
+
+    marker, storage = tmp_path / "killed-once", tmp_path / "train"
+    _wait_for_registered_checkpoint = _registered_checkpoint_waiter()
+
+    def kill_once(window, rank):
+        if window == 3 and rank == 1 and not marker.exists():
+            _wait_for_registered_checkpoint(storage, epoch=3)
+            marker.write_text("x")
+            os._exit(1)
+
+    def fit(after_window):
+        unlearner = ErasusUnlearner(wine.original, progress=False, backend="ray_train", num_workers=2, max_failures=1)
+        unlearner.make_runner = lambda cfg, controller=None: RayTrainRunner(
+            cfg, num_workers=2, max_failures=1, after_epoch=after_window, storage_path=str(storage), closed_loop=controller,
+            checkpoint_every_s=0)
+        return unlearner.fit(forget_data=wine.forget, retain_data=wine.retain)
+
+    res = fit(kill_once)
+    assert marker.exists(), "the fault was injected"
+    resumed = [h["resumed_from_step"] for h in res.report.history if "resumed_from_step" in h]
+    assert resumed and resumed[0] > 0, res.report.history
+    uninterrupted = fit(None)
+    v, u = res.verification, uninterrupted.verification
+    assert v["mode"] == u["mode"] == "closed_loop" and v["passed"] is u["passed"] is True
+    assert (res.report.steps, v["verifications"], v["coreset_growth"]) == (uninterrupted.report.steps, u["verifications"], u["coreset_growth"])
+    _assert_same_weights(res.model, uninterrupted.model, atol=1e-6)

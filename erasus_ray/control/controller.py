@@ -21,6 +21,10 @@ measurements, every ``verify_every`` steps, by forward passes only (:class:`~era
    closer; when spent, the best weights that satisfied the guard (smallest violation of the target) are returned and
    the result says which criterion failed.
 
+The decisions (:class:`Controller`) are kept apart from the weights, the optimizer and the data streams
+(:class:`ClosedLoopRunner`, which applies each :class:`Decision`), so the same loop runs in process and inside Ray
+Train workers (:mod:`erasus_ray.runners.ray_train`: rank 0 decides, every rank applies; see :class:`Seat`).
+
 Cost per verification: one forward pass over the forget set, a fixed retain sample (``retain_samples``) and the
 held-out set; ``verify_every="auto"`` keeps that below about half of the training steps' cost.
 """
@@ -40,7 +44,7 @@ from erasus_ray.data import Batch, IdDataset, make_loader
 import warnings
 
 from erasus_ray.errors import InvalidConfigError, NonFiniteLossError, NonFiniteWeightsError
-from erasus_ray.evaluation.verification import Guard, Measurement, Probe, Target, Verdict
+from erasus_ray.evaluation.verification import Guard, Measurement, Probe, Target
 from erasus_ray.runners.local import LocalRunner, RunnerConfig, RunReport, StepExecutor, _cycle
 from erasus_ray.strategies.base import Strategy, UnlearnContext
 from erasus_ray.tasks import Capability
@@ -148,182 +152,185 @@ class GrowthPlan:
         return new[:limit]
 
 
-class ClosedLoopRunner(LocalRunner):
-    """Runs a loss-based strategy under the closed loop (module docstring). ``strategy.unlearn`` calls ``run`` as
-    it would a :class:`LocalRunner`'s; strategies that compute their update without the runner leave ``ran`` False
-    and the caller verifies their result once instead.
+@dataclass
+class Decision:
+    """What every copy of the loop does after a verification window. The :class:`Controller` makes it once; under a
+    data-parallel runner rank 0 makes it and every rank applies the same one, so the ranks stay in lockstep.
+
+    Attributes:
+        window: runner steps before the next verification.
+        lr / retain_boost: the step size and the weight of the extra retain-descent step from now on.
+        trip: restore the last weights that passed the guard (and restart the optimizer at ``lr``).
+        keep: the current weights passed the guard: they become the last good ones (``best``: and the closest to the
+            target so far).
+        coreset: the grown coreset (sorted forget ids), or None when unchanged.
+        stop: the loop ends; ``final``: the weights to restore first when it ends without meeting the target
+            (``"best"`` or ``"snapshot"``; None: keep the current ones). ``reason``: the report's ``stopped``.
+    """
+
+    window: int
+    lr: float
+    retain_boost: float = 0.0
+    trip: bool = False
+    keep: bool = False
+    best: bool = False
+    coreset: np.ndarray | None = None
+    stop: bool = False
+    final: str | None = None
+    reason: str = ""
+
+
+class Controller:
+    """The closed loop's decisions (module docstring), apart from the weights and the steps: it measures the model
+    (:class:`~erasus_ray.evaluation.verification.Probe`), judges the target and the guard, and decides the step size,
+    the coreset's growth, guard trips and when to stop. The weights, the optimizer and the data streams belong to
+    :class:`ClosedLoopRunner`, which applies each :class:`Decision`; the split lets a data-parallel runner
+    (:mod:`erasus_ray.runners.ray_train`) run the one controller on rank 0 and the steps on every rank.
 
     Args:
-        config: runner settings (``lr`` is the starting learning rate; ``epochs`` is ignored: the loop stops on the
-            target or the budget).
-        control: the closed loop's settings.
-        target: the prepared target; ``probe``: what it measures.
-        growth: the adaptive coreset's plan (a fixed coreset when not adaptive).
+        config: the runner settings (``lr``: the starting learning rate; ``batch_size`` sizes ``verify_every="auto"``;
+            ``max_steps`` caps the budget).
+        control, target, probe, growth, original: as :class:`ClosedLoopRunner`'s.
     """
 
     def __init__(self, config: RunnerConfig, control: ControlConfig, target: Target, probe: Probe, growth: GrowthPlan, *,
                  original: Measurement | None = None) -> None:
-        super().__init__(config)
+        self.config = config
         self.control = control.validate()
         self.target = target
         self.probe = probe
         self.growth = growth
-        self.ran = False
         self.original = original
         self.record: dict[str, Any] = {}
 
-    # --- the loop -------------------------------------------------------------------------------------------------------
-    def run(self, strategy: Strategy, ctx: UnlearnContext, *, on_epoch_end: Any = None) -> RunReport:
-        self.ran = True
-        start = time.perf_counter()
-        full = ctx.full_forget if ctx.full_forget is not None else ctx.forget
+    # --- decisions ------------------------------------------------------------------------------------------------------
+    def begin(self, ctx: UnlearnContext, full: IdDataset, strategy_name: str) -> Decision:
+        """Measure the original model (unless given), prepare the target; stop at once if it already holds."""
+        self.start = time.perf_counter()
+        self.name = strategy_name
         self.original = original = self.original or self.probe.measure(ctx.model)
         self.target.prepare(original, _n_classes(ctx, full))
-        verdict = self.target.verdict(original)
-        report = RunReport()
-        state = _LoopState(lr=self.config.lr, coreset=np.sort(ctx.forget.ids), best=None)
-        self.record = {"start_lr": self.config.lr, "lr_history": [], "coreset_growth": [int(len(state.coreset))], "guard_events": [],
-                       "verifications": 0, "n_forget": int(len(full))}
-        if verdict.passed:
-            report.stopped = "verified: the original model already meets the target"
-            return self._finish(report, verdict, [], state, ctx, strategy=None)
-        self._setup(strategy, ctx, full, state)
-        executor = self._executor(strategy, ctx, state.lr)
-        retain_iter = self._retain_stream(ctx)
-        forget_iter = self._forget_stream(ctx)
-        ref = self.target.reference_loss(original)
-        every = self._verify_every(len(full), ctx)
-        snapshot = _snapshot(ctx.model)
-        prev_loss = _mean_loss(original.forget, state.coreset)
-        bar = self._bar(strategy)
-        guard: list = []
-        stalled = ""
-        try:
-            while True:
-                steps = min(every, self._budget_steps() - report.steps)
-                try:
-                    self._steps(executor, ctx, forget_iter, retain_iter, steps, report, state, bar)
-                except (NonFiniteLossError, NonFiniteWeightsError) as err:  # restore, smaller steps: as a guard trip
-                    self._trip(ctx, snapshot, state, report, f"non-finite: {err}", retain_boost=False)
-                    state.non_finite += 1
-                    if state.non_finite >= 3:  # not a step-size problem: the objective itself is broken
-                        stalled = f"stopped: non-finite loss or weights {state.non_finite} times in a row ({err})"
-                        warnings.warn(f"{strategy.name}: {stalled}; kept the last good weights", RuntimeWarning, stacklevel=2)
-                        break
-                    executor, forget_iter = self._executor(strategy, ctx, state.lr), self._forget_stream(ctx)
-                    if self._spent(report, start):
-                        break
-                    continue
-                state.non_finite = 0
-                m = self.probe.measure(ctx.model)
-                self.record["verifications"] += 1
-                verdict = self.target.verdict(m)
-                guard = self.control.guard.check(m, original, self.target)
-                entry = {"step": report.steps, "lr": state.lr, "coreset": int(len(state.coreset)), "violation": verdict.violation,
-                         "passed": verdict.passed, "guard_ok": all(c.passed for c in guard), "forget_loss": m.forget.mean_loss}
-                report.history.append(entry)
-                if bar is not None:
-                    bar.set_postfix(violation=f"{verdict.violation:.3g}", lr=f"{state.lr:.2g}", coreset=len(state.coreset))
-                if not entry["guard_ok"] or verdict.overshoot:
-                    why = "overshoot: " + "; ".join(verdict.failing()) if verdict.overshoot else "guard: " + "; ".join(
-                        f"{c.name}={c.value:.4g} outside [{c.low}, {c.high}]" for c in guard if not c.passed)
-                    self._trip(ctx, snapshot, state, report, why, retain_boost=not entry["guard_ok"])
-                    executor, forget_iter = self._executor(strategy, ctx, state.lr), self._forget_stream(ctx)
-                    prev_loss = _mean_loss(self.probe.measure(ctx.model).forget, state.coreset)
-                elif verdict.passed:
-                    report.stopped = f"verified at step {report.steps}"
-                    break
-                else:
-                    snapshot = _snapshot(ctx.model)
-                    if state.best is None or verdict.violation < state.best[0] - 1e-9:
-                        state.best, state.stalled = (verdict.violation, snapshot, report.steps), 0
-                    else:
-                        state.stalled += 1
-                    if self._grow(m, ctx, full, state):
-                        forget_iter, state.stalled = self._forget_stream(ctx), 0
-                    now_loss = _mean_loss(m.forget, state.coreset)
-                    self._adapt_lr(executor, state, prev_loss, now_loss, ref, _mean_loss(original.forget, state.coreset), report.steps)
-                    prev_loss = now_loss
-                if self._spent(report, start):
-                    break
-                if state.stalled >= self.control.patience:
-                    stalled = f"stalled: no step closer to the target in {self.control.patience} verifications"
-                    break
-        finally:
-            if bar is not None:
-                bar.close()
-        if not verdict.passed or not all(c.passed for c in guard):
-            why = stalled or f"budget spent ({report.steps} steps, {time.perf_counter() - start:.1f} s)"
-            if state.best is not None:
-                _restore(ctx.model, state.best[1])
-                report.stopped = f"{why} without meeting the target; returned the guarded weights of step {state.best[2]} (closest to the target)"
+        self.verdict, self.guard = self.target.verdict(original), []
+        self.state = _LoopState(lr=self.config.lr, coreset=np.sort(ctx.forget.ids), best=None)
+        self.record = {"start_lr": self.config.lr, "lr_history": [], "coreset_growth": [int(len(self.state.coreset))],
+                       "guard_events": [], "verifications": 0, "n_forget": int(len(full))}
+        self.n_full, self.stalled_why = len(full), ""
+        if self.verdict.passed:
+            return Decision(0, self.config.lr, stop=True, reason="verified: the original model already meets the target")
+        self.ref = self.target.reference_loss(original)
+        self.every = self._verify_every(len(full))
+        self.good = original  # the measurement of the last weights that passed the guard
+        self.prev_loss = _mean_loss(original.forget, self.state.coreset)
+        return Decision(self._window(0), self.config.lr)
+
+    def observe(self, model: nn.Module, steps: int, non_finite: str | None = None) -> Decision:
+        """The decision after a window that ended at runner step ``steps`` (``non_finite``: the window stopped on a
+        non-finite loss or weights, with this message): one measurement of ``model`` unless the window failed."""
+        state = self.state
+        if non_finite is not None:  # restore, smaller steps: as a guard trip
+            self._trip(steps, f"non-finite: {non_finite}", retain_boost=False)
+            state.non_finite += 1
+            if state.non_finite >= 3:  # not a step-size problem: the objective itself is broken
+                self.stalled_why = f"stopped: non-finite loss or weights {state.non_finite} times in a row ({non_finite})"
+                warnings.warn(f"{self.name}: {self.stalled_why}; kept the last good weights", RuntimeWarning, stacklevel=2)
+                return self._stop(steps, trip=True)
+            return self._stop(steps, trip=True) if self._spent(steps) else self._decision(steps, trip=True)
+        state.non_finite = 0
+        m = self.probe.measure(model)
+        self.record["verifications"] += 1
+        self.verdict = verdict = self.target.verdict(m)
+        self.guard = guard = self.control.guard.check(m, self.original, self.target)
+        guard_ok = all(c.passed for c in guard)
+        self.entry = {"step": steps, "lr": state.lr, "coreset": int(len(state.coreset)), "violation": verdict.violation,
+                      "passed": verdict.passed, "guard_ok": guard_ok, "forget_loss": m.forget.mean_loss}
+        d: dict[str, Any] = {}
+        if not guard_ok or verdict.overshoot:
+            why = "overshoot: " + "; ".join(verdict.failing()) if verdict.overshoot else "guard: " + "; ".join(
+                f"{c.name}={c.value:.4g} outside [{c.low}, {c.high}]" for c in guard if not c.passed)
+            self._trip(steps, why, retain_boost=not guard_ok)
+            self.prev_loss = _mean_loss(self.good.forget, state.coreset)  # the restored weights' (measured when kept)
+            d = {"trip": True}
+        elif verdict.passed:
+            return self._stop(steps, reason=f"verified at step {steps}")
+        else:
+            d = {"keep": True, "best": False}
+            self.good = m
+            if state.best is None or verdict.violation < state.best[0] - 1e-9:
+                state.best, state.stalled, d["best"] = (verdict.violation, steps), 0, True
             else:
-                _restore(ctx.model, snapshot)
-                report.stopped = f"{why} without meeting the target; returned the last guarded weights"
-            m = self.probe.measure(ctx.model)
-            verdict, guard = self.target.verdict(m), self.control.guard.check(m, original, self.target)
-        return self._finish(report, verdict, guard, state, ctx, strategy=strategy)
+                state.stalled += 1
+            if self._grow(m):
+                d["coreset"], state.stalled = state.coreset.copy(), 0
+            now_loss = _mean_loss(m.forget, state.coreset)
+            self._adapt_lr(self.prev_loss, now_loss, _mean_loss(self.original.forget, state.coreset), steps)
+            self.prev_loss = now_loss
+        if self._spent(steps):
+            return self._stop(steps, **d)
+        if state.stalled >= self.control.patience:
+            self.stalled_why = f"stalled: no step closer to the target in {self.control.patience} verifications"
+            return self._stop(steps, **d)
+        return self._decision(steps, **d)
+
+    def conclude(self, model: nn.Module, decision: Decision) -> None:
+        """After a stop that restored weights (``decision.final``): measure what is returned."""
+        if decision.final is not None:
+            m = self.probe.measure(model)
+            self.verdict, self.guard = self.target.verdict(m), self.control.guard.check(m, self.original, self.target)
+
+    def summary(self, steps: int) -> dict[str, Any]:
+        """The record of the run (the result's verification): final verdict, guard, lr, coreset growth."""
+        state = self.state
+        self.record.update({
+            "steps": steps, "lr": state.lr, "retain_boost": state.retain_boost, "coreset_ids": state.coreset.tolist(),
+            "final_fraction": len(state.coreset) / max(1, self.n_full), "verdict": self.verdict.to_dict(),
+            "guard": [c.to_dict() for c in self.guard], "guard_ok": all(c.passed for c in self.guard),
+        })
+        return self.record
+
+    # --- checkpoints ------------------------------------------------------------------------------------------------------
+    #: what changes as the loop runs (the rest is set once by ``begin``, again on a resume)
+    _MUTABLE = ("record", "verdict", "guard", "state", "good", "prev_loss", "stalled_why", "entry")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in self._MUTABLE if hasattr(self, k)}, "elapsed": time.perf_counter() - self.start}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        for k in self._MUTABLE:
+            if k in saved:
+                setattr(self, k, saved[k])
+        self.start = time.perf_counter() - saved["elapsed"]  # the time budget counts the run before the restart
 
     # --- pieces ------------------------------------------------------------------------------------------------------------
-    def _setup(self, strategy: Strategy, ctx: UnlearnContext, full: IdDataset, state: "_LoopState") -> None:
-        """Strategies that keep per-id tables from the original model (``setup_scope = "forget"``: NPO's reference
-        likelihoods, preference pairs, ...) build them over the whole forget set when the coreset may grow: the
-        tables must come from the original model, and a sample joining later could not get its entry any more."""
-        if self.growth.adaptive and strategy.setup_scope == "forget":
-            coreset = ctx.forget
-            ctx.forget = full
-            try:
-                strategy.setup(ctx)
-            finally:
-                ctx.forget = coreset
-        else:
-            strategy.setup(ctx)
+    def _decision(self, steps: int, **kw: Any) -> Decision:
+        return Decision(self._window(steps), self.state.lr, self.state.retain_boost, **kw)
 
-    def _executor(self, strategy: Strategy, ctx: UnlearnContext, lr: float) -> StepExecutor:
-        cfg = RunnerConfig(**{**asdict(self.config), "lr": lr})
-        return StepExecutor(strategy, ctx, cfg)
+    def _stop(self, steps: int, *, reason: str = "", **kw: Any) -> Decision:
+        final = None
+        if not reason:  # the target does not hold (or the guard failed): return the guarded weights closest to it
+            why = self.stalled_why or f"budget spent ({steps} steps, {time.perf_counter() - self.start:.1f} s)"
+            best = self.state.best
+            final = "best" if best is not None else "snapshot"
+            reason = (f"{why} without meeting the target; returned the guarded weights of step {best[1]} (closest to the "
+                      "target)" if best is not None else f"{why} without meeting the target; returned the last guarded weights")
+        return Decision(0, self.state.lr, self.state.retain_boost, stop=True, final=final, reason=reason, **kw)
 
-    def _forget_stream(self, ctx: UnlearnContext) -> Iterator[Batch]:
-        cfg = self.config
-        loader = make_loader(ctx.forget, ctx.task.collate, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, weights=ctx.forget_weights)
-        return _cycle(loader, lambda epoch: loader.generator.manual_seed(cfg.seed * 100_003 + epoch * 2))
+    def _window(self, steps: int) -> int:
+        return min(self.every, self._budget_steps() - steps)
 
-    def _retain_stream(self, ctx: UnlearnContext) -> Iterator[Batch] | None:
-        if ctx.retain is None or len(ctx.retain) == 0:
-            return None
-        cfg = self.config
-        loader = make_loader(ctx.retain, ctx.task.collate, batch_size=cfg.retain_batch_size or cfg.batch_size, shuffle=True, seed=cfg.seed + 1)
-        return _cycle(loader, lambda epoch: loader.generator.manual_seed(cfg.seed * 100_003 + epoch * 2 + 1))
-
-    def _steps(self, executor: StepExecutor, ctx: UnlearnContext, forget_iter: Iterator[Batch], retain_iter: Iterator[Batch] | None,
-               steps: int, report: RunReport, state: "_LoopState", bar: Any) -> None:
-        for _ in range(steps):
-            forget = next(forget_iter).to(ctx.device)
-            retain = next(retain_iter).to(ctx.device) if retain_iter is not None else None
-            ctx.step = report.steps
-            executor.step(forget, retain if executor.strategy.needs_retain or state.retain_boost else None)
-            if state.retain_boost and retain is not None:
-                ctx.model.train()
-                executor.descend(state.retain_boost * ctx.forward(retain).sample_loss().mean(), "guard")
-            report.steps += 1
-            report.forget_samples += len(forget)
-            report.retain_samples += 0 if retain is None else len(retain)
-            if bar is not None:
-                bar.update(1)
-
-    def _trip(self, ctx: UnlearnContext, snapshot: dict, state: "_LoopState", report: RunReport, why: str, *, retain_boost: bool) -> None:
-        _restore(ctx.model, snapshot)
+    def _trip(self, steps: int, why: str, *, retain_boost: bool) -> None:
+        state = self.state
         state.lr_cap = state.lr / 2
         state.lr = state.lr / 2
         if retain_boost:
             state.retain_boost = max(1.0, 2 * state.retain_boost)
-        self.record["guard_events"].append({"step": report.steps, "why": why, "restored": True, "lr": state.lr,
+        self.record["guard_events"].append({"step": steps, "why": why, "restored": True, "lr": state.lr,
                                             "retain_boost": state.retain_boost})
-        self.record["lr_history"].append({"step": report.steps, "lr": state.lr, "why": "guard trip"})
+        self.record["lr_history"].append({"step": steps, "lr": state.lr, "why": "guard trip"})
 
-    def _grow(self, m: Measurement, ctx: UnlearnContext, full: IdDataset, state: "_LoopState") -> bool:
+    def _grow(self, m: Measurement) -> bool:
         """Add failing forget samples once the coreset's own samples pass but the whole forget set does not."""
-        if not self.growth.adaptive or len(state.coreset) == len(full):
+        state = self.state
+        if not self.growth.adaptive or len(state.coreset) == self.n_full:
             return False
         failing = self.target.failing_ids(m)
         in_core = int(np.isin(failing, state.coreset).sum())
@@ -338,16 +345,14 @@ class ClosedLoopRunner(LocalRunner):
         if not len(new):
             return False
         state.coreset = np.sort(np.concatenate([state.coreset, new]))
-        ctx.forget = full.subset(state.coreset)
-        ctx.forget_weights = {int(i): 1.0 for i in state.coreset}  # grown samples stand for themselves: uniform
         self.record["coreset_growth"].append(int(len(state.coreset)))
         return True
 
-    def _adapt_lr(self, executor: StepExecutor, state: "_LoopState", prev: float, now: float, ref: float, start: float,
-                  step: int) -> None:
+    def _adapt_lr(self, prev: float, now: float, start: float, step: int) -> None:
         """Grow the learning rate geometrically after a window that moved the coreset's log forget loss by less than
         ``min_progress`` of its log-distance to the reference loss (never past ``max_lr`` or a guard trip's cap)."""
-        span = math.log(max(ref, 1e-12)) - math.log(max(start, 1e-12))
+        state = self.state
+        span = math.log(max(self.ref, 1e-12)) - math.log(max(start, 1e-12))
         if span <= 0 or state.lr_found:
             return
         moved = (math.log(max(now, 1e-12)) - math.log(max(prev, 1e-12))) / span
@@ -357,10 +362,9 @@ class ClosedLoopRunner(LocalRunner):
         grown = state.lr * self.control.lr_growth
         if grown <= min(self.control.max_lr, state.lr_cap) + 1e-15:
             state.lr = grown
-            executor.set_lr(grown)
             self.record["lr_history"].append({"step": step, "lr": grown, "why": f"window moved {moved:.3f} < {self.control.min_progress}"})
 
-    def _verify_every(self, n_forget: int, ctx: UnlearnContext) -> int:
+    def _verify_every(self, n_forget: int) -> int:
         if self.control.verify_every != "auto":
             return int(self.control.verify_every)
         measured = n_forget + len(self.probe.retain or ()) + len(self.probe.heldout or ())
@@ -372,39 +376,263 @@ class ClosedLoopRunner(LocalRunner):
         cap = self.config.max_steps
         return min(self.control.budget_steps, cap) if cap else self.control.budget_steps
 
-    def _spent(self, report: RunReport, start: float) -> bool:
-        if report.steps >= self._budget_steps():
+    def _spent(self, steps: int) -> bool:
+        if steps >= self._budget_steps():
             return True
-        return self.control.budget_seconds is not None and time.perf_counter() - start >= self.control.budget_seconds
+        return self.control.budget_seconds is not None and time.perf_counter() - self.start >= self.control.budget_seconds
 
-    def _bar(self, strategy: Strategy) -> Any:
+
+class Seat:
+    """Where a :class:`ClosedLoopRunner` runs: in this process (this class: every call is the identity) or as one rank
+    of a data-parallel group (:mod:`erasus_ray.runners.ray_train`), where ``decide`` runs on rank 0 and is broadcast,
+    ``shard`` gives the rank its part of a data set, ``grad_sync`` averages gradients, and ``save`` / ``resumed``
+    checkpoint each verification window."""
+
+    rank = 0
+    grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None
+
+    def decide(self, make: Callable[[], Any]) -> Any:
+        return make()
+
+    def shard(self, data: IdDataset) -> IdDataset:
+        return data
+
+    def save(self, state: Callable[[], dict[str, Any]], window: int, steps: int) -> None:
+        """Checkpoint after a window (``state()`` builds what to save; in process: nothing is saved)."""
+
+    def resumed(self) -> dict[str, Any] | None:
+        """The state saved by the last ``save`` of an interrupted run, or None."""
+        return None
+
+
+class ClosedLoopRunner(LocalRunner):
+    """Runs a loss-based strategy under the closed loop (module docstring). ``strategy.unlearn`` calls ``run`` as
+    it would a :class:`LocalRunner`'s; strategies that compute their update without the runner leave ``ran`` False
+    and the caller verifies their result once instead.
+
+    Args:
+        config: runner settings (``lr`` is the starting learning rate; ``epochs`` is ignored: the loop stops on the
+            target or the budget).
+        control: the closed loop's settings.
+        target: the prepared target; ``probe``: what it measures.
+        growth: the adaptive coreset's plan (a fixed coreset when not adaptive).
+        seat: where it runs (default: in this process).
+    """
+
+    def __init__(self, config: RunnerConfig, control: ControlConfig, target: Target, probe: Probe, growth: GrowthPlan, *,
+                 original: Measurement | None = None, seat: Seat | None = None) -> None:
+        super().__init__(config)
+        self.controller = Controller(self.config, control, target, probe, growth, original=original)
+        self.seat = seat or Seat()
+        self.ran = False
+
+    @property
+    def control(self) -> ControlConfig:
+        return self.controller.control
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return self.controller.record
+
+    # --- the loop -------------------------------------------------------------------------------------------------------
+    def run(self, strategy: Strategy, ctx: UnlearnContext, *, on_epoch_end: Any = None) -> RunReport:
+        self.ran = True
+        seat, ctl = self.seat, self.controller
+        full = ctx.full_forget if ctx.full_forget is not None else ctx.forget
+        report = RunReport()
+        d = seat.decide(lambda: ctl.begin(ctx, full, strategy.name))
+        if d.stop:
+            report.stopped = d.reason
+            return self._finish(report, ctx, strategy=None)
+        self._setup(strategy, ctx, full)
+        coreset = np.sort(np.asarray(ctx.forget.ids))
+        ctx.forget = seat.shard(ctx.forget)  # after setup: every rank sets up on the same (whole) coreset
+        loop = _Streams(self, strategy, ctx, d.lr, coreset)
+        saved = seat.resumed()
+        if saved is not None:
+            d = loop.load(saved, full, report)
+            if seat.rank == 0:
+                ctl.load_state_dict(saved["controller"])
+        bar = self._bar(strategy, report.steps)
+        try:
+            window = 0
+            while True:
+                err = None
+                try:
+                    self._steps(loop, ctx, d.window, report, bar)
+                except (NonFiniteLossError, NonFiniteWeightsError) as e:  # every rank alike: gradients are all-reduced
+                    err = str(e)
+                d = seat.decide(lambda: ctl.observe(ctx.model, report.steps, err))
+                if err is None and seat.rank == 0:
+                    report.history.append(ctl.entry)
+                loop.apply(d, full)
+                if bar is not None:  # in process only (workers run without a bar)
+                    bar.set_postfix(violation=f"{ctl.verdict.violation:.3g}", lr=f"{d.lr:.2g}", coreset=len(loop.coreset))
+                if d.stop:
+                    break
+                window += 1
+                seat.save(lambda: loop.state(report, d, ctl.state_dict() if seat.rank == 0 else None), window, report.steps)
+        finally:
+            if bar is not None:
+                bar.close()
+        report.stopped = d.reason
+        if d.final is not None:
+            _restore(ctx.model, loop.best if d.final == "best" else loop.snapshot)
+            if seat.rank == 0:
+                ctl.conclude(ctx.model, d)
+        return self._finish(report, ctx, strategy=strategy)
+
+    # --- pieces ------------------------------------------------------------------------------------------------------------
+    def _setup(self, strategy: Strategy, ctx: UnlearnContext, full: IdDataset) -> None:
+        """Strategies that keep per-id tables from the original model (``setup_scope = "forget"``: NPO's reference
+        likelihoods, preference pairs, ...) build them over the whole forget set when the coreset may grow: the
+        tables must come from the original model, and a sample joining later could not get its entry any more."""
+        if self.controller.growth.adaptive and strategy.setup_scope == "forget":
+            coreset = ctx.forget
+            ctx.forget = full
+            try:
+                strategy.setup(ctx)
+            finally:
+                ctx.forget = coreset
+        else:
+            strategy.setup(ctx)
+
+    def _executor(self, strategy: Strategy, ctx: UnlearnContext, lr: float) -> StepExecutor:
+        cfg = RunnerConfig(**{**asdict(self.config), "lr": lr})
+        return StepExecutor(strategy, ctx, cfg, grad_sync=self.seat.grad_sync)
+
+    def _forget_stream(self, ctx: UnlearnContext) -> Iterator[Batch]:
+        cfg = self.config
+        loader = make_loader(ctx.forget, ctx.task.collate, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, weights=ctx.forget_weights)
+        return _cycle(loader, lambda epoch: loader.generator.manual_seed(cfg.seed * 100_003 + epoch * 2))
+
+    def _retain_stream(self, ctx: UnlearnContext) -> Iterator[Batch] | None:
+        if ctx.retain is None or len(ctx.retain) == 0:
+            return None
+        cfg = self.config
+        loader = make_loader(ctx.retain, ctx.task.collate, batch_size=cfg.retain_batch_size or cfg.batch_size, shuffle=True, seed=cfg.seed + 1)
+        return _cycle(loader, lambda epoch: loader.generator.manual_seed(cfg.seed * 100_003 + epoch * 2 + 1))
+
+    def _steps(self, loop: "_Streams", ctx: UnlearnContext, steps: int, report: RunReport, bar: Any) -> None:
+        executor = loop.executor
+        for _ in range(steps):
+            forget = loop.next_forget().to(ctx.device)
+            retain = loop.next_retain()
+            retain = None if retain is None else retain.to(ctx.device)
+            ctx.step = report.steps
+            executor.step(forget, retain if executor.strategy.needs_retain or loop.retain_boost else None)
+            if loop.retain_boost and retain is not None:
+                ctx.model.train()
+                executor.descend(loop.retain_boost * ctx.forward(retain).sample_loss().mean(), "guard")
+            report.steps += 1
+            report.forget_samples += len(forget)
+            report.retain_samples += 0 if retain is None else len(retain)
+            if bar is not None:
+                bar.update(1)
+
+    def _bar(self, strategy: Strategy, done: int) -> Any:
         if not self.config.progress:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self._budget_steps(), desc=f"unlearn[{strategy.name}] closed loop", leave=False, disable=None)
+        return tqdm(total=self.controller._budget_steps(), initial=done, desc=f"unlearn[{strategy.name}] closed loop",
+                    leave=False, disable=None)
 
-    def _finish(self, report: RunReport, verdict: Verdict, guard: list, state: "_LoopState", ctx: UnlearnContext,
-                strategy: Strategy | None) -> RunReport:
+    def _finish(self, report: RunReport, ctx: UnlearnContext, strategy: Strategy | None) -> RunReport:
         if strategy is not None:
             strategy.finish(ctx)
         ctx.model.eval()
-        n = self.record["n_forget"]
-        report.epochs = math.ceil(report.forget_samples / max(1, len(state.coreset)))
-        self.record.update({
-            "steps": report.steps, "lr": state.lr, "retain_boost": state.retain_boost, "coreset_ids": state.coreset.tolist(),
-            "final_fraction": len(state.coreset) / max(1, n), "verdict": verdict.to_dict(),
-            "guard": [c.to_dict() for c in guard], "guard_ok": all(c.passed for c in guard),
-        })
-        report.info["control"] = {k: v for k, v in self.record.items() if k != "coreset_ids"}
+        report.epochs = math.ceil(report.forget_samples / max(1, len(ctx.forget)))  # passes over this copy's coreset
+        if self.seat.rank == 0:
+            rec = self.controller.summary(report.steps)
+            report.info["control"] = {k: v for k, v in rec.items() if k != "coreset_ids"}
         return report
+
+
+class _Streams:
+    """The weights-side state of one copy of the loop: the executor (optimizer), the forget and retain streams (with
+    how many batches each has given since it was made, so a resumed run replays them), the last good and the best
+    weights, and the retain-boost weight. Applies a :class:`Decision`."""
+
+    def __init__(self, runner: ClosedLoopRunner, strategy: Strategy, ctx: UnlearnContext, lr: float, coreset: np.ndarray) -> None:
+        self.runner, self.strategy, self.ctx = runner, strategy, ctx
+        self.executor = runner._executor(strategy, ctx, lr)
+        self.retain_iter, self.retain_drawn = runner._retain_stream(ctx), 0
+        self.forget_iter, self.forget_drawn = runner._forget_stream(ctx), 0
+        self.snapshot: dict[str, torch.Tensor] = _snapshot(ctx.model)
+        self.best: dict[str, torch.Tensor] | None = None
+        self.retain_boost = 0.0
+        self.coreset = coreset  # the whole coreset's ids (ctx.forget may hold this rank's shard of it)
+
+    def next_forget(self) -> Batch:
+        self.forget_drawn += 1
+        return next(self.forget_iter)
+
+    def next_retain(self) -> Batch | None:
+        if self.retain_iter is None:
+            return None
+        self.retain_drawn += 1
+        return next(self.retain_iter)
+
+    def apply(self, d: Decision, full: IdDataset) -> None:
+        ctx, runner = self.ctx, self.runner
+        if d.trip:
+            _restore(ctx.model, self.snapshot)
+            self.executor = runner._executor(self.strategy, ctx, d.lr)
+            self._new_forget_stream()
+        elif d.lr != self.executor.config.lr:
+            self.executor.set_lr(d.lr)
+        self.retain_boost = d.retain_boost
+        if d.keep:
+            self.snapshot = _snapshot(ctx.model)
+            if d.best:
+                self.best = self.snapshot
+        if d.coreset is not None:
+            self._use_coreset(d.coreset, full)
+            self._new_forget_stream()
+
+    def _use_coreset(self, ids: np.ndarray, full: IdDataset) -> None:
+        self.coreset = np.asarray(ids)
+        self.ctx.forget = self.runner.seat.shard(full.subset(self.coreset))
+        self.ctx.forget_weights = {int(i): 1.0 for i in self.coreset}  # grown samples stand for themselves: uniform
+
+    def _new_forget_stream(self) -> None:
+        self.forget_iter, self.forget_drawn = self.runner._forget_stream(self.ctx), 0
+
+    def state(self, report: RunReport, d: Decision, controller: dict[str, Any] | None) -> dict[str, Any]:
+        """What a restart needs to continue this run where it stands (see :meth:`load`)."""
+        return {"model": self.ctx.model.state_dict(), "snapshot": self.snapshot, "best": self.best,
+                "optimizer": self.executor.optimizer_state(), "decision": d, "coreset": self.coreset,
+                "grown": self.ctx.forget_weights if self.ctx.forget_weights is not None else None,
+                "forget_drawn": self.forget_drawn, "retain_drawn": self.retain_drawn, "report": asdict(report),
+                "controller": controller}
+
+    def load(self, saved: dict[str, Any], full: IdDataset, report: RunReport) -> Decision:
+        """Continue from a saved :meth:`state`: weights, optimizer, coreset, and the streams replayed (data loading
+        only) to where they stood. Returns the decision that was in force."""
+        ctx, d = self.ctx, saved["decision"]
+        ctx.model.load_state_dict(saved["model"])
+        self.snapshot, self.best, self.retain_boost = saved["snapshot"], saved["best"], d.retain_boost
+        if not np.array_equal(saved["coreset"], self.coreset):
+            self._use_coreset(saved["coreset"], full)
+        self.ctx.forget_weights = saved["grown"]
+        self.executor = self.runner._executor(self.strategy, ctx, d.lr)
+        self.executor.load_optimizer_state(saved["optimizer"])
+        self._new_forget_stream()
+        for _ in range(saved["forget_drawn"]):
+            self.next_forget()
+        for _ in range(saved["retain_drawn"]):
+            self.next_retain()
+        vars(report).update(RunReport(**saved["report"]).__dict__)
+        report.history.append({"resumed_from_step": report.steps})
+        return d
 
 
 @dataclass
 class _LoopState:
     lr: float
     coreset: np.ndarray
-    best: tuple[float, dict, int] | None
+    best: tuple[float, int] | None  # (violation, step) of the guarded weights closest to the target
     lr_cap: float = math.inf
     retain_boost: float = 0.0
     failing_outside: int | None = None

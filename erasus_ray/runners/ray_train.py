@@ -13,6 +13,22 @@ After the last epoch every worker runs the strategy's ``finish`` (merging LoRA a
 0 writes a final checkpoint of the finished model, which the driver loads: the returned model has the
 architecture the strategy leaves, exactly as with the local runner.
 
+**Closed loop** (``closed_loop=`` a :class:`~erasus_ray.control.controller.Controller`, what ``ErasusUnlearner`` passes
+unless the caller fixed ``epochs``/``lr``): the controller's loop runs *inside* the workers, in the one TorchTrainer
+start of the run. Every rank takes the same data-parallel steps on its shard of the (growing) coreset; every
+``verify_every`` steps rank 0 alone measures the whole forget set, the retain probe and the held-out set (the same
+:class:`~erasus_ray.evaluation.verification.Probe` as in process) and makes the controller's decision (continue, guard
+trip, coreset growth, stop), which ``torch.distributed.broadcast_object_list`` hands to every rank, so all ranks
+restore, change the step size, re-shard and stop alike. Rank 0 measures rather than every rank a shard because the
+targets need the whole per-sample distribution (a loss-MIA AUC, a two-sample test, the failing ids the coreset grows
+by), not sums an all-reduce could combine: sharding would need an all-gather of per-sample statistics and a second
+code path, for a forward-only cost that ``verify_every="auto"`` already keeps below half of the steps'. Strategy
+``setup`` runs on every rank on the whole coreset (the whole forget set where the coreset may grow), not on the rank's
+shard, so per-id tables and masks are the same on every rank. Rank 0 checkpoints after every verification window
+(weights, last good and best weights, optimizer, coreset, stream positions, the controller's state), so a
+``max_failures`` restart resumes at the last window; the final checkpoint carries the returned (best guarded) weights
+and the controller's record, which the driver reads into the result's ``verification`` (``mode="closed_loop"``).
+
 Only strategies whose optimizer steps all go through ``runner.run`` can run here. Strategies that compute in the
 calling process (Fisher noise, SSD, Newton steps, SISA shard retraining, pruning; see
 :meth:`~erasus_ray.strategies.Strategy.driver_only`) are refused with an error instead of silently running on the
@@ -22,16 +38,20 @@ driver. What a strategy's ``unlearn`` puts in ``ctx.state`` before calling the r
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import tempfile
+import time
 import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from erasus_ray.control.controller import ClosedLoopRunner, Controller, Seat
 from erasus_ray.distributed.pool import ensure_ray, materialise
 from erasus_ray.errors import ErasusError
 from erasus_ray.runners.local import LocalRunner, RunnerConfig, RunReport, StepExecutor
@@ -57,10 +77,89 @@ def _all_reduce_mean(params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
+def _shard(data: Any, rank: int, world: int) -> Any:
+    """This rank's id-strided part of ``data``; a rank that would get nothing (fewer samples than ranks) takes one
+    sample of another rank's, so every rank can take the same number of synchronised steps."""
+    ids = data.ids[rank::world]
+    return data.subset(ids if len(ids) or not len(data) else data.ids[rank % len(data) : rank % len(data) + 1])
+
+
+def _save_checkpoint(rank: int, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Every rank reports ``metrics``; rank 0 also uploads ``state`` as the checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as folder:
+        ckpt = None
+        if rank == 0:
+            torch.save(state, Path(folder) / STATE_FILE)
+            ckpt = Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _load_checkpoint(device: torch.device) -> dict[str, Any] | None:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
+
+
+class _RankSeat(Seat):
+    """One rank of the closed loop (module docstring): decisions made on rank 0 and broadcast, data sharded by id,
+    gradients all-reduced, a checkpoint after a verification window once ``every_s`` seconds have passed since the
+    last one (rank 0's clock decides, so every rank reports alike; ``after_window(window, rank)``: the test hook,
+    called after each checkpoint)."""
+
+    grad_sync = staticmethod(_all_reduce_mean)
+
+    def __init__(self, rank: int, world: int, saved: dict[str, Any] | None, every_s: float, after_window: Any = None) -> None:
+        self.rank, self.world, self.saved, self.after_window = rank, world, saved, after_window
+        self.every_s, self.last = every_s, time.monotonic()
+
+    def decide(self, make: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [make() if self.rank == 0 else None]
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def shard(self, data: Any) -> Any:
+        return _shard(data, self.rank, self.world)
+
+    def save(self, state: Any, window: int, steps: int) -> None:
+        if not self.decide(lambda: time.monotonic() - self.last >= self.every_s):
+            return
+        self.last = time.monotonic()
+        # "epoch": the unit last_good_checkpoint and the run's error message read - here, verification windows
+        _save_checkpoint(self.rank, state() if self.rank == 0 else {}, {"epoch": window, "window": window, "steps": steps})
+        if self.after_window is not None:
+            self.after_window(window, self.rank)
+
+    def resumed(self) -> dict[str, Any] | None:
+        return self.saved
+
+
+def _closed_loop(config: dict[str, Any], strategy: Strategy, ctx: UnlearnContext, rcfg: RunnerConfig, rank: int, world: int) -> None:
+    """The controller's loop in this worker (module docstring); rank 0 writes the final checkpoint: the returned
+    weights, the report and the controller's record."""
+    saved = _load_checkpoint(ctx.device)
+    if saved is not None and saved.get("final"):  # restarted after the finished model was saved: nothing left to do
+        return
+    c: Controller = config["closed_loop"]
+    seat = _RankSeat(rank, world, saved, config["checkpoint_every_s"], config.get("after_epoch"))
+    runner = ClosedLoopRunner(rcfg, c.control, c.target, c.probe, c.growth, original=c.original, seat=seat)
+    report = runner.run(strategy, ctx)
+    final = {"model": ctx.model.state_dict(), "final": True, "report": asdict(report), "record": runner.record} if rank == 0 else {}
+    _save_checkpoint(rank, final, {"epoch": report.epochs, "steps": report.steps, "final": 1})
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     from erasus_ray.utils.malloc import hold_freed_memory_from_env
 
@@ -73,28 +172,32 @@ def _train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model.to(device)
     forget, retain = config["forget"], config["retain"]
+    closed = config.get("closed_loop") is not None
     ctx = UnlearnContext(
         model=model,
         task=config["task"],
-        forget=forget.subset(forget.ids[rank::world]),
-        retain=None if retain is None else retain.subset(retain.ids[rank::world]),
+        # the closed loop shards the coreset itself, after setup (it may grow and be re-sharded)
+        forget=forget if closed else forget.subset(forget.ids[rank::world]),
+        retain=None if retain is None else _shard(retain, rank, world),
         device=device,
         seed=config["seed"],
+        full_forget=config.get("full_forget"),
         forget_weights=config["forget_weights"],
         model_factory=None,
         recipe=None,
         state=dict(config["state"]),
     )
     rcfg: RunnerConfig = replace(config["runner"], progress=False)
+    if closed:
+        _closed_loop(config, strategy, ctx, rcfg, rank, world)
+        return
     runner = LocalRunner(rcfg)
     strategy.setup(ctx)  # on the original weights, before any checkpoint is restored
 
     executor = StepExecutor(strategy, ctx, rcfg, grad_sync=_all_reduce_mean)
     start_epoch, report = 0, RunReport()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
+    state = _load_checkpoint(device)
+    if state is not None:
         if state.get("final"):  # restarted after the finished model was saved: nothing left to do
             return
         model.load_state_dict(state["model"])
@@ -106,13 +209,8 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     def on_epoch_end(epoch: int, rep: RunReport) -> None:
         metrics = {"epoch": epoch, "steps": rep.steps, **{k: v for k, v in rep.history[-1].items() if isinstance(v, (int, float))}}
-        with tempfile.TemporaryDirectory() as folder:
-            ckpt = None
-            if rank == 0:
-                state = {"model": model.state_dict(), "optimizer": executor.optimizer_state(), "epoch": epoch, "report": asdict(rep)}
-                torch.save(state, Path(folder) / STATE_FILE)
-                ckpt = Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=ckpt)
+        state = {"model": model.state_dict(), "optimizer": executor.optimizer_state(), "epoch": epoch, "report": asdict(rep)} if rank == 0 else {}
+        _save_checkpoint(rank, state, metrics)
         hook = config.get("after_epoch")
         if hook is not None:
             hook(epoch, rank)
@@ -122,12 +220,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         steps_per_epoch=steps_per_epoch, on_epoch_end=on_epoch_end,
     )
     strategy.finish(ctx)  # on every worker: identical weights, so identical finished models
-    with tempfile.TemporaryDirectory() as folder:
-        ckpt = None
-        if rank == 0:
-            torch.save({"model": model.state_dict(), "final": True, "report": asdict(report)}, Path(folder) / STATE_FILE)
-            ckpt = Checkpoint.from_directory(folder)
-        ray.train.report({"epoch": report.epochs, "steps": report.steps, "final": 1}, checkpoint=ckpt)
+    final = {"model": model.state_dict(), "final": True, "report": asdict(report)} if rank == 0 else {}
+    _save_checkpoint(rank, final, {"epoch": report.epochs, "steps": report.steps, "final": 1})
 
 
 def last_good_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
@@ -172,7 +266,8 @@ class RayTrainRunner:
 
     Cost: a TorchTrainer start (worker group, process group; ~20-40 s on a 2-core machine) plus, per epoch, the
     local runner's steps on ``1 / num_workers`` of the coreset and retain batches, one gradient all-reduce per
-    optimizer step and one checkpoint written by rank 0.
+    optimizer step and one checkpoint written by rank 0. Closed loop: per verification window instead of per epoch,
+    plus rank 0's forward passes over the probe (the other ranks wait) and one broadcast of the decision.
 
     Args:
         config: the same :class:`RunnerConfig` the local runner takes.
@@ -180,7 +275,16 @@ class RayTrainRunner:
         max_failures: worker-group restarts from the last checkpoint before giving up.
         storage_path: where Ray Train keeps checkpoints (default: a temporary folder); every run gets a unique name
             (a reused name would silently resume an old run).
-        after_epoch: test hook ``f(epoch, rank)`` called in workers after each checkpoint (fault injection).
+        after_epoch: test hook ``f(epoch, rank)`` called in workers after each checkpoint (fault injection); in the
+            closed loop ``epoch`` counts verification windows.
+        closed_loop: a :class:`~erasus_ray.control.controller.Controller` (not started): run its loop in the workers
+            (module docstring); after ``run`` the runner's ``ran`` is True and ``record`` holds the controller's record,
+            as a :class:`~erasus_ray.control.ClosedLoopRunner`'s. None: the strategy's epochs, open loop.
+        checkpoint_every_s: the closed loop checkpoints after a verification window only when this many seconds have
+            passed since its last checkpoint (0: after every window). Ray Train's controller takes a worker's reports
+            one per poll (every 2 s by default) and a report waits for the previous one to be taken, so a checkpoint per
+            window would cost up to 2 s per window (measured: 12 windows of 5 wine steps, ~2 s each); at most this
+            much work is lost at a restart.
     """
 
     def __init__(
@@ -193,6 +297,8 @@ class RayTrainRunner:
         storage_path: str | None = None,
         resources_per_worker: dict[str, float] | None = None,
         after_epoch: Any = None,
+        closed_loop: Controller | None = None,
+        checkpoint_every_s: float = 5.0,
     ) -> None:
         self.config = (config or RunnerConfig()).validate()
         self.num_workers = int(num_workers)
@@ -202,6 +308,15 @@ class RayTrainRunner:
         self.resources_per_worker = resources_per_worker or {"CPU": 1}
         self.after_epoch = after_epoch
         self.last_checkpoint: str | None = None
+        self.closed_loop = closed_loop
+        self.checkpoint_every_s = float(checkpoint_every_s)
+        self.ran = False
+        self.record: dict[str, Any] = {}
+
+    @property
+    def control(self) -> Any:
+        """The closed loop's settings (None for an open-loop run)."""
+        return None if self.closed_loop is None else self.closed_loop.control
 
     distributed = True
 
@@ -227,6 +342,7 @@ class RayTrainRunner:
                 "seed": ctx.seed,
                 "runner": self.config,
                 "after_epoch": self.after_epoch,
+                **self._closed_loop_config(ctx),
             },
             scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker=self.resources_per_worker),
             run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=self.max_failures)),
@@ -247,5 +363,21 @@ class RayTrainRunner:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
         ctx.model.load_state_dict(state["model"])
         ctx.model.to(ctx.device).eval()
+        if self.closed_loop is not None:
+            self.ran, self.record = True, state["record"]
         del ray
         return RunReport(**state["report"])
+
+    def _closed_loop_config(self, ctx: UnlearnContext) -> dict[str, Any]:
+        """What the workers need for the closed loop: the controller, with its probe's data sets made self-contained
+        (so the whole base data set does not ship), and the whole forget set the coreset grows from."""
+        if self.closed_loop is None:
+            return {}
+        full = materialise(ctx.full_forget if ctx.full_forget is not None else ctx.forget)
+        controller = copy.copy(self.closed_loop)
+        probe = controller.probe = copy.copy(controller.probe)
+        for name in ("forget", "retain", "heldout"):
+            data = getattr(probe, name)
+            same = data is not None and name == "forget" and np.array_equal(data.ids, full.ids)
+            setattr(probe, name, full if same else None if data is None else materialise(data))
+        return {"closed_loop": controller, "full_forget": full, "checkpoint_every_s": self.checkpoint_every_s}
