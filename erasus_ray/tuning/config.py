@@ -137,7 +137,7 @@ class SweepConfig:
     #: ``closed``: every trial runs its strategy x selector under the controller (``erasus_ray.control``) until
     #: ``target`` holds on the whole forget set, within ``budget_steps`` / ``budget_seconds``, with the adaptive
     #: coreset (nothing about lr / epochs / fraction is searched); ``open``: lr x epochs x fraction are searched and
-    #: each trial is verified once. Unset: ``open`` when ``lr`` or ``epochs`` is given, else ``closed``.
+    #: each trial is verified once. Unset: ``open`` when ``lr``, ``epochs`` or a ``scheduler`` (ASHA stops trials per epoch) is given, else ``closed``.
     loop: str | None = None
     target: Any = "auto"
     budget_steps: int | None = None
@@ -226,7 +226,8 @@ class SweepConfig:
 
     def _validate_loop(self) -> None:
         if self.loop is None:
-            self.loop = "open" if self.lr is not None or self.epochs is not None else "closed"
+            # searching lr/epochs, or stopping trials per epoch (ASHA), is an open-loop sweep
+            self.loop = "open" if self.lr is not None or self.epochs is not None or self.scheduler is not None else "closed"
         if self.loop not in LOOPS:
             raise InvalidConfigError(f"loop: must be one of {list(LOOPS)}, got {self.loop!r}")
         if self.loop == "closed":
