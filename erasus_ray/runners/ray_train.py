@@ -5,7 +5,8 @@ as :class:`~erasus_ray.runners.LocalRunner`, and averages gradients with an all-
 (gloo on CPU, nccl on GPU). The model is not wrapped in DDP, so strategies see their model exactly as in
 process (parameter names, hooks, masks). Rank 0 writes a checkpoint (weights, optimizer, epoch, report) after
 every epoch; with ``FailureConfig(max_failures)`` a killed worker group restarts from the last one.
-Strategy ``setup`` always runs on the original weights, so references (NPO's log-likelihoods, SCRUB's teacher)
+Strategy ``setup`` always runs on the original weights and on the whole coreset on every rank (a saliency mask
+built from a rank's shard alone would differ between ranks and the ranks' weights would drift apart), so references (NPO's log-likelihoods, SCRUB's teacher)
 survive a restart unchanged; the restored state is the model, the optimizer, the epoch and the report, and the
 retain stream is replayed, so a resumed run takes the same steps as an uninterrupted one (what is not
 checkpointed: the global torch RNG, which only strategies drawing random numbers per step - dropout - read).
@@ -176,8 +177,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     ctx = UnlearnContext(
         model=model,
         task=config["task"],
-        # the closed loop shards the coreset itself, after setup (it may grow and be re-sharded)
-        forget=forget if closed else forget.subset(forget.ids[rank::world]),
+        # setup sees the whole coreset on every rank (equal masks / per-id tables); the forget shard comes after it
+        forget=forget,
         retain=None if retain is None else _shard(retain, rank, world),
         device=device,
         seed=config["seed"],
@@ -192,7 +193,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         _closed_loop(config, strategy, ctx, rcfg, rank, world)
         return
     runner = LocalRunner(rcfg)
-    strategy.setup(ctx)  # on the original weights, before any checkpoint is restored
+    strategy.setup(ctx)  # on the original weights and the whole coreset, before any checkpoint is restored
+    ctx.forget = forget.subset(forget.ids[rank::world])
 
     executor = StepExecutor(strategy, ctx, rcfg, grad_sync=_all_reduce_mean)
     start_epoch, report = 0, RunReport()
