@@ -1,0 +1,115 @@
+"""ESD, Erasing Stable Diffusion (Gandikota, Materzynska, Fiotto-Kaufman & Bau, ICCV 2023, "Erasing Concepts from
+Diffusion Models")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from erasus_ray.data import Batch
+from erasus_ray.errors import InvalidConfigError
+from erasus_ray.strategies._composed import freeze_except, unfreeze
+from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
+from erasus_ray.strategies.scrub import frozen_copy
+from erasus_ray.tasks import Capability, Task
+
+#: Parameter names ESD-u leaves alone besides cross-attention: the official code's ``noxattn`` skips ``out.``, the
+#: time embedding and ``attn2``; in diffusers naming ``out.`` is ``conv_norm_out`` / ``conv_out``.
+ESD_U_SKIPPED_PREFIXES = ("time_embedding.", "conv_norm_out.", "conv_out.")
+#: diffusers names cross-attention ``attn2`` inside transformer blocks (``attn1`` is self-attention).
+CROSS_ATTENTION = "attn2"
+VARIANTS = ("u", "x")
+
+
+def is_cross_attention(name: str) -> bool:
+    return f".{CROSS_ATTENTION}." in f".{name}"
+
+
+def esd_parameters(model: nn.Module, variant: str) -> list[str]:
+    """Names of the parameters ESD trains: ``"u"``, every parameter but cross-attention, the time embedding and the
+    output layers (the official ``noxattn``); ``"x"``, cross-attention only (the official ``xattn``)."""
+    names = [n for n, _ in model.named_parameters()]
+    if variant == "x":
+        return [n for n in names if is_cross_attention(n)]
+    return [n for n in names if not is_cross_attention(n) and not n.startswith(ESD_U_SKIPPED_PREFIXES)]
+
+
+@torch.no_grad()
+def esd_target(task: Task, reference: nn.Module, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+               eta: float) -> torch.Tensor:
+    """The negative-guidance target ``eps_ref(x_t) - eta * (eps_ref(x_t, c) - eps_ref(x_t))`` (paper eq. 5), with the
+    null class as the unconditional prediction. Cost: two forward passes of the frozen reference."""
+    cond = task.predict_noise(reference, x_t, t, labels)  # type: ignore[attr-defined]
+    uncond = task.predict_noise(reference, x_t, t, task.null_labels(labels))  # type: ignore[attr-defined]
+    return uncond - eta * (cond - uncond)
+
+
+@STRATEGIES.register("esd")
+class ESD(Strategy):
+    """Fine-tune the model so that its prediction under the erased class follows negative guidance away from it.
+
+    For a noised input ``x_t`` and the erased class ``c``, the model's ``eps_theta(x_t, t, c)`` is regressed onto
+    :func:`esd_target` ``eps_ref(x_t, t) - eta * (eps_ref(x_t, t, c) - eps_ref(x_t, t))`` of a frozen copy of the
+    original model: sampling with ``c`` then behaves like sampling with guidance *away* from ``c``. The class label is
+    the class-conditional analogue of the paper's prompt and the null class that of the empty prompt.
+
+    ``x_t`` here are the forget images noised with the task's id-keyed (timestep, noise) draws; the paper, which
+    has no training data, obtains ``x_t`` by partially sampling the model being edited under ``c``. ESD-u trains the
+    parameters :func:`esd_parameters` names (the time embedding, output layers and cross-attention stay fixed; a
+    class-conditional UNet2DModel has no cross-attention, so this is all but those); ESD-x trains only
+    cross-attention and is refused on a model that has none. Frozen parameters are bit-identical after the run.
+
+    Args:
+        eta: negative guidance scale (paper: 1.0).
+        variant: ``"u"`` (paper's ESD-u, for a concept that is not tied to words, the default here) or ``"x"``.
+        concept: the class to erase; None (default): each forget sample's own label.
+
+    Cost: per step, one forward+backward of the model and two forwards of the frozen copy over ``B * draws`` noised
+    inputs; one extra copy of the model in memory.
+
+    Example:
+        >>> ErasusUnlearner(unet, strategy="esd", selector=None, eta=1.0).fit(forget_data=threes, retain_data=others)
+    """
+
+    requires = frozenset({Capability.LABELS, Capability.GUIDANCE})
+
+    default_lr = 1e-4
+    default_epochs = 5
+
+    def __init__(self, eta: float = 1.0, variant: str = "u", concept: int | None = None) -> None:
+        super().__init__()
+        self.eta = self.check_range("eta", eta, 0.0, 1e3, low_open=True)
+        if variant not in VARIANTS:
+            raise InvalidConfigError(f"{self.name}: variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
+        self.concept = concept
+
+    def setup(self, ctx: UnlearnContext) -> None:
+        task = ctx.task
+        task.require_conditional(f"strategy {self.name!r}")  # type: ignore[attr-defined]
+        if self.concept is not None:
+            task.check_class(self.concept, f"{self.name}: concept")  # type: ignore[attr-defined]
+        trained = esd_parameters(ctx.model, self.variant)
+        if not trained:
+            raise InvalidConfigError(f"{self.name}: variant {self.variant!r} trains cross-attention ('{CROSS_ATTENTION}') "
+                                     f"parameters and {type(ctx.model).__name__} has none; use variant='u'")
+        params = dict(ctx.model.named_parameters())
+        freeze_except(ctx, {id(params[n]) for n in trained})
+        ctx.state["esd_reference"] = frozen_copy(ctx.model)
+
+    def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        task, data = ctx.task, forget.data
+        x_t, t = task.noised(data)  # type: ignore[attr-defined]
+        labels = task.draw_labels(data)  # type: ignore[attr-defined]
+        if self.concept is not None:
+            labels = torch.full_like(labels, int(self.concept))
+        target = esd_target(task, ctx.state["esd_reference"], x_t, t, labels, self.eta)
+        pred = task.predict_noise(ctx.model, x_t, t, labels)  # type: ignore[attr-defined]
+        esd_loss = weighted_mean(task.draw_loss(pred, target, data), forget)  # type: ignore[attr-defined]
+        return esd_loss, {"esd_loss": esd_loss.detach()}
+
+    def finish(self, ctx: UnlearnContext) -> None:
+        unfreeze(ctx)
+        ctx.state.pop("esd_reference", None)

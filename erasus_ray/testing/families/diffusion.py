@@ -1,0 +1,42 @@
+"""Tiny class-conditional diffusers UNet on 8x8 digits (channels 8 and 16, ~42k parameters), forget set = images of
+one class, trained briefly (~2 s): the diffusion task's contract family. Registered only when diffusers imports."""
+
+import importlib.util
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from erasus_ray.data import as_id_dataset
+from erasus_ray.testing._family import Family, digits, register_family, seeded
+from erasus_ray.training import TrainRecipe, train_model
+
+#: the class the family's forget set holds
+FORGET_CLASS = 3
+
+
+def tiny_unet() -> torch.nn.Module:
+    from erasus_ray.benchmarks.diffusion import digits_unet
+
+    return digits_unet(channels=(8, 16), groups=4)
+
+
+def diffusion_family() -> Family:
+    from erasus_ray.tasks.diffusion import DiffusionTask
+
+    x, y = digits()
+    full = as_id_dataset(TensorDataset(x[:400].reshape(-1, 1, 8, 8) * 2 - 1, y[:400]))
+    recipe = TrainRecipe(epochs=3, lr=3e-3, batch_size=32, seed=0)
+    order = np.random.default_rng(recipe.seed).permutation(full.ids)
+    test_ids = np.sort(order[:60])
+    train = full.exclude(test_ids)
+    forget_ids = np.sort(train.ids[(y[train.ids] == FORGET_CLASS).numpy()][:16])
+    task = DiffusionTask(num_class_embeds=11, draws=2, seed=0, sample_steps=5, eval_samples=8)
+    factory = seeded(tiny_unet)
+    model = train_model(factory(), train, task, recipe)
+    return Family("diffusion", model, task, full.subset(forget_ids), train.exclude(forget_ids), full.subset(test_ids),
+                  factory, recipe, True, {"lr": 1e-3, "batch_size": 8})
+
+
+if importlib.util.find_spec("diffusers") is not None:
+    register_family("diffusion", cheap=True)(diffusion_family)
