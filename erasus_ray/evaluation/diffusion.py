@@ -19,6 +19,7 @@ generated once per evaluation (shared by the three metrics) and judged in one pa
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import numpy as np
@@ -112,7 +113,13 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    with warnings.catch_warnings():
+        # post-ReLU features have dead units: singular covariances are expected, and sqrtm still converges
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root = linalg.sqrtm(s_a @ s_b)
+        if not np.isfinite(root).all():  # as pytorch-fid: a tiny ridge where the product has no square root
+            ridge = np.eye(len(s_a)) * 1e-6
+            root = linalg.sqrtm((s_a + ridge) @ (s_b + ridge))
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * np.real(root)))
 
 

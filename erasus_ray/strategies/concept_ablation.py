@@ -41,6 +41,10 @@ class ConceptAblation(Strategy):
         trained: ``"full"`` (all weights, the paper's best-erasing variant) or ``"embedding"`` (the class-embedding
             table only: the class-conditional analogue of fine-tuning the text embedding).
 
+    Defaults (Adam, lr 1e-4, 5 epochs over the forget set at batch 32) measured on digits_diffusion (class 3, seed 0,
+    anchor 0; judged rates from 40 / 16 DDIM-25 samples per class): class-3 generation rate 1.00 -> 0.08 (gold
+    0.00), other classes 0.97 -> 0.94 (gold 0.98).
+
     Cost: setup samples ``anchor_images`` with the task's sampler (``sample_steps`` guided forwards); per step one
     forward+backward of the model (two with the regulariser) and one forward of the frozen copy; one extra model copy.
 

@@ -66,6 +66,11 @@ class ESD(Strategy):
         variant: ``"u"`` (paper's ESD-u, for a concept that is not tied to words, the default here) or ``"x"``.
         concept: the class to erase; None (default): each forget sample's own label.
 
+    Defaults (Adam, lr 1e-4, 3 epochs over the forget set at batch 32, i.e. 15 steps) measured on digits_diffusion
+    (class 3, seed 0; judged rates from 40 / 16 DDIM-25 samples per class, guidance 2): class-3 generation rate
+    1.00 -> 0.12 (gold 0.00), other classes 0.97 -> 0.91 (gold 0.98). The trade-off is steep: 2 epochs leave the
+    rate at 0.47, 4 epochs take it to 0.05 but the other classes to 0.86 (ESD-u changes weights every class shares).
+
     Cost: per step, one forward+backward of the model and two forwards of the frozen copy over ``B * draws`` noised
     inputs; one extra copy of the model in memory.
 
@@ -76,7 +81,7 @@ class ESD(Strategy):
     requires = frozenset({Capability.LABELS, Capability.GUIDANCE})
 
     default_lr = 1e-4
-    default_epochs = 5
+    default_epochs = 3
 
     def __init__(self, eta: float = 1.0, variant: str = "u", concept: int | None = None) -> None:
         super().__init__()

@@ -34,9 +34,9 @@ def diffusion_family() -> Family:
     task = DiffusionTask(num_class_embeds=11, draws=2, seed=0, sample_steps=5, eval_samples=8)
     factory = seeded(tiny_unet)
     model = train_model(factory(), train, task, recipe)
-    return Family("diffusion", model, task, full.subset(forget_ids), train.exclude(forget_ids), full.subset(test_ids),
+    return Family("digits_unet", model, task, full.subset(forget_ids), train.exclude(forget_ids), full.subset(test_ids),
                   factory, recipe, True, {"lr": 1e-3, "batch_size": 8})
 
 
 if importlib.util.find_spec("diffusers") is not None:
-    register_family("diffusion", cheap=True)(diffusion_family)
+    register_family("digits_unet", cheap=True)(diffusion_family)
