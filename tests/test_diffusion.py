@@ -188,19 +188,24 @@ def test_logit_readers_refuse_the_diffusion_task():
 
 def test_judged_metrics_wire_classes_and_need_a_judge():
     family = build_family("digits_unet")
+    no_judge = DiffusionTask(num_class_embeds=11, draws=2)
     with pytest.raises(InvalidConfigError, match="judge"):
-        run_metrics(family.model, family.task, {"forget": family.forget}, ["erased_generation_rate"])
+        run_metrics(family.model, no_judge, {"forget": family.forget}, ["erased_generation_rate"])
 
     class AlwaysForgetClass(torch.nn.Module):
         def forward(self, x):
             return torch.nn.functional.one_hot(torch.full((len(x),), FORGET_CLASS), 10).float()
 
-    assert "erased_generation_rate" not in metric_names_for(family.task)  # no judge: a loss-only suite
+    assert "erased_generation_rate" not in metric_names_for(no_judge)  # no judge: a loss-only suite
     task = DiffusionTask(num_class_embeds=11, draws=2, judge=AlwaysForgetClass(), eval_samples=2, sample_steps=2)
     assert set(metric_names_for(task)) >= {"erased_generation_rate", "retained_generation_acc", "retained_frechet"}
     splits = {"forget": family.forget, "retain": family.retain.subset(family.retain.ids[:40])}
     got = run_metrics(family.model, task, splits, ["erased_generation_rate", "retained_generation_acc"])
     assert got == {"erased_generation_rate": 1.0, "retained_generation_acc": 0.0}
+    # the family's own (trained) judge: every judged metric gives a finite value, rates in [0, 1]
+    values = run_metrics(family.model, family.task, splits, ["erased_generation_rate", "retained_generation_acc",
+                                                             "retained_frechet"])
+    assert all(np.isfinite(v) for v in values.values()) and 0 <= values["retained_generation_acc"] <= 1
 
 
 def test_frechet_distance_closed_forms():

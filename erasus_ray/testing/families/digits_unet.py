@@ -1,5 +1,6 @@
 """Tiny class-conditional diffusers UNet on 8x8 digits (channels 8 and 16, ~42k parameters), forget set = images of
-one class, trained briefly (~2 s): the diffusion task's contract family. Registered only when diffusers imports."""
+one class, trained briefly (~2 s), with a small digits judge for the judged generation metrics: the diffusion task's
+contract family. Registered only when diffusers imports."""
 
 import importlib.util
 
@@ -21,6 +22,19 @@ def tiny_unet() -> torch.nn.Module:
     return digits_unet(channels=(8, 16), groups=4)
 
 
+def tiny_judge() -> torch.nn.Module:
+    """A digits MLP (64-64-10) trained on all 1797 digits for 10 epochs (~0.3 s): the judge of generated images."""
+    from erasus_ray.benchmarks.diffusion import ImageJudge
+    from erasus_ray.benchmarks.models import MLP
+    from erasus_ray.tasks import ClassificationTask
+
+    x, y = digits()
+    torch.manual_seed(0)
+    judge = ImageJudge(MLP(64, (64,), 10))
+    images = as_id_dataset(TensorDataset(x.reshape(-1, 1, 8, 8) * 2 - 1, y))
+    return train_model(judge, images, ClassificationTask(), TrainRecipe(epochs=10, lr=3e-3, batch_size=64, seed=0))
+
+
 def diffusion_family() -> Family:
     from erasus_ray.tasks.diffusion import DiffusionTask
 
@@ -31,7 +45,7 @@ def diffusion_family() -> Family:
     test_ids = np.sort(order[:60])
     train = full.exclude(test_ids)
     forget_ids = np.sort(train.ids[(y[train.ids] == FORGET_CLASS).numpy()][:16])
-    task = DiffusionTask(num_class_embeds=11, draws=2, seed=0, sample_steps=5, eval_samples=8)
+    task = DiffusionTask(num_class_embeds=11, draws=2, seed=0, sample_steps=5, eval_samples=8, judge=tiny_judge())
     factory = seeded(tiny_unet)
     model = train_model(factory(), train, task, recipe)
     return Family("digits_unet", model, task, full.subset(forget_ids), train.exclude(forget_ids), full.subset(test_ids),
