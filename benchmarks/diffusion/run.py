@@ -55,6 +55,22 @@ def measure(bench, model) -> dict[str, float]:
     return out
 
 
+def save_grid(bench, models: dict[str, torch.nn.Module], path: Path, per_class: int = 3, scale: int = 4) -> None:
+    """A PNG with one row band per model (in ``models`` order) and one column per class: ``per_class`` samples each,
+    drawn from the same seeded noise for every model, so the bands differ only by the model."""
+    from PIL import Image
+
+    cell = 8 * scale
+    grid = Image.new("L", (10 * cell, len(models) * per_class * cell + (len(models) - 1) * scale), 255)
+    for band, model in enumerate(models.values()):
+        for cls in range(10):
+            images = bench.task.sample(model, torch.full((per_class,), cls), seed=bench.seed)
+            for k, img in enumerate(((images.clamp(-1, 1) + 1) * 127.5).round().byte()[:, 0]):
+                tile = Image.fromarray(img.numpy(), "L").resize((cell, cell), Image.NEAREST)
+                grid.paste(tile, (cls * cell, band * (per_class * cell + scale) + k * cell))
+    grid.save(path)
+
+
 def unlearn(bench, method: str, overrides: dict[str, float]) -> tuple[torch.nn.Module, float]:
     start = time.perf_counter()
     result = ErasusUnlearner(copy.deepcopy(bench.original), strategy=method, selector=None, fraction=None,
@@ -70,6 +86,8 @@ def main() -> None:
     parser.add_argument("--forget-class", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="method.key=value override")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results.csv"))
+    parser.add_argument("--grid", default=str(Path(__file__).parent / "samples_seed{seed}.png"),
+                        help="PNG of samples per class: original, gold, then each method ('' to skip)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # DATA.md: one thread is fastest for tiny models on shared cores
     overrides = parse_overrides(args.set)
@@ -78,10 +96,13 @@ def main() -> None:
         bench = load_benchmark("digits_diffusion", seed=seed, forget_class=args.forget_class)
         rows.append({"seed": seed, "method": "original", "seconds": bench.seconds["train_original"], **measure(bench, bench.original)})
         rows.append({"seed": seed, "method": "gold (retrain)", "seconds": bench.seconds["retrain"], **measure(bench, bench.gold)})
+        models = {"original": bench.original, "gold": bench.gold}
         for method in args.methods.split(","):
-            model, seconds = unlearn(bench, method, overrides.get(method, {}))
-            rows.append({"seed": seed, "method": method, "seconds": seconds, **measure(bench, model)})
+            models[method], seconds = unlearn(bench, method, overrides.get(method, {}))
+            rows.append({"seed": seed, "method": method, "seconds": seconds, **measure(bench, models[method])})
             print(rows[-1], flush=True)
+        if args.grid:
+            save_grid(bench, models, Path(args.grid.format(seed=seed)))
     with open(args.out, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
