@@ -86,6 +86,21 @@ def test_sampler_uses_classifier_free_guidance(unet):
     torch.testing.assert_close(b, task.sample(unet, labels, steps=4, guidance_scale=3.0, seed=3))  # seeded
 
 
+def test_partial_sample_stops_at_its_timestep(unet):
+    task = get_task("auto", unet)
+    labels = torch.tensor([4, 7])
+    noise, t0 = task.partial_sample(unet, labels, stop_after=0, steps=5, seed=2)
+    torch.testing.assert_close(noise, torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(2)))
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(task.scheduler.config)
+    ddim.set_timesteps(5)
+    assert t0 == int(ddim.timesteps[0]) and task.partial_sample(unet, labels, stop_after=2, steps=5, seed=2)[1] == int(ddim.timesteps[2])
+    full, t_end = task.partial_sample(unet, labels, steps=5, seed=2)
+    torch.testing.assert_close(full, task.sample(unet, labels, steps=5, seed=2))
+    assert t_end == 0
+
+
 def test_esd_target_equals_hand_computation(unet, images):
     task = get_task("auto", unet)
     data = _batch(task, images, 3).data
@@ -97,7 +112,8 @@ def test_esd_target_equals_hand_computation(unet, images):
     torch.testing.assert_close(esd_target(task, unet, x_t, t, c, 0.7), e_0 - 0.7 * (e_c - e_0))
 
 
-def test_esd_u_trains_only_its_parameters_and_x_is_refused_without_cross_attention():
+@pytest.mark.parametrize("source", ["forget", "model"])
+def test_esd_u_trains_only_its_parameters_and_x_is_refused_without_cross_attention(source):
     family = build_family("digits_unet")
     trained = set(esd_parameters(family.model, "u"))
     names = [n for n, _ in family.model.named_parameters()]
@@ -105,8 +121,8 @@ def test_esd_u_trains_only_its_parameters_and_x_is_refused_without_cross_attenti
     assert {n for n in names if n.startswith(ESD_U_SKIPPED_PREFIXES)} == set(names) - trained
     assert any(n.startswith("class_embedding") for n in trained)
     result = ErasusUnlearner(copy.deepcopy(family.model), strategy="esd", selector=None, fraction=None,
-                             task=family.task, seed=0, progress=False, max_steps=3, lr=1e-3,
-                             batch_size=8).fit(forget_data=family.forget, retain_data=family.retain)
+                             task=family.task, seed=0, progress=False, max_steps=3, lr=1e-3, batch_size=8,
+                             source=source, sample_steps=5).fit(forget_data=family.forget, retain_data=family.retain)
     before, after = dict(family.model.named_parameters()), dict(result.model.named_parameters())
     changed = {n for n in names if not torch.equal(before[n], after[n])}
     assert changed and changed <= trained, sorted(changed - trained)

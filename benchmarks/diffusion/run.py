@@ -31,13 +31,26 @@ from erasus_ray.tasks.diffusion import DiffusionTask
 METRICS = ("erased_generation_rate", "retained_generation_acc", "retained_frechet", "mia_loss_auc")
 
 
-def parse_overrides(items: list[str]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
+def _value(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, int | float | str]]:
+    out: dict[str, dict[str, int | float | str]] = {}
     for item in items:
         key, value = item.split("=", 1)
         method, name = key.split(".", 1)
-        out.setdefault(method, {})[name] = float(value) if name not in ("epochs", "batch_size") else int(value)
+        out.setdefault(method, {})[name] = _value(value)
     return out
+
+
+def label(method: str, overrides: dict[str, int | float | str]) -> str:
+    return method + (f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
 
 
 #: Timesteps of the sample-level membership attack (low noise, where members are fitted best; Carlini et al. 2023
@@ -99,7 +112,8 @@ def main() -> None:
         models = {"original": bench.original, "gold": bench.gold}
         for method in args.methods.split(","):
             models[method], seconds = unlearn(bench, method, overrides.get(method, {}))
-            rows.append({"seed": seed, "method": method, "seconds": seconds, **measure(bench, models[method])})
+            rows.append({"seed": seed, "method": label(method, overrides.get(method, {})), "seconds": seconds,
+                         **measure(bench, models[method])})
             print(rows[-1], flush=True)
         if args.grid:
             save_grid(bench, models, Path(args.grid.format(seed=seed)))

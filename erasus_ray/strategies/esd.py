@@ -21,6 +21,7 @@ ESD_U_SKIPPED_PREFIXES = ("time_embedding.", "conv_norm_out.", "conv_out.")
 #: diffusers names cross-attention ``attn2`` inside transformer blocks (``attn1`` is self-attention).
 CROSS_ATTENTION = "attn2"
 VARIANTS = ("u", "x")
+SOURCES = ("forget", "model")
 
 
 def is_cross_attention(name: str) -> bool:
@@ -55,8 +56,11 @@ class ESD(Strategy):
     original model: sampling with ``c`` then behaves like sampling with guidance *away* from ``c``. The class label is
     the class-conditional analogue of the paper's prompt and the null class that of the empty prompt.
 
-    ``x_t`` here are the forget images noised with the task's id-keyed (timestep, noise) draws; the paper, which
-    has no training data, obtains ``x_t`` by partially sampling the model being edited under ``c``. ESD-u trains the
+    Where ``x_t`` comes from (``source``): ``"forget"`` (default), the forget images noised with the task's id-keyed
+    (timestep, noise) draws, deterministic and cheap where the forget set is at hand; ``"model"``, the paper's
+    data-free way (its Algorithm 1): each step draws ``k`` uniformly from the ``sample_steps`` DDIM steps and runs
+    the model being edited, conditioned on ``c`` with guidance ``start_guidance`` (paper: 3), for ``k`` steps from
+    seeded noise; ``x_t`` is that partial sample and ``t`` the timestep it is at. ESD-u trains the
     parameters :func:`esd_parameters` names (the time embedding, output layers and cross-attention stay fixed; a
     class-conditional UNet2DModel has no cross-attention, so this is all but those); ESD-x trains only
     cross-attention and is refused on a model that has none. Frozen parameters are bit-identical after the run.
@@ -65,6 +69,8 @@ class ESD(Strategy):
         eta: negative guidance scale (paper: 1.0).
         variant: ``"u"`` (paper's ESD-u, for a concept that is not tied to words, the default here) or ``"x"``.
         concept: the class to erase; None (default): each forget sample's own label.
+        source: ``"forget"`` or ``"model"`` (see above).
+        sample_steps, start_guidance: the partial sampler of ``source="model"`` (paper: 50 DDIM steps, guidance 3).
 
     Defaults (Adam, lr 1e-4, 3 epochs over the forget set at batch 32, i.e. 15 steps) measured on digits_diffusion
     (class 3, seed 0; judged rates from 40 / 16 DDIM-25 samples per class, guidance 2): class-3 generation rate
@@ -83,13 +89,17 @@ class ESD(Strategy):
     default_lr = 1e-4
     default_epochs = 3
 
-    def __init__(self, eta: float = 1.0, variant: str = "u", concept: int | None = None) -> None:
+    def __init__(self, eta: float = 1.0, variant: str = "u", concept: int | None = None, source: str = "forget",
+                 sample_steps: int = 25, start_guidance: float = 3.0) -> None:
         super().__init__()
         self.eta = self.check_range("eta", eta, 0.0, 1e3, low_open=True)
-        if variant not in VARIANTS:
-            raise InvalidConfigError(f"{self.name}: variant must be one of {VARIANTS}, got {variant!r}")
-        self.variant = variant
+        for name, value, known in (("variant", variant, VARIANTS), ("source", source, SOURCES)):
+            if value not in known:
+                raise InvalidConfigError(f"{self.name}: {name} must be one of {known}, got {value!r}")
+        self.variant, self.source = variant, source
         self.concept = concept
+        self.sample_steps = int(self.check_range("sample_steps", sample_steps, 1, 1e4))
+        self.start_guidance = self.check_range("start_guidance", start_guidance, 0.0, 1e3)
 
     def setup(self, ctx: UnlearnContext) -> None:
         task = ctx.task
@@ -104,15 +114,28 @@ class ESD(Strategy):
         freeze_except(ctx, {id(params[n]) for n in trained})
         ctx.state["esd_reference"] = frozen_copy(ctx.model)
 
-    def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _concepts(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels if self.concept is None else torch.full_like(labels, int(self.concept))
+
+    def model_inputs(self, ctx: UnlearnContext, forget: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, t, c)`` of one step: the noised forget draws, or a partial sample of the model (``source``)."""
         task, data = ctx.task, forget.data
-        x_t, t = task.noised(data)  # type: ignore[attr-defined]
-        labels = task.draw_labels(data)  # type: ignore[attr-defined]
-        if self.concept is not None:
-            labels = torch.full_like(labels, int(self.concept))
-        target = esd_target(task, ctx.state["esd_reference"], x_t, t, labels, self.eta)
-        pred = task.predict_noise(ctx.model, x_t, t, labels)  # type: ignore[attr-defined]
-        esd_loss = weighted_mean(task.draw_loss(pred, target, data), forget)  # type: ignore[attr-defined]
+        if self.source == "forget":
+            x_t, t = task.noised(data)  # type: ignore[attr-defined]
+            return x_t, t, self._concepts(task.draw_labels(data))  # type: ignore[attr-defined]
+        labels = self._concepts(task.labels_of(data))
+        seed = ctx.seed * 1_000_003 + ctx.step  # a fresh, reproducible draw per step
+        k = int(torch.randint(self.sample_steps, (1,), generator=torch.Generator().manual_seed(seed)))
+        x_t, t = task.partial_sample(ctx.model, labels, stop_after=k, steps=self.sample_steps,  # type: ignore[attr-defined]
+                                     guidance_scale=self.start_guidance, seed=seed)
+        return x_t, torch.full_like(labels, t), labels
+
+    def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        x_t, t, labels = self.model_inputs(ctx, forget)
+        target = esd_target(ctx.task, ctx.state["esd_reference"], x_t, t, labels, self.eta)
+        pred = ctx.task.predict_noise(ctx.model, x_t, t, labels)  # type: ignore[attr-defined]
+        per_sample = (pred.float() - target.float()).pow(2).reshape(len(forget), -1).mean(1)  # over draws and pixels
+        esd_loss = weighted_mean(per_sample, forget)
         return esd_loss, {"esd_loss": esd_loss.detach()}
 
     def finish(self, ctx: UnlearnContext) -> None:

@@ -305,6 +305,16 @@ class DiffusionTask(DenoisingTask):
         guidance ``eps_null + w (eps_c - eps_null)``; the initial noise comes from a generator seeded by ``seed``.
 
         Cost: ``steps`` forward passes over ``2 * len(labels)`` inputs."""
+        return self.partial_sample(model, labels, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                                   batch_size=batch_size)[0]
+
+    @torch.no_grad()
+    def partial_sample(self, model: nn.Module, labels: torch.Tensor, *, stop_after: int | None = None,
+                       steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+                       batch_size: int = 256) -> tuple[torch.Tensor, int]:
+        """:meth:`sample`, stopped after ``stop_after`` of its ``steps`` DDIM steps (None: all of them): ``(x_t, t)``,
+        the partially denoised images and the training timestep they are at (0 once sampling is complete).
+        ESD's data-free ``x_t`` comes from here."""
         from diffusers import DDIMScheduler
 
         self.require_conditional("class-conditional sampling")
@@ -313,6 +323,8 @@ class DiffusionTask(DenoisingTask):
             self.check_class(c, "labels")
         ddim = DDIMScheduler.from_config(self.scheduler.config)
         ddim.set_timesteps(steps or self.sample_steps)
+        timesteps = ddim.timesteps if stop_after is None else ddim.timesteps[:stop_after]
+        t_next = 0 if stop_after is None or stop_after >= len(ddim.timesteps) else int(ddim.timesteps[stop_after])
         w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         size = model.config.sample_size
         shape = (model.config.in_channels, *((size, size) if isinstance(size, int) else size))
@@ -321,15 +333,16 @@ class DiffusionTask(DenoisingTask):
         was_training = model.training
         model.eval()
         try:
-            chunks = [self._ddim(model, ddim, x[i:i + batch_size], labels[i:i + batch_size].to(device), w)
+            chunks = [self._ddim(model, ddim, timesteps, x[i:i + batch_size], labels[i:i + batch_size].to(device), w)
                       for i in range(0, len(labels), batch_size)]
         finally:
             model.train(was_training)
-        return torch.cat(chunks) if chunks else x
+        return (torch.cat(chunks) if chunks else x), t_next
 
-    def _ddim(self, model: nn.Module, ddim: Any, x: torch.Tensor, labels: torch.Tensor, w: float) -> torch.Tensor:
+    def _ddim(self, model: nn.Module, ddim: Any, timesteps: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
+              w: float) -> torch.Tensor:
         both = torch.cat([labels, self.null_labels(labels)])
-        for t in ddim.timesteps:
+        for t in timesteps:
             eps_c, eps_u = self.predict_noise(model, torch.cat([x, x]), t.expand(2 * len(x)).to(x.device), both).chunk(2)
             x = ddim.step(eps_u + w * (eps_c - eps_u), t, x).prev_sample
         return x
