@@ -78,7 +78,8 @@ class ESD(Strategy):
     rate at 0.47, 4 epochs take it to 0.05 but the other classes to 0.86 (ESD-u changes weights every class shares).
 
     Cost: per step, one forward+backward of the model and two forwards of the frozen copy over ``B * draws`` noised
-    inputs; one extra copy of the model in memory.
+    inputs (``B`` with ``source="model"``, plus on average ``sample_steps / 2`` guided sampling forwards over ``2B``);
+    one extra copy of the model in memory.
 
     Example:
         >>> ErasusUnlearner(unet, strategy="esd", selector=None, eta=1.0).fit(forget_data=threes, retain_data=others)
