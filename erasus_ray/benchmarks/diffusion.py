@@ -74,8 +74,8 @@ class DigitsDiffusionBenchmark(DigitsBenchmark):
 
     def __init__(self, forget_class: int = 3, test_size: float = 0.2, epochs: int = 20, judge_samples: int = 64,
                  **options: Any) -> None:
-        super().__init__(forget_class=forget_class, test_size=test_size, epochs=epochs, judge_samples=judge_samples,
-                         **options)
+        # judge_samples is an evaluation setting: it stays out of the options that key the cached models
+        super().__init__(forget_class=forget_class, test_size=test_size, epochs=epochs, **options)
         self.epochs, self.judge_samples = int(epochs), int(judge_samples)
         self.judge: nn.Module | None = None
         self.judge_info: dict[str, float] = {}
