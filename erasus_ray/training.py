@@ -48,8 +48,10 @@ def make_optimizer(name: str, params: Any, lr: float, weight_decay: float = 0.0)
 def train_model(
     model: nn.Module, dataset: IdDataset, task: Task, recipe: TrainRecipe, *, progress: bool = False, desc: str = "train"
 ) -> nn.Module:
-    """Train ``model`` in place on ``dataset`` with ``recipe`` (seeded shuffling) and return it."""
+    """Train ``model`` in place on ``dataset`` with ``recipe`` (seeded shuffling) and return it, with the task's
+    :meth:`~erasus_ray.tasks.Task.training_task` objective."""
     seed_everything(recipe.seed)
+    task = task.training_task()
     device = model_device(model)
     loader = make_loader(dataset, task.collate, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed)
     opt = make_optimizer(recipe.optimizer, [p for p in model.parameters() if p.requires_grad], recipe.lr, recipe.weight_decay)

@@ -17,6 +17,7 @@ from erasus_ray.errors import UnknownNameError
 # Imported lazily: ``authors`` pulls in transformers.
 BENCHMARKS: dict[str, str] = {
     "digits": "erasus_ray.benchmarks.vision:DigitsBenchmark",
+    "digits_diffusion": "erasus_ray.benchmarks.diffusion:DigitsDiffusionBenchmark",
     "mnist5k": "erasus_ray.benchmarks.vision:Mnist5kBenchmark",
     "authors": "erasus_ray.benchmarks.authors:AuthorsBenchmark",
     "wine": "erasus_ray.benchmarks.tabular:WineBenchmark",

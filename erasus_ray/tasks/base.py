@@ -184,6 +184,13 @@ class Task(ABC):
         ``torch.func`` rather than layer factors. Default False: every layer input row belongs to one sample."""
         return False
 
+    def training_task(self) -> "Task":
+        """The adapter to train a model from scratch with (:func:`erasus_ray.training.train_model`: the benchmarks'
+        original and gold models, ``retrain``). Default: this one. A task whose scored objective uses fixed, id-keyed
+        draws returns a variant that draws afresh every step (a diffusion model trained on a few fixed (timestep,
+        noise) pairs per image would not learn the whole noise schedule)."""
+        return self
+
     def provides(self, capability: Capability | str) -> bool:
         """Whether this task declares ``capability``."""
         return Capability(capability) in self.capabilities

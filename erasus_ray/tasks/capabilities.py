@@ -50,6 +50,11 @@ class Capability(str, Enum):
     #: model and edit its output logits (offset / expert-ensemble methods). A two-tower model returns embeddings and
     #: its logits are formed by the task, so it does not declare this.
     MODEL_LOGITS = "model_logits"
+    #: A conditional denoiser with a null condition (classifier-free guidance): the noised inputs of a batch's draws,
+    #: the model's noise prediction on any noised input under any class or the null class, and class-conditional
+    #: sampling (``Task.noised``, ``Task.predict_noise``, ``Task.sample``): concept-erasure methods (ESD, concept
+    #: ablation) and generation metrics.
+    GUIDANCE = "guidance"
 
     def __str__(self) -> str:
         return self.value
@@ -70,6 +75,7 @@ _MEANING: dict[Capability, str] = {
     Capability.GENERATION: "generation from a prompt",
     Capability.INPUT: "a continuous input to perturb (a classifier's input tensor, an LM's token embeddings)",
     Capability.MODEL_LOGITS: "logits in the model's own output (so a wrapper can edit them)",
+    Capability.GUIDANCE: "conditional and null-condition noise predictions and class-conditional sampling (a diffusion model)",
 }
 
 
