@@ -15,19 +15,13 @@ from torch import nn
 
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies.base import UnlearnContext
+from erasus_ray.tasks.base import output_tensor
 from erasus_ray.tasks.causal_lm import IGNORE, GreedyGenerate, accepts_position_ids
 
 
 def logits_of(raw: Any) -> torch.Tensor:
     """The logits of a model's raw output (a tensor, an object with ``.logits`` or a tuple led by the logits)."""
-    if isinstance(raw, torch.Tensor):
-        return raw
-    logits = getattr(raw, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], torch.Tensor):
-        return raw[0]
-    raise InvalidConfigError(f"cannot read logits from a model output of type {type(raw).__name__}")
+    return output_tensor(raw, "logits", "cannot read logits from this model output")
 
 
 def with_logits(raw: Any, logits: torch.Tensor) -> Any:

@@ -27,7 +27,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from erasus_ray.errors import TaskMismatchError
 from erasus_ray.tasks.capabilities import Capability, CapabilityError, capability_set
+
+
+def output_tensor(raw: Any, attribute: str, expected: str) -> torch.Tensor:
+    """The main tensor of a model's raw output: the output itself when it is a tensor, its ``attribute`` (``logits``
+    of a Hugging Face output, ``sample`` of a diffusers one), or the first element of a tuple; else a
+    :class:`TaskMismatchError` saying ``expected`` and what came instead."""
+    if isinstance(raw, torch.Tensor):
+        return raw
+    value = getattr(raw, attribute, None)
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], torch.Tensor):
+        return raw[0]
+    raise TaskMismatchError(f"{expected}; got {type(raw).__name__}")
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -9,22 +9,13 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from erasus_ray.errors import TaskMismatchError
-from erasus_ray.tasks.base import Task, TaskOutput, at_least_fp32
+from erasus_ray.tasks.base import Task, TaskOutput, at_least_fp32, output_tensor
 from erasus_ray.tasks.capabilities import Capability as C
 from erasus_ray.tasks.registry import register_task
 
 
 def _logits_of(raw: Any) -> torch.Tensor:
-    if isinstance(raw, torch.Tensor):
-        return raw
-    logits = getattr(raw, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], torch.Tensor):
-        return raw[0]
-    raise TaskMismatchError(
-        f"classification task expects the model to return logits [B, C]; got {type(raw).__name__}"
-    )
+    return output_tensor(raw, "logits", "classification task expects the model to return logits [B, C]")
 
 
 #: Hugging Face model classes whose forward maps one input tensor to ``[B, C]`` logits.

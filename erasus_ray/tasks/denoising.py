@@ -31,7 +31,7 @@ from torch.utils.data import default_collate
 
 from erasus_ray.checks import check_int, check_real
 from erasus_ray.errors import TaskMismatchError
-from erasus_ray.tasks.base import Task, TaskOutput, at_least_fp32
+from erasus_ray.tasks.base import Task, TaskOutput, at_least_fp32, output_tensor
 from erasus_ray.tasks.capabilities import Capability as C
 from erasus_ray.tasks.registry import register_task
 
@@ -48,14 +48,7 @@ def sample_generator(seed: int, sample_id: int) -> torch.Generator:
 
 
 def _noise_prediction(raw: Any) -> torch.Tensor:
-    if isinstance(raw, torch.Tensor):
-        return raw
-    sample = getattr(raw, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        return sample
-    if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], torch.Tensor):
-        return raw[0]
-    raise TaskMismatchError(f"denoising task expects the model to return the predicted noise; got {type(raw).__name__}")
+    return output_tensor(raw, "sample", "denoising task expects the model to return the predicted noise")
 
 
 @register_task("denoising")

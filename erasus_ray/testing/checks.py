@@ -14,7 +14,7 @@ Like scikit-learn's ``check_estimator``, a user's own algorithm or adapter can b
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -92,17 +92,36 @@ class _Refusal:
         return issubclass(kind, CapabilityError)
 
 
+def _prepare(algorithm: Any, registry: Any, base: type, family: Family, kwargs: dict[str, Any]) -> tuple[type, Any, str, frozenset[Capability], list[str]]:
+    """``(class, configured instance, how to name it, its declared needs, what the family's task lacks of them)``."""
+    cls, instance = _class_of(algorithm, registry, base)
+    kind = "strategy" if base is Strategy else "selector"
+    built = instance if instance is not None else cls(**kwargs)
+    what = f"{kind} {getattr(cls, 'name', cls.__name__)!r} on family {family.name!r}"
+    return cls, built, what, declared_requires(built), declared_refusal(built, family.task)
+
+
+def _run_declared(what: str, needs: Any, lacking: list[str], run: Callable[[], Any]) -> tuple[dict[str, Any] | None, Any]:
+    """``run()`` judged against the declarations: where the task lacks what the algorithm declares (``lacking``),
+    it must raise CapabilityError (returned as the refusal record); otherwise its result is returned, and a
+    CapabilityError fails as an undeclared requirement."""
+    if lacking:
+        with _Refusal(what, lacking):
+            run()
+        return {"outcome": "refused", "lacking": lacking}, None
+    try:
+        return None, run()
+    except CapabilityError as err:
+        raise _undeclared(what, needs, err) from err
+
+
 def check_strategy(strategy: str | type[Strategy] | Strategy, family: Family, **hparams: Any) -> dict[str, Any]:
     """Run ``strategy`` for :data:`STRATEGY_STEPS` steps on ``family`` through ``ErasusUnlearner.fit`` (or expect its
     capability refusal). Checks: the forget loss rises (a strategy that reads the forget set) or the model changes (a
     retain-only baseline), and nothing is NaN. Returns ``{"outcome": "refused" | "ran", ...}``. Cost: the run."""
     from erasus_ray import ErasusUnlearner
 
-    cls, instance = _class_of(strategy, STRATEGIES, Strategy)
-    what = f"strategy {getattr(cls, 'name', cls.__name__)!r} on family {family.name!r}"
-    built = instance if instance is not None else cls(**hparams)
-    needs = declared_requires(built)
-    lacking = declared_refusal(built, family.task)
+    cls, built, what, needs, lacking = _prepare(strategy, STRATEGIES, Strategy, family, hparams)
 
     def fit() -> Any:
         unlearner = ErasusUnlearner(
@@ -111,15 +130,10 @@ def check_strategy(strategy: str | type[Strategy] | Strategy, family: Family, **
             **family.unlearn_kwargs)
         return unlearner.fit(forget_data=family.forget, retain_data=family.retain)
 
-    if lacking:
-        with _Refusal(what, lacking):
-            fit()
-        return {"outcome": "refused", "lacking": lacking}
     before = mean_loss(family.model, family.task, family.forget)
-    try:
-        result = fit()
-    except CapabilityError as err:
-        raise _undeclared(what, needs, err) from err
+    refused, result = _run_declared(what, needs, lacking, fit)
+    if refused:
+        return refused
     after = mean_loss(result.model, family.task, family.forget)
     bad = [n for n, p in result.model.named_parameters() if not bool(torch.isfinite(p).all())]
     assert not bad and np.isfinite(after), f"{what}: non-finite parameters {bad[:5]} or forget loss {after}"
@@ -134,24 +148,15 @@ def check_selector(selector: str | type[Selector] | Selector, family: Family, *,
     """Select ``k`` forget ids with ``selector`` on ``family`` (or expect its capability refusal). Checks: ``k`` unique
     forget ids (all of them for ``full``), one weight each, and scores, when it scores, for every forget id, finite
     and not all equal. Returns ``{"outcome": "refused" | "ran", ...}``. Cost: one selection."""
-    cls, instance = _class_of(selector, SELECTORS, Selector)
-    what = f"selector {getattr(cls, 'name', cls.__name__)!r} on family {family.name!r}"
-    built = instance if instance is not None else cls(**kwargs)
-    needs = declared_requires(built)
-    lacking = declared_refusal(built, family.task)
+    cls, built, what, needs, lacking = _prepare(selector, SELECTORS, Selector, family, kwargs)
 
     def select() -> Any:
         return built.select(family.model, family.forget, task=family.task, k=k, seed=0, retain=family.retain,
                             model_factory=family.model_factory)
 
-    if lacking:
-        with _Refusal(what, lacking):
-            select()
-        return {"outcome": "refused", "lacking": lacking}
-    try:
-        core = select()
-    except CapabilityError as err:
-        raise _undeclared(what, needs, err) from err
+    refused, core = _run_declared(what, needs, lacking, select)
+    if refused:
+        return refused
     forget_ids = set(int(i) for i in family.forget.ids)
     chosen = [int(i) for i in core.ids]
     assert len(chosen) == len(set(chosen)) == len(core.weights), f"{what}: ids must be unique, one weight each"
@@ -259,14 +264,10 @@ def check_metric(metric: str, family: Family) -> dict[str, Any]:
     def compute() -> dict[str, float]:
         return run_metrics(family.model, family.task, splits, [metric], max_new_tokens=4)
 
-    if lacking:
-        with _Refusal(what, lacking):
-            compute()
-        return {"outcome": "refused", "lacking": lacking}
-    try:
-        value = compute()[metric]
-    except CapabilityError as err:
-        raise _undeclared(what, declared, err) from err
+    refused, values = _run_declared(what, declared, lacking, compute)
+    if refused:
+        return refused
+    value = values[metric]
     assert np.isfinite(value), f"{what}: non-finite value {value}"
     if metric.endswith(RATE_SUFFIXES):
         assert -1e-9 <= value <= 1 + 1e-9, f"{what}: a rate outside [0, 1]: {value}"
