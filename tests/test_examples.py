@@ -62,3 +62,17 @@ def test_own_data_example_unlearns_its_checkpoint_and_csv(tmp_path):
     folder, module = _own_data_job(tmp_path)
     assert main(["unlearn", "--config", str(folder / "job.yaml"), "--no-progress"]) == 0
     check_own_data_output(folder, folder / "out", module)
+
+
+def test_readme_own_data_yaml_is_the_example_job():
+    """The README's job YAML ("Your own model and data") says what examples/own_data/job.yaml does, key for key."""
+    import re
+
+    import yaml
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"\*\*Your own model and data, no Python\*\*.*?```yaml\n(.*?)```", text, re.S)
+    assert block, "README own-data YAML block not found"
+    shown = yaml.safe_load(block.group(1))
+    job = yaml.safe_load((ROOT / "examples" / "own_data" / "job.yaml").read_text())
+    assert shown == {key: job[key] for key in shown} and set(job) - set(shown) <= {"seed"}
