@@ -18,7 +18,7 @@ def test_quickstart_example_runs():
     assert "forget acc 0.0" in line
 
 
-def _own_data_job(tmp_path: Path):
+def own_data_job(tmp_path: Path):
     """A copy of examples/own_data with its checkpoint and CSV written by the example's own module."""
     import importlib.util
     import shutil
@@ -59,7 +59,7 @@ def check_own_data_output(folder: Path, out: Path, module) -> None:
 def test_own_data_example_unlearns_its_checkpoint_and_csv(tmp_path):
     from erasus_ray.cli import main
 
-    folder, module = _own_data_job(tmp_path)
+    folder, module = own_data_job(tmp_path)
     assert main(["unlearn", "--config", str(folder / "job.yaml"), "--no-progress"]) == 0
     check_own_data_output(folder, folder / "out", module)
 
