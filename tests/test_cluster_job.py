@@ -72,15 +72,15 @@ def local_ray_head(num_cpus: int = 2):
         _end_processes_mentioning(ray_tmp)
 
 
-def ray_job_submit(dashboard, env, command, timeout=600):
-    """``ray job submit --address=<dashboard> --working-dir=<repo> -- <command>``. Ray's transient "No available
+def ray_job_submit(dashboard, env, command, timeout=600, working_dir=ROOT):
+    """``ray job submit --address=<dashboard> --working-dir=<working_dir> -- <command>`` (the repo by default). Ray's transient "No available
     agent to submit job, please try again later" reply (the agent's registration lagging its port) is retried for
     up to three minutes, then fails naming it; any other outcome is returned as is."""
     busy = "No available agent to submit job"
     deadline = time.time() + 180
     while True:
         job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", f"--address={dashboard}", f"--working-dir={ROOT}", "--", *command],
+            [str(BIN / "ray"), "job", "submit", f"--address={dashboard}", f"--working-dir={working_dir}", "--", *command],
             env=env, capture_output=True, text=True, timeout=timeout,
         )
         if job.returncode == 0 or busy not in job.stdout + job.stderr:
@@ -100,6 +100,24 @@ def test_ray_job_submit_runs_unlearn_config(tmp_path):
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         doc = json.loads((out / "results.json").read_text())
         assert doc["config"]["strategy"] == "grad_diff" and doc["metrics"]["forget_acc"] <= 0.05
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_own_data_example_folder(tmp_path):
+    """examples/own_data (checkpoint, CSV and factory module written into a copy) shipped with ``--working-dir``:
+    the job imports its factory from the shipped folder and writes to ``--out``, which forgot class 2 in the CSV's
+    ids (the same checks as the local run in tests/test_examples.py)."""
+    pytest.importorskip("ray")
+    from test_examples import check_own_data_output, own_data_job
+
+    folder, module = own_data_job(tmp_path)
+    out = tmp_path / "results"
+    with local_ray_head() as (_, dashboard, env):
+        job = ray_job_submit(dashboard, env, [str(BIN / "erasus-ray"), "unlearn", "--config", "job.yaml", "--out", str(out),
+                                              "--no-progress"], working_dir=folder)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert not (folder / "out").exists()  # the job ran in Ray's copy of the folder, not in ours
+    check_own_data_output(folder, out, module)
 
 
 def _end_processes_mentioning(marker: str) -> None:
