@@ -102,3 +102,6 @@ __all__ = [
     "register_split_metric",
     "run_metrics",
 ]
+
+# protocol metrics (TOFU) register last: their modules build on the metrics above
+from erasus_ray.evaluation import protocols as _protocols  # noqa: E402,F401
