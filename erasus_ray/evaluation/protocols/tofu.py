@@ -26,6 +26,7 @@ Cost: ``1 + K`` no-grad forward passes over the split (paraphrased + each pertur
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import numpy as np
 from scipy.stats import hmean, ks_2samp
@@ -34,8 +35,10 @@ from torch import nn
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidDataError
 from erasus_ray.evaluation.metrics import METRICS, EvalContext, register_metric
+from erasus_ray.evaluation.protocols.base import FORGETTING, PROTOCOLS, EvalData, Protocol, VerdictThresholds
 from erasus_ray.evaluation.protocols.tofu_data import PARAPHRASED, PERTURBED
 from erasus_ray.evaluation.stats import set_stats
+from erasus_ray.evaluation.suite import MetricSuite
 from erasus_ray.tasks import Capability, Task
 
 _LM = {Capability.LOGITS, Capability.TOKENS}
@@ -139,7 +142,49 @@ def model_utility(ctx: EvalContext) -> float:
     return utility_from_parts(prob, rouge_l, retain_truth_ratio(ctx))
 
 
+RETAIN_METRICS = ("model_utility", "retain_prob", "retain_rougeL", "retain_truth_ratio")
+FORGET_METRICS = ("forget_prob", "forget_rougeL")
+PRIVACY_METRICS = ("mia_mink_auc", "mia_loss_auc")
+
+
+@PROTOCOLS.register("tofu")
+class TofuProtocol(Protocol):
+    """TOFU: forget quality (KS p-value against the gold model) and model utility, plus forget-set probability and
+    ROUGE-L and, with ``include_privacy``, the Min-K% and LOSS membership AUCs (forget vs test).
+
+    Criteria (thresholds: :class:`~erasus_ray.evaluation.protocols.base.VerdictThresholds`): forgetting
+    ``forget_quality >= thresholds.forget_quality``; utility ``model_utility >= utility_ratio * gold``; privacy
+    both AUCs within ``privacy_gap`` of the gold model's. The forget and retain items need paraphrased / perturbed
+    answers (:func:`~erasus_ray.evaluation.protocols.tofu_data.tofu_dataset`).
+
+    Cost per model and run: the shared forward pass per split, ``1 + K`` passes over forget and retain for the truth
+    ratios, and greedy generation over forget and retain for ROUGE-L.
+    """
+
+    def names(self) -> tuple[str, ...]:
+        return FORGET_METRICS + RETAIN_METRICS + (PRIVACY_METRICS if self.include_privacy else ())
+
+    def prepare(self, gold: nn.Module, data: EvalData) -> dict[str, Any]:
+        return {"gold_truth_ratios": truth_ratios(gold, data.task, data.forget, split="forget")}
+
+    def measure(self, model: nn.Module, data: EvalData, seed: int, reference: Mapping[str, Any]) -> dict[str, float]:
+        ratios = truth_ratios(model, data.task, data.forget, split="forget")
+        values = {"forget_quality": forget_quality(ratios, reference["gold_truth_ratios"]),
+                  "forget_truth_ratio": forget_truth_ratio_stat(ratios)}
+        suite = MetricSuite(self.names()).run(model, data.forget, data.retain, data.test, task=data.task, seed=seed)
+        return {**values, **suite.metrics}
+
+    def criteria(self, mean: Mapping[str, float], gold: Mapping[str, float], thresholds: VerdictThresholds) -> dict[str, bool]:
+        result = {
+            FORGETTING: mean["forget_quality"] >= thresholds.forget_quality,
+            "utility": mean["model_utility"] >= thresholds.utility_ratio * gold["model_utility"],
+        }
+        if self.include_privacy:
+            result["privacy"] = all(abs(mean[n] - gold[n]) <= thresholds.privacy_gap for n in PRIVACY_METRICS)
+        return result
+
+
 __all__ = [
-    "context_truth_ratios", "forget_quality", "forget_truth_ratio_stat", "retain_truth_ratio_stat", "truth_ratios",
+    "TofuProtocol", "context_truth_ratios", "forget_quality", "forget_truth_ratio_stat", "retain_truth_ratio_stat", "truth_ratios",
     "truth_ratio_from_losses", "utility_from_parts",
 ]
