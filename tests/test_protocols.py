@@ -126,3 +126,14 @@ def test_tofu_protocol_gold_passes_original_fails(authors_tofu):
     assert original.metrics["forget_rougeL"] > 0.8 > 0.3 > gold.metrics["forget_rougeL"]
     assert original.criteria["utility"] and not original.criteria["privacy"]
     assert not math.isnan(original.metrics["avg_gap"]) and original.metrics["avg_gap"] > 0.2
+
+
+def test_one_model_per_unlearning_seed_gives_mean_and_std(digits_class):
+    b = digits_class
+    report = UnlearningBenchmark("general", n_runs=1).evaluate([b.gold, b.original], b.forget, b.retain, b.test,
+                                                               gold_model=b.gold, task=b.task)
+    assert [(r["model"], r["seed"]) for r in report.runs] == [(0, 0), (1, 0)]
+    accs = [r["forget_acc"] for r in report.runs]
+    assert report.metrics["forget_acc"] == pytest.approx(sum(accs) / 2)
+    assert report.std["forget_acc"] == pytest.approx(abs(accs[0] - accs[1]) / 2) and report.std["forget_acc"] > 0.4
+    assert report.settings == {"n_runs": 1, "n_models": 2, "seed": 0}
