@@ -9,7 +9,6 @@ scores are fractions in [0, 1] and tables print points (x100).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
 from torch import nn
@@ -29,6 +28,7 @@ from erasus_ray.evaluation.metrics import (
     MetricOptions,
     display_names_for,
     display_names_for_row,
+    gap_metrics,
     gap_names_for,
     metric_names_for,
     register_column,
@@ -37,17 +37,6 @@ from erasus_ray.evaluation.metrics import (
     run_metrics,
 )
 from erasus_ray.tasks import Task, get_task
-
-
-def gap_metrics(metrics: dict[str, float], gold: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
-    """``gap_<k> = |metrics[k] - gold[k]|`` for each key present in both, and ``avg_gap`` their mean."""
-    gaps = {
-        f"gap_{k}": abs(metrics[k] - gold[k])
-        for k in keys
-        if k in metrics and k in gold and not (math.isnan(metrics[k]) or math.isnan(gold[k]))
-    }
-    gaps["avg_gap"] = sum(gaps.values()) / len(gaps) if gaps else float("nan")
-    return gaps
 
 
 def evaluate(
@@ -102,3 +91,6 @@ __all__ = [
     "register_split_metric",
     "run_metrics",
 ]
+
+# protocol metrics (TOFU) register last: their modules build on the metrics above
+from erasus_ray.evaluation import protocols as _protocols  # noqa: E402,F401

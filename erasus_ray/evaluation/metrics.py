@@ -23,6 +23,7 @@ gets the per-split losses and the loss-threshold MIA without any list. Example::
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -257,6 +258,17 @@ def display_names_for(task: TaskLike, names: Iterable[str] | None = None) -> tup
     return _by_task_or_flag(task, metric_names_for(task) if names is None else names, task.display_metrics, "display")
 
 
+def gap_metrics(metrics: dict[str, float], gold: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    """``gap_<k> = |metrics[k] - gold[k]|`` for each key present in both, and ``avg_gap`` their mean."""
+    gaps = {
+        f"gap_{k}": abs(metrics[k] - gold[k])
+        for k in keys
+        if k in metrics and k in gold and not (math.isnan(metrics[k]) or math.isnan(gold[k]))
+    }
+    gaps["avg_gap"] = sum(gaps.values()) / len(gaps) if gaps else float("nan")
+    return gaps
+
+
 def display_names_for_row(row: Mapping[str, Any]) -> tuple[str, ...]:
     """Table columns for a result row whose task is not at hand (a CSV read back): the display metrics of the first
     registered task whose every display metric has a value in ``row``; ``()`` if none fits."""
@@ -316,5 +328,6 @@ def _options(options: Mapping[str, Any]) -> MetricOptions:
 __all__ = [
     "METRICS", "SPLITS", "EvalContext", "Metric", "MetricOptions", "MetricRegistry", "display_names_for",
     "display_names_for_row",
-    "gap_names_for", "metric_names_for", "register_column", "register_metric", "register_split_metric", "run_metrics",
+    "gap_metrics", "gap_names_for", "metric_names_for", "register_column", "register_metric", "register_split_metric",
+    "run_metrics",
 ]
