@@ -177,3 +177,25 @@ def test_config_is_validated_with_the_key_named():
         ServeConfig.from_mapping({"benchmark": "imagenet"})
     with pytest.raises(InvalidConfigError, match="batch_sise"):
         ServeConfig.from_mapping({"batch_sise": 3})
+
+
+def test_a_worker_killed_after_publishing_is_resumed_without_a_second_version(served, monkeypatch):
+    """The crash window between publishing a version and recording its requests: the next worker finds the requests
+    ``scheduled``, sees a published version serving them, and records them verified - no second run, no v2."""
+    service, client, keys = served
+    mine = service.ownership.ids_of("client-0")[:2].tolist()
+    _post(client, keys["client-0"], request_id="crash", ids=mine)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed after publishing")
+
+    monkeypatch.setattr(UnlearningWorker, "_record", die)
+    with pytest.raises(KeyboardInterrupt):
+        UnlearningWorker(service).run_once()
+    monkeypatch.undo()
+    assert service.versions.current == 1 and service.ledger.get("crash").state == "scheduled"
+    resumed = UnlearningWorker(service).run_once()
+    assert resumed == {"published": None, "requests": [], "resumed": True}
+    entry = service.ledger.get("crash")
+    assert entry.state == "verified" and entry.metrics["model_version"] == 1 and service.versions.current == 1
+    assert service.ledger.check_integrity() == []

@@ -4,7 +4,8 @@ the served model version, records the verification in the ledger, and publishes 
 One round (:meth:`UnlearningWorker.run_once`):
 
 1. ``schedule_pending`` moves up to ``batch_size`` validated requests to ``scheduled`` under one batch id (one
-   transaction); requests a crashed round left ``scheduled`` are resumed first.
+   transaction); requests a crashed round left ``scheduled`` are resumed first, and those a published version
+   already serves (the crash fell between publishing and recording) are recorded verified without a second run.
 2. The served version ``v`` is loaded as a fresh model (a copy: the replicas keep serving ``v``).
 3. Forget set = the ids the batch's requests resolve to; retain set = the train ids minus those and minus every id
    version ``v`` already forgot. ``ErasusUnlearner(copy, **config.unlearner).fit(forget, retain, heldout_data=test)``.
@@ -53,6 +54,9 @@ class UnlearningWorker:
         batch = self.take_batch()
         if not batch:
             return None
+        batch = self._finish_published(batch)
+        if not batch:
+            return {"published": None, "requests": [], "resumed": True}
         parent = self.service.versions.current
         try:
             result, forget_ids = self._unlearn(batch, parent)
@@ -69,6 +73,20 @@ class UnlearningWorker:
                                                 verification=result.verification)
         self._record(batch, result, parent, version)
         return {"published": version, "requests": [e.request_id for e in batch], "verification": result.verification}
+
+    def _finish_published(self, batch: list[LedgerEntry]) -> list[LedgerEntry]:
+        """Record as verified the requests a version already serves (the worker died between publishing it and
+        recording them), without unlearning them twice; return the rest of the batch."""
+        versions = self.service.versions
+        published = {rid: int(v) for v, meta in versions.index()["versions"].items() for rid in meta["request_ids"]}
+        done = [e for e in batch if e.request_id in published]
+        for entry in done:
+            version = published[entry.request_id]
+            meta = versions.meta(version)
+            self.service.ledger.record_result(entry.request_id, new_state="unlearned", expected="scheduled", resumed=True)
+            extra = {"metrics": {"model_version": version, "from_version": meta["parent"]}}
+            self.service.ledger.record_results({entry.request_id: verification_result(meta["verification"], **extra)})
+        return [e for e in batch if e.request_id not in published]
 
     def _unlearn(self, batch: list[LedgerEntry], parent: int) -> tuple[Any, list[int]]:
         from erasus_ray import ErasusUnlearner
