@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     from erasus_ray.cli.ledger import add_ledger_parser
 
     add_ledger_parser(sub)
+
+    from erasus_ray.cli.serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

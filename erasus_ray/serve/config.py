@@ -1,0 +1,95 @@
+"""The deletion service's configuration (``erasus-ray serve --config serve.yaml``): one dataclass whose fields are
+the YAML keys, checked by :meth:`ServeConfig.validate` before anything starts (each error names the key).
+
+Cost: nothing heavy; the model and data are built by :class:`~erasus_ray.serve.service.DeletionService`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from erasus_ray.config_files import config_from_mapping, load_config
+from erasus_ray.errors import InvalidConfigError
+
+#: bundled benchmarks the service can serve today (classifiers with an ``IdDataset`` train split)
+SERVABLE_BENCHMARKS = ("wine", "iris", "breast_cancer", "digits")
+#: never 8000 (Flower's SuperLink) nor 8265 (Ray's dashboard)
+DEFAULT_PORT = 8321
+
+
+@dataclass
+class ServeConfig:
+    """Settings of the deletion service.
+
+    Attributes:
+        benchmark, scenario, seed: the bundled model and data served (``load_benchmark(benchmark, scenario, seed)``);
+            its original model is version 0.
+        state_dir: folder of the published model versions (``versions.json`` + ``v<N>.pt``).
+        ledger: the ledger's SQLAlchemy URL or SQLite path (default ``<state_dir>/ledger.db``): the only queue.
+        clients: the train ids are split round-robin among ``client-0`` ... ``client-<clients-1>`` (the ownership
+            registry); a real deployment would load its own partition.
+        operators: ids with the operator role (class deletion, rollback, every request visible).
+        host, port: where Serve's HTTP proxy listens (127.0.0.1 and 8321 by default).
+        batch_size: most requests one unlearning round takes from the ledger.
+        poll_s: how often the worker looks for validated requests.
+        max_ids, max_requests_per_minute: the ledger's request limits (:class:`~erasus_ray.ledger.RequestLimits`).
+        unlearner: keyword arguments of :class:`~erasus_ray.ErasusUnlearner` (``strategy``, ``selector``,
+            ``budget_steps``, ...); ``progress`` is always off.
+    """
+
+    benchmark: str = "wine"
+    scenario: str = "class"
+    seed: int = 0
+    state_dir: str = "serve-state"
+    ledger: str | None = None
+    clients: int = 4
+    operators: list[str] = field(default_factory=lambda: ["operator"])
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    batch_size: int = 16
+    poll_s: float = 1.0
+    max_ids: int = 10_000
+    max_requests_per_minute: int | None = 60
+    unlearner: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.benchmark not in SERVABLE_BENCHMARKS:
+            raise InvalidConfigError(f"benchmark must be one of {list(SERVABLE_BENCHMARKS)}, got {self.benchmark!r}")
+        _positive_int("clients", self.clients)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("max_ids", self.max_ids)
+        if self.max_requests_per_minute is not None:
+            _positive_int("max_requests_per_minute", self.max_requests_per_minute)
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 1 <= self.port <= 65535:
+            raise InvalidConfigError(f"port must be an integer in 1..65535, got {self.port!r}")
+        if not isinstance(self.poll_s, (int, float)) or isinstance(self.poll_s, bool) or not self.poll_s > 0:
+            raise InvalidConfigError(f"poll_s must be a positive number of seconds, got {self.poll_s!r}")
+        if not isinstance(self.operators, list) or not self.operators or not all(isinstance(o, str) for o in self.operators):
+            raise InvalidConfigError(f"operators must be a non-empty list of ids, got {self.operators!r}")
+        if not isinstance(self.unlearner, dict):
+            raise InvalidConfigError(f"unlearner must be a mapping of ErasusUnlearner keywords, got {type(self.unlearner).__name__}")
+        if not isinstance(self.state_dir, str) or not self.state_dir:
+            raise InvalidConfigError(f"state_dir must be a folder path, got {self.state_dir!r}")
+
+    @property
+    def ledger_url(self) -> str:
+        return self.ledger if self.ledger else str(Path(self.state_dir) / "ledger.db")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> "ServeConfig":
+        return config_from_mapping(cls, data, "serve config")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ServeConfig":
+        return load_config(cls, path, "serve config")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}")

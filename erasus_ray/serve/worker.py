@@ -1,0 +1,152 @@
+"""The unlearning worker: takes validated requests from the ledger in a batch, unlearns them closed-loop on a copy of
+the served model version, records the verification in the ledger, and publishes a new version only when verified.
+
+One round (:meth:`UnlearningWorker.run_once`):
+
+1. ``schedule_pending`` moves up to ``batch_size`` validated requests to ``scheduled`` under one batch id (one
+   transaction); requests a crashed round left ``scheduled`` are resumed first, and those a published version
+   already serves (the crash fell between publishing and recording) are recorded verified without a second run.
+2. The served version ``v`` is loaded as a fresh model (a copy: the replicas keep serving ``v``).
+3. Forget set = the ids the batch's requests resolve to; retain set = the train ids minus those and minus every id
+   version ``v`` already forgot. ``ErasusUnlearner(copy, **config.unlearner).fit(forget, retain, heldout_data=test)``.
+4. Verified: publish version ``v+1`` (parent ``v``), then record every request ``verified`` with the version in one
+   transaction. Not verified, or the run raised: every request ends ``failed`` with the reason and ``v`` stays served.
+
+:class:`WorkerLoop` repeats rounds every ``poll_s`` in a thread; in Ray Serve it runs inside its own deployment
+replica (a Ray actor, :mod:`erasus_ray.serve.app`).
+
+Cost: one ``ErasusUnlearner.fit`` per round (seconds on wine/digits) plus a few ledger transactions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Any
+
+import numpy as np
+
+from erasus_ray.ledger import LedgerEntry, verification_result
+from erasus_ray.serve.service import DeletionService
+
+logger = logging.getLogger("erasus_ray.serve")
+
+
+class UnlearningWorker:
+    """Runs unlearning rounds for ``service`` (plain class: call :meth:`run_once`; tests drive it directly)."""
+
+    def __init__(self, service: DeletionService, worker_id: str | None = None) -> None:
+        self.service = service
+        self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+
+    def take_batch(self) -> list[LedgerEntry]:
+        """Requests a crashed round left ``scheduled`` (resumed first), else a new batch of validated ones."""
+        ledger = self.service.ledger
+        stuck = ledger.entries(states=["scheduled"])
+        if stuck:
+            return stuck[: self.service.config.batch_size]
+        batch_id = f"serve-{uuid.uuid4().hex[:12]}"
+        return ledger.schedule_pending(limit=self.service.config.batch_size, batch_id=batch_id, worker=self.worker_id)
+
+    def run_once(self) -> dict[str, Any] | None:
+        """One round; returns what happened (``None`` when nothing was pending)."""
+        batch = self.take_batch()
+        if not batch:
+            return None
+        batch = self._finish_published(batch)
+        if not batch:
+            return {"published": None, "requests": [], "resumed": True}
+        parent = self.service.versions.current
+        try:
+            result, forget_ids = self._unlearn(batch, parent)
+        except Exception as err:  # noqa: BLE001 - a failed run fails its requests, never the worker
+            logger.exception("unlearning round for %d request(s) raised", len(batch))
+            self._fail(batch, f"unlearning raised {type(err).__name__}: {str(err)[:300]}")
+            return {"published": None, "requests": [e.request_id for e in batch], "error": str(err)}
+        if result.verified is not True:
+            self._record(batch, result, parent, None)
+            return {"published": None, "requests": [e.request_id for e in batch], "verification": result.verification}
+        forgotten = set(self.service.versions.meta(parent)["forgotten_ids"]) | set(forget_ids)
+        version = self.service.versions.publish(result.model, parent=parent, forgotten_ids=forgotten,
+                                                request_ids=[e.request_id for e in batch],
+                                                verification=result.verification)
+        self._record(batch, result, parent, version)
+        return {"published": version, "requests": [e.request_id for e in batch], "verification": result.verification}
+
+    def _finish_published(self, batch: list[LedgerEntry]) -> list[LedgerEntry]:
+        """Record as verified the requests a version already serves (the worker died between publishing it and
+        recording them), without unlearning them twice; return the rest of the batch."""
+        versions = self.service.versions
+        published = {rid: int(v) for v, meta in versions.index()["versions"].items() for rid in meta["request_ids"]}
+        done = [e for e in batch if e.request_id in published]
+        for entry in done:
+            version = published[entry.request_id]
+            meta = versions.meta(version)
+            self.service.ledger.record_result(entry.request_id, new_state="unlearned", expected="scheduled", resumed=True)
+            extra = {"metrics": {"model_version": version, "from_version": meta["parent"]}}
+            self.service.ledger.record_results({entry.request_id: verification_result(meta["verification"], **extra)})
+        return [e for e in batch if e.request_id not in published]
+
+    def _unlearn(self, batch: list[LedgerEntry], parent: int) -> tuple[Any, list[int]]:
+        from erasus_ray import ErasusUnlearner
+
+        service = self.service
+        forget_ids = sorted({int(i) for e in batch for i in service.ownership.resolve(e.request())})
+        excluded = set(forget_ids) | set(service.versions.meta(parent)["forgotten_ids"])
+        train = service.benchmark.train
+        retain_ids = [int(i) for i in train.ids if int(i) not in excluded]
+        model = service.versions.load(parent)  # a fresh copy of the served version
+        kwargs = {**service.config.unlearner, "progress": False}
+        result = ErasusUnlearner(model, **kwargs).fit(
+            forget_data=train.subset(forget_ids), retain_data=train.subset(retain_ids), heldout_data=service.benchmark.test)
+        return result, forget_ids
+
+    def _record(self, batch: list[LedgerEntry], result: Any, parent: int, version: int | None) -> None:
+        """Unlearned then verified/failed per the verification, for the whole batch in two transactions."""
+        ledger = self.service.ledger
+        common = {"strategy": str(result.config.get("strategy")), "model_hash_before": result.model_hash_before,
+                  "model_hash_after": result.model_hash_after, "coreset_ids": [int(i) for i in result.coreset.ids]}
+        ledger.record_results({e.request_id: {**common, "new_state": "unlearned", "expected": "scheduled"} for e in batch})
+        # model_version: the version that serves the deletion (None: not published); from_version: what it started on
+        extra = {"metrics": {"model_version": version, "from_version": parent}}
+        if version is None and result.verified is None:
+            # nothing measurable: never published, so the request cannot stay owed as if it were done
+            self._fail(batch, f"not verified: {result.verification.get('why', 'no measurable target')}", expected="unlearned")
+            return
+        ledger.record_results({e.request_id: verification_result(result.verification, **extra) for e in batch})
+
+    def _fail(self, batch: list[LedgerEntry], reason: str, expected: str = "scheduled") -> None:
+        self.service.ledger.record_results({e.request_id: {"new_state": "failed", "reason": reason, "expected": expected}
+                                            for e in batch})
+
+
+class WorkerLoop:
+    """:meth:`UnlearningWorker.run_once` every ``poll_s`` seconds in a daemon thread until :meth:`stop`."""
+
+    def __init__(self, worker: UnlearningWorker, poll_s: float) -> None:
+        self.worker = worker
+        self.poll_s = poll_s
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="erasus-unlearning-worker", daemon=True)
+
+    def start(self) -> "WorkerLoop":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                done = self.worker.run_once()
+            except Exception:  # noqa: BLE001 - the ledger keeps the requests; try again next poll
+                logger.exception("unlearning round failed; retrying in %.1f s", self.poll_s)
+                done = None
+            if done is not None:
+                self.rounds += 1
+                continue  # more may be pending: no wait
+            self._stop.wait(self.poll_s)

@@ -1,0 +1,201 @@
+"""The deletion service (issue 18) without Ray: the FastAPI app through ``TestClient`` and the plain worker, on the
+wine benchmark (178 samples, a converged MLP; 4 clients own the train ids round-robin)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from erasus_ray.errors import InvalidConfigError
+from erasus_ray.serve import DeletionService, ServeConfig, UnlearningWorker, create_app
+from erasus_ray.serve.api import NOT_OWNER_MESSAGE
+
+
+@pytest.fixture(scope="module")
+def wine():
+    from erasus_ray.benchmarks import load_benchmark
+
+    return load_benchmark("wine", scenario="class", seed=0)
+
+
+def _service(tmp_path, wine, **config):
+    service = DeletionService(ServeConfig(state_dir=str(tmp_path / "state"), **config), benchmark=wine)
+    keys = {name: service.keys.add(name) for name in ("client-0", "client-1")}
+    keys["operator"] = service.keys.add("operator", role="operator")
+    return service, TestClient(create_app(service)), keys
+
+
+@pytest.fixture
+def served(tmp_path, wine):
+    service, client, keys = _service(tmp_path, wine)
+    yield service, client, keys
+    service.close()
+
+
+def _auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _post(client, key, **body):
+    return client.post("/v1/deletions", json=body, headers=_auth(key))
+
+
+def _predict(client, key, service):
+    x = service.benchmark.test.base.x[:4].tolist()
+    return client.post("/predict", json={"inputs": x}, headers=_auth(key))
+
+
+def test_calls_without_a_valid_key_are_refused(served):
+    service, client, keys = served
+    mine = service.ownership.ids_of("client-0")[:2].tolist()
+    assert client.post("/v1/deletions", json={"request_id": "r1", "ids": mine}).status_code == 401
+    forged = keys["client-0"][:-4] + "AAAA"  # right client, wrong secret
+    for key in (forged, "erk_client-0.nope", "not-a-key", keys["client-0"] + "x"):
+        r = _post(client, key, request_id="r1", ids=mine)
+        assert r.status_code == 401 and r.json()["detail"]["code"] == "unauthenticated"
+    assert client.get("/v1/deletions", headers=_auth(forged)).status_code == 401
+    assert service.ledger.entries() == []  # nothing reached the ledger
+    # only hashes are stored: no key's secret appears in the ledger's meta table
+    with service.ledger.engine.connect() as conn:
+        stored = " ".join(v for (v,) in conn.exec_driver_sql("SELECT value FROM ledger_meta"))
+    assert all(key.rpartition(".")[2] not in stored for key in keys.values())
+
+
+def test_another_clients_ids_are_refused_without_naming_them(served):
+    service, client, keys = served
+    mine = service.ownership.ids_of("client-0")[:2].tolist()
+    theirs = service.ownership.ids_of("client-1")[:3].tolist()
+    r = _post(client, keys["client-0"], request_id="grab", ids=mine + theirs)
+    assert r.status_code == 403
+    detail = r.json()["detail"]
+    assert detail["code"] == "not_owner" and detail["message"] == NOT_OWNER_MESSAGE
+    assert "client-1" not in r.text
+    # the refusal is recorded; reading it back shows neither who owns the ids nor the ledger's audit split
+    status = client.get("/v1/deletions/grab", headers=_auth(keys["client-0"])).json()
+    assert status["state"] == "rejected" and "client-1" not in json.dumps(status)
+    assert all("detail" not in t["details"] for t in status["history"])
+    assert service.ledger.get("grab").state == "rejected"
+
+
+def test_another_clients_request_reads_like_a_missing_one(served):
+    service, client, keys = served
+    theirs = service.ownership.ids_of("client-1")[:2].tolist()
+    assert _post(client, keys["client-1"], request_id="secret-1", ids=theirs).status_code == 202
+    other = client.get("/v1/deletions/secret-1", headers=_auth(keys["client-0"]))
+    missing = client.get("/v1/deletions/never-filed", headers=_auth(keys["client-0"]))
+    assert other.status_code == missing.status_code == 404 and other.json() == missing.json()
+    assert client.get("/v1/deletions", headers=_auth(keys["client-0"])).json() == {"requests": []}
+    listed = client.get("/v1/deletions?state=validated", headers=_auth(keys["operator"])).json()["requests"]
+    assert [e["request_id"] for e in listed] == ["secret-1"]
+
+
+def test_operator_only_endpoints_refuse_clients(served):
+    service, client, keys = served
+    r = _post(client, keys["client-0"], request_id="cls", level="class", label=0)
+    assert r.status_code == 403 and r.json()["detail"]["code"] == "operator_only"
+    assert client.post("/v1/model/rollback", headers=_auth(keys["client-0"])).status_code == 403
+    assert service.ledger.entries() == []
+    assert _post(client, keys["operator"], request_id="cls", level="class", label=0).status_code == 202
+
+
+def test_same_client_request_id_returns_the_same_request(served):
+    service, client, keys = served
+    mine = service.ownership.ids_of("client-0")[:2].tolist()
+    first = _post(client, keys["client-0"], request_id="once", ids=mine)
+    again = _post(client, keys["client-0"], request_id="once", ids=list(reversed(mine)))
+    assert first.status_code == again.status_code == 202 and first.json() == again.json()
+    assert len(service.ledger.entries()) == 1
+    changed = _post(client, keys["client-0"], request_id="once", ids=mine[:1])
+    assert changed.status_code == 409 and changed.json()["detail"]["code"] == "conflict"
+    # another client may use the same id: its own request
+    theirs = service.ownership.ids_of("client-1")[:1].tolist()
+    other = _post(client, keys["client-1"], request_id="once", ids=theirs)
+    assert other.status_code == 202 and other.json()["request_id"] != first.json()["request_id"]
+
+
+def test_malformed_bodies_are_4xx_with_a_reason(served):
+    service, client, keys = served
+    for body in ({}, {"request_id": 5, "ids": [1]}, {"request_id": "x", "ids": ["1"]}, {"request_id": "x", "idz": [1]},
+                 {"request_id": "x", "ids": []}, {"request_id": "x", "level": "galaxy"}, {"request_id": "bad id!", "ids": [1]}):
+        r = _post(client, keys["client-0"], **body)
+        assert 400 <= r.status_code < 500 and r.json()["detail"], (body, r.status_code, r.text)
+    assert service.ledger.check_integrity() == []
+
+
+def test_a_verified_deletion_publishes_a_new_version(served):
+    service, client, keys = served
+    assert _predict(client, keys["client-0"], service).json()["model_version"] == 0
+    mine = service.ownership.ids_of("client-0")[:3].tolist()
+    assert _post(client, keys["client-0"], request_id="forget-me", ids=mine).status_code == 202
+    done = UnlearningWorker(service).run_once()
+    assert done["published"] == 1
+    status = client.get("/v1/deletions/forget-me", headers=_auth(keys["client-0"])).json()
+    assert status["state"] == "verified" and status["model_version"] == 1
+    assert status["metrics"]["verification"]["passed"] is True
+    assert [t["to"] for t in status["history"]] == ["received", "validated", "scheduled", "unlearned", "verified"]
+    assert _predict(client, keys["client-0"], service).json()["model_version"] == 1
+    assert set(service.versions.meta(1)["forgotten_ids"]) == set(mine)
+    assert UnlearningWorker(service).run_once() is None  # nothing left pending
+
+
+def test_a_run_that_fails_verification_keeps_the_served_version(tmp_path, wine):
+    # open loop, a step too small to move anything: the class target (forget accuracy <= 0.05) cannot hold
+    service, client, keys = _service(tmp_path, wine, unlearner={"epochs": 1, "lr": 1e-12})
+    try:
+        before = client.post("/predict", json={"inputs": wine.forget.base.x[:4].tolist()}, headers=_auth(keys["operator"])).json()
+        assert _post(client, keys["operator"], request_id="cls0", level="class", label=0).status_code == 202
+        done = UnlearningWorker(service).run_once()
+        assert done["published"] is None and done["verification"]["passed"] is False
+        entry = service.ledger.get("cls0")
+        assert entry.state == "failed" and "not verified" in entry.state_reason
+        after = client.post("/predict", json={"inputs": wine.forget.base.x[:4].tolist()}, headers=_auth(keys["operator"])).json()
+        assert after == before and after["model_version"] == 0 and service.versions.current == 0
+    finally:
+        service.close()
+
+
+def test_operator_rolls_back_to_the_previous_version(served):
+    service, client, keys = served
+    mine = service.ownership.ids_of("client-0")[:2].tolist()
+    _post(client, keys["client-0"], request_id="r", ids=mine)
+    assert UnlearningWorker(service).run_once()["published"] == 1
+    r = client.post("/v1/model/rollback", headers=_auth(keys["operator"]))
+    assert r.status_code == 200 and r.json() == {"model_version": 0}
+    assert _predict(client, keys["client-1"], service).json()["model_version"] == 0
+    again = client.post("/v1/model/rollback", headers=_auth(keys["operator"]))
+    assert again.status_code == 409 and again.json()["detail"]["code"] == "no_previous_version"
+
+
+def test_config_is_validated_with_the_key_named():
+    with pytest.raises(InvalidConfigError, match="port"):
+        ServeConfig.from_mapping({"port": 0})
+    with pytest.raises(InvalidConfigError, match="benchmark"):
+        ServeConfig.from_mapping({"benchmark": "imagenet"})
+    with pytest.raises(InvalidConfigError, match="batch_sise"):
+        ServeConfig.from_mapping({"batch_sise": 3})
+
+
+def test_a_worker_killed_after_publishing_is_resumed_without_a_second_version(served, monkeypatch):
+    """The crash window between publishing a version and recording its requests: the next worker finds the requests
+    ``scheduled``, sees a published version serving them, and records them verified - no second run, no v2."""
+    service, client, keys = served
+    mine = service.ownership.ids_of("client-0")[:2].tolist()
+    _post(client, keys["client-0"], request_id="crash", ids=mine)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed after publishing")
+
+    monkeypatch.setattr(UnlearningWorker, "_record", die)
+    with pytest.raises(KeyboardInterrupt):
+        UnlearningWorker(service).run_once()
+    monkeypatch.undo()
+    assert service.versions.current == 1 and service.ledger.get("crash").state == "scheduled"
+    resumed = UnlearningWorker(service).run_once()
+    assert resumed == {"published": None, "requests": [], "resumed": True}
+    entry = service.ledger.get("crash")
+    assert entry.state == "verified" and entry.metrics["model_version"] == 1 and service.versions.current == 1
+    assert service.ledger.check_integrity() == []

@@ -1,0 +1,72 @@
+"""The deletion service on local Ray Serve over HTTP (127.0.0.1): a client files a deletion with its key, the worker
+deployment unlearns and verifies it, the served version changes and ``/predict`` names it. Slow (Serve start-up)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(fetch, done, attempts=240, pause=0.5):
+    """Poll ``fetch()`` until ``done(value)``; a bounded loop (no timed assertion: the bound only ends a hang)."""
+    value = None
+    for _ in range(attempts):
+        try:
+            value = fetch()
+        except httpx.HTTPError:
+            value = None
+        if value is not None and done(value):
+            return value
+        time.sleep(pause)
+    raise AssertionError(f"never reached the expected state; last seen {value!r}")
+
+
+def test_a_deletion_over_http_publishes_a_version_predict_names(ray_cluster, tmp_path):
+    from ray import serve
+
+    from erasus_ray.ledger import DeletionLedger
+    from erasus_ray.serve import ClientKeys, ServeConfig
+    from erasus_ray.serve.app import build
+    from erasus_ray.serve.service import round_robin_owners
+
+    port = _free_port()
+    config = ServeConfig(state_dir=str(tmp_path / "state"), port=port, poll_s=0.5)
+    (tmp_path / "state").mkdir()
+    with DeletionLedger(config.ledger_url) as ledger:
+        key = ClientKeys(ledger).add("client-0")
+    from erasus_ray.benchmarks import load_benchmark
+
+    wine = load_benchmark("wine", scenario="class", seed=0)
+    mine = round_robin_owners(wine.train.ids, config.clients)["client-0"][:3]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build(config), name="erasus-test", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        auth = {"Authorization": f"Bearer {key}"}
+        inputs = {"inputs": wine.test.base.x[:2].tolist()}
+        with httpx.Client(base_url=base, timeout=30.0) as http:
+            assert http.post("/predict", json=inputs).status_code == 401
+            assert http.post("/predict", json=inputs, headers=auth).json()["model_version"] == 0
+            filed = http.post("/v1/deletions", json={"request_id": "http-1", "ids": mine}, headers=auth)
+            assert filed.status_code == 202, filed.text
+            status = _wait(lambda: http.get("/v1/deletions/http-1", headers=auth).json(),
+                           lambda s: s.get("state") in ("verified", "failed"))
+            assert status["state"] == "verified" and status["model_version"] == 1, status
+            assert [t["to"] for t in status["history"]][-3:] == ["scheduled", "unlearned", "verified"]
+            assert http.post("/predict", json=inputs, headers=auth).json()["model_version"] == 1
+    finally:
+        serve.delete("erasus-test")
+        serve.shutdown()
