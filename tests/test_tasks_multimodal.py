@@ -8,8 +8,12 @@ import torch.nn.functional as F
 from erasus_ray import ErasusUnlearner
 from erasus_ray.data import as_id_dataset, make_loader
 from erasus_ray.tasks import get_task
+from erasus_ray.tasks.classification import ClassificationTask
 from erasus_ray.tasks.contrastive import ContrastiveTask
-from erasus_ray.testing import build_family
+from erasus_ray.tasks.seq2seq import Seq2SeqTask
+from erasus_ray.testing import build_family, check_strategy, check_task
+from erasus_ray.testing.families.audio import MELS, SAMPLES
+from erasus_ray.testing.families.video import FRAMES
 
 pytest.importorskip("transformers")
 
@@ -42,7 +46,8 @@ def test_auto_picks_contrastive_for_clip_with_keyword_inputs_and_its_learned_tem
     torch.testing.assert_close(task.per_sample_loss(fam.model, data), expected)
     # an explicit temperature overrides the learned scale
     fixed = ContrastiveTask.from_model(fam.model, captions=CLIP_CAPTIONS, temperature=0.5)
-    torch.testing.assert_close(fixed.per_sample_loss(fam.model, data), F.cross_entropy(cosine / 0.5, data["labels"], reduction="none"))
+    expected = F.cross_entropy(cosine / 0.5, data["labels"], reduction="none")
+    torch.testing.assert_close(fixed.per_sample_loss(fam.model, data), expected)
 
 
 def test_clip_in_batch_loss_averages_to_the_models_own_loss():
@@ -78,3 +83,40 @@ def test_gradient_ascent_on_one_class_pairs_lowers_its_zero_shot_accuracy():
     after, kept_after = _accuracy(result.model, fam.task, forget), _accuracy(result.model, fam.task, others)
     assert before >= 0.8 and after <= before - 0.5, (before, after)
     assert kept_after >= kept - 0.15, (kept, kept_after)  # measured: 0.98 -> 0.12 forgotten, 0.84 -> 0.79 kept
+
+
+# --- audio and video ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, adapter", [("wav2vec2", ClassificationTask), ("whisper", Seq2SeqTask),
+                                           ("videomae", ClassificationTask)])
+def test_auto_picks_the_adapter_and_gradient_ascent_raises_the_forget_loss(name, adapter):
+    fam = build_family(name)
+    task = get_task("auto", fam.model)
+    assert type(task) is adapter
+    assert check_task(task, fam)["checked"][:3] == ["loss", "independent", "logits"]
+    torch.manual_seed(0)
+    result = check_strategy("gradient_ascent", fam)  # asserts the forget loss rises; keep the numbers visible
+    assert result["outcome"] == "ran" and result["after"] > result["before"]
+
+
+@pytest.mark.parametrize("name, shape", [("wav2vec2", (1, SAMPLES)), ("videomae", (1, FRAMES, 1, 8, 8))])
+def test_classifier_per_sample_loss_is_the_cross_entropy_of_the_models_logits(name, shape):
+    fam = build_family(name)
+    data = _batch(fam.task, fam.test, 1)
+    assert tuple(data[0].shape) == shape  # raw waveform [B, T] / clip [B, T, C, H, W], passed to the model as is
+    expected = F.cross_entropy(fam.model(data[0]).logits, data[1])
+    torch.testing.assert_close(fam.task.per_sample_loss(fam.model, data), expected.reshape(1))
+
+
+def test_whisper_decoder_reads_labels_shifted_behind_the_start_token_and_loss_matches_the_models_own():
+    fam = build_family("whisper")
+    task = get_task("auto", fam.model)
+    assert task.decoder_start_token_id == fam.model.config.decoder_start_token_id == 1
+    features = fam.test[0][1]["input_features"]
+    data = task.collate([{"input_features": features, "labels": torch.tensor([5, 6, 2])}])
+    assert data["decoder_input_ids"].tolist() == [[1, 5, 6]]
+    assert tuple(data["input_features"].shape) == (1, MELS, 16)
+    # Whisper shifts the labels itself when given them: the same tokens, the same mean cross-entropy
+    own = fam.model(input_features=data["input_features"], labels=data["labels"]).loss
+    torch.testing.assert_close(task.per_sample_loss(fam.model, data), own.reshape(1))

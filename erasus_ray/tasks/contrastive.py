@@ -107,7 +107,8 @@ class ContrastiveTask(Task):
         self.captions = None if captions is None else torch.as_tensor(captions, dtype=torch.long)
         if self.captions is not None and (self.captions.ndim != 2 or len(self.captions) < 2):
             raise TaskMismatchError(f"captions must be a [K, L] token tensor with K >= 2; got {tuple(self.captions.shape)}")
-        self.temperature = None if temperature is None else check_real("temperature", temperature, low=0.0, low_open=True)
+        self.temperature = (None if temperature is None
+                            else check_real("temperature", temperature, low=0.0, low_open=True))
         self.pad_token_id = int(pad_token_id)
         if input_names is not None and (len(input_names) != 2 or not all(isinstance(n, str) for n in input_names)):
             raise TaskMismatchError(f"input_names must be two keyword names (images, texts); got {input_names!r}")
