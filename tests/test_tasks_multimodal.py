@@ -120,3 +120,11 @@ def test_whisper_decoder_reads_labels_shifted_behind_the_start_token_and_loss_ma
     # Whisper shifts the labels itself when given them: the same tokens, the same mean cross-entropy
     own = fam.model(input_features=data["input_features"], labels=data["labels"]).loss
     torch.testing.assert_close(task.per_sample_loss(fam.model, data), own.reshape(1))
+
+
+def test_multimodal_unlearner_detects_each_family_from_the_model():
+    from erasus_ray import MultimodalUnlearner
+
+    picked = {name: type(MultimodalUnlearner(build_family(name).model, selector=None, fraction=None).task)
+              for name in ("clip", "whisper", "videomae")}
+    assert picked == {"clip": ContrastiveTask, "whisper": Seq2SeqTask, "videomae": ClassificationTask}
