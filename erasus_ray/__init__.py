@@ -19,7 +19,7 @@ from erasus_ray.tasks import CausalLMTask, ClassificationTask, Task, get_task
 from erasus_ray.training_sisa import SISAEnsemble, SISATrainer
 from erasus_ray.runner_io import RunnerConfig
 from erasus_ray.settings import ExecutionConfig
-from erasus_ray.unlearner import ErasusUnlearner, UnlearningResult
+from erasus_ray.unlearner import ErasusUnlearner, MultimodalUnlearner, UnlearningResult
 from erasus_ray.module import Callback, TrainerResult, UnlearningModule, UnlearningTrainer
 from erasus_ray.strategies.pipeline import StrategyPipeline
 
@@ -35,6 +35,7 @@ __all__ = [
     "Coreset",
     "ErasusError",
     "ErasusUnlearner",
+    "MultimodalUnlearner",
     "ExecutionConfig",
     "IdDataset",
     "InvalidConfigError",

@@ -709,3 +709,10 @@ def _verify_once(resolved: ResolvedTarget, probe: Probe, model: nn.Module, origi
         "guard": [c.to_dict() for c in guard], "guard_ok": guard_ok, "steps": report.steps, "stopped": report.stopped,
     }
 
+
+
+#: The seed's name for the one-call unlearner on vision-language, audio and video models: the same class, whose default
+#: ``task="auto"`` picks the adapter from the model (CLIP: contrastive, Whisper: seq2seq, Wav2Vec2 / VideoMAE
+#: classifiers: classification). CLIP then uses the in-batch loss; for zero-shot classes pass
+#: ``task=ContrastiveTask.from_model(model, captions=class_captions)``.
+MultimodalUnlearner = ErasusUnlearner

@@ -1,8 +1,8 @@
 """Every registered strategy and selector on every family of erasus_ray.testing: it runs with its effect checked, or
 refuses with CapabilityError because the task lacks a capability it declares in ``requires``.
 
-The cheap families (MLP, toy denoiser, toy contrastive with and without a caption set) run in the default suite
-(about 7 s for the whole matrix on 2 cores); the CNN, tiny GPT-2 and tiny T5 are ``slow``.
+The cheap families (MLP, toy denoiser, toy contrastive with and without a caption set, tiny CLIP) run in the default suite
+(about 7 s for the whole matrix on 2 cores, plus ~27 s for CLIP); the CNN, tiny GPT-2 and tiny T5 are ``slow``.
 """
 
 import json

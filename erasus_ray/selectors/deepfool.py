@@ -14,7 +14,13 @@ from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError, TaskMismatchError
 from erasus_ray.selectors.base import SELECTORS, ScoreSelector
 from erasus_ray.tasks import Capability, Task
+from erasus_ray.tasks.base import output_tensor
 from erasus_ray.utils import model_device
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[B, C]`` logits of ``model`` on ``x``: its output, or the output's ``logits`` (a Hugging Face classifier)."""
+    return output_tensor(model(x), "logits", "deepfool needs the model's logits [B, C] (capability 'model_logits')")
 
 
 def deepfool_distances(
@@ -33,14 +39,14 @@ def deepfool_distances(
     """
     x0 = x.detach()
     with torch.no_grad():
-        first = model(x0).argmax(-1)
+        first = _logits(model, x0).argmax(-1)
     b = x0.shape[0]
     rows = torch.arange(b, device=x0.device)
     r_tot = torch.zeros_like(x0)
     active = torch.ones(b, dtype=torch.bool, device=x0.device)
     for step_no in range(int(max_iter)):
         xi = (x0 + (1.0 + overshoot) * r_tot).detach().requires_grad_(True)
-        logits = model(xi)
+        logits = _logits(model, xi)
         n_classes = logits.shape[-1]
         grads = torch.stack(
             [torch.autograd.grad(logits[:, c].sum(), xi, retain_graph=c + 1 < n_classes)[0].flatten(1) for c in range(n_classes)],
@@ -62,7 +68,7 @@ def deepfool_distances(
         r_tot = r_tot + r
     else:
         with torch.no_grad():
-            active = active & (model(x0 + (1.0 + overshoot) * r_tot).argmax(-1) == first)
+            active = active & (_logits(model, x0 + (1.0 + overshoot) * r_tot).argmax(-1) == first)
     return r_tot.flatten(1).norm(dim=1), ~active
 
 
@@ -92,7 +98,8 @@ class DeepFoolSelector(ScoreSelector):
     """
 
     #: distance to the decision boundary between class logits of one sample.
-    requires = frozenset({Capability.LOGITS, Capability.LABELS, Capability.INPUT})
+    # it calls the model on perturbed inputs itself and reads the logits from the model's own output
+    requires = frozenset({Capability.LOGITS, Capability.LABELS, Capability.INPUT, Capability.MODEL_LOGITS})
 
     default_order = "low"
     forward_only = False

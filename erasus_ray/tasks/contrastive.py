@@ -1,9 +1,11 @@
 """Adapter for two-tower contrastive models (CLIP-like): an image tower and a text tower embed into one space.
 
 Items are ``(image, text_tokens)`` or ``(image, text_tokens, label)``; the model is called ``model(images, texts)``
-and returns ``(image_emb, text_emb)`` or an object with ``image_embeds`` / ``text_embeds``. Similarities are cosine
-similarities divided by ``temperature`` (Radford et al., ICML 2021, "Learning Transferable Visual Models From
-Natural Language Supervision").
+(or by keyword, ``model(pixel_values=..., input_ids=...)`` for a Hugging Face ``CLIPModel``) and returns
+``(image_emb, text_emb)`` or an object with ``image_embeds`` / ``text_embeds``. Similarities are cosine similarities
+divided by a temperature (Radford et al., ICML 2021, "Learning Transferable Visual Models From Natural Language
+Supervision"): the ``temperature`` given, else the model's own learned scale when its output carries the scaled
+similarities (``logits_per_image`` = ``exp(logit_scale) * cosine``, so the scale trains with the model), else 0.07.
 
 Two objectives, chosen at construction:
 
@@ -20,6 +22,7 @@ Cost: one forward pass of both towers per batch (plus the K captions in the fixe
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -33,6 +36,20 @@ from erasus_ray.tasks.base import Task, TaskOutput
 from erasus_ray.tasks.capabilities import Capability as C
 from erasus_ray.tasks.capabilities import CapabilityError
 from erasus_ray.tasks.registry import register_task
+
+
+#: the temperature of a model that has no learned scale (CLIP's initial value).
+DEFAULT_TEMPERATURE = 0.07
+
+
+def _keyword_inputs(model: nn.Module) -> tuple[str, str] | None:
+    """``("pixel_values", "input_ids")`` when ``model.forward`` takes them by those names (Hugging Face two-tower
+    models, whose first positional argument is ``input_ids``), else None (called positionally as (images, texts))."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return ("pixel_values", "input_ids") if {"pixel_values", "input_ids"} <= set(params) else None
 
 
 def _embeddings(raw: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,13 +67,17 @@ def _embeddings(raw: Any) -> tuple[torch.Tensor, torch.Tensor]:
 class ContrastiveTask(Task):
     """Two-tower contrastive objective: against a fixed caption set (independent, with logits) or in-batch.
 
-    ``task="auto"`` picks it for models that declare ``two_tower = True`` and for Hugging Face ``CLIPModel`` /
-    ``SiglipModel``-named classes (called as ``model(images, texts)``; wrap a model with another signature).
+    ``task="auto"`` picks it for models that declare ``two_tower = True`` and for Hugging Face two-tower models (a
+    ``CLIPModel`` / ``SiglipModel``-named class, or any model with both ``get_image_features`` and
+    ``get_text_features``); :meth:`from_model` reads how to call it and its pad id.
 
     Args:
         captions: ``[K, L]`` token ids of the fixed reference set (one per class); None: in-batch InfoNCE.
-        temperature: divides the cosine similarities (CLIP's learned value settles near 0.01; 0.07 at its start).
+        temperature: divides the cosine similarities. None: the model's learned scale when its output has
+            ``logits_per_image`` (CLIP), else 0.07 (CLIP's initial value; its learned one settles near 0.01).
         pad_token_id: pads texts of different lengths.
+        input_names: keyword names of the (images, texts) inputs, e.g. ``("pixel_values", "input_ids")``; None:
+            positional.
 
     The declared capabilities depend on the mode and are set on the instance (``task.capabilities``); the class
     lists their union, so that ``providers`` names this task for each.
@@ -67,14 +88,31 @@ class ContrastiveTask(Task):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return getattr(model, "two_tower", False) is True or type(model).__name__ in ("CLIPModel", "SiglipModel")
+        if getattr(model, "two_tower", False) is True or type(model).__name__ in ("CLIPModel", "SiglipModel"):
+            return True
+        return all(callable(getattr(model, m, None)) for m in ("get_image_features", "get_text_features"))
 
-    def __init__(self, captions: torch.Tensor | None = None, temperature: float = 0.07, pad_token_id: int = 0) -> None:
+    @classmethod
+    def from_model(cls, model: nn.Module, **kwargs: Any) -> "ContrastiveTask":
+        """The adapter with the input names (keywords for a Hugging Face model) and the text pad id read from the
+        model unless given."""
+        kwargs.setdefault("input_names", _keyword_inputs(model))
+        config = getattr(getattr(model, "config", None), "text_config", None)
+        if "pad_token_id" not in kwargs and isinstance(getattr(config, "pad_token_id", None), int):
+            kwargs["pad_token_id"] = config.pad_token_id
+        return cls(**kwargs)
+
+    def __init__(self, captions: torch.Tensor | None = None, temperature: float | None = None, pad_token_id: int = 0,
+                 input_names: tuple[str, str] | None = None) -> None:
         self.captions = None if captions is None else torch.as_tensor(captions, dtype=torch.long)
         if self.captions is not None and (self.captions.ndim != 2 or len(self.captions) < 2):
             raise TaskMismatchError(f"captions must be a [K, L] token tensor with K >= 2; got {tuple(self.captions.shape)}")
-        self.temperature = check_real("temperature", temperature, low=0.0, low_open=True)
+        self.temperature = (None if temperature is None
+                            else check_real("temperature", temperature, low=0.0, low_open=True))
         self.pad_token_id = int(pad_token_id)
+        if input_names is not None and (len(input_names) != 2 or not all(isinstance(n, str) for n in input_names)):
+            raise TaskMismatchError(f"input_names must be two keyword names (images, texts); got {input_names!r}")
+        self.input_names = None if input_names is None else tuple(input_names)
         fixed = self.captions is not None
         self.capabilities = type(self).capabilities if fixed else frozenset({C.LOSS, C.FEATURES})  # type: ignore[misc]
 
@@ -103,7 +141,9 @@ class ContrastiveTask(Task):
     def model_inputs(self, data: Any) -> tuple[tuple, dict]:
         images = data["images"]
         texts = self.captions.to(images.device) if self.fixed else data["texts"]  # type: ignore[union-attr]
-        return (images, texts), {}
+        if self.input_names is None:
+            return (images, texts), {}
+        return (), dict(zip(self.input_names, (images, texts)))
 
     def batch_size(self, data: Any) -> int:
         return int(data["images"].shape[0])
@@ -117,9 +157,14 @@ class ContrastiveTask(Task):
         return {**data, "labels": labels.to(data["labels"].device)}
 
     def similarities(self, raw: Any) -> torch.Tensor:
-        """``[B, K]`` image-to-text logits: cosine similarities over the temperature."""
+        """``[B, K]`` image-to-text logits: cosine similarities over the temperature (the model's learned scale when
+        no temperature was given and its output carries ``logits_per_image``)."""
+        learned = getattr(raw, "logits_per_image", None)
+        if self.temperature is None and isinstance(learned, torch.Tensor):
+            return learned.float()
         image, text = _embeddings(raw)
-        return F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T / self.temperature
+        temperature = DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
+        return F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T / temperature
 
     def read_output(self, raw: Any, data: Any, *, features: torch.Tensor | None = None) -> TaskOutput:
         logits = self.similarities(raw)
@@ -163,4 +208,5 @@ class ContrastiveTask(Task):
 
     def __repr__(self) -> str:
         mode = f"captions={len(self.captions)}" if self.fixed else "in_batch"  # type: ignore[arg-type]
-        return f"ContrastiveTask({mode}, temperature={self.temperature})"
+        temperature = "learned" if self.temperature is None else self.temperature
+        return f"ContrastiveTask({mode}, temperature={temperature})"
