@@ -113,3 +113,14 @@ def test_demo_diffusion_stops_on_the_judged_rate(tmp_path):
         assert v["mode"] == "closed_loop" and v["target"] == "generation" and row["verified"] is True, v
         assert row["metrics"]["erased_generation_rate"] <= v["bound"]
         assert row["metrics"]["retained_generation_acc"] >= doc["rows"][0]["metrics"]["retained_generation_acc"] - 0.1
+
+
+def test_demo_table_shows_frechet_distances_as_they_are(capsys):
+    """A Frechet distance is not a rate: the demo's table must not print it x100 as 'points'."""
+    from erasus_ray.cli.report import print_table
+
+    rows = [{"label": "gold", "metrics": {"retained_frechet": 9.27, "retained_generation_acc": 0.979, "avg_gap": 0.0},
+             "timings": {"total": 1.0}, "coreset_size": 0}]
+    print_table(rows, ["retained_frechet", "retained_generation_acc"], "t")
+    out = capsys.readouterr().out
+    assert "9.270" in out and "97.9" in out and "927.0" not in out
