@@ -607,7 +607,8 @@ def resolve_target(
     target: str | Mapping[str, Any] | Target, *, task: Task, forget: IdDataset, retain: IdDataset | None,
     heldout: IdDataset | None, gold: nn.Module | Mapping[str, float] | None, probe: Probe | None = None,
 ) -> ResolvedTarget:
-    """Build the target for a run. ``"auto"``: a retrained model or gold metrics given -> ``gold``; every forget sample
+    """Build the target for a run. ``"auto"``: a judged generative task (a diffusion task with a judge), a forget set
+    of whole classes and a retrained model -> ``generation``; else a retrained model or gold metrics given -> ``gold``; every forget sample
     in a class that no retain sample has -> ``class``; a held-out set given -> ``heldout``; otherwise no measurable
     target (the run falls back to the strategy's fixed budget and says it is unverified). A named target that cannot
     be evaluated with what was given raises :class:`InvalidConfigError` naming what is missing."""
@@ -639,9 +640,11 @@ def _resolve(
         return ResolvedTarget(target, "given")
     if isinstance(target, Mapping) and set(target) & set(GENERATION_BOUNDS):
         return _generation(task, forget, retain, gold, target, "explicit generation bounds")
-    if target == "generation" or (target == "auto" and gold is not None and _judged(task)):
+    if target == "generation" or (target == "auto" and gold is not None and _judged(task)
+                                  and removed_classes(task, forget, retain) is not None):
         return _generation(task, forget, retain, gold, None, "requested" if target == "generation" else
-                           "a judged generative model and a model trained without the forget classes were given")
+                           "a judged generative model, a forget set of whole classes and a model trained without them "
+                           "were given")
     if isinstance(target, Mapping):
         t = BoundsTarget(target)
         _require(t, "bounds", heldout, gold)
