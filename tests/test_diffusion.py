@@ -354,3 +354,18 @@ def test_generation_target_is_resolved_from_gold_or_bounds_and_refuses_what_it_c
     with pytest.raises(InvalidConfigError, match="judge"):
         resolve_target("generation", gold=family.model, task=DiffusionTask(num_class_embeds=11), forget=forget,
                        retain=retain, heldout=None)
+
+
+def test_sweep_leaderboard_shows_the_judged_metrics_its_trials_measured():
+    """The sweep lays its table out from the benchmark's adapter class, whose default instance has no judge: the judged
+    generation metrics the trials measured must still be columns (and not when no trial measured them)."""
+    from pathlib import Path
+
+    from erasus_ray.tuning.config import SweepConfig
+    from erasus_ray.tuning.leaderboard import _display_keys
+
+    cfg = SweepConfig.from_yaml(Path(__file__).parents[1] / "tune_configs" / "diffusion_closed.yaml")
+    judged = {"forget_loss": 0.1, "erased_generation_rate": 0.0, "retained_generation_acc": 0.97, "retained_frechet": 9.0}
+    assert _display_keys(cfg, [{"metrics": judged}]) == ("forget_loss", "test_loss", "mia_loss_auc", "erased_generation_rate",
+                                                        "retained_generation_acc", "retained_frechet")
+    assert _display_keys(cfg, [{"metrics": {"forget_loss": 0.1}}]) == ("forget_loss", "test_loss", "mia_loss_auc")
