@@ -81,3 +81,46 @@ def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "grad_diff" in out and "el2n" in out and "digits" in out
+
+
+def test_demo_task_diffusion_runs_the_diffusion_benchmark_with_its_defaults(monkeypatch):
+    """--task diffusion is the digits_diffusion benchmark with its demo defaults (a loss selector: el2n needs logits;
+    target generation, so the job gives fit the gold model)."""
+    import erasus_ray.cli.demo as demo
+    from erasus_ray.experiment import GOLD_TARGETS
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.update(kw))
+    assert main(["demo", "--task", "diffusion", "--no-progress", "--no-ray"]) == 0
+    assert seen["benchmark"] == "digits_diffusion" and seen["selector"] == "loss"
+    cfg = JobConfig.from_dict({"benchmark": "digits_diffusion", "selector": "loss"})
+    assert cfg.target == "generation" and cfg.target in GOLD_TARGETS and cfg.strategy == "grad_diff"
+    assert JobConfig.from_dict({"benchmark": "digits"}).target == "auto"  # the other demos are unchanged
+    with pytest.raises(InvalidConfigError, match="target"):
+        JobConfig.from_dict({"benchmark": "digits", "target": "nonsense"})
+
+
+@pytest.mark.slow
+def test_demo_diffusion_stops_on_the_judged_rate(tmp_path):
+    """The diffusion demo (digits_diffusion seed 0, cached under ERASUS_RAY_CACHE; ~5 min on one CPU core): both runs
+    closed-loop on the generation target, and verified: the erased class's judged rate at the gold model's level
+    while the other classes keep their judged accuracy (the open-loop grad_diff defaults take it to 0.08)."""
+    assert main(["demo", "--task", "diffusion", "--out", str(tmp_path), "--no-progress", "--no-ray"]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert [r["label"] for r in doc["rows"]] == ["original", "retrain (gold)", "grad_diff full", "grad_diff loss auto"]
+    for row in doc["rows"][2:]:
+        v = row["verification"]
+        assert v["mode"] == "closed_loop" and v["target"] == "generation" and row["verified"] is True, v
+        assert row["metrics"]["erased_generation_rate"] <= v["bound"]
+        assert row["metrics"]["retained_generation_acc"] >= doc["rows"][0]["metrics"]["retained_generation_acc"] - 0.1
+
+
+def test_demo_table_shows_frechet_distances_as_they_are(capsys):
+    """A Frechet distance is not a rate: the demo's table must not print it x100 as 'points'."""
+    from erasus_ray.cli.report import print_table
+
+    rows = [{"label": "gold", "metrics": {"retained_frechet": 9.27, "retained_generation_acc": 0.979, "avg_gap": 0.0},
+             "timings": {"total": 1.0}, "coreset_size": 0}]
+    print_table(rows, ["retained_frechet", "retained_generation_acc"], "t")
+    out = capsys.readouterr().out
+    assert "9.270" in out and "97.9" in out and "927.0" not in out

@@ -18,6 +18,8 @@ from erasus_ray.data import as_id_dataset, make_loader  # noqa: E402
 from erasus_ray.errors import InvalidConfigError, InvalidDataError, TaskMismatchError  # noqa: E402
 from erasus_ray.evaluation import metric_names_for, run_metrics  # noqa: E402
 from erasus_ray.evaluation.diffusion import frechet_distance  # noqa: E402
+from erasus_ray.control import ControlConfig  # noqa: E402
+from erasus_ray.evaluation.verification import Guard, Measurement  # noqa: E402
 from erasus_ray.strategies.concept_ablation import ConceptAblation  # noqa: E402
 from erasus_ray.strategies.esd import ESD_U_SKIPPED_PREFIXES, esd_parameters, esd_target  # noqa: E402
 from erasus_ray.strategies.base import UnlearnContext  # noqa: E402
@@ -264,3 +266,106 @@ def test_methods_lower_the_erased_rate_towards_gold_and_keep_the_other_classes(m
     erased, others = rates(result.model)
     assert erased <= ERASED_RATE_MAX, (method, original, gold, erased)
     assert others >= gold[1] - OTHERS_DROP_MAX, (method, gold, others)
+
+
+# --- the closed loop's generation target -----------------------------------------------------------------------------
+
+
+def _class_split(family):
+    from erasus_ray.testing._family import digits
+
+    _, y = digits()
+    retain = family.retain.subset([i for i in family.retain.ids if int(y[i]) != FORGET_CLASS][:120])
+    return family.forget, retain
+
+
+class _MovedJudge(torch.nn.Module):
+    """Judges every image as FORGET_CLASS while ``model``'s weights are within ``radius`` of where they started, then
+    as class 0: an erased-class rate that falls from 1 to 0 at a known distance, so where the loop stops is known."""
+
+    def __init__(self, model, radius):
+        super().__init__()
+        self.model, self.radius = [model], radius
+        self.start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        self.moved = 0.0
+
+    def forward(self, x):
+        now = torch.cat([p.detach().flatten() for p in self.model[0].parameters()])
+        self.moved = float((now - self.start).norm())
+        cls = FORGET_CLASS if self.moved < self.radius else 0
+        return torch.nn.functional.one_hot(torch.full((len(x),), cls), 10).float()
+
+
+def test_generation_bound_stops_the_closed_loop_when_the_judged_rate_is_reached():
+    """grad_diff under target={"erased_generation_rate": {"max": 0.5}} stops at the first verification where the
+    judge no longer sees the class: the weights moved past the judge's radius, but not far past it (an open-loop
+    run of the same steps budget goes on moving)."""
+    family = build_family("digits_unet")
+    forget, retain = _class_split(family)
+    model = copy.deepcopy(family.model)
+    judge = _MovedJudge(model, radius=0.05)
+    task = DiffusionTask(num_class_embeds=11, draws=2, seed=0, sample_steps=2, eval_samples=2, judge=judge)
+    r = ErasusUnlearner(model, strategy="grad_diff", selector=None, fraction=None, inplace=True, progress=False, task=task,
+                        target={"erased_generation_rate": {"max": 0.5}}, seed=0, batch_size=8,
+                        control=ControlConfig(verify_every=2, budget_steps=200, budget_seconds=60)).fit(
+        forget_data=forget, retain_data=retain)
+    v = r.verification
+    assert v["mode"] == "closed_loop" and v["target"] == "generation" and v["passed"] is True, v
+    assert [c["name"] for c in v["criteria"]] == ["erased_generation_rate"] and v["criteria"][0]["value"] == 0.0
+    assert "verified at step" in v["stopped"] and r.report.steps < 200
+    assert judge.radius <= judge.moved < 20 * judge.radius  # stopped just past the point the judge flips
+
+
+def test_generation_target_is_resolved_from_gold_or_bounds_and_refuses_what_it_cannot_measure():
+    from erasus_ray.evaluation.diffusion import GenerationTarget
+    from erasus_ray.evaluation.verification import Probe, resolve_target
+
+    family = build_family("digits_unet")
+    forget, retain = _class_split(family)
+    task = family.task
+    probe = Probe(task, forget, retain, None)
+    auto = resolve_target("auto", task=task, forget=forget, retain=retain, heldout=None, gold=family.model, probe=probe)
+    assert isinstance(auto.target, GenerationTarget) and auto.target.classes == [FORGET_CLASS]
+    assert probe.model_metrics is not None  # every measurement of the run now includes the judged rates
+    m = probe.measure(family.model)
+    assert set(m.model_metrics) == {"erased_generation_rate", "retained_generation_acc"}
+    auto.target.prepare(m, None)  # the gold model is the model itself here: its rate + the sampling tolerance
+    assert auto.target.bound == pytest.approx(auto.target.gold_rate + max(0.05, auto.target.bound - auto.target.gold_rate))
+    assert auto.target.verdict(m).passed
+    bounds = resolve_target({"erased_generation_rate": {"max": 0.2}, "retained_generation_acc": {"min": 0.5}}, task=task,
+                            forget=forget, retain=retain, heldout=None, gold=None).target
+    assert bounds.bound == 0.2 and bounds.min_retained == 0.5
+    guard = bounds.guard_criteria(Measurement(m.forget, None, None, {"erased_generation_rate": 0.0, "retained_generation_acc": 0.4}),
+                                  m, Guard())
+    assert [(c.name, c.passed) for c in guard] == [("retained_generation_acc", False)]
+    kw = dict(task=task, forget=forget, retain=retain, heldout=None)
+    with pytest.raises(InvalidConfigError, match="cannot be mixed"):
+        resolve_target({"erased_generation_rate": {"max": 0.2}, "forget_loss": {"min": 1.0}}, gold=None, **kw)
+    with pytest.raises(InvalidConfigError, match="needs gold= .* or a max erased_generation_rate"):
+        resolve_target("generation", gold=None, **kw)
+    with pytest.raises(InvalidConfigError, match="gold= as a model"):
+        resolve_target("generation", gold={"forget_acc": 0.0}, **kw)
+    # auto: a forget set that is not a whole class is not a generation target (here it falls to the gold rule, which
+    # needs logits this task does not have)
+    with pytest.raises(TaskMismatchError, match="logits"):
+        resolve_target("auto", gold=family.model, task=task, forget=forget, retain=family.retain, heldout=None)
+    with pytest.raises(InvalidConfigError, match="whole classes"):  # class 3 images remain in the retain set
+        resolve_target("generation", gold=family.model, task=task, forget=forget, retain=family.retain, heldout=None)
+    with pytest.raises(InvalidConfigError, match="judge"):
+        resolve_target("generation", gold=family.model, task=DiffusionTask(num_class_embeds=11), forget=forget,
+                       retain=retain, heldout=None)
+
+
+def test_sweep_leaderboard_shows_the_judged_metrics_its_trials_measured():
+    """The sweep lays its table out from the benchmark's adapter class, whose default instance has no judge: the judged
+    generation metrics the trials measured must still be columns (and not when no trial measured them)."""
+    from pathlib import Path
+
+    from erasus_ray.tuning.config import SweepConfig
+    from erasus_ray.tuning.leaderboard import _display_keys
+
+    cfg = SweepConfig.from_yaml(Path(__file__).parents[1] / "tune_configs" / "diffusion_closed.yaml")
+    judged = {"forget_loss": 0.1, "erased_generation_rate": 0.0, "retained_generation_acc": 0.97, "retained_frechet": 9.0}
+    assert _display_keys(cfg, [{"metrics": judged}]) == ("forget_loss", "test_loss", "mia_loss_auc", "erased_generation_rate",
+                                                        "retained_generation_acc", "retained_frechet")
+    assert _display_keys(cfg, [{"metrics": {"forget_loss": 0.1}}]) == ("forget_loss", "test_loss", "mia_loss_auc")

@@ -38,13 +38,15 @@ def _fraction(text: str) -> float | str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from erasus_ray.cli.demo import run_demo
+    from erasus_ray.cli.demo import DEMO_TASKS, run_demo
+    from erasus_ray.experiment import DEMO_DEFAULTS
 
+    benchmark = DEMO_TASKS.get(args.task, args.task)
     run_demo(
-        benchmark=args.task,
+        benchmark=benchmark,
         scenario=args.scenario,
         strategy=args.strategy,
-        selector=args.selector,
+        selector=args.selector or DEMO_DEFAULTS.get(benchmark, {}).get("selector", "el2n"),
         fraction=args.fraction,
         seed=args.seed,
         out=Path(args.out),
@@ -92,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="original vs retrain vs full-forget-set vs coreset unlearning on a bundled task")
-    demo.add_argument("--task", default="digits", choices=["digits", "mnist5k", "authors", "wine", "iris", "breast_cancer"],
-                      help="benchmark task")
+    demo.add_argument("--task", default="digits", choices=["digits", "mnist5k", "authors", "wine", "iris", "breast_cancer", "diffusion"],
+                      help="benchmark task (diffusion: digits_diffusion, a class erased from a class-conditional UNet)")
     demo.add_argument("--scenario", default=None, help="digits/mnist5k: class | random10; authors: forget01 | forget05 | forget10")
     demo.add_argument("--strategy", default=None, help="strategy (default: the task's demo default)")
-    demo.add_argument("--selector", default="el2n")
+    demo.add_argument("--selector", default=None, help="coreset selector (default: the task's demo default, else el2n)")
     demo.add_argument("--fraction", type=_fraction, default="auto",
                       help="coreset fraction of the forget set, in (0, 1], or 'auto' (adaptive: grows until the whole forget set passes)")
     demo.add_argument("--seed", type=int, default=0)

@@ -10,6 +10,9 @@ from erasus_ray.cli.report import plot_rows, print_table, save_json
 from erasus_ray.evaluation import evaluate
 from erasus_ray.experiment import JobConfig, display_keys, reference_rows, run_job
 
+#: ``erasus-ray demo --task`` names that are not a benchmark's own name
+DEMO_TASKS = {"diffusion": "digits_diffusion"}
+
 
 def run_demo(
     benchmark: str = "digits",

@@ -10,16 +10,20 @@ from typing import Any, Sequence
 from erasus_ray.utils.atomic import atomic_open, atomic_savefig, atomic_write_text
 
 
+#: metrics that are not rates: tables show them as they are (not x100), plots leave them out of the points axis
+UNSCALED_SUFFIXES = ("_loss", "_frechet")
+
+
 def _fmt(value: Any, key: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if key.endswith("_loss"):
+    if key.endswith(UNSCALED_SUFFIXES):
         return f"{value:.3f}"
     return f"{100 * value:.1f}"
 
 
 def print_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], title: str) -> None:
-    """A rich table: metrics in points (x100, losses as is), Avg.Gap in points, seconds per phase."""
+    """A rich table: metrics in points (x100, losses and Frechet distances as is), Avg.Gap in points, seconds per phase."""
     from rich.console import Console
     from rich.table import Table
 
@@ -64,7 +68,7 @@ def plot_rows(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: Path, t
     import matplotlib.pyplot as plt
     import numpy as np
 
-    metric_keys = [k for k in keys if not k.endswith("_loss")]
+    metric_keys = [k for k in keys if not k.endswith(UNSCALED_SUFFIXES)]
     labels = [r["label"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1.3]})
     width = 0.8 / max(len(rows), 1)

@@ -19,8 +19,9 @@ generated once per evaluation (shared by the three metrics) and judged in one pa
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.evaluation.metrics import EvalContext, register_metric
+from erasus_ray.evaluation.verification import GENERATION_BOUNDS, TARGETS, Criterion, Guard, Measurement, Target, Verdict, verification_tolerance
 from erasus_ray.tasks import Capability, Task
 
 _NEEDS = {Capability.GUIDANCE, Capability.LABELS}
@@ -139,4 +141,116 @@ def retained_frechet(ctx: EvalContext) -> float:
     return frechet_distance(judge_features(judge, fake), judge_features(judge, _real_images(ctx, set(classes))))
 
 
-__all__ = ["erased_classes", "frechet_distance", "generated", "generation_rate", "judge_features", "retained_classes"]
+# --- the closed loop's target ---------------------------------------------------------------------------------------
+
+
+
+@TARGETS.register("generation")
+class GenerationTarget(Target):
+    """A class erased from a class-conditional diffusion model, judged on what it generates: the rate at which the
+    task's judge assigns images generated for the erased class(es) to them is at most the gold model's rate plus the
+    95% sampling tolerance of a rate on that many images (:func:`verification_tolerance`), or at most ``max_rate``;
+    and, as a utility guard, the retained classes' judged accuracy stays within the guard's ``max_acc_drop`` (or
+    above ``min_retained``) of the original model's. The loss-based guard (retain loss) still applies.
+
+    Why a model-level measurement: erasing a concept means the model stops *generating* it, which per-sample
+    denoising losses on the forget images do not tell (gradient ascent on them raises the loss long before the
+    samples change, and keeps raising it until every class is noise). Per sample (for the adaptive coreset), while
+    the rate is above its bound a forget image fails while its denoising loss is below the retain sample's median
+    (the model still fits it like data it keeps), lowest loss first.
+
+    Cost per measurement: ``task.eval_samples`` images per class of the model (erased and retained), each
+    ``task.sample_steps`` guided DDIM steps, and one judge pass; the gold model's rate once.
+    """
+
+    requires = ("judge",)
+    capabilities = frozenset({Capability.GUIDANCE, Capability.LABELS})
+
+    def __init__(self, task: Task, classes: Iterable[int], *, gold: nn.Module | None = None, max_rate: float | None = None,
+                 min_retained: float | None = None, floor: float = 0.05, seed: int = 0) -> None:
+        _judge(task)
+        self.task, self.classes = task, sorted(int(c) for c in classes)
+        if not self.classes:
+            raise InvalidConfigError("target 'generation' needs at least one erased class")
+        for c in self.classes:
+            task.check_class(c, "erased class")  # type: ignore[attr-defined]
+        if gold is None and max_rate is None:
+            raise InvalidConfigError("target 'generation' needs gold= (a model trained without the class) or a max "
+                                     "erased_generation_rate bound")
+        self.gold, self.max_rate, self.min_retained = gold, max_rate, min_retained
+        self.floor, self.seed = float(floor), int(seed)
+        self.retained = [c for c in range(task.num_classes) if c not in self.classes]  # type: ignore[attr-defined]
+        self.gold_rate: float | None = None
+        self.bound = max_rate
+
+    def measure_model(self, model: nn.Module) -> dict[str, float]:  # type: ignore[override]
+        rate = lambda cs: float(np.mean([generation_rate(self.task, model, c, seed=self.seed) for c in cs]))  # noqa: E731
+        out = {"erased_generation_rate": rate(self.classes)}
+        if self.retained:
+            out["retained_generation_acc"] = rate(self.retained)
+        return out
+
+    def prepare(self, original: Measurement, n_classes: int | None) -> None:
+        super().prepare(original, n_classes)
+        if self.gold is not None and self.gold_rate is None:
+            self.gold_rate = self.measure_model(self.gold)["erased_generation_rate"]
+            n = self.task.eval_samples * len(self.classes)  # type: ignore[attr-defined]
+            gold_bound = self.gold_rate + verification_tolerance(self.gold_rate, n, self.floor)
+            self.bound = gold_bound if self.max_rate is None else min(self.max_rate, gold_bound)
+
+    def verdict(self, m: Measurement) -> Verdict:
+        note = (f"gold model: {self.gold_rate:.4f} + sampling tolerance" if self.gold_rate is not None else "given bound")
+        return Verdict([Criterion("erased_generation_rate", m.model_metrics["erased_generation_rate"], high=self.bound,
+                                  note=f"{note}; {self.task.eval_samples} images per class")])  # type: ignore[attr-defined]
+
+    def guard_criteria(self, now: Measurement, original: Measurement, guard: Guard) -> list[Criterion]:
+        key = "retained_generation_acc"
+        if key not in now.model_metrics or key not in original.model_metrics:
+            return []
+        orig = original.model_metrics[key]
+        n = self.task.eval_samples * len(self.retained)  # type: ignore[attr-defined]
+        low = orig - verification_tolerance(orig, n, guard.max_acc_drop) if self.min_retained is None else self.min_retained
+        return [Criterion(key, now.model_metrics[key], low=low, note=f"original model: {orig:.4f}")]
+
+    def failing_ids(self, m: Measurement) -> np.ndarray:
+        f = m.forget
+        if m.model_metrics["erased_generation_rate"] <= self.bound + 1e-12:
+            return np.zeros(0, np.int64)
+        low = f.loss < float(np.median(m.retain.loss)) if m.retain is not None else np.ones(len(f), bool)
+        return f.ids[low][np.argsort(f.loss[low], kind="stable")]
+
+    def describe(self) -> dict[str, Any]:
+        return {"target": self.name, "classes": self.classes, "gold_rate": self.gold_rate, "bound": self.bound,
+                "min_retained": self.min_retained}
+
+
+def generation_target(task: Task, classes: Iterable[int] | None, *, gold: Any = None,
+                      bounds: Mapping[str, Any] | None = None, seed: int = 0) -> GenerationTarget:
+    """The :class:`GenerationTarget` that :func:`~erasus_ray.evaluation.verification.resolve_target` builds: the
+    erased classes are the forget set's (whole) classes; ``bounds`` may set ``erased_generation_rate``'s ``max`` and
+    ``retained_generation_acc``'s ``min``; ``gold`` must be a model (its metrics are not enough: the rate is judged
+    on what it generates)."""
+    if classes is None:
+        raise InvalidConfigError("target 'generation' needs a forget set made of whole classes (labels no retain "
+                                 "sample has) and retain data")
+    if gold is not None and not isinstance(gold, nn.Module):
+        raise InvalidConfigError("target 'generation' needs gold= as a model (the judged rate of what it generates), "
+                                 f"got {type(gold).__name__}")
+    bounds = dict(bounds or {})
+    unknown = sorted(set(bounds) - set(GENERATION_BOUNDS))
+    if unknown:
+        raise InvalidConfigError(f"generation bounds cannot be mixed with {unknown}; known: {', '.join(GENERATION_BOUNDS)}")
+    side = lambda key, end: _bound(bounds[key], key, end) if key in bounds else None  # noqa: E731
+    return GenerationTarget(task, classes, gold=gold, max_rate=side("erased_generation_rate", "max"),
+                            min_retained=side("retained_generation_acc", "min"), seed=seed)
+
+
+def _bound(spec: Any, key: str, end: str) -> float:
+    value = spec.get(end) if isinstance(spec, Mapping) else (spec[1] if end == "max" else spec[0])
+    other = spec.get("min" if end == "max" else "max") if isinstance(spec, Mapping) else None
+    if value is None or other is not None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidConfigError(f"target bound for {key!r} must set only a finite {end!r}, got {spec!r}")
+    return float(value)
+
+
+__all__ = ["GENERATION_BOUNDS", "GenerationTarget", "generation_target", "erased_classes", "frechet_distance", "generated", "generation_rate", "judge_features", "retained_classes"]

@@ -6,7 +6,10 @@ Two layers, both measured with forward passes only:
   more often than other classes' samples are predicted as it), ``heldout`` (the forget set's per-sample losses look
   like a held-out set's: a loss-MIA AUC within a confidence band of 0.5 and a two-sample Kolmogorov-Smirnov test),
   ``gold`` (forget accuracy and SVC MIA efficacy within tolerance of a retrained model, :data:`VERIFY_RULE`, the rule
-  the federated coordinator and the ledger use) or an explicit dict of metric bounds (:class:`BoundsTarget`).
+  the federated coordinator and the ledger use), ``generation`` (a class erased from a diffusion model: the judged
+  rate of generating it at the gold model's level, :class:`erasus_ray.evaluation.diffusion.GenerationTarget`, which
+  measures the model itself through :attr:`Target.measure_model`) or an explicit dict of metric bounds
+  (:class:`BoundsTarget`; ``erased_generation_rate`` / ``retained_generation_acc`` bounds make a ``generation`` target).
   :func:`resolve_target` picks one for ``"auto"`` and says why. The closed-loop controller
   (:mod:`erasus_ray.control`) runs a strategy until its target holds on the **whole** forget set.
 * **The utility guard** (:class:`Guard`): retain (and held-out) accuracy may not fall, nor retain loss rise, by
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 from scipy import stats
@@ -160,6 +163,8 @@ class Measurement:
     forget: SetStats
     retain: SetStats | None
     heldout: SetStats | None
+    #: model-level measurements a target asked the probe for (e.g. judged generation rates), by name
+    model_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Probe:
@@ -173,10 +178,13 @@ class Probe:
         self.retain = _sample(retain, retain_samples, seed)
         self.heldout = _sample(heldout, heldout_samples, seed + 1)
         self.batch_size = batch_size
+        #: set by :func:`resolve_target` for a target that measures the model itself (:attr:`Target.measure_model`)
+        self.model_metrics: Callable[[nn.Module], dict[str, float]] | None = None
 
     def measure(self, model: nn.Module) -> Measurement:
         run = lambda d: None if d is None else set_stats(model, self.task, d, self.batch_size)  # noqa: E731
-        return Measurement(run(self.forget), run(self.retain), run(self.heldout))
+        extra = {} if self.model_metrics is None else self.model_metrics(model)
+        return Measurement(run(self.forget), run(self.retain), run(self.heldout), extra)
 
 
 def _sample(data: IdDataset | None, n: int, seed: int) -> IdDataset | None:
@@ -271,7 +279,7 @@ class Guard:
         kept_now, kept_orig = target.guarded_heldout(now), target.guarded_heldout(original)
         if kept_now is not None and kept_orig is not None and len(kept_now) and kept_orig.has_acc:
             out.append(Criterion("heldout_acc", kept_now.acc, low=kept_orig.acc - self.acc_drop(kept_orig)))
-        return out
+        return out + target.guard_criteria(now, original, self)
 
     def acc_drop(self, original: SetStats) -> float:
         """The accuracy drop allowed on ``original``'s samples: ``max_acc_drop``, or the sampling half-width on a
@@ -315,6 +323,14 @@ class Target:
     def guarded_heldout(self, m: Measurement) -> SetStats | None:
         """The held-out samples the utility guard watches (all of them; a class target drops the removed class)."""
         return m.heldout
+
+    def guard_criteria(self, now: Measurement, original: Measurement, guard: Guard) -> list[Criterion]:
+        """Utility checks of the target's own measurements that the guard adds (none by default)."""
+        return []
+
+    #: a target that measures the model itself (beyond per-sample losses) sets this to a ``model -> {name: value}``
+    #: callable; the probe calls it on every measurement and stores the values in ``Measurement.model_metrics``
+    measure_model: Callable[[nn.Module], dict[str, float]] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"target": self.name}
@@ -548,7 +564,10 @@ class BoundsTarget(Target):
 
 
 #: what ``target=`` accepts besides a dict of bounds
-TARGET_NAMES = ("auto", "class", "heldout", "gold")
+TARGET_NAMES = ("auto", "class", "heldout", "gold", "generation")
+
+#: metrics of the ``generation`` target that a dict of bounds may name (:mod:`erasus_ray.evaluation.diffusion`)
+GENERATION_BOUNDS = ("erased_generation_rate", "retained_generation_acc")
 
 
 def removed_classes(task: Task, forget: IdDataset, retain: IdDataset | None) -> np.ndarray | None:
@@ -588,14 +607,29 @@ def resolve_target(
     target: str | Mapping[str, Any] | Target, *, task: Task, forget: IdDataset, retain: IdDataset | None,
     heldout: IdDataset | None, gold: nn.Module | Mapping[str, float] | None, probe: Probe | None = None,
 ) -> ResolvedTarget:
-    """Build the target for a run. ``"auto"``: a retrained model or gold metrics given -> ``gold``; every forget sample
+    """Build the target for a run. ``"auto"``: a judged generative task (a diffusion task with a judge), a forget set
+    of whole classes and a retrained model -> ``generation``; else a retrained model or gold metrics given -> ``gold``; every forget sample
     in a class that no retain sample has -> ``class``; a held-out set given -> ``heldout``; otherwise no measurable
     target (the run falls back to the strategy's fixed budget and says it is unverified). A named target that cannot
     be evaluated with what was given raises :class:`InvalidConfigError` naming what is missing."""
     resolved = _resolve(target, task=task, forget=forget, retain=retain, heldout=heldout, gold=gold, probe=probe)
     if resolved.target is not None:
         require(task, resolved.target.capabilities, algorithm=f"target {resolved.target.name!r}")
+        if probe is not None:  # a target that measures the model itself: every measurement of the run includes it
+            probe.model_metrics = resolved.target.measure_model
     return resolved
+
+
+def _generation(task: Task, forget: IdDataset, retain: IdDataset | None, gold: Any, bounds: Mapping[str, Any] | None,
+                why: str) -> ResolvedTarget:
+    from erasus_ray.evaluation.diffusion import generation_target  # diffusion-only: imported when asked for
+
+    return ResolvedTarget(generation_target(task, removed_classes(task, forget, retain), gold=gold, bounds=bounds), why)
+
+
+def _judged(task: Task) -> bool:
+    """Whether ``task`` generates class-conditionally and has a judge of what it generates (a diffusion task)."""
+    return task.provides(Capability.GUIDANCE) and getattr(task, "judge", None) is not None
 
 
 def _resolve(
@@ -604,6 +638,13 @@ def _resolve(
 ) -> ResolvedTarget:
     if isinstance(target, Target):
         return ResolvedTarget(target, "given")
+    if isinstance(target, Mapping) and set(target) & set(GENERATION_BOUNDS):
+        return _generation(task, forget, retain, gold, target, "explicit generation bounds")
+    if target == "generation" or (target == "auto" and gold is not None and _judged(task)
+                                  and removed_classes(task, forget, retain) is not None):
+        return _generation(task, forget, retain, gold, None, "requested" if target == "generation" else
+                           "a judged generative model, a forget set of whole classes and a model trained without them "
+                           "were given")
     if isinstance(target, Mapping):
         t = BoundsTarget(target)
         _require(t, "bounds", heldout, gold)

@@ -170,21 +170,28 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 # writing
 # ----------------------------------------------------------------------------------------------------------------------
 def _display_keys(cfg: SweepConfig | None, rows: list[dict[str, Any]]) -> tuple[str, ...]:
-    from erasus_ray.evaluation import display_names_for, display_names_for_row
+    from erasus_ray.evaluation import display_names_for, display_names_for_row, metric_names_for
     from erasus_ray.tasks import TASKS
 
     if cfg is not None:
         try:
-            return display_names_for(TASKS.get(cfg.task_name()))
+            task = TASKS.get(cfg.task_name())
         except KeyError:  # an unknown benchmark or task: lay the table out from the rows
             pass
+        else:
+            # the adapter class's suite, plus the display metrics it declares that only a configured instance measures
+            # (a diffusion task's judged generation metrics need its judge), where the trials measured them
+            extra = [k for k in task.display_metrics or () if any(r["metrics"].get(k) is not None for r in rows)]
+            return tuple(dict.fromkeys(display_names_for(task, [*metric_names_for(task), *extra])))
     return display_names_for_row({k: v for r in rows for k, v in r["metrics"].items() if v is not None})
 
 
 def _pts(v: Any, key: str = "") -> float:
+    from erasus_ray.cli.report import UNSCALED_SUFFIXES  # losses and Frechet distances are not rates: as they are
+
     if v is None:
         return math.nan
-    return float(v) if key.endswith("_loss") else 100 * float(v)
+    return float(v) if key.endswith(UNSCALED_SUFFIXES) else 100 * float(v)
 
 
 def _fraction(value: Any) -> str:
@@ -273,7 +280,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], keys: Sequence[str], 
              + f"; {len(trials)} trials, {len(trials) - len(ok)} errored"
              + (f"; sweep wall time {meta['wall_s']:.0f}s" if meta.get("wall_s") else "") + ".\n")
     L.append("Avg.Gap = mean |metric - retrained model's metric| over the task's metrics, in points (x100); "
-             "seconds = coreset selection + unlearning (evaluation not timed); metrics in points, losses as is. "
+             "seconds = coreset selection + unlearning (evaluation not timed); metrics in points, losses and Frechet distances as is. "
              "`P` = on the Pareto front (no trial has both lower gap and fewer seconds). The original row's seconds are "
              "its training time; the retrain row's, the gold model's training time.\n")
     head = ["rank", "run", "verified", "steps", "final coreset", "lr", "epochs", "params", "Avg.Gap", "seconds", "coreset", "P", *keys]

@@ -104,6 +104,9 @@ def job_config(cfg: SweepConfig, params: dict[str, Any], seed: int | None = None
         "selector_params": dict(cfg.selector_params.get(selector, {})),
         "fraction": fraction,
         "runner": runner,
+        # the sweep's target, so that run_job gives fit the gold model where the target is measured against it
+        # ("auto": the benchmark's default target)
+        "target": None if cfg.target == "auto" else cfg.target,
     })
 
 
