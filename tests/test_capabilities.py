@@ -239,3 +239,18 @@ def test_gradient_norm_needs_only_independent_losses(toy, method):
     assert sorted(got) == sorted(expected)
     for i in expected:  # float32 vs per-sample loop
         assert abs(got[i] - expected[i]) <= 1e-4 * max(1.0, expected[i]), (i, got[i], expected[i])
+
+
+def test_auto_target_on_a_loss_only_task_skips_the_gold_rule_it_cannot_measure(toy):
+    """The gold rule compares accuracies: with a retrained model *and* a held-out set, ``target="auto"`` on a task
+    without logits resolves to the held-out target instead of refusing; asking for ``gold`` by name still refuses."""
+    from erasus_ray.data import as_id_dataset
+    from erasus_ray.evaluation.verification import resolve_target
+
+    model, forget, retain = toy
+    task = LossOnlyTask()
+    f, r = as_id_dataset(forget), as_id_dataset(retain)
+    resolved = resolve_target("auto", task=task, forget=f, retain=r, heldout=r, gold=model)
+    assert resolved.target is not None and resolved.target.name == "heldout"
+    with pytest.raises(CapabilityError, match="target 'gold' needs 'logits'"):
+        resolve_target("gold", task=task, forget=f, retain=r, heldout=r, gold=model)

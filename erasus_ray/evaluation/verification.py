@@ -651,7 +651,8 @@ def _resolve(
         return ResolvedTarget(t, "explicit metric bounds")
     if not isinstance(target, str) or target not in TARGET_NAMES:
         raise InvalidConfigError(f"unknown target {target!r}; known: {', '.join(TARGET_NAMES)}, or a dict of metric bounds")
-    if target == "gold" or (target == "auto" and gold is not None):
+    # "auto" takes the gold rule only where it can be measured (it compares accuracies); otherwise it falls through
+    if target == "gold" or (target == "auto" and gold is not None and task.provides(Capability.LOGITS)):
         if gold is None:
             raise InvalidConfigError("target 'gold' needs gold= (a model retrained without the forget set, or its metrics)")
         return ResolvedTarget(GoldTarget(gold, probe), "a retrained model was given" if target == "auto" else "requested")

@@ -115,7 +115,8 @@ class DiffusionTask(DenoisingTask):
     # above the generic denoising adapter, which also accepts a UNet2DModel
     match_priority = 30
     default_metrics = LOSS_METRICS
-    gap_metrics = ("mia_loss_auc",) + GENERATION_METRICS
+    #: Avg.Gap averages rates only (points): the Frechet distance is in judge-feature units, so it is shown, not averaged
+    gap_metrics = ("mia_loss_auc", "erased_generation_rate", "retained_generation_acc")
     display_metrics = ("forget_loss", "test_loss", "mia_loss_auc") + GENERATION_METRICS
     eval_batch_size = 64
 

@@ -298,8 +298,11 @@ def _progress_callback() -> Any:
             s = c.get("strategy")
             lr = f"{r['lr']:.3g}" if isinstance(r.get("lr"), (int, float)) else "-"
             early = f" (stopped early at epoch {r['epoch']})" if str(r.get("stopped", "")).startswith("running") else ""
+            # a closed-loop trial's step size is the controller's, not a searched lr x epochs: show its steps
+            budget = (f"closed loop, {r.get('steps')} steps" if r.get("mode") == "closed_loop"
+                      else f"lr={lr} epochs={r.get('epochs')}")
             print(f"  trial {trial.trial_id}: {s} {c.get('selector')}@{_fraction(c.get('fraction'))} "
-                  f"lr={lr} epochs={r.get('epochs')} -> Avg.Gap {100 * r.get('avg_gap', float('nan')):.2f} pts, "
+                  f"{budget} -> Avg.Gap {100 * r.get('avg_gap', float('nan')):.2f} pts, "
                   f"{r.get('seconds', float('nan')):.2f}s, verified {r.get('verified')}{early}", flush=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
