@@ -83,6 +83,19 @@ def test_list(capsys):
     assert "grad_diff" in out and "el2n" in out and "digits" in out
 
 
+def test_list_requires_shows_the_capability_contract(capsys):
+    """One line per task (what it provides) and per algorithm / metric (what it needs), from the declarations."""
+    import re
+
+    assert main(["list", "--requires"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^task +denoising +provides independent, loss$", out, re.M)
+    assert re.search(r"^strategy +npo +needs logits$", out, re.M)
+    assert re.search(r"^strategy +dpo +needs logits labels\|tokens$", out, re.M)  # one of labels / tokens
+    assert re.search(r"^selector +loss +needs loss$", out, re.M)
+    assert re.search(r"^metric +forget_acc +needs logits$", out, re.M)
+
+
 def test_demo_task_diffusion_runs_the_diffusion_benchmark_with_its_defaults(monkeypatch):
     """--task diffusion is the digits_diffusion benchmark with its demo defaults (a loss selector: el2n needs logits;
     target generation, so the job gives fit the gold model)."""

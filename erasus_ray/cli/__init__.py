@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from erasus_ray.errors import ErasusError
 
@@ -78,14 +78,39 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needs(cls: Any) -> str:
+    """What an algorithm class declares beyond the per-sample loss: ``logits+labels``, ``tokens|labels`` (one of)."""
+    extra = sorted(str(c) for c in cls.requires if str(c) != "loss")
+    one_of = sorted(str(c) for c in getattr(cls, "requires_one_of", ()))
+    parts = ["+".join(extra)] if extra else []
+    if one_of:
+        parts.append("|".join(one_of))
+    return " ".join(parts) or "loss"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from erasus_ray.benchmarks import BENCHMARKS
+    from erasus_ray.evaluation import METRICS
     from erasus_ray.selectors import SELECTORS
     from erasus_ray.strategies import STRATEGIES
+    from erasus_ray.tasks import TASKS
 
-    print("strategies:", ", ".join(STRATEGIES.names()))
-    print("selectors: ", ", ".join(SELECTORS.names()))
-    print("benchmarks:", ", ".join(sorted(BENCHMARKS)))
+    if not args.requires:
+        print("strategies:", ", ".join(STRATEGIES.names()))
+        print("selectors: ", ", ".join(SELECTORS.names()))
+        print("tasks:     ", ", ".join(TASKS.names()))
+        print("metrics:   ", ", ".join(METRICS.names()))
+        print("benchmarks:", ", ".join(sorted(BENCHMARKS)))
+        return 0
+    # what each registered thing provides or needs (the capability contract, erasus_ray.tasks.capabilities)
+    for name in TASKS.names():
+        caps = sorted(str(c) for c in TASKS.get(name).capabilities)
+        print(f"task      {name:24s} provides {', '.join(caps)}")
+    for kind, registry in (("strategy", STRATEGIES), ("selector", SELECTORS)):
+        for name in registry.names():
+            print(f"{kind:9s} {name:24s} needs {_needs(registry.get(name))}")
+    for name in METRICS.names():
+        print(f"metric    {name:24s} needs {_needs(METRICS.get(name))}")
     return 0
 
 
@@ -122,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep_parsers(sub, cmd_sweep, cmd_leaderboard)
 
-    lst = sub.add_parser("list", help="list registered strategies, selectors and benchmarks")
+    lst = sub.add_parser("list", help="list registered strategies, selectors, tasks, metrics and benchmarks")
+    lst.add_argument("--requires", action="store_true",
+                     help="one line each: the capabilities a task provides and an algorithm or metric needs")
     lst.set_defaults(func=cmd_list)
 
     from erasus_ray.cli.fl import add_parser as add_fl_parser
