@@ -102,6 +102,9 @@ class Metric:
     gap: bool = False
     display: bool = False
     doc: str = ""
+    #: fields every item of its splits must carry beyond what the task reads (TOFU's paraphrased / perturbed answers);
+    #: a split without them is refused with InvalidDataError naming them
+    item_fields: tuple[str, ...] = ()
 
 
 class MetricRegistry:
@@ -165,18 +168,20 @@ def register_metric(
     columns: Iterable[str] = (),
     gap: bool = False,
     display: bool = False,
+    item_fields: Iterable[str] = (),
 ) -> Callable[[Callable[[EvalContext], float]], Callable[[EvalContext], float]]:
     """Decorator: register ``fn(ctx) -> float`` as metric ``name``.
 
     ``requires``: the task capabilities it needs (a misspelt one fails here); ``splits``: the splits it reads (it is
     left out of an evaluation that lacks one); ``columns``: extra per-sample columns it reads from ``ctx.stats``;
     ``gap``: its gap to the retrained model counts in Avg.Gap (unless the task's suite says otherwise); ``display``:
-    tables show it (likewise).
+    tables show it (likewise); ``item_fields``: dataset fields it reads beyond the task's contract (a data
+    requirement, refused with :class:`InvalidDataError` on items without them).
     """
 
     def decorator(fn: Callable[[EvalContext], float]) -> Callable[[EvalContext], float]:
         METRICS.add(Metric(name, fn, capability_set(requires, f"metric {name!r}"), tuple(splits), tuple(columns),
-                           gap, display, (fn.__doc__ or "").strip()))
+                           gap, display, (fn.__doc__ or "").strip(), tuple(item_fields)))
         return fn
 
     return decorator

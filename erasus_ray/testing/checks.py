@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from erasus_ray.data import Batch, IdDataset, make_loader
+from erasus_ray.errors import InvalidDataError
 from erasus_ray.selectors import SELECTORS, Selector
 from erasus_ray.strategies import STRATEGIES, Strategy
 from erasus_ray.tasks import Capability, CapabilityError, Task, missing
@@ -264,6 +265,15 @@ def check_metric(metric: str, family: Family) -> dict[str, Any]:
     def compute() -> dict[str, float]:
         return run_metrics(family.model, family.task, splits, [metric], max_new_tokens=4)
 
+    absent = [f for f in METRICS.get(metric).item_fields if not _items_carry(family, f)]
+    if not lacking and absent:  # a declared data requirement the family's items do not meet: a clear refusal
+        try:
+            compute()
+        except InvalidDataError as err:
+            assert all(f in str(err) for f in absent), f"{what}: the refusal must name {absent}: {err}"
+            return {"outcome": "refused", "lacking": absent}
+        raise AssertionError(f"{what} ran although the items lack its declared fields {absent}")
+
     refused, values = _run_declared(what, declared, lacking, compute)
     if refused:
         return refused
@@ -272,6 +282,12 @@ def check_metric(metric: str, family: Family) -> dict[str, Any]:
     if metric.endswith(RATE_SUFFIXES):
         assert -1e-9 <= value <= 1 + 1e-9, f"{what}: a rate outside [0, 1]: {value}"
     return {"outcome": "ran", "value": float(value)}
+
+
+def _items_carry(family: Family, field: str) -> bool:
+    """Whether the family's forget items (dicts) carry ``field``."""
+    item = family.forget[0][1] if len(family.forget) else None
+    return isinstance(item, dict) and field in item
 
 
 #: metric name endings that denote a rate or probability in [0, 1]

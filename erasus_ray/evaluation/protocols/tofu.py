@@ -113,13 +113,13 @@ def context_truth_ratios(ctx: EvalContext, split: str) -> np.ndarray:
         ctx.model, ctx.task, ctx.splits[split], ctx.batch_size, split))
 
 
-@register_metric("forget_truth_ratio", requires=_LM, splits=("forget",))
+@register_metric("forget_truth_ratio", requires=_LM, splits=("forget",), item_fields=(PARAPHRASED, PERTURBED))
 def forget_truth_ratio(ctx: EvalContext) -> float:
     """TOFU truth ratio on the forget set: mean ``min(R, 1/R)``."""
     return forget_truth_ratio_stat(context_truth_ratios(ctx, "forget"))
 
 
-@register_metric("retain_truth_ratio", requires=_LM, splits=("retain",))
+@register_metric("retain_truth_ratio", requires=_LM, splits=("retain",), item_fields=(PARAPHRASED, PERTURBED))
 def retain_truth_ratio(ctx: EvalContext) -> float:
     """TOFU truth ratio on the retain set: mean ``max(0, 1 - R)``."""
     return retain_truth_ratio_stat(context_truth_ratios(ctx, "retain"))
@@ -134,7 +134,7 @@ def utility_from_parts(prob: float, rouge_l: float, truth_ratio: float) -> float
 
 
 @register_metric("model_utility", requires=_LM | {Capability.GENERATION}, splits=("retain",), columns=("references",),
-                 display=True)
+                 display=True, item_fields=(PARAPHRASED, PERTURBED))
 def model_utility(ctx: EvalContext) -> float:
     """Harmonic mean of retain answer probability, retain ROUGE-L and retain truth ratio (TOFU's model utility)."""
     prob = METRICS.get("retain_prob").compute(ctx)
