@@ -38,10 +38,10 @@ def _fraction(text: str) -> float | str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from erasus_ray.cli.demo import DEMO_TASKS, run_demo
+    from erasus_ray.cli.demo import demo_benchmark, run_demo
     from erasus_ray.experiment import DEMO_DEFAULTS
 
-    benchmark = DEMO_TASKS.get(args.task, args.task)
+    benchmark = demo_benchmark(args.task)
     run_demo(
         benchmark=benchmark,
         scenario=args.scenario,
@@ -119,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="original vs retrain vs full-forget-set vs coreset unlearning on a bundled task")
-    demo.add_argument("--task", default="digits", choices=["digits", "mnist5k", "authors", "wine", "iris", "breast_cancer", "diffusion"],
-                      help="benchmark task (diffusion: digits_diffusion, a class erased from a class-conditional UNet)")
+    demo.add_argument("--task", default="digits",
+                      help="a benchmark (digits, mnist5k, authors, wine, iris, breast_cancer, digits_diffusion; "
+                           "`erasus-ray list`), or a task family that one benchmark has (e.g. the diffusion family: "
+                           "digits_diffusion, a class erased from a class-conditional UNet)")
     demo.add_argument("--scenario", default=None, help="digits/mnist5k: class | random10; authors: forget01 | forget05 | forget10")
     demo.add_argument("--strategy", default=None, help="strategy (default: the task's demo default)")
     demo.add_argument("--selector", default=None, help="coreset selector (default: the task's demo default, else el2n)")

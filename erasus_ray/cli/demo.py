@@ -5,13 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from erasus_ray.benchmarks import load_benchmark
+from erasus_ray.benchmarks import BENCHMARKS, benchmark_spec_class, load_benchmark
 from erasus_ray.cli.report import plot_rows, print_table, save_json
+from erasus_ray.errors import UnknownNameError
 from erasus_ray.evaluation import evaluate
 from erasus_ray.experiment import JobConfig, display_keys, reference_rows, run_job
 
-#: ``erasus-ray demo --task`` names that are not a benchmark's own name
-DEMO_TASKS = {"diffusion": "digits_diffusion"}
+def demo_benchmark(name: str) -> str:
+    """The benchmark ``erasus-ray demo --task NAME`` runs: a benchmark's own name, or the name of a task family that
+    exactly one benchmark has (``diffusion`` -> ``digits_diffusion``; read from the benchmarks' adapter classes, so a
+    new family's benchmark gets its alias without an edit here). Unknown: an error listing both kinds of name."""
+    if name in BENCHMARKS:
+        return name
+    families: dict[str, list[str]] = {}
+    for bench in sorted(BENCHMARKS):
+        families.setdefault(benchmark_spec_class(bench).task_class.name, []).append(bench)
+    if len(families.get(name, ())) == 1:
+        return families[name][0]
+    aliases = sorted(f for f, benches in families.items() if len(benches) == 1 and f not in BENCHMARKS)
+    raise UnknownNameError(f"Unknown demo task {name!r}. Benchmarks: {', '.join(sorted(BENCHMARKS))}; task families "
+                           f"with one benchmark: {', '.join(aliases)}")
 
 
 def run_demo(

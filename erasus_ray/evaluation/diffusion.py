@@ -166,6 +166,12 @@ class GenerationTarget(Target):
     requires = ("judge",)
     capabilities = frozenset({Capability.GUIDANCE, Capability.LABELS})
 
+    @classmethod
+    def from_request(cls, task: Task, classes: Iterable[int] | None, *, gold: Any = None,
+                     bounds: Mapping[str, Any] | None = None) -> "GenerationTarget":
+        """:func:`generation_target` (what :func:`~erasus_ray.evaluation.verification.resolve_target` calls)."""
+        return generation_target(task, classes, gold=gold, bounds=bounds)
+
     def __init__(self, task: Task, classes: Iterable[int], *, gold: nn.Module | None = None, max_rate: float | None = None,
                  min_retained: float | None = None, floor: float = 0.05, seed: int = 0) -> None:
         _judge(task)

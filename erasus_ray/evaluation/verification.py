@@ -622,9 +622,10 @@ def resolve_target(
 
 def _generation(task: Task, forget: IdDataset, retain: IdDataset | None, gold: Any, bounds: Mapping[str, Any] | None,
                 why: str) -> ResolvedTarget:
-    from erasus_ray.evaluation.diffusion import generation_target  # diffusion-only: imported when asked for
-
-    return ResolvedTarget(generation_target(task, removed_classes(task, forget, retain), gold=gold, bounds=bounds), why)
+    # the "generation" target registers itself from its own module (evaluation/diffusion.py, imported with the
+    # evaluation package): looked up by name, so this layer does not import the diffusion one
+    build = TARGETS.get("generation").from_request
+    return ResolvedTarget(build(task, removed_classes(task, forget, retain), gold=gold, bounds=bounds), why)
 
 
 def _judged(task: Task) -> bool:
