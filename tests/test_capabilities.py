@@ -8,6 +8,7 @@ import ast
 import inspect
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -254,3 +255,23 @@ def test_auto_target_on_a_loss_only_task_skips_the_gold_rule_it_cannot_measure(t
     assert resolved.target is not None and resolved.target.name == "heldout"
     with pytest.raises(CapabilityError, match="target 'gold' needs 'logits'"):
         resolve_target("gold", task=task, forget=f, retain=r, heldout=r, gold=model)
+
+
+def test_a_selector_whose_scores_are_all_equal_says_so(toy):
+    """Equal scores (forgetting events on an LM whose proxy replay never learns an answer) pick the smallest ids: the
+    selection carries no information, and the coreset says it and warns instead of passing it off as a ranking."""
+    from erasus_ray.selectors.base import ScoreSelector
+
+    class Flat(ScoreSelector):
+        requires = frozenset({C.LOSS})
+
+        def score(self, model, forget, task, seed, **context):
+            return np.full(len(forget), 8.0)
+
+    Flat.name = "flat_scores"
+    model, forget, _ = toy
+    with pytest.warns(RuntimeWarning, match="scored every one of the 16 forget samples 8"):
+        core = Flat().select(model, forget, task=LossOnlyTask(), k=4)
+    assert "uninformative_scores" in core.info and sorted(core.ids.tolist()) == [0, 1, 2, 3]
+    informative = get_selector("loss").select(model, forget, task=LossOnlyTask(), k=4)
+    assert "uninformative_scores" not in informative.info

@@ -8,6 +8,7 @@ depend on how the user's loader orders or shuffles the data. Ties are broken by 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -240,11 +241,18 @@ class ScoreSelector(Selector):
             raise InvalidDataError(f"{self.name} produced non-finite scores for ids {ids[~np.isfinite(scores)][:10].tolist()}")
         key = -scores if self.order == "high" else scores
         order = np.lexsort((ids, key))[:budget]
+        info: dict[str, Any] = {"order": self.order}
+        if len(scores) > 1 and float(np.ptp(scores)) == 0.0:
+            # every sample scored the same: the "top" ids are the smallest ids, a choice that carries no information
+            why = (f"selector {self.name!r} scored every one of the {len(scores)} forget samples {scores[0]:.6g}: the "
+                   "coreset is the smallest ids, not the most informative ones")
+            warnings.warn(why, RuntimeWarning, stacklevel=3)
+            info["uninformative_scores"] = why
         return Coreset(
             ids=ids[order].copy(),
             weights=np.full(budget, len(ids) / budget),
             scores={int(i): float(s) for i, s in zip(ids, scores)},
-            info={"order": self.order},
+            info=info,
         )
 
     @torch.no_grad()
