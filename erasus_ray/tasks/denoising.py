@@ -97,12 +97,19 @@ class DenoisingTask(Task):
             x, y = default_collate(items), None
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TaskMismatchError("denoising items must be float tensors x or (x, y) pairs")
-        keys = range(len(items)) if ids is None else [int(i) for i in ids]
-        t, noise = zip(*(self._draws(k, x.shape[1:], x.dtype) for k in keys))
-        data = {"x": x, "t": torch.stack(t), "noise": torch.stack(noise)}
+        t, noise = self.keyed_draws(len(items), ids, x.shape[1:], x.dtype)
+        data = {"x": x, "t": t, "noise": noise}
         if y is not None:
             data["y"] = y
         return data
+
+    def keyed_draws(self, n: int, ids: Any, shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t [n, draws], noise [n, draws, *shape])`` of a batch, each row from its sample id's own generator (row
+        positions when no ids are given). One generator per sample is the price of draws that do not depend on the
+        batch a sample lands in; it runs in the loader's collate, not in the model's forward or backward."""
+        keys = range(n) if ids is None else [int(i) for i in ids]
+        t, noise = zip(*(self._draws(k, shape, dtype) for k in keys))
+        return torch.stack(t), torch.stack(noise)
 
     def _draws(self, key: int, shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         g = sample_generator(self.seed, key)

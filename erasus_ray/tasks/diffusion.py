@@ -209,8 +209,7 @@ class DiffusionTask(DenoisingTask):
             t = torch.randint(0, self.num_timesteps, (len(items), self.draws))
             noise = torch.randn((len(items), self.draws, *x.shape[1:]), dtype=x.dtype)
         else:
-            keys = range(len(items)) if ids is None else [int(i) for i in ids]
-            t, noise = (torch.stack(v) for v in zip(*(self._draws(k, x.shape[1:], x.dtype) for k in keys)))
+            t, noise = self.keyed_draws(len(items), ids, x.shape[1:], x.dtype)
         return {"x": x, "t": t, "noise": noise, "y": y, "cond": self._conditions(y, t.shape)}
 
     def _check_labels(self, y: torch.Tensor) -> None:
