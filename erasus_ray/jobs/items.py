@@ -4,6 +4,9 @@
   (default: every numeric column but the id and label columns; a ``[N, ...]`` array such as an ``.npz``'s ``x`` keeps
   its shape), ``y`` from ``label_column``. The dataset is a ``TensorDataset``, so its NaN/inf check is one vectorised
   pass.
+* With a ``label_column`` and token input (a ``text_column``, or an ``input_ids`` column: a token encoder such as a
+  ``*ForSequenceClassification`` model), one dict per row ``{input_ids, attention_mask?, labels}``, ``labels`` the
+  row's class from ``label_column``.
 * Without one (token tasks: ``causal_lm``, ``seq2seq``, any adapter whose items are dicts), one dict per row: the columns
   named in ``features`` (default: those of ``input_ids``, ``attention_mask``, ``labels``, ``answer_start``,
   ``decoder_input_ids`` that exist), plus ``text_column`` tokenised to ``input_ids`` and ``target_column`` tokenised
@@ -77,10 +80,16 @@ def classifier_dataset(table: Table, ids: np.ndarray, *, features: Sequence[str]
 
 
 def token_dataset(table: Table, ids: np.ndarray, *, features: Sequence[str] | None, tokenizer: Any,
-                  text_column: str | None, target_column: str | None) -> DictRowDataset:
+                  text_column: str | None, target_column: str | None, label_column: str | None = None) -> DictRowDataset:
     """Dict rows for token adapters: see the module docstring."""
     names = list(features) if features else [n for n in TOKEN_COLUMNS if n in table.columns]
     columns = {name: table.column(name, "data.features") for name in names}
+    if label_column is not None:  # a sequence classifier: one class label per row
+        labels = table.column(label_column, "data.label_column")
+        if labels.dtype.kind not in "iu":
+            raise InvalidDataError(f"data.label_column: column {label_column!r} must hold integer class labels, got "
+                                   f"dtype {labels.dtype}")
+        columns["labels"] = labels
     for column, field in ((text_column, "input_ids"), (target_column, "labels")):
         if column is None:
             continue

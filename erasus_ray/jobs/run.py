@@ -51,13 +51,15 @@ def read_job_table(cfg: UserJobConfig) -> Table:
 
 def build_dataset(cfg: UserJobConfig, table: Table, ids: np.ndarray, task: Task, tokenizer: Any) -> Dataset:
     """The table's rows as items (:mod:`erasus_ray.jobs.items`): ``(x, y)`` pairs when the job names a
-    ``label_column`` (classifiers), else one dict per row (token tasks: causal LM, seq2seq)."""
+    ``label_column`` over numeric features (classifiers), else one dict per row (token tasks: causal LM, seq2seq,
+    and sequence classifiers, whose dicts carry the label)."""
     data = cfg.data
-    if data.get("label_column") is not None:  # labelled rows: (x, y) items
-        return classifier_dataset(table, ids, features=data.get("features"), label_column=data["label_column"],
+    label = data.get("label_column")
+    if label is not None and data.get("text_column") is None and "input_ids" not in table.columns:
+        return classifier_dataset(table, ids, features=data.get("features"), label_column=label,
                                   id_column=data["id_column"])
     return token_dataset(table, ids, features=data.get("features"), tokenizer=tokenizer,
-                         text_column=data.get("text_column"), target_column=data.get("target_column"))
+                         text_column=data.get("text_column"), target_column=data.get("target_column"), label_column=label)
 
 
 def split_rows(cfg: UserJobConfig, table: Table, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -135,27 +135,26 @@ def _read_npz(path: Path, split: str | None) -> dict[str, np.ndarray]:
 
 
 def _read_saved_dataset(path: Path, split: str | None) -> dict[str, np.ndarray]:
-    """A ``save_to_disk`` folder: through ``datasets.load_from_disk`` where installed, else its Arrow files directly
-    (``state.json`` lists them; each is an Arrow IPC stream), so reading needs only pyarrow."""
+    """A ``save_to_disk`` folder, read from its Arrow files (``state.json`` lists them; each is an Arrow IPC stream),
+    not through ``datasets.load_from_disk``: it needs only pyarrow, and ``save_to_disk`` has already applied any
+    ``select`` / ``shuffle`` index mapping to those files (``flatten_indices``), so they are the dataset's rows."""
+    import pyarrow as pa
+
     if (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
         if split is None or split not in splits:
             raise InvalidConfigError(f"data.split: {path} holds splits {splits}; name one (got {split!r})")
         path = path / split
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        import pyarrow as pa
+    tables = []
+    for file in saved_dataset_files(path):
+        with pa.memory_map(str(file)) as source:
+            tables.append(pa.ipc.open_stream(source).read_all())
+    return _arrow_columns(pa.concat_tables(tables))
 
-        files = [path / f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]]
-        tables = []
-        for file in files:
-            with pa.memory_map(str(file)) as source:
-                tables.append(pa.ipc.open_stream(source).read_all())
-        return _arrow_columns(pa.concat_tables(tables))
-    from datasets import load_from_disk
 
-    return _arrow_columns(load_from_disk(str(path)).data.table)
+def saved_dataset_files(path: Path) -> list[Path]:
+    """The Arrow files of one split of a ``save_to_disk`` folder, in row order."""
+    return [path / f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]]
 
 
 _READERS: dict[str, Callable[[Path, str | None], dict[str, np.ndarray]]] = {

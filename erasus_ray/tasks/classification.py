@@ -1,4 +1,6 @@
-"""Adapter for classifiers: items are ``(x, y)``, the model maps ``x`` to ``[B, C]`` logits."""
+"""Adapter for classifiers: items are ``(x, y)``, the model maps ``x`` to ``[B, C]`` logits; or, for token encoders
+(Hugging Face ``*ForSequenceClassification``), dict items ``{input_ids, attention_mask?, labels}`` right-padded into a
+dict batch whose ``input_ids`` / ``attention_mask`` are the model's keyword inputs."""
 
 from __future__ import annotations
 
@@ -32,10 +34,13 @@ class ClassificationTask(Task):
     """Classification: one prediction unit per sample; items are ``(x, y)``, the model maps ``x`` to ``[B, C]``.
 
     ``task="auto"`` picks it for plain ``nn.Module`` models and Hugging Face ``*For...Classification`` models
-    (called with the input tensor alone).
+    (called with the input tensor alone, or, for dict items, with ``input_ids`` and ``attention_mask``; the output
+    object's ``logits`` are read).
 
     Args:
         head: name of the module whose *input* is the penultimate feature (default: the last ``nn.Linear``).
+        pad_token_id: id that right-pads dict items' ``input_ids`` (attention 0 there); read from the model's
+            config by :meth:`from_model`.
     """
 
     capabilities = frozenset({C.LOGITS, C.LABELS, C.FEATURES, C.HEAD, C.INDEPENDENT, C.INPUT, C.MODEL_LOGITS})
@@ -52,27 +57,57 @@ class ClassificationTask(Task):
             return True
         return type(model).__name__.endswith(_HF_CLASSIFIER_SUFFIXES)
 
-    def __init__(self, head: str | None = None) -> None:
+    @classmethod
+    def from_model(cls, model: nn.Module, **kwargs: Any) -> "ClassificationTask":
+        """The adapter for ``model``, with a Hugging Face model's ``pad_token_id`` (for dict items) unless given."""
+        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+        if "pad_token_id" not in kwargs and isinstance(pad, int):
+            kwargs["pad_token_id"] = pad
+        return cls(**kwargs)
+
+    def __init__(self, head: str | None = None, pad_token_id: int = 0) -> None:
         self.head = head
+        self.pad_token_id = int(pad_token_id)
 
     def collate(self, items: list[Any]) -> Any:
+        if isinstance(items[0], dict):
+            return self._collate_tokens(items)
         x, y = default_collate(items)[:2] if isinstance(items[0], (tuple, list)) else (None, None)
         if x is None:
-            raise TaskMismatchError("classification items must be (input, label) pairs")
+            raise TaskMismatchError("classification items must be (input, label) pairs or dicts with input_ids and labels")
         return x, torch.as_tensor(y).long()
 
+    def _collate_tokens(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Dict items (a token encoder's) right-padded to the batch's longest: ``input_ids``, ``attention_mask``
+        (1 on tokens, or the item's own mask), ``labels`` ``[B]``."""
+        if "input_ids" not in items[0] or "labels" not in items[0]:
+            raise TaskMismatchError(f"classification dict items need 'input_ids' and 'labels', got keys {sorted(items[0])}")
+        seqs = [torch.as_tensor(it["input_ids"], dtype=torch.long).reshape(-1) for it in items]
+        input_ids = torch.full((len(seqs), max(len(q) for q in seqs)), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for row, (item, seq) in enumerate(zip(items, seqs)):
+            input_ids[row, :len(seq)] = seq
+            mask = item.get("attention_mask")
+            attention[row, :len(seq)] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long).reshape(-1)
+        labels = torch.as_tensor([int(torch.as_tensor(it["labels"])) for it in items], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
     def model_inputs(self, data: Any) -> tuple[tuple, dict]:
+        if isinstance(data, dict):
+            return (), {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]}
         return (data[0],), {}
 
     def labels_of(self, data: Any) -> torch.Tensor:
-        return data[1]
+        return data["labels"] if isinstance(data, dict) else data[1]
 
     def relabel(self, data: Any, labels: torch.Tensor) -> Any:
+        if isinstance(data, dict):
+            return {**data, "labels": labels.to(data["labels"].device)}
         return data[0], labels.to(data[1].device)
 
     def read_output(self, raw: Any, data: Any, *, features: torch.Tensor | None = None) -> TaskOutput:
         logits = _logits_of(raw)
-        targets = data[1].to(logits.device)
+        targets = self.labels_of(data).to(logits.device)
         if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
             raise TaskMismatchError(
                 f"classification task expects logits of shape [B, C] with B={targets.shape[0]}; "
@@ -87,11 +122,11 @@ class ClassificationTask(Task):
         return TaskOutput(logits, targets, owner, int(targets.shape[0]), features)
 
     def dense_sample_loss(self, raw: Any, data: Any) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(at_least_fp32(_logits_of(raw)), data[1], reduction="none")
+        return torch.nn.functional.cross_entropy(at_least_fp32(_logits_of(raw)), self.labels_of(data), reduction="none")
 
     def dense_units(self, raw: Any, data: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = at_least_fp32(_logits_of(raw))
-        return logits[:, None], data[1][:, None], torch.ones(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)
+        return logits[:, None], self.labels_of(data)[:, None], torch.ones(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)
 
     def head_module(self, model: nn.Module) -> nn.Module:
         if self.head is not None:
