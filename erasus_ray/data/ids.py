@@ -134,7 +134,8 @@ def is_stream(data: Any) -> bool:
 STREAM_REFUSED = ("{what} is a stream (IterableDataset): this step needs random access by id (the coreset is "
                   "taken by id, the retain set reshuffled each epoch). Streams are accepted where one pass is enough: "
                   "erasus_ray.jobs.streaming.stream_top_k (coreset selection) and stream_metrics (verification); "
-                  "materialise the chosen samples (or a retain sample) as a map-style Dataset for the run.")
+                  "materialise the chosen samples (or a retain sample) as a map-style Dataset for the run - or run a "
+                  "job config with data.streaming: true, which does all of that (erasus_ray.jobs.stream_job).")
 
 
 def _subset_indices(indices: Any, n: int) -> np.ndarray:

@@ -10,6 +10,7 @@ Example (paths relative to the YAML file's folder)::
       label_column: label
       forget: {class: 2}           # or [ids], {id_file: f.txt}, {where: "age > 60 and site == 'b'"}
       heldout: {where: "split == 'test'"}   # optional; retain: the rest (default)
+      streaming: false             # true: read in chunks, never whole (see erasus_ray.jobs.stream_job)
     strategy: grad_diff
     output: runs/forget-class-2    # the unlearned model (input format), results.json, metrics.png
 
@@ -36,7 +37,7 @@ from erasus_ray.jobs.tables import source_kind
 
 MODEL_KEYS = ("path", "factory", "factory_args", "tokenizer")
 DATA_KEYS = ("path", "split", "factory", "factory_args", "id_column", "label_column", "features", "text_column",
-             "target_column", "forget", "retain", "heldout")
+             "target_column", "forget", "retain", "heldout", "streaming", "chunk_rows", "stream_sample")
 #: top-level keys that mark a YAML as a job on the user's own model and data
 OWN_DATA_KEYS = ("model", "data")
 
@@ -108,6 +109,10 @@ class UserJobConfig:
         section_settings("runner", self.runner, exclude=JOB_OWNED_RUNNER_KEYS,
                          hint=" (seed is the job's top-level seed; progress is the CLI's --no-progress)")
         section_settings("execution", self.execution)
+        if self.data.get("streaming"):
+            from erasus_ray.jobs.stream_job import check_streamable
+
+            check_streamable(self, self.selector, self.k)
 
     def path(self, value: Any) -> Path:
         """``value`` (a config path) resolved against the YAML's folder."""
@@ -142,6 +147,11 @@ class UserJobConfig:
         for key in ("label_column", "text_column", "target_column", "split"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise InvalidConfigError(f"data.{key}: must be a column name, got {data[key]!r}")
+        if data.get("streaming") is not None and not isinstance(data["streaming"], bool):
+            raise InvalidConfigError(f"data.streaming: must be true or false, got {data['streaming']!r}")
+        for key in ("chunk_rows", "stream_sample"):
+            if data.get(key) is not None:
+                check_int(f"data.{key}", data[key], low=1)
         features = data.get("features")
         if features is not None and not (isinstance(features, list) and all(isinstance(f, str) for f in features)):
             raise InvalidConfigError(f"data.features: must be a list of column names, got {features!r}")

@@ -48,42 +48,65 @@ def table_ids(table: Table, id_column: str, key: str = "data.id_column") -> np.n
 
 
 def select_rows(spec: Any, table: Table, ids: np.ndarray, *, key: str, label_column: str | None,
-                base_dir: Path) -> np.ndarray:
-    """A boolean row mask for the selection ``spec`` (see the module docstring); ``key`` names it in errors."""
+                base_dir: Path, partial: bool = False) -> np.ndarray:
+    """A boolean row mask for the selection ``spec`` (see the module docstring); ``key`` names it in errors.
+
+    ``partial``: ``table`` is one chunk of a stream, so a selection may match nothing in it and named ids may lie in
+    other chunks; the caller checks those over the whole stream (:class:`erasus_ray.jobs.stream_job.StreamSplits`)."""
     if isinstance(spec, list):
         spec = {"ids": spec}
     if not isinstance(spec, dict) or len(spec) != 1:
         raise InvalidConfigError(f"{key}: give one of {list(SELECTION_KEYS)} (or a list of ids), got {spec!r}")
     check_known_keys(key, spec, SELECTION_KEYS)
     (how, value), = spec.items()
-    if how == "ids":
-        return _id_mask(value, ids, f"{key}.ids")
-    if how == "id_file":
-        return _id_mask(_read_id_file(value, base_dir, f"{key}.id_file"), ids, f"{key}.id_file")
+    if how in ("ids", "id_file"):
+        wanted = value if how == "ids" else _read_id_file(value, base_dir, f"{key}.id_file")
+        return _id_mask(wanted, ids, f"{key}.{how}", partial=partial)
     if how == "class":
         if label_column is None:
             raise InvalidConfigError(f"{key}.class: needs data.label_column")
         wanted = value if isinstance(value, list) else [value]
         mask = np.isin(table.column(label_column, "data.label_column"), wanted)
-        if not mask.any():
+        if not mask.any() and not partial:
             raise InvalidDataError(f"{key}.class: no row has {label_column} in {wanted}")
         return mask
     mask = where_mask(value, table, f"{key}.where")
-    if not mask.any():
+    if not mask.any() and not partial:
         raise InvalidDataError(f"{key}.where: {value!r} matches no row")
     return mask
 
 
-def _id_mask(values: Any, ids: np.ndarray, key: str) -> np.ndarray:
+def selection_ids(spec: Any, key: str, base_dir: Path) -> np.ndarray | None:
+    """The ids a selection names (a list, ``ids:`` or ``id_file:``), or None for ``class`` / ``where`` selections."""
+    if isinstance(spec, list):
+        return _as_ids(spec, f"{key}.ids")
+    if isinstance(spec, dict) and "ids" in spec:
+        return _as_ids(spec["ids"], f"{key}.ids")
+    if isinstance(spec, dict) and "id_file" in spec:
+        return _as_ids(_read_id_file(spec["id_file"], base_dir, f"{key}.id_file"), f"{key}.id_file")
+    return None
+
+
+def _as_ids(values: Any, key: str) -> np.ndarray:
     if not isinstance(values, (list, tuple, np.ndarray)) or not len(values):
         raise InvalidConfigError(f"{key}: must be a non-empty list of ids, got {values!r}")
     try:
-        wanted = np.asarray(values, dtype=np.int64)
+        return np.asarray(values, dtype=np.int64)
     except (TypeError, ValueError):
         raise InvalidConfigError(f"{key}: ids must be integers, got {list(values)[:10]}") from None
+
+
+def absent_ids_error(absent: np.ndarray, key: str) -> InvalidDataError:
+    return InvalidDataError(f"{key}: {len(absent)} id(s) are not in the data: {absent[:20].tolist()}")
+
+
+def _id_mask(values: Any, ids: np.ndarray, key: str, partial: bool = False) -> np.ndarray:
+    wanted = _as_ids(values, key)
+    if partial:
+        return np.isin(ids, wanted)
     absent = np.setdiff1d(wanted, ids)
     if len(absent):
-        raise InvalidDataError(f"{key}: {len(absent)} id(s) are not in the data: {absent[:20].tolist()}")
+        raise absent_ids_error(absent, key)
     return np.isin(ids, wanted)
 
 

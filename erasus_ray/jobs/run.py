@@ -62,11 +62,13 @@ def build_dataset(cfg: UserJobConfig, table: Table, ids: np.ndarray, task: Task,
                          text_column=data.get("text_column"), target_column=data.get("target_column"), label_column=label)
 
 
-def split_rows(cfg: UserJobConfig, table: Table, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Row indices of forget, retain and held-out (see :mod:`erasus_ray.jobs.rows`); overlaps are errors."""
+def split_masks(cfg: UserJobConfig, table: Table, ids: np.ndarray, *, partial: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boolean row masks of forget, retain and held-out (see :mod:`erasus_ray.jobs.rows`); overlaps are errors.
+    ``partial``: ``table`` is one chunk of a stream (see :func:`~erasus_ray.jobs.rows.select_rows`)."""
     data = cfg.data
     select = lambda key: select_rows(data[key], table, ids, key=f"data.{key}", label_column=data.get("label_column"),
-                                     base_dir=cfg._base_dir)
+                                     base_dir=cfg._base_dir, partial=partial)
     forget = select("forget")
     heldout = select("heldout") if data.get("heldout") is not None else np.zeros(len(ids), dtype=bool)
     if (forget & heldout).any():
@@ -79,8 +81,14 @@ def split_rows(cfg: UserJobConfig, table: Table, ids: np.ndarray) -> tuple[np.nd
         for name, other in (("forget", forget), ("heldout", heldout)):
             if (retain & other).any():
                 raise InvalidDataError(f"data.retain: ids {ids[retain & other][:20].tolist()} are also {name} ids")
-    if not retain.any():
+    if not retain.any() and not partial:
         raise InvalidDataError("data.retain: no row is left to retain")
+    return forget, retain, heldout
+
+
+def split_rows(cfg: UserJobConfig, table: Table, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Row indices of forget, retain and held-out (None: no held-out rows); see :func:`split_masks`."""
+    forget, retain, heldout = split_masks(cfg, table, ids)
     return np.flatnonzero(forget), np.flatnonzero(retain), (np.flatnonzero(heldout) if heldout.any() else None)
 
 
@@ -104,11 +112,15 @@ def job_metrics(model: Any, task: Task, data: JobData, seed: int) -> dict[str, f
 
 def run_user_job(cfg: UserJobConfig, *, out: str | Path | None = None, progress: bool = True,
                  selector: str | None = None, k: int | None = None) -> dict[str, Any]:
-    """Run the job and write its outputs (see the module docstring); returns the results document.
+    """Run the job and write its outputs (see the module docstring); returns the results document. A job whose data
+    is a stream (``data.streaming``, or a factory that returns one) runs :func:`run_streamed_job` instead.
 
     ``selector`` / ``k`` override the config's (``--coreset-from`` / ``--coreset-k``)."""
+    from erasus_ray.jobs.stream_job import wants_streaming
     from erasus_ray.unlearner import ErasusUnlearner
 
+    if wants_streaming(cfg):
+        return run_streamed_job(cfg, out=out, progress=progress, selector=selector, k=k)
     loaded = load_model(cfg.model, cfg._base_dir)
     task = get_task(cfg.task, loaded.model)
     data = load_job_data(cfg, task, loaded.tokenizer)
@@ -119,10 +131,42 @@ def run_user_job(cfg: UserJobConfig, *, out: str | Path | None = None, progress:
     before = job_metrics(loaded.model, task, data, cfg.seed)
     result = unlearner.fit(data.forget, data.retain, heldout_data=data.heldout)
     after = job_metrics(result.model, task, data, cfg.seed)
+    return finish_job(cfg, out, loaded, task, result, before, after, data.summary(cfg.data["id_column"]))
+
+
+def run_streamed_job(cfg: UserJobConfig, *, out: str | Path | None = None, progress: bool = True,
+                     selector: str | None = None, k: int | None = None) -> dict[str, Any]:
+    """The job over a stream (:mod:`erasus_ray.jobs.stream_job`): count, score the forget rows for a top-k coreset,
+    collect it with retain / held-out samples, unlearn on those, and measure both models on every row in one pass.
+    The unlearner's own verification (``verified``) ran on the coreset and the samples; ``metrics_before`` /
+    ``metrics_after`` cover every streamed row."""
+    from erasus_ray.jobs.stream_job import collect_pass, stream_coreset, verify_pass
+    from erasus_ray.unlearner import ErasusUnlearner
+
+    loaded = load_model(cfg.model, cfg._base_dir)
+    task = get_task(cfg.task, loaded.model)
+    build = lambda chunk, ids: build_dataset(cfg, chunk, ids, task, loaded.tokenizer)
+    coreset, splits = stream_coreset(cfg, loaded.model, task, build, selector=selector, k=k)
+    forget, retain, heldout = collect_pass(cfg, build, coreset.ids)
+    unlearner = ErasusUnlearner(
+        loaded.model, strategy=cfg.strategy, selector=None, fraction=1.0, target=cfg.target, task=task, seed=cfg.seed,
+        progress=progress, runner=cfg.runner, execution=cfg.execution, **cfg.strategy_params)
+    result = unlearner.fit(forget, retain, heldout_data=heldout)
+    measured = verify_pass(cfg, build, task, {"before": loaded.model, "after": result.model})
+    summary = {"source": str(cfg.data.get("path") or cfg.data.get("factory")), "id_column": cfg.data["id_column"],
+               "streamed": True, **{f"n_{name}": n for name, n in splits.counts.items()},
+               "n_retain_sampled": len(retain), "n_heldout_sampled": 0 if heldout is None else len(heldout),
+               "stream_coreset": {"ids": coreset.ids.tolist(), "selector": coreset.selector, **coreset.info}}
+    return finish_job(cfg, out, loaded, task, result, measured["before"], measured["after"], summary)
+
+
+def finish_job(cfg: UserJobConfig, out: str | Path | None, loaded: LoadedModel, task: Task, result: Any,
+               before: dict[str, float], after: dict[str, float], data_summary: dict[str, Any]) -> dict[str, Any]:
+    """Write the unlearned model, ``results.json`` and ``metrics.png``; returns the results document."""
     result.metrics = after
     # --out is relative to the working directory; the config's output, like its other paths, to the config's folder
     folder = Path(out) if out is not None else cfg.path(cfg.output) if cfg.output else Path("results/own-data")
-    doc = {"output": str(folder), "job": cfg.to_dict(), "data": data.summary(cfg.data["id_column"]),
+    doc = {"output": str(folder), "job": cfg.to_dict(), "data": data_summary,
            "metrics_before": before, "metrics_after": after, "verified": result.verified, **result.to_dict()}
     publish(folder, loaded, result.model, doc)
     _plot(folder, before, after, result, task)

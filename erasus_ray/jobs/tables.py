@@ -3,8 +3,8 @@
 the forget/retain selection (:mod:`erasus_ray.jobs.rows`) and the item builders (:mod:`erasus_ray.jobs.items`) are
 written once for every source.
 
-Cost: the whole table is read into memory once (Arrow -> NumPy); for data larger than memory pass an
-``IterableDataset`` through the Python API (streaming; see :mod:`erasus_ray.jobs.streaming`).
+Cost: the whole table is read into memory once (Arrow -> NumPy); for data larger than memory set
+``data.streaming: true`` (chunks; see :mod:`erasus_ray.jobs.stream_job`).
 """
 
 from __future__ import annotations
@@ -75,8 +75,11 @@ def read_table(path: Path, *, split: str | None = None, key: str = "data.path") 
 
 
 def table_from_factory(make: Callable[..., Any], args: Mapping[str, Any], key: str) -> Table:
-    """Call a data factory: it returns columns (a mapping of arrays / lists, a pandas DataFrame or a pyarrow Table)."""
+    """Call a data factory: it returns columns (a mapping of arrays / lists, a pandas DataFrame, a pyarrow Table or a
+    map-style ``datasets.Dataset``; a stream goes through :mod:`erasus_ray.jobs.stream_job` instead)."""
     made = make(**args)
+    if hasattr(made, "flatten_indices") and hasattr(made, "data"):  # datasets.Dataset: its rows after select/shuffle
+        return Table(_arrow_columns(made.flatten_indices().data.table), key)
     if hasattr(made, "to_pydict") and hasattr(made, "schema"):  # pyarrow.Table
         return Table(_arrow_columns(made), key)
     if hasattr(made, "to_dict") and hasattr(made, "columns"):  # pandas.DataFrame
@@ -84,7 +87,7 @@ def table_from_factory(make: Callable[..., Any], args: Mapping[str, Any], key: s
     if isinstance(made, Mapping):
         return Table({str(k): _as_column(v) for k, v in made.items()}, key)
     raise InvalidConfigError(f"{key}: the factory returned {type(made).__name__}; return a mapping of columns, a pandas "
-                             "DataFrame or a pyarrow Table")
+                             "DataFrame, a pyarrow Table, a datasets.Dataset or a stream (an IterableDataset of row dicts)")
 
 
 def _as_column(values: Any) -> np.ndarray:

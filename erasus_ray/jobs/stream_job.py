@@ -1,0 +1,376 @@
+"""A job whose data is read as a stream (``data.streaming: true``, or automatically when ``data.factory`` returns a
+stream: a ``torch`` ``IterableDataset`` such as ``datasets.load_dataset(..., streaming=True)``): the forget, retain
+and held-out sets are never held in memory whole.
+
+The passes over the data (each reads it chunk by chunk, ``data.chunk_rows`` rows at a time):
+
+1. **count** - the selections (``forget:``, ``heldout:``, ``retain:``) per chunk, by the id column; no model runs.
+   Named ids absent from the whole stream, an empty forget set or no retain row fail here, before any forward pass.
+2. **score** - one no-grad forward pass over the forget rows, keeping the top-``k`` by the selector's score
+   (:func:`~erasus_ray.jobs.streaming.stream_top_k`): the coreset, by id. Streamable selectors: :data:`STREAM_SELECTORS`.
+3. **collect** - the coreset's rows, plus a seeded uniform sample (reservoir sampling, Vitter's algorithm R) of
+   ``data.stream_sample`` retain rows and as many held-out rows: the retain steps are drawn from the stream through
+   this sample, and the held-out sample is the controller's reference.
+4. **unlearn** - :class:`~erasus_ray.ErasusUnlearner` on those in-memory sets (the coreset is the forget set it sees).
+5. **verify** - one pass measuring loss (and accuracy, where the task has logits) of the original and the unlearned
+   model on every forget, retain and held-out row (``metrics_before`` / ``metrics_after``).
+
+Memory: O(chunk_rows + k + 2 x stream_sample) rows whatever the stream's length (``benchmarks/streaming``
+measures it). Refused with an :class:`InvalidConfigError` naming the key, before any pass: a selector that needs
+every forget sample at once (:data:`STREAM_SELECTORS` lists those that do not), ``fraction: auto`` (the adaptive
+coreset grows from the in-memory forget set: give ``k`` or a number), and strategies that retrain from the retain set
+(:data:`WHOLE_RETAIN_STRATEGIES`). Ids: unique within each chunk is checked; across chunks it is the data's promise
+(a set of every id seen would grow with the stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from erasus_ray.errors import InvalidConfigError, InvalidDataError
+from erasus_ray.jobs._imports import load_callable
+from erasus_ray.jobs.config import UserJobConfig
+from erasus_ray.jobs.rows import absent_ids_error, selection_ids, table_ids
+from erasus_ray.jobs.streaming import iter_id_batches, stream_top_k
+from erasus_ray.jobs.tables import Table, _arrow_columns, _as_column, saved_dataset_files, source_kind
+from erasus_ray.selectors import Coreset
+from erasus_ray.tasks import Capability, Task
+from erasus_ray.utils import model_device
+
+#: selector name -> (score, order) of :func:`~erasus_ray.jobs.streaming.stream_top_k`; ``default`` is ``loss``
+STREAM_SELECTORS: dict[str, tuple[str, str]] = {"loss": ("loss", "high"), "el2n": ("el2n", "high"),
+                                                 "default": ("loss", "high")}
+#: strategies that train from (a fresh model on) the whole retain set: a sample of it would silently change them
+WHOLE_RETAIN_STRATEGIES = {"retrain": "retrains from scratch on the whole retain set",
+                           "sisa": "retrains the affected shards on their whole retain data"}
+DEFAULT_CHUNK_ROWS = 4096
+DEFAULT_STREAM_SAMPLE = 2048
+SPLITS = ("forget", "retain", "heldout")
+
+
+def is_stream_source(made: Any) -> bool:
+    """A factory's product that is read as a stream: an ``IterableDataset`` (``torch``'s, which ``datasets``'
+    streaming datasets subclass) or any iterable that is not a table (a generator of row dicts)."""
+    if isinstance(made, torch.utils.data.IterableDataset):
+        return True
+    tabular = isinstance(made, dict) or hasattr(made, "schema") or hasattr(made, "columns") or hasattr(made, "column_names")
+    return hasattr(made, "__iter__") and not tabular
+
+
+def wants_streaming(cfg: UserJobConfig) -> bool:
+    """``data.streaming: true``, or a ``data.factory`` whose product is a stream (the factory is called once)."""
+    flag = cfg.data.get("streaming")
+    if flag is not None:
+        return bool(flag)
+    if cfg.data.get("factory") is None:
+        return False
+    return is_stream_source(_call_factory(cfg))
+
+
+def _call_factory(cfg: UserJobConfig) -> Any:
+    make = load_callable(cfg.data["factory"], "data.factory", cfg._base_dir)
+    return make(**cfg.data.get("factory_args", {}))
+
+
+def check_streamable(cfg: UserJobConfig, selector: str | None, k: int | None) -> tuple[str, str]:
+    """The (score, order) a streamed job ranks its forget rows by; an :class:`InvalidConfigError` naming the key
+    where the job needs random access instead."""
+    if cfg.strategy in WHOLE_RETAIN_STRATEGIES:
+        raise InvalidConfigError(f"strategy: {cfg.strategy!r} {WHOLE_RETAIN_STRATEGIES[cfg.strategy]}; a streamed job "
+                                 "holds only a sample of it (set data.streaming: false to read the table whole)")
+    if selector not in STREAM_SELECTORS:
+        raise InvalidConfigError(f"selector: {selector!r} needs every forget sample at once; a streamed job scores the "
+                                 f"forget rows in one pass with one of {sorted(STREAM_SELECTORS)}")
+    if k is None and not isinstance(cfg.fraction, (int, float)):
+        raise InvalidConfigError(f"fraction: {cfg.fraction!r} grows the coreset from the in-memory forget set; a "
+                                 "streamed job needs k: or a number for fraction:")
+    return STREAM_SELECTORS[selector]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# chunks of the source
+# ----------------------------------------------------------------------------------------------------------------------
+def iter_chunks(cfg: UserJobConfig) -> Iterator[Table]:
+    """The job's data as :class:`Table` chunks of at most ``data.chunk_rows`` rows, in the source's order."""
+    rows = int(cfg.data.get("chunk_rows", DEFAULT_CHUNK_ROWS))
+    if cfg.data.get("path") is not None:
+        path = cfg.path(cfg.data["path"])
+        kind = source_kind(path)
+        if kind not in _CHUNKERS:
+            raise InvalidConfigError(f"data.streaming: a {kind} file is read whole; stream Parquet, CSV, JSON Lines or "
+                                     "a save_to_disk folder")
+        for batch in _CHUNKERS[kind](path, cfg.data.get("split"), rows):
+            if batch.num_rows:
+                yield Table(_arrow_columns(_as_arrow_table(batch)), str(path))
+        return
+    yield from _row_chunks(_call_factory(cfg), rows, cfg.data["factory"])
+
+
+def _as_arrow_table(batch: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.Table.from_batches([batch])
+
+
+def _parquet_batches(path: Path, split: str | None, rows: int) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    yield from pq.ParquetFile(path).iter_batches(batch_size=rows)
+
+
+def _csv_batches(path: Path, split: str | None, rows: int) -> Iterator[Any]:
+    import pyarrow.csv as pcsv
+
+    yield from pcsv.open_csv(path)  # blocks of ~1 MB: bounded, if not exactly `rows`
+
+
+def _jsonl_batches(path: Path, split: str | None, rows: int) -> Iterator[Any]:
+    import pyarrow.json as pjson
+
+    yield from pjson.open_json(path)
+
+
+def _saved_dataset_batches(path: Path, split: str | None, rows: int) -> Iterator[Any]:
+    import json
+
+    import pyarrow as pa
+
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        if split not in splits:
+            raise InvalidConfigError(f"data.split: {path} holds splits {splits}; name one (got {split!r})")
+        path = path / split
+    for file in saved_dataset_files(path):
+        with pa.memory_map(str(file)) as source:
+            for batch in pa.ipc.open_stream(source):
+                for start in range(0, batch.num_rows, rows):
+                    yield batch.slice(start, rows)
+
+
+_CHUNKERS: dict[str, Callable[[Path, str | None, int], Iterator[Any]]] = {
+    "parquet": _parquet_batches, "csv": _csv_batches, "jsonl": _jsonl_batches, "saved_dataset": _saved_dataset_batches,
+}
+
+
+def _row_chunks(made: Any, rows: int, key: str) -> Iterator[Table]:
+    """Chunks of a factory's product: a ``datasets`` stream through its batched ``iter``, any other iterable of row
+    dicts gathered ``rows`` at a time; a table (mapping, DataFrame, Arrow) sliced."""
+    if not is_stream_source(made):
+        from erasus_ray.jobs.tables import table_from_factory
+
+        table = table_from_factory(lambda: made, {}, key)
+        for start in range(0, len(table), rows):
+            yield Table({n: c[start:start + rows] for n, c in table.columns.items()}, key)
+        return
+    if hasattr(made, "iter") and hasattr(made, "column_names"):  # datasets.IterableDataset: columns per batch
+        for batch in made.iter(batch_size=rows):
+            yield Table({n: _as_column(v) for n, v in batch.items()}, key)
+        return
+    gathered: list[dict[str, Any]] = []
+    for position, row in enumerate(made):
+        if not isinstance(row, dict):
+            raise InvalidDataError(f"data.factory: streamed row {position} is a {type(row).__name__}; yield dicts of "
+                                   "columns (with the id column)")
+        gathered.append(row)
+        if len(gathered) == rows:
+            yield _dict_rows_table(gathered, key)
+            gathered = []
+    if gathered:
+        yield _dict_rows_table(gathered, key)
+
+
+def _dict_rows_table(rows: list[dict[str, Any]], key: str) -> Table:
+    return Table({n: _as_column([_plain(r[n]) for r in rows]) for n in rows[0]}, key)
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# rows and their split
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class StreamSplits:
+    """What a pass saw of the selections: rows per split and the named ids found; :meth:`check` after the pass."""
+
+    cfg: UserJobConfig
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    named: dict[str, np.ndarray] = field(default_factory=dict)
+    found: dict[str, set[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in ("forget", "heldout", "retain"):
+            ids = selection_ids(self.cfg.data.get(key), f"data.{key}", self.cfg._base_dir)
+            if ids is not None:
+                self.named[key], self.found[key] = ids, set()
+
+    def masks(self, chunk: Table, ids: np.ndarray) -> dict[str, np.ndarray]:
+        from erasus_ray.jobs.run import split_masks
+
+        forget, retain, heldout = split_masks(self.cfg, chunk, ids, partial=True)
+        out = {"forget": forget, "retain": retain, "heldout": heldout}
+        for key, mask in out.items():
+            self.counts[key] += int(mask.sum())
+            if key in self.found:
+                self.found[key].update(ids[mask].tolist())
+        return out
+
+    def check(self) -> None:
+        for key, wanted in self.named.items():
+            absent = np.setdiff1d(wanted, np.fromiter(self.found[key], dtype=np.int64, count=len(self.found[key])))
+            if len(absent):
+                raise absent_ids_error(absent, f"data.{key}")
+        if not self.counts["forget"]:
+            raise InvalidDataError(f"data.forget: {self.cfg.data['forget']!r} matches no row of the stream")
+        if not self.counts["retain"]:
+            raise InvalidDataError("data.retain: no row is left to retain")
+
+
+def iter_rows(cfg: UserJobConfig, splits: StreamSplits, build: Callable[[Table, np.ndarray], Dataset] | None
+              ) -> Iterator[tuple[str, int, Any]]:
+    """``(split, id, item)`` for every selected row of the stream, in its order; ``build=None``: no items (the
+    count pass), ``item`` None."""
+    for chunk in iter_chunks(cfg):
+        ids = table_ids(chunk, cfg.data["id_column"])
+        masks = splits.masks(chunk, ids)
+        dataset = None if build is None else build(chunk, ids)
+        for name in SPLITS:
+            for row in np.flatnonzero(masks[name]):
+                yield name, int(ids[row]), None if dataset is None else dataset[int(row)]
+
+
+class Reservoir:
+    """A uniform sample of ``size`` items of a stream (algorithm R), seeded: the same stream gives the same sample."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seen = size, 0
+        self.rng = np.random.default_rng(seed)
+        self.ids: list[int] = []
+        self.items: list[Any] = []
+
+    def offer(self, sample_id: int, item: Any) -> None:
+        self.seen += 1
+        if len(self.items) < self.size:
+            self.ids.append(sample_id)
+            self.items.append(item)
+            return
+        slot = int(self.rng.integers(self.seen))
+        if slot < self.size:
+            self.ids[slot], self.items[slot] = sample_id, item
+
+
+class ItemDataset(Dataset):
+    """Items kept in memory with their ids (read by :func:`erasus_ray.data.as_id_dataset`)."""
+
+    def __init__(self, ids: list[int], items: list[Any]) -> None:
+        order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")  # id order: independent of stream order
+        self.ids = np.asarray(ids, dtype=np.int64)[order]
+        self.items = [items[i] for i in order]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, row: int) -> Any:
+        return self.items[row]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the passes
+# ----------------------------------------------------------------------------------------------------------------------
+def count_pass(cfg: UserJobConfig) -> StreamSplits:
+    """Pass 1: rows per split, the selections checked over the whole stream; no items are built, no model runs."""
+    splits = StreamSplits(cfg)
+    for _ in iter_rows(cfg, splits, None):
+        pass
+    splits.check()
+    return splits
+
+
+def coreset_size(cfg: UserJobConfig, n_forget: int, k: int | None) -> int:
+    size = k if k is not None else max(1, int(round(float(cfg.fraction) * n_forget)))
+    if size > n_forget:
+        raise InvalidConfigError(f"k: {size} is larger than the forget set ({n_forget} rows)")
+    return size
+
+
+def stream_coreset(cfg: UserJobConfig, model: nn.Module, task: Task, build: Callable[[Table, np.ndarray], Dataset], *,
+                   selector: str | None = None, k: int | None = None, batch_size: int = 256) -> tuple[Coreset, StreamSplits]:
+    """Passes 1 and 2: count, then the top-``k`` forget rows by the selector's score, in one bounded-memory pass."""
+    selector = selector or cfg.selector
+    score, order = check_streamable(cfg, selector, k if k is not None else cfg.k)
+    splits = count_pass(cfg)
+    size = coreset_size(cfg, splits.counts["forget"], k if k is not None else cfg.k)
+    forget_rows = ((i, item) for name, i, item in iter_rows(cfg, StreamSplits(cfg), build) if name == "forget")
+    coreset = stream_top_k(model, forget_rows, task, size, score=score, order=order, batch_size=batch_size, ids="pairs")
+    coreset.selector = selector if selector != "default" else "loss"
+    return coreset, splits
+
+
+def collect_pass(cfg: UserJobConfig, build: Callable[[Table, np.ndarray], Dataset], coreset_ids: np.ndarray
+                 ) -> tuple[ItemDataset, ItemDataset, ItemDataset | None]:
+    """Pass 3: the coreset's items, and seeded reservoir samples of retain and held-out items."""
+    size = int(cfg.data.get("stream_sample", DEFAULT_STREAM_SAMPLE))
+    wanted = set(coreset_ids.tolist())
+    chosen_ids, chosen_items = [], []
+    samples = {"retain": Reservoir(size, cfg.seed), "heldout": Reservoir(size, cfg.seed + 1)}
+    for name, sample_id, item in iter_rows(cfg, StreamSplits(cfg), build):
+        if name == "forget":
+            if sample_id in wanted:
+                chosen_ids.append(sample_id)
+                chosen_items.append(item)
+        else:
+            samples[name].offer(sample_id, item)
+    heldout = samples["heldout"]
+    return (ItemDataset(chosen_ids, chosen_items), ItemDataset(samples["retain"].ids, samples["retain"].items),
+            ItemDataset(heldout.ids, heldout.items) if heldout.items else None)
+
+
+@torch.no_grad()
+def verify_pass(cfg: UserJobConfig, build: Callable[[Table, np.ndarray], Dataset], task: Task,
+                models: dict[str, nn.Module], batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Pass 5: per model, mean loss (and accuracy) on every forget, retain and held-out (``test_*``) row - one pass
+    for all models. Memory: one batch per split."""
+    prefix = {"forget": "forget", "retain": "retain", "heldout": "test"}
+    sums = {m: {} for m in models}
+    states = {m: model.training for m, model in models.items()}
+    for model in models.values():
+        model.eval()
+    try:
+        for name, batch in _split_batches(iter_rows(cfg, StreamSplits(cfg), build), task, batch_size):
+            for label, model in models.items():
+                out = task.forward(model, batch.to(model_device(model)).data)
+                acc = out.sample_accuracy().float().sum() if task.provides(Capability.LOGITS) else None
+                _add(sums[label], prefix[name], len(batch), float(out.sample_loss().float().sum()), acc)
+    finally:
+        for label, model in models.items():
+            model.train(states[label])
+    return {m: {k: v[0] / v[1] for k, v in s.items()} for m, s in sums.items()}
+
+
+def _add(sums: dict[str, list[float]], prefix: str, n: int, loss: float, acc: Any) -> None:
+    for key, value in ((f"{prefix}_loss", loss), (f"{prefix}_acc", acc)):
+        if value is not None:
+            entry = sums.setdefault(key, [0.0, 0])
+            entry[0] += float(value)
+            entry[1] += n
+
+
+def _split_batches(rows: Iterable[tuple[str, int, Any]], task: Task, batch_size: int) -> Iterator[tuple[str, Any]]:
+    """Batches of one split each, from interleaved ``(split, id, item)`` rows: one pending batch per split."""
+    pending: dict[str, list[tuple[int, Any]]] = {name: [] for name in SPLITS}
+    for name, sample_id, item in rows:
+        pending[name].append((sample_id, item))
+        if len(pending[name]) == batch_size:
+            yield name, next(iter_id_batches(pending[name], task.collate, batch_size=batch_size, ids="pairs"))
+            pending[name] = []
+    for name, rest in pending.items():
+        if rest:
+            yield name, next(iter_id_batches(rest, task.collate, batch_size=batch_size, ids="pairs"))
