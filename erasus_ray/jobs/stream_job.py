@@ -122,7 +122,9 @@ def _as_arrow_table(batch: Any) -> Any:
 def _parquet_batches(path: Path, split: str | None, rows: int) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
-    yield from pq.ParquetFile(path).iter_batches(batch_size=rows)
+    # pre_buffer=False: with pyarrow's default pre-buffering, Arrow's pool kept every column chunk read so far (measured:
+    # 206 MiB allocated after 800k of 1M rows, vs 30 MiB flat without it)
+    yield from pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows)
 
 
 def _csv_batches(path: Path, split: str | None, rows: int) -> Iterator[Any]:

@@ -1,6 +1,7 @@
 """``SweepConfig``: what a Ray Tune sweep searches, how, and where it writes - validated before Ray starts.
 
-A sweep YAML (see ``tune_configs/``) names a benchmark, which strategies and selectors may enter the search space
+A sweep YAML (see ``tune_configs/``) names a benchmark - or, with ``job: my_job.yaml``, a job config on the user's own
+model and data (:mod:`erasus_ray.tuning.own_data`: no gold model; trials are measured against held-out rows) -, which strategies and selectors may enter the search space
 (allow and deny lists over the registries, so a newly registered algorithm joins a sweep that says ``all``), the
 ranges of fraction, learning rate and epochs, per-strategy hyperparameter ranges, the objective (``multi``:
 Avg.Gap to retrain and seconds, both minimised; ``single``: one of them), the Tune settings (trials, concurrency,
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from erasus_ray.config_files import config_from_mapping, field_names, load_config
+from erasus_ray.config_files import config_from_mapping, field_names, load_yaml_mapping
 from erasus_ray.errors import InvalidConfigError, UnknownNameError
 from erasus_ray.experiment import JOB_OWNED_RUNNER_KEYS
 from erasus_ray.settings import section_settings
@@ -113,6 +114,9 @@ class SweepConfig:
     """A sweep: benchmark, search space, objective, Tune settings and leaderboard re-runs (see the module doc)."""
 
     name: str = "sweep"
+    #: a job config on the user's own model and data (``model:`` / ``data:``, see :mod:`erasus_ray.jobs`) to sweep
+    #: instead of ``benchmark``; relative to the sweep YAML's folder. See :mod:`erasus_ray.tuning.own_data`.
+    job: str | None = None
     benchmark: str = "digits"
     scenario: str | None = None
     seed: int = 0
@@ -175,7 +179,19 @@ class SweepConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SweepConfig":
-        return load_config(cls, path, "sweep config")
+        """Load a sweep YAML; a relative ``job:`` path is taken from the YAML's folder."""
+        data = load_yaml_mapping(path, "sweep config")
+        if isinstance(data.get("job"), str) and not Path(data["job"]).expanduser().is_absolute():
+            data["job"] = str((Path(path).resolve().parent / data["job"]).resolve())
+        try:
+            return cls.from_dict(data)
+        except InvalidConfigError as err:
+            raise InvalidConfigError(f"sweep config {path}: {err}") from None
+
+    @property
+    def own_data(self) -> bool:
+        """Whether the sweep runs on the user's job (``job:``) rather than a bundled benchmark."""
+        return self.job is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.keys()}
@@ -186,7 +202,13 @@ class SweepConfig:
 
         if not isinstance(self.name, str) or not self.name or any(c in self.name for c in "/\\ "):
             raise InvalidConfigError(f"name: must be a non-empty string without '/', '\\' or spaces, got {self.name!r}")
-        if self.benchmark not in BENCHMARKS:
+        if self.job is not None:
+            from erasus_ray.tuning.own_data import load_own_job
+
+            if not isinstance(self.job, str) or not Path(self.job).expanduser().is_file():
+                raise InvalidConfigError(f"job: {self.job!r} is not a job config file")
+            load_own_job(self.job)
+        elif self.benchmark not in BENCHMARKS:
             raise InvalidConfigError(f"benchmark: unknown {self.benchmark!r}; known: {', '.join(sorted(BENCHMARKS))}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InvalidConfigError(f"seed: must be an integer, got {self.seed!r}")
@@ -279,7 +301,7 @@ class SweepConfig:
             try:
                 require(self.task_adapter(), STRATEGIES.get(name).requires, algorithm=f"strategy {name!r}")
             except CapabilityError as err:
-                raise InvalidConfigError(f"strategies: {err} ({self.benchmark})") from None
+                raise InvalidConfigError(f"strategies: {err} ({self.job or self.benchmark})") from None
         if not self.strategy_names():
             raise InvalidConfigError(
                 f"strategies: the search space is empty (strategies={self.strategies!r}, exclude_strategies={self.exclude_strategies!r}, "
@@ -369,7 +391,12 @@ class SweepConfig:
 
     # ------------------------------------------------------------------------------------------------------------
     def task_adapter(self) -> Task:
-        """A default instance of the benchmark's adapter class: what it declares, without building the benchmark."""
+        """A default instance of the benchmark's adapter class: what it declares, without building the benchmark; for
+        a ``job:`` sweep, the adapter of the job's model (the model is loaded once per process)."""
+        if self.job is not None:
+            from erasus_ray.tuning.own_data import loaded_job
+
+            return loaded_job(self.job)[2]
         from erasus_ray.benchmarks import benchmark_spec_class
 
         return benchmark_spec_class(self.benchmark).task_class()

@@ -78,8 +78,10 @@ class SearchSpace:
         return constants
 
 
-def job_config(cfg: SweepConfig, params: dict[str, Any], seed: int | None = None) -> JobConfig:
-    """The :class:`JobConfig` a sampled point stands for (``seed`` overrides the sweep's, for re-runs).
+def sampled_job(cfg: SweepConfig, params: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
+    """What a sampled point stands for - ``strategy``, ``strategy_params``, ``selector``, ``selector_params``,
+    ``fraction``, ``runner`` (the sweep's fixed settings with the sampled lr / epochs) and ``seed`` (``seed``
+    overrides the sweep's, for re-runs) - whatever the sweep runs it on (a benchmark, or the user's own job).
 
     ``params`` are a trial's config as Tune stores it (``strategy``, ``selector``, ``fraction``,
     ``<strategy>.<name>``); keys of other strategies are ignored.
@@ -91,19 +93,20 @@ def job_config(cfg: SweepConfig, params: dict[str, Any], seed: int | None = None
         if key in scoped:
             value = scoped.pop(key)
             runner[key] = int(value) if key == "epochs" else float(value)
-    fraction = params["fraction"] if params["fraction"] == "auto" else float(params["fraction"])
     selector = params["selector"]
+    return {"strategy": strategy, "strategy_params": scoped, "selector": selector,
+            "selector_params": dict(cfg.selector_params.get(selector, {})),
+            "fraction": params["fraction"] if params["fraction"] == "auto" else float(params["fraction"]),
+            "runner": runner, "seed": int(cfg.seed if seed is None else seed)}
+
+
+def job_config(cfg: SweepConfig, params: dict[str, Any], seed: int | None = None) -> JobConfig:
+    """The benchmark :class:`JobConfig` a sampled point stands for (see :func:`sampled_job`)."""
     return JobConfig.from_dict({
         "benchmark": cfg.benchmark,
         "scenario": cfg.scenario,
-        "seed": int(cfg.seed if seed is None else seed),
         "benchmark_options": dict(cfg.benchmark_options),
-        "strategy": strategy,
-        "strategy_params": scoped,
-        "selector": selector,
-        "selector_params": dict(cfg.selector_params.get(selector, {})),
-        "fraction": fraction,
-        "runner": runner,
+        **sampled_job(cfg, params, seed),
         # the sweep's target, so that run_job gives fit the gold model where the target is measured against it
         # ("auto": the benchmark's default target)
         "target": None if cfg.target == "auto" else cfg.target,

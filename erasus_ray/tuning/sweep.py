@@ -16,7 +16,8 @@ How it runs:
    shared file system), else writes the shipped files into a node-local cache (:func:`trial_cache_dir`), so a
    worker on another node never retrains the models;
 5. each trial is one :func:`erasus_ray.experiment.run_job` - the code path of ``ErasusUnlearner`` and the demo -
-   evaluated against the gold metrics, and reports ``avg_gap`` (mean |metric - gold metric|) and ``seconds``
+   evaluated against the gold metrics (a ``job:`` sweep over the user's own data: one run of the job, evaluated
+   against the held-out reference of :mod:`erasus_ray.tuning.own_data`), and reports ``avg_gap`` (mean |metric - gold metric|) and ``seconds``
    (selection + unlearning; evaluation untimed);
 6. ``sweep.json`` (the config, the original and gold rows) is written next to Tune's files, then the leaderboard
    is built from the ``ResultGrid``.
@@ -161,6 +162,10 @@ def evaluate_trial(config: dict[str, Any], sweep: dict[str, Any], gold_metrics: 
     from erasus_ray.unlearner import ErasusUnlearner
 
     cfg = SweepConfig.from_dict(sweep)
+    if cfg.own_data:  # the user's job: measured against the held-out reference, not a gold model (no epoch reports)
+        from erasus_ray.tuning.own_data import evaluate_own_trial
+
+        return evaluate_own_trial(config, cfg, gold_metrics, device=device)
     job = job_config(cfg, config)
     bench = load_cached_benchmark(job)
     cls, state = ErasusUnlearner, {"eval_s": 0.0}
@@ -397,11 +402,19 @@ def run_sweep(cfg: SweepConfig, *, resume: str | os.PathLike | None = None, name
     cache_dir = str(Path(os.environ.setdefault("ERASUS_RAY_CACHE", str(Path.home() / ".cache" / "erasus-ray"))).resolve())
     os.environ["ERASUS_RAY_CACHE"] = cache_dir
     sweep_dir = sweep_directory(cfg, resume=resume, name=name, storage_path=storage_path)
-    print(f"[erasus-ray] sweep {cfg.name}: {cfg.benchmark}/{cfg.scenario or 'default'}; building the benchmark and the gold model "
-          "in the driver (cached after the first run)")
-    bench, gold, refs = reference_info(cfg)
+    if cfg.own_data:
+        from erasus_ray.tuning.own_data import own_reference_info
+
+        print(f"[erasus-ray] sweep {cfg.name}: your job {cfg.job}; measuring the original model against the held-out "
+              "reference in the driver (trials read the job's files from its paths)")
+        gold, refs = own_reference_info(cfg.job, cfg.seed)
+        cache_files: dict[str, bytes] = {}
+    else:
+        print(f"[erasus-ray] sweep {cfg.name}: {cfg.benchmark}/{cfg.scenario or 'default'}; building the benchmark and the "
+              "gold model in the driver (cached after the first run)")
+        bench, gold, refs = reference_info(cfg)
+        cache_files = benchmark_cache_files(bench, cache_dir)
     meta: dict[str, Any] = {"config": cfg.to_dict(), "references": refs, "gold_metrics": gold, "cache_dir": cache_dir}
-    cache_files = benchmark_cache_files(bench, cache_dir)
     if resume is None:  # written first, so an interrupted sweep still has its reference rows
         sweep_dir.mkdir(parents=True)
         atomic_write_text(sweep_dir / META_FILE, json.dumps(meta, indent=2, default=str))
