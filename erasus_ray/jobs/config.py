@@ -38,6 +38,12 @@ from erasus_ray.jobs.tables import source_kind
 MODEL_KEYS = ("path", "factory", "factory_args", "tokenizer")
 DATA_KEYS = ("path", "split", "factory", "factory_args", "id_column", "label_column", "features", "text_column",
              "target_column", "forget", "retain", "heldout", "streaming", "chunk_rows", "stream_sample")
+#: selector name -> (score, order) of :func:`~erasus_ray.jobs.streaming.stream_top_k`; ``default`` is ``loss``
+STREAM_SELECTORS: dict[str, tuple[str, str]] = {"loss": ("loss", "high"), "el2n": ("el2n", "high"),
+                                                 "default": ("loss", "high")}
+#: strategies that train from (a fresh model on) the whole retain set: a sample of it would silently change them
+WHOLE_RETAIN_STRATEGIES = {"retrain": "retrains from scratch on the whole retain set",
+                           "sisa": "retrains the affected shards on their whole retain data"}
 #: top-level keys that mark a YAML as a job on the user's own model and data
 OWN_DATA_KEYS = ("model", "data")
 
@@ -110,8 +116,6 @@ class UserJobConfig:
                          hint=" (seed is the job's top-level seed; progress is the CLI's --no-progress)")
         section_settings("execution", self.execution)
         if self.data.get("streaming"):
-            from erasus_ray.jobs.stream_job import check_streamable
-
             check_streamable(self, self.selector, self.k)
 
     def path(self, value: Any) -> Path:
@@ -172,6 +176,21 @@ class UserJobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
+
+
+def check_streamable(cfg: "UserJobConfig", selector: str | None, k: int | None) -> tuple[str, str]:
+    """The (score, order) a streamed job ranks its forget rows by; an :class:`InvalidConfigError` naming the key
+    where the job needs random access instead."""
+    if cfg.strategy in WHOLE_RETAIN_STRATEGIES:
+        raise InvalidConfigError(f"strategy: {cfg.strategy!r} {WHOLE_RETAIN_STRATEGIES[cfg.strategy]}; a streamed job "
+                                 "holds only a sample of it (set data.streaming: false to read the table whole)")
+    if selector not in STREAM_SELECTORS:
+        raise InvalidConfigError(f"selector: {selector!r} needs every forget sample at once; a streamed job scores the "
+                                 f"forget rows in one pass with one of {sorted(STREAM_SELECTORS)}")
+    if k is None and not isinstance(cfg.fraction, (int, float)):
+        raise InvalidConfigError(f"fraction: {cfg.fraction!r} grows the coreset from the in-memory forget set; a "
+                                 "streamed job needs k: or a number for fraction:")
+    return STREAM_SELECTORS[selector]
 
 
 def from_mapping(data: dict[str, Any], path: str | Path) -> UserJobConfig:

@@ -172,3 +172,26 @@ def _evaluate(node: ast.AST, table: Table, key: str) -> Any:
         return [_evaluate(e, table, key) for e in node.elts]
     raise InvalidConfigError(f"{key}: {type(node).__name__} is not allowed in a filter (columns, literals, comparisons, "
                              "and/or/not only)")
+
+
+def split_masks(data: dict[str, Any], table: Table, ids: np.ndarray, base_dir: Path, *, partial: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boolean row masks of forget, retain and held-out for a job's ``data:`` section (the module docstring);
+    overlaps are errors. ``partial``: ``table`` is one chunk of a stream (see :func:`select_rows`)."""
+    select = lambda key: select_rows(data[key], table, ids, key=f"data.{key}", label_column=data.get("label_column"),
+                                     base_dir=base_dir, partial=partial)
+    forget = select("forget")
+    heldout = select("heldout") if data.get("heldout") is not None else np.zeros(len(ids), dtype=bool)
+    if (forget & heldout).any():
+        raise InvalidDataError(f"data.heldout: {int((forget & heldout).sum())} row(s) are also forget rows, ids "
+                               f"{ids[forget & heldout][:20].tolist()}")
+    if data.get("retain") in (None, "rest"):
+        retain = ~(forget | heldout)
+    else:
+        retain = select("retain")
+        for name, other in (("forget", forget), ("heldout", heldout)):
+            if (retain & other).any():
+                raise InvalidDataError(f"data.retain: ids {ids[retain & other][:20].tolist()} are also {name} ids")
+    if not retain.any() and not partial:
+        raise InvalidDataError("data.retain: no row is left to retain")
+    return forget, retain, heldout

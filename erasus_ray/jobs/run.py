@@ -19,7 +19,8 @@ from erasus_ray.jobs._imports import load_callable
 from erasus_ray.jobs.config import UserJobConfig
 from erasus_ray.jobs.items import classifier_dataset, token_dataset
 from erasus_ray.jobs.models import LoadedModel, load_model, save_model
-from erasus_ray.jobs.rows import select_rows, table_ids
+from erasus_ray.jobs.rows import split_masks, table_ids
+from erasus_ray.jobs.stream_job import collect_pass, stream_coreset, verify_pass, wants_streaming
 from erasus_ray.jobs.tables import Table, read_table, table_from_factory
 from erasus_ray.tasks import Task, get_task
 from erasus_ray.utils.atomic import atomic_write_text, remove_durably
@@ -62,33 +63,9 @@ def build_dataset(cfg: UserJobConfig, table: Table, ids: np.ndarray, task: Task,
                          text_column=data.get("text_column"), target_column=data.get("target_column"), label_column=label)
 
 
-def split_masks(cfg: UserJobConfig, table: Table, ids: np.ndarray, *, partial: bool = False
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Boolean row masks of forget, retain and held-out (see :mod:`erasus_ray.jobs.rows`); overlaps are errors.
-    ``partial``: ``table`` is one chunk of a stream (see :func:`~erasus_ray.jobs.rows.select_rows`)."""
-    data = cfg.data
-    select = lambda key: select_rows(data[key], table, ids, key=f"data.{key}", label_column=data.get("label_column"),
-                                     base_dir=cfg._base_dir, partial=partial)
-    forget = select("forget")
-    heldout = select("heldout") if data.get("heldout") is not None else np.zeros(len(ids), dtype=bool)
-    if (forget & heldout).any():
-        raise InvalidDataError(f"data.heldout: {int((forget & heldout).sum())} row(s) are also forget rows, ids "
-                               f"{ids[forget & heldout][:20].tolist()}")
-    if data.get("retain") in (None, "rest"):
-        retain = ~(forget | heldout)
-    else:
-        retain = select("retain")
-        for name, other in (("forget", forget), ("heldout", heldout)):
-            if (retain & other).any():
-                raise InvalidDataError(f"data.retain: ids {ids[retain & other][:20].tolist()} are also {name} ids")
-    if not retain.any() and not partial:
-        raise InvalidDataError("data.retain: no row is left to retain")
-    return forget, retain, heldout
-
-
 def split_rows(cfg: UserJobConfig, table: Table, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Row indices of forget, retain and held-out (None: no held-out rows); see :func:`split_masks`."""
-    forget, retain, heldout = split_masks(cfg, table, ids)
+    forget, retain, heldout = split_masks(cfg.data, table, ids, cfg._base_dir)
     return np.flatnonzero(forget), np.flatnonzero(retain), (np.flatnonzero(heldout) if heldout.any() else None)
 
 
@@ -116,7 +93,6 @@ def run_user_job(cfg: UserJobConfig, *, out: str | Path | None = None, progress:
     is a stream (``data.streaming``, or a factory that returns one) runs :func:`run_streamed_job` instead.
 
     ``selector`` / ``k`` override the config's (``--coreset-from`` / ``--coreset-k``)."""
-    from erasus_ray.jobs.stream_job import wants_streaming
     from erasus_ray.unlearner import ErasusUnlearner
 
     if wants_streaming(cfg):
@@ -140,7 +116,6 @@ def run_streamed_job(cfg: UserJobConfig, *, out: str | Path | None = None, progr
     collect it with retain / held-out samples, unlearn on those, and measure both models on every row in one pass.
     The unlearner's own verification (``verified``) ran on the coreset and the samples; ``metrics_before`` /
     ``metrics_after`` cover every streamed row."""
-    from erasus_ray.jobs.stream_job import collect_pass, stream_coreset, verify_pass
     from erasus_ray.unlearner import ErasusUnlearner
 
     loaded = load_model(cfg.model, cfg._base_dir)

@@ -7,7 +7,7 @@ The passes over the data (each reads it chunk by chunk, ``data.chunk_rows`` rows
 1. **count** - the selections (``forget:``, ``heldout:``, ``retain:``) per chunk, by the id column; no model runs.
    Named ids absent from the whole stream, an empty forget set or no retain row fail here, before any forward pass.
 2. **score** - one no-grad forward pass over the forget rows, keeping the top-``k`` by the selector's score
-   (:func:`~erasus_ray.jobs.streaming.stream_top_k`): the coreset, by id. Streamable selectors: :data:`STREAM_SELECTORS`.
+   (:func:`~erasus_ray.jobs.streaming.stream_top_k`): the coreset, by id. Streamable selectors: :data:`erasus_ray.jobs.config.STREAM_SELECTORS`.
 3. **collect** - the coreset's rows, plus a seeded uniform sample (reservoir sampling, Vitter's algorithm R) of
    ``data.stream_sample`` retain rows and as many held-out rows: the retain steps are drawn from the stream through
    this sample, and the held-out sample is the controller's reference.
@@ -17,9 +17,9 @@ The passes over the data (each reads it chunk by chunk, ``data.chunk_rows`` rows
 
 Memory: O(chunk_rows + k + 2 x stream_sample) rows whatever the stream's length (``benchmarks/streaming``
 measures it). Refused with an :class:`InvalidConfigError` naming the key, before any pass: a selector that needs
-every forget sample at once (:data:`STREAM_SELECTORS` lists those that do not), ``fraction: auto`` (the adaptive
+every forget sample at once (:data:`erasus_ray.jobs.config.STREAM_SELECTORS` lists those that do not), ``fraction: auto`` (the adaptive
 coreset grows from the in-memory forget set: give ``k`` or a number), and strategies that retrain from the retain set
-(:data:`WHOLE_RETAIN_STRATEGIES`). Ids: unique within each chunk is checked; across chunks it is the data's promise
+(:data:`erasus_ray.jobs.config.WHOLE_RETAIN_STRATEGIES`). Ids: unique within each chunk is checked; across chunks it is the data's promise
 (a set of every id seen would grow with the stream).
 """
 
@@ -36,20 +36,14 @@ from torch.utils.data import Dataset
 
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.jobs._imports import load_callable
-from erasus_ray.jobs.config import UserJobConfig
-from erasus_ray.jobs.rows import absent_ids_error, selection_ids, table_ids
+from erasus_ray.jobs.config import UserJobConfig, check_streamable
+from erasus_ray.jobs.rows import absent_ids_error, selection_ids, split_masks, table_ids
 from erasus_ray.jobs.streaming import iter_id_batches, stream_top_k
 from erasus_ray.jobs.tables import Table, _arrow_columns, _as_column, saved_dataset_files, source_kind
 from erasus_ray.selectors import Coreset
 from erasus_ray.tasks import Capability, Task
 from erasus_ray.utils import model_device
 
-#: selector name -> (score, order) of :func:`~erasus_ray.jobs.streaming.stream_top_k`; ``default`` is ``loss``
-STREAM_SELECTORS: dict[str, tuple[str, str]] = {"loss": ("loss", "high"), "el2n": ("el2n", "high"),
-                                                 "default": ("loss", "high")}
-#: strategies that train from (a fresh model on) the whole retain set: a sample of it would silently change them
-WHOLE_RETAIN_STRATEGIES = {"retrain": "retrains from scratch on the whole retain set",
-                           "sisa": "retrains the affected shards on their whole retain data"}
 DEFAULT_CHUNK_ROWS = 4096
 DEFAULT_STREAM_SAMPLE = 2048
 SPLITS = ("forget", "retain", "heldout")
@@ -77,21 +71,6 @@ def wants_streaming(cfg: UserJobConfig) -> bool:
 def _call_factory(cfg: UserJobConfig) -> Any:
     make = load_callable(cfg.data["factory"], "data.factory", cfg._base_dir)
     return make(**cfg.data.get("factory_args", {}))
-
-
-def check_streamable(cfg: UserJobConfig, selector: str | None, k: int | None) -> tuple[str, str]:
-    """The (score, order) a streamed job ranks its forget rows by; an :class:`InvalidConfigError` naming the key
-    where the job needs random access instead."""
-    if cfg.strategy in WHOLE_RETAIN_STRATEGIES:
-        raise InvalidConfigError(f"strategy: {cfg.strategy!r} {WHOLE_RETAIN_STRATEGIES[cfg.strategy]}; a streamed job "
-                                 "holds only a sample of it (set data.streaming: false to read the table whole)")
-    if selector not in STREAM_SELECTORS:
-        raise InvalidConfigError(f"selector: {selector!r} needs every forget sample at once; a streamed job scores the "
-                                 f"forget rows in one pass with one of {sorted(STREAM_SELECTORS)}")
-    if k is None and not isinstance(cfg.fraction, (int, float)):
-        raise InvalidConfigError(f"fraction: {cfg.fraction!r} grows the coreset from the in-memory forget set; a "
-                                 "streamed job needs k: or a number for fraction:")
-    return STREAM_SELECTORS[selector]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -215,9 +194,7 @@ class StreamSplits:
                 self.named[key], self.found[key] = ids, set()
 
     def masks(self, chunk: Table, ids: np.ndarray) -> dict[str, np.ndarray]:
-        from erasus_ray.jobs.run import split_masks
-
-        forget, retain, heldout = split_masks(self.cfg, chunk, ids, partial=True)
+        forget, retain, heldout = split_masks(self.cfg.data, chunk, ids, self.cfg._base_dir, partial=True)
         out = {"forget": forget, "retain": retain, "heldout": heldout}
         for key, mask in out.items():
             self.counts[key] += int(mask.sum())

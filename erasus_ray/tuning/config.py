@@ -22,6 +22,7 @@ from erasus_ray.errors import InvalidConfigError, UnknownNameError
 from erasus_ray.experiment import JOB_OWNED_RUNNER_KEYS
 from erasus_ray.settings import section_settings
 from erasus_ray.tasks import CapabilityError, Task, missing, require
+from erasus_ray.tuning.own_job import load_own_job, loaded_job
 
 #: Left out of ``strategies: all`` unless listed explicitly: ``retrain`` is the gold reference every leaderboard
 #: already shows (it would win on Avg.Gap by construction).
@@ -203,8 +204,6 @@ class SweepConfig:
         if not isinstance(self.name, str) or not self.name or any(c in self.name for c in "/\\ "):
             raise InvalidConfigError(f"name: must be a non-empty string without '/', '\\' or spaces, got {self.name!r}")
         if self.job is not None:
-            from erasus_ray.tuning.own_data import load_own_job
-
             if not isinstance(self.job, str) or not Path(self.job).expanduser().is_file():
                 raise InvalidConfigError(f"job: {self.job!r} is not a job config file")
             load_own_job(self.job)
@@ -394,8 +393,6 @@ class SweepConfig:
         """A default instance of the benchmark's adapter class: what it declares, without building the benchmark; for
         a ``job:`` sweep, the adapter of the job's model (the model is loaded once per process)."""
         if self.job is not None:
-            from erasus_ray.tuning.own_data import loaded_job
-
             return loaded_job(self.job)[2]
         from erasus_ray.benchmarks import benchmark_spec_class
 
