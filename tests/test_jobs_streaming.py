@@ -105,14 +105,25 @@ def test_streamed_jobs_refuse_what_needs_random_access_before_any_forward_pass(m
     np.savez(folder / "samples.npz", sample_id=ids, x=x, label=y)
     job = {**job, "data": {**job["data"], "streaming": True}, "selector": "loss", "k": 5}
     change(job)
-    import erasus_ray.jobs.streaming as streaming
+    import erasus_ray.jobs.stream_job as stream_job
 
     def no_forward(*args, **kwargs):
         raise AssertionError("a forward pass ran before the config was refused")
 
-    monkeypatch.setattr(streaming, "stream_top_k", no_forward)
+    monkeypatch.setattr(stream_job, "stream_top_k", no_forward)
     with pytest.raises(error, match=message):
         run_user_job(UserJobConfig.from_dict(job, folder), progress=False)
+
+
+def test_the_refusal_guard_patches_the_scoring_pass_a_valid_job_reaches(mlp_job, monkeypatch):
+    """Control for the test above: with a valid streamed job the patched scoring pass is reached (and raises)."""
+    folder, job, _, _ = mlp_job
+    import erasus_ray.jobs.stream_job as stream_job
+
+    monkeypatch.setattr(stream_job, "stream_top_k", lambda *a, **k: (_ for _ in ()).throw(AssertionError("scored")))
+    with pytest.raises(AssertionError, match="scored"):
+        run_user_job(UserJobConfig.from_dict({**job, "data": {**job["data"], "streaming": True}, "selector": "loss",
+                                              "k": 5}, folder), progress=False)
 
 
 def test_reservoir_is_a_seeded_uniform_sample():
