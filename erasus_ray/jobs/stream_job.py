@@ -2,7 +2,9 @@
 stream: a ``torch`` ``IterableDataset`` such as ``datasets.load_dataset(..., streaming=True)``): the forget, retain
 and held-out sets are never held in memory whole.
 
-The passes over the data (each reads it chunk by chunk, ``data.chunk_rows`` rows at a time):
+The passes over the data (each reads it chunk by chunk, ``data.chunk_rows`` rows at a time; a ``data.factory`` is
+called once per pass, so it should return a fresh stream each call - as ``load_dataset(..., streaming=True)`` or a
+generator function does - in the same order):
 
 1. **count** - the selections (``forget:``, ``heldout:``, ``retain:``) per chunk, by the id column; no model runs.
    Named ids absent from the whole stream, an empty forget set or no retain row fail here, before any forward pass.
