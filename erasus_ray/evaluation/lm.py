@@ -164,6 +164,7 @@ def greedy_answers(
             num_beams=1,
             pad_token_id=pad,
             eos_token_id=sorted(eos) if eos else None,
+            **{k: v.to(device) for k, v in task.condition_inputs(batch.data).items()},
         )
         for row in generated[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in eos), len(row))

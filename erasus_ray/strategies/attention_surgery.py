@@ -48,7 +48,9 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
     """Every attention module with a known head count and an output projection (GPT-2 ``c_proj``, Llama ``o_proj``,
     ``out_proj``, BERT-style ``dense``), in module order."""
     config = getattr(model, "config", None)
-    config_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    text_config = getattr(config, "text_config", None)  # a vision-language model keeps its LM's heads there
+    config_heads = (getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+                    or getattr(text_config, "num_attention_heads", None))
     sites = []
     for name, module in model.named_modules():
         heads = getattr(module, "num_heads", None) or getattr(module, "n_head", None)
@@ -184,9 +186,13 @@ class AttentionSurgery(Strategy):
         self.max_retain = None if max_retain is None else int(max_retain)
         self.stats_batch_size = int(self.check_range("stats_batch_size", stats_batch_size, 1, 1e9))
 
+    def candidate_sites(self, ctx: UnlearnContext) -> list[AttentionSite]:
+        """The attention modules whose heads may be pruned (default: every one :func:`attention_sites` finds)."""
+        return attention_sites(ctx.model)
+
     def scores(self, ctx: UnlearnContext) -> tuple[list[AttentionSite], torch.Tensor, int, int]:
         """``(sites, [sites, heads] scores (-inf where a site has fewer heads), batches, retain samples)``."""
-        sites = attention_sites(ctx.model)
+        sites = self.candidate_sites(ctx)
         if not sites:
             raise InvalidConfigError(
                 "attention_surgery: found no attention module with a head count and an output projection "

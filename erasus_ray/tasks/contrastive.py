@@ -32,7 +32,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from erasus_ray.checks import check_real
 from erasus_ray.errors import TaskMismatchError
-from erasus_ray.tasks.base import Task, TaskOutput
+from erasus_ray.tasks.base import Task, TaskOutput, parameters_reached
 from erasus_ray.tasks.capabilities import Capability as C
 from erasus_ray.tasks.capabilities import CapabilityError
 from erasus_ray.tasks.registry import register_task
@@ -83,7 +83,7 @@ class ContrastiveTask(Task):
     lists their union, so that ``providers`` names this task for each.
     """
 
-    capabilities = frozenset({C.INDEPENDENT, C.LOGITS, C.LABELS, C.FEATURES})
+    capabilities = frozenset({C.INDEPENDENT, C.LOGITS, C.LABELS, C.FEATURES, C.TOWERS, C.JOINT_SPACE})
     match_priority = 20
 
     @classmethod
@@ -114,7 +114,8 @@ class ContrastiveTask(Task):
             raise TaskMismatchError(f"input_names must be two keyword names (images, texts); got {input_names!r}")
         self.input_names = None if input_names is None else tuple(input_names)
         fixed = self.captions is not None
-        self.capabilities = type(self).capabilities if fixed else frozenset({C.LOSS, C.FEATURES})  # type: ignore[misc]
+        in_batch = frozenset({C.LOSS, C.FEATURES, C.TOWERS, C.JOINT_SPACE})
+        self.capabilities = type(self).capabilities if fixed else in_batch  # type: ignore[misc]
 
     @property
     def fixed(self) -> bool:
@@ -141,9 +142,34 @@ class ContrastiveTask(Task):
     def model_inputs(self, data: Any) -> tuple[tuple, dict]:
         images = data["images"]
         texts = self.captions.to(images.device) if self.fixed else data["texts"]  # type: ignore[union-attr]
+        return self._call_inputs(images, texts)
+
+    def _call_inputs(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[tuple, dict]:
         if self.input_names is None:
             return (images, texts), {}
         return (), dict(zip(self.input_names, (images, texts)))
+
+    def _own_pairs(self, model: nn.Module, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image_emb, text_emb)`` of each sample's image and its own text (not the caption set)."""
+        args, kwargs = self._call_inputs(data["images"], data["texts"])
+        return _embeddings(model(*args, **kwargs))
+
+    def pair_embeddings(self, model: nn.Module, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised embeddings of each sample's image and its own caption. Cost: one forward of both towers."""
+        image, text = self._own_pairs(model, data)
+        return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+
+    def tower_parameters(self, model: nn.Module, data: Any) -> dict[str, list[str]]:
+        """The parameters the image embedding depends on and those the text embedding depends on, read off the
+        autograd graph (so any two-tower model works, whatever its modules are called); parameters in neither
+        (CLIP's ``logit_scale``) belong to no tower. Cost: one forward and two backward passes."""
+        image, text = self._own_pairs(model, data)
+        towers = {"vision": parameters_reached(model, image), "text": parameters_reached(model, text)}
+        shared = sorted(set(towers["vision"]) & set(towers["text"]))
+        if shared:
+            raise TaskMismatchError(f"contrastive task: parameters {shared[:5]} feed both the image and the text "
+                                    "embedding, so the model has no separate towers")
+        return towers
 
     def batch_size(self, data: Any) -> int:
         return int(data["images"].shape[0])
