@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
+from erasus_ray.tasks._images import check_image, expected_image_shape
 from erasus_ray.tasks.base import parameters_reached
 from erasus_ray.tasks.capabilities import Capability as C
 from erasus_ray.tasks.causal_lm import IGNORE, CausalLMTask
@@ -35,29 +36,6 @@ def image_token_id(model: nn.Module) -> int | None:
         if isinstance(value, int):
             return value
     return None
-
-
-def expected_image_shape(model: nn.Module) -> tuple[int, int, int] | None:
-    """``(C, H, W)`` the model's vision tower takes, read from ``config.vision_config`` (None when it says not)."""
-    vision = getattr(getattr(model, "config", None), "vision_config", None)
-    size, channels = getattr(vision, "image_size", None), getattr(vision, "num_channels", None)
-    if not isinstance(size, int) or not isinstance(channels, int):
-        return None
-    return channels, size, size
-
-
-def check_image(pixels: Any, expected: tuple[int, ...] | None, where: str) -> torch.Tensor:
-    """``pixels`` as a float tensor of shape ``expected`` (``(C, H, W)``); else an :class:`InvalidDataError` that
-    names ``where``, the shape expected and the shape given."""
-    if pixels is None:
-        shape = "x".join(map(str, expected)) if expected else "C x H x W"
-        raise InvalidDataError(f"{where}: missing 'pixel_values' (an image tensor of shape {shape}); a vision-language "
-                               "model without its image reads the image placeholder tokens as text")
-    pixels = torch.as_tensor(pixels, dtype=torch.float32)
-    if expected is not None and tuple(pixels.shape) != tuple(expected):
-        raise InvalidDataError(f"{where}: 'pixel_values' has shape {tuple(pixels.shape)}, but the model's vision tower "
-                               f"takes images of shape {tuple(expected)} (channels, height, width): resize them first")
-    return pixels
 
 
 #: Module names under which Hugging Face VLMs keep the vision side (Llava: ``vision_tower`` +
@@ -80,6 +58,12 @@ class VisionCausalLMTask(CausalLMTask):
     """
 
     capabilities = CausalLMTask.capabilities | {C.TOWERS}
+    # answer accuracy ("what digit is this?") is the headline; ROUGE-L of a one-word answer says the same less plainly
+    default_metrics = tuple(f"{s}_{m}" for s in ("forget", "retain", "test") for m in ("exact", "loss", "prob")) + (
+        "mia_mink_auc", "mia_loss_auc")
+    gap_metrics = ("forget_exact", "retain_exact", "test_exact", "forget_prob", "retain_prob", "mia_mink_auc")
+    display_metrics = ("forget_exact", "retain_exact", "test_exact", "forget_loss", "retain_loss", "test_loss",
+                       "mia_mink_auc")
     match_priority = 30  # above the causal LM: its forward without pixel_values would read placeholders as text
 
     @classmethod
