@@ -80,7 +80,8 @@ def head_importance(
     The per-sample gate gradient is exact and needs no per-sample backward: samples are independent, so with the
     summed loss ``d loss_b / d g_h = sum_{t, d in head h} o_{b,t,d} * (d loss / d o_{b,t,d})`` from the out-projection's
     input ``o`` and its gradient, caught by one hook in one ordinary backward pass. Cost: one forward+backward per
-    sample (batched).
+    sample (batched). A site whose rows are shared by the batch (``task.shared_inputs``: a caption set) has no
+    per-sample gate gradient; there each sample gets an equal share of the batch's ``|d sum loss / d g_h|``.
     """
     max_heads = max(s.num_heads for s in sites)
     total = torch.zeros(len(sites), max_heads)
@@ -107,8 +108,12 @@ def head_importance(
             for i, site in enumerate(sites):
                 o = captured[i]
                 per = (o * o.grad).detach().float()  # [B, (T,) H*hd]
-                per = per.reshape(per.shape[0], -1, site.num_heads, site.head_dim).sum(dim=(1, 3)).abs().cpu()
-                total[i, : site.num_heads] += (per * w[:, None]).sum(0)
+                per = per.reshape(per.shape[0], -1, site.num_heads, site.head_dim).sum(dim=(1, 3))
+                if per.shape[0] != len(batch):
+                    # rows shared by the whole batch (a caption set encoded once, task.shared_inputs): only the
+                    # batch's summed gate gradient exists, so each sample is given an equal share of its magnitude
+                    per = per.sum(0, keepdim=True).expand(len(batch), -1) / len(batch)
+                total[i, : site.num_heads] += (per.abs().cpu() * w[:, None]).sum(0)
             weight_sum += float(w.sum())
             batches += 1
     finally:

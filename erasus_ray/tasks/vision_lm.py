@@ -57,7 +57,9 @@ class VisionCausalLMTask(CausalLMTask):
         pad_token_id / answer_only / tokenizer: as :class:`~erasus_ray.tasks.causal_lm.CausalLMTask`.
     """
 
-    capabilities = CausalLMTask.capabilities | {C.TOWERS}
+    # not 'input': perturbing the token embeddings (causal tracing, DeepFool) misses the image, whose placeholders'
+    # embeddings the projector's features overwrite
+    capabilities = (CausalLMTask.capabilities - {C.INPUT}) | {C.TOWERS}
     # answer accuracy ("what digit is this?") is the headline; ROUGE-L of a one-word answer says the same less plainly
     default_metrics = tuple(f"{s}_{m}" for s in ("forget", "retain", "test") for m in ("exact", "loss", "prob")) + (
         "mia_mink_auc", "mia_loss_auc")
