@@ -1,6 +1,6 @@
 """The generative vision-language adapter on a tiny Hugging Face Llava (built here): ``task="auto"`` picks it, a
-sample's loss is the model's own answer-only loss, answer accuracy is what greedy decoding says, and bad image inputs
-fail with errors that name what was expected."""
+sample's loss is the model's own answer-only loss, answer accuracy is what greedy decoding says, and bad inputs
+(images of the wrong size, no image, audio at the wrong sampling rate) fail with errors that name what was expected."""
 
 import pytest
 import torch
@@ -84,3 +84,17 @@ def test_generation_and_preference_batches_carry_the_image():
     rebuilt = chosen_batch(ctx, Batch(torch.arange(3), data, None), [[5, 2], [6, 2], [7, 2]])
     torch.testing.assert_close(rebuilt.data["pixel_values"], data["pixel_values"])
     assert rebuilt.data["input_ids"][:, -2].tolist() == [5, 6, 7]
+
+
+def test_audio_at_the_wrong_sampling_rate_fails_naming_the_expected_rate():
+    """A Hugging Face datasets audio record at another rate than the model's is refused, not read as another sound."""
+    from erasus_ray.tasks.classification import ClassificationTask
+
+    task = ClassificationTask(sampling_rate=16000)
+    wave = torch.zeros(400)
+    data = task.collate([({"array": wave, "sampling_rate": 16000}, 1), ({"array": wave + 1, "sampling_rate": 16000}, 0)])
+    assert tuple(data[0].shape) == (2, 400) and data[1].tolist() == [1, 0]
+    with pytest.raises(InvalidDataError, match="sampled at 8000 Hz, but the model expects 16000 Hz"):
+        task.collate([({"array": wave, "sampling_rate": 8000}, 1)])
+    with pytest.raises(InvalidDataError, match="audio record"):
+        task.collate([({"wave": wave}, 1)])
