@@ -32,8 +32,10 @@ class ContrastiveUnlearning(Strategy):
         forget_weight / retain_weight / consistency_weight: the three modules' weights.
         floor: the cosine below which a forget pair is no longer pushed.
 
-    Measured on the tiny CLIP family: see tests/test_strategies_vlm.py (forget-pair cosine falls, retain zero-shot
-    accuracy holds).
+    Measured on the tiny CLIP family forgetting the concept "3" (its 43 training pairs; 30 steps, Adam 3e-3, batch
+    16; tests/test_strategies_vlm.py): forget-pair cosine 0.656 -> -0.224, forget zero-shot accuracy 0.977 -> 0,
+    retain-pair cosine 0.679 -> 0.637, retain accuracy 0.941 -> 0.938 (consistency_weight 10: 0.687 / 0.978). On the
+    clip benchmark's demo (closed loop, seed 0) Avg.Gap to the retrained model is 0.4 pts (original 48.5).
 
     Cost: per step, forward+backward of both towers on the forget pairs and on the retain batch (twice: the task
     objective and the own-pair embeddings) plus one forward of the frozen original; one extra copy of the model.

@@ -34,6 +34,10 @@ class ModalityDecoupling(Strategy):
     Args:
         multimodal_weight / unimodal_weight: the retention terms' weights (the paper's alpha / beta).
 
+    Measured on the tiny CLIP family forgetting the concept "3" (43 pairs; 30 steps, Adam 3e-3, batch 16;
+    tests/test_strategies_vlm.py): forget-pair cosine 0.656 -> 0.076 (unpaired level ~0), forget zero-shot accuracy
+    0.977 -> 0, retain-pair cosine 0.679 -> 0.675, retain accuracy 0.941 -> 0.941.
+
     Cost: per step, forward+backward of both towers on the forget pairs, the forget images against retain texts and
     the retain pairs, plus a forward of the frozen original on the retain pairs; one extra copy of the model.
 

@@ -36,6 +36,11 @@ class VisionTextSplit(ComposedStrategy):
     computes (Kravets & Namboodiri's setting); unlearning the vision tower moves the images instead and leaves the
     text tower usable for other images.
 
+    Measured on the tiny CLIP family forgetting the concept "3" (43 pairs; grad_diff, 30 steps, Adam 3e-3, batch 16):
+    text tower - forget zero-shot accuracy 0.977 -> 0, retain 0.941 -> 0.969; vision tower - 0.977 -> 0, retain
+    0.936. On the tiny Llava's 16 random forget questions (exchangeable with the retain ones; vision tower, 30 steps,
+    Adam 3e-3, batch 8) answer accuracy falls alike: forget 0.875 -> 0.188, retain 0.888 -> 0.396.
+
     Args:
         tower: the tower that is unlearned.
         objective / objective_params: the loss-based strategy run on it (default ``grad_diff``).
