@@ -113,7 +113,7 @@ def test_demo_task_diffusion_runs_the_diffusion_benchmark_with_its_defaults(monk
         JobConfig.from_dict({"benchmark": "digits", "target": "nonsense"})
 
 
-def test_demo_task_clip_and_its_task_family_name_run_the_clip_benchmark(monkeypatch):
+def test_demo_task_clip_llava_and_their_task_family_names_run_the_vlm_benchmarks(monkeypatch):
     """--task clip is the clip benchmark (also reached by its adapter's name, contrastive), with contrastive
     unlearning and an el2n coreset by default."""
     import erasus_ray.cli.demo as demo
@@ -124,6 +124,10 @@ def test_demo_task_clip_and_its_task_family_name_run_the_clip_benchmark(monkeypa
         assert main(["demo", "--task", name, "--no-progress", "--no-ray"]) == 0
         assert seen["benchmark"] == "clip" and seen["selector"] == "el2n"
     assert JobConfig.from_dict({"benchmark": "clip"}).strategy == "contrastive_unlearning"
+    for name in ("llava", "vision_causal_lm"):  # the generative VLM: no class labels, so the loop runs against gold
+        assert main(["demo", "--task", name, "--no-progress", "--no-ray"]) == 0
+        assert seen["benchmark"] == "llava"
+    assert JobConfig.from_dict({"benchmark": "llava"}).target == "gold"
 
 
 @pytest.mark.slow
