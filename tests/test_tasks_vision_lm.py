@@ -28,6 +28,9 @@ def test_auto_picks_the_vision_adapter_with_the_placeholder_and_image_shape_from
     assert type(task) is VisionCausalLMTask
     assert task.image_token_id == IMAGE == fam.model.config.image_token_id and task.image_shape == (1, 8, 8)
     assert tokenizer().convert_tokens_to_ids("<image>") == IMAGE and len(tokenizer()) == len(VOCAB)
+    from erasus_ray import MultimodalUnlearner
+
+    assert type(MultimodalUnlearner(fam.model, selector=None, fraction=None).task) is VisionCausalLMTask
 
 
 def test_a_samples_loss_is_the_models_own_loss_with_prompt_and_image_placeholders_masked():
