@@ -46,6 +46,11 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     # model (benchmarks/diffusion/RESULTS.md: grad_diff closed-loop, seed 0, rate 0.031 with the other classes at
     # 0.977, where its open-loop defaults reach 0.000 / 0.078); "loss": el2n needs logits the task does not have
     "digits_diffusion": {"strategy": "grad_diff", "selector": "loss", "runner": {}, "target": "generation"},
+    # a concept forgotten from CLIP: its image-text pairs pushed apart in the joint space (CLIPErase); el2n reads the
+    # zero-shot logits over the class captions
+    "clip": {"strategy": "contrastive_unlearning", "selector": "el2n", "runner": {}},
+    # no class labels in a VLM's answers, so the loop stops against the retrained model's metrics (target gold)
+    "llava": {"strategy": "grad_diff", "selector": "el2n", "runner": {}, "target": "gold"},
 }
 
 #: targets that are measured against the benchmark's gold model: :func:`run_job` passes it to ``fit`` for them

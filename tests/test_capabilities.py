@@ -205,8 +205,10 @@ def test_bundled_tasks_run_what_they_ran_before():
     refused_cls = {n for n in STRATEGIES.names() if not STRATEGIES.get(n).requires <= cls_task.capabilities}
     refused_lm = {n for n in STRATEGIES.names() if not STRATEGIES.get(n).requires <= lm_task.capabilities}
     diffusion_only = {"concept_ablation", "esd"}  # class-erasure methods need guidance (a diffusion task)
-    assert refused_cls == {"attention_surgery", "token_masking"} | diffusion_only
-    assert refused_lm == {"certified_removal"} | diffusion_only
+    # vision-language methods need a model's vision and text towers or its joint image-text space
+    vlm_only = {"contrastive_unlearning", "modality_decoupling", "vision_text_split", "vlm_attention"}
+    assert refused_cls == {"attention_surgery", "token_masking"} | diffusion_only | vlm_only
+    assert refused_lm == {"certified_removal"} | diffusion_only | vlm_only
     assert {n for n in SELECTORS.names() if not SELECTORS.get(n).requires <= lm_task.capabilities} == {
         "data_shapley", "deepfool", "valuation_network"}
     assert all(SELECTORS.get(n).requires <= cls_task.capabilities for n in SELECTORS.names())

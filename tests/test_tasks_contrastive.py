@@ -37,7 +37,7 @@ def test_in_batch_loss_is_symmetric_infonce_and_depends_on_batch_mates():
     torch.testing.assert_close(full, expected)
     pair = next(iter(make_loader(fam.forget.subset(fam.forget.ids[:2]), fam.task.collate, batch_size=2)))
     assert not torch.allclose(fam.task.per_sample_loss(fam.model, pair.data), full[:2]), "in-batch: mates matter"
-    assert fam.task.capabilities == {Capability.LOSS, Capability.FEATURES}
+    assert fam.task.capabilities == {Capability.LOSS, Capability.FEATURES, Capability.TOWERS, Capability.JOINT_SPACE}
     assert check_task(fam.task, fam)["checked"] == ["loss", "features"]
 
 

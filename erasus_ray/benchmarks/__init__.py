@@ -1,5 +1,6 @@
-"""Offline benchmark tasks (``digits``, ``mnist5k``, ``authors``; tabular ``wine``, ``iris``, ``breast_cancer``) with
-cached original and gold models.
+"""Offline benchmark tasks (``digits``, ``mnist5k``, ``authors``; tabular ``wine``, ``iris``, ``breast_cancer``;
+``digits_diffusion``; vision-language ``clip`` and ``llava`` on captioned / questioned digits) with cached original
+and gold models.
 
 ``load_benchmark("digits", scenario="class", seed=0)`` returns a :class:`Benchmark`: forget/retain/test splits by
 id, the task adapter, the training recipe, the original model and the gold model retrained on the retain set.
@@ -18,6 +19,8 @@ from erasus_ray.errors import UnknownNameError
 BENCHMARKS: dict[str, str] = {
     "digits": "erasus_ray.benchmarks.vision:DigitsBenchmark",
     "digits_diffusion": "erasus_ray.benchmarks.diffusion:DigitsDiffusionBenchmark",
+    "clip": "erasus_ray.benchmarks.clip:ClipDigitsBenchmark",
+    "llava": "erasus_ray.benchmarks.llava:LlavaDigitsBenchmark",
     "mnist5k": "erasus_ray.benchmarks.vision:Mnist5kBenchmark",
     "authors": "erasus_ray.benchmarks.authors:AuthorsBenchmark",
     "wine": "erasus_ray.benchmarks.tabular:WineBenchmark",

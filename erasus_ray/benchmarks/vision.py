@@ -50,9 +50,13 @@ class VisionBenchmark(BenchmarkSpec):
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def dataset(self, x: np.ndarray, y: np.ndarray) -> Dataset:
+        """The items over the arrays (``(x[i], y[i])``; a captioned variant pairs each image with its text)."""
+        return ArrayDataset(x, y)
+
     def build_data(self, scenario: str, seed: int) -> TaskData:
         x, y = self.arrays()
-        base = ArrayDataset(x, y)
+        base = self.dataset(x, y)
         rows = np.arange(len(y))
         train_idx, test_idx = train_test_split(rows, test_size=self.test_size, random_state=seed, stratify=y)
         train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)

@@ -6,6 +6,7 @@ For each of the forget / retain / test sets (id datasets of QA items):
 * ``<split>_loss`` (:mod:`.loss_metrics`): mean over samples of the sample's mean answer-token cross-entropy.
 * ``<split>_prob``: mean over samples of ``exp(-sample_loss)``, i.e. the geometric mean of the answer tokens'
   target probabilities, averaged over samples (TOFU's length-normalised ``P(a|q)``; 1 = answered with certainty).
+* ``<split>_exact``: answer accuracy, the fraction of greedy answers equal to the reference (short answers).
 * ``<split>_rougeL``: mean ROUGE-L recall (Lin 2004) of the greedy-decoded answer against the reference answer,
   on token ids: ``LCS(reference, candidate) / len(reference)``. The reference is the sample's supervised tokens
   without the final eos; decoding starts from the prompt (tokens before ``answer_start``) and stops at eos.
@@ -164,6 +165,7 @@ def greedy_answers(
             num_beams=1,
             pad_token_id=pad,
             eos_token_id=sorted(eos) if eos else None,
+            **{k: v.to(device) for k, v in task.condition_inputs(batch.data).items()},
         )
         for row in generated[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in eos), len(row))
@@ -185,6 +187,14 @@ def _max_new_tokens(ctx: EvalContext) -> int:
     return max((len(r) for s in ctx.splits for r in ctx.stats(s).columns["references"]), default=0) + 2
 
 
+def _answers(ctx: EvalContext, split: str) -> list[list[int]]:
+    """The split's greedy answers, decoded once per evaluation (ROUGE-L and answer accuracy share them)."""
+    max_new = ctx.cached("max_new_tokens", lambda: _max_new_tokens(ctx))
+    return ctx.cached(("answers", split), lambda: greedy_answers(
+        ctx.model, ctx.task, ctx.splits[split], max_new_tokens=max_new, batch_size=ctx.batch_size,
+        eos_token_id=ctx.options.eos_token_id))
+
+
 @register_split_metric("rougeL", requires={Capability.LOGITS, Capability.TOKENS, Capability.GENERATION},
                        columns=("references",), gap=("forget", "retain"))
 def split_rouge_l(ctx: EvalContext, split: str) -> float:
@@ -192,11 +202,20 @@ def split_rouge_l(ctx: EvalContext, split: str) -> float:
     refs = ctx.stats(split).columns["references"]
     if not len(refs):
         return math.nan
-    max_new = ctx.cached("max_new_tokens", lambda: _max_new_tokens(ctx))
-    answers = ctx.cached(("answers", split), lambda: greedy_answers(
-        ctx.model, ctx.task, ctx.splits[split], max_new_tokens=max_new, batch_size=ctx.batch_size,
-        eos_token_id=ctx.options.eos_token_id))
+    answers = _answers(ctx, split)
     return float(np.mean([rouge_l_recall(r, a) for r, a in zip(refs, answers)]))
+
+
+@register_split_metric("exact", requires={Capability.LOGITS, Capability.TOKENS, Capability.GENERATION},
+                       columns=("references",), gap=("forget", "retain", "test"), display=())
+def split_exact(ctx: EvalContext, split: str) -> float:
+    """Answer accuracy: the fraction of samples whose greedy answer is exactly the reference answer (a VLM's
+    "what digit is this?"), from the same greedy answers as ROUGE-L."""
+    refs = ctx.stats(split).columns["references"]
+    if not len(refs):
+        return math.nan
+    answers = _answers(ctx, split)
+    return float(np.mean([list(r) == list(a) for r, a in zip(refs, answers)]))
 
 
 @register_metric("mia_mink_auc", requires={Capability.LOGITS}, splits=("forget", "test"), columns=("mink",),

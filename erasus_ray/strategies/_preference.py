@@ -111,9 +111,10 @@ def chosen_batch(ctx: UnlearnContext, batch: Batch, responses: Sequence[Any]) ->
         raise InvalidConfigError(f"{len(responses)} responses for a batch of {len(batch)}")
     if has_tokens(ctx):
         items = []
-        for (prompt, _), resp in zip(lm_rows(batch.data), responses):
+        conditions = ctx.task.condition_inputs(batch.data)  # e.g. the row's image: the new answer is about it
+        for row, ((prompt, _), resp) in enumerate(zip(lm_rows(batch.data), responses)):
             seq = torch.cat([prompt, torch.as_tensor(list(resp), dtype=torch.long)])
-            items.append({"input_ids": seq, "answer_start": len(prompt)})
+            items.append({**{k: v[row].cpu() for k, v in conditions.items()}, "input_ids": seq, "answer_start": len(prompt)})
         data = ctx.task.collate(items)
         return Batch(batch.ids, data, batch.weights).to(ctx.device)
     labels = torch.as_tensor([int(r) for r in responses], dtype=torch.long)

@@ -48,7 +48,9 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
     """Every attention module with a known head count and an output projection (GPT-2 ``c_proj``, Llama ``o_proj``,
     ``out_proj``, BERT-style ``dense``), in module order."""
     config = getattr(model, "config", None)
-    config_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    text_config = getattr(config, "text_config", None)  # a vision-language model keeps its LM's heads there
+    config_heads = (getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+                    or getattr(text_config, "num_attention_heads", None))
     sites = []
     for name, module in model.named_modules():
         heads = getattr(module, "num_heads", None) or getattr(module, "n_head", None)
@@ -78,7 +80,8 @@ def head_importance(
     The per-sample gate gradient is exact and needs no per-sample backward: samples are independent, so with the
     summed loss ``d loss_b / d g_h = sum_{t, d in head h} o_{b,t,d} * (d loss / d o_{b,t,d})`` from the out-projection's
     input ``o`` and its gradient, caught by one hook in one ordinary backward pass. Cost: one forward+backward per
-    sample (batched).
+    sample (batched). A site whose rows are shared by the batch (``task.shared_inputs``: a caption set) has no
+    per-sample gate gradient; there each sample gets an equal share of the batch's ``|d sum loss / d g_h|``.
     """
     max_heads = max(s.num_heads for s in sites)
     total = torch.zeros(len(sites), max_heads)
@@ -105,8 +108,12 @@ def head_importance(
             for i, site in enumerate(sites):
                 o = captured[i]
                 per = (o * o.grad).detach().float()  # [B, (T,) H*hd]
-                per = per.reshape(per.shape[0], -1, site.num_heads, site.head_dim).sum(dim=(1, 3)).abs().cpu()
-                total[i, : site.num_heads] += (per * w[:, None]).sum(0)
+                per = per.reshape(per.shape[0], -1, site.num_heads, site.head_dim).sum(dim=(1, 3))
+                if per.shape[0] != len(batch):
+                    # rows shared by the whole batch (a caption set encoded once, task.shared_inputs): only the
+                    # batch's summed gate gradient exists, so each sample is given an equal share of its magnitude
+                    per = per.sum(0, keepdim=True).expand(len(batch), -1) / len(batch)
+                total[i, : site.num_heads] += (per.abs().cpu() * w[:, None]).sum(0)
             weight_sum += float(w.sum())
             batches += 1
     finally:
@@ -184,9 +191,13 @@ class AttentionSurgery(Strategy):
         self.max_retain = None if max_retain is None else int(max_retain)
         self.stats_batch_size = int(self.check_range("stats_batch_size", stats_batch_size, 1, 1e9))
 
+    def candidate_sites(self, ctx: UnlearnContext) -> list[AttentionSite]:
+        """The attention modules whose heads may be pruned (default: every one :func:`attention_sites` finds)."""
+        return attention_sites(ctx.model)
+
     def scores(self, ctx: UnlearnContext) -> tuple[list[AttentionSite], torch.Tensor, int, int]:
         """``(sites, [sites, heads] scores (-inf where a site has fewer heads), batches, retain samples)``."""
-        sites = attention_sites(ctx.model)
+        sites = self.candidate_sites(ctx)
         if not sites:
             raise InvalidConfigError(
                 "attention_surgery: found no attention module with a head count and an output projection "

@@ -45,6 +45,14 @@ def output_tensor(raw: Any, attribute: str, expected: str) -> torch.Tensor:
     raise TaskMismatchError(f"{expected}; got {type(raw).__name__}")
 
 
+def parameters_reached(model: nn.Module, output: torch.Tensor) -> list[str]:
+    """Names of the trainable parameters of ``model`` that ``output`` depends on in the autograd graph (whether
+    or not their gradient happens to be zero here). Cost: one backward pass of ``output.sum()``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(output.sum(), [p for _, p in named], allow_unused=True, retain_graph=True)
+    return [n for (n, _), g in zip(named, grads) if g is not None]
+
+
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Upcast half/bfloat16 logits for a stable loss; keep float32 and float64 as they are."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -265,6 +273,12 @@ class Task(ABC):
     def _forward_with_features(self, model: nn.Module, args: tuple, kwargs: dict, data: Any) -> TaskOutput:
         raise CapabilityError(f"task {self.name!r} does not provide features (capability 'features')")
 
+    def condition_inputs(self, data: Any) -> dict[str, torch.Tensor]:
+        """Model inputs besides the tokens that a token-editing or generating algorithm must carry along (an image's
+        ``pixel_values`` for a vision-language model), each with the batch as its first dimension: ``greedy_answers``
+        passes them to ``generate``, and a preference batch rebuilt from a row's prompt keeps its row. Default: none."""
+        return {}
+
     def labels_of(self, data: Any) -> torch.Tensor | None:
         """Per-sample class labels where the task has them (``Capability.LABELS``), else None."""
         return None
@@ -276,6 +290,16 @@ class Task(ABC):
     def head_module(self, model: nn.Module) -> nn.Module:
         """The module whose input is the feature (``Capability.HEAD``)."""
         raise CapabilityError(f"task {self.name!r} declares no head module (capability 'head')")
+
+    def tower_parameters(self, model: nn.Module, data: Any) -> dict[str, list[str]]:
+        """``{"vision": names, "text": names}``: the trainable parameters of each modality's tower
+        (``Capability.TOWERS``); ``data`` is a batch the adapter may run to find them."""
+        raise CapabilityError(f"task {self.name!r} declares no vision/text towers (capability 'towers')")
+
+    def pair_embeddings(self, model: nn.Module, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image [B, D], text [B, D])`` L2-normalised embeddings of each sample's own image-text pair in the joint
+        space (``Capability.JOINT_SPACE``); their row-wise dot product is the pair's cosine similarity."""
+        raise CapabilityError(f"task {self.name!r} has no joint image-text space (capability 'joint_space')")
 
     # Convenience wrappers (one forward each).
     def per_sample_loss(self, model: nn.Module, data: Any) -> torch.Tensor:

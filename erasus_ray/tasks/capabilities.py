@@ -55,6 +55,13 @@ class Capability(str, Enum):
     #: sampling (``Task.noised``, ``Task.predict_noise``, ``Task.sample``): concept-erasure methods (ESD, concept
     #: ablation) and generation metrics.
     GUIDANCE = "guidance"
+    #: Separate vision and text parameter groups (``Task.tower_parameters``: a two-tower model's image and text
+    #: towers, a generative VLM's vision tower + projector and its language model), for methods that unlearn in one
+    #: modality with the other frozen.
+    TOWERS = "towers"
+    #: Image and text embeddings of each sample's own pair in one joint space (``Task.pair_embeddings``), for methods
+    #: that push forget pairs apart there (contrastive unlearning, modality decoupling).
+    JOINT_SPACE = "joint_space"
 
     def __str__(self) -> str:
         return self.value
@@ -76,6 +83,8 @@ _MEANING: dict[Capability, str] = {
     Capability.INPUT: "a continuous input to perturb (a classifier's input tensor, an LM's token embeddings)",
     Capability.MODEL_LOGITS: "logits in the model's own output (so a wrapper can edit them)",
     Capability.GUIDANCE: "conditional and null-condition noise predictions and class-conditional sampling (a diffusion model)",
+    Capability.TOWERS: "separate vision and text parameter groups (a two-tower or vision-language model)",
+    Capability.JOINT_SPACE: "image and text embeddings of each sample's pair in one joint space (a two-tower model)",
 }
 
 

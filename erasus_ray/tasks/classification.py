@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from erasus_ray.errors import TaskMismatchError
+from erasus_ray.errors import InvalidDataError, TaskMismatchError
 from erasus_ray.tasks.base import Task, TaskOutput, at_least_fp32, output_tensor
 from erasus_ray.tasks.capabilities import Capability as C
 from erasus_ray.tasks.registry import register_task
@@ -41,6 +41,10 @@ class ClassificationTask(Task):
         head: name of the module whose *input* is the penultimate feature (default: the last ``nn.Linear``).
         pad_token_id: id that right-pads dict items' ``input_ids`` (attention 0 there); read from the model's
             config by :meth:`from_model`.
+        sampling_rate: the rate (Hz) an audio model was trained at. An input given as a Hugging Face ``datasets``
+            audio record ``{"array": waveform, "sampling_rate": hz}`` must match it (16 kHz for Wav2Vec2 / Whisper
+            checkpoints); a waveform at another rate would be read as a different sound, so it is an error, not a
+            silent resample. None: such records are accepted at any rate.
     """
 
     capabilities = frozenset({C.LOGITS, C.LABELS, C.FEATURES, C.HEAD, C.INDEPENDENT, C.INPUT, C.MODEL_LOGITS})
@@ -65,13 +69,27 @@ class ClassificationTask(Task):
             kwargs["pad_token_id"] = pad
         return cls(**kwargs)
 
-    def __init__(self, head: str | None = None, pad_token_id: int = 0) -> None:
+    def __init__(self, head: str | None = None, pad_token_id: int = 0, sampling_rate: int | None = None) -> None:
         self.head = head
         self.pad_token_id = int(pad_token_id)
+        self.sampling_rate = None if sampling_rate is None else int(sampling_rate)
+
+    def _waveform(self, record: dict, row: int) -> torch.Tensor:
+        """The waveform of an audio record, checked against :attr:`sampling_rate`."""
+        if "array" not in record:
+            raise InvalidDataError(f"classification item {row}: a dict input must be an audio record "
+                                   f"{{'array': waveform, 'sampling_rate': hz}}; got keys {sorted(record)}")
+        rate = record.get("sampling_rate")
+        if self.sampling_rate is not None and rate != self.sampling_rate:
+            raise InvalidDataError(f"classification item {row}: audio sampled at {rate} Hz, but the model expects "
+                                   f"{self.sampling_rate} Hz (sampling_rate): resample it first")
+        return torch.as_tensor(record["array"], dtype=torch.float32)
 
     def collate(self, items: list[Any]) -> Any:
         if isinstance(items[0], dict):
             return self._collate_tokens(items)
+        if isinstance(items[0], (tuple, list)) and isinstance(items[0][0], dict):
+            items = [(self._waveform(it[0], row), *it[1:]) for row, it in enumerate(items)]
         x, y = default_collate(items)[:2] if isinstance(items[0], (tuple, list)) else (None, None)
         if x is None:
             raise TaskMismatchError("classification items must be (input, label) pairs or dicts with input_ids and labels")

@@ -32,10 +32,11 @@ from torch.nn.utils.rnn import pad_sequence
 
 from erasus_ray.checks import check_real
 from erasus_ray.errors import TaskMismatchError
-from erasus_ray.tasks.base import Task, TaskOutput
+from erasus_ray.tasks.base import Task, TaskOutput, parameters_reached
 from erasus_ray.tasks.capabilities import Capability as C
 from erasus_ray.tasks.capabilities import CapabilityError
 from erasus_ray.tasks.registry import register_task
+from erasus_ray.tasks._images import check_image, expected_image_shape
 
 
 #: the temperature of a model that has no learned scale (CLIP's initial value).
@@ -78,12 +79,14 @@ class ContrastiveTask(Task):
         pad_token_id: pads texts of different lengths.
         input_names: keyword names of the (images, texts) inputs, e.g. ``("pixel_values", "input_ids")``; None:
             positional.
+        image_shape: ``(C, H, W)`` every image must have (read from a Hugging Face model's ``vision_config``); None:
+            not checked.
 
     The declared capabilities depend on the mode and are set on the instance (``task.capabilities``); the class
     lists their union, so that ``providers`` names this task for each.
     """
 
-    capabilities = frozenset({C.INDEPENDENT, C.LOGITS, C.LABELS, C.FEATURES})
+    capabilities = frozenset({C.INDEPENDENT, C.LOGITS, C.LABELS, C.FEATURES, C.TOWERS, C.JOINT_SPACE})
     match_priority = 20
 
     @classmethod
@@ -97,13 +100,14 @@ class ContrastiveTask(Task):
         """The adapter with the input names (keywords for a Hugging Face model) and the text pad id read from the
         model unless given."""
         kwargs.setdefault("input_names", _keyword_inputs(model))
+        kwargs.setdefault("image_shape", expected_image_shape(model))
         config = getattr(getattr(model, "config", None), "text_config", None)
         if "pad_token_id" not in kwargs and isinstance(getattr(config, "pad_token_id", None), int):
             kwargs["pad_token_id"] = config.pad_token_id
         return cls(**kwargs)
 
     def __init__(self, captions: torch.Tensor | None = None, temperature: float | None = None, pad_token_id: int = 0,
-                 input_names: tuple[str, str] | None = None) -> None:
+                 input_names: tuple[str, str] | None = None, image_shape: tuple[int, int, int] | None = None) -> None:
         self.captions = None if captions is None else torch.as_tensor(captions, dtype=torch.long)
         if self.captions is not None and (self.captions.ndim != 2 or len(self.captions) < 2):
             raise TaskMismatchError(f"captions must be a [K, L] token tensor with K >= 2; got {tuple(self.captions.shape)}")
@@ -113,8 +117,10 @@ class ContrastiveTask(Task):
         if input_names is not None and (len(input_names) != 2 or not all(isinstance(n, str) for n in input_names)):
             raise TaskMismatchError(f"input_names must be two keyword names (images, texts); got {input_names!r}")
         self.input_names = None if input_names is None else tuple(input_names)
+        self.image_shape = None if image_shape is None else tuple(int(s) for s in image_shape)
         fixed = self.captions is not None
-        self.capabilities = type(self).capabilities if fixed else frozenset({C.LOSS, C.FEATURES})  # type: ignore[misc]
+        in_batch = frozenset({C.LOSS, C.FEATURES, C.TOWERS, C.JOINT_SPACE})
+        self.capabilities = type(self).capabilities if fixed else in_batch  # type: ignore[misc]
 
     @property
     def fixed(self) -> bool:
@@ -128,7 +134,9 @@ class ContrastiveTask(Task):
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         if not isinstance(items[0], (tuple, list)) or len(items[0]) < 2:
             raise TaskMismatchError("contrastive items must be (image, text_tokens) or (image, text_tokens, label)")
-        data = {"images": torch.stack([torch.as_tensor(it[0]) for it in items]),
+        images = [torch.as_tensor(it[0]) if self.image_shape is None
+                  else check_image(it[0], self.image_shape, f"contrastive item {row}", "image") for row, it in enumerate(items)]
+        data = {"images": torch.stack(images),
                 "texts": pad_sequence([torch.as_tensor(it[1], dtype=torch.long).reshape(-1) for it in items],
                                       batch_first=True, padding_value=self.pad_token_id)}
         if len(items[0]) > 2:
@@ -141,9 +149,34 @@ class ContrastiveTask(Task):
     def model_inputs(self, data: Any) -> tuple[tuple, dict]:
         images = data["images"]
         texts = self.captions.to(images.device) if self.fixed else data["texts"]  # type: ignore[union-attr]
+        return self._call_inputs(images, texts)
+
+    def _call_inputs(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[tuple, dict]:
         if self.input_names is None:
             return (images, texts), {}
         return (), dict(zip(self.input_names, (images, texts)))
+
+    def _own_pairs(self, model: nn.Module, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image_emb, text_emb)`` of each sample's image and its own text (not the caption set)."""
+        args, kwargs = self._call_inputs(data["images"], data["texts"])
+        return _embeddings(model(*args, **kwargs))
+
+    def pair_embeddings(self, model: nn.Module, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised embeddings of each sample's image and its own caption. Cost: one forward of both towers."""
+        image, text = self._own_pairs(model, data)
+        return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+
+    def tower_parameters(self, model: nn.Module, data: Any) -> dict[str, list[str]]:
+        """The parameters the image embedding depends on and those the text embedding depends on, read off the
+        autograd graph (so any two-tower model works, whatever its modules are called); parameters in neither
+        (CLIP's ``logit_scale``) belong to no tower. Cost: one forward and two backward passes."""
+        image, text = self._own_pairs(model, data)
+        towers = {"vision": parameters_reached(model, image), "text": parameters_reached(model, text)}
+        shared = sorted(set(towers["vision"]) & set(towers["text"]))
+        if shared:
+            raise TaskMismatchError(f"contrastive task: parameters {shared[:5]} feed both the image and the text "
+                                    "embedding, so the model has no separate towers")
+        return towers
 
     def batch_size(self, data: Any) -> int:
         return int(data["images"].shape[0])

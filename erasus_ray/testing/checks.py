@@ -252,7 +252,7 @@ def _check_optional(task: Task, model: nn.Module, batch: Batch) -> list[str]:
 def check_metric(metric: str, family: Family) -> dict[str, Any]:
     """Compute the registered ``metric`` of ``family``'s model on its forget / retain / test sets (or expect its
     capability refusal when the task lacks what the metric declares). Checks: a finite value (a rate in [0, 1] for
-    names ending in ``_acc``, ``_auc``, ``_efficacy``, ``_rougeL`` or ``_prob``); a CapabilityError while the
+    names ending in ``_acc``, ``_auc``, ``_efficacy``, ``_rougeL``, ``_prob`` or ``_exact``); a CapabilityError while the
     declarations are met fails as an undeclared requirement. Returns ``{"outcome": "refused" | "ran", "value": ...}``.
     Cost: one forward pass per split the metric reads (plus generation for text metrics)."""
     from erasus_ray.evaluation import METRICS, run_metrics
@@ -291,4 +291,4 @@ def _items_carry(family: Family, field: str) -> bool:
 
 
 #: metric name endings that denote a rate or probability in [0, 1]
-RATE_SUFFIXES = ("_acc", "_auc", "_efficacy", "_rougeL", "_prob")
+RATE_SUFFIXES = ("_acc", "_auc", "_efficacy", "_rougeL", "_prob", "_exact")
