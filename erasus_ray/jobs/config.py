@@ -11,6 +11,7 @@ Example (paths relative to the YAML file's folder)::
       forget: {class: 2}           # or [ids], {id_file: f.txt}, {where: "age > 60 and site == 'b'"}
       heldout: {where: "split == 'test'"}   # optional; retain: the rest (default)
       streaming: false             # true: read in chunks, never whole (see erasus_ray.jobs.stream_job)
+      stream_rounds: 3             # streamed: closed-loop rounds judged on the whole forget stream (0: none)
     strategy: grad_diff
     output: runs/forget-class-2    # the unlearned model (input format), results.json, metrics.png
 

@@ -13,15 +13,28 @@ generator function does - in the same order):
 3. **collect** - the coreset's rows, plus a seeded uniform sample (reservoir sampling, Vitter's algorithm R) of
    ``data.stream_sample`` retain rows and as many held-out rows: the retain steps are drawn from the stream through
    this sample, and the held-out sample is the controller's reference.
-4. **unlearn** - :class:`~erasus_ray.ErasusUnlearner` on those in-memory sets (the coreset is the forget set it sees).
-5. **verify** - one pass measuring loss (and accuracy, where the task has logits) of the original and the unlearned
-   model on every forget, retain and held-out row (``metrics_before`` / ``metrics_after``).
+4. **measure the original** - one pass (:func:`verify_pass`): mean loss (and accuracy) over every forget, retain and
+   held-out row (``metrics_before``), each forget row's id and loss (and right / wrong), and the distinct labels of
+   the forget and retain rows; the target (``target:``) is resolved on the whole stream (:func:`stream_target`: a
+   ``class`` target from every row's labels, not the coreset's).
+5. **unlearn, judge the whole stream, grow** (:func:`unlearn_stream`) - :class:`~erasus_ray.ErasusUnlearner` on the
+   coreset and the samples (its own closed loop sees the coreset), then one measuring pass of the unlearned model: the
+   target is judged on every forget row's loss with the retain / held-out samples the unlearner's probe measures, and
+   the utility guard against the original (:class:`StreamJudge`). While it fails, the target's failing ids outside
+   the coreset (lowest loss first, at most the coreset's size) are read in one pass and the next round unlearns the
+   grown coreset from the current model - at most ``data.stream_rounds`` rounds (default 3). ``verified`` is the
+   last whole-stream verdict (and the unlearner's own guard); ``verification`` records each round, the coreset's
+   growth, the final criteria and why it stopped (``verified: false`` with the reason when the rounds run out).
 
-Memory: O(chunk_rows + k + 2 x stream_sample) rows whatever the stream's length (``benchmarks/streaming``
-measures it). Refused with an :class:`InvalidConfigError` naming the key, before any pass: a selector that needs
-every forget sample at once (:data:`erasus_ray.jobs.config.STREAM_SELECTORS` lists those that do not), ``fraction: auto`` (the adaptive
-coreset grows from the in-memory forget set: give ``k`` or a number), and strategies that retrain from the retain set
-(:data:`erasus_ray.jobs.config.WHOLE_RETAIN_STRATEGIES`). Ids: unique within each chunk is checked; across chunks it is the data's promise
+Memory: O(chunk_rows + k x 2^rounds + 2 x stream_sample) rows whatever the stream's length (``benchmarks/streaming``
+measures the scoring passes), plus 12 bytes per forget row for its id and loss in the measuring passes (13 with a
+classifier's right / wrong, 16 with a token task's fraction right; two measurements held at once: ~26-32 MB per
+million forget rows) - the price of a verdict on every forget row rather than on the coreset.
+
+Refused with an :class:`InvalidConfigError` naming the key, before any pass: a selector that needs every forget
+sample at once (:data:`erasus_ray.jobs.config.STREAM_SELECTORS` lists those that do not), ``fraction: auto`` (the
+adaptive coreset grows from the in-memory forget set: give ``k`` or a number; the stream's own closed loop grows it
+from ``k``), and strategies that retrain from the retain set (:data:`erasus_ray.jobs.config.WHOLE_RETAIN_STRATEGIES`). Ids: unique within each chunk is checked; across chunks it is the data's promise
 (a set of every id seen would grow with the stream).
 """
 
@@ -404,11 +417,17 @@ class _ForgetRows:
             self.correct.append(right.astype(bool) if one_unit else right)
 
     def stats(self) -> SetStats:
-        order = np.argsort(np.concatenate(self.ids), kind="stable") if self.ids else np.zeros(0, np.int64)
-        pick = lambda parts: np.concatenate(parts)[order] if parts else None  # noqa: E731  (id order, as set_stats')
-        ids, loss = pick(self.ids), pick(self.loss)
+        """The rows in stream order (as :func:`~erasus_ray.evaluation.stats.set_stats` keeps data order); each
+        column's batches are released as it is joined, so the peak is the rows twice over, not more."""
+        ids, loss, correct = (_join_released(parts) for parts in (self.ids, self.loss, self.correct))
         return SetStats(np.zeros(0, np.int64) if ids is None else ids, np.zeros(0, np.float32) if loss is None else loss,
-                        pick(self.correct))
+                        correct)
+
+
+def _join_released(parts: list[np.ndarray]) -> np.ndarray | None:
+    joined = np.concatenate(parts) if parts else None
+    parts.clear()
+    return joined
 
 
 def _add(sums: dict[str, list[float]], prefix: str, n: int, loss: float, acc: Any) -> None:
