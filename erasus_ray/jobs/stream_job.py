@@ -511,10 +511,10 @@ def unlearn_stream(cfg: UserJobConfig, build: Callable[[Table, np.ndarray], Data
     unlearner = make_unlearner(model, resolved.target or cfg.target)
     judge = StreamJudge(resolved, unlearner.control, task, retain, heldout, cfg.seed)
     judge.begin(first.forget["before"], model)
-    rounds, history, results = stream_rounds(cfg), [], []
+    rounds, history, runs = stream_rounds(cfg), [], []
     for round_no in range(rounds + 1):
         result = unlearner.fit(forget, retain, heldout_data=heldout)
-        results.append(result)
+        runs.append(verification_record(result.verification))  # the record only: an earlier round's model is let go
         after = verify_pass(cfg, build, task, {"after": result.model})
         verdict = judge.judge(after.forget["after"], result.model)
         step = {"round": round_no, "coreset": len(forget), **verdict.summary}
@@ -525,7 +525,7 @@ def unlearn_stream(cfg: UserJobConfig, build: Callable[[Table, np.ndarray], Data
             break
         forget = grow_coreset(cfg, build, forget, new)
         unlearner = make_unlearner(result.model, resolved.target or cfg.target)  # continues from the current model
-    result.verification = judge.record(history, results, rounds)
+    result.verification = judge.record(history, runs, rounds)
     return StreamRun(result, forget, first.means["before"], after.means["after"])
 
 
@@ -597,14 +597,15 @@ class StreamJudge:
             return np.zeros(0, np.int64)
         return GrowthPlan(None).pick(self.target.failing_ids(judged.measurement), coreset_ids, limit=len(coreset_ids))
 
-    def record(self, history: list[dict[str, Any]], results: list[Any], rounds: int) -> dict[str, Any]:
-        """The job's verification (``results.json`` ``verification``; ``verified`` is its ``passed``)."""
-        last, runs = self.last, [verification_record(r.verification) for r in results]
+    def record(self, history: list[dict[str, Any]], runs: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
+        """The job's verification (``results.json`` ``verification``; ``verified`` is its ``passed``): the last
+        whole-stream verdict and guard, each round, and ``runs`` (each round's unlearner verification record)."""
+        last = self.last
         common = {"why": self.resolved.why, "scope": f"all {len(last.measurement.forget)} forget rows of the stream",
                   "rounds": history, "coreset_growth": [h["coreset"] for h in history], "coreset_runs": runs}
         if last.verdict is None:
             return {"mode": "unverified", "target": None, "passed": None, "stopped": self.resolved.why, **common}
-        own_guard = results[-1].verification.get("guard_ok")
+        own_guard = runs[-1].get("guard_ok")
         passed = bool(last.passed and own_guard is not False)
         return {"mode": "stream_closed_loop", **self.target.describe(), **last.verdict.to_dict(), "passed": passed,
                 "guard": [c.to_dict() for c in last.guard], "guard_ok": last.guard_ok, "unlearner_guard_ok": own_guard,
