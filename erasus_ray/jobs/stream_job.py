@@ -567,8 +567,8 @@ class StreamJudge:
         as_ids = lambda d: None if d is None else as_id_dataset(d)  # noqa: E731
         self.probe = Probe(task, None, as_ids(retain), as_ids(heldout), retain_samples=control.retain_samples,
                            heldout_samples=control.heldout_samples, seed=seed)
-        if self.target is not None:  # a target that measures the model itself (none of a job's today) gets to
-            self.probe.model_metrics = self.target.measure_model
+        if self.target is not None:  # as resolve_target wires the unlearner's probe: a target that measures the
+            self.probe.model_metrics = self.target.measure_model  # model itself is measured at every judgement
         self.last: Judged | None = None
 
     def measure(self, forget: SetStats, model: nn.Module) -> Measurement:
