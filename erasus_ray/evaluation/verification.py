@@ -580,7 +580,16 @@ def removed_classes(task: Task, forget: IdDataset, retain: IdDataset | None) -> 
     r_labels = _labels(task, retain)
     if r_labels is None:
         return None
-    removed = np.setdiff1d(np.unique(f_labels), np.unique(r_labels))
+    return removed_classes_of(f_labels, r_labels)
+
+
+def removed_classes_of(forget_labels: np.ndarray, retain_labels: np.ndarray) -> np.ndarray | None:
+    """:func:`removed_classes` from labels already read (or only their distinct values, as a streamed job gathers
+    them in its measuring pass): the forget labels that no retain label is, when every forget label is one of them."""
+    f_labels, r_labels = np.unique(np.asarray(forget_labels)), np.unique(np.asarray(retain_labels))
+    if not len(f_labels) or not len(r_labels):
+        return None
+    removed = np.setdiff1d(f_labels, r_labels)
     return removed if len(removed) and np.isin(f_labels, removed).all() else None
 
 

@@ -11,6 +11,7 @@ Example (paths relative to the YAML file's folder)::
       forget: {class: 2}           # or [ids], {id_file: f.txt}, {where: "age > 60 and site == 'b'"}
       heldout: {where: "split == 'test'"}   # optional; retain: the rest (default)
       streaming: false             # true: read in chunks, never whole (see erasus_ray.jobs.stream_job)
+      stream_rounds: 3             # streamed: closed-loop rounds judged on the whole forget stream (0: none)
     strategy: grad_diff
     output: runs/forget-class-2    # the unlearned model (input format), results.json, metrics.png
 
@@ -37,7 +38,8 @@ from erasus_ray.jobs.tables import source_kind
 
 MODEL_KEYS = ("path", "factory", "factory_args", "tokenizer")
 DATA_KEYS = ("path", "split", "factory", "factory_args", "id_column", "label_column", "features", "text_column",
-             "target_column", "forget", "retain", "heldout", "streaming", "chunk_rows", "stream_sample")
+             "target_column", "forget", "retain", "heldout", "streaming", "chunk_rows", "stream_sample",
+             "stream_rounds")
 #: selector name -> (score, order) of :func:`~erasus_ray.jobs.streaming.stream_top_k`; ``default`` is ``loss``
 STREAM_SELECTORS: dict[str, tuple[str, str]] = {"loss": ("loss", "high"), "el2n": ("el2n", "high"),
                                                  "default": ("loss", "high")}
@@ -153,9 +155,9 @@ class UserJobConfig:
                 raise InvalidConfigError(f"data.{key}: must be a column name, got {data[key]!r}")
         if data.get("streaming") is not None and not isinstance(data["streaming"], bool):
             raise InvalidConfigError(f"data.streaming: must be true or false, got {data['streaming']!r}")
-        for key in ("chunk_rows", "stream_sample"):
+        for key, low in (("chunk_rows", 1), ("stream_sample", 1), ("stream_rounds", 0)):
             if data.get(key) is not None:
-                check_int(f"data.{key}", data[key], low=1)
+                check_int(f"data.{key}", data[key], low=low)
         features = data.get("features")
         if features is not None and not (isinstance(features, list) and all(isinstance(f, str) for f in features)):
             raise InvalidConfigError(f"data.features: must be a list of column names, got {features!r}")

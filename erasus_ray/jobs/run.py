@@ -20,7 +20,7 @@ from erasus_ray.jobs.config import UserJobConfig
 from erasus_ray.jobs.items import classifier_dataset, token_dataset
 from erasus_ray.jobs.models import LoadedModel, load_model, save_model
 from erasus_ray.jobs.rows import split_masks, table_ids
-from erasus_ray.jobs.stream_job import collect_pass, stream_coreset, verify_pass, wants_streaming
+from erasus_ray.jobs.stream_job import collect_pass, stream_coreset, unlearn_stream, wants_streaming
 from erasus_ray.jobs.tables import Table, read_table, table_from_factory
 from erasus_ray.tasks import Task, get_task
 from erasus_ray.utils.atomic import atomic_write_text, remove_durably
@@ -113,26 +113,28 @@ def run_user_job(cfg: UserJobConfig, *, out: str | Path | None = None, progress:
 def run_streamed_job(cfg: UserJobConfig, *, out: str | Path | None = None, progress: bool = True,
                      selector: str | None = None, k: int | None = None) -> dict[str, Any]:
     """The job over a stream (:mod:`erasus_ray.jobs.stream_job`): count, score the forget rows for a top-k coreset,
-    collect it with retain / held-out samples, unlearn on those, and measure both models on every row in one pass.
-    The unlearner's own verification (``verified``) ran on the coreset and the samples; ``metrics_before`` /
-    ``metrics_after`` cover every streamed row."""
+    collect it with retain / held-out samples, then unlearn in closed-loop rounds judged on every forget row of the
+    stream (:func:`~erasus_ray.jobs.stream_job.unlearn_stream`): ``verified`` and ``verification`` are that
+    whole-stream verdict, and ``metrics_before`` / ``metrics_after`` cover every streamed row."""
     from erasus_ray.unlearner import ErasusUnlearner
 
     loaded = load_model(cfg.model, cfg._base_dir)
     task = get_task(cfg.task, loaded.model)
     build = lambda chunk, ids: build_dataset(cfg, chunk, ids, task, loaded.tokenizer)
     coreset, splits = stream_coreset(cfg, loaded.model, task, build, selector=selector, k=k)
-    forget, retain, heldout = collect_pass(cfg, build, coreset.ids)
-    unlearner = ErasusUnlearner(
-        loaded.model, strategy=cfg.strategy, selector=None, fraction=1.0, target=cfg.target, task=task, seed=cfg.seed,
+    sets = collect_pass(cfg, build, coreset.ids)
+    make = lambda model, target: ErasusUnlearner(  # noqa: E731
+        model, strategy=cfg.strategy, selector=None, fraction=1.0, target=target, task=task, seed=cfg.seed,
         progress=progress, runner=cfg.runner, execution=cfg.execution, **cfg.strategy_params)
-    result = unlearner.fit(forget, retain, heldout_data=heldout)
-    measured = verify_pass(cfg, build, task, {"before": loaded.model, "after": result.model})
+    run = unlearn_stream(cfg, build, task, loaded.model, sets, make)
+    run.result.config["target"] = cfg.target  # the configured target (the rounds were handed its resolved object)
+    retain, heldout = sets[1], sets[2]
     summary = {"source": str(cfg.data.get("path") or cfg.data.get("factory")), "id_column": cfg.data["id_column"],
                "streamed": True, **{f"n_{name}": n for name, n in splits.counts.items()},
                "n_retain_sampled": len(retain), "n_heldout_sampled": 0 if heldout is None else len(heldout),
-               "stream_coreset": {"ids": coreset.ids.tolist(), "selector": coreset.selector, **coreset.info}}
-    return finish_job(cfg, out, loaded, task, result, measured["before"], measured["after"], summary)
+               "stream_coreset": {"ids": coreset.ids.tolist(), "selector": coreset.selector, **coreset.info},
+               "final_coreset_ids": run.coreset.ids.tolist()}
+    return finish_job(cfg, out, loaded, task, run.result, run.before, run.after, summary)
 
 
 def finish_job(cfg: UserJobConfig, out: str | Path | None, loaded: LoadedModel, task: Task, result: Any,
