@@ -102,22 +102,44 @@ def test_ray_job_submit_runs_unlearn_config(tmp_path):
         assert doc["config"]["strategy"] == "grad_diff" and doc["metrics"]["forget_acc"] <= 0.05
 
 
-@pytest.mark.slow
-def test_ray_job_submit_runs_the_own_data_example_folder(tmp_path):
-    """examples/own_data (checkpoint, CSV and factory module written into a copy) shipped with ``--working-dir``:
-    the job imports its factory from the shipped folder and writes to ``--out``, which forgot class 2 in the CSV's
-    ids (the same checks as the local run in tests/test_examples.py)."""
-    pytest.importorskip("ray")
-    from test_examples import check_own_data_output, own_data_job
+def _submit_example_folder(tmp_path: Path, name: str):
+    """A copy of examples/<name> with its job's files written (tests/test_examples.py's ``example_job``), shipped
+    with ``ray job submit --working-dir`` to a loopback head running ``erasus-ray unlearn --config job.yaml --out``;
+    checks the job ran in Ray's copy of the folder and returns ``(folder, out, module)``."""
+    from test_examples import example_job
 
-    folder, module = own_data_job(tmp_path)
+    folder, module = example_job(tmp_path, name)
     out = tmp_path / "results"
     with local_ray_head() as (_, dashboard, env):
         job = ray_job_submit(dashboard, env, [str(BIN / "erasus-ray"), "unlearn", "--config", "job.yaml", "--out", str(out),
                                               "--no-progress"], working_dir=folder)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert not (folder / "out").exists()  # the job ran in Ray's copy of the folder, not in ours
+    return folder, out, module
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_own_data_example_folder(tmp_path):
+    """examples/own_data (checkpoint, Parquet table and factory module written into a copy) shipped with
+    ``--working-dir``: the job imports its factory from the shipped folder and writes to ``--out``, which forgot
+    class 2 in the table's ids (the same checks as the local run in tests/test_examples.py)."""
+    pytest.importorskip("ray")
+    from test_examples import check_own_data_output
+
+    folder, out, module = _submit_example_folder(tmp_path, "own_data")
     check_own_data_output(folder, out, module)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_own_hf_example_folder(tmp_path):
+    """examples/own_hf (a save_pretrained BERT folder, a tokenizer folder and a save_to_disk dataset written into a
+    copy) shipped with ``--working-dir``: ``--out`` holds a ``model/`` folder that reloads with ``from_pretrained``
+    and forgot topic 2, and results in the dataset's ids (the same checks as the local run in tests/test_examples.py)."""
+    pytest.importorskip("ray")
+    from test_examples import check_own_hf_output
+
+    folder, out, _ = _submit_example_folder(tmp_path, "own_hf")
+    check_own_hf_output(folder, out)
 
 
 def _end_processes_mentioning(marker: str) -> None:

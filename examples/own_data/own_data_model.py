@@ -1,6 +1,6 @@
 """Your own model and data, as files: this module is both the job's model factory and the script that writes them.
 
-    python examples/own_data/own_data_model.py          # writes mlp.pt and samples.csv here (~2 s)
+    python examples/own_data/own_data_model.py          # writes mlp.pt and samples.parquet here (~2 s)
     erasus-ray unlearn --config examples/own_data/job.yaml --no-progress
 
 The data: scikit-learn's ``make_classification`` (4 classes, 10 features; none of the bundled benchmarks use it),
@@ -54,13 +54,13 @@ def train(frame, epochs: int = 300, seed: int = 0) -> nn.Module:
 
 
 def write_job_files(folder: str | Path) -> None:
-    """Write ``mlp.pt`` (the trained model's state dict) and ``samples.csv`` into ``folder``."""
+    """Write ``mlp.pt`` (the trained model's state dict) and ``samples.parquet`` into ``folder``."""
     folder = Path(folder)
     frame = make_table()
     torch.save(train(frame).state_dict(), folder / "mlp.pt")
-    frame.to_csv(folder / "samples.csv", index=False)
+    frame.to_parquet(folder / "samples.parquet", index=False)
 
 
 if __name__ == "__main__":
     write_job_files(Path(__file__).resolve().parent)
-    print(f"wrote mlp.pt and samples.csv to {Path(__file__).resolve().parent}")
+    print(f"wrote mlp.pt and samples.parquet to {Path(__file__).resolve().parent}")
