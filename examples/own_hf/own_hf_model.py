@@ -1,6 +1,6 @@
 """Your own Hugging Face model and `datasets` data, as folders: this script writes them next to ``job.yaml``.
 
-    python examples/own_hf/own_hf_model.py          # writes bert/, tokenizer/ and texts/ here (~5 s)
+    python examples/own_hf/own_hf_model.py          # writes bert/, tokenizer/ and texts/ here (~20 s CPU, mostly imports)
     erasus-ray unlearn --config examples/own_hf/job.yaml --no-progress
 
 The data: 240 short sentences in 3 topics (fruit, colour, animal): each word is a topic word with probability 0.6,
