@@ -48,6 +48,8 @@ class MetricOptions:
         max_new_tokens: generation length for ROUGE (None: the longest reference answer over the splits, + 2).
         mink_k: fraction of lowest token log-probs a Min-K% Prob score averages, in (0, 1].
         eos_token_id: end-of-sequence token for generation and references (None: the model's config).
+        dp_delta: the delta of the empirical (epsilon, delta) lower bound (``mia_epsilon``,
+            :mod:`erasus_ray.evaluation.privacy`).
     """
 
     seed: int = 0
@@ -55,6 +57,7 @@ class MetricOptions:
     max_new_tokens: int | None = None
     mink_k: float = 0.2
     eos_token_id: int | None = None
+    dp_delta: float = 1e-5
 
 
 class EvalContext:
