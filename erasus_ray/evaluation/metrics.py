@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from torch import nn
 
 from erasus_ray.data import IdDataset
-from erasus_ray.errors import InvalidConfigError, UnknownNameError
+from erasus_ray.errors import InvalidConfigError, InvalidDataError, UnknownNameError
 from erasus_ray.evaluation.stats import Column, SetStats, set_stats
 from erasus_ray.tasks import TASKS, Capability, Task, capability_set, require
 
@@ -315,6 +315,8 @@ def run_metrics(
     if unknown:
         raise InvalidConfigError(f"splits: unknown split(s) {sorted(unknown)}; known: {SPLITS}")
     metrics = [m for m in metrics if all(s in given for s in m.splits)]
+    for m in metrics:
+        _check_item_fields(m, given)
     columns = {c: METRICS.column(c, opts, model) for m in metrics for c in m.columns}
     ctx = EvalContext(model, task, given, opts, columns)
     was_training = model.training
@@ -323,6 +325,18 @@ def run_metrics(
         return {m.name: m.compute(ctx) for m in metrics}
     finally:
         model.train(was_training)
+
+
+def _check_item_fields(metric: Metric, splits: Mapping[str, IdDataset]) -> None:
+    """Refuse, before any forward pass, a split whose items lack a field the metric reads (``item_fields``)."""
+    for split in metric.splits:
+        data = splits[split]
+        for row in range(len(data)):
+            item = data[row][1]
+            missing = [f for f in metric.item_fields if not isinstance(item, Mapping) or f not in item]
+            if missing:
+                raise InvalidDataError(f"metric {metric.name!r} reads item field(s) {missing}, which the items of split "
+                                       f"{split!r} lack (sample id {int(data.ids[row])}); plain QA items have none")
 
 
 def _options(options: Mapping[str, Any]) -> MetricOptions:

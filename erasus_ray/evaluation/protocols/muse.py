@@ -106,17 +106,14 @@ class MuseProtocol(Protocol):
     def names(self) -> tuple[str, ...]:
         return MUSE_METRICS + (("mia_epsilon",) if self.include_privacy else ())
 
-    def _suite(self, model: nn.Module, data: EvalData, seed: int) -> dict[str, float]:
+    def prepare(self, gold: nn.Module, data: EvalData) -> dict[str, Any]:
         if data.test is None:
             raise InvalidConfigError("test: the muse protocol needs held-out text (PrivLeak's non-members)")
-        return MetricSuite(self.names()).run(model, data.forget, data.retain, data.test, task=data.task, seed=seed).metrics
-
-    def prepare(self, gold: nn.Module, data: EvalData) -> dict[str, Any]:
         suite = MetricSuite(("mia_minkpp_auc",)).run(gold, data.forget, data.retain, data.test, task=data.task)
         return {"gold_minkpp_auc": suite["mia_minkpp_auc"]}
 
     def measure(self, model: nn.Module, data: EvalData, seed: int, reference: Mapping[str, Any]) -> dict[str, float]:
-        values = self._suite(model, data, seed)
+        values = MetricSuite(self.names()).run(model, data.forget, data.retain, data.test, task=data.task, seed=seed).metrics
         return {**values, "privleak": privleak(values["mia_minkpp_auc"], reference["gold_minkpp_auc"])}
 
     def criteria(self, mean: Mapping[str, float], gold: Mapping[str, float], thresholds: VerdictThresholds) -> dict[str, bool]:
