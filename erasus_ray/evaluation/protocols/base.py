@@ -93,12 +93,33 @@ class EvalData:
     task: Task
 
 
+@dataclass
+class StandIn:
+    """A protocol's offline stand-in, as :meth:`Protocol.standin` builds it: the benchmark (its original and gold
+    models, cached; the unlearning forget / retain sets are ``bench.forget`` / ``bench.retain``), the evaluation
+    splits the protocol reads, and the strategies a leaderboard runs by default (the reference method first)."""
+
+    bench: Any
+    forget: IdDataset
+    retain: IdDataset
+    test: IdDataset | None
+    strategies: tuple[str, ...]
+
+
 class Protocol(ABC):
-    """A published evaluation protocol. Subclasses register in :data:`PROTOCOLS` and define three methods."""
+    """A published evaluation protocol. Subclasses register in :data:`PROTOCOLS` and define three methods, plus
+    :meth:`standin` (the offline data and models the CLI and leaderboards run it on)."""
 
     name: str = "protocol"
     #: Whether the protocol needs the gold model for its metrics (not only for the criteria).
     needs_gold_metrics: bool = False
+    #: (forgetting metric, utility metric) a trade-off plot puts on its axes.
+    tradeoff: tuple[str, str] = ("", "")
+
+    @classmethod
+    def standin(cls, variant: str = "ci", seed: int = 0) -> StandIn:
+        """The protocol's offline stand-in (trains and caches the original and gold models on first use)."""
+        raise InvalidConfigError(f"protocol {cls.name!r} has no offline stand-in")
 
     def __init__(self, include_privacy: bool = True) -> None:
         self.include_privacy = include_privacy
@@ -150,6 +171,6 @@ class BenchmarkReport:
 
 
 __all__ = [
-    "FAIL", "FORGETTING", "PARTIAL", "PASS", "PROTOCOLS", "BenchmarkReport", "EvalData", "Protocol", "VerdictThresholds",
+    "FAIL", "FORGETTING", "PARTIAL", "PASS", "PROTOCOLS", "BenchmarkReport", "EvalData", "Protocol", "StandIn", "VerdictThresholds",
     "epsilon_within", "verdict",
 ]

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from erasus_ray.evaluation.protocols.base import (
-    FORGETTING, PROTOCOLS, EvalData, Protocol, VerdictThresholds, epsilon_within,
+    FORGETTING, PROTOCOLS, EvalData, Protocol, StandIn, VerdictThresholds, epsilon_within,
 )
 from erasus_ray.evaluation.suite import MetricSuite
 
@@ -34,7 +34,17 @@ def within(mean: Mapping[str, float], gold: Mapping[str, float], names: tuple[st
 
 @PROTOCOLS.register("general")
 class GeneralProtocol(Protocol):
-    """Classifier protocol: accuracies, membership attacks and Avg.Gap against the gold model."""
+    """Classifier protocol: accuracies, membership attacks and Avg.Gap against the gold model. Stand-in: the digits
+    MLP forgetting class 3 (``variant`` is ignored)."""
+
+    tradeoff = ("forget_acc", "test_acc")
+
+    @classmethod
+    def standin(cls, variant: str = "ci", seed: int = 0) -> StandIn:
+        from erasus_ray.benchmarks import load_benchmark
+
+        bench = load_benchmark("digits", scenario="class", seed=seed)
+        return StandIn(bench, bench.forget, bench.retain, bench.test, ("gradient_ascent", "scrub", "fine_tune"))
 
     def names(self) -> tuple[str, ...]:
         return ACCURACY + (PRIVACY + ("mia_epsilon",) if self.include_privacy else ())

@@ -34,7 +34,7 @@ from erasus_ray.errors import InvalidConfigError
 from erasus_ray.evaluation.lm import greedy_answers, rouge_l_recall
 from erasus_ray.evaluation.metrics import METRICS, EvalContext, register_metric
 from erasus_ray.evaluation.protocols.base import (
-    FORGETTING, PROTOCOLS, EvalData, Protocol, VerdictThresholds, epsilon_within,
+    FORGETTING, PROTOCOLS, EvalData, Protocol, StandIn, VerdictThresholds, epsilon_within,
 )
 from erasus_ray.evaluation.protocols.muse_data import KNOWMEM
 from erasus_ray.evaluation.stats import set_stats
@@ -102,6 +102,19 @@ class MuseProtocol(Protocol):
     ``include_privacy``, ``mia_epsilon`` at most ``epsilon_gap`` nats above the gold model's.
     Needs a ``test`` split (PrivLeak's non-members) whatever ``include_privacy`` says.
     """
+
+    tradeoff = ("forget_knowmem", "retain_knowmem")
+
+    @classmethod
+    def standin(cls, variant: str = "ci", seed: int = 0) -> StandIn:
+        """The biography corpus, ``forget10``; retain evaluation on 10 retain authors."""
+        from erasus_ray.benchmarks.base import build_benchmark
+        from erasus_ray.evaluation.protocols.muse_data import MuseCorpusBenchmark
+
+        spec = MuseCorpusBenchmark(variant=variant)
+        bench = build_benchmark(spec, "forget10", seed=seed)
+        forget, retain, holdout = spec.muse_splits(bench.info["forget_author_index"], n_retain=10)
+        return StandIn(bench, forget, retain, holdout, ("grad_diff", "npo", "simnpo"))
 
     def names(self) -> tuple[str, ...]:
         return MUSE_METRICS + (("mia_epsilon",) if self.include_privacy else ())

@@ -36,7 +36,7 @@ from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidDataError
 from erasus_ray.evaluation.metrics import METRICS, EvalContext, register_metric
 from erasus_ray.evaluation.protocols.base import (
-    FORGETTING, PROTOCOLS, EvalData, Protocol, VerdictThresholds, epsilon_within,
+    FORGETTING, PROTOCOLS, EvalData, Protocol, StandIn, VerdictThresholds, epsilon_within,
 )
 from erasus_ray.evaluation.protocols.tofu_data import PARAPHRASED, PERTURBED
 from erasus_ray.evaluation.stats import set_stats
@@ -164,6 +164,20 @@ class TofuProtocol(Protocol):
     Cost per model and run: the shared forward pass per split, ``1 + K`` passes over forget and retain for the truth
     ratios, and greedy generation over forget and retain for ROUGE-L.
     """
+
+    tradeoff = ("forget_quality", "model_utility")
+
+    @classmethod
+    def standin(cls, variant: str = "ci", seed: int = 0) -> StandIn:
+        """The authors benchmark, ``forget10``; retain evaluation on the first 40 retain QA pairs."""
+        from erasus_ray.benchmarks.authors import AuthorsBenchmark
+        from erasus_ray.benchmarks.base import build_benchmark
+        from erasus_ray.evaluation.protocols.tofu_data import tofu_dataset
+
+        spec = AuthorsBenchmark(variant=variant)
+        bench = build_benchmark(spec, "forget10", seed=seed)
+        retain = tofu_dataset(spec, bench.retain.subset(bench.retain.ids[:40]))
+        return StandIn(bench, tofu_dataset(spec, bench.forget), retain, bench.test, ("grad_diff", "npo", "simnpo"))
 
     def names(self) -> tuple[str, ...]:
         return FORGET_METRICS + RETAIN_METRICS + (PRIVACY_METRICS + EPSILON if self.include_privacy else ())

@@ -22,7 +22,7 @@ from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidDataError
 from erasus_ray.evaluation.metrics import EvalContext, register_metric
 from erasus_ray.evaluation.protocols.base import (
-    FORGETTING, PROTOCOLS, EvalData, Protocol, VerdictThresholds, epsilon_within,
+    FORGETTING, PROTOCOLS, EvalData, Protocol, StandIn, VerdictThresholds, epsilon_within,
 )
 from erasus_ray.evaluation.protocols.wmdp_data import ANSWER_INDEX, CHOICES, LETTERS
 from erasus_ray.evaluation.stats import set_stats
@@ -96,6 +96,19 @@ class WmdpProtocol(Protocol):
     utility_ratio * gold``; privacy the LOSS AUC within ``privacy_gap`` and ``mia_epsilon`` within ``epsilon_gap``
     of the gold model's.
     """
+
+    tradeoff = ("forget_mcq_acc", "retain_mcq_acc")
+
+    @classmethod
+    def standin(cls, variant: str = "ci", seed: int = 0) -> StandIn:
+        """The fictitious-facts questions, scenario ``hazard``; general set: 50 questions of the other authors."""
+        from erasus_ray.benchmarks.base import build_benchmark
+        from erasus_ray.evaluation.protocols.wmdp_data import WmdpBenchmark
+
+        spec = WmdpBenchmark(variant=variant)
+        bench = build_benchmark(spec, "hazard", seed=seed)
+        hazardous, general, heldout = spec.wmdp_splits(bench.info["forget_author_index"], n_general=50)
+        return StandIn(bench, hazardous, general, heldout, ("rmu", "grad_diff", "npo"))
 
     def names(self) -> tuple[str, ...]:
         return WMDP_METRICS + (PRIVACY_METRICS if self.include_privacy else ())
