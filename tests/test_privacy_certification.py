@@ -48,6 +48,10 @@ def test_epsilon_bound_on_a_synthetic_attack_with_known_rates():
     assert same.epsilon_low == 0.0
     # max_fpr restricts to the low-FPR region: FPR 0.1 is out, only "nobody is a member" remains
     assert epsilon_lower_bound(members, nonmembers, max_fpr=0.05).epsilon == 0.0
+    # an over-unlearned forget set (members scoring *below* non-members) is caught by the reversed test
+    reversed_ = epsilon_lower_bound(-members, -nonmembers)
+    assert reversed_.epsilon == pytest.approx(b.epsilon) and (reversed_.direction, reversed_.threshold) == ("lower", -2.0)
+    assert epsilon_lower_bound(-members, -nonmembers, two_sided=False).epsilon_low < b.epsilon_low
     name, best = best_attack_bound({"weak": (np.zeros(100), np.zeros(100)), "strong": (members, nonmembers)})
     assert name == "strong" and best == b
 

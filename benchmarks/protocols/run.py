@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Leaderboards of the benchmark protocols (TOFU, MUSE, WMDP, general) on their offline stand-ins.
+
+For each entry of ``--runs`` (``protocol:strategy+strategy:n_runs[:epochs]``) this runs
+:func:`erasus_ray.cli.protocols.run_benchmark` (the code path of ``erasus-ray benchmark``): the stand-in's original
+model unlearned by each strategy on the whole forget set, once per seed ``0..n_runs-1``, judged by
+:class:`~erasus_ray.evaluation.protocols.UnlearningBenchmark` against the gold (retrained) model with
+``include_privacy=True``. The original and gold models are trained once (seed 0) and cached; the seeds vary the
+unlearning run only. Each entry writes ``<out>/<protocol>[-e<epochs>]/`` (report.json, report.md, plots) and
+``RESULTS.md`` gathers the tables with the command and the wall time.
+
+Example (the command RESULTS.md records)::
+
+    ERASUS_RAY_CACHE=/tmp/erasus-bench-cache python benchmarks/protocols/run.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_RUNS = ("general:gradient_ascent+scrub+fine_tune:3,tofu:grad_diff+npo+simnpo:2,"
+                "muse:grad_diff+npo+simnpo:2,wmdp:rmu+grad_diff+npo:2,wmdp:rmu:2:40")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default=DEFAULT_RUNS, help="protocol:strategy+strategy:n_runs[:epochs], comma-separated")
+    p.add_argument("--variant", default="ci")
+    p.add_argument("--out", default="benchmarks/protocols")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from erasus_ray.cli.protocols import markdown, run_benchmark
+
+    torch.set_num_threads(1)  # DATA.md: one thread is fastest for the tiny models on the shared 2-core machines
+    args = parse_args(argv)
+    out = Path(args.out)
+    sections = []
+    for entry in args.runs.split(","):
+        protocol, strategies, n_runs, *rest = entry.split(":")
+        epochs = int(rest[0]) if rest else None
+        folder = out / (protocol + (f"-e{epochs}" if epochs else ""))
+        start = time.perf_counter()
+        reports = run_benchmark(protocol, strategies.split("+"), int(n_runs), epochs=epochs, variant=args.variant,
+                                out=folder, progress=False)
+        seconds = time.perf_counter() - start
+        note = f"{n_runs} unlearning seed(s), epochs: {epochs or 'each strategy default'}; wall {seconds:.0f} s"
+        sections.append(markdown(protocol + (f" (epochs {epochs})" if epochs else ""), reports) + f"\n{note}\n")
+        print(f"{entry}: {seconds:.0f} s", flush=True)
+    command = "python benchmarks/protocols/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    (out / "leaderboard.md").write_text(f"Command: `{command}`\n\n" + "\n".join(sections))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
