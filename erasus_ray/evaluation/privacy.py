@@ -23,6 +23,11 @@ members and non-members give ``epsilon_low`` ~1.6 at alpha 0.05.
 Both directions are tested by default ("higher score = member" and "lower score = member": an over-unlearned forget
 set is detectable too). ``max_fpr`` restricts the scan to the low-FPR region (the "TPR at low FPR" view, Carlini et al. 2022).
 
+The bound refutes a privacy claim only when members and non-members are exchangeable (a random forget set against
+held-out data of the same distribution). A forget set that is a whole class, compared with held-out data of every
+class, is told apart by any model that generalises, the retrained one included: read the value against the gold
+model's, as the protocols' privacy criteria do.
+
 The registered metric ``mia_epsilon`` is ``epsilon_low`` of the best of the loss, Min-K% and Min-K%++ attacks
 (forget vs test) at ``MetricOptions.dp_delta``. Cost: a sort of the scores per attack (O(n log n)).
 """
