@@ -198,3 +198,18 @@ def test_wmdp_rmu_takes_hazardous_accuracy_to_chance_and_keeps_general(wmdp_benc
     # held-out questions were never trained on: the original answers them far below its hazardous accuracy (measured
     # 0.38 on 50: near chance; a letter-position bias can lift a trained model a little above a pure guesser)
     assert mcq_accuracy(b.original, b.task, heldout) < 0.5
+
+
+def test_protocol_metrics_are_never_in_a_default_suite():
+    # metrics that read extra item fields (knowmem, choices, paraphrased) are asked for by name, so evaluate() on a
+    # family that declares no suite does not refuse its plain data
+    from erasus_ray.evaluation.metrics import METRICS, metric_names_for
+
+    class UndeclaredLM(CausalLMTask):  # not registered: an LM family that declares no suite
+        default_metrics = None
+
+    with_fields = {n for n in METRICS.names() if METRICS.get(n).item_fields}
+    assert {"forget_knowmem", "retain_knowmem", "forget_mcq_acc", "model_utility"} <= with_fields
+    suite = set(metric_names_for(UndeclaredLM))
+    assert not with_fields & suite
+    assert {"mia_minkpp_auc", "mia_epsilon", "forget_rougeL"} <= suite  # the rest of what it can run stays in

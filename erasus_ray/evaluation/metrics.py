@@ -240,9 +240,11 @@ def _runnable(task: TaskLike, name: str) -> bool:
 
 def metric_names_for(task: TaskLike) -> tuple[str, ...]:
     """The task's default suite: its ``default_metrics`` that it can run or, when it declares none, every registered
-    metric whose requirements it meets (in registration order). An unknown declared name is an UnknownNameError."""
+    metric whose requirements it meets (in registration order) and that reads no extra item fields (a protocol's
+    metric, e.g. TOFU's truth ratio, needs items that plain data lacks: asked for by name, never a default). An
+    unknown declared name is an UnknownNameError."""
     declared = task.default_metrics
-    names = METRICS.names() if declared is None else declared
+    names = [n for n in METRICS.names() if not METRICS.get(n).item_fields] if declared is None else declared
     return tuple(n for n in names if _runnable(task, n))
 
 
