@@ -12,11 +12,13 @@ from erasus_ray.cli import main
 
 def test_benchmark_general_writes_reports_and_plots(tmp_path, digits_class, capsys):
     out = tmp_path / "bench"
-    argv = ["benchmark", "--protocol", "general", "--strategy", "gradient_ascent", "--n-runs", "2", "--out", str(out),
-            "--no-progress"]
+    # token_masking needs tokens: it is refused on the digits MLP, reported, and the rest still runs
+    argv = ["benchmark", "--protocol", "general", "--strategy", "gradient_ascent,token_masking", "--n-runs", "2", "--out",
+            str(out), "--no-progress"]
     assert main(argv) == 0
     doc = json.loads((out / "report.json").read_text())
-    assert list(doc) == ["original", "gold", "gradient_ascent"]
+    assert list(doc) == ["original", "gold", "gradient_ascent", "errors"] and list(doc["errors"]) == ["token_masking"]
+    assert "token_masking did not run" in (out / "report.md").read_text()
     assert doc["gold"]["verdict"] == "PASS" and doc["original"]["verdict"] == "FAIL"
     ga = doc["gradient_ascent"]
     # one model per unlearning seed, mean +- std over them; the verdict is taken on the mean

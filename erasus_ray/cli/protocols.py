@@ -4,7 +4,8 @@ offline stand-in (:meth:`~erasus_ray.evaluation.protocols.base.Protocol.standin`
 * ``benchmark --protocol P [--strategy a,b] [--n-runs N] [--gold-model PATH]``: unlearns the stand-in's original
   model with each strategy (whole forget set, the strategy's defaults or ``--epochs``), once per seed ``0..N-1``,
   and evaluates every run with :class:`~erasus_ray.evaluation.protocols.UnlearningBenchmark` (mean +- std over the
-  seeds, verdict vs the gold model); the original and the gold model are rows too.
+  seeds, verdict vs the gold model); the original and the gold model are rows too. A strategy that refuses the
+  stand-in (an ErasusError, e.g. a capability it lacks) is listed with its reason and the others still run.
 * ``evaluate --protocol P --model PATH [--include-privacy]``: one saved model (a ``state_dict`` of the stand-in's
   architecture) on the protocol.
 
@@ -28,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from erasus_ray.errors import InvalidConfigError
+from erasus_ray.errors import ErasusError, InvalidConfigError
 from erasus_ray.evaluation.protocols import PROTOCOLS, BenchmarkReport, UnlearningBenchmark
 from erasus_ray.evaluation.protocols.base import StandIn
 from erasus_ray.evaluation.suite import save_json
-from erasus_ray.utils.atomic import atomic_savefig, atomic_write_text
+from erasus_ray.utils.atomic import atomic_write_text
 
 
 def load_state(path: str | Path, factory: Any, what: str) -> nn.Module:
@@ -78,15 +79,22 @@ def run_benchmark(protocol: str, strategies: Sequence[str] | None, n_runs: int, 
     jobs = [(name, seed) for name in names for seed in range(n_runs)]
     unlearned: dict[str, list[nn.Module]] = {name: [] for name in names}
     seconds: dict[str, list[float]] = {name: [] for name in names}
+    errors: dict[str, str] = {}
     for name, seed in _progress(jobs, progress, f"{protocol}: unlearning"):
-        model, secs = unlearn(standin, name, seed, epochs)
+        if name in errors:
+            continue
+        try:
+            model, secs = unlearn(standin, name, seed, epochs)
+        except ErasusError as err:  # a strategy that cannot run on this stand-in is reported, not the run's end
+            errors[name] = f"{type(err).__name__}: {err}"
+            continue
         unlearned[name].append(model)
         seconds[name].append(secs)
-    for name in names:
+    for name in (n for n in names if n not in errors):
         report = evaluate(unlearned[name])
         report.settings.update(strategy=name, unlearn_seconds=float(np.mean(seconds[name])), epochs=epochs)
         reports[name], models[name] = report, unlearned[name][0]
-    write_outputs(protocol, reports, models, standin, gold, out)
+    write_outputs(protocol, reports, models, standin, gold, out, errors)
     return reports
 
 
@@ -130,11 +138,15 @@ def _cell(mean: float | None, std: float | None, show_std: bool) -> str:
 
 
 def write_outputs(protocol: str, reports: dict[str, BenchmarkReport], models: dict[str, nn.Module], standin: StandIn,
-                  gold: nn.Module, out: Path) -> None:
-    """``report.json``, ``report.md`` and the plots under ``out``."""
+                  gold: nn.Module, out: Path, errors: dict[str, str] | None = None) -> None:
+    """``report.json`` (with ``"errors"``: strategy -> why it did not run, if any), ``report.md`` and the plots."""
     out.mkdir(parents=True, exist_ok=True)
-    save_json({label: r.to_dict() for label, r in reports.items()}, out / "report.json")
-    atomic_write_text(out / "report.md", markdown(protocol, reports))
+    payload: dict[str, Any] = {label: r.to_dict() for label, r in reports.items()}
+    failed = "".join(f"\n- {name} did not run: {why}" for name, why in (errors or {}).items())
+    if errors:
+        payload["errors"] = dict(errors)
+    save_json(payload, out / "report.json")
+    atomic_write_text(out / "report.md", markdown(protocol, reports) + (failed + "\n" if failed else ""))
     from erasus_ray.cli.protocol_plots import plot_all
 
     plot_all(protocol, reports, models, standin, gold, out)
