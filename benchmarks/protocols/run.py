@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_RUNS = ("general:gradient_ascent+scrub+fine_tune:3,tofu:grad_diff+npo+simnpo:2,"
-                "muse:grad_diff+npo+simnpo:2,wmdp:rmu+grad_diff+npo:2,wmdp:rmu:2:40")
+DEFAULT_RUNS = ("general:gradient_ascent+scrub+fine_tune:3,tofu:grad_diff+npo+simnpo:3,"
+                "muse:grad_diff+npo+simnpo:3,wmdp:rmu+grad_diff+npo:3,wmdp:rmu:3:40")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +34,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def summary_rows(title: str, protocol: str, reports: dict) -> list[str]:
+    """One Markdown row per run: the verdict and the protocol's forgetting / utility metrics (mean +- std)."""
+    from erasus_ray.evaluation.protocols import PROTOCOLS
+
+    x_key, y_key = PROTOCOLS.get(protocol).tradeoff
+
+    def cell(r, key: str) -> str:
+        mean, std = r.metrics.get(key, float("nan")), r.std.get(key, 0.0)
+        return f"{mean:.3f}" + (f" +- {std:.3f}" if len(r.runs) > 1 else "")
+
+    return [f"| {title} | {label} | {r.verdict} | {x_key} | {cell(r, x_key)} | {y_key} | {cell(r, y_key)} | "
+            f"{cell(r, 'mia_epsilon')} |" for label, r in reports.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -42,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # DATA.md: one thread is fastest for the tiny models on the shared 2-core machines
     args = parse_args(argv)
     out = Path(args.out)
-    sections = []
+    sections: list[str] = []
+    summary: list[str] = []
     for entry in args.runs.split(","):
         protocol, strategies, n_runs, *rest = entry.split(":")
         epochs = int(rest[0]) if rest else None
@@ -52,10 +67,15 @@ def main(argv: list[str] | None = None) -> int:
                                 out=folder, progress=False)
         seconds = time.perf_counter() - start
         note = f"{n_runs} unlearning seed(s), epochs: {epochs or 'each strategy default'}; wall {seconds:.0f} s"
-        sections.append(markdown(protocol + (f" (epochs {epochs})" if epochs else ""), reports) + f"\n{note}\n")
+        title = protocol + (f" (epochs {epochs})" if epochs else "")
+        sections.append(markdown(title, reports) + f"\n{note}\n")
+        summary.extend(summary_rows(title, protocol, reports))
         print(f"{entry}: {seconds:.0f} s", flush=True)
     command = "python benchmarks/protocols/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    (out / "leaderboard.md").write_text(f"Command: `{command}`\n\n" + "\n".join(sections))
+    head = ("| protocol | run | verdict | forgetting metric | value | utility metric | value | mia_epsilon |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    (out / "leaderboard.md").write_text(f"Command: `{command}`\n\n## Summary\n\n" + head + "\n".join(summary)
+                                        + "\n\n## Every metric\n\n" + "\n".join(sections))
     return 0
 
 
