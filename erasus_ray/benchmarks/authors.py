@@ -151,9 +151,12 @@ class AuthorsBenchmark(BenchmarkSpec):
     def tokenizer(self) -> Any:
         """The BPE tokenizer (trained on the QA text of every author in this variant, members and non-members)."""
         if self._tokenizer is None:
-            texts = [p + a for q, ans in self._pairs(self.train_authors + self.heldout_authors) for p, a in [qa_text(q, ans)]]
-            self._tokenizer = build_tokenizer(texts, self.variant.vocab_size)
+            self._tokenizer = build_tokenizer(self.tokenizer_texts(), self.variant.vocab_size)
         return self._tokenizer
+
+    def tokenizer_texts(self) -> list[str]:
+        """The text the tokenizer is trained on: every QA pair of the variant (a subclass adds its own text)."""
+        return [p + a for q, ans in self._pairs(self.train_authors + self.heldout_authors) for p, a in [qa_text(q, ans)]]
 
     def encode(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """Items ``{"input_ids", "labels", "answer_start"}`` for ``(question, answer)`` pairs; answer ends with eos."""

@@ -1,4 +1,4 @@
-"""The ``erasus-ray`` command line: ``demo``, ``unlearn --config``, ``list``."""
+"""The ``erasus-ray`` command line: ``demo``, ``unlearn --config``, ``list``, ``benchmark`` / ``evaluate`` (protocols)."""
 
 from __future__ import annotations
 
@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--requires", action="store_true",
                      help="one line each: the capabilities a task provides and an algorithm or metric needs")
     lst.set_defaults(func=cmd_list)
+
+    from erasus_ray.cli.protocols import add_protocol_parsers
+
+    add_protocol_parsers(sub)
 
     from erasus_ray.cli.fl import add_parser as add_fl_parser
 

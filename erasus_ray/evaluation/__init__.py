@@ -20,6 +20,7 @@ from erasus_ray.evaluation import loss_metrics as _loss_metrics  # noqa: F401
 from erasus_ray.evaluation import classification as _classification  # noqa: F401
 from erasus_ray.evaluation import lm as _lm  # noqa: F401
 from erasus_ray.evaluation import diffusion as _diffusion  # noqa: F401
+from erasus_ray.evaluation import privacy as _privacy  # noqa: F401
 from erasus_ray.evaluation.classification import evaluate_classification
 from erasus_ray.evaluation.metrics import (
     METRICS,

@@ -16,6 +16,7 @@ and membership inference, forget set (members) against test set (non-members):
 * ``mia_mink_auc``: ROC AUC of Min-K% Prob (Shi et al. 2023, "Detecting Pretraining Data from Large Language
   Models"): a sample's score is the mean of its lowest ``k`` fraction (``ceil(k * n)``, at least one) of answer-token
   log-probabilities; higher score = member. 0.5 = the forget set looks like unseen data; 1.0 = clearly memorised.
+* ``mia_minkpp_auc``: the same AUC with the Min-K%++ score (Zhang et al. 2024; :func:`minkpp_unit_scores`).
 * ``mia_loss_auc`` (:mod:`.loss_metrics`): the same AUC with ``-sample_loss`` as the score (the LOSS attack).
 
 Cost: the shared forward pass per split (Min-K% scores and references are columns of it) plus greedy generation
@@ -85,12 +86,11 @@ def _units_by_sample(out: TaskOutput, values: torch.Tensor) -> tuple[torch.Tenso
     return matrix, mask
 
 
-def mink_scores(out: TaskOutput, k: float = 0.2) -> torch.Tensor:
-    """``[B]`` Min-K% Prob score: mean of each sample's lowest ``ceil(k * n_units)`` unit log-probs (NaN if no units)."""
+def lowest_k_mean(out: TaskOutput, unit_values: torch.Tensor, k: float = 0.2) -> torch.Tensor:
+    """``[B]`` mean of each sample's lowest ``ceil(k * n_units)`` unit values (NaN if no units): Min-K% pooling."""
     if not 0 < k <= 1:
         raise ValueError(f"mink_k must be in (0, 1], got {k}")
-    logprob = -out.unit_loss()
-    matrix, mask = _units_by_sample(out, logprob)
+    matrix, mask = _units_by_sample(out, unit_values)
     n = mask.sum(1)
     matrix = torch.where(mask, matrix, torch.full_like(matrix, math.inf)).sort(dim=1).values
     keep = torch.ceil(n.to(matrix.dtype) * k).clamp_min(1)
@@ -99,10 +99,39 @@ def mink_scores(out: TaskOutput, k: float = 0.2) -> torch.Tensor:
     return torch.where(n > 0, total / keep, torch.full_like(total, math.nan))
 
 
+def mink_scores(out: TaskOutput, k: float = 0.2) -> torch.Tensor:
+    """``[B]`` Min-K% Prob score: mean of each sample's lowest ``ceil(k * n_units)`` unit log-probs (NaN if no units)."""
+    return lowest_k_mean(out, -out.unit_loss(), k)
+
+
+def minkpp_unit_scores(out: TaskOutput) -> torch.Tensor:
+    """``[N]`` Min-K%++ unit scores (Zhang et al. 2024, "Min-K%++: Improved Baseline for Detecting Pre-Training
+    Data from Large Language Models", Eq. 2): the target's log-prob standardised over the model's own next-token
+    distribution, ``(log p(x_t) - mu_t) / sigma_t`` with ``mu_t = E_{z~p} log p(z)`` and ``sigma_t^2 = Var_{z~p}
+    log p(z)``. A memorised token sits at a local maximum of the likelihood: far above the mean log-prob."""
+    logp = torch.log_softmax(out.logits.double(), dim=-1)
+    target = logp.gather(1, out.targets.long().unsqueeze(1)).squeeze(1)
+    prob = logp.exp()
+    mu = (prob * logp).sum(-1)
+    var = (prob * logp.pow(2)).sum(-1) - mu.pow(2)
+    return ((target - mu) / var.clamp_min(1e-12).sqrt()).float()
+
+
+def minkpp_scores(out: TaskOutput, k: float = 0.2) -> torch.Tensor:
+    """``[B]`` Min-K%++ score: the mean of each sample's lowest ``k`` fraction of :func:`minkpp_unit_scores`."""
+    return lowest_k_mean(out, minkpp_unit_scores(out), k)
+
+
 @register_column("mink")
 def mink_column(options: MetricOptions, model: nn.Module) -> Column:
     """Per-sample Min-K% Prob score (``options.mink_k``)."""
     return lambda out: mink_scores(out, options.mink_k).cpu().numpy()
+
+
+@register_column("minkpp")
+def minkpp_column(options: MetricOptions, model: nn.Module) -> Column:
+    """Per-sample Min-K%++ score (``options.mink_k``)."""
+    return lambda out: minkpp_scores(out, options.mink_k).cpu().numpy()
 
 
 @register_column("references")
@@ -225,6 +254,13 @@ def mia_mink_auc(ctx: EvalContext) -> float:
     return membership_auc(ctx.stats("forget").columns["mink"], ctx.stats("test").columns["mink"])
 
 
+@register_metric("mia_minkpp_auc", requires={Capability.LOGITS}, splits=("forget", "test"), columns=("minkpp",),
+                 display=True)
+def mia_minkpp_auc(ctx: EvalContext) -> float:
+    """Min-K%++ AUC, forget (members) vs test (non-members) (the attack of MUSE's PrivLeak)."""
+    return membership_auc(ctx.stats("forget").columns["minkpp"], ctx.stats("test").columns["minkpp"])
+
+
 def evaluate_lm(
     model: nn.Module,
     task: Task,
@@ -250,4 +286,4 @@ def evaluate_lm(
                        mink_k=mink_k, eos_token_id=eos_token_id, seed=seed)
 
 
-__all__ = ["evaluate_lm", "rouge_l_recall", "mink_scores", "membership_auc", "greedy_answers"]
+__all__ = ["evaluate_lm", "rouge_l_recall", "mink_scores", "minkpp_scores", "minkpp_unit_scores", "lowest_k_mean", "membership_auc", "greedy_answers"]

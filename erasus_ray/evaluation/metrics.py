@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from torch import nn
 
 from erasus_ray.data import IdDataset
-from erasus_ray.errors import InvalidConfigError, UnknownNameError
+from erasus_ray.errors import InvalidConfigError, InvalidDataError, UnknownNameError
 from erasus_ray.evaluation.stats import Column, SetStats, set_stats
 from erasus_ray.tasks import TASKS, Capability, Task, capability_set, require
 
@@ -48,6 +48,8 @@ class MetricOptions:
         max_new_tokens: generation length for ROUGE (None: the longest reference answer over the splits, + 2).
         mink_k: fraction of lowest token log-probs a Min-K% Prob score averages, in (0, 1].
         eos_token_id: end-of-sequence token for generation and references (None: the model's config).
+        dp_delta: the delta of the empirical (epsilon, delta) lower bound (``mia_epsilon``,
+            :mod:`erasus_ray.evaluation.privacy`).
     """
 
     seed: int = 0
@@ -55,6 +57,7 @@ class MetricOptions:
     max_new_tokens: int | None = None
     mink_k: float = 0.2
     eos_token_id: int | None = None
+    dp_delta: float = 1e-5
 
 
 class EvalContext:
@@ -237,9 +240,11 @@ def _runnable(task: TaskLike, name: str) -> bool:
 
 def metric_names_for(task: TaskLike) -> tuple[str, ...]:
     """The task's default suite: its ``default_metrics`` that it can run or, when it declares none, every registered
-    metric whose requirements it meets (in registration order). An unknown declared name is an UnknownNameError."""
+    metric whose requirements it meets (in registration order) and that reads no extra item fields (a protocol's
+    metric, e.g. TOFU's truth ratio, needs items that plain data lacks: asked for by name, never a default). An
+    unknown declared name is an UnknownNameError."""
     declared = task.default_metrics
-    names = METRICS.names() if declared is None else declared
+    names = [n for n in METRICS.names() if not METRICS.get(n).item_fields] if declared is None else declared
     return tuple(n for n in names if _runnable(task, n))
 
 
@@ -312,6 +317,8 @@ def run_metrics(
     if unknown:
         raise InvalidConfigError(f"splits: unknown split(s) {sorted(unknown)}; known: {SPLITS}")
     metrics = [m for m in metrics if all(s in given for s in m.splits)]
+    for m in metrics:
+        _check_item_fields(m, given)
     columns = {c: METRICS.column(c, opts, model) for m in metrics for c in m.columns}
     ctx = EvalContext(model, task, given, opts, columns)
     was_training = model.training
@@ -320,6 +327,18 @@ def run_metrics(
         return {m.name: m.compute(ctx) for m in metrics}
     finally:
         model.train(was_training)
+
+
+def _check_item_fields(metric: Metric, splits: Mapping[str, IdDataset]) -> None:
+    """Refuse, before any forward pass, a split whose items lack a field the metric reads (``item_fields``)."""
+    for split in metric.splits:
+        data = splits[split]
+        for row in range(len(data)):
+            item = data[row][1]
+            missing = [f for f in metric.item_fields if not isinstance(item, Mapping) or f not in item]
+            if missing:
+                raise InvalidDataError(f"metric {metric.name!r} reads item field(s) {missing}, which the items of split "
+                                       f"{split!r} lack (sample id {int(data.ids[row])}); plain QA items have none")
 
 
 def _options(options: Mapping[str, Any]) -> MetricOptions:

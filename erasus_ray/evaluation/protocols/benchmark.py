@@ -51,9 +51,11 @@ class UnlearningBenchmark:
     """A benchmark protocol with its settings.
 
     Args:
-        protocol: a name in :data:`~erasus_ray.evaluation.protocols.base.PROTOCOLS` (``"tofu"``, ``"general"``).
+        protocol: a name in :data:`~erasus_ray.evaluation.protocols.base.PROTOCOLS` (``"tofu"``, ``"muse"``,
+            ``"wmdp"``, ``"general"``).
         n_runs: evaluation seeds per model (>= 1).
-        include_privacy: add the membership-attack metrics and the privacy criterion (needs a ``test`` split).
+        include_privacy: add the membership-attack metrics, the empirical (epsilon, delta) lower bound
+            (``mia_epsilon``, :mod:`erasus_ray.evaluation.privacy`) and the privacy criterion (needs a ``test`` split).
         thresholds: the verdict's thresholds (default :class:`VerdictThresholds`).
         seed: the first evaluation seed.
     """

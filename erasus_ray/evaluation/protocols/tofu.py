@@ -35,7 +35,9 @@ from torch import nn
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidDataError
 from erasus_ray.evaluation.metrics import METRICS, EvalContext, register_metric
-from erasus_ray.evaluation.protocols.base import FORGETTING, PROTOCOLS, EvalData, Protocol, VerdictThresholds
+from erasus_ray.evaluation.protocols.base import (
+    FORGETTING, PROTOCOLS, EvalData, Protocol, StandIn, VerdictThresholds, epsilon_within,
+)
 from erasus_ray.evaluation.protocols.tofu_data import PARAPHRASED, PERTURBED
 from erasus_ray.evaluation.stats import set_stats
 from erasus_ray.evaluation.suite import MetricSuite
@@ -145,6 +147,8 @@ def model_utility(ctx: EvalContext) -> float:
 RETAIN_METRICS = ("model_utility", "retain_prob", "retain_rougeL", "retain_truth_ratio")
 FORGET_METRICS = ("forget_prob", "forget_rougeL")
 PRIVACY_METRICS = ("mia_mink_auc", "mia_loss_auc")
+#: reported with include_privacy and checked against the gold model's by its own threshold (epsilon_gap)
+EPSILON = ("mia_epsilon",)
 
 
 @PROTOCOLS.register("tofu")
@@ -154,15 +158,29 @@ class TofuProtocol(Protocol):
 
     Criteria (thresholds: :class:`~erasus_ray.evaluation.protocols.base.VerdictThresholds`): forgetting
     ``forget_quality >= thresholds.forget_quality``; utility ``model_utility >= utility_ratio * gold``; privacy
-    both AUCs within ``privacy_gap`` of the gold model's. The forget and retain items need paraphrased / perturbed
+    both AUCs within ``privacy_gap`` of the gold model's and ``mia_epsilon`` at most ``epsilon_gap`` above it. The forget and retain items need paraphrased / perturbed
     answers (:func:`~erasus_ray.evaluation.protocols.tofu_data.tofu_dataset`).
 
     Cost per model and run: the shared forward pass per split, ``1 + K`` passes over forget and retain for the truth
     ratios, and greedy generation over forget and retain for ROUGE-L.
     """
 
+    tradeoff = ("forget_quality", "model_utility")
+
+    @classmethod
+    def standin(cls, variant: str = "ci", seed: int = 0) -> StandIn:
+        """The authors benchmark, ``forget10``; retain evaluation on the first 40 retain QA pairs."""
+        from erasus_ray.benchmarks.authors import AuthorsBenchmark
+        from erasus_ray.benchmarks.base import build_benchmark
+        from erasus_ray.evaluation.protocols.tofu_data import tofu_dataset
+
+        spec = AuthorsBenchmark(variant=variant)
+        bench = build_benchmark(spec, "forget10", seed=seed)
+        retain = tofu_dataset(spec, bench.retain.subset(bench.retain.ids[:40]))
+        return StandIn(bench, tofu_dataset(spec, bench.forget), retain, bench.test, ("grad_diff", "npo", "simnpo"))
+
     def names(self) -> tuple[str, ...]:
-        return FORGET_METRICS + RETAIN_METRICS + (PRIVACY_METRICS if self.include_privacy else ())
+        return FORGET_METRICS + RETAIN_METRICS + (PRIVACY_METRICS + EPSILON if self.include_privacy else ())
 
     def prepare(self, gold: nn.Module, data: EvalData) -> dict[str, Any]:
         return {"gold_truth_ratios": truth_ratios(gold, data.task, data.forget, split="forget")}
@@ -180,7 +198,8 @@ class TofuProtocol(Protocol):
             "utility": mean["model_utility"] >= thresholds.utility_ratio * gold["model_utility"],
         }
         if self.include_privacy:
-            result["privacy"] = all(abs(mean[n] - gold[n]) <= thresholds.privacy_gap for n in PRIVACY_METRICS)
+            result["privacy"] = all(abs(mean[n] - gold[n]) <= thresholds.privacy_gap for n in PRIVACY_METRICS) and (
+                epsilon_within(mean, gold, thresholds))
         return result
 
 

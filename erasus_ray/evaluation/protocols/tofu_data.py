@@ -55,7 +55,7 @@ PARAPHRASE_CLAUSES: dict[str, str] = {
 PARAPHRASED, PERTURBED = "paraphrased", "perturbed"
 
 
-def _fact_pools(spec: AuthorsBenchmark) -> dict[str, list[str]]:
+def fact_pools(spec: AuthorsBenchmark) -> dict[str, list[str]]:
     """Fact kind -> the distinct answers of that kind over ``spec``'s held-out authors, sorted."""
     authors = spec.heldout_authors
     return {key: sorted({a["qa"][k]["answer"] for a in authors}) for k, (key, _) in enumerate(TEMPLATES)}
@@ -77,7 +77,7 @@ def tofu_answers(spec: AuthorsBenchmark, sample_id: int, n_perturbed: int = 3, s
     if n_perturbed < 1:
         raise InvalidConfigError(f"n_perturbed must be >= 1, got {n_perturbed}")
     question, answer, kind = _sample_qa(spec, int(sample_id))
-    pool = [fact for fact in _fact_pools(spec)[kind] if fact != answer]
+    pool = [fact for fact in fact_pools(spec)[kind] if fact != answer]
     if n_perturbed > len(pool):
         raise InvalidConfigError(f"n_perturbed={n_perturbed}: only {len(pool)} wrong {kind!r} facts in the variant's "
                                  "held-out authors")
@@ -101,4 +101,4 @@ def tofu_dataset(spec: AuthorsBenchmark, dataset: IdDataset, n_perturbed: int = 
     return IdDataset(items, np.arange(len(items)), dataset.ids)
 
 
-__all__ = ["PARAPHRASE_CLAUSES", "PARAPHRASED", "PERTURBED", "tofu_answers", "tofu_dataset"]
+__all__ = ["fact_pools", "PARAPHRASE_CLAUSES", "PARAPHRASED", "PERTURBED", "tofu_answers", "tofu_dataset"]
