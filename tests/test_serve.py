@@ -199,3 +199,68 @@ def test_a_worker_killed_after_publishing_is_resumed_without_a_second_version(se
     entry = service.ledger.get("crash")
     assert entry.state == "verified" and entry.metrics["model_version"] == 1 and service.versions.current == 1
     assert service.ledger.check_integrity() == []
+
+
+# --- verification power (a 3-id deletion cannot be told from held-out data by any model) ----------------------------
+
+
+def test_heldout_power_is_stated_and_shrinks_with_n():
+    from erasus_ray.evaluation.verification import HeldoutTarget, auc_detectable, auc_min_members
+
+    small, large = HeldoutTarget().power(3, 72), HeldoutTarget().power(60, 72)
+    assert small["detectable"] > 0.95 > 0.8 > large["detectable"] > 0.5
+    assert "indistinguishable at n=3" in small["statement"] and "detectable AUC >= " in small["statement"]
+    n = auc_min_members(0.8, 72)
+    assert auc_detectable(n, 72) <= 0.8 < auc_detectable(n - 1, 72)
+    assert auc_min_members(0.8, 1) is None  # one held-out sample: no forget set is large enough
+
+
+def _file(client, service, keys, name, k, start=0):
+    ids = service.ownership.ids_of(name)[start:start + k].tolist()
+    assert _post(client, keys[name], request_id=f"{name}-{start}", ids=ids).status_code == 202
+    return f"{name}-{start}"
+
+
+def test_low_power_fail_policy_fails_a_tiny_deletion_with_the_statement(tmp_path, wine):
+    service, client, keys = _service(tmp_path, wine, on_low_power="fail", max_detectable_auc=0.8)
+    try:
+        rid = _file(client, service, keys, "client-0", 3)
+        assert UnlearningWorker(service).run_once() is None  # nothing ran
+        entry = service.ledger.get(rid)
+        assert entry.state == "failed" and entry.error_code == "low_power"
+        assert "indistinguishable at n=3" in entry.state_reason and "detectable AUC >=" in entry.state_reason
+        assert service.versions.current == 0 and service.ledger.check_integrity() == []
+    finally:
+        service.close()
+
+
+def test_low_power_batch_policy_waits_then_verifies_on_the_union(tmp_path, wine):
+    service, client, keys = _service(tmp_path, wine, on_low_power="batch", max_detectable_auc=0.8, low_power_wait_s=3600)
+    try:
+        worker = UnlearningWorker(service)
+        first = _file(client, service, keys, "client-0", 3)
+        assert worker.run_once() is None
+        held = service.ledger.get(first)
+        assert held.state == "validated" and held.metrics["power"]["low"] is True
+        status = client.get(f"/v1/deletions/{first}", headers=_auth(keys["client-0"])).json()
+        assert "indistinguishable at n=3" in status["metrics"]["power"]["statement"]
+        # more requests arrive: their union reaches the power, and one round serves them all
+        need = held.metrics["power"]["min_n_forget"]  # what an AUC of 0.75 would need at 72 held-out samples
+        rids = [first] + [_file(client, service, keys, "client-1", 8, start=8 * k) for k in range(3)]
+        power = worker.power(service.ledger.entries(states=["validated"]))
+        assert power["n_forget"] == 27 and power["low"] is False and 3 < need
+        done = worker.run_once()
+        assert sorted(done["requests"]) == sorted(rids)
+        assert done["verification"]["power"]["n_forget"] == 27
+    finally:
+        service.close()
+
+
+def test_low_power_accept_policy_says_so_on_the_verified_request(served):
+    service, client, keys = served  # defaults: accept, max_detectable_auc 0.8
+    rid = _file(client, service, keys, "client-0", 3)
+    done = UnlearningWorker(service).run_once()
+    entry = service.ledger.get(rid)
+    assert done["published"] == 1 and entry.state == "verified"
+    assert entry.state_reason.startswith("low verification power: indistinguishable at n=3")
+    assert entry.metrics["verification"]["power"]["detectable"] > 0.8

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -39,15 +40,64 @@ class UnlearningWorker:
     def __init__(self, service: DeletionService, worker_id: str | None = None) -> None:
         self.service = service
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+        self._task: Any = None  # the served model's task adapter, built on the first power check
 
     def take_batch(self) -> list[LedgerEntry]:
-        """Requests a crashed round left ``scheduled`` (resumed first), else a new batch of validated ones."""
+        """Requests a crashed round left ``scheduled`` (resumed first), else a new batch of validated ones - unless
+        the low-power policy holds or fails it (:meth:`_low_power`)."""
         ledger = self.service.ledger
         stuck = ledger.entries(states=["scheduled"])
         if stuck:
             return stuck[: self.service.config.batch_size]
+        pending = ledger.entries(states=["validated"])[: self.service.config.batch_size]
+        if not pending or self._low_power(pending):
+            return []
         batch_id = f"serve-{uuid.uuid4().hex[:12]}"
-        return ledger.schedule_pending(limit=self.service.config.batch_size, batch_id=batch_id, worker=self.worker_id)
+        return ledger.schedule_pending(request_ids=[e.request_id for e in pending], batch_id=batch_id, worker=self.worker_id)
+
+    def power(self, entries: list[LedgerEntry]) -> dict[str, Any] | None:
+        """What the run's target could detect on the union of ``entries``' forget ids (its
+        :meth:`~erasus_ray.evaluation.verification.Target.power`, with ``low`` set against ``max_detectable_auc``),
+        or None where the target models no power. Cost: resolving the target (no forward pass)."""
+        from erasus_ray.control import ControlConfig
+        from erasus_ray.evaluation.verification import resolve_target
+        from erasus_ray.tasks import get_task
+
+        service, cfg = self.service, self.service.config
+        forget_ids = sorted({int(i) for e in entries for i in service.ownership.resolve(e.request())})
+        train, test = service.benchmark.train, service.benchmark.test
+        if self._task is None:
+            self._task = get_task(cfg.unlearner.get("task", "auto"), service.benchmark.original)
+        retain = train.subset([int(i) for i in train.ids if int(i) not in set(forget_ids)])
+        target = resolve_target(cfg.unlearner.get("target", "auto"), task=self._task, forget=train.subset(forget_ids),
+                                retain=retain, heldout=test, gold=None).target
+        n_heldout = min(len(test), ControlConfig().heldout_samples)
+        power = None if target is None else target.power(len(forget_ids), n_heldout)
+        if power is not None:
+            power["low"] = cfg.max_detectable_auc is not None and power["detectable"] > cfg.max_detectable_auc
+        return power
+
+    def _low_power(self, pending: list[LedgerEntry]) -> bool:
+        """Apply ``on_low_power`` to a batch too small to verify; True: nothing to run now. ``batch`` notes the
+        power on each request it holds (once per batch size) so a client reading its request sees why it waits."""
+        cfg = self.service.config
+        if cfg.max_detectable_auc is None or cfg.on_low_power == "accept":
+            return False
+        power = self.power(pending)
+        if power is None or not power["low"]:
+            return False
+        ledger = self.service.ledger
+        if cfg.on_low_power == "fail":
+            ledger.record_results({e.request_id: {"new_state": "failed", "expected": "validated", "code": "low_power",
+                                                  "reason": f"verification power too low: {power['statement']}",
+                                                  "metrics": {"power": power}} for e in pending})
+            return True
+        if time.time() - min(e.received_at for e in pending) >= cfg.low_power_wait_s:
+            return False  # waited long enough: verify on the union, the record saying its power
+        noted = {e.request_id: {"metrics": {"power": power}} for e in pending
+                 if (e.metrics or {}).get("power", {}).get("n_forget") != power["n_forget"]}
+        ledger.record_results(noted)
+        return True
 
     def run_once(self) -> dict[str, Any] | None:
         """One round; returns what happened (``None`` when nothing was pending)."""
@@ -109,7 +159,12 @@ class UnlearningWorker:
                   "model_hash_after": result.model_hash_after, "coreset_ids": [int(i) for i in result.coreset.ids]}
         ledger.record_results({e.request_id: {**common, "new_state": "unlearned", "expected": "scheduled"} for e in batch})
         # model_version: the version that serves the deletion (None: not published); from_version: what it started on
-        extra = {"metrics": {"model_version": version, "from_version": parent}}
+        extra: dict[str, Any] = {"metrics": {"model_version": version, "from_version": parent}}
+        power = result.verification.get("power")
+        cfg = self.service.config
+        low = power and cfg.max_detectable_auc is not None and power["detectable"] > cfg.max_detectable_auc
+        if low and result.verified is True:  # a failure keeps its failing criteria as the reason
+            extra["reason"] = f"low verification power: {power['statement']}"
         if version is None and result.verified is None:
             # nothing measurable: never published, so the request cannot stay owed as if it were done
             self._fail(batch, f"not verified: {result.verification.get('why', 'no measurable target')}", expected="unlearned")
