@@ -164,10 +164,29 @@ def test_operator_rolls_back_to_the_previous_version(served):
     _post(client, keys["client-0"], request_id="r", ids=mine)
     assert UnlearningWorker(service).run_once()["published"] == 1
     r = client.post("/v1/model/rollback", headers=_auth(keys["operator"]))
-    assert r.status_code == 200 and r.json() == {"model_version": 0}
+    assert r.status_code == 200 and r.json() == {"model_version": 0, "reopened": ["r"]}
     assert _predict(client, keys["client-1"], service).json()["model_version"] == 0
     again = client.post("/v1/model/rollback", headers=_auth(keys["operator"]))
     assert again.status_code == 409 and again.json()["detail"]["code"] == "no_previous_version"
+    # the rolled-back version carried request r: it is owed again, and the next round serves it in a new version
+    reopened = service.ledger.get("r")
+    assert reopened.state == "validated" and reopened.state_reason.startswith("reopened: model version 1")
+    assert reopened.metrics["model_version"] is None and service.ledger.check_integrity() == []
+    assert UnlearningWorker(service).run_once()["published"] == 2  # not "already served by v1": v1 is off the lineage
+    entry = service.ledger.get("r")
+    assert entry.state == "verified" and entry.metrics["model_version"] == 2 and service.versions.lineage() == [2, 0]
+    assert [t["to"] for t in client.get("/v1/deletions/r", headers=_auth(keys["client-0"])).json()["history"]][-4:] == \
+        ["validated", "scheduled", "unlearned", "verified"]
+
+
+def test_a_rollback_that_crashed_before_reopening_is_reopened_by_the_next_worker(served):
+    service, client, keys = served
+    _post(client, keys["client-0"], request_id="r", ids=service.ownership.ids_of("client-0")[:2].tolist())
+    assert UnlearningWorker(service).run_once()["published"] == 1
+    service.versions.rollback()  # the index is written, the process dies before the ledger is told
+    assert service.ledger.get("r").state == "verified"
+    UnlearningWorker(service)
+    assert service.ledger.get("r").state == "validated"
 
 
 def test_config_is_validated_with_the_key_named():

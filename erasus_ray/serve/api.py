@@ -7,7 +7,8 @@ Endpoints (every one needs ``Authorization: Bearer <API key>``, :mod:`erasus_ray
 - ``GET /v1/deletions/{id}`` - state, reason, verification and the transition history of one of the caller's requests.
 - ``GET /v1/deletions?state=...`` - the caller's requests (an operator: all).
 - ``POST /predict`` - ``{"inputs": [[...], ...]}`` -> predictions and the ``model_version`` that made them.
-- ``GET /v1/model``, ``POST /v1/model/rollback`` (operator) - the served version; serve its parent again.
+- ``GET /v1/model``, ``POST /v1/model/rollback`` (operator) - the served version; serve its parent again and reopen
+  (state back to ``validated``, reason "reopened: ...") the requests the rolled-back version carried.
 
 Refusals: 401 (no or wrong key), 403 (another client's ids, an operator endpoint, impersonation), 404 (no such
 request *of the caller*: another client's request reads exactly like a missing one), 409 (request id reused for a
@@ -135,11 +136,12 @@ def create_app(service: DeletionService) -> FastAPI:
     @app.post("/v1/model/rollback")
     def rollback(who: Principal = Depends(operator)) -> dict[str, Any]:
         try:
-            version = service.versions.rollback()
+            version, reopened = service.rollback(who.client_id)
         except InvalidConfigError as err:
             raise HTTPException(409, {"code": "no_previous_version", "message": str(err)}) from None
-        logger.warning("operator %r rolled the served model back to version %d", who.client_id, version)
-        return {"model_version": version}
+        logger.warning("operator %r rolled the served model back to version %d; reopened %d request(s)", who.client_id,
+                       version, len(reopened))
+        return {"model_version": version, "reopened": reopened}
 
     return app
 

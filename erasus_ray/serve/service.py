@@ -46,5 +46,25 @@ class DeletionService:
         self.versions = ModelVersions(config.state_dir, self.benchmark.model_factory)
         self.versions.initialise(self.benchmark.original)
 
+    def rollback(self, actor: str) -> tuple[int, list[str]]:
+        """Serve the current version's parent again and reopen the requests the rolled-back version carried; returns
+        the served version and the reopened request ids."""
+        version = self.versions.rollback()
+        return version, self.reopen_rolled_back(actor)
+
+    def reopen_rolled_back(self, actor: str = "worker") -> list[str]:
+        """Reopen (:meth:`DeletionLedger.reopen`) every verified request whose model version is not on the served
+        lineage: its deletion was rolled back, so it is owed again. Idempotent, so the worker also calls it when it
+        starts - a crash between a rollback's index write and this leaves nothing owed unrecorded. Cost: one read
+        of the verified requests, one transaction."""
+        lineage = set(self.versions.lineage())
+        gone = {e.request_id: (e.metrics or {}).get("model_version") for e in self.ledger.entries(states=["verified"])}
+        gone = {rid: v for rid, v in gone.items() if v is not None and int(v) not in lineage}
+        for version in sorted(set(gone.values())):
+            rids = [rid for rid, v in gone.items() if v == version]
+            self.ledger.reopen(rids, f"reopened: model version {version}, which served this deletion, was rolled back",
+                               metrics={"model_version": None, "rolled_back_version": version}, by=actor)
+        return sorted(gone)
+
     def close(self) -> None:
         self.ledger.close()

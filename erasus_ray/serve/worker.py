@@ -41,6 +41,7 @@ class UnlearningWorker:
         self.service = service
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self._task: Any = None  # the served model's task adapter, built on the first power check
+        service.reopen_rolled_back(self.worker_id)  # a rollback that crashed before reopening its requests
 
     def take_batch(self) -> list[LedgerEntry]:
         """Requests a crashed round left ``scheduled`` (resumed first), else a new batch of validated ones - unless
@@ -128,7 +129,9 @@ class UnlearningWorker:
         """Record as verified the requests a version already serves (the worker died between publishing it and
         recording them), without unlearning them twice; return the rest of the batch."""
         versions = self.service.versions
-        published = {rid: int(v) for v, meta in versions.index()["versions"].items() for rid in meta["request_ids"]}
+        # only versions the served model descends from: a rolled-back version's requests are owed again
+        lineage = versions.lineage()
+        published = {rid: v for v in lineage for rid in versions.meta(v)["request_ids"]}
         done = [e for e in batch if e.request_id in published]
         for entry in done:
             version = published[entry.request_id]
