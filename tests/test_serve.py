@@ -283,3 +283,111 @@ def test_low_power_accept_policy_says_so_on_the_verified_request(served):
     assert done["published"] == 1 and entry.state == "verified"
     assert entry.state_reason.startswith("low verification power: indistinguishable at n=3")
     assert entry.metrics["verification"]["power"]["detectable"] > 0.8
+
+
+# --- audit export, fuzzing, rate limit ----------------------------------------------------------------------------------
+
+
+def _export(client, key, **params):
+    r = client.get("/v1/audit/export", params=params, headers=_auth(key))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    return [json.loads(line) for line in r.text.splitlines()]
+
+
+def test_audit_export_is_json_lines_and_a_client_sees_only_its_own(served):
+    service, client, keys = served
+    mine = service.ownership.ids_of("client-0")[:2].tolist()
+    theirs = service.ownership.ids_of("client-1")[:2].tolist()
+    _post(client, keys["client-0"], request_id="a", ids=mine)
+    _post(client, keys["client-1"], request_id="b", ids=theirs)
+    _post(client, keys["client-0"], request_id="grab", ids=mine + theirs)  # refused, recorded
+    UnlearningWorker(service).run_once()  # a and b in one batch: one coreset over both clients' ids
+    everything = _export(client, keys["operator"])
+    assert sorted(r["client_request_id"] for r in everything) == ["a", "b", "grab"]
+    assert all(r["transitions"] for r in everything)
+    own = _export(client, keys["client-0"])
+    assert sorted(r["client_request_id"] for r in own) == ["a", "grab"]
+    text = json.dumps(own)
+    assert "client-1" not in text and not set(theirs) & set(_ids_in(own, "coreset_ids"))
+    assert not any("detail" in t["details"] for r in own for t in r["transitions"])
+    hashed = _export(client, keys["client-0"], hash_ids="true", state="verified")
+    assert [r["client_request_id"] for r in hashed] == ["a"] and "ids" not in hashed[0] and hashed[0]["ids_sha256"]
+    assert client.get("/v1/audit/export", params={"state": "nope"}, headers=_auth(keys["operator"])).status_code == 422
+    assert client.get("/v1/audit/export").status_code == 401
+
+
+def _ids_in(records, key):
+    return [i for r in records for i in (r.get(key) or [])]
+
+
+def _fuzzed_bodies(rng, mine, theirs, max_ids):
+    """Malformed or hostile deletion bodies (seeded): wrong types, unknown fields, non-JSON, over-limit id lists,
+    other clients' ids, bad levels and request ids."""
+    junk = [None, True, 1.5, -1, 2**70, "x", "", [], {}, [None], ["1"], [1.5], {"a": 1}, "\x00", "é" * 300]
+    fields = ["request_id", "level", "ids", "label", "reason"]
+    kind = int(rng.integers(8))
+    body: dict = {"request_id": f"f{int(rng.integers(10**6))}", "ids": list(mine[:2])}
+    if kind == 0:
+        body[fields[int(rng.integers(len(fields)))]] = junk[int(rng.integers(len(junk)))]
+    elif kind == 1:
+        body["unknown_" + str(int(rng.integers(100)))] = 1
+    elif kind == 2:
+        body["ids"] = list(range(max_ids + 1 + int(rng.integers(1000))))
+    elif kind == 3:
+        body["ids"] = list(mine[:1]) + [int(i) for i in rng.choice(theirs, size=int(rng.integers(1, 4)), replace=False)]
+    elif kind == 4:
+        body["level"] = ["galaxy", "CLASS", "", "client "][int(rng.integers(4))]
+    elif kind == 5:
+        body["request_id"] = ["bad id!", "#x", "a" * 500, "../x", ""][int(rng.integers(5))]
+    elif kind == 6:
+        body.pop(fields[int(rng.integers(3))], None)
+        body["level"] = "class"  # operator-only, and a client's class body lacks a label
+    else:
+        return [b"{", b"[]", b"null", b'{"request_id":', "{\"ids\": [1,}".encode(), b"\xff\xfe"][int(rng.integers(6))]
+    return body
+
+
+def test_fuzzed_deletion_bodies_are_4xx_with_a_reason_and_leak_nothing(tmp_path, wine):
+    import numpy as np
+
+    service, client, keys = _service(tmp_path, wine, max_ids=40, max_requests_per_minute=None)
+    try:
+        mine = service.ownership.ids_of("client-0").tolist()
+        theirs = service.ownership.ids_of("client-1").tolist()
+        rng = np.random.default_rng(0)
+        statuses, accepted_ids = {}, set()
+        for _ in range(1200):
+            body = _fuzzed_bodies(rng, mine, theirs, service.config.max_ids)
+            if isinstance(body, bytes):
+                r = client.post("/v1/deletions", content=body, headers={**_auth(keys["client-0"]), "content-type": "application/json"})
+            else:
+                r = _post(client, keys["client-0"], **body)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            if r.status_code == 202:  # a mutation that happened to stay valid (e.g. reason "x"): the caller's own ids
+                assert set(body["ids"]) <= set(mine), body
+                accepted_ids.add(r.json()["request_id"])  # a repeated request id returns the same request
+                continue
+            assert 400 <= r.status_code < 500, (body, r.status_code, r.text[:300])
+            assert r.json()["detail"], body
+            assert "client-1" not in r.text
+            if r.status_code == 403:  # a refusal of other clients' ids names none of them
+                assert not any(str(i) in r.json()["detail"]["message"] for i in theirs)
+        assert {403, 422} <= set(statuses) and sum(n for c, n in statuses.items() if c >= 400) > 1000, statuses
+        accepted = [e for e in service.ledger.entries() if e.state != "rejected"]
+        assert {e.request_id for e in accepted} == accepted_ids and all(set(e.ids) <= set(mine) for e in accepted)
+        assert service.ledger.check_integrity() == []
+    finally:
+        service.close()
+
+
+def test_rate_limit_is_honoured_per_client(tmp_path, wine):
+    service, client, keys = _service(tmp_path, wine, max_requests_per_minute=3)
+    try:
+        mine = service.ownership.ids_of("client-0").tolist()
+        codes = [_post(client, keys["client-0"], request_id=f"r{k}", ids=mine[k:k + 1]).status_code for k in range(5)]
+        assert codes == [202, 202, 202, 429, 429]
+        other = _post(client, keys["client-1"], request_id="r0", ids=service.ownership.ids_of("client-1")[:1].tolist())
+        assert other.status_code == 202  # another client's budget is its own
+        assert len([e for e in service.ledger.entries() if e.state == "validated"]) == 4
+    finally:
+        service.close()

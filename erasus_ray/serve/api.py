@@ -6,6 +6,8 @@ Endpoints (every one needs ``Authorization: Bearer <API key>``, :mod:`erasus_ray
   ledger's request id (the same ``request_id`` again returns the same request); class deletion is operator-only.
 - ``GET /v1/deletions/{id}`` - state, reason, verification and the transition history of one of the caller's requests.
 - ``GET /v1/deletions?state=...`` - the caller's requests (an operator: all).
+- ``GET /v1/audit/export?state=...&hash_ids=...`` - the ledger's audit records as JSON lines (an operator: every
+  request; a client: the requests it submitted).
 - ``POST /predict`` - ``{"inputs": [[...], ...]}`` -> predictions and the ``model_version`` that made them.
 - ``GET /v1/model``, ``POST /v1/model/rollback`` (operator) - the served version; serve its parent again and reopen
   (state back to ``validated``, reason "reopened: ...") the requests the rolled-back version carried.
@@ -22,11 +24,13 @@ pass (+ a reload after a new version is published).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Optional
 
 import torch
 from fastapi import Depends, FastAPI, Header, HTTPException, Query
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from erasus_ray.errors import InvalidConfigError, InvalidRequestError
@@ -102,8 +106,7 @@ def create_app(service: DeletionService) -> FastAPI:
             raise HTTPException(404, {"code": "unknown_request", "message": "no such request of yours"})
         history = [t.to_dict() for t in service.ledger.history(entry.request_id)]
         if not who.operator:
-            for t in history:  # the ledger's audit split of refused ids (unknown vs another client's) is the operator's
-                t["details"] = {k: v for k, v in (t["details"] or {}).items() if k != "detail"}
+            history = _client_transitions(history)
         return {**summary(entry), "ids": entry.ids, "label": entry.label, "metrics": entry.metrics,
                 "coreset_ids": entry.coreset_ids, "history": history}
 
@@ -115,6 +118,21 @@ def create_app(service: DeletionService) -> FastAPI:
         if not who.operator:  # requests in the caller's name that it did not submit (an operator's) are not its to read
             entries = [e for e in entries if e.submitter == who.client_id]
         return {"requests": [summary(e) for e in entries]}
+
+    @app.get("/v1/audit/export", response_class=StreamingResponse,
+             responses={200: {"content": {"application/x-ndjson": {}}, "description": "one audit record per line"}})
+    def audit_export(state: Optional[str] = Query(None), hash_ids: bool = Query(False),
+                     who: Principal = Depends(principal)) -> StreamingResponse:
+        """The ledger's audit records (:meth:`DeletionLedger.export`) as JSON lines: an operator gets every request;
+        a client only the requests it submitted, without the audit split of refused ids."""
+        if state is not None and state not in STATES:
+            raise HTTPException(422, {"code": "malformed", "message": f"state must be one of {list(STATES)}"})
+        records = service.ledger.export(hash_ids=hash_ids, states=None if state is None else [state])
+        if not who.operator:
+            records = [{**r, "transitions": _client_transitions(r["transitions"])} for r in records
+                       if r["submitter"] == who.client_id]
+        lines = (json.dumps(r, default=str) + "\n" for r in records)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
 
     @app.post("/predict")
     def predict(body: PredictBody, who: Principal = Depends(principal)) -> dict[str, Any]:
@@ -150,6 +168,12 @@ def summary(entry: LedgerEntry) -> dict[str, Any]:
     metrics = entry.metrics or {}
     return {"request_id": entry.request_id, "client_request_id": entry.client_request_id, "level": entry.level,
             "state": entry.state, "state_reason": entry.state_reason, "model_version": metrics.get("model_version")}
+
+
+def _client_transitions(transitions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Transitions as a client may read them: the ledger's audit split of refused ids (unknown vs another client's,
+    ``details["detail"]``) is the operator's."""
+    return [{**t, "details": {k: v for k, v in (t["details"] or {}).items() if k != "detail"}} for t in transitions]
 
 
 def _visible(service: DeletionService, who: Principal, request_id: str) -> LedgerEntry | None:

@@ -159,8 +159,12 @@ class UnlearningWorker:
         """Unlearned then verified/failed per the verification, for the whole batch in two transactions."""
         ledger = self.service.ledger
         common = {"strategy": str(result.config.get("strategy")), "model_hash_before": result.model_hash_before,
-                  "model_hash_after": result.model_hash_after, "coreset_ids": [int(i) for i in result.coreset.ids]}
-        ledger.record_results({e.request_id: {**common, "new_state": "unlearned", "expected": "scheduled"} for e in batch})
+                  "model_hash_after": result.model_hash_after}
+        coreset = set(int(i) for i in result.coreset.ids)
+        # each request records the part of the batch's coreset that is its own: the rest are other clients' ids
+        own = {e.request_id: sorted(coreset & {int(i) for i in self.service.ownership.resolve(e.request())}) for e in batch}
+        ledger.record_results({e.request_id: {**common, "coreset_ids": own[e.request_id], "new_state": "unlearned",
+                                              "expected": "scheduled"} for e in batch})
         # model_version: the version that serves the deletion (None: not published); from_version: what it started on
         extra: dict[str, Any] = {"metrics": {"model_version": version, "from_version": parent}}
         power = result.verification.get("power")
