@@ -8,8 +8,9 @@ be shared (a network folder, a PostgreSQL ledger).
 
 Example:
     >>> from ray import serve
-    >>> serve.start(http_options={"host": "127.0.0.1", "port": 8321})
-    >>> serve.run(build(ServeConfig(state_dir="serve-state")), name="erasus", route_prefix="/")
+    >>> config = ServeConfig(state_dir="serve-state")
+    >>> serve.start(http_options=http_options(config))
+    >>> serve.run(build(config), name="erasus", route_prefix="/")
 
 Cost: each replica loads the benchmark (cached model: seconds) and opens the ledger once.
 """
@@ -34,6 +35,15 @@ def _config(config: ServeConfig | Mapping[str, Any]) -> dict[str, Any]:
     if cfg.ledger and "://" not in cfg.ledger:
         data["ledger"] = str(Path(cfg.ledger).resolve())
     return data
+
+
+def http_options(config: ServeConfig) -> dict[str, Any]:
+    """``serve.start(http_options=...)`` for ``config``: host, port and, with TLS configured, Ray Serve's proxy
+    ``ssl_keyfile`` / ``ssl_certfile`` (absolute: the proxy actor does not share the driver's directory)."""
+    options: dict[str, Any] = {"host": config.host, "port": config.port}
+    if config.tls:
+        options.update(ssl_keyfile=str(Path(config.ssl_keyfile).resolve()), ssl_certfile=str(Path(config.ssl_certfile).resolve()))
+    return options
 
 
 def build(config: ServeConfig | Mapping[str, Any]) -> Any:
