@@ -4,8 +4,9 @@ the served model version, records the verification in the ledger, and publishes 
 One round (:meth:`UnlearningWorker.run_once`):
 
 1. ``schedule_pending`` moves up to ``batch_size`` validated requests to ``scheduled`` under one batch id (one
-   transaction); requests a crashed round left ``scheduled`` are resumed first, and those a published version
-   already serves (the crash fell between publishing and recording) are recorded verified without a second run.
+   transaction); requests a crashed round left ``scheduled`` or ``unlearned`` are resumed first, and those a
+   published version on the served lineage already serves (the crash fell between publishing and recording) are
+   recorded verified without a second run; the others are run again.
 2. The served version ``v`` is loaded as a fresh model (a copy: the replicas keep serving ``v``).
 3. Forget set = the ids the batch's requests resolve to; retain set = the train ids minus those and minus every id
    version ``v`` already forgot. ``ErasusUnlearner(copy, **config.unlearner).fit(forget, retain, heldout_data=test)``.
@@ -47,7 +48,7 @@ class UnlearningWorker:
         """Requests a crashed round left ``scheduled`` (resumed first), else a new batch of validated ones - unless
         the low-power policy holds or fails it (:meth:`_low_power`)."""
         ledger = self.service.ledger
-        stuck = ledger.entries(states=["scheduled"])
+        stuck = ledger.entries(states=["scheduled", "unlearned"])  # a round that died before recording its outcome
         if stuck:
             return stuck[: self.service.config.batch_size]
         pending = ledger.entries(states=["validated"])[: self.service.config.batch_size]
@@ -132,13 +133,18 @@ class UnlearningWorker:
         # only versions the served model descends from: a rolled-back version's requests are owed again
         lineage = versions.lineage()
         published = {rid: v for v in lineage for rid in versions.meta(v)["request_ids"]}
-        done = [e for e in batch if e.request_id in published]
-        for entry in done:
-            version = published[entry.request_id]
+        ledger = self.service.ledger
+        for entry in batch:
+            version = published.get(entry.request_id)
+            if version is None and entry.state == "unlearned":  # died between recording unlearned and failed: run again
+                ledger.transition(entry.request_id, "scheduled", expected="unlearned", resumed=True)
+            if version is None:
+                continue
             meta = versions.meta(version)
-            self.service.ledger.record_result(entry.request_id, new_state="unlearned", expected="scheduled", resumed=True)
+            if entry.state == "scheduled":
+                ledger.record_result(entry.request_id, new_state="unlearned", expected="scheduled", resumed=True)
             extra = {"metrics": {"model_version": version, "from_version": meta["parent"]}}
-            self.service.ledger.record_results({entry.request_id: verification_result(meta["verification"], **extra)})
+            ledger.record_results({entry.request_id: verification_result(meta["verification"], **extra)})
         return [e for e in batch if e.request_id not in published]
 
     def _unlearn(self, batch: list[LedgerEntry], parent: int) -> tuple[Any, list[int]]:
