@@ -8,7 +8,9 @@ Endpoints (every one needs ``Authorization: Bearer <API key>``, :mod:`erasus_ray
 - ``GET /v1/deletions?state=...`` - the caller's requests (an operator: all).
 - ``GET /v1/audit/export?state=...&hash_ids=...`` - the ledger's audit records as JSON lines (an operator: every
   request; a client: the requests it submitted).
-- ``POST /predict`` - ``{"inputs": [[...], ...]}`` -> predictions and the ``model_version`` that made them.
+- ``POST /predict`` - ``{"inputs": [[...], ...]}`` -> predictions and the ``model_version`` that made them
+  (a classifier); ``POST /generate`` - ``{"prompts": [...], "max_new_tokens"}`` -> greedy completions and the
+  ``model_version`` (a task with the ``generation`` capability, e.g. the causal-LM ``authors`` benchmark).
 - ``GET /v1/model``, ``POST /v1/model/rollback`` (operator) - the served version; serve its parent again and reopen
   (state back to ``validated``, reason "reopened: ...") the requests the rolled-back version carried.
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 from fastapi import Depends, FastAPI, Header, HTTPException, Query
@@ -38,12 +40,15 @@ from erasus_ray.ledger import STATES, LedgerEntry
 from erasus_ray.serve.keys import Principal
 from erasus_ray.serve.service import DeletionService
 from erasus_ray.serve.versions import ServedModel
+from erasus_ray.tasks import Capability
 
 logger = logging.getLogger("erasus_ray.serve")
 
 #: HTTP status of a ledger rejection, by its code (anything else: 422)
 REFUSAL_STATUS = {"not_owner": 403, "impersonation": 403, "unknown_client": 403, "rate_limited": 429}
 NOT_OWNER_MESSAGE = "some of the requested ids are not yours to delete"
+#: most tokens one /generate call decodes per prompt (greedy, no KV cache on wrappers: the cost grows with it)
+MAX_NEW_TOKENS = 128
 
 
 class DeletionBody(BaseModel):
@@ -60,6 +65,12 @@ class DeletionBody(BaseModel):
 class PredictBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: list[list[float]] = Field(min_length=1, max_length=4096)
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: list[Annotated[StrictStr, Field(min_length=1, max_length=2000)]] = Field(min_length=1, max_length=16)
+    max_new_tokens: StrictInt = Field(32, ge=1, le=MAX_NEW_TOKENS)
 
 
 def create_app(service: DeletionService) -> FastAPI:
@@ -136,6 +147,9 @@ def create_app(service: DeletionService) -> FastAPI:
 
     @app.post("/predict")
     def predict(body: PredictBody, who: Principal = Depends(principal)) -> dict[str, Any]:
+        if service.task.provides(Capability.GENERATION):
+            raise HTTPException(409, {"code": "wrong_endpoint", "message": f"the served {service.task.name} model "
+                                                                          "generates text: use POST /generate"})
         version, model = served.get()
         x = torch.tensor(body.inputs, dtype=torch.float32)
         try:
@@ -144,6 +158,17 @@ def create_app(service: DeletionService) -> FastAPI:
         except RuntimeError as err:  # wrong feature count
             raise HTTPException(422, {"code": "malformed", "message": f"inputs do not fit the model: {str(err)[:200]}"}) from None
         return {"model_version": version, "predictions": logits.argmax(-1).tolist()}
+
+    @app.post("/generate")
+    def generate(body: GenerateBody, who: Principal = Depends(principal)) -> dict[str, Any]:
+        """Greedy continuations of ``prompts`` by the served version (a task with the ``generation`` capability and a
+        tokenizer, e.g. the causal-LM ``authors`` benchmark); each answer names the version that wrote it."""
+        tokenizer = getattr(service.task, "tokenizer", None)
+        if not service.task.provides(Capability.GENERATION) or tokenizer is None:
+            raise HTTPException(409, {"code": "wrong_endpoint", "message": f"the served {service.task.name} model does "
+                                                                          "not generate text: use POST /predict"})
+        version, model = served.get()
+        return {"model_version": version, "completions": _generate(model, tokenizer, body.prompts, body.max_new_tokens)}
 
     @app.get("/v1/model")
     def model_info(who: Principal = Depends(principal)) -> dict[str, Any]:
@@ -162,6 +187,20 @@ def create_app(service: DeletionService) -> FastAPI:
         return {"model_version": version, "reopened": reopened}
 
     return app
+
+
+def _generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy decoding, prompts left-padded (so every row continues from its last token); returns only the new text."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def summary(entry: LedgerEntry) -> dict[str, Any]:

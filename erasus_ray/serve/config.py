@@ -14,8 +14,9 @@ from typing import Any
 from erasus_ray.config_files import config_from_mapping, load_config
 from erasus_ray.errors import InvalidConfigError
 
-#: bundled benchmarks the service can serve today (classifiers with an ``IdDataset`` train split)
-SERVABLE_BENCHMARKS = ("wine", "iris", "breast_cancer", "digits")
+#: bundled benchmarks the service can serve today: classifiers (``/predict``) and the causal-LM ``authors``
+#: (``/generate``; ``scenario: forget10``, ``benchmark_options: {variant: ci}`` for the small model)
+SERVABLE_BENCHMARKS = ("wine", "iris", "breast_cancer", "digits", "authors")
 #: never 8000 (Flower's SuperLink) nor 8265 (Ray's dashboard)
 DEFAULT_PORT = 8321
 #: what the worker does with a batch too small for its verification to detect anything (see ``on_low_power``)
@@ -27,8 +28,8 @@ class ServeConfig:
     """Settings of the deletion service.
 
     Attributes:
-        benchmark, scenario, seed: the bundled model and data served (``load_benchmark(benchmark, scenario, seed)``);
-            its original model is version 0.
+        benchmark, scenario, seed, benchmark_options: the bundled model and data served (``load_benchmark(benchmark,
+            scenario, seed, **benchmark_options)``); its original model is version 0.
         state_dir: folder of the published model versions (``versions.json`` + ``v<N>.pt``).
         ledger: the ledger's SQLAlchemy URL or SQLite path (default ``<state_dir>/ledger.db``): the only queue.
         clients: the train ids are split round-robin among ``client-0`` ... ``client-<clients-1>`` (the ownership
@@ -55,6 +56,7 @@ class ServeConfig:
     benchmark: str = "wine"
     scenario: str = "class"
     seed: int = 0
+    benchmark_options: dict[str, Any] = field(default_factory=dict)
     state_dir: str = "serve-state"
     ledger: str | None = None
     clients: int = 4
@@ -86,6 +88,8 @@ class ServeConfig:
             raise InvalidConfigError(f"poll_s must be a positive number of seconds, got {self.poll_s!r}")
         if not isinstance(self.operators, list) or not self.operators or not all(isinstance(o, str) for o in self.operators):
             raise InvalidConfigError(f"operators must be a non-empty list of ids, got {self.operators!r}")
+        if not isinstance(self.benchmark_options, dict):
+            raise InvalidConfigError(f"benchmark_options must be a mapping of load_benchmark keywords, got {type(self.benchmark_options).__name__}")
         if not isinstance(self.unlearner, dict):
             raise InvalidConfigError(f"unlearner must be a mapping of ErasusUnlearner keywords, got {type(self.unlearner).__name__}")
         if not isinstance(self.state_dir, str) or not self.state_dir:

@@ -23,6 +23,16 @@ def round_robin_owners(train_ids: np.ndarray, clients: int) -> dict[str, list[in
     return {f"client-{k}": [int(i) for i in train_ids[k::clients]] for k in range(clients)}
 
 
+def _train_labels(train: Any) -> dict[int, int] | None:
+    """Class label per train id, for class-level requests; None where the data has no class labels (an LM's QA
+    pairs: class deletion is then refused as malformed by the ledger)."""
+    y = getattr(train.base, "y", None)
+    if y is None:
+        return None
+    labels = np.asarray(y)[np.asarray(train.positions)]
+    return {int(i): int(v) for i, v in zip(train.ids, labels)}
+
+
 class DeletionService:
     """The service's state, from ``config``; ``benchmark``: an already loaded benchmark (tests reuse one)."""
 
@@ -31,17 +41,15 @@ class DeletionService:
 
         config.validate()
         self.config = config
-        self.benchmark = benchmark if benchmark is not None else load_benchmark(config.benchmark, scenario=config.scenario, seed=config.seed)
+        self.benchmark = benchmark if benchmark is not None else load_benchmark(
+            config.benchmark, scenario=config.scenario, seed=config.seed, **config.benchmark_options)
+        self.task = self.benchmark.task  # the served model's task adapter: what /predict and /generate may do
         Path(config.state_dir).mkdir(parents=True, exist_ok=True)
         self.ledger = DeletionLedger(config.ledger_url)
         self.keys = ClientKeys(self.ledger)
         train = self.benchmark.train
-        labels = np.asarray(train.base.y)[np.asarray(train.positions)]  # labels of the train rows, for class requests
-        self.ownership = OwnershipRegistry(
-            round_robin_owners(np.asarray(train.ids), config.clients),
-            labels={int(i): int(y) for i, y in zip(train.ids, labels)},
-            operators=config.operators,
-        )
+        self.ownership = OwnershipRegistry(round_robin_owners(np.asarray(train.ids), config.clients),
+                                           labels=_train_labels(train), operators=config.operators)
         self.limits = RequestLimits(max_ids=config.max_ids, max_requests_per_minute=config.max_requests_per_minute)
         self.versions = ModelVersions(config.state_dir, self.benchmark.model_factory)
         self.versions.initialise(self.benchmark.original)

@@ -41,7 +41,6 @@ class UnlearningWorker:
     def __init__(self, service: DeletionService, worker_id: str | None = None) -> None:
         self.service = service
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
-        self._task: Any = None  # the served model's task adapter, built on the first power check
         service.reopen_rolled_back(self.worker_id)  # a rollback that crashed before reopening its requests
 
     def take_batch(self) -> list[LedgerEntry]:
@@ -63,15 +62,12 @@ class UnlearningWorker:
         or None where the target models no power. Cost: resolving the target (no forward pass)."""
         from erasus_ray.control import ControlConfig
         from erasus_ray.evaluation.verification import resolve_target
-        from erasus_ray.tasks import get_task
 
         service, cfg = self.service, self.service.config
         forget_ids = sorted({int(i) for e in entries for i in service.ownership.resolve(e.request())})
         train, test = service.benchmark.train, service.benchmark.test
-        if self._task is None:
-            self._task = get_task(cfg.unlearner.get("task", "auto"), service.benchmark.original)
         retain = train.subset([int(i) for i in train.ids if int(i) not in set(forget_ids)])
-        target = resolve_target(cfg.unlearner.get("target", "auto"), task=self._task, forget=train.subset(forget_ids),
+        target = resolve_target(cfg.unlearner.get("target", "auto"), task=service.task, forget=train.subset(forget_ids),
                                 retain=retain, heldout=test, gold=None).target
         n_heldout = min(len(test), ControlConfig().heldout_samples)
         power = None if target is None else target.power(len(forget_ids), n_heldout)
@@ -156,7 +152,7 @@ class UnlearningWorker:
         train = service.benchmark.train
         retain_ids = [int(i) for i in train.ids if int(i) not in excluded]
         model = service.versions.load(parent)  # a fresh copy of the served version
-        kwargs = {**service.config.unlearner, "progress": False}
+        kwargs = {"task": service.task, **service.config.unlearner, "progress": False}  # the benchmark's adapter
         result = ErasusUnlearner(model, **kwargs).fit(
             forget_data=train.subset(forget_ids), retain_data=train.subset(retain_ids), heldout_data=service.benchmark.test)
         return result, forget_ids
