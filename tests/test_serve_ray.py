@@ -70,3 +70,30 @@ def test_a_deletion_over_http_publishes_a_version_predict_names(ray_cluster, tmp
     finally:
         serve.delete("erasus-test")
         serve.shutdown()
+
+
+def test_the_worker_keeps_its_scoring_pool_warm_between_rounds(ray_cluster, tmp_path):
+    """Under Ray the worker scores coresets on one pool whose actors outlive a round: the second round finds the same
+    actors alive (no start-up), and closing the worker ends them."""
+    from erasus_ray.benchmarks import load_benchmark
+    from erasus_ray.serve import DeletionService, ServeConfig, UnlearningWorker
+
+    ray = ray_cluster
+    service = DeletionService(ServeConfig(state_dir=str(tmp_path / "state"), max_detectable_auc=None),
+                              benchmark=load_benchmark("wine", scenario="class", seed=0))
+    worker = UnlearningWorker(service)
+    seen = []
+    try:
+        for k, client in enumerate(("client-0", "client-1")):
+            ids = service.ownership.ids_of(client)[:20].tolist()
+            service.ledger.submit({"request_id": f"r{k}", "client_id": client, "ids": ids}, service.ownership, sender=client)
+            assert worker.run_once()["requests"] == [f"r{k}"]
+            handles = list(worker._pool._handles)
+            assert handles, "the round scored no coreset on the pool"
+            seen.append([h._actor_id.hex() for h in handles])
+        assert seen[0] == seen[1]  # the same actors served both rounds
+        assert ray.get([h.ready.remote() for h in handles], timeout=60)
+    finally:
+        worker.close()
+        service.close()
+    assert worker._pool is None

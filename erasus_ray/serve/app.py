@@ -79,6 +79,12 @@ class WorkerDeployment:
         """Unlearning rounds that found work since the replica started."""
         return self.loop.rounds
 
+    def pool_actors(self) -> list[str]:
+        """Ids of the warm scoring pool's actors (empty before the first scored round): they stay the same across
+        rounds while the pool is warm."""
+        pool = self.loop.worker._pool
+        return [] if pool is None else [h._actor_id.hex() for h in pool._handles]
+
     def __del__(self) -> None:
         self.loop.stop(timeout=5.0)
 

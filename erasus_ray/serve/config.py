@@ -49,6 +49,9 @@ class ServeConfig:
             together reach the power or the oldest has waited ``low_power_wait_s``; then verify on the union, the
             record saying its power) or ``fail`` (end them ``failed`` with that statement; never unlearned).
         low_power_wait_s: how long ``batch`` holds a low-power batch for more requests.
+        scoring_pool: :class:`~erasus_ray.distributed.PoolSpec` fields of the worker's warm scoring pool (its actors
+            start on the first round that scores a coreset under Ray and stay alive for the next rounds); None: score
+            in the worker's process. Small by default: the Serve proxy and replicas share the machine.
         ssl_keyfile, ssl_certfile: PEM files: serve HTTPS (Ray Serve's proxy and the standalone uvicorn server);
             both or neither.
     """
@@ -71,6 +74,7 @@ class ServeConfig:
     max_detectable_auc: float | None = 0.8
     on_low_power: str = "accept"
     low_power_wait_s: float = 300.0
+    scoring_pool: dict[str, Any] | None = field(default_factory=lambda: {"num_actors": 1, "num_cpus": 0.5})
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
 
@@ -94,6 +98,15 @@ class ServeConfig:
             raise InvalidConfigError(f"unlearner must be a mapping of ErasusUnlearner keywords, got {type(self.unlearner).__name__}")
         if not isinstance(self.state_dir, str) or not self.state_dir:
             raise InvalidConfigError(f"state_dir must be a folder path, got {self.state_dir!r}")
+        if self.scoring_pool is not None:
+            from erasus_ray.distributed import PoolSpec
+
+            if not isinstance(self.scoring_pool, dict):
+                raise InvalidConfigError(f"scoring_pool must be a mapping of PoolSpec fields or null, got {self.scoring_pool!r}")
+            try:
+                PoolSpec(**self.scoring_pool)
+            except TypeError as err:
+                raise InvalidConfigError(f"scoring_pool: {err}") from None
         self._validate_power()
         self._validate_tls()
 

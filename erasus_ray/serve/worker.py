@@ -41,6 +41,7 @@ class UnlearningWorker:
     def __init__(self, service: DeletionService, worker_id: str | None = None) -> None:
         self.service = service
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+        self._pool: Any = None  # the warm scoring pool (under Ray), kept between rounds
         service.reopen_rolled_back(self.worker_id)  # a rollback that crashed before reopening its requests
 
     def take_batch(self) -> list[LedgerEntry]:
@@ -153,9 +154,35 @@ class UnlearningWorker:
         retain_ids = [int(i) for i in train.ids if int(i) not in excluded]
         model = service.versions.load(parent)  # a fresh copy of the served version
         kwargs = {"task": service.task, **service.config.unlearner, "progress": False}  # the benchmark's adapter
+        pool = self.pool()
+        if pool is not None and "pool_spec" not in kwargs:
+            kwargs["pool_spec"] = pool  # scored on warm actors: a round pays no actor start-up
+            kwargs["execution"] = {"distributed": "ray", **(kwargs.get("execution") or {})}
         result = ErasusUnlearner(model, **kwargs).fit(
             forget_data=train.subset(forget_ids), retain_data=train.subset(retain_ids), heldout_data=service.benchmark.test)
         return result, forget_ids
+
+    def pool(self) -> Any:
+        """The warm :class:`~erasus_ray.distributed.ScoringPool` (``config.scoring_pool``), or None outside Ray or
+        when configured off. Its actors start on the first select that scores under Ray and live until :meth:`close`."""
+        spec = self.service.config.scoring_pool
+        if spec is None:
+            return None
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        if self._pool is None:
+            from erasus_ray.distributed import PoolSpec, ScoringPool
+
+            self._pool = ScoringPool(PoolSpec(**spec))
+        return self._pool
+
+    def close(self) -> None:
+        """End the warm pool's actors."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def _record(self, batch: list[LedgerEntry], result: Any, parent: int, version: int | None) -> None:
         """Unlearned then verified/failed per the verification, for the whole batch in two transactions."""
@@ -202,6 +229,7 @@ class WorkerLoop:
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
+        self.worker.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
