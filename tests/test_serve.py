@@ -81,6 +81,14 @@ def test_another_clients_ids_are_refused_without_naming_them(served):
     assert service.ledger.get("grab").state == "rejected"
 
 
+def test_a_client_reads_only_its_own_ids(served):
+    service, client, keys = served
+    own = client.get("/v1/ownership", headers=_auth(keys["client-0"])).json()
+    assert own["ids"] == service.ownership.ids_of("client-0").tolist() and own["n_ids"] == len(own["ids"]) > 0
+    assert not set(own["ids"]) & set(service.ownership.ids_of("client-1").tolist())
+    assert client.get("/v1/ownership").status_code == 401
+
+
 def test_another_clients_request_reads_like_a_missing_one(served):
     service, client, keys = served
     theirs = service.ownership.ids_of("client-1")[:2].tolist()

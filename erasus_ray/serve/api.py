@@ -6,6 +6,7 @@ Endpoints (every one needs ``Authorization: Bearer <API key>``, :mod:`erasus_ray
   ledger's request id (the same ``request_id`` again returns the same request); class deletion is operator-only.
 - ``GET /v1/deletions/{id}`` - state, reason, verification and the transition history of one of the caller's requests.
 - ``GET /v1/deletions?state=...`` - the caller's requests (an operator: all).
+- ``GET /v1/ownership`` - the dataset ids the caller owns (what it may delete).
 - ``GET /v1/audit/export?state=...&hash_ids=...`` - the ledger's audit records as JSON lines (an operator: every
   request; a client: the requests it submitted).
 - ``POST /predict`` - ``{"inputs": [[...], ...]}`` -> predictions and the ``model_version`` that made them
@@ -144,6 +145,12 @@ def create_app(service: DeletionService) -> FastAPI:
                        if r["submitter"] == who.client_id]
         lines = (json.dumps(r, default=str) + "\n" for r in records)
         return StreamingResponse(lines, media_type="application/x-ndjson")
+
+    @app.get("/v1/ownership")
+    def ownership(who: Principal = Depends(principal)) -> dict[str, Any]:
+        """The dataset ids the caller owns (what it may delete); never another client's."""
+        ids = service.ownership.ids_of(who.client_id).tolist()
+        return {"client_id": who.client_id, "n_ids": len(ids), "ids": ids}
 
     @app.post("/predict")
     def predict(body: PredictBody, who: Principal = Depends(principal)) -> dict[str, Any]:
