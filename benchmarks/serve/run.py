@@ -10,12 +10,17 @@ comes from this process over HTTP with one client thread (sequential requests: l
 Phases:
 
 1. **idle**: ``POST /predict`` (8 rows) for ``--seconds``; the worker has nothing to do.
-2. **unlearning**: ``--requests`` deletions (``--ids`` 30 own ids each, ``batch_size: 1``: one unlearning round per request) are
-   filed first, then ``/predict`` for ``--seconds`` while the worker unlearns them back to back; rounds completed and
-   requests still pending at the end are reported (pending > 0: the worker was busy for the whole window).
-3. **warm request-to-verified**: one more deletion on the drained service, polled until ``verified``.
+2. **unlearning**: ``--requests`` sample deletions (``--ids`` own ids each) and, every 8th, an operator's class
+   deletion (``--classes``; the ``class`` target moves real weights) are filed first (``batch_size: 1``: one
+   closed-loop round each), then ``/predict`` runs for ``--seconds`` while the worker works through them. Each call
+   is matched against the rounds' spans in the audit trail (``scheduled`` to ``verified``): latency **during** a round
+   vs **between** rounds, and the fraction of the window a round was running. Rounds on digits are short (~0.3 s:
+   a sample deletion passes the ``heldout`` target with 0 steps, the original already looking held-out on those
+   ids; a class takes ~10-15 steps), so the window holds both.
+3. **warm request-to-verified**: on the drained service, a class deletion (the next label) and a 30-id sample deletion,
+   each polled until ``verified``/``failed``.
 4. **cold**: a fresh Python process imports erasus-ray, loads the benchmark and runs the same ``ErasusUnlearner.fit``
-   on the same kind of forget set (what an ``erasus-ray unlearn`` job pays before and around its fit).
+   on another class (what an ``erasus-ray unlearn`` job pays before and around its fit; no Ray start).
 5. **accept**: ``POST /v1/deletions`` (distinct request ids, 2 own ids each) for ``--accept-seconds`` on a second start
    with the worker asleep (``poll_s`` 1 h) and no rate limit: the ledger's accept rate on SQLite (``synchronous=FULL``).
 
@@ -74,14 +79,35 @@ def keys(config: dict) -> dict[str, str]:
         return {c: k.add(c) for c in [f"client-{i}" for i in range(cfg.clients)]} | {"operator": k.add("operator", "operator")}
 
 
-def latencies(http: httpx.Client, key: str, inputs: list, seconds: float) -> list[float]:
+def latencies(http: httpx.Client, key: str, inputs: list, seconds: float, stamps: list | None = None) -> list[float]:
+    """Sequential ``/predict`` calls for ``seconds``; ``stamps`` gets each call's wall-clock start (to match rounds)."""
     out, end = [], time.perf_counter() + seconds
     while time.perf_counter() < end:
-        t = time.perf_counter()
+        t, wall = time.perf_counter(), time.time()
         r = http.post("/predict", json={"inputs": inputs}, headers={"Authorization": f"Bearer {key}"})
         out.append(time.perf_counter() - t)
+        if stamps is not None:
+            stamps.append(wall)
         assert r.status_code == 200, r.text
     return out
+
+
+def round_intervals(audit: list[dict]) -> list[tuple[float, float]]:
+    """Wall-clock spans during which an unlearning round ran: per request, its ``scheduled`` transition to its last."""
+    from datetime import datetime
+
+    spans = []
+    for r in audit:
+        at = [datetime.fromisoformat(t["at"]).timestamp() for t in r["transitions"] if t["to"] in ("scheduled", "verified", "failed")]
+        if len(at) >= 2:
+            spans.append((min(at), max(at)))
+    return spans
+
+
+def split_by_rounds(lat: list[float], stamps: list[float], spans: list[tuple[float, float]]) -> tuple[list, list]:
+    during = [l for l, s in zip(lat, stamps) if any(a <= s <= b for a, b in spans)]
+    between = [l for l, s in zip(lat, stamps) if not any(a <= s <= b for a, b in spans)]
+    return during, between
 
 
 def summary(lat: list[float], seconds: float) -> dict:
@@ -96,8 +122,9 @@ def own_ids(owner_ids: dict[str, list[int]], client: str, k: int, used: set[int]
     return free
 
 
-def file(http, key, rid, ids):
-    r = http.post("/v1/deletions", json={"request_id": rid, "ids": ids}, headers={"Authorization": f"Bearer {key}"})
+def file(http, key, rid, ids, label=None):
+    body = {"request_id": rid, "ids": ids} if label is None else {"request_id": rid, "level": "class", "label": label}
+    r = http.post("/v1/deletions", json=body, headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 202, r.text
     return r.json()["request_id"]
 
@@ -125,8 +152,9 @@ def main() -> None:
     ap.add_argument("--benchmark", default="digits")
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--accept-seconds", type=float, default=15.0)
-    ap.add_argument("--requests", type=int, default=40)
-    ap.add_argument("--ids", type=int, default=30, help="ids per background deletion (5 would pass with 0 steps: low power)")
+    ap.add_argument("--requests", type=int, default=40, help="background sample deletions (--ids own ids each)")
+    ap.add_argument("--classes", type=int, default=5, help="background class deletions among them (labels 0..classes-1)")
+    ap.add_argument("--ids", type=int, default=8, help="ids per sample deletion")
     ap.add_argument("--ray", action="store_true")
     args = ap.parse_args()
     from erasus_ray.benchmarks import load_benchmark
@@ -152,16 +180,26 @@ def main() -> None:
                 latencies(http, key["client-0"], inputs, 2.0)  # warm-up: first load of the served model
                 results["idle"] = summary(latencies(http, key["client-0"], inputs, args.seconds), args.seconds)
                 used: set[int] = set()
-                for n in range(args.requests):
+                for n in range(args.requests):  # sample deletions, with a class deletion (real steps) every 8th
                     client = f"client-{n % 4}"
                     file(http, key[client], f"bg-{n}", own_ids(owners, client, args.ids, used))
+                    if n % 8 == 7 and n // 8 < args.classes:
+                        file(http, key["operator"], f"bg-class-{n // 8}", None, label=n // 8)
                 op = {"Authorization": f"Bearer {key['operator']}"}
                 v0 = http.get("/v1/model", headers=op).json()["model_version"]
-                lat = latencies(http, key["client-0"], inputs, args.seconds)
+                stamps: list[float] = []
+                lat = latencies(http, key["client-0"], inputs, args.seconds, stamps)
                 listing = http.get("/v1/deletions", headers=op).json()["requests"]
                 pending = sum(r["state"] in ("validated", "scheduled", "unlearned") for r in listing)
                 v1 = http.get("/v1/model", headers=op).json()["model_version"]
-                results["unlearning"] = {**summary(lat, args.seconds), "versions_published": v1 - v0, "pending_at_end": pending}
+                audit = [json.loads(line) for line in http.get("/v1/audit/export", headers=op).text.splitlines()]
+                spans = round_intervals(audit)
+                during, between = split_by_rounds(lat, stamps, spans)
+                busy = sum(min(b, stamps[-1]) - max(a, stamps[0]) for a, b in spans if b > stamps[0] and a < stamps[-1])
+                results["unlearning"] = {**summary(lat, args.seconds), "versions_published": v1 - v0, "pending_at_end": pending,
+                                         "busy_fraction": busy / args.seconds,
+                                         "during_rounds": summary(during, args.seconds) if during else None,
+                                         "between_rounds": summary(between, args.seconds) if between else None}
                 for _ in range(3600):  # drain
                     listing = http.get("/v1/deletions", headers=op).json()["requests"]
                     if not any(r["state"] in ("validated", "scheduled", "unlearned") for r in listing):
@@ -169,21 +207,26 @@ def main() -> None:
                     time.sleep(1.0)
                 audit = [json.loads(line) for line in http.get("/v1/audit/export", headers=op).text.splitlines()]
                 steps = [(r["metrics"] or {}).get("verification", {}).get("steps") for r in audit]
+                results["unlearning"]["round_s_mean"] = float(np.mean([b - a for a, b in round_intervals(audit)]))
                 results["unlearning"]["rounds"] = {
                     "states": {st: sum(r["state"] == st for r in audit) for st in {r["state"] for r in audit}},
                     "steps_mean": float(np.mean([x for x in steps if x is not None])),
                     "zero_step": sum(x == 0 for x in steps)}
-                ids = own_ids(owners, "client-1", args.ids, used)
-                t = time.perf_counter()
-                rid = file(http, key["client-1"], "warm", ids)
-                while (state := http.get(f"/v1/deletions/{rid}", headers={"Authorization": f"Bearer {key['client-1']}"}).json()["state"]) not in ("verified", "failed"):
-                    time.sleep(0.05)
-                results["warm_request_to_verified_s"] = time.perf_counter() - t
-                results["warm_state"] = state
+                for name, body in (("class", {"request_id": "warm-class", "level": "class", "label": args.classes}),
+                                   ("sample", {"request_id": "warm-sample", "ids": own_ids(owners, "client-1", args.ids, used)})):
+                    t = time.perf_counter()
+                    rid = http.post("/v1/deletions", json=body, headers=op).json()["request_id"]
+                    while (got := http.get(f"/v1/deletions/{rid}", headers=op).json())["state"] not in ("verified", "failed"):
+                        time.sleep(0.05)
+                    results[f"warm_{name}_request_to_verified_s"] = time.perf_counter() - t
+                    results[f"warm_{name}"] = {"state": got["state"], "steps": got["metrics"]["verification"].get("steps"),
+                                               "power": (got["metrics"]["verification"].get("power") or {}).get("statement")}
         finally:
             server.terminate()
             server.wait(60)
-        results["cold_process_fit_s"] = cold_fit(args.benchmark, own_ids(owners, "client-2", args.ids, used))
+        labels = np.asarray(bench.train.base.y)[np.asarray(bench.train.positions)]
+        cold_ids = [int(i) for i, y in zip(bench.train.ids, labels) if int(y) == args.classes + 1]
+        results["cold_class_process_s"] = cold_fit(args.benchmark, cold_ids)
         config = {**config, "state_dir": str(folder / "state2"), "poll_s": 3600.0}
         key = keys(config)
         server = start_server(config, folder, args.ray)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from erasus_ray.serve.config import ServeConfig
@@ -63,6 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from erasus_ray.serve.app import build, http_options
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # SIGTERM (systemd, Kubernetes, kill) ends like Ctrl-C: atexit's ray.shutdown() stops the cluster this started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
     serve.start(http_options=http_options(config))
