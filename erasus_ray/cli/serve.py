@@ -64,10 +64,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from erasus_ray.serve.app import build, http_options
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # SIGTERM (systemd, Kubernetes, kill) ends like Ctrl-C: atexit's ray.shutdown() stops the cluster this started
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    # SIGTERM (systemd, Kubernetes, kill) ends like Ctrl-C: atexit's ray.shutdown() stops the cluster this started.
+    # Set after ray.init, whose own SIGTERM handler dumps a stack and aborts (exit 134).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     serve.start(http_options=http_options(config))
     print(f"erasus-ray serve: {config.url} (Ctrl-C stops)", file=sys.stderr)
     serve.run(build(config), name="erasus", route_prefix="/", blocking=True)
