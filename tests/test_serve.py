@@ -399,3 +399,23 @@ def test_rate_limit_is_honoured_per_client(tmp_path, wine):
         assert len([e for e in service.ledger.entries() if e.state == "validated"]) == 4
     finally:
         service.close()
+
+
+def test_the_serve_cli_builder_reads_the_yaml(tmp_path):
+    pytest.importorskip("ray.serve")
+    import yaml
+
+    from erasus_ray.serve.app import app_builder
+
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"benchmark": "iris", "state_dir": str(tmp_path / "s")}))
+    app = app_builder({"config": str(path)})
+    assert type(app).__name__ == "Application"
+    from pathlib import Path
+
+    cluster = yaml.safe_load((Path(__file__).parent.parent / "clusters" / "serve-app.yaml").read_text())
+    assert cluster["applications"][0]["import_path"] == "erasus_ray.serve.app:app_builder"
+    assert cluster["http_options"]["port"] not in (8000, 8265)
+    with pytest.raises(InvalidConfigError, match="benchmark"):
+        (tmp_path / "bad.yaml").write_text("benchmark: imagenet\n")
+        app_builder({"config": str(tmp_path / "bad.yaml")})

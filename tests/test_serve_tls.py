@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import socket
+import ssl
 import threading
 import time
 
@@ -80,7 +81,7 @@ def test_standalone_server_serves_https_with_the_configured_certificate(tmp_path
                 break
             time.sleep(0.05)
         assert server.started
-        with httpx.Client(base_url=config.url, verify=certfile, timeout=10.0) as https:
+        with httpx.Client(base_url=config.url, verify=ssl.create_default_context(cafile=certfile), timeout=10.0) as https:
             r = https.get("/v1/model", headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200 and r.json()["model_version"] == 0
             assert https.get("/v1/model").status_code == 401

@@ -64,6 +64,14 @@ def build(config: ServeConfig | Mapping[str, Any]) -> Any:
     return ingress.bind(worker.bind(data))
 
 
+def app_builder(args: dict[str, str]) -> Any:
+    """The application for Ray's CLI (``serve run erasus_ray.serve.app:app_builder config=serve.yaml``, or a Serve
+    config file's ``import_path``): ``args["config"]`` is the serve YAML (the embedded defaults when absent). Host, port
+    and TLS of the proxy belong to the Serve config / ``serve start`` there, not to this YAML."""
+    path = args.get("config")
+    return build(ServeConfig.load(path) if path else ServeConfig())
+
+
 class WorkerDeployment:
     """The unlearning worker inside a Serve replica: polls the ledger in a thread (:class:`WorkerLoop`)."""
 
