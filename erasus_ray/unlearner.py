@@ -677,7 +677,7 @@ def _closed_loop_verification(runner: Any, resolved: ResolvedTarget, report: Run
     return {
         "mode": "closed_loop", **resolved.target.describe(), "why": resolved.why,
         "passed": bool(verdict["passed"] and rec["guard_ok"]), "criteria": verdict["criteria"], "violation": verdict["violation"],
-        "overshoot": verdict["overshoot"],
+        "overshoot": verdict["overshoot"], **({"power": verdict["power"]} if verdict.get("power") else {}),
         "budget": {"steps": runner.control.budget_steps, "seconds": runner.control.budget_seconds},
         "stopped": report.stopped, **rec,
     }
@@ -706,6 +706,7 @@ def _verify_once(resolved: ResolvedTarget, probe: Probe, model: nn.Module, origi
     return {
         "mode": mode, **target.describe(), "why": resolved.why, "passed": bool(verdict.passed and guard_ok),
         "criteria": [c.to_dict() for c in verdict.criteria], "violation": verdict.violation, "overshoot": verdict.overshoot,
+        **({"power": verdict.power} if verdict.power else {}),
         "guard": [c.to_dict() for c in guard], "guard_ok": guard_ok, "steps": report.steps, "stopped": report.stopped,
     }
 

@@ -1058,3 +1058,18 @@ def test_a_federated_request_fails_when_a_clients_controller_failed_even_if_the_
     out = verification_result(combined_verification(server, {"client-0": [ok], "client-1": [bad]}))
     assert out["new_state"] == "failed" and "client-1: heldout target failed (budget spent)" in out["reason"]
     assert out["metrics"]["verification"]["parts"]["client-1"] == [bad] and out["metrics"]["verified"] is False
+
+
+def test_reopen_is_the_only_way_out_of_verified(ledger: DeletionLedger, owners: OwnershipRegistry) -> None:
+    ledger.submit(DeletionRequest("r-1", "alice", ids=[3]), owners)
+    ledger.transition("r-1", "scheduled")
+    ledger.record_result("r-1", metrics={"model_version": 1}, new_state="unlearned")
+    ledger.transition("r-1", "verified")
+    with pytest.raises(IllegalTransitionError, match="final state"):
+        ledger.transition("r-1", "validated", reopened=True)  # a plain transition never takes the reopen edge
+    with pytest.raises(InvalidConfigError, match="reason"):
+        ledger.reopen(["r-1"], "")
+    [entry] = ledger.reopen(["r-1", "nope"], "rolled back", metrics={"model_version": None})
+    assert (entry.state, entry.state_reason, entry.metrics["model_version"]) == ("validated", "rolled back", None)
+    assert ledger.history("r-1")[-1].details["reopened"] is True and ledger.check_integrity() == []
+    assert ledger.reopen(["r-1"], "again") == []  # not verified any more: nothing to reopen

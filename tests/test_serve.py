@@ -81,6 +81,14 @@ def test_another_clients_ids_are_refused_without_naming_them(served):
     assert service.ledger.get("grab").state == "rejected"
 
 
+def test_a_client_reads_only_its_own_ids(served):
+    service, client, keys = served
+    own = client.get("/v1/ownership", headers=_auth(keys["client-0"])).json()
+    assert own["ids"] == service.ownership.ids_of("client-0").tolist() and own["n_ids"] == len(own["ids"]) > 0
+    assert not set(own["ids"]) & set(service.ownership.ids_of("client-1").tolist())
+    assert client.get("/v1/ownership").status_code == 401
+
+
 def test_another_clients_request_reads_like_a_missing_one(served):
     service, client, keys = served
     theirs = service.ownership.ids_of("client-1")[:2].tolist()
@@ -164,10 +172,29 @@ def test_operator_rolls_back_to_the_previous_version(served):
     _post(client, keys["client-0"], request_id="r", ids=mine)
     assert UnlearningWorker(service).run_once()["published"] == 1
     r = client.post("/v1/model/rollback", headers=_auth(keys["operator"]))
-    assert r.status_code == 200 and r.json() == {"model_version": 0}
+    assert r.status_code == 200 and r.json() == {"model_version": 0, "reopened": ["r"]}
     assert _predict(client, keys["client-1"], service).json()["model_version"] == 0
     again = client.post("/v1/model/rollback", headers=_auth(keys["operator"]))
     assert again.status_code == 409 and again.json()["detail"]["code"] == "no_previous_version"
+    # the rolled-back version carried request r: it is owed again, and the next round serves it in a new version
+    reopened = service.ledger.get("r")
+    assert reopened.state == "validated" and reopened.state_reason.startswith("reopened: model version 1")
+    assert reopened.metrics["model_version"] is None and service.ledger.check_integrity() == []
+    assert UnlearningWorker(service).run_once()["published"] == 2  # not "already served by v1": v1 is off the lineage
+    entry = service.ledger.get("r")
+    assert entry.state == "verified" and entry.metrics["model_version"] == 2 and service.versions.lineage() == [2, 0]
+    assert [t["to"] for t in client.get("/v1/deletions/r", headers=_auth(keys["client-0"])).json()["history"]][-4:] == \
+        ["validated", "scheduled", "unlearned", "verified"]
+
+
+def test_a_rollback_that_crashed_before_reopening_is_reopened_by_the_next_worker(served):
+    service, client, keys = served
+    _post(client, keys["client-0"], request_id="r", ids=service.ownership.ids_of("client-0")[:2].tolist())
+    assert UnlearningWorker(service).run_once()["published"] == 1
+    service.versions.rollback()  # the index is written, the process dies before the ledger is told
+    assert service.ledger.get("r").state == "verified"
+    UnlearningWorker(service)
+    assert service.ledger.get("r").state == "validated"
 
 
 def test_config_is_validated_with_the_key_named():
@@ -199,3 +226,196 @@ def test_a_worker_killed_after_publishing_is_resumed_without_a_second_version(se
     entry = service.ledger.get("crash")
     assert entry.state == "verified" and entry.metrics["model_version"] == 1 and service.versions.current == 1
     assert service.ledger.check_integrity() == []
+
+
+# --- verification power (a 3-id deletion cannot be told from held-out data by any model) ----------------------------
+
+
+def test_heldout_power_is_stated_and_shrinks_with_n():
+    from erasus_ray.evaluation.verification import HeldoutTarget, auc_detectable, auc_min_members
+
+    small, large = HeldoutTarget().power(3, 72), HeldoutTarget().power(60, 72)
+    assert small["detectable"] > 0.95 > 0.8 > large["detectable"] > 0.5
+    assert "indistinguishable at n=3" in small["statement"] and "detectable AUC >= " in small["statement"]
+    n = auc_min_members(0.8, 72)
+    assert auc_detectable(n, 72) <= 0.8 < auc_detectable(n - 1, 72)
+    assert auc_min_members(0.8, 1) is None  # one held-out sample: no forget set is large enough
+
+
+def _file(client, service, keys, name, k, start=0):
+    ids = service.ownership.ids_of(name)[start:start + k].tolist()
+    assert _post(client, keys[name], request_id=f"{name}-{start}", ids=ids).status_code == 202
+    return f"{name}-{start}"
+
+
+def test_low_power_fail_policy_fails_a_tiny_deletion_with_the_statement(tmp_path, wine):
+    service, client, keys = _service(tmp_path, wine, on_low_power="fail", max_detectable_auc=0.8)
+    try:
+        rid = _file(client, service, keys, "client-0", 3)
+        assert UnlearningWorker(service).run_once() is None  # nothing ran
+        entry = service.ledger.get(rid)
+        assert entry.state == "failed" and entry.error_code == "low_power"
+        assert "indistinguishable at n=3" in entry.state_reason and "detectable AUC >=" in entry.state_reason
+        assert service.versions.current == 0 and service.ledger.check_integrity() == []
+    finally:
+        service.close()
+
+
+def test_low_power_batch_policy_waits_then_verifies_on_the_union(tmp_path, wine):
+    service, client, keys = _service(tmp_path, wine, on_low_power="batch", max_detectable_auc=0.8, low_power_wait_s=3600)
+    try:
+        worker = UnlearningWorker(service)
+        first = _file(client, service, keys, "client-0", 3)
+        assert worker.run_once() is None
+        held = service.ledger.get(first)
+        assert held.state == "validated" and held.metrics["power"]["low"] is True
+        status = client.get(f"/v1/deletions/{first}", headers=_auth(keys["client-0"])).json()
+        assert "indistinguishable at n=3" in status["metrics"]["power"]["statement"]
+        # more requests arrive: their union reaches the power, and one round serves them all
+        need = held.metrics["power"]["min_n_forget"]  # what an AUC of 0.75 would need at 72 held-out samples
+        rids = [first] + [_file(client, service, keys, "client-1", 8, start=8 * k) for k in range(3)]
+        power = worker.power(service.ledger.entries(states=["validated"]))
+        assert power["n_forget"] == 27 and power["low"] is False and 3 < need
+        done = worker.run_once()
+        assert sorted(done["requests"]) == sorted(rids)
+        assert done["verification"]["power"]["n_forget"] == 27
+    finally:
+        service.close()
+
+
+def test_low_power_accept_policy_says_so_on_the_verified_request(served):
+    service, client, keys = served  # defaults: accept, max_detectable_auc 0.8
+    rid = _file(client, service, keys, "client-0", 3)
+    done = UnlearningWorker(service).run_once()
+    entry = service.ledger.get(rid)
+    assert done["published"] == 1 and entry.state == "verified"
+    assert entry.state_reason.startswith("low verification power: indistinguishable at n=3")
+    assert entry.metrics["verification"]["power"]["detectable"] > 0.8
+
+
+# --- audit export, fuzzing, rate limit ----------------------------------------------------------------------------------
+
+
+def _export(client, key, **params):
+    r = client.get("/v1/audit/export", params=params, headers=_auth(key))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    return [json.loads(line) for line in r.text.splitlines()]
+
+
+def test_audit_export_is_json_lines_and_a_client_sees_only_its_own(served):
+    service, client, keys = served
+    mine = service.ownership.ids_of("client-0")[:2].tolist()
+    theirs = service.ownership.ids_of("client-1")[:2].tolist()
+    _post(client, keys["client-0"], request_id="a", ids=mine)
+    _post(client, keys["client-1"], request_id="b", ids=theirs)
+    _post(client, keys["client-0"], request_id="grab", ids=mine + theirs)  # refused, recorded
+    UnlearningWorker(service).run_once()  # a and b in one batch: one coreset over both clients' ids
+    everything = _export(client, keys["operator"])
+    assert sorted(r["client_request_id"] for r in everything) == ["a", "b", "grab"]
+    assert all(r["transitions"] for r in everything)
+    own = _export(client, keys["client-0"])
+    assert sorted(r["client_request_id"] for r in own) == ["a", "grab"]
+    text = json.dumps(own)
+    assert "client-1" not in text and not set(theirs) & set(_ids_in(own, "coreset_ids"))
+    assert not any("detail" in t["details"] for r in own for t in r["transitions"])
+    hashed = _export(client, keys["client-0"], hash_ids="true", state="verified")
+    assert [r["client_request_id"] for r in hashed] == ["a"] and "ids" not in hashed[0] and hashed[0]["ids_sha256"]
+    assert client.get("/v1/audit/export", params={"state": "nope"}, headers=_auth(keys["operator"])).status_code == 422
+    assert client.get("/v1/audit/export").status_code == 401
+
+
+def _ids_in(records, key):
+    return [i for r in records for i in (r.get(key) or [])]
+
+
+def _fuzzed_bodies(rng, mine, theirs, max_ids):
+    """Malformed or hostile deletion bodies (seeded): wrong types, unknown fields, non-JSON, over-limit id lists,
+    other clients' ids, bad levels and request ids."""
+    junk = [None, True, 1.5, -1, 2**70, "x", "", [], {}, [None], ["1"], [1.5], {"a": 1}, "\x00", "é" * 300]
+    fields = ["request_id", "level", "ids", "label", "reason"]
+    kind = int(rng.integers(8))
+    body: dict = {"request_id": f"f{int(rng.integers(10**6))}", "ids": list(mine[:2])}
+    if kind == 0:
+        body[fields[int(rng.integers(len(fields)))]] = junk[int(rng.integers(len(junk)))]
+    elif kind == 1:
+        body["unknown_" + str(int(rng.integers(100)))] = 1
+    elif kind == 2:
+        body["ids"] = list(range(max_ids + 1 + int(rng.integers(1000))))
+    elif kind == 3:
+        body["ids"] = list(mine[:1]) + [int(i) for i in rng.choice(theirs, size=int(rng.integers(1, 4)), replace=False)]
+    elif kind == 4:
+        body["level"] = ["galaxy", "CLASS", "", "client "][int(rng.integers(4))]
+    elif kind == 5:
+        body["request_id"] = ["bad id!", "#x", "a" * 500, "../x", ""][int(rng.integers(5))]
+    elif kind == 6:
+        body.pop(fields[int(rng.integers(3))], None)
+        body["level"] = "class"  # operator-only, and a client's class body lacks a label
+    else:
+        return [b"{", b"[]", b"null", b'{"request_id":', "{\"ids\": [1,}".encode(), b"\xff\xfe"][int(rng.integers(6))]
+    return body
+
+
+def test_fuzzed_deletion_bodies_are_4xx_with_a_reason_and_leak_nothing(tmp_path, wine):
+    import numpy as np
+
+    service, client, keys = _service(tmp_path, wine, max_ids=40, max_requests_per_minute=None)
+    try:
+        mine = service.ownership.ids_of("client-0").tolist()
+        theirs = service.ownership.ids_of("client-1").tolist()
+        rng = np.random.default_rng(0)
+        statuses, accepted_ids = {}, set()
+        for _ in range(1200):
+            body = _fuzzed_bodies(rng, mine, theirs, service.config.max_ids)
+            if isinstance(body, bytes):
+                r = client.post("/v1/deletions", content=body, headers={**_auth(keys["client-0"]), "content-type": "application/json"})
+            else:
+                r = _post(client, keys["client-0"], **body)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            if r.status_code == 202:  # a mutation that happened to stay valid (e.g. reason "x"): the caller's own ids
+                assert set(body["ids"]) <= set(mine), body
+                accepted_ids.add(r.json()["request_id"])  # a repeated request id returns the same request
+                continue
+            assert 400 <= r.status_code < 500, (body, r.status_code, r.text[:300])
+            assert r.json()["detail"], body
+            assert "client-1" not in r.text
+            if r.status_code == 403:  # a refusal of other clients' ids names none of them
+                assert not any(str(i) in r.json()["detail"]["message"] for i in theirs)
+        assert {403, 422} <= set(statuses) and sum(n for c, n in statuses.items() if c >= 400) > 1000, statuses
+        accepted = [e for e in service.ledger.entries() if e.state != "rejected"]
+        assert {e.request_id for e in accepted} == accepted_ids and all(set(e.ids) <= set(mine) for e in accepted)
+        assert service.ledger.check_integrity() == []
+    finally:
+        service.close()
+
+
+def test_rate_limit_is_honoured_per_client(tmp_path, wine):
+    service, client, keys = _service(tmp_path, wine, max_requests_per_minute=3)
+    try:
+        mine = service.ownership.ids_of("client-0").tolist()
+        codes = [_post(client, keys["client-0"], request_id=f"r{k}", ids=mine[k:k + 1]).status_code for k in range(5)]
+        assert codes == [202, 202, 202, 429, 429]
+        other = _post(client, keys["client-1"], request_id="r0", ids=service.ownership.ids_of("client-1")[:1].tolist())
+        assert other.status_code == 202  # another client's budget is its own
+        assert len([e for e in service.ledger.entries() if e.state == "validated"]) == 4
+    finally:
+        service.close()
+
+
+def test_the_serve_cli_builder_reads_the_yaml(tmp_path):
+    pytest.importorskip("ray.serve")
+    import yaml
+
+    from erasus_ray.serve.app import app_builder
+
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"benchmark": "iris", "state_dir": str(tmp_path / "s")}))
+    app = app_builder({"config": str(path)})
+    assert type(app).__name__ == "Application"
+    from pathlib import Path
+
+    cluster = yaml.safe_load((Path(__file__).parent.parent / "clusters" / "serve-app.yaml").read_text())
+    assert cluster["applications"][0]["import_path"] == "erasus_ray.serve.app:app_builder"
+    assert cluster["http_options"]["port"] not in (8000, 8265)
+    with pytest.raises(InvalidConfigError, match="benchmark"):
+        (tmp_path / "bad.yaml").write_text("benchmark: imagenet\n")
+        app_builder({"config": str(tmp_path / "bad.yaml")})

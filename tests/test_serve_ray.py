@@ -4,6 +4,7 @@ deployment unlearns and verifies it, the served version changes and ``/predict``
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 
 import pytest
@@ -69,4 +70,64 @@ def test_a_deletion_over_http_publishes_a_version_predict_names(ray_cluster, tmp
             assert http.post("/predict", json=inputs, headers=auth).json()["model_version"] == 1
     finally:
         serve.delete("erasus-test")
+        serve.shutdown()
+
+
+def test_the_worker_keeps_its_scoring_pool_warm_between_rounds(ray_cluster, tmp_path):
+    """Under Ray the worker scores coresets on one pool whose actors outlive a round: the second round finds the same
+    actors alive (no start-up), and closing the worker ends them."""
+    from erasus_ray.benchmarks import load_benchmark
+    from erasus_ray.serve import DeletionService, ServeConfig, UnlearningWorker
+
+    ray = ray_cluster
+    service = DeletionService(ServeConfig(state_dir=str(tmp_path / "state"), max_detectable_auc=None),
+                              benchmark=load_benchmark("wine", scenario="class", seed=0))
+    worker = UnlearningWorker(service)
+    seen = []
+    try:
+        for k, client in enumerate(("client-0", "client-1")):
+            ids = service.ownership.ids_of(client)[:20].tolist()
+            service.ledger.submit({"request_id": f"r{k}", "client_id": client, "ids": ids}, service.ownership, sender=client)
+            assert worker.run_once()["requests"] == [f"r{k}"]
+            handles = list(worker._pool._handles)
+            assert handles, "the round scored no coreset on the pool"
+            seen.append([h._actor_id.hex() for h in handles])
+        assert seen[0] == seen[1]  # the same actors served both rounds
+        assert ray.get([h.ready.remote() for h in handles], timeout=60)
+    finally:
+        worker.close()
+        service.close()
+    assert worker._pool is None
+
+
+def test_ray_serve_proxy_serves_https_from_the_config(ray_cluster, tmp_path):
+    """TLS through the config on Ray Serve: the proxy gets ssl_keyfile/ssl_certfile from http_options(config)."""
+    import sys
+    from pathlib import Path
+
+    from ray import serve
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_serve_tls import _self_signed
+
+    from erasus_ray.ledger import DeletionLedger
+    from erasus_ray.serve import ClientKeys, ServeConfig
+    from erasus_ray.serve.app import build, http_options
+
+    keyfile, certfile = _self_signed(tmp_path)
+    config = ServeConfig(state_dir=str(tmp_path / "state"), port=_free_port(), ssl_keyfile=keyfile, ssl_certfile=certfile)
+    (tmp_path / "state").mkdir()
+    with DeletionLedger(config.ledger_url) as ledger:
+        key = ClientKeys(ledger).add("client-0")
+    serve.start(http_options=http_options(config))
+    try:
+        serve.run(build(config), name="erasus-tls", route_prefix="/")
+        with httpx.Client(base_url=config.url, verify=ssl.create_default_context(cafile=certfile), timeout=30.0) as https:
+            model = _wait(lambda: https.get("/v1/model", headers={"Authorization": f"Bearer {key}"}),
+                          lambda r: r.status_code == 200)
+            assert model.json()["model_version"] == 0 and https.get("/v1/model").status_code == 401
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{config.port}/v1/model", timeout=2.0)
+    finally:
+        serve.delete("erasus-tls")
         serve.shutdown()

@@ -8,7 +8,9 @@ States::
 
 :meth:`DeletionLedger.submit` writes ``received`` and ``validated``/``rejected`` in one transaction, so a crash never
 leaves a request stored but unjudged. ``scheduled -> scheduled`` (re-scheduled after a crash or a later round) and ``unlearned -> scheduled`` (verification
-asked for another pass) are allowed; ``verified``, ``rejected`` and ``failed`` are final. Each transition is one committed
+asked for another pass) are allowed; ``verified``, ``rejected`` and ``failed`` are final, except that
+:meth:`DeletionLedger.reopen` moves ``verified -> validated`` (transition detail ``reopened``) when the model version
+that served a deletion is rolled back. Each transition is one committed
 row (from, to, timestamp, details) in the ``transitions`` table, written in the same transaction as the request's new
 state, so the state always equals the last transition.
 
@@ -151,6 +153,13 @@ ALLOWED: dict[str | None, frozenset[str]] = {
     "rejected": frozenset(),
     "failed": frozenset(),
 }
+#: the one move out of a final state: :meth:`DeletionLedger.reopen` (the model version that served a verified deletion
+#: was rolled back, so the deletion is owed again); a plain :meth:`~DeletionLedger.transition` never takes it
+REOPEN = ("verified", "validated")
+
+
+def _legal(current: str | None, new_state: str, reopen: bool) -> bool:
+    return new_state in ALLOWED[current] or ((current, new_state) == REOPEN and reopen)
 
 
 class DeletionLedger:
@@ -514,6 +523,7 @@ class DeletionLedger:
         reason: str | None,
         details: Mapping[str, Any],
         values: Mapping[str, Any] | None = None,
+        reopen: bool = False,
     ) -> None:
         current = conn.execute(
             select(requests_table.c.state).where(requests_table.c.request_id == request_id).with_for_update()
@@ -526,7 +536,7 @@ class DeletionLedger:
                 raise IllegalTransitionError(
                     f"request {request_id!r} is {current!r}, not {sorted(allowed_from)}: another worker moved it"
                 )
-        if new_state not in ALLOWED[current]:
+        if not _legal(current, new_state, reopen):
             raise IllegalTransitionError(
                 f"request {request_id!r} cannot go from {current!r} to {new_state!r}; from {current!r} it may go to "
                 f"{sorted(ALLOWED[current]) or 'nowhere (final state)'}"
@@ -673,6 +683,24 @@ class DeletionLedger:
             values["updated_at"] = time.time()
             conn.execute(update(requests_table).where(requests_table.c.request_id == request_id).values(**values))
 
+    def reopen(self, request_ids: Iterable[str], reason: str, metrics: Mapping[str, Any] | None = None,
+               **details: Any) -> list[LedgerEntry]:
+        """Move verified requests back to ``validated`` in one transaction (the transition says ``reopened`` and
+        why; ``metrics`` are merged into each): the model version that served them was rolled back, so they are owed
+        again and the next unlearning round takes them. Requests not ``verified`` are left as they are (reopening
+        twice is a no-op). Returns the reopened entries."""
+        if not reason:
+            raise InvalidConfigError("reopen needs a reason")
+        wanted = list(request_ids)
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(requests_table.c.request_id, requests_table.c.metrics).where(
+                requests_table.c.request_id.in_(wanted), requests_table.c.state == "verified").with_for_update()).all()
+            for rid, stored in rows:
+                values = {"metrics": dumps({**(loads(stored) or {}), **json_safe(dict(metrics or {}))})}
+                self._move(conn, rid, "validated", expected="verified", reason=reason, details={**details, "reopened": True},
+                           values=values, reopen=True)
+        return [self.get(rid) for rid, _ in rows]
+
     def record_verification(self, request_id: str, verification: Mapping[str, Any], *, expected: str | Iterable[str] | None = "unlearned",
                             **extra: Any) -> LedgerEntry:
         """Record a run's verification for a request and let it decide the state (:func:`verification_result`)."""
@@ -802,7 +830,7 @@ class DeletionLedger:
                 continue
             prev: str | None = None
             for t in chain:
-                if t.from_state != prev or t.to_state not in ALLOWED[prev]:
+                if t.from_state != prev or not _legal(prev, t.to_state, bool((loads(t.details) or {}).get("reopened"))):
                     problems.append(f"{rid!r}: illegal or broken transition {t.from_state!r} -> {t.to_state!r} after {prev!r}")
                 prev = t.to_state
             if prev != state:

@@ -6,8 +6,14 @@ Endpoints (every one needs ``Authorization: Bearer <API key>``, :mod:`erasus_ray
   ledger's request id (the same ``request_id`` again returns the same request); class deletion is operator-only.
 - ``GET /v1/deletions/{id}`` - state, reason, verification and the transition history of one of the caller's requests.
 - ``GET /v1/deletions?state=...`` - the caller's requests (an operator: all).
-- ``POST /predict`` - ``{"inputs": [[...], ...]}`` -> predictions and the ``model_version`` that made them.
-- ``GET /v1/model``, ``POST /v1/model/rollback`` (operator) - the served version; serve its parent again.
+- ``GET /v1/ownership`` - the dataset ids the caller owns (what it may delete).
+- ``GET /v1/audit/export?state=...&hash_ids=...`` - the ledger's audit records as JSON lines (an operator: every
+  request; a client: the requests it submitted).
+- ``POST /predict`` - ``{"inputs": [[...], ...]}`` -> predictions and the ``model_version`` that made them
+  (a classifier); ``POST /generate`` - ``{"prompts": [...], "max_new_tokens"}`` -> greedy completions and the
+  ``model_version`` (a task with the ``generation`` capability, e.g. the causal-LM ``authors`` benchmark).
+- ``GET /v1/model``, ``POST /v1/model/rollback`` (operator) - the served version; serve its parent again and reopen
+  (state back to ``validated``, reason "reopened: ...") the requests the rolled-back version carried.
 
 Refusals: 401 (no or wrong key), 403 (another client's ids, an operator endpoint, impersonation), 404 (no such
 request *of the caller*: another client's request reads exactly like a missing one), 409 (request id reused for a
@@ -21,11 +27,13 @@ pass (+ a reload after a new version is published).
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 from fastapi import Depends, FastAPI, Header, HTTPException, Query
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from erasus_ray.errors import InvalidConfigError, InvalidRequestError
@@ -33,12 +41,15 @@ from erasus_ray.ledger import STATES, LedgerEntry
 from erasus_ray.serve.keys import Principal
 from erasus_ray.serve.service import DeletionService
 from erasus_ray.serve.versions import ServedModel
+from erasus_ray.tasks import Capability
 
 logger = logging.getLogger("erasus_ray.serve")
 
 #: HTTP status of a ledger rejection, by its code (anything else: 422)
 REFUSAL_STATUS = {"not_owner": 403, "impersonation": 403, "unknown_client": 403, "rate_limited": 429}
 NOT_OWNER_MESSAGE = "some of the requested ids are not yours to delete"
+#: most tokens one /generate call decodes per prompt (greedy, no KV cache on wrappers: the cost grows with it)
+MAX_NEW_TOKENS = 128
 
 
 class DeletionBody(BaseModel):
@@ -55,6 +66,12 @@ class DeletionBody(BaseModel):
 class PredictBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: list[list[float]] = Field(min_length=1, max_length=4096)
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: list[Annotated[StrictStr, Field(min_length=1, max_length=2000)]] = Field(min_length=1, max_length=16)
+    max_new_tokens: StrictInt = Field(32, ge=1, le=MAX_NEW_TOKENS)
 
 
 def create_app(service: DeletionService) -> FastAPI:
@@ -101,8 +118,7 @@ def create_app(service: DeletionService) -> FastAPI:
             raise HTTPException(404, {"code": "unknown_request", "message": "no such request of yours"})
         history = [t.to_dict() for t in service.ledger.history(entry.request_id)]
         if not who.operator:
-            for t in history:  # the ledger's audit split of refused ids (unknown vs another client's) is the operator's
-                t["details"] = {k: v for k, v in (t["details"] or {}).items() if k != "detail"}
+            history = _client_transitions(history)
         return {**summary(entry), "ids": entry.ids, "label": entry.label, "metrics": entry.metrics,
                 "coreset_ids": entry.coreset_ids, "history": history}
 
@@ -115,8 +131,32 @@ def create_app(service: DeletionService) -> FastAPI:
             entries = [e for e in entries if e.submitter == who.client_id]
         return {"requests": [summary(e) for e in entries]}
 
+    @app.get("/v1/audit/export", response_class=StreamingResponse,
+             responses={200: {"content": {"application/x-ndjson": {}}, "description": "one audit record per line"}})
+    def audit_export(state: Optional[str] = Query(None), hash_ids: bool = Query(False),
+                     who: Principal = Depends(principal)) -> StreamingResponse:
+        """The ledger's audit records (:meth:`DeletionLedger.export`) as JSON lines: an operator gets every request;
+        a client only the requests it submitted, without the audit split of refused ids."""
+        if state is not None and state not in STATES:
+            raise HTTPException(422, {"code": "malformed", "message": f"state must be one of {list(STATES)}"})
+        records = service.ledger.export(hash_ids=hash_ids, states=None if state is None else [state])
+        if not who.operator:
+            records = [{**r, "transitions": _client_transitions(r["transitions"])} for r in records
+                       if r["submitter"] == who.client_id]
+        lines = (json.dumps(r, default=str) + "\n" for r in records)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+
+    @app.get("/v1/ownership")
+    def ownership(who: Principal = Depends(principal)) -> dict[str, Any]:
+        """The dataset ids the caller owns (what it may delete); never another client's."""
+        ids = service.ownership.ids_of(who.client_id).tolist()
+        return {"client_id": who.client_id, "n_ids": len(ids), "ids": ids}
+
     @app.post("/predict")
     def predict(body: PredictBody, who: Principal = Depends(principal)) -> dict[str, Any]:
+        if service.task.provides(Capability.GENERATION):
+            raise HTTPException(409, {"code": "wrong_endpoint", "message": f"the served {service.task.name} model "
+                                                                          "generates text: use POST /generate"})
         version, model = served.get()
         x = torch.tensor(body.inputs, dtype=torch.float32)
         try:
@@ -125,6 +165,17 @@ def create_app(service: DeletionService) -> FastAPI:
         except RuntimeError as err:  # wrong feature count
             raise HTTPException(422, {"code": "malformed", "message": f"inputs do not fit the model: {str(err)[:200]}"}) from None
         return {"model_version": version, "predictions": logits.argmax(-1).tolist()}
+
+    @app.post("/generate")
+    def generate(body: GenerateBody, who: Principal = Depends(principal)) -> dict[str, Any]:
+        """Greedy continuations of ``prompts`` by the served version (a task with the ``generation`` capability and a
+        tokenizer, e.g. the causal-LM ``authors`` benchmark); each answer names the version that wrote it."""
+        tokenizer = getattr(service.task, "tokenizer", None)
+        if not service.task.provides(Capability.GENERATION) or tokenizer is None:
+            raise HTTPException(409, {"code": "wrong_endpoint", "message": f"the served {service.task.name} model does "
+                                                                          "not generate text: use POST /predict"})
+        version, model = served.get()
+        return {"model_version": version, "completions": _generate(model, tokenizer, body.prompts, body.max_new_tokens)}
 
     @app.get("/v1/model")
     def model_info(who: Principal = Depends(principal)) -> dict[str, Any]:
@@ -135,19 +186,40 @@ def create_app(service: DeletionService) -> FastAPI:
     @app.post("/v1/model/rollback")
     def rollback(who: Principal = Depends(operator)) -> dict[str, Any]:
         try:
-            version = service.versions.rollback()
+            version, reopened = service.rollback(who.client_id)
         except InvalidConfigError as err:
             raise HTTPException(409, {"code": "no_previous_version", "message": str(err)}) from None
-        logger.warning("operator %r rolled the served model back to version %d", who.client_id, version)
-        return {"model_version": version}
+        logger.warning("operator %r rolled the served model back to version %d; reopened %d request(s)", who.client_id,
+                       version, len(reopened))
+        return {"model_version": version, "reopened": reopened}
 
     return app
+
+
+def _generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy decoding, prompts left-padded (so every row continues from its last token); returns only the new text."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def summary(entry: LedgerEntry) -> dict[str, Any]:
     metrics = entry.metrics or {}
     return {"request_id": entry.request_id, "client_request_id": entry.client_request_id, "level": entry.level,
             "state": entry.state, "state_reason": entry.state_reason, "model_version": metrics.get("model_version")}
+
+
+def _client_transitions(transitions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Transitions as a client may read them: the ledger's audit split of refused ids (unknown vs another client's,
+    ``details["detail"]``) is the operator's."""
+    return [{**t, "details": {k: v for k, v in (t["details"] or {}).items() if k != "detail"}} for t in transitions]
 
 
 def _visible(service: DeletionService, who: Principal, request_id: str) -> LedgerEntry | None:

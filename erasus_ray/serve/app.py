@@ -8,8 +8,9 @@ be shared (a network folder, a PostgreSQL ledger).
 
 Example:
     >>> from ray import serve
-    >>> serve.start(http_options={"host": "127.0.0.1", "port": 8321})
-    >>> serve.run(build(ServeConfig(state_dir="serve-state")), name="erasus", route_prefix="/")
+    >>> config = ServeConfig(state_dir="serve-state")
+    >>> serve.start(http_options=http_options(config))
+    >>> serve.run(build(config), name="erasus", route_prefix="/")
 
 Cost: each replica loads the benchmark (cached model: seconds) and opens the ledger once.
 """
@@ -36,6 +37,15 @@ def _config(config: ServeConfig | Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
+def http_options(config: ServeConfig) -> dict[str, Any]:
+    """``serve.start(http_options=...)`` for ``config``: host, port and, with TLS configured, Ray Serve's proxy
+    ``ssl_keyfile`` / ``ssl_certfile`` (absolute: the proxy actor does not share the driver's directory)."""
+    options: dict[str, Any] = {"host": config.host, "port": config.port}
+    if config.tls:
+        options.update(ssl_keyfile=str(Path(config.ssl_keyfile).resolve()), ssl_certfile=str(Path(config.ssl_certfile).resolve()))
+    return options
+
+
 def build(config: ServeConfig | Mapping[str, Any]) -> Any:
     """The Serve application (``serve.run(build(config))``): the ingress bound to the worker deployment."""
     from ray import serve
@@ -54,6 +64,14 @@ def build(config: ServeConfig | Mapping[str, Any]) -> Any:
     return ingress.bind(worker.bind(data))
 
 
+def app_builder(args: dict[str, str]) -> Any:
+    """The application for Ray's CLI (``serve run erasus_ray.serve.app:app_builder config=serve.yaml``, or a Serve
+    config file's ``import_path``): ``args["config"]`` is the serve YAML (the embedded defaults when absent). Host, port
+    and TLS of the proxy belong to the Serve config / ``serve start`` there, not to this YAML."""
+    path = args.get("config")
+    return build(ServeConfig.load(path) if path else ServeConfig())
+
+
 class WorkerDeployment:
     """The unlearning worker inside a Serve replica: polls the ledger in a thread (:class:`WorkerLoop`)."""
 
@@ -68,6 +86,12 @@ class WorkerDeployment:
     def rounds(self) -> int:
         """Unlearning rounds that found work since the replica started."""
         return self.loop.rounds
+
+    def pool_actors(self) -> list[str]:
+        """Ids of the warm scoring pool's actors (empty before the first scored round): they stay the same across
+        rounds while the pool is warm."""
+        pool = self.loop.worker._pool
+        return [] if pool is None else [h._actor_id.hex() for h in pool._handles]
 
     def __del__(self) -> None:
         self.loop.stop(timeout=5.0)

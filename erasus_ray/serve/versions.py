@@ -84,6 +84,14 @@ class ModelVersions:
             self._write({"current": version, "versions": versions})
             return version
 
+    def lineage(self) -> list[int]:
+        """The served version and its ancestors back to 0: the versions whose deletions the served model carries (a
+        rolled-back version is off this chain)."""
+        versions, chain = self.index()["versions"], [self.current]
+        while versions[str(chain[-1])]["parent"] is not None:
+            chain.append(int(versions[str(chain[-1])]["parent"]))
+        return chain
+
     def rollback(self) -> int:
         """Serve the current version's parent again (an operator's decision); returns it."""
         with self._lock:
