@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from erasus_ray.data import Batch, IdDataset, make_loader
+from erasus_ray.strategies._diffusion import other_labels, require_guidance
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.tasks import Capability, Task, TaskOutput
 
@@ -107,8 +108,9 @@ class SaliencyUnlearning(Strategy):
         >>> ErasusUnlearner(model, strategy="saliency_unlearning", selector=None, gamma=0.5).fit(forget_data=f, retain_data=r)
     """
 
-    #: random-label cross-entropy on the logits, masked by loss-gradient saliency.
-    requires = frozenset({Capability.LOGITS})
+    #: random-label cross-entropy on the logits, or (a diffusion task) the erased class's noise prediction remapped
+    #: onto another class's; masked by loss-gradient saliency.
+    requires_one_of = frozenset({Capability.LOGITS, Capability.GUIDANCE})
 
     needs_retain = True
     default_lr = 1e-3
@@ -120,22 +122,44 @@ class SaliencyUnlearning(Strategy):
         self.alpha = self.check_range("alpha", alpha, 0.0, 1e6)
 
     def setup(self, ctx: UnlearnContext) -> None:
+        if not ctx.task.provides(Capability.LOGITS):
+            require_guidance(ctx, self.name)
         grads = forget_gradient(ctx.model, ctx.task, ctx.forget, weights=ctx.forget_weights)
         ctx.state["salun_mask"] = saliency_mask(grads, self.gamma)
 
     def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        forget_loss, logs = (self.random_label_loss if ctx.task.provides(Capability.LOGITS) else self.remap_loss)(ctx, forget)
+        total = forget_loss
+        if retain is not None and self.alpha > 0:
+            retain_loss = ctx.forward(retain).sample_loss().mean()
+            total = total + self.alpha * retain_loss
+            logs["retain_loss"] = retain_loss.detach()
+        return total, logs
+
+    def random_label_loss(self, ctx: UnlearnContext, forget: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Cross-entropy of the forget batch against random wrong labels (the classification variant)."""
         out = ctx.forward(forget)
         wrong = random_wrong_targets(out, forget.ids, ctx.seed)
         unit = F.cross_entropy(out.logits.float(), wrong, reduction="none")
         per_sample = unit.new_zeros(out.batch_size).index_add(0, out.owner, unit)
         per_sample = per_sample / out.sample_units().clamp_min(1)
         forget_loss = weighted_mean(per_sample, forget)
-        total, logs = forget_loss, {"forget_random_label_loss": forget_loss.detach()}
-        if retain is not None and self.alpha > 0:
-            retain_loss = ctx.forward(retain).sample_loss().mean()
-            total = total + self.alpha * retain_loss
-            logs["retain_loss"] = retain_loss.detach()
-        return total, logs
+        return forget_loss, {"forget_random_label_loss": forget_loss.detach()}
+
+    def remap_loss(self, ctx: UnlearnContext, forget: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The paper's random labelling for a conditional diffusion model (its eq. 8; ``rl`` in its DDPM code):
+        ``|| eps_theta(x_t, t, c) - sg(eps_theta(x_t, t, c')) ||^2`` on the noised forget images, ``c'`` a random
+        other class fixed per sample id: the erased class is remapped onto what the model draws for another one."""
+        task, data = ctx.task, forget.data
+        x_t, t = task.noised(data)  # type: ignore[attr-defined]
+        labels = task.labels_of(data)
+        remapped = other_labels(labels, forget.ids, task.num_classes, ctx.seed).to(labels.device)  # type: ignore[attr-defined]
+        expand = task.draw_labels  # type: ignore[attr-defined]
+        with torch.no_grad():
+            target = task.predict_noise(ctx.model, x_t, t, expand({**data, "y": remapped}))  # type: ignore[attr-defined]
+        pred = task.predict_noise(ctx.model, x_t, t, expand(data))  # type: ignore[attr-defined]
+        forget_loss = weighted_mean(task.draw_loss(pred, target, data), forget)  # type: ignore[attr-defined]
+        return forget_loss, {"forget_remap_loss": forget_loss.detach()}
 
     @torch.no_grad()
     def before_step(self, ctx: UnlearnContext) -> None:

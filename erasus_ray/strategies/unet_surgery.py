@@ -1,0 +1,93 @@
+"""U-Net surgery: Scissorhands (Wu & Harandi, ECCV 2024, "Scissorhands: Scrub Data Influence via Connection
+Sensitivity in Networks")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from erasus_ray.data import Batch
+from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext
+from erasus_ray.strategies.saliency_unlearning import forget_gradient, saliency_mask
+from erasus_ray.tasks import Capability
+
+
+def connection_sensitivity(model: torch.nn.Module, gradients: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SNIP's connection sensitivity ``|theta * dL/dtheta|`` per weight (Lee et al., ICLR 2019)."""
+    params = dict(model.named_parameters())
+    return {n: (g * params[n].detach()).abs() for n, g in gradients.items()}
+
+
+def project_out(grads: dict[str, torch.Tensor], direction: dict[str, torch.Tensor]) -> float:
+    """Remove from ``grads`` (in place) its component along ``direction`` when the two point the same way (a step
+    along ``-grads`` would then lower the loss whose gradient is ``direction``, i.e. relearn it); returns the
+    removed coefficient (0 when nothing was removed). A-GEM's one-sided projection (Chaudhry et al., ICLR 2019)."""
+    dot = sum(float((grads[n] * d).sum()) for n, d in direction.items() if n in grads)
+    norm = sum(float(d.pow(2).sum()) for d in direction.values())
+    if dot <= 0 or norm == 0:
+        return 0.0
+    coef = dot / norm
+    for n, d in direction.items():
+        if n in grads:
+            grads[n].sub_(coef * d)
+    return coef
+
+
+@STRATEGIES.register("unet_surgery")
+class UNetSurgery(Strategy):
+    """Trim the weights the erased data depends on most, then repair the network on the retain data without relearning.
+
+    1. Trim (in :meth:`setup`): rank every weight by its connection sensitivity to the forget set,
+       ``|theta * grad_theta L_forget|`` (SNIP), over the whole network at once, and set the top ``trim_fraction`` to zero.
+    2. Repair: minimise the retain set's objective; each step's gradient loses its component along the forget
+       gradient whenever it points along it (so repairing does not re-learn the forget data; the paper projects
+       the repair gradient in the same spirit).
+
+    Why this method for the seed's "U-Net surgery": Scissorhands is the published unlearning method that edits a
+    diffusion U-Net by cutting weights (it erases classes from DDPMs and concepts from Stable Diffusion), and it
+    needs nothing of the architecture: the sensitivity is read from the task's objective, so it runs on any model
+    (``requires`` only ``loss``) - a classifier, an LM or a diffusion model.
+
+    Args:
+        trim_fraction: share of all weights trimmed (not ``fraction``, the selector budget of ErasusUnlearner) (paper: a few percent).
+
+    Defaults (trim 1%; Adam, lr 1e-4, 5 epochs of repair steps) measured on digits_diffusion: see
+    ``benchmarks/diffusion/RESULTS.md`` (section "New methods") and the slow effect test.
+
+    Cost: one forward+backward per forget sample (sensitivity), then one forward+backward of the retain batch per
+    step and a dot product with the stored forget gradient; one model-sized gradient kept.
+
+    Example:
+        >>> ErasusUnlearner(unet, strategy="unet_surgery", selector=None, trim_fraction=0.01).fit(forget_data=f, retain_data=r)
+    """
+
+    needs_retain = True
+    default_lr = 1e-4
+    default_epochs = 5
+
+    def __init__(self, trim_fraction: float = 0.01) -> None:
+        super().__init__()
+        self.trim_fraction = self.check_range("trim_fraction", trim_fraction, 0.0, 1.0, low_open=True)
+
+    def setup(self, ctx: UnlearnContext) -> None:
+        grads = forget_gradient(ctx.model, ctx.task, ctx.forget, weights=ctx.forget_weights)
+        trimmed = saliency_mask(connection_sensitivity(ctx.model, grads), self.trim_fraction)
+        params = dict(ctx.model.named_parameters())
+        with torch.no_grad():
+            for name, mask in trimmed.items():
+                params[name].masked_fill_(mask, 0.0)
+        ctx.state["surgery_trimmed"] = int(sum(int(m.sum()) for m in trimmed.values()))
+        ctx.state["surgery_forget_grad"] = grads
+
+    def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        retain_loss = ctx.forward(retain).sample_loss().mean()
+        return retain_loss, {"retain_loss": retain_loss.detach(), "trimmed": ctx.state["surgery_trimmed"]}
+
+    @torch.no_grad()
+    def before_step(self, ctx: UnlearnContext) -> None:
+        grads = {n: p.grad for n, p in ctx.model.named_parameters() if p.grad is not None}
+        project_out(grads, ctx.state["surgery_forget_grad"])
+
+    def finish(self, ctx: UnlearnContext) -> None:
+        ctx.state.pop("surgery_forget_grad", None)
