@@ -110,6 +110,7 @@ class SaliencyUnlearning(Strategy):
 
     #: random-label cross-entropy on the logits, or (a diffusion task) the erased class's noise prediction remapped
     #: onto another class's; masked by loss-gradient saliency.
+    requires = frozenset()  # and one of:
     requires_one_of = frozenset({Capability.LOGITS, Capability.GUIDANCE})
 
     needs_retain = True
