@@ -12,7 +12,8 @@ from erasus_ray.data import Batch
 from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies._diffusion import require_guidance
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
-from erasus_ray.strategies.esd import esd_target
+from erasus_ray.strategies._composed import freeze_except, unfreeze
+from erasus_ray.strategies.esd import esd_parameters, esd_target
 from erasus_ray.strategies.scrub import frozen_copy
 from erasus_ray.tasks import Capability
 
@@ -38,7 +39,10 @@ class TimestepMasking(Strategy):
     a diffusion model forms the content of an image at the high- and middle-noise timesteps (signal-to-noise ratio
     below ~1), while low-noise steps only clean up details; timestep-restricted erasure follows from it (negative
     guidance in an early window is also what Safe Latent Diffusion's warm-up and later safe-guidance work study).
-    Masking the loss to that window is this strategy; all weights are trained (ESD-u's parameter subset is ``esd``).
+    Masking the loss to that window is this strategy; it trains ESD-u's parameters
+    (:func:`~erasus_ray.strategies.esd.esd_parameters`: all but cross-attention, the time embedding and the output
+    layers, which every class shares; training those too took the other classes' judged accuracy to 0.75 on
+    digits_diffusion seed 1).
 
     Args:
         window: the trained fraction of the diffusion's timesteps ``(low, high)`` in ``[0, 1]``; default ``(0.3, 1.0)``:
@@ -70,6 +74,8 @@ class TimestepMasking(Strategy):
 
     def setup(self, ctx: UnlearnContext) -> None:
         require_guidance(ctx, self.name)
+        params = dict(ctx.model.named_parameters())
+        freeze_except(ctx, {id(params[n]) for n in esd_parameters(ctx.model, "u")})
         ctx.state["tm_reference"] = frozen_copy(ctx.model)
 
     def timestep_range(self, ctx: UnlearnContext) -> tuple[int, int]:
@@ -90,4 +96,5 @@ class TimestepMasking(Strategy):
         return masked, {"masked_esd_loss": masked.detach()}
 
     def finish(self, ctx: UnlearnContext) -> None:
+        unfreeze(ctx)
         ctx.state.pop("tm_reference", None)
