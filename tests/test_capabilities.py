@@ -194,7 +194,8 @@ def test_every_registered_algorithm_declares_its_requirements():
     undeclared = {(kind, n) for kind, reg in (("strategy", STRATEGIES), ("selector", SELECTORS))
                   for n in reg.names() if not _declares_requires(reg.get(n))}
     assert undeclared == INHERITED
-    assert {n for n in STRATEGIES.names() if STRATEGIES.get(n).requires == {C.LOSS}} == LOSS_ONLY_STRATEGIES
+    assert {n for n in STRATEGIES.names()
+            if STRATEGIES.get(n).requires == {C.LOSS} and not STRATEGIES.get(n).requires_one_of} == LOSS_ONLY_STRATEGIES
     assert {n for n in SELECTORS.names() if SELECTORS.get(n).requires == {C.LOSS}} == LOSS_ONLY_SELECTORS
 
 
@@ -204,7 +205,8 @@ def test_bundled_tasks_run_what_they_ran_before():
     cls_task, lm_task = ClassificationTask(), CausalLMTask()
     refused_cls = {n for n in STRATEGIES.names() if not STRATEGIES.get(n).requires <= cls_task.capabilities}
     refused_lm = {n for n in STRATEGIES.names() if not STRATEGIES.get(n).requires <= lm_task.capabilities}
-    diffusion_only = {"concept_ablation", "esd"}  # class-erasure methods need guidance (a diffusion task)
+    diffusion_only = {"concept_ablation", "esd", "selective_amnesia", "noise_injection", "unet_surgery", "timestep_masking",
+                      "meta_unlearning", "safe_latents"}  # class-erasure methods need guidance (a diffusion task)
     # vision-language methods need a model's vision and text towers or its joint image-text space
     vlm_only = {"contrastive_unlearning", "modality_decoupling", "vision_text_split", "vlm_attention"}
     assert refused_cls == {"attention_surgery", "token_masking"} | diffusion_only | vlm_only

@@ -111,7 +111,7 @@ DRIVER_ONLY = [n for n in STRATEGIES.names() if _default(n).driver_only()]
 def test_driver_only_list():
     """The strategies whose work is not optimizer steps through the runner (they override unlearn())."""
     assert set(DRIVER_ONLY) == {"fisher_forgetting", "ssd", "sisa", "certified_removal", "retrain", "neuron_pruning",
-                                "attention_surgery", "activation_steering"}
+                                "attention_surgery", "activation_steering", "safe_latents", "vlm_attention"}
     for name in DRIVER_ONLY:
         assert STRATEGIES.get(name).unlearn is not Strategy.unlearn
 
@@ -121,6 +121,11 @@ def test_driver_only_strategies_are_refused_by_ray_train(name, digits_class, tin
     model, task = (digits_class.original, digits_class.task)
     if not runs_on(STRATEGIES.get(name), task):
         model, task = tiny_lm["model"], tiny_lm["task"]
+    if not runs_on(STRATEGIES.get(name), task):  # a diffusion method (safe_latents)
+        from erasus_ray.testing import build_family
+
+        unet = build_family("digits_unet")
+        model, task = unet.model, unet.task
     with pytest.raises(InvalidConfigError, match=rf"strategy '{name}' cannot run under backend='ray_train': .*calling process.*backend='local'"):
         ErasusUnlearner(model, strategy=name, task=task, backend="ray_train", num_workers=2)
     ErasusUnlearner(model, strategy=name, task=task, backend="local")  # fine in process
