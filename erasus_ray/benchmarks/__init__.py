@@ -18,6 +18,7 @@ from erasus_ray.errors import UnknownNameError
 BENCHMARKS: dict[str, str] = {
     "digits": "erasus_ray.benchmarks.vision:DigitsBenchmark",
     "digits_diffusion": "erasus_ray.benchmarks.diffusion:DigitsDiffusionBenchmark",
+    "digits_prompt_diffusion": "erasus_ray.benchmarks.diffusion:DigitsPromptDiffusionBenchmark",
     "mnist5k": "erasus_ray.benchmarks.vision:Mnist5kBenchmark",
     "authors": "erasus_ray.benchmarks.authors:AuthorsBenchmark",
     "wine": "erasus_ray.benchmarks.tabular:WineBenchmark",

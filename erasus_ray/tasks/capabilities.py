@@ -55,6 +55,10 @@ class Capability(str, Enum):
     #: sampling (``Task.noised``, ``Task.predict_noise``, ``Task.sample``): concept-erasure methods (ESD, concept
     #: ablation) and generation metrics.
     GUIDANCE = "guidance"
+    #: A prompt-conditioned denoiser (Stable-Diffusion shaped): text embeddings of any prompt from the model's own
+    #: text encoder (``Task.encode_prompts``) and the cross-attention modules whose key/value projections read them
+    #: (``Task.cross_attention_modules``): methods that edit cross-attention (ESD-x, UCE).
+    TEXT_CONDITION = "text_condition"
 
     def __str__(self) -> str:
         return self.value
@@ -76,6 +80,8 @@ _MEANING: dict[Capability, str] = {
     Capability.INPUT: "a continuous input to perturb (a classifier's input tensor, an LM's token embeddings)",
     Capability.MODEL_LOGITS: "logits in the model's own output (so a wrapper can edit them)",
     Capability.GUIDANCE: "conditional and null-condition noise predictions and class-conditional sampling (a diffusion model)",
+    Capability.TEXT_CONDITION: "prompt conditioning through cross-attention (text embeddings and the cross-attention "
+                               "projections that read them: a text-to-image diffusion model)",
 }
 
 
