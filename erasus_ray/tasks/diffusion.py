@@ -132,10 +132,9 @@ class DiffusionTask(DenoisingTask):
     def from_model(cls, model: nn.Module, **kwargs: Any) -> "DiffusionTask":
         """The adapter for ``model``: its class embeddings; a prompt-conditioned model gets the prompt adapter, a bare
         prompt-conditioned UNet (no text encoder to condition it) is refused."""
-        from erasus_ray.tasks.prompt_diffusion import PromptDiffusionTask, is_prompt_diffusion
-
-        if cls is DiffusionTask and is_prompt_diffusion(model):
-            return PromptDiffusionTask.from_model(model, **kwargs)
+        for subclass in cls.__subclasses__():  # a more specific diffusion adapter (the prompt one) that takes it
+            if subclass.matches(model):
+                return subclass.from_model(model, **kwargs)
         config = getattr(model, "config", {})
         if type(model).__name__ == "UNet2DConditionModel":
             raise TaskMismatchError(
@@ -168,6 +167,15 @@ class DiffusionTask(DenoisingTask):
         self.fresh_draws = False
         if judge is not None:  # the suite follows what this instance can measure
             self.default_metrics = LOSS_METRICS + GENERATION_METRICS
+
+    def at_timesteps(self, timesteps: Sequence[int], seed: int | None = None) -> "DiffusionTask":
+        """A copy that scores every sample at the fixed ``timesteps`` (noise keyed by id and ``seed``, default this
+        task's): the loss a membership attack on a diffusion model reads (see the module docstring)."""
+        fixed = copy.copy(self)
+        fixed.seed = self.seed if seed is None else int(seed)
+        fixed.timesteps = self._check_timesteps(timesteps)
+        fixed.draws, fixed.fresh_draws = len(fixed.timesteps), False
+        return fixed
 
     def _check_timesteps(self, timesteps: Sequence[int] | None) -> torch.Tensor | None:
         if timesteps is None:

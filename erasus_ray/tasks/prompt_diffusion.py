@@ -77,9 +77,11 @@ class PromptDiffusionModel(nn.Module):
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, scheduler: Any,
                  vae: nn.Module | None = None, class_prompts: Sequence[Any] | None = None) -> None:
         super().__init__()
-        self.unet = unet
+        # the frozen parts are registered first, so the UNet's output layer is the model's last layer (what
+        # last-layer methods such as layer_freezing train)
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.vae = vae.requires_grad_(False).eval() if vae is not None else None
+        self.unet = unet
         self.tokenizer, self.scheduler, self.class_prompts = tokenizer, scheduler, class_prompts
 
     @classmethod
