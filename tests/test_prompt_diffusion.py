@@ -209,3 +209,27 @@ def test_uce_on_the_prompt_benchmark_moves_the_erased_prompt_and_keeps_the_other
 
     assert abs(others(edited) - others(original)) <= 0.05
     assert generation_rate(task, edited, 3, n=32) <= generation_rate(task, original, 3, n=32)
+
+
+def test_a_latent_model_samples_latents_and_decodes_them_with_its_vae(model):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                        norm_num_groups=4, layers_per_block=1)
+    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=4)
+    latent = PromptDiffusionModel(unet, model.text_encoder, model.tokenizer, model.scheduler, vae=vae,
+                                  class_prompts=model.class_prompts)
+    task = get_task("auto", latent, sample_steps=2)
+    images = torch.rand(2, 1, 8, 8) * 2 - 1
+    latents = latent.encode_images(images)
+    assert latents.shape == (2, 4, 4, 4)  # the items of a latent model
+    out = task.sample(latent, torch.tensor([3, 3]), seed=0)
+    raw, _ = task.partial_sample(latent, torch.tensor([3, 3]), seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(out, vae.decode(raw / vae.config.scaling_factor).sample)
+    assert out.shape == (2, 1, 8, 8)
