@@ -26,7 +26,6 @@ import torch
 from erasus_ray import ErasusUnlearner
 from erasus_ray.benchmarks import load_benchmark
 from erasus_ray.evaluation import run_metrics
-from erasus_ray.tasks.diffusion import DiffusionTask
 
 METRICS = ("erased_generation_rate", "retained_generation_acc", "retained_frechet", "mia_loss_auc")
 
@@ -62,7 +61,7 @@ def measure(bench, model) -> dict[str, float]:
     splits = {"forget": bench.forget, "retain": bench.retain, "test": bench.test}
     out = run_metrics(model, bench.task, splits, METRICS, seed=bench.seed)
     # members (the erased class's training images) vs non-members of the same class, so the class is no confound
-    fixed = DiffusionTask(num_class_embeds=bench.task.num_class_embeds, timesteps=MIA_TIMESTEPS, seed=bench.seed)
+    fixed = bench.task.at_timesteps(MIA_TIMESTEPS, seed=bench.seed)
     test = bench.test.subset([i for i in bench.test.ids if int(bench.test.base.y[i]) == bench.info["forget_class"]])
     out["mia_fixed_t_auc"] = run_metrics(model, fixed, {"forget": bench.forget, "test": test}, ["mia_loss_auc"])["mia_loss_auc"]
     return out
@@ -94,6 +93,7 @@ def unlearn(bench, method: str, overrides: dict[str, float]) -> tuple[torch.nn.M
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--benchmark", default="digits_diffusion", help="digits_diffusion or digits_prompt_diffusion")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--methods", default="esd,concept_ablation,grad_diff")
     parser.add_argument("--forget-class", type=int, default=3)
@@ -106,7 +106,7 @@ def main() -> None:
     overrides = parse_overrides(args.set)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        bench = load_benchmark("digits_diffusion", seed=seed, forget_class=args.forget_class)
+        bench = load_benchmark(args.benchmark, seed=seed, forget_class=args.forget_class)
         rows.append({"seed": seed, "method": "original", "seconds": bench.seconds["train_original"], **measure(bench, bench.original)})
         rows.append({"seed": seed, "method": "gold (retrain)", "seconds": bench.seconds["retrain"], **measure(bench, bench.gold)})
         models = {"original": bench.original, "gold": bench.gold}

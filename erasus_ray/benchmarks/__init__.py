@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "digits_diffusion": "erasus_ray.benchmarks.diffusion:DigitsDiffusionBenchmark",
     "clip": "erasus_ray.benchmarks.clip:ClipDigitsBenchmark",
     "llava": "erasus_ray.benchmarks.llava:LlavaDigitsBenchmark",
+    "digits_prompt_diffusion": "erasus_ray.benchmarks.diffusion:DigitsPromptDiffusionBenchmark",
     "mnist5k": "erasus_ray.benchmarks.vision:Mnist5kBenchmark",
     "authors": "erasus_ray.benchmarks.authors:AuthorsBenchmark",
     "wine": "erasus_ray.benchmarks.tabular:WineBenchmark",

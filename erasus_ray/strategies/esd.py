@@ -13,13 +13,12 @@ from erasus_ray.errors import InvalidConfigError
 from erasus_ray.strategies._composed import freeze_except, unfreeze
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.strategies.scrub import frozen_copy
-from erasus_ray.tasks import Capability, Task
+from erasus_ray.tasks import Capability, Task, require
+from erasus_ray.tasks.diffusion import CROSS_ATTENTION
 
 #: Parameter names ESD-u leaves alone besides cross-attention: the official code's ``noxattn`` skips ``out.``, the
 #: time embedding and ``attn2``; in diffusers naming ``out.`` is ``conv_norm_out`` / ``conv_out``.
 ESD_U_SKIPPED_PREFIXES = ("time_embedding.", "conv_norm_out.", "conv_out.")
-#: diffusers names cross-attention ``attn2`` inside transformer blocks (``attn1`` is self-attention).
-CROSS_ATTENTION = "attn2"
 VARIANTS = ("u", "x")
 SOURCES = ("forget", "model")
 
@@ -29,8 +28,10 @@ def is_cross_attention(name: str) -> bool:
 
 
 def esd_parameters(model: nn.Module, variant: str) -> list[str]:
-    """Names of the parameters ESD trains: ``"u"``, every parameter but cross-attention, the time embedding and the
-    output layers (the official ``noxattn``); ``"x"``, cross-attention only (the official ``xattn``)."""
+    """Names of the parameters ESD trains in the denoiser ``model`` (the task's :meth:`denoiser`, e.g. a pipeline's
+    UNet, so a frozen text encoder is never among them): ``"u"``, every parameter but cross-attention, the time
+    embedding and the output layers (the official ``noxattn``); ``"x"``, cross-attention only (the official
+    ``xattn``: ``attn2``'s query, key, value and output projections)."""
     names = [n for n, _ in model.named_parameters()]
     if variant == "x":
         return [n for n in names if is_cross_attention(n)]
@@ -53,8 +54,9 @@ class ESD(Strategy):
 
     For a noised input ``x_t`` and the erased class ``c``, the model's ``eps_theta(x_t, t, c)`` is regressed onto
     :func:`esd_target` ``eps_ref(x_t, t) - eta * (eps_ref(x_t, t, c) - eps_ref(x_t, t))`` of a frozen copy of the
-    original model: sampling with ``c`` then behaves like sampling with guidance *away* from ``c``. The class label is
-    the class-conditional analogue of the paper's prompt and the null class that of the empty prompt.
+    original model: sampling with ``c`` then behaves like sampling with guidance *away* from ``c``. On a
+    prompt-conditioned model (``text_condition``) ``c`` is the concept's prompt and the unconditional prediction the
+    empty prompt's, as in the paper; on a class-conditional one the class label and the null class stand in for them.
 
     Where ``x_t`` comes from (``source``): ``"forget"`` (default), the forget images noised with the task's id-keyed
     (timestep, noise) draws, deterministic and cheap where the forget set is at hand; ``"model"``, the paper's
@@ -62,13 +64,17 @@ class ESD(Strategy):
     the model being edited, conditioned on ``c`` with guidance ``start_guidance`` (paper: 3), for ``k`` steps from
     seeded noise; ``x_t`` is that partial sample and ``t`` the timestep it is at. ESD-u trains the
     parameters :func:`esd_parameters` names (the time embedding, output layers and cross-attention stay fixed; a
-    class-conditional UNet2DModel has no cross-attention, so this is all but those); ESD-x trains only
-    cross-attention and is refused on a model that has none. Frozen parameters are bit-identical after the run.
+    class-conditional UNet2DModel has no cross-attention, so this is all but those); ESD-x trains only the
+    cross-attention parameters (the paper's choice for a concept named by a prompt, e.g. an artist's style) and
+    needs a prompt-conditioned model (capability ``text_condition``): elsewhere it is refused with a CapabilityError.
+    Parameters are chosen in the task's denoiser (a pipeline's UNet; its text encoder stays frozen), and frozen
+    parameters are bit-identical after the run.
 
     Args:
         eta: negative guidance scale (paper: 1.0).
         variant: ``"u"`` (paper's ESD-u, for a concept that is not tied to words, the default here) or ``"x"``.
-        concept: the class to erase; None (default): each forget sample's own label.
+        concept: the class to erase, or one of its prompts on a prompt model ("a handwritten three"); None
+            (default): each forget sample's own label.
         source: ``"forget"`` or ``"model"`` (see above).
         sample_steps, start_guidance: the partial sampler of ``source="model"`` (paper: 50 DDIM steps, guidance 3).
 
@@ -105,26 +111,30 @@ class ESD(Strategy):
     def setup(self, ctx: UnlearnContext) -> None:
         task = ctx.task
         task.require_conditional(f"strategy {self.name!r}")  # type: ignore[attr-defined]
-        if self.concept is not None:
-            task.check_class(self.concept, f"{self.name}: concept")  # type: ignore[attr-defined]
-        trained = esd_parameters(ctx.model, self.variant)
+        if self.variant == "x":
+            require(task, {Capability.TEXT_CONDITION}, algorithm=f"strategy {self.name!r} (variant='x')")
+        ctx.state["esd_concept"] = (None if self.concept is None
+                                    else task.check_class(self.concept, f"{self.name}: concept"))  # type: ignore[attr-defined]
+        denoiser = task.denoiser(ctx.model)  # type: ignore[attr-defined]
+        trained = esd_parameters(denoiser, self.variant)
         if not trained:
             raise InvalidConfigError(f"{self.name}: variant {self.variant!r} trains cross-attention ('{CROSS_ATTENTION}') "
-                                     f"parameters and {type(ctx.model).__name__} has none; use variant='u'")
-        params = dict(ctx.model.named_parameters())
+                                     f"parameters and {type(denoiser).__name__} has none; use variant='u'")
+        params = dict(denoiser.named_parameters())
         freeze_except(ctx, {id(params[n]) for n in trained})
         ctx.state["esd_reference"] = frozen_copy(ctx.model)
 
-    def _concepts(self, labels: torch.Tensor) -> torch.Tensor:
-        return labels if self.concept is None else torch.full_like(labels, int(self.concept))
+    def _concepts(self, ctx: UnlearnContext, labels: torch.Tensor) -> torch.Tensor:
+        concept = ctx.state["esd_concept"]
+        return labels if concept is None else torch.full_like(labels, concept)
 
     def model_inputs(self, ctx: UnlearnContext, forget: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, t, c)`` of one step: the noised forget draws, or a partial sample of the model (``source``)."""
         task, data = ctx.task, forget.data
         if self.source == "forget":
             x_t, t = task.noised(data)  # type: ignore[attr-defined]
-            return x_t, t, self._concepts(task.draw_labels(data))  # type: ignore[attr-defined]
-        labels = self._concepts(task.labels_of(data))
+            return x_t, t, self._concepts(ctx, task.draw_labels(data))  # type: ignore[attr-defined]
+        labels = self._concepts(ctx, task.labels_of(data))
         seed = ctx.seed * 1_000_003 + ctx.step  # a fresh, reproducible draw per step
         k = int(torch.randint(self.sample_steps, (1,), generator=torch.Generator().manual_seed(seed)))
         x_t, t = task.partial_sample(ctx.model, labels, stop_after=k, steps=self.sample_steps,  # type: ignore[attr-defined]
@@ -142,3 +152,4 @@ class ESD(Strategy):
     def finish(self, ctx: UnlearnContext) -> None:
         unfreeze(ctx)
         ctx.state.pop("esd_reference", None)
+        ctx.state.pop("esd_concept", None)

@@ -62,6 +62,10 @@ class Capability(str, Enum):
     #: Image and text embeddings of each sample's own pair in one joint space (``Task.pair_embeddings``), for methods
     #: that push forget pairs apart there (contrastive unlearning, modality decoupling).
     JOINT_SPACE = "joint_space"
+    #: A prompt-conditioned denoiser (Stable-Diffusion shaped): text embeddings of any prompt from the model's own
+    #: text encoder (``Task.encode_prompts``) and the cross-attention modules whose key/value projections read them
+    #: (``Task.cross_attention_modules``): methods that edit cross-attention (ESD-x, UCE).
+    TEXT_CONDITION = "text_condition"
 
     def __str__(self) -> str:
         return self.value
@@ -85,6 +89,8 @@ _MEANING: dict[Capability, str] = {
     Capability.GUIDANCE: "conditional and null-condition noise predictions and class-conditional sampling (a diffusion model)",
     Capability.TOWERS: "separate vision and text parameter groups (a two-tower or vision-language model)",
     Capability.JOINT_SPACE: "image and text embeddings of each sample's pair in one joint space (a two-tower model)",
+    Capability.TEXT_CONDITION: "prompt conditioning through cross-attention (text embeddings and the cross-attention "
+                               "projections that read them: a text-to-image diffusion model)",
 }
 
 

@@ -24,8 +24,10 @@ Given a ``judge`` (a classifier of generated images), the task's metric suite ad
 :mod:`erasus_ray.evaluation.diffusion`.
 
 ``diffusers`` is imported only when a diffusers model or scheduler is at hand, so the package works without it.
-The prompt-conditioned ``UNet2DConditionModel`` (cross-attention over text) is recognised but not supported yet:
-:meth:`DiffusionTask.from_model` refuses it with a clear error rather than calling it without its text states.
+A prompt-conditioned (Stable-Diffusion shaped) model is the subclass :class:`~erasus_ray.tasks.prompt_diffusion.
+PromptDiffusionTask`; it reuses everything here through three hooks (:meth:`DiffusionTask.condition_kwargs`,
+:meth:`DiffusionTask.denoiser`, :meth:`DiffusionTask.decode`). A bare ``UNet2DConditionModel`` is refused with an
+error that says how to wrap it with its text encoder.
 
 Example:
     >>> task = get_task("auto", unet)              # a class-conditional diffusers UNet2DModel
@@ -56,6 +58,8 @@ from erasus_ray.tasks.registry import register_task
 LOSS_METRICS = ("forget_loss", "retain_loss", "test_loss", "mia_loss_auc")
 #: Judged generation metrics (registered in :mod:`erasus_ray.evaluation.diffusion`).
 GENERATION_METRICS = ("erased_generation_rate", "retained_generation_acc", "retained_frechet")
+#: diffusers names cross-attention ``attn2`` inside transformer blocks (``attn1`` is self-attention).
+CROSS_ATTENTION = "attn2"
 
 
 def is_diffusers_unet(model: nn.Module) -> bool:
@@ -126,12 +130,17 @@ class DiffusionTask(DenoisingTask):
 
     @classmethod
     def from_model(cls, model: nn.Module, **kwargs: Any) -> "DiffusionTask":
-        """The adapter for ``model``: its class embeddings; a prompt-conditioned UNet is refused (not supported yet)."""
+        """The adapter for ``model``: its class embeddings; a prompt-conditioned model gets the prompt adapter, a bare
+        prompt-conditioned UNet (no text encoder to condition it) is refused."""
+        for subclass in cls.__subclasses__():  # a more specific diffusion adapter (the prompt one) that takes it
+            if subclass.matches(model):
+                return subclass.from_model(model, **kwargs)
         config = getattr(model, "config", {})
         if type(model).__name__ == "UNet2DConditionModel":
             raise TaskMismatchError(
-                "the diffusion task supports class-conditional UNet2DModel; a prompt-conditioned UNet2DConditionModel "
-                "(cross-attention over text states) is not supported yet")
+                "model: a bare UNet2DConditionModel cannot be conditioned without its text encoder and tokenizer; wrap "
+                "it as PromptDiffusionModel(unet, text_encoder, tokenizer, scheduler, class_prompts=...) or "
+                "PromptDiffusionModel.from_pipeline(pipe) (erasus_ray.tasks.prompt_diffusion)")
         kwargs.setdefault("num_class_embeds", config.get("num_class_embeds"))
         return cls(**kwargs)
 
@@ -158,6 +167,15 @@ class DiffusionTask(DenoisingTask):
         self.fresh_draws = False
         if judge is not None:  # the suite follows what this instance can measure
             self.default_metrics = LOSS_METRICS + GENERATION_METRICS
+
+    def at_timesteps(self, timesteps: Sequence[int], seed: int | None = None) -> "DiffusionTask":
+        """A copy that scores every sample at the fixed ``timesteps`` (noise keyed by id and ``seed``, default this
+        task's): the loss a membership attack on a diffusion model reads (see the module docstring)."""
+        fixed = copy.copy(self)
+        fixed.seed = self.seed if seed is None else int(seed)
+        fixed.timesteps = self._check_timesteps(timesteps)
+        fixed.draws, fixed.fresh_draws = len(fixed.timesteps), False
+        return fixed
 
     def _check_timesteps(self, timesteps: Sequence[int] | None) -> torch.Tensor | None:
         if timesteps is None:
@@ -240,8 +258,28 @@ class DiffusionTask(DenoisingTask):
 
     def model_inputs(self, data: Any) -> tuple[tuple, dict]:
         x_t, t = self.noised(data)
-        kwargs = {self.label_arg: data["cond"].reshape(-1)} if self.conditional else {}
-        return (x_t, t), kwargs
+        return (x_t, t), self.condition_kwargs(data["cond"].reshape(-1)) if self.conditional else {}
+
+    def condition_kwargs(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The keyword arguments that condition the model on ``labels`` (classes or the null class): the class
+        embedding's index here; a prompt adapter gives the prompts' token ids."""
+        return {self.label_arg: labels}
+
+    def denoiser(self, model: nn.Module) -> nn.Module:
+        """The noise-predicting network inside ``model`` (the model itself here; a pipeline's ``unet``): the module
+        whose parameters concept-erasure methods choose from, named relative to it."""
+        return model
+
+    def cross_attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of every cross-attention block of the denoiser (diffusers ``attn2``, with ``to_k`` /
+        ``to_v`` projections of the text states), names relative to :meth:`denoiser`; none in a class-conditional
+        UNet2DModel."""
+        return [(name, m) for name, m in self.denoiser(model).named_modules()
+                if name.split(".")[-1] == CROSS_ATTENTION]
+
+    def decode(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Generated samples as images (identity in pixel space; a latent model decodes with its VAE)."""
+        return x
 
     def labels_of(self, data: Any) -> torch.Tensor:
         return data["y"]
@@ -273,6 +311,9 @@ class DiffusionTask(DenoisingTask):
         """``value`` as a class index of the model (not the null class), else :class:`InvalidConfigError` naming
         ``argument``."""
         self.require_conditional(argument)
+        if isinstance(value, str):
+            raise InvalidConfigError(f"{argument}: got the prompt {value!r}, but this model is class-conditional "
+                                     f"(no text encoder); give a class index in [0, {self.num_classes})")
         return check_int(argument, value, low=0, high=self.num_classes - 1)  # type: ignore[operator]
 
     def draw_labels(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -287,7 +328,7 @@ class DiffusionTask(DenoisingTask):
     def predict_noise(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``eps_model(x_t, t, labels)``, the predicted noise (labels may be the null class)."""
         self.require_conditional("a class-conditional noise prediction")
-        return _noise_prediction(model(x_t, t, **{self.label_arg: labels.to(x_t.device)}))
+        return _noise_prediction(model(x_t, t, **self.condition_kwargs(labels.to(x_t.device))))
 
     def draw_loss(self, pred: torch.Tensor, target: torch.Tensor, data: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B]`` per-sample mean squared error between a ``[B*D, ...]`` prediction and target, over its draws."""
@@ -305,8 +346,8 @@ class DiffusionTask(DenoisingTask):
         guidance ``eps_null + w (eps_c - eps_null)``; the initial noise comes from a generator seeded by ``seed``.
 
         Cost: ``steps`` forward passes over ``2 * len(labels)`` inputs."""
-        return self.partial_sample(model, labels, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                                   batch_size=batch_size)[0]
+        return self.decode(model, self.partial_sample(model, labels, steps=steps, guidance_scale=guidance_scale,
+                                                      seed=seed, batch_size=batch_size)[0])
 
     @torch.no_grad()
     def partial_sample(self, model: nn.Module, labels: torch.Tensor, *, stop_after: int | None = None,
