@@ -6,16 +6,9 @@ Registered only when diffusers imports."""
 
 import importlib.util
 
-import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
-from erasus_ray.data import as_id_dataset
-from erasus_ray.testing._family import Family, digits, register_family, seeded
-from erasus_ray.training import TrainRecipe, train_model
-
-#: the class the family's forget set holds
-FORGET_CLASS = 3
+from erasus_ray.testing._family import Family, register_family
 
 
 def tiny_prompt_model() -> torch.nn.Module:
@@ -26,21 +19,10 @@ def tiny_prompt_model() -> torch.nn.Module:
 
 def prompt_diffusion_family() -> Family:
     from erasus_ray.tasks.prompt_diffusion import PromptDiffusionTask
-    from erasus_ray.testing.families.digits_unet import tiny_judge
+    from erasus_ray.testing.families.digits_unet import digits_image_family, tiny_judge
 
-    x, y = digits()
-    full = as_id_dataset(TensorDataset(x[:400].reshape(-1, 1, 8, 8) * 2 - 1, y[:400]))
-    recipe = TrainRecipe(epochs=3, lr=3e-3, batch_size=32, seed=0)
-    order = np.random.default_rng(recipe.seed).permutation(full.ids)
-    test_ids = np.sort(order[:60])
-    train = full.exclude(test_ids)
-    forget_ids = np.sort(train.ids[(y[train.ids] == FORGET_CLASS).numpy()][:16])
-    factory = seeded(tiny_prompt_model)
-    model = factory()
-    task = PromptDiffusionTask.from_model(model, draws=2, seed=0, sample_steps=5, eval_samples=8, judge=tiny_judge())
-    model = train_model(model, train, task, recipe)
-    return Family("digits_prompt_unet", model, task, full.subset(forget_ids), train.exclude(forget_ids),
-                  full.subset(test_ids), factory, recipe, True, {"lr": 1e-3, "batch_size": 8})
+    return digits_image_family("digits_prompt_unet", tiny_prompt_model, lambda model: PromptDiffusionTask.from_model(
+        model, draws=2, seed=0, sample_steps=5, eval_samples=8, judge=tiny_judge()))
 
 
 if importlib.util.find_spec("diffusers") is not None:

@@ -35,9 +35,10 @@ def tiny_judge() -> torch.nn.Module:
     return train_model(judge, images, ClassificationTask(), TrainRecipe(epochs=10, lr=3e-3, batch_size=64, seed=0))
 
 
-def diffusion_family() -> Family:
-    from erasus_ray.tasks.diffusion import DiffusionTask
-
+def digits_image_family(name: str, factory, make_task) -> Family:
+    """A diffusion family on the first 400 digits as ``[1, 8, 8]`` images in ``[-1, 1]``: 60 held-out test ids, the
+    forget set = 16 training images of :data:`FORGET_CLASS`, the model trained for 3 epochs. ``make_task(model)``
+    builds the family's task (the prompt adapter reads its tokenizer from the model)."""
     x, y = digits()
     full = as_id_dataset(TensorDataset(x[:400].reshape(-1, 1, 8, 8) * 2 - 1, y[:400]))
     recipe = TrainRecipe(epochs=3, lr=3e-3, batch_size=32, seed=0)
@@ -45,12 +46,19 @@ def diffusion_family() -> Family:
     test_ids = np.sort(order[:60])
     train = full.exclude(test_ids)
     forget_ids = np.sort(train.ids[(y[train.ids] == FORGET_CLASS).numpy()][:16])
-    task = DiffusionTask(num_class_embeds=11, draws=2, seed=0, sample_steps=5, eval_samples=8, judge=tiny_judge())
-    factory = seeded(tiny_unet)
-    model = train_model(factory(), train, task, recipe)
-    return Family("digits_unet", model, task, full.subset(forget_ids), train.exclude(forget_ids), full.subset(test_ids),
+    factory = seeded(factory)
+    model = factory()
+    task = make_task(model)
+    model = train_model(model, train, task, recipe)
+    return Family(name, model, task, full.subset(forget_ids), train.exclude(forget_ids), full.subset(test_ids),
                   factory, recipe, True, {"lr": 1e-3, "batch_size": 8})
 
+
+def diffusion_family() -> Family:
+    from erasus_ray.tasks.diffusion import DiffusionTask
+
+    return digits_image_family("digits_unet", tiny_unet, lambda model: DiffusionTask(
+        num_class_embeds=11, draws=2, seed=0, sample_steps=5, eval_samples=8, judge=tiny_judge()))
 
 if importlib.util.find_spec("diffusers") is not None:
     register_family("digits_unet", cheap=True)(diffusion_family)
