@@ -91,7 +91,8 @@ def run_benchmark(protocol: str, strategies: Sequence[str] | None, n_runs: int, 
         unlearned[name].append(model)
         seconds[name].append(secs)
     for name in (n for n in names if n not in errors):
-        report = evaluate(unlearned[name])
+        report = bench.evaluate(unlearned[name], standin.forget, standin.retain, standin.test, gold_model=gold,
+                                task=standin.bench.task, unlearn_seconds=seconds[name])
         report.settings.update(strategy=name, unlearn_seconds=float(np.mean(seconds[name])), epochs=epochs)
         reports[name], models[name] = report, unlearned[name][0]
     write_outputs(protocol, reports, models, standin, gold, out, errors)
