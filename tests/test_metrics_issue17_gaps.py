@@ -21,6 +21,7 @@ from erasus_ray.evaluation.lm import extraction_strengths, rouge_l_f1_words, rou
 from erasus_ray.evaluation.loss_metrics import membership_auc
 from erasus_ray.evaluation.protocols import UnlearningBenchmark
 from erasus_ray.evaluation.protocols.muse import word_rouge_f1
+from erasus_ray.evaluation.protocols.tofu import option_probability
 from erasus_ray.evaluation.suite import MetricSuite
 from erasus_ray.data import IdDataset
 from erasus_ray.tasks import CausalLMTask, TaskOutput, get_task
@@ -206,3 +207,48 @@ def test_muse_metrics_refuse_a_task_without_tokenizer_before_any_work():
     data = IdDataset(items, np.arange(1), np.arange(1))
     with pytest.raises(InvalidConfigError, match="tokenizer"):
         MetricSuite(["forget_verbmem"]).run(_FixedLM(), data, data, task=CausalLMTask())
+
+
+# --- TOFU's real-world utility sets ----------------------------------------------------------------------------------
+class _BigramLM(nn.Module):
+    """Next-token logits from a table indexed by the current token, with a greedy ``generate`` (HF-style)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = nn.Parameter(table)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.table[input_ids]
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=1, **_):
+        for _ in range(max_new_tokens):
+            input_ids = torch.cat([input_ids, self.forward(input_ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return input_ids
+
+
+def _tofu_item(prompt: int, answer: list[int], wrong: list[int]) -> dict:
+    enc = lambda ans: {"input_ids": torch.tensor([prompt] + ans), "answer_start": 1}  # noqa: E731
+    return {**enc(answer), "paraphrased": enc(answer + [7]), "perturbed": [enc(wrong + [7])]}
+
+
+def _table(world_right: bool) -> torch.Tensor:
+    table = torch.zeros(8, 8)
+    table[1, 3] = table[3, 4] = table[4, 7] = 4.0  # retain: prompt 1 -> 3 4 (7 ends)
+    table[2, 5 if world_right else 6] = 4.0  # world facts: prompt 2 -> 5 4; a wrecked model says 6
+    table[5, 4] = table[6, 4] = 4.0
+    return table
+
+
+def test_option_probability_by_hand():
+    # P(a) = e^-1, one wrong option with P = e^-2: e^-1 / (e^-1 + e^-2)
+    assert option_probability(np.array([1.0]), np.array([[2.0]])) == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_model_utility_includes_the_world_facts_set():
+    retain = IdDataset([_tofu_item(1, [3, 4], [6, 4])], np.arange(1), np.arange(1))
+    world = {"world_facts": IdDataset([_tofu_item(2, [5, 4], [6, 4])], np.arange(1), np.arange(1))}
+    task = CausalLMTask()
+    utility = lambda model, **o: run_metrics(model, task, {"retain": retain}, ["model_utility"], **o)["model_utility"]  # noqa: E731
+    good, wrecked = _BigramLM(_table(True)), _BigramLM(_table(False))
+    assert utility(good) == pytest.approx(utility(wrecked))  # the retain set cannot tell them apart
+    assert utility(wrecked, utility_sets=world) < utility(good, utility_sets=world) - 0.1

@@ -58,7 +58,7 @@ from erasus_ray.evaluation.metrics import (
     register_split_metric,
     run_metrics,
 )
-from erasus_ray.evaluation.stats import Column
+from erasus_ray.evaluation.stats import Column, set_stats
 from erasus_ray.tasks import Capability, Task, TaskOutput
 from erasus_ray.utils import model_device
 
@@ -272,6 +272,18 @@ def context_answers(ctx: EvalContext, split: str) -> list[list[int]]:
     return ctx.cached(("answers", split), lambda: greedy_answers(
         ctx.model, ctx.task, ctx.splits[split], max_new_tokens=max_new, batch_size=ctx.batch_size,
         eos_token_id=ctx.options.eos_token_id))
+
+
+def set_references_and_answers(ctx: EvalContext, data: IdDataset) -> tuple[Any, list[list[int]], list[list[int]]]:
+    """``(stats, references, greedy answers)`` of the evaluation's model on ``data``, a set beside the evaluation's
+    splits (MUSE's KnowMem QA, TOFU's world-facts stand-in): one forward pass with the references column, then greedy
+    decoding up to the longest reference + 2 tokens. The caller caches it."""
+    stats = set_stats(ctx.model, ctx.task, data, ctx.batch_size,
+                      {"references": references_column(ctx.options, ctx.model)})
+    refs = stats.columns["references"]
+    answers = greedy_answers(ctx.model, ctx.task, data, max_new_tokens=max((len(r) for r in refs), default=0) + 2,
+                             batch_size=ctx.batch_size, eos_token_id=ctx.options.eos_token_id) if len(refs) else []
+    return stats, refs, answers
 
 
 @register_split_metric("rougeL", requires={Capability.LOGITS, Capability.TOKENS, Capability.GENERATION},

@@ -52,6 +52,9 @@ class MetricOptions:
             :mod:`erasus_ray.evaluation.privacy`).
         lira: the shadow models of the LiRA attack (``mia_lira_auc``), a
             :class:`~erasus_ray.evaluation.lira.LiraShadows`; trained once and reused by every evaluation given it.
+        utility_sets: TOFU's model utility also averages these QA sets (name -> id dataset of
+            :func:`~erasus_ray.evaluation.protocols.tofu_data.tofu_dataset`-style items), TOFU's "Real Authors" /
+            "World Facts" (``model_utility``; None: the retain set only).
         unlearn_seconds: wall time of the unlearning run that produced the model (``seconds``); the caller measures
             it (an evaluation sees the model, never the run).
     """
@@ -63,6 +66,7 @@ class MetricOptions:
     eos_token_id: int | None = None
     dp_delta: float = 1e-5
     lira: Any = None
+    utility_sets: Any = None
     unlearn_seconds: float | None = None
 
 

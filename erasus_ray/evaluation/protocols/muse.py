@@ -35,13 +35,12 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.evaluation.lm import context_answers, greedy_answers, rouge_l_f1_words
-from erasus_ray.evaluation.metrics import METRICS, EvalContext, register_metric
+from erasus_ray.evaluation.lm import context_answers, rouge_l_f1_words, set_references_and_answers
+from erasus_ray.evaluation.metrics import EvalContext, register_metric
 from erasus_ray.evaluation.protocols.base import (
     FORGETTING, PROTOCOLS, EvalData, Protocol, StandIn, VerdictThresholds, epsilon_within,
 )
 from erasus_ray.evaluation.protocols.muse_data import KNOWMEM
-from erasus_ray.evaluation.stats import set_stats
 from erasus_ray.evaluation.suite import MetricSuite
 from erasus_ray.tasks import Capability
 
@@ -87,10 +86,7 @@ def knowmem(ctx: EvalContext, split: str) -> float:
     qa = ctx.cached(("knowmem", split), lambda: _knowmem_set(ctx.splits[split]))
     if not len(qa):
         return math.nan
-    refs = set_stats(ctx.model, ctx.task, qa, ctx.batch_size,
-                     {"references": METRICS.column("references", ctx.options, ctx.model)}).columns["references"]
-    answers = greedy_answers(ctx.model, ctx.task, qa, max_new_tokens=max(len(r) for r in refs) + 2,
-                             batch_size=ctx.batch_size, eos_token_id=ctx.options.eos_token_id)
+    _, refs, answers = set_references_and_answers(ctx, qa)
     return word_rouge_f1(ctx, refs, answers)
 
 
