@@ -17,7 +17,7 @@ Cost: ``len(models) * n_runs + 1`` protocol evaluations (see each protocol's cos
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -70,12 +70,14 @@ class UnlearningBenchmark:
 
     def evaluate(self, model: nn.Module | Sequence[nn.Module], forget: Any, retain: Any, test: Any = None, *,
                  gold_model: nn.Module, task: Task | str = "auto",
-                 unlearn_seconds: float | Sequence[float] | None = None) -> BenchmarkReport:
+                 unlearn_seconds: float | Sequence[float] | None = None,
+                 utility_sets: Mapping[str, Any] | None = None) -> BenchmarkReport:
         """Evaluate ``model`` (or one model per unlearning seed) against ``gold_model``; see the module docstring.
 
         ``unlearn_seconds``: the wall time of the unlearning run of each model (one number per model, measured by
         the caller, e.g. :func:`~erasus_ray.evaluation.cost.timed`); every run of a model then reports it as the
-        metric ``seconds``, so the report gives its mean and std beside the quality metrics."""
+        metric ``seconds``, so the report gives its mean and std beside the quality metrics. ``utility_sets``: extra
+        QA sets the protocol's utility reads (TOFU: its world-facts stand-in, ``StandIn.utility_sets``)."""
         models = list(model) if isinstance(model, (list, tuple)) else [model]
         if not models:
             raise InvalidConfigError("model: no model given")
@@ -85,7 +87,8 @@ class UnlearningBenchmark:
         if self.include_privacy and test is None:
             raise InvalidConfigError("test: include_privacy=True needs a test split (the attacks' non-members)")
         data = EvalData(as_id_dataset(forget), as_id_dataset(retain),
-                        None if test is None else as_id_dataset(test), get_task(task, models[0]))
+                        None if test is None else as_id_dataset(test), get_task(task, models[0]),
+                        {k: as_id_dataset(v) for k, v in (utility_sets or {}).items()})
         reference = self.protocol.prepare(gold_model, data)
         gold = self.protocol.measure(gold_model, data, self.seed, reference)
         runs = [{**self.protocol.measure(m, data, self.seed + r, reference), **costs[i], "model": i,

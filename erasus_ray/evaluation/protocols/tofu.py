@@ -201,15 +201,17 @@ class TofuProtocol(Protocol):
 
     @classmethod
     def standin(cls, variant: str = "ci", seed: int = 0) -> StandIn:
-        """The authors benchmark, ``forget10``; retain evaluation on the first 40 retain QA pairs."""
-        from erasus_ray.benchmarks.authors import AuthorsBenchmark
+        """The authors benchmark with the world-facts stand-in trained alongside (:class:`~erasus_ray.evaluation.
+        protocols.tofu_data.TofuAuthorsBenchmark`), ``forget10``; retain evaluation on the first 40 retain QA pairs;
+        the world facts are model utility's ``utility_sets``."""
         from erasus_ray.benchmarks.base import build_benchmark
-        from erasus_ray.evaluation.protocols.tofu_data import tofu_dataset
+        from erasus_ray.evaluation.protocols.tofu_data import TofuAuthorsBenchmark, tofu_dataset, world_facts_dataset
 
-        spec = AuthorsBenchmark(variant=variant)
+        spec = TofuAuthorsBenchmark(variant=variant)
         bench = build_benchmark(spec, "forget10", seed=seed)
-        retain = tofu_dataset(spec, bench.retain.subset(bench.retain.ids[:40]))
-        return StandIn(bench, tofu_dataset(spec, bench.forget), retain, bench.test, ("grad_diff", "npo", "simnpo"))
+        retain = tofu_dataset(spec, bench.retain.subset(bench.retain.ids[:40]))  # author ids: world ids sort last
+        return StandIn(bench, tofu_dataset(spec, bench.forget), retain, bench.test, ("grad_diff", "npo", "simnpo"),
+                       {"world_facts": world_facts_dataset(spec)})
 
     def names(self) -> tuple[str, ...]:
         return FORGET_METRICS + RETAIN_METRICS + (PRIVACY_METRICS + EPSILON if self.include_privacy else ())
@@ -221,7 +223,8 @@ class TofuProtocol(Protocol):
         ratios = truth_ratios(model, data.task, data.forget, split="forget")
         values = {"forget_quality": forget_quality(ratios, reference["gold_truth_ratios"]),
                   "forget_truth_ratio": forget_truth_ratio_stat(ratios)}
-        suite = MetricSuite(self.names()).run(model, data.forget, data.retain, data.test, task=data.task, seed=seed)
+        suite = MetricSuite(self.names()).run(model, data.forget, data.retain, data.test, task=data.task, seed=seed,
+                                              utility_sets=data.utility_sets or None)
         return {**values, **suite.metrics}
 
     def criteria(self, mean: Mapping[str, float], gold: Mapping[str, float], thresholds: VerdictThresholds) -> dict[str, bool]:
