@@ -252,3 +252,20 @@ def test_model_utility_includes_the_world_facts_set():
     good, wrecked = _BigramLM(_table(True)), _BigramLM(_table(False))
     assert utility(good) == pytest.approx(utility(wrecked))  # the retain set cannot tell them apart
     assert utility(wrecked, utility_sets=world) < utility(good, utility_sets=world) - 0.1
+
+
+def test_tofu_world_facts_stand_in_is_trained_never_forgotten_and_built_as_truth_ratio_items():
+    from erasus_ray.evaluation.protocols.tofu_data import (
+        PARAPHRASED, PERTURBED, WORLD_ID_OFFSET, TofuAuthorsBenchmark, load_world_facts, world_facts_dataset,
+    )
+
+    facts = load_world_facts()
+    assert len(facts) == 20 and all(f["answer"] not in " ".join(f[PERTURBED]) for f in facts)
+    spec = TofuAuthorsBenchmark(variant="ci")
+    data = spec.build_data("forget10", seed=0)
+    world_ids = WORLD_ID_OFFSET + np.arange(len(facts))
+    assert set(world_ids) <= set(data.train.ids.tolist()) and not set(world_ids) & set(data.forget_ids.tolist())
+    world = world_facts_dataset(spec)
+    assert world.ids.tolist() == world_ids.tolist()
+    assert all(len(world[r][1][PERTURBED]) == 3 and PARAPHRASED in world[r][1] for r in range(len(world)))
+    assert spec.config("forget10", 0)["world_sha"]  # the facts are part of the cache key
