@@ -340,9 +340,9 @@ def run_metrics(
     if unknown:
         raise InvalidConfigError(f"splits: unknown split(s) {sorted(unknown)}; known: {SPLITS}")
     metrics = [m for m in metrics if all(s in given for s in m.splits)]
-    for m in metrics:
-        _check_options(m, opts, task)
+    for m in metrics:  # the data first: plain items given to a protocol metric is the likelier mistake
         _check_item_fields(m, given)
+        _check_options(m, opts, task)
     columns = {c: METRICS.column(c, opts, model) for m in metrics for c in m.columns}
     ctx = EvalContext(model, task, given, opts, columns)
     was_training = model.training
