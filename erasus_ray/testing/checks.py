@@ -266,11 +266,6 @@ def check_metric(metric: str, family: Family) -> dict[str, Any]:
         return run_metrics(family.model, family.task, splits, [metric], max_new_tokens=4,
                            **_metric_options(METRICS.get(metric).options, family))
 
-    no_attrs = [a for a in METRICS.get(metric).task_attrs if getattr(family.task, a, None) is None]
-    if not lacking and no_attrs:  # the adapter lacks an attribute the metric declares (a tokenizer): a clear refusal
-        with _RaisesNaming(InvalidConfigError, no_attrs, what):
-            compute()
-        return {"outcome": "refused", "lacking": no_attrs}
     absent = [f for f in METRICS.get(metric).item_fields if not _items_carry(family, f)]
     if not lacking and absent:  # a declared data requirement the family's items do not meet: a clear refusal
         try:
@@ -279,6 +274,11 @@ def check_metric(metric: str, family: Family) -> dict[str, Any]:
             assert all(f in str(err) for f in absent), f"{what}: the refusal must name {absent}: {err}"
             return {"outcome": "refused", "lacking": absent}
         raise AssertionError(f"{what} ran although the items lack its declared fields {absent}")
+    no_attrs = [a for a in METRICS.get(metric).task_attrs if getattr(family.task, a, None) is None]
+    if not lacking and no_attrs:  # the adapter lacks an attribute the metric declares (a tokenizer): a clear refusal
+        with _RaisesNaming(InvalidConfigError, no_attrs, what):
+            compute()
+        return {"outcome": "refused", "lacking": no_attrs}
 
     refused, values = _run_declared(what, declared, lacking, compute)
     if refused:
