@@ -158,6 +158,16 @@ def test_timed_with_a_fake_clock_and_the_seconds_metric():
     assert value(short[1]) == 2.5 and value(long[1]) == 7.0  # the longer run reports more seconds
 
 
+def test_a_suite_result_with_object_options_saves_as_json(tmp_path):
+    data = IdDataset(TensorDataset(torch.eye(4), torch.tensor([0, 1, 0, 1])), np.arange(4), np.arange(4))
+    model = nn.Linear(4, 2)
+    result = MetricSuite(["mia_lira_auc", "seconds"]).run(
+        model, data, data, data, lira=LiraShadows(models=[model, nn.Linear(4, 2)]), unlearn_seconds=1.5)
+    result.save(tmp_path / "r.json")
+    saved = __import__("json").loads((tmp_path / "r.json").read_text())
+    assert saved["options"] == {"lira": "LiraShadows", "unlearn_seconds": 1.5} and saved["metrics"]["seconds"] == 1.5
+
+
 def test_benchmark_report_carries_seconds_per_model():
     torch.manual_seed(0)
     models = [nn.Linear(4, 2) for _ in range(3)]
