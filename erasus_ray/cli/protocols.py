@@ -72,8 +72,9 @@ def run_benchmark(protocol: str, strategies: Sequence[str] | None, n_runs: int, 
     gold = load_state(gold_path, standin.bench.model_factory, "--gold-model") if gold_path else standin.bench.gold
     names = list(strategies or standin.strategies)
     bench = UnlearningBenchmark(protocol, n_runs=1, include_privacy=include_privacy)
-    evaluate = lambda models: bench.evaluate(models, standin.forget, standin.retain, standin.test,  # noqa: E731
-                                             gold_model=gold, task=standin.bench.task)
+    evaluate = lambda models, **cost: bench.evaluate(  # noqa: E731
+        models, standin.forget, standin.retain, standin.test, gold_model=gold, task=standin.bench.task,
+        utility_sets=standin.utility_sets, **cost)
     reports: dict[str, BenchmarkReport] = {"original": evaluate(standin.bench.original), "gold": evaluate(gold)}
     models: dict[str, nn.Module] = {"original": standin.bench.original, "gold": gold}
     jobs = [(name, seed) for name in names for seed in range(n_runs)]
@@ -91,7 +92,7 @@ def run_benchmark(protocol: str, strategies: Sequence[str] | None, n_runs: int, 
         unlearned[name].append(model)
         seconds[name].append(secs)
     for name in (n for n in names if n not in errors):
-        report = evaluate(unlearned[name])
+        report = evaluate(unlearned[name], unlearn_seconds=seconds[name])
         report.settings.update(strategy=name, unlearn_seconds=float(np.mean(seconds[name])), epochs=epochs)
         reports[name], models[name] = report, unlearned[name][0]
     write_outputs(protocol, reports, models, standin, gold, out, errors)
@@ -105,7 +106,8 @@ def run_evaluate(protocol: str, model_path: str, *, gold_path: str | None = None
     model = load_state(model_path, standin.bench.model_factory, "--model")
     gold = load_state(gold_path, standin.bench.model_factory, "--gold-model") if gold_path else standin.bench.gold
     report = UnlearningBenchmark(protocol, n_runs=n_runs, include_privacy=include_privacy).evaluate(
-        model, standin.forget, standin.retain, standin.test, gold_model=gold, task=standin.bench.task)
+        model, standin.forget, standin.retain, standin.test, gold_model=gold, task=standin.bench.task,
+        utility_sets=standin.utility_sets)
     write_outputs(protocol, {"model": report}, {"model": model, "gold": gold}, standin, gold, out)
     return report
 

@@ -21,6 +21,8 @@ from erasus_ray.evaluation import classification as _classification  # noqa: F40
 from erasus_ray.evaluation import lm as _lm  # noqa: F401
 from erasus_ray.evaluation import diffusion as _diffusion  # noqa: F401
 from erasus_ray.evaluation import privacy as _privacy  # noqa: F401
+from erasus_ray.evaluation import lira as _lira  # noqa: F401
+from erasus_ray.evaluation import cost as _cost  # noqa: F401
 from erasus_ray.evaluation.classification import evaluate_classification
 from erasus_ray.evaluation.metrics import (
     METRICS,

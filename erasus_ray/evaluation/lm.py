@@ -11,6 +11,15 @@ For each of the forget / retain / test sets (id datasets of QA items):
   on token ids: ``LCS(reference, candidate) / len(reference)``. The reference is the sample's supervised tokens
   without the final eos; decoding starts from the prompt (tokens before ``answer_start``) and stops at eos.
 
+* ``<split>_extraction_strength``: extraction strength (Carlini et al. 2021, "Extracting Training Data from Large
+  Language Models"; the definition and name as in open-unlearning's ``extraction_strength`` metric, locuslab/
+  open-unlearning, used by Wang et al. 2025, "Towards Effective Evaluations and Comparisons for LLM Unlearning
+  Methods"): for an answer ``y`` of ``L`` tokens, ``ES = 1 - k / L`` with ``k`` the shortest prefix ``y[:k]`` after
+  which the model's teacher-forced argmax reproduces the whole rest ``y[k:]`` (greedy decoding from the prompt plus
+  ``y[:k]`` then yields ``y[k:]`` exactly: the same condition). 1 = the answer is extracted from the prompt alone,
+  0 = not even the last token is. Averaged over samples. (open-unlearning's loop gives ``1/L`` instead of 0 when no
+  suffix is reproduced; we give 0.) Read from the shared forward pass: no generation.
+
 and membership inference, forget set (members) against test set (non-members):
 
 * ``mia_mink_auc``: ROC AUC of Min-K% Prob (Shi et al. 2023, "Detecting Pretraining Data from Large Language
@@ -31,6 +40,7 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -48,26 +58,48 @@ from erasus_ray.evaluation.metrics import (
     register_split_metric,
     run_metrics,
 )
-from erasus_ray.evaluation.stats import Column
+from erasus_ray.evaluation.stats import Column, set_stats
 from erasus_ray.tasks import Capability, Task, TaskOutput
 from erasus_ray.utils import model_device
 
 
-def rouge_l_recall(reference: Sequence[Any], candidate: Sequence[Any]) -> float:
-    """ROUGE-L recall: length of the longest common subsequence of the two sequences over ``len(reference)``.
-
-    Returns 0.0 when either sequence is empty (as the ``rouge_score`` package does).
-    """
+def lcs_length(reference: Sequence[Any], candidate: Sequence[Any]) -> int:
+    """Length of the longest common subsequence of two sequences (dynamic programme, O(len(ref) * len(cand)))."""
     ref, cand = list(reference), list(candidate)
-    if not ref or not cand:
-        return 0.0
     prev = [0] * (len(cand) + 1)
     for r in ref:
         cur = [0] * (len(cand) + 1)
         for j, c in enumerate(cand, start=1):
             cur[j] = prev[j - 1] + 1 if r == c else max(prev[j], cur[j - 1])
         prev = cur
-    return prev[-1] / len(ref)
+    return prev[-1]
+
+
+def rouge_l_recall(reference: Sequence[Any], candidate: Sequence[Any]) -> float:
+    """ROUGE-L recall: length of the longest common subsequence of the two sequences over ``len(reference)`` (TOFU's
+    ROUGE, Maini et al. 2024). Returns 0.0 when either sequence is empty (as the ``rouge_score`` package does)."""
+    ref, cand = list(reference), list(candidate)
+    if not ref or not cand:
+        return 0.0
+    return lcs_length(ref, cand) / len(ref)
+
+
+def rouge_words(text: str) -> list[str]:
+    """``rouge_score``'s default tokenisation (``tokenize.tokenize`` without stemming): lowercase, every run of
+    characters other than ``a-z0-9`` a separator."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def rouge_l_f1_words(reference: str, candidate: str) -> float:
+    """ROUGE-L F1 on words (``rouge_score.rouge_scorer.RougeScorer(["rougeL"]).score(reference, candidate)
+    ["rougeL"].fmeasure``, no stemmer): ``2 P R / (P + R)`` with ``P = LCS / len(candidate)``, ``R = LCS /
+    len(reference)`` over :func:`rouge_words`; 0.0 when either is empty or nothing is shared (MUSE's ROUGE)."""
+    ref, cand = rouge_words(reference), rouge_words(candidate)
+    lcs = lcs_length(ref, cand) if ref and cand else 0
+    if not lcs:
+        return 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
 
 
 def _units_by_sample(out: TaskOutput, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +164,24 @@ def mink_column(options: MetricOptions, model: nn.Module) -> Column:
 def minkpp_column(options: MetricOptions, model: nn.Module) -> Column:
     """Per-sample Min-K%++ score (``options.mink_k``)."""
     return lambda out: minkpp_scores(out, options.mink_k).cpu().numpy()
+
+
+def extraction_strengths(out: TaskOutput) -> torch.Tensor:
+    """``[B]`` extraction strength per sample (module docstring) from the teacher-forced argmax; NaN if no units."""
+    hits, mask = _units_by_sample(out, (out.logits.argmax(-1) == out.targets).to(torch.long))
+    length = mask.sum(1)
+    # a unit "misses" if it is valid and wrong; k = one past the last miss (0 if none)
+    miss = (mask & (hits == 0)).to(torch.long)
+    position = torch.arange(1, miss.shape[1] + 1, device=miss.device)[None, :]
+    k = (miss * position).amax(1) if miss.shape[1] else torch.zeros_like(length)
+    es = 1.0 - k.double() / length.clamp_min(1).double()
+    return torch.where(length > 0, es, torch.full_like(es, math.nan)).float()
+
+
+@register_column("extraction")
+def extraction_column(options: MetricOptions, model: nn.Module) -> Column:
+    """Per-sample extraction strength (teacher-forced; :func:`extraction_strengths`)."""
+    return lambda out: extraction_strengths(out).cpu().numpy()
 
 
 @register_column("references")
@@ -216,12 +266,24 @@ def _max_new_tokens(ctx: EvalContext) -> int:
     return max((len(r) for s in ctx.splits for r in ctx.stats(s).columns["references"]), default=0) + 2
 
 
-def _answers(ctx: EvalContext, split: str) -> list[list[int]]:
+def context_answers(ctx: EvalContext, split: str) -> list[list[int]]:
     """The split's greedy answers, decoded once per evaluation (ROUGE-L and answer accuracy share them)."""
     max_new = ctx.cached("max_new_tokens", lambda: _max_new_tokens(ctx))
     return ctx.cached(("answers", split), lambda: greedy_answers(
         ctx.model, ctx.task, ctx.splits[split], max_new_tokens=max_new, batch_size=ctx.batch_size,
         eos_token_id=ctx.options.eos_token_id))
+
+
+def set_references_and_answers(ctx: EvalContext, data: IdDataset) -> tuple[Any, list[list[int]], list[list[int]]]:
+    """``(stats, references, greedy answers)`` of the evaluation's model on ``data``, a set beside the evaluation's
+    splits (MUSE's KnowMem QA, TOFU's world-facts stand-in): one forward pass with the references column, then greedy
+    decoding up to the longest reference + 2 tokens. The caller caches it."""
+    stats = set_stats(ctx.model, ctx.task, data, ctx.batch_size,
+                      {"references": references_column(ctx.options, ctx.model)})
+    refs = stats.columns["references"]
+    answers = greedy_answers(ctx.model, ctx.task, data, max_new_tokens=max((len(r) for r in refs), default=0) + 2,
+                             batch_size=ctx.batch_size, eos_token_id=ctx.options.eos_token_id) if len(refs) else []
+    return stats, refs, answers
 
 
 @register_split_metric("rougeL", requires={Capability.LOGITS, Capability.TOKENS, Capability.GENERATION},
@@ -231,7 +293,7 @@ def split_rouge_l(ctx: EvalContext, split: str) -> float:
     refs = ctx.stats(split).columns["references"]
     if not len(refs):
         return math.nan
-    answers = _answers(ctx, split)
+    answers = context_answers(ctx, split)
     return float(np.mean([rouge_l_recall(r, a) for r, a in zip(refs, answers)]))
 
 
@@ -243,8 +305,17 @@ def split_exact(ctx: EvalContext, split: str) -> float:
     refs = ctx.stats(split).columns["references"]
     if not len(refs):
         return math.nan
-    answers = _answers(ctx, split)
+    answers = context_answers(ctx, split)
     return float(np.mean([list(r) == list(a) for r, a in zip(refs, answers)]))
+
+
+@register_split_metric("extraction_strength", requires={Capability.LOGITS, Capability.TOKENS},
+                       columns=("extraction",), display=())
+def split_extraction_strength(ctx: EvalContext, split: str) -> float:
+    """Mean extraction strength (Carlini et al. 2021; open-unlearning's definition): 1 - shortest prefix fraction
+    after which the teacher-forced argmax reproduces the rest of the answer."""
+    values = np.asarray(ctx.stats(split).columns["extraction"], dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
 
 
 @register_metric("mia_mink_auc", requires={Capability.LOGITS}, splits=("forget", "test"), columns=("mink",),
@@ -286,4 +357,4 @@ def evaluate_lm(
                        mink_k=mink_k, eos_token_id=eos_token_id, seed=seed)
 
 
-__all__ = ["evaluate_lm", "rouge_l_recall", "mink_scores", "minkpp_scores", "minkpp_unit_scores", "lowest_k_mean", "membership_auc", "greedy_answers"]
+__all__ = ["evaluate_lm", "extraction_strengths", "lcs_length", "rouge_l_f1_words", "rouge_l_recall", "rouge_words", "mink_scores", "minkpp_scores", "minkpp_unit_scores", "lowest_k_mean", "membership_auc", "greedy_answers"]

@@ -50,6 +50,13 @@ class MetricOptions:
         eos_token_id: end-of-sequence token for generation and references (None: the model's config).
         dp_delta: the delta of the empirical (epsilon, delta) lower bound (``mia_epsilon``,
             :mod:`erasus_ray.evaluation.privacy`).
+        lira: the shadow models of the LiRA attack (``mia_lira_auc``), a
+            :class:`~erasus_ray.evaluation.lira.LiraShadows`; trained once and reused by every evaluation given it.
+        utility_sets: TOFU's model utility also averages these QA sets (name -> id dataset of
+            :func:`~erasus_ray.evaluation.protocols.tofu_data.tofu_dataset`-style items), TOFU's "Real Authors" /
+            "World Facts" (``model_utility``; None: the retain set only).
+        unlearn_seconds: wall time of the unlearning run that produced the model (``seconds``); the caller measures
+            it (an evaluation sees the model, never the run).
     """
 
     seed: int = 0
@@ -58,6 +65,9 @@ class MetricOptions:
     mink_k: float = 0.2
     eos_token_id: int | None = None
     dp_delta: float = 1e-5
+    lira: Any = None
+    utility_sets: Any = None
+    unlearn_seconds: float | None = None
 
 
 class EvalContext:
@@ -108,6 +118,12 @@ class Metric:
     #: fields every item of its splits must carry beyond what the task reads (TOFU's paraphrased / perturbed answers);
     #: a split without them is refused with InvalidDataError naming them
     item_fields: tuple[str, ...] = ()
+    #: :class:`MetricOptions` fields it reads that have no default (LiRA's shadow models, the unlearning run's wall
+    #: time): never in a default suite; asked for by name without them, refused with InvalidConfigError naming them
+    options: tuple[str, ...] = ()
+    #: attributes of the task adapter it reads that an adapter may leave None (MUSE's word ROUGE reads
+    #: ``tokenizer``); refused with InvalidConfigError naming them where they are None
+    task_attrs: tuple[str, ...] = ()
 
 
 class MetricRegistry:
@@ -172,6 +188,8 @@ def register_metric(
     gap: bool = False,
     display: bool = False,
     item_fields: Iterable[str] = (),
+    options: Iterable[str] = (),
+    task_attrs: Iterable[str] = (),
 ) -> Callable[[Callable[[EvalContext], float]], Callable[[EvalContext], float]]:
     """Decorator: register ``fn(ctx) -> float`` as metric ``name``.
 
@@ -179,12 +197,15 @@ def register_metric(
     left out of an evaluation that lacks one); ``columns``: extra per-sample columns it reads from ``ctx.stats``;
     ``gap``: its gap to the retrained model counts in Avg.Gap (unless the task's suite says otherwise); ``display``:
     tables show it (likewise); ``item_fields``: dataset fields it reads beyond the task's contract (a data
-    requirement, refused with :class:`InvalidDataError` on items without them).
+    requirement, refused with :class:`InvalidDataError` on items without them); ``options``: the
+    :class:`MetricOptions` fields it needs set (refused with :class:`InvalidConfigError` while they are None);
+    ``task_attrs``: task adapter attributes it needs set (likewise).
     """
 
     def decorator(fn: Callable[[EvalContext], float]) -> Callable[[EvalContext], float]:
         METRICS.add(Metric(name, fn, capability_set(requires, f"metric {name!r}"), tuple(splits), tuple(columns),
-                           gap, display, (fn.__doc__ or "").strip(), tuple(item_fields)))
+                           gap, display, (fn.__doc__ or "").strip(), tuple(item_fields), tuple(options),
+                           tuple(task_attrs)))
         return fn
 
     return decorator
@@ -241,10 +262,12 @@ def _runnable(task: TaskLike, name: str) -> bool:
 def metric_names_for(task: TaskLike) -> tuple[str, ...]:
     """The task's default suite: its ``default_metrics`` that it can run or, when it declares none, every registered
     metric whose requirements it meets (in registration order) and that reads no extra item fields (a protocol's
-    metric, e.g. TOFU's truth ratio, needs items that plain data lacks: asked for by name, never a default). An
+    metric, e.g. TOFU's truth ratio, needs items that plain data lacks: asked for by name, never a default) nor
+    options without a default (LiRA's shadow models). An
     unknown declared name is an UnknownNameError."""
     declared = task.default_metrics
-    names = [n for n in METRICS.names() if not METRICS.get(n).item_fields] if declared is None else declared
+    names = [n for n in METRICS.names() if not (METRICS.get(n).item_fields or METRICS.get(n).options)] \
+        if declared is None else declared
     return tuple(n for n in names if _runnable(task, n))
 
 
@@ -317,8 +340,9 @@ def run_metrics(
     if unknown:
         raise InvalidConfigError(f"splits: unknown split(s) {sorted(unknown)}; known: {SPLITS}")
     metrics = [m for m in metrics if all(s in given for s in m.splits)]
-    for m in metrics:
+    for m in metrics:  # the data first: plain items given to a protocol metric is the likelier mistake
         _check_item_fields(m, given)
+        _check_options(m, opts, task)
     columns = {c: METRICS.column(c, opts, model) for m in metrics for c in m.columns}
     ctx = EvalContext(model, task, given, opts, columns)
     was_training = model.training
@@ -327,6 +351,17 @@ def run_metrics(
         return {m.name: m.compute(ctx) for m in metrics}
     finally:
         model.train(was_training)
+
+
+def _check_options(metric: Metric, options: MetricOptions, task: Task) -> None:
+    """Refuse, before any forward pass, a metric whose required options or task attributes are not set."""
+    unset = [f for f in metric.options if getattr(options, f) is None]
+    if unset:
+        raise InvalidConfigError(f"metric {metric.name!r} needs the evaluation option(s) {unset} (see MetricOptions)")
+    absent = [a for a in metric.task_attrs if getattr(task, a, None) is None]
+    if absent:
+        raise InvalidConfigError(f"metric {metric.name!r} needs the task adapter's {absent} (the {task.name!r} "
+                                 f"adapter here has none; e.g. CausalLMTask(tokenizer=...))")
 
 
 def _check_item_fields(metric: Metric, splits: Mapping[str, IdDataset]) -> None:

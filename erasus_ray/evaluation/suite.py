@@ -74,6 +74,12 @@ class SuiteResult:
         save_json(self.to_dict(), path)
 
 
+def _recordable(value: Any) -> Any:
+    """An option as a result records it: a number / string as is, an object (LiRA's shadows, utility sets) by its
+    type name, so the result stays JSON."""
+    return value if isinstance(value, (bool, int, float, str, type(None))) else type(value).__name__
+
+
 class MetricSuite:
     """Registered metrics by name, run together on one model.
 
@@ -121,7 +127,7 @@ class MetricSuite:
         self._check_splits({s for s, d in given.items() if d is not None})
         data = {s: as_id_dataset(d) for s, d in given.items() if d is not None}
         values = run_metrics(model, adapter, data, self.names, seed=seed, **options)
-        return SuiteResult(values, adapter.name, seed, dict(options))
+        return SuiteResult(values, adapter.name, seed, {k: _recordable(v) for k, v in options.items()})
 
     def _check_splits(self, given: set[str]) -> None:
         for metric in self.metrics:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from erasus_ray.data import Batch, IdDataset, make_loader
-from erasus_ray.errors import InvalidDataError
+from erasus_ray.errors import InvalidConfigError, InvalidDataError
 from erasus_ray.selectors import SELECTORS, Selector
 from erasus_ray.strategies import STRATEGIES, Strategy
 from erasus_ray.tasks import Capability, CapabilityError, Task, missing
@@ -263,7 +263,8 @@ def check_metric(metric: str, family: Family) -> dict[str, Any]:
     splits = {"forget": family.forget, "retain": family.retain, "test": family.test}
 
     def compute() -> dict[str, float]:
-        return run_metrics(family.model, family.task, splits, [metric], max_new_tokens=4)
+        return run_metrics(family.model, family.task, splits, [metric], max_new_tokens=4,
+                           **_metric_options(METRICS.get(metric).options, family))
 
     absent = [f for f in METRICS.get(metric).item_fields if not _items_carry(family, f)]
     if not lacking and absent:  # a declared data requirement the family's items do not meet: a clear refusal
@@ -273,6 +274,11 @@ def check_metric(metric: str, family: Family) -> dict[str, Any]:
             assert all(f in str(err) for f in absent), f"{what}: the refusal must name {absent}: {err}"
             return {"outcome": "refused", "lacking": absent}
         raise AssertionError(f"{what} ran although the items lack its declared fields {absent}")
+    no_attrs = [a for a in METRICS.get(metric).task_attrs if getattr(family.task, a, None) is None]
+    if not lacking and no_attrs:  # the adapter lacks an attribute the metric declares (a tokenizer): a clear refusal
+        with _RaisesNaming(InvalidConfigError, no_attrs, what):
+            compute()
+        return {"outcome": "refused", "lacking": no_attrs}
 
     refused, values = _run_declared(what, declared, lacking, compute)
     if refused:
@@ -282,6 +288,36 @@ def check_metric(metric: str, family: Family) -> dict[str, Any]:
     if metric.endswith(RATE_SUFFIXES):
         assert -1e-9 <= value <= 1 + 1e-9, f"{what}: a rate outside [0, 1]: {value}"
     return {"outcome": "ran", "value": float(value)}
+
+
+class _RaisesNaming:
+    """Context: the block must raise ``error`` whose message names every one of ``names``."""
+
+    def __init__(self, error: type[Exception], names: list[str], what: str) -> None:
+        self.error, self.names, self.what = error, names, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
+        if kind is None:
+            raise AssertionError(f"{self.what} ran although it lacks its declared {self.names}")
+        if not issubclass(kind, self.error):
+            return False
+        assert all(n in str(err) for n in self.names), f"{self.what}: the refusal must name {self.names}: {err}"
+        return True
+
+
+def _metric_options(names: tuple[str, ...], family: Family) -> dict[str, Any]:
+    """Stand-in values of the evaluation options a metric needs set: a wall time, and two copies of the family's
+    model as LiRA's OUT shadows (the contract is that it runs with them, not that it attacks well)."""
+    import copy
+
+    from erasus_ray.evaluation.lira import LiraShadows
+
+    stand_in = {"unlearn_seconds": lambda: 1.0,
+                "lira": lambda: LiraShadows(models=[family.model, copy.deepcopy(family.model)])}
+    return {name: stand_in[name]() for name in names}
 
 
 def _items_carry(family: Family, field: str) -> bool:

@@ -91,6 +91,8 @@ class EvalData:
     retain: IdDataset
     test: IdDataset | None
     task: Task
+    #: extra QA sets a protocol's utility also reads (TOFU's world facts; name -> id dataset)
+    utility_sets: dict[str, IdDataset] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +106,8 @@ class StandIn:
     retain: IdDataset
     test: IdDataset | None
     strategies: tuple[str, ...]
+    #: extra QA sets of the protocol's utility (TOFU's world-facts stand-in), passed to ``evaluate(utility_sets=)``
+    utility_sets: dict[str, IdDataset] = field(default_factory=dict)
 
 
 class Protocol(ABC):

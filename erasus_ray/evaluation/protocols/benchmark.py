@@ -17,7 +17,7 @@ Cost: ``len(models) * n_runs + 1`` protocol evaluations (see each protocol's cos
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -69,21 +69,30 @@ class UnlearningBenchmark:
         self.thresholds = thresholds or VerdictThresholds()
 
     def evaluate(self, model: nn.Module | Sequence[nn.Module], forget: Any, retain: Any, test: Any = None, *,
-                 gold_model: nn.Module, task: Task | str = "auto") -> BenchmarkReport:
-        """Evaluate ``model`` (or one model per unlearning seed) against ``gold_model``; see the module docstring."""
+                 gold_model: nn.Module, task: Task | str = "auto",
+                 unlearn_seconds: float | Sequence[float] | None = None,
+                 utility_sets: Mapping[str, Any] | None = None) -> BenchmarkReport:
+        """Evaluate ``model`` (or one model per unlearning seed) against ``gold_model``; see the module docstring.
+
+        ``unlearn_seconds``: the wall time of the unlearning run of each model (one number per model, measured by
+        the caller, e.g. :func:`~erasus_ray.evaluation.cost.timed`); every run of a model then reports it as the
+        metric ``seconds``, so the report gives its mean and std beside the quality metrics. ``utility_sets``: extra
+        QA sets the protocol's utility reads (TOFU: its world-facts stand-in, ``StandIn.utility_sets``)."""
         models = list(model) if isinstance(model, (list, tuple)) else [model]
         if not models:
             raise InvalidConfigError("model: no model given")
+        costs = _per_model_seconds(unlearn_seconds, len(models))
         for m in models:
             check_same_architecture(m, gold_model)
         if self.include_privacy and test is None:
             raise InvalidConfigError("test: include_privacy=True needs a test split (the attacks' non-members)")
         data = EvalData(as_id_dataset(forget), as_id_dataset(retain),
-                        None if test is None else as_id_dataset(test), get_task(task, models[0]))
+                        None if test is None else as_id_dataset(test), get_task(task, models[0]),
+                        {k: as_id_dataset(v) for k, v in (utility_sets or {}).items()})
         reference = self.protocol.prepare(gold_model, data)
         gold = self.protocol.measure(gold_model, data, self.seed, reference)
-        runs = [{**self.protocol.measure(m, data, self.seed + r, reference), "model": i, "seed": self.seed + r}
-                for i, m in enumerate(models) for r in range(self.n_runs)]
+        runs = [{**self.protocol.measure(m, data, self.seed + r, reference), **costs[i], "model": i,
+                 "seed": self.seed + r} for i, m in enumerate(models) for r in range(self.n_runs)]
         mean, std = mean_std([{k: v for k, v in run.items() if k not in ("model", "seed")} for run in runs])
         mean.update(self._gaps(mean, gold, data.task))
         criteria = self.protocol.criteria(mean, gold, self.thresholds)
@@ -94,6 +103,16 @@ class UnlearningBenchmark:
     def _gaps(mean: dict[str, float], gold: dict[str, float], task: Task) -> dict[str, float]:
         # Avg.Gap as evaluate() defines it: over the protocol's registered metrics that count in the task's gap
         return gap_metrics(mean, gold, gap_names_for(task, [k for k in mean if k in METRICS]))
+
+
+def _per_model_seconds(seconds: float | Sequence[float] | None, n_models: int) -> list[dict[str, float]]:
+    """``[{"seconds": s}]`` per model (``[{}] * n`` without times); one number per model, each finite and >= 0."""
+    if seconds is None:
+        return [{} for _ in range(n_models)]
+    values = [float(s) for s in (seconds if isinstance(seconds, (list, tuple, np.ndarray)) else [seconds])]
+    if len(values) != n_models or not all(np.isfinite(v) and v >= 0 for v in values):
+        raise InvalidConfigError(f"unlearn_seconds: one finite time >= 0 per model ({n_models}), got {values}")
+    return [{"seconds": v} for v in values]
 
 
 __all__ = ["UnlearningBenchmark", "check_same_architecture", "mean_std"]

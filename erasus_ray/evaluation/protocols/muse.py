@@ -14,8 +14,12 @@ authors), retain (other trained authors), test (held-out authors, never trained 
   looks like the retrained one; large positive = under-unlearning, large negative = over-unlearning. It needs the
   retrained model's AUC, so the protocol computes it (as TOFU's forget quality), not a registered metric.
 
-ROUGE-L here is ``rouge_l_recall`` on token ids (the value TOFU reports); MUSE reports ROUGE-L F1 on words. On the
-corpus differences see :mod:`.muse_data`.
+ROUGE-L here is MUSE's: F1 on words (:func:`~erasus_ray.evaluation.lm.rouge_l_f1_words`, the ``rouge_score``
+package's tokenisation: lowercase, split on non-alphanumerics), of the reference and the greedy output both decoded
+with the task's tokenizer (``CausalLMTask(tokenizer=...)``; a task without one is refused). Not applied: the Porter
+stemmer of ``rouge_score(use_stemmer=True)`` (open-unlearning's setting; no stemmer is installed offline), which
+only matters for inflected words. TOFU's ``<split>_rougeL`` stays ROUGE-L recall on token ids, TOFU's definition. On
+the corpus differences see :mod:`.muse_data`.
 
 Cost per model: the shared forward pass over forget / test, greedy generation over the forget biographies and over
 the forget and retain QA pairs.
@@ -31,13 +35,12 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.evaluation.lm import greedy_answers, rouge_l_recall
-from erasus_ray.evaluation.metrics import METRICS, EvalContext, register_metric
+from erasus_ray.evaluation.lm import context_answers, rouge_l_f1_words, set_references_and_answers
+from erasus_ray.evaluation.metrics import EvalContext, register_metric
 from erasus_ray.evaluation.protocols.base import (
     FORGETTING, PROTOCOLS, EvalData, Protocol, StandIn, VerdictThresholds, epsilon_within,
 )
 from erasus_ray.evaluation.protocols.muse_data import KNOWMEM
-from erasus_ray.evaluation.stats import set_stats
 from erasus_ray.evaluation.suite import MetricSuite
 from erasus_ray.tasks import Capability
 
@@ -51,10 +54,25 @@ def privleak(auc_unlearned: float, auc_retrain: float) -> float:
     return (auc_unlearned - auc_retrain) / auc_retrain
 
 
-@register_metric("forget_verbmem", requires=_GEN, splits=("forget",), columns=("references",), display=True)
+def word_rouge_f1(ctx: EvalContext, references: list[list[int]], outputs: list[list[int]]) -> float:
+    """Mean ROUGE-L F1 on words of token-id ``outputs`` against ``references``, both decoded with the task's
+    tokenizer (special tokens skipped); NaN if there are none."""
+    tokenizer = getattr(ctx.task, "tokenizer", None)
+    if tokenizer is None:
+        raise InvalidConfigError("task: MUSE's ROUGE-L is on words, so the task needs the model's tokenizer "
+                                 "(CausalLMTask(tokenizer=...))")
+    if not len(references):
+        return math.nan
+    text = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
+    return float(np.mean([rouge_l_f1_words(text(r), text(o)) for r, o in zip(references, outputs)]))
+
+
+@register_metric("forget_verbmem", requires=_GEN, splits=("forget",), columns=("references",), display=True,
+                 task_attrs=("tokenizer",))
 def forget_verbmem(ctx: EvalContext) -> float:
-    """MUSE VerbMem: ROUGE-L of the greedy continuation of the forget-text prompts."""
-    return METRICS.get("forget_rougeL").compute(ctx)  # shares the evaluation's cached generation
+    """MUSE VerbMem: ROUGE-L F1 on words of the greedy continuation of the forget-text prompts."""
+    # the same cached generation as forget_rougeL
+    return word_rouge_f1(ctx, ctx.stats("forget").columns["references"], context_answers(ctx, "forget"))
 
 
 def _knowmem_set(data: IdDataset) -> IdDataset:
@@ -64,24 +82,23 @@ def _knowmem_set(data: IdDataset) -> IdDataset:
 
 
 def knowmem(ctx: EvalContext, split: str) -> float:
-    """Mean ROUGE-L of the greedy answers to the split's KnowMem QA pairs (cached per evaluation)."""
+    """Mean ROUGE-L F1 on words of the greedy answers to the split's KnowMem QA pairs (cached per evaluation)."""
     qa = ctx.cached(("knowmem", split), lambda: _knowmem_set(ctx.splits[split]))
     if not len(qa):
         return math.nan
-    refs = set_stats(ctx.model, ctx.task, qa, ctx.batch_size,
-                     {"references": METRICS.column("references", ctx.options, ctx.model)}).columns["references"]
-    answers = greedy_answers(ctx.model, ctx.task, qa, max_new_tokens=max(len(r) for r in refs) + 2,
-                             batch_size=ctx.batch_size, eos_token_id=ctx.options.eos_token_id)
-    return float(np.mean([rouge_l_recall(r, a) for r, a in zip(refs, answers)]))
+    _, refs, answers = set_references_and_answers(ctx, qa)
+    return word_rouge_f1(ctx, refs, answers)
 
 
-@register_metric("forget_knowmem", requires=_GEN, splits=("forget",), display=True, item_fields=(KNOWMEM,))
+@register_metric("forget_knowmem", requires=_GEN, splits=("forget",), display=True, item_fields=(KNOWMEM,),
+                 task_attrs=("tokenizer",))
 def forget_knowmem(ctx: EvalContext) -> float:
-    """MUSE KnowMem on the forget QA pairs (ROUGE-L of greedy answers)."""
+    """MUSE KnowMem on the forget QA pairs (ROUGE-L F1 on words of greedy answers)."""
     return knowmem(ctx, "forget")
 
 
-@register_metric("retain_knowmem", requires=_GEN, splits=("retain",), display=True, item_fields=(KNOWMEM,))
+@register_metric("retain_knowmem", requires=_GEN, splits=("retain",), display=True, item_fields=(KNOWMEM,),
+                 task_attrs=("tokenizer",))
 def retain_knowmem(ctx: EvalContext) -> float:
     """MUSE KnowMem on the retain QA pairs: utility preservation."""
     return knowmem(ctx, "retain")
@@ -136,4 +153,4 @@ class MuseProtocol(Protocol):
                 "privacy": privacy}
 
 
-__all__ = ["MUSE_METRICS", "MuseProtocol", "knowmem", "privleak"]
+__all__ = ["MUSE_METRICS", "MuseProtocol", "knowmem", "privleak", "word_rouge_f1"]

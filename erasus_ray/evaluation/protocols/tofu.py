@@ -12,8 +12,11 @@ Registered metrics (TOFU's aggregation, as in the reference ``aggregate_eval_sta
 
 * ``forget_truth_ratio``: mean of ``min(R, 1/R)`` on the forget set (1 = no preference either way);
 * ``retain_truth_ratio``: mean of ``max(0, 1 - R)`` on the retain set (higher = knows the facts);
-* ``model_utility``: harmonic mean of ``retain_prob``, ``retain_rougeL`` and ``retain_truth_ratio`` (TOFU also
-  folds in its real-authors and world-facts sets; we have no offline stand-in for them yet, so this is retain only).
+* ``model_utility``: harmonic mean of ``retain_prob``, ``retain_rougeL`` and ``retain_truth_ratio`` and, for each
+  set of the ``utility_sets`` option (TOFU's "Real Authors" and "World Facts", :func:`utility_set_parts`), the
+  same three values on that set, TOFU's way: the probability normalised over the answer options,
+  ``P(a|q) / (P(a|q) + sum_k P(a_pert_k|q))`` (length-normalised likelihoods), ROUGE-L recall, and ``max(0, 1 - R)``.
+  Without ``utility_sets`` it is the retain set's three values only.
 
 **Forget quality** (:func:`forget_quality`) is the p-value of the two-sample Kolmogorov-Smirnov test between the
 per-sample truth ratios of the unlearned and of the gold (retrained) model on the forget set: high (p >= 0.05) means
@@ -34,6 +37,7 @@ from torch import nn
 
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidDataError
+from erasus_ray.evaluation.lm import rouge_l_recall, set_references_and_answers
 from erasus_ray.evaluation.metrics import METRICS, EvalContext, register_metric
 from erasus_ray.evaluation.protocols.base import (
     FORGETTING, PROTOCOLS, EvalData, Protocol, StandIn, VerdictThresholds, epsilon_within,
@@ -127,21 +131,49 @@ def retain_truth_ratio(ctx: EvalContext) -> float:
     return retain_truth_ratio_stat(context_truth_ratios(ctx, "retain"))
 
 
-def utility_from_parts(prob: float, rouge_l: float, truth_ratio: float) -> float:
-    """TOFU's model utility: the harmonic mean of the three (0 if any is 0, NaN if any is NaN)."""
-    parts = np.array([prob, rouge_l, truth_ratio], dtype=np.float64)
-    if np.isnan(parts).any():
+def utility_from_parts(*parts: float) -> float:
+    """TOFU's model utility: the harmonic mean of the parts (0 if any is 0, NaN if any is NaN)."""
+    values = np.array(parts, dtype=np.float64)
+    if np.isnan(values).any():
         return math.nan
-    return 0.0 if (parts <= 0).any() else float(hmean(parts))
+    return 0.0 if (values <= 0).any() else float(hmean(values))
+
+
+def option_probability(answer_loss: np.ndarray, perturbed_loss: np.ndarray) -> float:
+    """TOFU's probability on its real-authors / world-facts sets: mean over samples of ``P(a) / (P(a) + sum_k
+    P(a_pert_k))`` with ``P = exp(-loss)`` the length-normalised likelihoods (``[N]`` and ``[N, K]`` losses)."""
+    true = np.exp(-np.asarray(answer_loss, dtype=np.float64).reshape(-1))
+    wrong = np.exp(-np.asarray(perturbed_loss, dtype=np.float64).reshape(len(true), -1)).sum(axis=1)
+    return float(np.mean(true / (true + wrong))) if len(true) else math.nan
+
+
+def utility_set_parts(ctx: EvalContext, name: str, data: IdDataset) -> tuple[float, float, float]:
+    """(option probability, ROUGE-L recall, ``max(0, 1 - R)``) of the evaluation's model on one utility set (cached).
+
+    Cost: one forward pass over the answers and ``1 + K`` over the paraphrased / perturbed answers, plus greedy
+    generation."""
+
+    def compute() -> tuple[float, float, float]:
+        stats, refs, answers = set_references_and_answers(ctx, data)
+        _, pert = _answer_sets(data, name)
+        pert_loss = np.stack([set_stats(ctx.model, ctx.task, p, ctx.batch_size).loss for p in pert], axis=1)
+        rouge = float(np.mean([rouge_l_recall(r, a) for r, a in zip(refs, answers)])) if len(refs) else math.nan
+        ratios = truth_ratios(ctx.model, ctx.task, data, ctx.batch_size, name)
+        return option_probability(stats.loss, pert_loss), rouge, retain_truth_ratio_stat(ratios)
+
+    return ctx.cached(("utility_set", name), compute)
 
 
 @register_metric("model_utility", requires=_LM | {Capability.GENERATION}, splits=("retain",), columns=("references",),
                  display=True, item_fields=(PARAPHRASED, PERTURBED))
 def model_utility(ctx: EvalContext) -> float:
-    """Harmonic mean of retain answer probability, retain ROUGE-L and retain truth ratio (TOFU's model utility)."""
+    """Harmonic mean of retain answer probability, retain ROUGE-L and retain truth ratio, and of the same three on
+    each ``utility_sets`` set (TOFU's model utility)."""
     prob = METRICS.get("retain_prob").compute(ctx)
     rouge_l = METRICS.get("retain_rougeL").compute(ctx)  # shares the evaluation's cached generation
-    return utility_from_parts(prob, rouge_l, retain_truth_ratio(ctx))
+    extra = [v for name, data in sorted((ctx.options.utility_sets or {}).items())
+             for v in utility_set_parts(ctx, name, data)]
+    return utility_from_parts(prob, rouge_l, retain_truth_ratio(ctx), *extra)
 
 
 RETAIN_METRICS = ("model_utility", "retain_prob", "retain_rougeL", "retain_truth_ratio")
@@ -169,15 +201,17 @@ class TofuProtocol(Protocol):
 
     @classmethod
     def standin(cls, variant: str = "ci", seed: int = 0) -> StandIn:
-        """The authors benchmark, ``forget10``; retain evaluation on the first 40 retain QA pairs."""
-        from erasus_ray.benchmarks.authors import AuthorsBenchmark
+        """The authors benchmark with the world-facts stand-in trained alongside (:class:`~erasus_ray.evaluation.
+        protocols.tofu_data.TofuAuthorsBenchmark`), ``forget10``; retain evaluation on the first 40 retain QA pairs;
+        the world facts are model utility's ``utility_sets``."""
         from erasus_ray.benchmarks.base import build_benchmark
-        from erasus_ray.evaluation.protocols.tofu_data import tofu_dataset
+        from erasus_ray.evaluation.protocols.tofu_data import TofuAuthorsBenchmark, tofu_dataset, world_facts_dataset
 
-        spec = AuthorsBenchmark(variant=variant)
+        spec = TofuAuthorsBenchmark(variant=variant)
         bench = build_benchmark(spec, "forget10", seed=seed)
-        retain = tofu_dataset(spec, bench.retain.subset(bench.retain.ids[:40]))
-        return StandIn(bench, tofu_dataset(spec, bench.forget), retain, bench.test, ("grad_diff", "npo", "simnpo"))
+        retain = tofu_dataset(spec, bench.retain.subset(bench.retain.ids[:40]))  # author ids: world ids sort last
+        return StandIn(bench, tofu_dataset(spec, bench.forget), retain, bench.test, ("grad_diff", "npo", "simnpo"),
+                       {"world_facts": world_facts_dataset(spec)})
 
     def names(self) -> tuple[str, ...]:
         return FORGET_METRICS + RETAIN_METRICS + (PRIVACY_METRICS + EPSILON if self.include_privacy else ())
@@ -189,7 +223,8 @@ class TofuProtocol(Protocol):
         ratios = truth_ratios(model, data.task, data.forget, split="forget")
         values = {"forget_quality": forget_quality(ratios, reference["gold_truth_ratios"]),
                   "forget_truth_ratio": forget_truth_ratio_stat(ratios)}
-        suite = MetricSuite(self.names()).run(model, data.forget, data.retain, data.test, task=data.task, seed=seed)
+        suite = MetricSuite(self.names()).run(model, data.forget, data.retain, data.test, task=data.task, seed=seed,
+                                              utility_sets=data.utility_sets or None)
         return {**values, **suite.metrics}
 
     def criteria(self, mean: Mapping[str, float], gold: Mapping[str, float], thresholds: VerdictThresholds) -> dict[str, bool]:
@@ -205,5 +240,5 @@ class TofuProtocol(Protocol):
 
 __all__ = [
     "TofuProtocol", "context_truth_ratios", "forget_quality", "forget_truth_ratio_stat", "retain_truth_ratio_stat", "truth_ratios",
-    "truth_ratio_from_losses", "utility_from_parts",
+    "truth_ratio_from_losses", "option_probability", "utility_from_parts", "utility_set_parts",
 ]

@@ -29,12 +29,18 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import replace
+from functools import lru_cache
+from importlib import resources
 from typing import Any
 
 import numpy as np
 
-from erasus_ray.benchmarks.authors import HELDOUT_ID_OFFSET, AuthorsBenchmark
+from erasus_ray.benchmarks.authors import HELDOUT_ID_OFFSET, AuthorsBenchmark, qa_text
 from erasus_ray.benchmarks.authors_data import TEMPLATES
+from erasus_ray.benchmarks.base import TaskData
 from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
 
@@ -101,4 +107,60 @@ def tofu_dataset(spec: AuthorsBenchmark, dataset: IdDataset, n_perturbed: int = 
     return IdDataset(items, np.arange(len(items)), dataset.ids)
 
 
-__all__ = ["fact_pools", "PARAPHRASE_CLAUSES", "PARAPHRASED", "PERTURBED", "tofu_answers", "tofu_dataset"]
+#: Sample ids of the world-facts QA pairs (beyond every author id and held-out id).
+WORLD_ID_OFFSET = 200_000
+
+
+@lru_cache(maxsize=1)
+def _world_text() -> str:
+    return resources.files("erasus_ray").joinpath("data/world_facts.json").read_text()
+
+
+def load_world_facts() -> list[dict[str, Any]]:
+    """The committed world-facts QA (``erasus_ray/data/world_facts.json``): question, answer, paraphrased answer,
+    perturbed answers."""
+    return json.loads(_world_text())["facts"]
+
+
+class TofuAuthorsBenchmark(AuthorsBenchmark):
+    """The authors benchmark whose original and gold models also learn the committed world facts: the offline
+    stand-in of TOFU's "World Facts" utility set (Maini et al. 2024, Sec. 2.3: knowledge the model has beside the
+    fictitious authors, which unlearning should leave intact).
+
+    Where it differs from TOFU: TOFU's real-world facts come from pretraining and are outside the fine-tuning data;
+    a from-scratch model has no pretraining, so here they are trained together with the authors (ids from
+    :data:`WORLD_ID_OFFSET`) and are therefore also in ``bench.retain``, the data a strategy's retain term sees. TOFU's
+    "Real Authors" set has no stand-in (every author here is fictitious). Cost: 20 more QA pairs in training."""
+
+    name = "authors-tofu"
+
+    def tokenizer_texts(self) -> list[str]:
+        texts = super().tokenizer_texts()
+        for fact in load_world_facts():
+            texts += ["".join(qa_text(fact["question"], a)) for a in [fact["answer"], fact[PARAPHRASED], *fact[PERTURBED]]]
+        return texts
+
+    def build_data(self, scenario: str, seed: int) -> TaskData:
+        data = super().build_data(scenario, seed)
+        facts = load_world_facts()
+        items = [data.train[r][1] for r in range(len(data.train))] + self.encode(
+            [(f["question"], f["answer"]) for f in facts])
+        ids = np.r_[data.train.ids, WORLD_ID_OFFSET + np.arange(len(facts))]
+        return replace(data, train=IdDataset(items, np.arange(len(items)), ids))
+
+    def config(self, scenario: str, seed: int) -> dict[str, Any]:
+        return {**super().config(scenario, seed), "world_sha": hashlib.sha1(_world_text().encode()).hexdigest()[:16]}
+
+
+def world_facts_dataset(spec: AuthorsBenchmark) -> IdDataset:
+    """The world facts as :func:`tofu_dataset`-style items (answer, ``"paraphrased"``, ``"perturbed"``), ids from
+    :data:`WORLD_ID_OFFSET`: the ``utility_sets`` entry of TOFU's model utility."""
+    facts = load_world_facts()
+    answers = spec.encode([(f["question"], f["answer"]) for f in facts])
+    para = spec.encode([(f["question"], f[PARAPHRASED]) for f in facts])
+    pert = [spec.encode([(f["question"], w) for w in f[PERTURBED]]) for f in facts]
+    items = [{**a, PARAPHRASED: p, PERTURBED: w} for a, p, w in zip(answers, para, pert)]
+    return IdDataset(items, np.arange(len(items)), WORLD_ID_OFFSET + np.arange(len(items)))
+
+
+__all__ = ["TofuAuthorsBenchmark", "WORLD_ID_OFFSET", "load_world_facts", "world_facts_dataset", "fact_pools", "PARAPHRASE_CLAUSES", "PARAPHRASED", "PERTURBED", "tofu_answers", "tofu_dataset"]
