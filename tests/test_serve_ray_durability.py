@@ -58,6 +58,12 @@ def _all_final(service, accepted):
     return lambda _: all(_states(service).get(rid) in FINAL for rid in accepted)
 
 
+def _first_verified(service):
+    """Wait (polling the ledger every 20 ms) until the worker verified its first request: the moment to kill it, with
+    the rest of the queue owed (a round takes ~0.3 s on wine; a 0.5 s poll once saw all 4 requests done)."""
+    _wait(lambda: _states(service), lambda s: "verified" in s.values(), attempts=6000, pause=0.02)
+
+
 def _replica(ray, deployment):
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"]]
@@ -83,17 +89,17 @@ def test_killed_replicas_are_restarted_and_every_request_completes_once(ray_clus
     ray = ray_cluster
     config = _config(tmp_path)
     service = DeletionService(config)  # the test's own view of the ledger and versions (v0 written before Serve starts)
-    bodies = _bodies(service, 8)
+    bodies = _bodies(service, 12)
     serve.start(http_options=http_options(config))
     try:
         serve.run(build(config), name="erasus-kill", route_prefix="/")
         with httpx.Client(base_url=config.url, timeout=30.0) as http:
-            accepted = _file(http, bodies[:4])
-            _wait(lambda: _states(service), lambda s: "verified" in s.values())  # the worker is mid-queue
+            accepted = _file(http, bodies[:8])
+            _first_verified(service)  # the worker is mid-queue
             worker = _replica(ray, "unlearning_worker")
             ray.kill(ray.get_actor(worker, namespace="serve"), no_restart=True)
             owed_at_kill = [rid for rid, s in _states(service).items() if s not in FINAL]
-            accepted += _file(http, bodies[4:])  # accepted while no worker runs
+            accepted += _file(http, bodies[8:])  # accepted while no worker runs
             ingress = _replica(ray, "deletions")
             ray.kill(ray.get_actor(ingress, namespace="serve"), no_restart=True)
             assert _file(http, bodies) == accepted  # a client's retries: the same requests, nothing filed twice
@@ -148,7 +154,7 @@ def test_a_killed_service_restarts_on_its_ledger_and_serves_the_last_version(tmp
         with httpx.Client(base_url=config.url, timeout=30.0) as http:
             _wait(lambda: http.get("/v1/model", headers=auth), lambda r: r.status_code == 200, attempts=600)
             accepted = _file(http, bodies)
-            _wait(lambda: _states(service), lambda s: "verified" in s.values())
+            _first_verified(service)
             _kill_tree(proc)
             owed_at_kill = [rid for rid, s in _states(service).items() if s not in FINAL]
             served_at_kill = service.versions.current
