@@ -27,7 +27,7 @@ def _die() -> None:
 def config(state_dir: str) -> Any:
     from erasus_ray.serve import ServeConfig
 
-    return ServeConfig(state_dir=state_dir, batch_size=2, max_detectable_auc=None, max_requests_per_minute=None)
+    return ServeConfig(benchmark="wine", state_dir=state_dir, batch_size=2, max_detectable_auc=None, max_requests_per_minute=None)
 
 
 def _arm(kill_point: str, delay: float) -> None:

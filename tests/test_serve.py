@@ -23,7 +23,7 @@ def wine():
 
 
 def _service(tmp_path, wine, **config):
-    service = DeletionService(ServeConfig(state_dir=str(tmp_path / "state"), **config), benchmark=wine)
+    service = DeletionService(ServeConfig(benchmark="wine", state_dir=str(tmp_path / "state"), **config), benchmark=wine)
     keys = {name: service.keys.add(name) for name in ("client-0", "client-1")}
     keys["operator"] = service.keys.add("operator", role="operator")
     return service, TestClient(create_app(service)), keys

@@ -44,7 +44,7 @@ def test_a_deletion_over_http_publishes_a_version_predict_names(ray_cluster, tmp
     from erasus_ray.serve.service import round_robin_owners
 
     port = _free_port()
-    config = ServeConfig(state_dir=str(tmp_path / "state"), port=port, poll_s=0.5)
+    config = ServeConfig(benchmark="wine", state_dir=str(tmp_path / "state"), port=port, poll_s=0.5)
     (tmp_path / "state").mkdir()
     with DeletionLedger(config.ledger_url) as ledger:
         key = ClientKeys(ledger).add("client-0")
@@ -80,7 +80,7 @@ def test_the_worker_keeps_its_scoring_pool_warm_between_rounds(ray_cluster, tmp_
     from erasus_ray.serve import DeletionService, ServeConfig, UnlearningWorker
 
     ray = ray_cluster
-    service = DeletionService(ServeConfig(state_dir=str(tmp_path / "state"), max_detectable_auc=None),
+    service = DeletionService(ServeConfig(benchmark="wine", state_dir=str(tmp_path / "state"), max_detectable_auc=None),
                               benchmark=load_benchmark("wine", scenario="class", seed=0))
     worker = UnlearningWorker(service)
     seen = []
@@ -115,7 +115,7 @@ def test_ray_serve_proxy_serves_https_from_the_config(ray_cluster, tmp_path):
     from erasus_ray.serve.app import build, http_options
 
     keyfile, certfile = _self_signed(tmp_path)
-    config = ServeConfig(state_dir=str(tmp_path / "state"), port=_free_port(), ssl_keyfile=keyfile, ssl_certfile=certfile)
+    config = ServeConfig(benchmark="wine", state_dir=str(tmp_path / "state"), port=_free_port(), ssl_keyfile=keyfile, ssl_certfile=certfile)
     (tmp_path / "state").mkdir()
     with DeletionLedger(config.ledger_url) as ledger:
         key = ClientKeys(ledger).add("client-0")
@@ -131,3 +131,47 @@ def test_ray_serve_proxy_serves_https_from_the_config(ray_cluster, tmp_path):
     finally:
         serve.delete("erasus-tls")
         serve.shutdown()
+
+
+def test_generate_over_ray_serve_names_the_version_a_deletion_publishes(ray_cluster, tmp_path):
+    """``POST /generate`` through Ray Serve's proxy on the causal-LM ``authors`` benchmark (the small ``ci`` GPT-2,
+    cached): completions name version 0; a client's QA deletion is unlearned by the worker replica, and the same
+    prompts then name version 1 and no longer get the memorised first words."""
+    pytest.importorskip("transformers")
+    from ray import serve
+
+    from erasus_ray.benchmarks.authors import qa_text
+    from erasus_ray.serve import DeletionService, ServeConfig
+    from erasus_ray.serve.app import build, http_options
+
+    config = ServeConfig(benchmark="authors", scenario="forget10", benchmark_options={"variant": "ci"},
+                         state_dir=str(tmp_path / "state"), port=_free_port(), poll_s=0.5, max_detectable_auc=None)
+    service = DeletionService(config)  # writes v0 and holds the key before the replicas start
+    auth = {"Authorization": f"Bearer {service.keys.add('client-0')}"}
+    mine = service.ownership.ids_of("client-0")[:10].tolist()
+    qa = service.benchmark.info["qa"]
+    prompts = {"prompts": [qa_text(*qa[i])[0] for i in mine[:3]], "max_new_tokens": 12}
+
+    def first_words(answer):
+        return sum(c.strip().startswith(qa[i][1].split()[0]) for c, i in zip(answer["completions"], mine))
+
+    serve.start(http_options=http_options(config))
+    try:
+        serve.run(build(config), name="erasus-generate", route_prefix="/")
+        with httpx.Client(base_url=config.url, timeout=120.0) as http:
+            before = http.post("/generate", json=prompts, headers=auth)
+            assert before.status_code == 200 and before.json()["model_version"] == 0, before.text
+            assert http.post("/generate", json=prompts).status_code == 401
+            assert http.post("/predict", json={"inputs": [[0.0]]}, headers=auth).status_code == 409
+            filed = http.post("/v1/deletions", json={"request_id": "qa", "ids": mine}, headers=auth)
+            assert filed.status_code == 202, filed.text
+            status = _wait(lambda: http.get("/v1/deletions/qa", headers=auth).json(),
+                           lambda s: s.get("state") in ("verified", "failed"), attempts=600)
+            assert status["state"] == "verified" and status["model_version"] == 1, status
+            after = http.post("/generate", json=prompts, headers=auth).json()
+            assert after["model_version"] == 1
+            assert first_words(after) < first_words(before.json())  # in-process: 3 of 3 before, 0 after
+    finally:
+        serve.delete("erasus-generate")
+        serve.shutdown()
+        service.close()

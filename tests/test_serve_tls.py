@@ -69,7 +69,7 @@ def test_standalone_server_serves_https_with_the_configured_certificate(tmp_path
     from erasus_ray.serve.standalone import uvicorn_server
 
     keyfile, certfile = _self_signed(tmp_path)
-    config = ServeConfig(state_dir=str(tmp_path / "state"), port=_free_port(), ssl_keyfile=keyfile, ssl_certfile=certfile)
+    config = ServeConfig(benchmark="wine", state_dir=str(tmp_path / "state"), port=_free_port(), ssl_keyfile=keyfile, ssl_certfile=certfile)
     service = DeletionService(config, benchmark=load_benchmark("wine", scenario="class", seed=0))
     key = service.keys.add("client-0")
     server = uvicorn_server(config, service)

@@ -198,8 +198,9 @@ def main() -> None:
                 busy = sum(min(b, stamps[-1]) - max(a, stamps[0]) for a, b in spans if b > stamps[0] and a < stamps[-1])
                 results["unlearning"] = {**summary(lat, args.seconds), "versions_published": v1 - v0, "pending_at_end": pending,
                                          "busy_fraction": busy / args.seconds,
-                                         "during_rounds": summary(during, args.seconds) if during else None,
-                                         "between_rounds": summary(between, args.seconds) if between else None}
+                                         # each sub-window's calls/s over its own seconds (rounds running / not)
+                                         "during_rounds": summary(during, busy) if during else None,
+                                         "between_rounds": summary(between, args.seconds - busy) if between else None}
                 for _ in range(3600):  # drain
                     listing = http.get("/v1/deletions", headers=op).json()["requests"]
                     if not any(r["state"] in ("validated", "scheduled", "unlearned") for r in listing):

@@ -13,7 +13,7 @@ from erasus_ray.serve.config import ServeConfig
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the deletion service (Ray Serve + FastAPI): see examples/serve.yaml")
-    serve.add_argument("--config", default=None, help="serve YAML (default: the embedded defaults: wine, SQLite, 127.0.0.1:8321)")
+    serve.add_argument("--config", default=None, help="serve YAML (default: the embedded defaults: digits, SQLite, 127.0.0.1:8321)")
     serve.add_argument("--check", action="store_true", help="validate the config and exit")
     serve.add_argument("--standalone", action="store_true",
                        help="serve without Ray: uvicorn and the unlearning worker in this process (one machine)")
