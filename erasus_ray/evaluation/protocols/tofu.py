@@ -169,12 +169,15 @@ class TofuProtocol(Protocol):
 
     @classmethod
     def standin(cls, variant: str = "ci", seed: int = 0) -> StandIn:
-        """The authors benchmark, ``forget10``; retain evaluation on the first 40 retain QA pairs."""
+        """The authors benchmark, ``forget10``; retain evaluation on the first 40 retain QA pairs. ``variant``:
+        an authors variant (``ci``, ``full``), or ``smollm`` for the pretrained SmolLM2 tier
+        (:class:`~erasus_ray.benchmarks.authors_smollm.AuthorsSmolLMBenchmark`, its ``forget10x`` variant)."""
         from erasus_ray.benchmarks.authors import AuthorsBenchmark
+        from erasus_ray.benchmarks.authors_smollm import AuthorsSmolLMBenchmark
         from erasus_ray.benchmarks.base import build_benchmark
         from erasus_ray.evaluation.protocols.tofu_data import tofu_dataset
 
-        spec = AuthorsBenchmark(variant=variant)
+        spec = AuthorsSmolLMBenchmark() if variant == "smollm" else AuthorsBenchmark(variant=variant)
         bench = build_benchmark(spec, "forget10", seed=seed)
         retain = tofu_dataset(spec, bench.retain.subset(bench.retain.ids[:40]))
         return StandIn(bench, tofu_dataset(spec, bench.forget), retain, bench.test, ("grad_diff", "npo", "simnpo"))
