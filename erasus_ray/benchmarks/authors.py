@@ -122,16 +122,18 @@ class AuthorsBenchmark(BenchmarkSpec):
     task_class = CausalLMTask
     scenarios = ("forget01", "forget05", "forget10")
     default_scenario = "forget10"
+    #: the variants this class knows (a subclass with another model brings its own table)
+    variants: dict[str, AuthorsVariant] = VARIANTS
 
     def __init__(self, variant: str = "full", **overrides: Any) -> None:
-        if variant not in VARIANTS:
-            raise InvalidConfigError(f"unknown authors variant {variant!r}; known: {', '.join(VARIANTS)}")
+        if variant not in self.variants:
+            raise InvalidConfigError(f"unknown {self.name} variant {variant!r}; known: {', '.join(self.variants)}")
         known = {f.name for f in fields(AuthorsVariant)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise InvalidConfigError(f"unknown authors option(s) {unknown}; known: variant, {', '.join(sorted(known))}")
         super().__init__(variant=variant, **overrides)
-        self.variant = replace(VARIANTS[variant], **overrides)
+        self.variant = replace(self.variants[variant], **overrides)
         raw = load_authors()
         v = self.variant
         if v.n_train > len(raw["train"]) or v.n_holdout > len(raw["heldout"]) or v.n_questions > len(raw["train"][0]["qa"]):

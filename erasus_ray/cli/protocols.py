@@ -190,7 +190,7 @@ def add_protocol_parsers(sub: Any) -> None:
                        help="state dict of a model retrained without the forget set (default: the stand-in's)")
     bench.add_argument("--epochs", type=int, default=None, help="unlearning epochs (default: each strategy's own)")
     bench.add_argument("--no-privacy", action="store_true", help="leave out the membership attacks and epsilon bound")
-    bench.add_argument("--variant", default="ci", help="authors stand-ins: ci (fast) | full")
+    bench.add_argument("--variant", default="ci", help="authors stand-ins: ci (fast) | full | smollm (pretrained SmolLM2, needs the smollm extra)")
     bench.add_argument("--out", default="results/protocols")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(func=cmd_benchmark)

@@ -203,15 +203,19 @@ class TofuProtocol(Protocol):
     def standin(cls, variant: str = "ci", seed: int = 0) -> StandIn:
         """The authors benchmark with the world-facts stand-in trained alongside (:class:`~erasus_ray.evaluation.
         protocols.tofu_data.TofuAuthorsBenchmark`), ``forget10``; retain evaluation on the first 40 retain QA pairs;
-        the world facts are model utility's ``utility_sets``."""
+        the world facts are model utility's ``utility_sets``. ``variant``: an authors variant (``ci``, ``full``), or
+        ``smollm`` for the pretrained SmolLM2 tier (:class:`~erasus_ray.benchmarks.authors_smollm.AuthorsSmolLMBenchmark`,
+        its ``forget10x`` variant; no world-facts set: utility is the retain set's alone)."""
+        from erasus_ray.benchmarks.authors_smollm import AuthorsSmolLMBenchmark
         from erasus_ray.benchmarks.base import build_benchmark
         from erasus_ray.evaluation.protocols.tofu_data import TofuAuthorsBenchmark, tofu_dataset, world_facts_dataset
 
-        spec = TofuAuthorsBenchmark(variant=variant)
+        smollm = variant == "smollm"
+        spec = AuthorsSmolLMBenchmark() if smollm else TofuAuthorsBenchmark(variant=variant)
         bench = build_benchmark(spec, "forget10", seed=seed)
         retain = tofu_dataset(spec, bench.retain.subset(bench.retain.ids[:40]))  # author ids: world ids sort last
         return StandIn(bench, tofu_dataset(spec, bench.forget), retain, bench.test, ("grad_diff", "npo", "simnpo"),
-                       {"world_facts": world_facts_dataset(spec)})
+                       {} if smollm else {"world_facts": world_facts_dataset(spec)})
 
     def names(self) -> tuple[str, ...]:
         return FORGET_METRICS + RETAIN_METRICS + (PRIVACY_METRICS + EPSILON if self.include_privacy else ())
