@@ -206,7 +206,7 @@ def test_bundled_tasks_run_what_they_ran_before():
     refused_cls = {n for n in STRATEGIES.names() if not STRATEGIES.get(n).requires <= cls_task.capabilities}
     refused_lm = {n for n in STRATEGIES.names() if not STRATEGIES.get(n).requires <= lm_task.capabilities}
     diffusion_only = {"concept_ablation", "esd", "selective_amnesia", "noise_injection", "unet_surgery", "timestep_masking",
-                      "meta_unlearning", "safe_latents"}  # class-erasure methods need guidance (a diffusion task)
+                      "meta_unlearning", "safe_latents", "uce"}  # class-erasure methods need guidance (a diffusion task)
     # vision-language methods need a model's vision and text towers or its joint image-text space
     vlm_only = {"contrastive_unlearning", "modality_decoupling", "vision_text_split", "vlm_attention"}
     assert refused_cls == {"attention_surgery", "token_masking"} | diffusion_only | vlm_only

@@ -111,7 +111,7 @@ DRIVER_ONLY = [n for n in STRATEGIES.names() if _default(n).driver_only()]
 def test_driver_only_list():
     """The strategies whose work is not optimizer steps through the runner (they override unlearn())."""
     assert set(DRIVER_ONLY) == {"fisher_forgetting", "ssd", "sisa", "certified_removal", "retrain", "neuron_pruning",
-                                "attention_surgery", "activation_steering", "safe_latents", "vlm_attention"}
+                                "attention_surgery", "activation_steering", "safe_latents", "vlm_attention", "uce"}
     for name in DRIVER_ONLY:
         assert STRATEGIES.get(name).unlearn is not Strategy.unlearn
 
@@ -121,7 +121,7 @@ def test_driver_only_strategies_are_refused_by_ray_train(name, digits_class, tin
     model, task = (digits_class.original, digits_class.task)
     if not runs_on(STRATEGIES.get(name), task):
         model, task = tiny_lm["model"], tiny_lm["task"]
-    for family in ("digits_unet", "clip"):  # a diffusion method (safe_latents), a VLM one (vlm_attention)
+    for family in ("digits_unet", "digits_prompt_unet", "clip"):  # diffusion (safe_latents, uce), VLM (vlm_attention)
         if runs_on(STRATEGIES.get(name), task):
             break
         from erasus_ray.testing import build_family

@@ -3,7 +3,7 @@ Inappropriate Degeneration in Diffusion Models"): safety guidance at sampling ti
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -28,9 +28,9 @@ def safety_guidance(eps_c: torch.Tensor, eps_s: torch.Tensor, eps_u: torch.Tenso
 
 
 class SafeLatentsModel(nn.Module):
-    """The base UNet with SLD's safety guidance folded into its class-conditional noise prediction.
+    """The base model with SLD's safety guidance folded into its conditional noise prediction.
 
-    ``forward(x_t, t, class_labels=c)`` returns ``eps(x_t, c) - safety`` for every row whose class is not the null
+    ``forward(x_t, t, **condition(c))`` (class labels, or a prompt model's token ids) returns ``eps(x_t, c) - safety`` for every row whose class is not the null
     class (the unconditional prediction is the base model's). A classifier-free-guided sampler then computes
     ``eps_u + w (eps_c - eps_u - safety)``, SLD's guided estimate (its eq. 3), so every sampler and judged metric of the
     diffusion task sees the guidance without knowing of it. The safety term is applied below ``max_timestep`` (SLD's
@@ -41,27 +41,35 @@ class SafeLatentsModel(nn.Module):
     """
 
     def __init__(self, base: nn.Module, concepts: list[int], null_class: int, threshold: float, momentum_scale: float,
-                 max_timestep: int, label_arg: str = "class_labels") -> None:
+                 max_timestep: int, condition: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> None:
         super().__init__()
         self.base = base
         self.config = base.config
         self.register_buffer("concepts", torch.tensor(concepts, dtype=torch.long))
-        self.null_class, self.label_arg = int(null_class), label_arg
+        #: the task's ``condition_kwargs``: classes -> the model's conditioning keywords (class labels, or a prompt
+        #: model's token ids), so the wrapper serves class- and prompt-conditioned models alike
+        self.condition = condition
+        self.null_class = int(null_class)
         self.threshold, self.momentum_scale, self.max_timestep = float(threshold), float(momentum_scale), int(max_timestep)
 
-    def _eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _noise_prediction(self.base(x_t, t, **{self.label_arg: labels}))
+    def _eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _noise_prediction(self.base(x_t, t, **cond))
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, **kwargs: Any) -> torch.Tensor:
-        labels = kwargs.pop(self.label_arg)
+    def _as(self, cls: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.condition(torch.full((len(like),), cls, dtype=torch.long, device=like.device))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, **cond: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
-        eps = self._eps(x_t, t, labels)
-        rows = (labels != self.null_class) & (t < self.max_timestep)
+        eps = self._eps(x_t, t, cond)
+        null = self._as(self.null_class, x_t)
+        # a row is conditional where its conditioning differs from the null condition's (class or empty prompt)
+        conditional = torch.stack([(v != null[k]).reshape(len(x_t), -1).any(1) for k, v in cond.items()]).any(0)
+        rows = conditional & (t < self.max_timestep)
         if not bool(rows.any()):
             return eps
-        x, tt, c = x_t[rows], t[rows], labels[rows]
-        eps_c, eps_u = eps[rows], self._eps(x, tt, torch.full_like(c, self.null_class))
-        safety = sum(safety_guidance(eps_c, self._eps(x, tt, torch.full_like(c, int(s))), eps_u, self.threshold,
+        x, tt = x_t[rows], t[rows]
+        eps_c, eps_u = eps[rows], self._eps(x, tt, self._as(self.null_class, x))
+        safety = sum(safety_guidance(eps_c, self._eps(x, tt, self._as(int(s), x)), eps_u, self.threshold,
                                      self.momentum_scale) for s in self.concepts.tolist())
         out = eps.clone()
         out[rows] = eps_c - safety
@@ -130,5 +138,5 @@ class SafeLatents(Strategy):
         task = ctx.task
         max_t = int(round((1.0 - self.warmup) * task.num_timesteps))  # type: ignore[attr-defined]
         ctx.model = SafeLatentsModel(ctx.model.eval(), erased_classes(ctx), task.null_class, self.threshold,  # type: ignore[attr-defined]
-                                     self.momentum_scale, max_t, task.label_arg).eval()  # type: ignore[attr-defined]
+                                     self.momentum_scale, max_t, task.condition_kwargs).eval()  # type: ignore[attr-defined]
         return RunReport(steps=0, info={"concepts": ctx.model.concepts.tolist(), "max_timestep": max_t})
