@@ -180,38 +180,6 @@ def test_bad_input_gets_clear_errors(model, data):
         PromptDiffusionTask(model.tokenizer, [["a", "b"], ["c"]])
 
 
-@pytest.mark.slow
-def test_uce_on_the_prompt_benchmark_moves_the_erased_prompt_and_keeps_the_others():
-    """On digits_prompt_diffusion at the class-conditional recipe (channels 32/64, 20 epochs, cached; ~3
-    CPU-minutes to train both UNets) UCE with its defaults
-    changes the prediction under the erased prompts far more than under the preserved ones (measured 0.65 vs at most
-    0.28 of each prompt's conditional gap ``||eps(c) - eps('')||``), and the other classes' judged accuracy stays
-    within 0.05 (measured 0.785 -> 0.764). The erased class's generation rate only moves 0.19 -> 0.16 (gold 0.00):
-    this model's prompt conditioning is weak (see benchmarks/diffusion/RESULTS.md), so no stronger claim is tested."""
-    from erasus_ray.benchmarks import load_benchmark
-    from erasus_ray.evaluation.diffusion import generation_rate
-
-    bench = load_benchmark("digits_prompt_diffusion", seed=0, epochs=20, channels=(32, 64))
-    task, original = bench.task, bench.original
-    edited = ErasusUnlearner(copy.deepcopy(original), strategy="uce", selector=None, fraction=None, task=task,
-                             progress=False).fit(forget_data=bench.forget, retain_data=bench.retain).model
-    g = torch.Generator().manual_seed(1)
-    x_t, t = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 1000, (64,), generator=g)
-
-    def change(c):
-        with torch.no_grad():
-            eps = lambda m, k: task.predict_noise(m, x_t, t, torch.full((64,), k))  # noqa: E731
-            return float((eps(edited, c) - eps(original, c)).norm() / (eps(original, c) - eps(original, task.null_class)).norm())
-
-    assert change(3) > 0.5 and max(change(c) for c in range(10) if c != 3) < 0.35
-
-    def others(model):
-        return sum(generation_rate(task, model, c, n=32) for c in range(10) if c != 3) / 9
-
-    assert abs(others(edited) - others(original)) <= 0.05
-    assert generation_rate(task, edited, 3, n=32) <= generation_rate(task, original, 3, n=32)
-
-
 def test_a_latent_model_samples_latents_and_decodes_them_with_its_vae(model):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
