@@ -29,8 +29,8 @@ demo: $(STAMP)
 
 # Default suite, then the slow end-to-end tests (pytest exit 5 = "no tests selected" is not a failure).
 test: $(STAMP)
-	FLWR_HOME=$$(mktemp -d) $(BIN)/python -m pytest -q -m "not slow"
-	FLWR_HOME=$$(mktemp -d) $(BIN)/python -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	FLWR_HOME=$$(mktemp -d) $(BIN)/python -m pytest -q -m "not slow" --durations=25
+	FLWR_HOME=$$(mktemp -d) $(BIN)/python -m pytest -q -m slow --durations=40; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" -x
