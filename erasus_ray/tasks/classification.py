@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from erasus_ray.errors import InvalidDataError, TaskMismatchError
+from erasus_ray.tasks._images import check_image, expected_clip_shape
 from erasus_ray.tasks.base import Task, TaskOutput, at_least_fp32, output_tensor
 from erasus_ray.tasks.capabilities import Capability as C
 from erasus_ray.tasks.registry import register_task
@@ -45,6 +46,10 @@ class ClassificationTask(Task):
             audio record ``{"array": waveform, "sampling_rate": hz}`` must match it (16 kHz for Wav2Vec2 / Whisper
             checkpoints); a waveform at another rate would be read as a different sound, so it is an error, not a
             silent resample. None: such records are accepted at any rate.
+        input_shape: the shape every tensor input must have, checked in :meth:`collate` with an error naming the item
+            and both shapes; :meth:`from_model` reads a video model's ``(frames, channels, height, width)`` from its
+            config (VideoMAE's position embeddings fit one clip length and size: another would fail deep in the
+            model with a bare size mismatch). None: not checked.
     """
 
     capabilities = frozenset({C.LOGITS, C.LABELS, C.FEATURES, C.HEAD, C.INDEPENDENT, C.INPUT, C.MODEL_LOGITS})
@@ -63,16 +68,20 @@ class ClassificationTask(Task):
 
     @classmethod
     def from_model(cls, model: nn.Module, **kwargs: Any) -> "ClassificationTask":
-        """The adapter for ``model``, with a Hugging Face model's ``pad_token_id`` (for dict items) unless given."""
+        """The adapter for ``model``, with a Hugging Face model's ``pad_token_id`` (for dict items) and a video model's
+        clip shape (``input_shape``) unless given."""
         pad = getattr(getattr(model, "config", None), "pad_token_id", None)
         if "pad_token_id" not in kwargs and isinstance(pad, int):
             kwargs["pad_token_id"] = pad
+        kwargs.setdefault("input_shape", expected_clip_shape(model))
         return cls(**kwargs)
 
-    def __init__(self, head: str | None = None, pad_token_id: int = 0, sampling_rate: int | None = None) -> None:
+    def __init__(self, head: str | None = None, pad_token_id: int = 0, sampling_rate: int | None = None,
+                 input_shape: tuple[int, ...] | None = None) -> None:
         self.head = head
         self.pad_token_id = int(pad_token_id)
         self.sampling_rate = None if sampling_rate is None else int(sampling_rate)
+        self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
 
     def _waveform(self, record: dict, row: int) -> torch.Tensor:
         """The waveform of an audio record, checked against :attr:`sampling_rate`."""
@@ -90,6 +99,9 @@ class ClassificationTask(Task):
             return self._collate_tokens(items)
         if isinstance(items[0], (tuple, list)) and isinstance(items[0][0], dict):
             items = [(self._waveform(it[0], row), *it[1:]) for row, it in enumerate(items)]
+        elif self.input_shape is not None and isinstance(items[0], (tuple, list)):
+            items = [(check_image(it[0], self.input_shape, f"classification item {row}", "pixel_values", "clips",
+                                  "frames, channels, height, width"), *it[1:]) for row, it in enumerate(items)]
         x, y = default_collate(items)[:2] if isinstance(items[0], (tuple, list)) else (None, None)
         if x is None:
             raise TaskMismatchError("classification items must be (input, label) pairs or dicts with input_ids and labels")

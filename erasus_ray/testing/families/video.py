@@ -31,17 +31,23 @@ class MovingDigits(Dataset):
         return len(self.directions)
 
     def __getitem__(self, i: int):
-        step, dim = DIRECTIONS[int(self.directions[i])]
-        clip = torch.stack([torch.roll(self.images[i], step * t, dims=dim) for t in range(FRAMES)])
-        return clip, int(self.directions[i])
+        return moving_clip(self.images[i], int(self.directions[i])), int(self.directions[i])
 
 
-def tiny_videomae() -> nn.Module:
-    """An untrained ``VideoMAEForVideoClassification``: 2x4x4 tubelets (8 tokens per clip), one layer, 16 wide."""
+def moving_clip(image: torch.Tensor, direction: int) -> torch.Tensor:
+    """``image [1, 8, 8]`` shifted cyclically one pixel per frame in ``DIRECTIONS[direction]``: ``[FRAMES, 1, 8, 8]``."""
+    step, dim = DIRECTIONS[direction]
+    return torch.stack([torch.roll(image, step * t, dims=dim) for t in range(FRAMES)])
+
+
+def tiny_videomae(num_labels: int = len(DIRECTIONS), hidden_size: int = 16, num_layers: int = 1) -> nn.Module:
+    """An untrained ``VideoMAEForVideoClassification``: 2x4x4 tubelets (8 tokens per clip), ``num_layers`` layers
+    ``hidden_size`` wide (default one layer, 16 wide)."""
     from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
-    cfg = VideoMAEConfig(image_size=8, patch_size=4, num_channels=1, num_frames=FRAMES, tubelet_size=2, hidden_size=16,
-                         num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=len(DIRECTIONS),
+    cfg = VideoMAEConfig(image_size=8, patch_size=4, num_channels=1, num_frames=FRAMES, tubelet_size=2,
+                         hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=2,
+                         intermediate_size=2 * hidden_size, num_labels=num_labels,
                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return VideoMAEForVideoClassification(cfg)
 
