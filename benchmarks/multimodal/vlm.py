@@ -19,7 +19,9 @@ command the committed RESULTS.md files record)::
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
+import json
 import os
 import shlex
 import sys
@@ -60,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategies", default=None, help="comma-separated names (default: the family's list)")
     p.add_argument("--no-coreset", action="store_true", help="skip part 2")
     p.add_argument("--out", default=str(HERE))
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="write the report from earlier runs' --out folders (e.g. one per seed) instead of running")
     return p.parse_args(argv)
 
 
@@ -108,38 +112,28 @@ def _pm(values: list[float], digits: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from erasus_ray.cli.report import write_csv
-    from erasus_ray.experiment import warm_up
-
-    warm_up()
-    board_module = _leaderboard_module()
-    names = args.strategies.split(",") if args.strategies else STRATEGIES[args.family]
-    seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out) / args.family
     out.mkdir(parents=True, exist_ok=True)
-    load0, wall0 = os.getloadavg(), time.perf_counter()
-    rows = board_module.run_task(args.family, "class", seeds, names, {})
-    write_csv(rows, out / "results.csv")
-    board = board_module.leaderboard([{k: v for k, v in r.items() if k not in CSV_ONLY} for r in rows])
-    core = [] if args.no_coreset else coreset_rows(args.family, seeds)
-    if core:
-        write_csv(core, out / "coreset.csv")
-    load1 = os.getloadavg()
     command = "nice -n 10 python benchmarks/multimodal/vlm.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    text = [f"# {args.family}: strategy leaderboard (concept 3 forgotten, seeds {args.seeds})", "",
-            f"Command: `{command}` (with `ERASUS_RAY_CACHE` set; models trained once and cached).", "",
-            f"{os.cpu_count()} shared CPUs, one torch thread; load average (1/5/15 min) {_load(load0)} at start, "
-            f"{_load(load1)} at end; {(time.perf_counter() - wall0) / 60:.1f} min wall-clock. Seconds were measured "
-            "under that load (other engineers' jobs), so compare them within this table only.", "",
-            "Each strategy with its documented defaults on the full forget set, through `run_job` with the benchmark's "
-            "default target. Avg.Gap: mean absolute gap to the retrained (gold) model over the task's gap metrics, in "
-            "points (lower is better). Metrics in points (losses as is), mean +- std over seeds. Full rows with every "
-            "metric: `results.csv`.", "", board]
+    rows, core, runs = merged(args.merge, args.family) if args.merge else run(args, out, command)
+    from erasus_ray.cli.report import write_csv
+
+    write_csv(rows, out / "results.csv")
+    if core:
+        write_csv(core, out / "coreset.csv")
+    board = _leaderboard_module().leaderboard([{k: v for k, v in r.items() if k not in CSV_ONLY} for r in rows])
+    seeds = sorted({int(r["seed"]) for r in rows})
+    text = [f"# {args.family}: strategy leaderboard (concept 3 forgotten, seeds {seeds})", "",
+            f"Command: `{command}` (with `ERASUS_RAY_CACHE` set; models trained once and cached).", ""]
+    text += [f"- `{r['command']}`: load average (1/5/15 min) {r['load_start']} at start, {r['load_end']} at end; "
+             f"{r['minutes']:.1f} min wall-clock" for r in runs]
+    text += ["", f"{os.cpu_count()} shared CPUs, one torch thread per run. Seconds were measured under that load (other "
+             "engineers' jobs), so compare them within a table only.", "",
+             "Each strategy with its documented defaults on the full forget set, through `run_job` with the benchmark's "
+             "default target. Avg.Gap: mean absolute gap to the retrained (gold) model over the task's gap metrics, in "
+             "points (lower is better). Metrics in points (losses as is), mean +- std over seeds. Full rows with every "
+             "metric: `results.csv`.", "", board]
     if core:
         text += [f"## {CORESET_FRACTION:.0%} coreset vs the full forget set", "",
                  f"The benchmark's default strategy (`{core[0]['strategy']}`, target `{core[0]['target']}`) closed-loop "
@@ -149,6 +143,54 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "RESULTS.md", "\n".join(text) + "\n")
     print(f"wrote {out}/results.csv, RESULTS.md" + (", coreset.csv" if core else ""))
     return 0
+
+
+def run(args: argparse.Namespace, out: Path, command: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Part 1 and part 2 in this process; ``run_meta.json`` records the command and the load around it."""
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from erasus_ray.experiment import warm_up
+
+    warm_up()
+    names = args.strategies.split(",") if args.strategies else STRATEGIES[args.family]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    load0, wall0 = _load(os.getloadavg()), time.perf_counter()
+    rows = _leaderboard_module().run_task(args.family, "class", seeds, names, {})
+    core = [] if args.no_coreset else coreset_rows(args.family, seeds)
+    meta = {"command": command, "load_start": load0, "load_end": _load(os.getloadavg()),
+            "minutes": (time.perf_counter() - wall0) / 60}
+    atomic_write_text(out / "run_meta.json", json.dumps([meta], indent=1))
+    return rows, core, [meta]
+
+
+def merged(folders: list[str], family: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """The rows and run records of earlier runs (e.g. one per seed, run side by side), read back from their folders."""
+    rows, core, runs = [], [], []
+    for folder in folders:
+        base = Path(folder) / family
+        rows += _read_csv(base / "results.csv")
+        core += _read_csv(base / "coreset.csv") if (base / "coreset.csv").exists() else []
+        runs += json.loads((base / "run_meta.json").read_text())
+    return rows, core, runs
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="") as f:
+        rows = [{k: _value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    return [{**r, "seed": int(r["seed"])} for r in rows]
+
+
+def _value(text: str) -> Any:
+    if text in ("", "None"):
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _load(avg: tuple[float, float, float]) -> str:
