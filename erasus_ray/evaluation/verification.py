@@ -494,21 +494,14 @@ class GoldTarget(Target):
     """Close to a model retrained without the forget set (:data:`VERIFY_RULE`: forget accuracy and, with a held-out
     set, the SVC MIA efficacy of Jia et al. 2023 within tolerance of the retrained model's). ``gold`` is a model or
     a dict with ``forget_acc`` (and optionally ``mia_svc_efficacy``). Per sample, while the forget accuracy is above
-    the gold model's, a forget sample fails while it is still predicted right.
-
-    ``spread``: per metric, how far independent retrains (other seeds, same data) land from one another, measured by
-    the caller; a metric's tolerance is at least that (target ``{"gold_spread": {...}}``). Without it the tolerance
-    is the sampling half-width only, which a retrain from another seed may itself miss where the metric depends on
-    the initialisation (the ``llava`` benchmark's forget accuracy, see the README's "Vision-language models")."""
+    the gold model's, a forget sample fails while it is still predicted right."""
 
     requires = ("gold",)
     capabilities = frozenset({Capability.LOGITS})
 
-    def __init__(self, gold: nn.Module | Mapping[str, float], probe: Probe | None = None, floor: float = 0.05,
-                 spread: Mapping[str, float] | None = None) -> None:
+    def __init__(self, gold: nn.Module | Mapping[str, float], probe: Probe | None = None, floor: float = 0.05) -> None:
         self.gold = gold
         self.floor = float(floor)
-        self.spread = _gold_spread(spread)
         self._probe = probe
         self.gold_metrics: dict[str, float] = {}
         self.gold_forget_loss: float | None = None
@@ -530,15 +523,11 @@ class GoldTarget(Target):
         for key, gold in self.gold_metrics.items():
             if key not in now or not math.isfinite(gold):
                 continue
-            tol = self.tolerance(key, gold, len(m.forget))
+            tol = verification_tolerance(gold, len(m.forget), self.floor)
             out.append(Criterion(key, now[key], low=gold - tol, high=gold + tol, note=f"retrained model: {gold:.4f}"))
-        overshoot = "forget_acc" in now and now["forget_acc"] < self.gold_metrics["forget_acc"] - self.tolerance(
-            "forget_acc", self.gold_metrics["forget_acc"], len(m.forget))
+        overshoot = "forget_acc" in now and now["forget_acc"] < self.gold_metrics["forget_acc"] - verification_tolerance(
+            self.gold_metrics["forget_acc"], len(m.forget), self.floor)
         return Verdict(out, overshoot=overshoot)
-
-    def tolerance(self, key: str, gold: float, n_forget: int) -> float:
-        """The sampling half-width of :func:`verification_tolerance`, or the metric's measured retrain spread if wider."""
-        return max(verification_tolerance(gold, n_forget, self.floor), self.spread.get(key, 0.0))
 
     def failing_ids(self, m: Measurement) -> np.ndarray:
         f = m.forget
@@ -551,26 +540,7 @@ class GoldTarget(Target):
         return self.gold_forget_loss if self.gold_forget_loss else super().reference_loss(original)
 
     def describe(self) -> dict[str, Any]:
-        return {"target": self.name, "gold_metrics": self.gold_metrics, **({"gold_spread": self.spread} if self.spread else {})}
-
-
-#: the key of a target dict that asks for the gold target with measured retrain spreads: ``{"gold_spread": {metric: s}}``
-GOLD_SPREAD = "gold_spread"
-
-
-def _gold_spread(spread: Mapping[str, float] | None) -> dict[str, float]:
-    if spread is None:
-        return {}
-    if not isinstance(spread, Mapping):
-        raise InvalidConfigError(f"{GOLD_SPREAD} must be a mapping of metric -> spread, got {spread!r}")
-    out = {}
-    for key, value in spread.items():
-        if key not in ("forget_acc", "mia_svc_efficacy"):
-            raise InvalidConfigError(f"{GOLD_SPREAD}: unknown metric {key!r}; the gold target measures forget_acc, mia_svc_efficacy")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value <= 1):
-            raise InvalidConfigError(f"{GOLD_SPREAD}[{key!r}] must be a rate spread in [0, 1], got {value!r}")
-        out[key] = float(value)
-    return out
+        return {"target": self.name, "gold_metrics": self.gold_metrics}
 
 
 def _rates(m: Measurement) -> dict[str, float]:
@@ -736,12 +706,6 @@ def _resolve(
         return _generation(task, forget, retain, gold, None, "requested" if target == "generation" else
                            "a judged generative model, a forget set of whole classes and a model trained without them "
                            "were given")
-    if isinstance(target, Mapping) and GOLD_SPREAD in target:
-        if set(target) != {GOLD_SPREAD} or gold is None:
-            raise InvalidConfigError(f"target {{'{GOLD_SPREAD}': ...}} takes no other key and needs gold= (a retrained model "
-                                     f"or its metrics); got keys {sorted(target)}, gold {'given' if gold is not None else 'None'}")
-        return ResolvedTarget(GoldTarget(gold, probe, spread=target[GOLD_SPREAD]),
-                              "requested, with the tolerance widened to the measured spread of independent retrains")
     if isinstance(target, Mapping):
         t = BoundsTarget(target)
         _require(t, "bounds", heldout, gold)
