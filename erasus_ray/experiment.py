@@ -49,15 +49,17 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     # a concept forgotten from CLIP: its image-text pairs pushed apart in the joint space (CLIPErase); el2n reads the
     # zero-shot logits over the class captions
     "clip": {"strategy": "contrastive_unlearning", "selector": "el2n", "runner": {}},
-    # no class labels in a VLM's answers, so the loop stops against the retrained model's metrics (target gold)
-    "llava": {"strategy": "grad_diff", "selector": "el2n", "runner": {}, "target": "gold"},
+    # no class labels in a VLM's answers, so the loop stops against the retrained model's metrics, on whole answers
+    # (gold_exact): the unit accuracy of target gold also counts the </s> after the answer word, which retrains predict
+    # at an initialisation-set rate (0.79/0.49/0.02 for init seeds 0/1/2), and with it the loop stalled
+    "llava": {"strategy": "grad_diff", "selector": "el2n", "runner": {}, "target": "gold_exact"},
     # the prompt-conditioned variant: the same choice, not measured there (its 20-epoch model draws the erased prompt
     # at only 0.19, see RESULTS.md, so the generation target has little to verify)
     "digits_prompt_diffusion": {"strategy": "grad_diff", "selector": "loss", "runner": {}, "target": "generation"},
 }
 
 #: targets that are measured against the benchmark's gold model: :func:`run_job` passes it to ``fit`` for them
-GOLD_TARGETS = ("gold", "generation")
+GOLD_TARGETS = ("gold", "gold_exact", "generation")
 
 
 @dataclass
