@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategies", default=None, help="comma-separated names (default: the family's list)")
     p.add_argument("--no-coreset", action="store_true", help="skip part 2")
     p.add_argument("--out", default=str(HERE))
+    p.add_argument("--note", action="append", default=[], help="a line for RESULTS.md's notes (repeatable)")
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                    help="write the report from earlier runs' --out folders (e.g. one per seed) instead of running")
     return p.parse_args(argv)
@@ -125,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     board = _leaderboard_module().leaderboard([{k: v for k, v in r.items() if k not in CSV_ONLY} for r in rows])
     seeds = sorted({int(r["seed"]) for r in rows})
     text = [f"# {args.family}: strategy leaderboard (concept 3 forgotten, seeds {seeds})", "",
-            f"Command: `{command}` (with `ERASUS_RAY_CACHE` set; models trained once and cached).", ""]
+            "Runs (with `ERASUS_RAY_CACHE` set; models trained once and cached):", ""]
     text += [f"- `{r['command']}`: load average (1/5/15 min) {r['load_start']} at start, {r['load_end']} at end; "
              f"{r['minutes']:.1f} min wall-clock" for r in runs]
+    text += ["", f"Report merged by `{command}`."] if args.merge else []
+    text += ["", "Notes:", ""] + [f"- {note}" for note in args.note] if args.note else []
     text += ["", f"{os.cpu_count()} shared CPUs, one torch thread per run. Seconds were measured under that load (other "
              "engineers' jobs), so compare them within a table only.", "",
              "Each strategy with its documented defaults on the full forget set, through `run_job` with the benchmark's "
