@@ -95,7 +95,7 @@ def coreset_rows(family: str, seeds: list[int]) -> list[dict[str, Any]]:
 def coreset_table(rows: list[dict[str, Any]]) -> str:
     """Mean +- std per run over seeds: coreset size, verified count, steps, seconds, Avg.Gap and the acc-like metrics."""
     keys = [k for k in rows[0] if k.endswith(("_acc", "_exact", "_recall5"))]
-    lines = ["| run | pairs unlearned | verified | steps | seconds | Avg.Gap (pts) | " + " | ".join(keys) + " |",
+    lines = ["| run | forget samples used | verified | steps | seconds | Avg.Gap (pts) | " + " | ".join(keys) + " |",
              "|" + " --- |" * (6 + len(keys))]
     for run in dict.fromkeys(r["run"] for r in rows):
         g = [r for r in rows if r["run"] == run]
