@@ -6,9 +6,11 @@ Two layers, both measured with forward passes only:
   more often than other classes' samples are predicted as it), ``heldout`` (the forget set's per-sample losses look
   like a held-out set's: a loss-MIA AUC within a confidence band of 0.5 and a two-sample Kolmogorov-Smirnov test),
   ``gold`` (forget accuracy and SVC MIA efficacy within tolerance of a retrained model, :data:`VERIFY_RULE`, the rule
-  the federated coordinator and the ledger use), ``generation`` (a class erased from a diffusion model: the judged
-  rate of generating it at the gold model's level, :class:`erasus_ray.evaluation.diffusion.GenerationTarget`, which
-  measures the model itself through :attr:`Target.measure_model`) or an explicit dict of metric bounds
+  the federated coordinator and the ledger use), ``gold_exact`` (the same on whole answers: the fraction of forget
+  samples with every prediction unit right, :class:`GoldExactTarget`), ``generation`` (a class erased from a
+  diffusion model: the judged rate of generating it at the gold model's level,
+  :class:`erasus_ray.evaluation.diffusion.GenerationTarget`, which measures the model itself through
+  :attr:`Target.measure_model`) or an explicit dict of metric bounds
   (:class:`BoundsTarget`; ``erased_generation_rate`` / ``retained_generation_acc`` bounds make a ``generation`` target).
   :func:`resolve_target` picks one for ``"auto"`` and says why. The closed-loop controller
   (:mod:`erasus_ray.control`) runs a strategy until its target holds on the **whole** forget set.
