@@ -49,8 +49,10 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     # a concept forgotten from CLIP: its image-text pairs pushed apart in the joint space (CLIPErase); el2n reads the
     # zero-shot logits over the class captions
     "clip": {"strategy": "contrastive_unlearning", "selector": "el2n", "runner": {}},
-    # no class labels in a VLM's answers, so the loop stops against the retrained model's metrics (target gold)
-    "llava": {"strategy": "grad_diff", "selector": "el2n", "runner": {}, "target": "gold"},
+    # no class labels in a VLM's answers, so the loop stops against the retrained model's metrics, on whole answers
+    # (gold_exact): the unit accuracy of target gold also counts the </s> after the answer word, which retrains predict
+    # at an initialisation-set rate (0.79/0.49/0.02 for init seeds 0/1/2), and with it the loop stalled
+    "llava": {"strategy": "grad_diff", "selector": "el2n", "runner": {}, "target": "gold_exact"},
     # VideoMAE on moving-digit clips: target gold, so random10 (no removed class) is verified too: seeds 0-2 Avg.Gap
     # 4.4 / 3.7 pts full / adaptive el2n coreset, where target auto runs open-loop there and reaches 22.2. On class it
     # costs ~1 pt (1.4 / 1.1 vs the class target's 0.5 / 0.2: it accepts 1-2 of 38 clips still classified).
@@ -62,7 +64,7 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 #: targets that are measured against the benchmark's gold model: :func:`run_job` passes it to ``fit`` for them
-GOLD_TARGETS = ("gold", "generation")
+GOLD_TARGETS = ("gold", "gold_exact", "generation")
 
 
 @dataclass

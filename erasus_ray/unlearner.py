@@ -286,10 +286,11 @@ class ErasusUnlearner:
         target: what "forgotten" means, measured on the whole forget set (see
             :func:`erasus_ray.evaluation.verification.resolve_target`): ``"auto"`` (default; ``gold`` when ``fit`` gets
             a retrained model, ``class`` when the forget set is whole classes, ``heldout`` when it gets
-            ``heldout_data``, else no measurable target), ``"class"``, ``"heldout"``, ``"gold"``, or a dict of metric
-            bounds. Without ``epochs``/``lr``/``forget_target`` the strategy runs in a closed loop until the target
-            holds (:mod:`erasus_ray.control`); with any of them it runs that fixed budget or stopping rule (open loop)
-            and is verified once.
+            ``heldout_data``, else no measurable target), ``"class"``, ``"heldout"``, ``"gold"``, ``"gold_exact"``
+            (``gold`` on whole answers: every prediction unit of a sample right), or a dict of metric bounds. Without
+            ``epochs``/``lr``/``forget_target`` the strategy runs in a closed loop until the target holds
+            (:mod:`erasus_ray.control`); with any of them it runs that fixed budget or stopping rule (open loop) and is
+            verified once.
         budget_steps, budget_seconds: the closed loop's budget (default 1000 runner steps, 600 s). (Not ``budget=``:
             the ``auto`` and ``certified_removal`` strategies already take a ``budget`` hyperparameter.)
         control: every closed-loop setting (:class:`~erasus_ray.control.ControlConfig`: guard tolerances,

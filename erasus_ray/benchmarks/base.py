@@ -72,6 +72,13 @@ class BenchmarkSpec(ABC):
     @abstractmethod
     def make_task(self) -> Task: ...
 
+    @classmethod
+    def declared_task(cls) -> Task:
+        """The adapter whose capabilities a sweep plans with, built without building the benchmark: a default
+        instance of :attr:`task_class`. A benchmark whose default instance declares less than its :meth:`make_task`
+        (``clip``: a contrastive adapter without captions has no logits) overrides it."""
+        return cls.task_class()
+
     @abstractmethod
     def recipe(self, seed: int) -> TrainRecipe: ...
 

@@ -53,6 +53,12 @@ class ClipDigitsBenchmark(DigitsBenchmark):
         return tiny_clip()
 
     def make_task(self) -> Task:
+        return self.declared_task()
+
+    @classmethod
+    def declared_task(cls) -> Task:
+        """The caption-set adapter (zero-shot over the ten class captions): cheap to build, and the sweep must see its
+        logits (the class's default instance is in-batch InfoNCE, without them)."""
         from erasus_ray.testing.families.clip import CLIP_CAPTIONS
 
         return ContrastiveTask(captions=CLIP_CAPTIONS, input_names=("pixel_values", "input_ids"), image_shape=(1, 8, 8))

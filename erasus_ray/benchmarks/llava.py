@@ -52,6 +52,12 @@ class LlavaDigitsBenchmark(DigitsBenchmark):
         return tiny_llava()
 
     def make_task(self) -> Task:
+        return self.declared_task()
+
+    @classmethod
+    def declared_task(cls) -> Task:
+        """The adapter with the family's image token and word-level tokenizer (built offline in milliseconds): the
+        class's default instance cannot be built without an image token."""
         from erasus_ray.testing.families.llava import IMAGE, PAD, tokenizer
 
         return VisionCausalLMTask(image_token_id=IMAGE, image_shape=(1, 8, 8), pad_token_id=PAD, tokenizer=tokenizer())

@@ -218,15 +218,17 @@ def register_split_metric(
     columns: Iterable[str] = (),
     gap: Iterable[str] = (),
     display: Iterable[str] = SPLITS,
+    task_attrs: Iterable[str] = (),
 ) -> Callable[[Callable[[EvalContext, str], float]], Callable[[EvalContext, str], float]]:
     """Decorator: register ``fn(ctx, split) -> float`` once per split, as ``forget_<suffix>``, ``retain_<suffix>``
-    and ``test_<suffix>``. ``gap`` / ``display``: the splits whose metric counts in Avg.Gap / is shown."""
+    and ``test_<suffix>``. ``gap`` / ``display``: the splits whose metric counts in Avg.Gap / is shown;
+    ``task_attrs``: as :func:`register_metric`."""
     gap, display = set(gap), set(display)
 
     def decorator(fn: Callable[[EvalContext, str], float]) -> Callable[[EvalContext, str], float]:
         for split in SPLITS:
             register_metric(f"{split}_{suffix}", requires=requires, splits=(split,), columns=columns,
-                            gap=split in gap, display=split in display)(_bind_split(fn, split))
+                            gap=split in gap, display=split in display, task_attrs=task_attrs)(_bind_split(fn, split))
         return fn
 
     return decorator
@@ -256,12 +258,15 @@ TaskLike = Task | type[Task]
 
 
 def _runnable(task: TaskLike, name: str) -> bool:
-    return METRICS.get(name).requires <= task.capabilities
+    # a task attribute left None (a contrastive adapter without a caption set) rules a metric out of the suite, as a
+    # missing capability does; asked for by name, run_metrics refuses it naming the attribute
+    metric = METRICS.get(name)
+    return metric.requires <= task.capabilities and all(getattr(task, a, None) is not None for a in metric.task_attrs)
 
 
 def metric_names_for(task: TaskLike) -> tuple[str, ...]:
     """The task's default suite: its ``default_metrics`` that it can run or, when it declares none, every registered
-    metric whose requirements it meets (in registration order) and that reads no extra item fields (a protocol's
+    metric whose requirements (capabilities, task attributes) it meets (in registration order) and that reads no extra item fields (a protocol's
     metric, e.g. TOFU's truth ratio, needs items that plain data lacks: asked for by name, never a default) nor
     options without a default (LiRA's shadow models). An
     unknown declared name is an UnknownNameError."""

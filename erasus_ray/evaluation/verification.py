@@ -6,9 +6,11 @@ Two layers, both measured with forward passes only:
   more often than other classes' samples are predicted as it), ``heldout`` (the forget set's per-sample losses look
   like a held-out set's: a loss-MIA AUC within a confidence band of 0.5 and a two-sample Kolmogorov-Smirnov test),
   ``gold`` (forget accuracy and SVC MIA efficacy within tolerance of a retrained model, :data:`VERIFY_RULE`, the rule
-  the federated coordinator and the ledger use), ``generation`` (a class erased from a diffusion model: the judged
-  rate of generating it at the gold model's level, :class:`erasus_ray.evaluation.diffusion.GenerationTarget`, which
-  measures the model itself through :attr:`Target.measure_model`) or an explicit dict of metric bounds
+  the federated coordinator and the ledger use), ``gold_exact`` (the same on whole answers: the fraction of forget
+  samples with every prediction unit right, :class:`GoldExactTarget`), ``generation`` (a class erased from a
+  diffusion model: the judged rate of generating it at the gold model's level,
+  :class:`erasus_ray.evaluation.diffusion.GenerationTarget`, which measures the model itself through
+  :attr:`Target.measure_model`) or an explicit dict of metric bounds
   (:class:`BoundsTarget`; ``erased_generation_rate`` / ``retained_generation_acc`` bounds make a ``generation`` target).
   :func:`resolve_target` picks one for ``"auto"`` and says why. The closed-loop controller
   (:mod:`erasus_ray.control`) runs a strategy until its target holds on the **whole** forget set.
@@ -498,6 +500,8 @@ class GoldTarget(Target):
 
     requires = ("gold",)
     capabilities = frozenset({Capability.LOGITS})
+    #: the forget-set rate compared with the retrained model's (:meth:`forget_rate`)
+    forget_key: ClassVar[str] = "forget_acc"
 
     def __init__(self, gold: nn.Module | Mapping[str, float], probe: Probe | None = None, floor: float = 0.05) -> None:
         self.gold = gold
@@ -510,30 +514,49 @@ class GoldTarget(Target):
         super().prepare(original, n_classes)
         if isinstance(self.gold, nn.Module):
             gm = self._probe.measure(self.gold)
-            self.gold_metrics = _rates(gm)
+            self.gold_metrics = self._rates(gm)
             self.gold_forget_loss = gm.forget.mean_loss
         else:
-            if "forget_acc" not in self.gold:
-                raise InvalidConfigError(f"target 'gold' with gold metrics needs 'forget_acc'; got keys {sorted(self.gold)}")
-            self.gold_metrics = {k: float(v) for k, v in self.gold.items() if k in ("forget_acc", "mia_svc_efficacy")}
+            key = self.forget_key
+            if key not in self.gold:
+                raise InvalidConfigError(f"target {self.name!r} with gold metrics needs {key!r}; got keys {sorted(self.gold)}")
+            self.gold_metrics = {k: float(v) for k, v in self.gold.items() if k in (key, "mia_svc_efficacy")}
+
+    def forget_rate(self, stats: SetStats) -> float:
+        """The forget set's accuracy: the mean over samples of the fraction of their prediction units right."""
+        return stats.acc
+
+    def still_right(self, stats: SetStats) -> np.ndarray:
+        """Per sample: is it still predicted right (more than half its units)?"""
+        return stats.correct > 0.5
+
+    def _rates(self, m: Measurement) -> dict[str, float]:
+        """The forget rate and (with retain and held-out samples) the SVC MIA efficacy, as :func:`evaluate` computes it."""
+        from erasus_ray.evaluation.classification import svc_mia_efficacy
+
+        out = {self.forget_key: self.forget_rate(m.forget)}
+        if m.retain is not None and m.heldout is not None:
+            out["mia_svc_efficacy"] = svc_mia_efficacy(np.exp(-m.retain.loss), np.exp(-m.heldout.loss), np.exp(-m.forget.loss))
+        return out
 
     def verdict(self, m: Measurement) -> Verdict:
-        now = _rates(m)
+        now = self._rates(m)
         out = []
         for key, gold in self.gold_metrics.items():
             if key not in now or not math.isfinite(gold):
                 continue
             tol = verification_tolerance(gold, len(m.forget), self.floor)
             out.append(Criterion(key, now[key], low=gold - tol, high=gold + tol, note=f"retrained model: {gold:.4f}"))
-        overshoot = "forget_acc" in now and now["forget_acc"] < self.gold_metrics["forget_acc"] - verification_tolerance(
-            self.gold_metrics["forget_acc"], len(m.forget), self.floor)
+        key = self.forget_key
+        overshoot = key in now and now[key] < self.gold_metrics[key] - verification_tolerance(
+            self.gold_metrics[key], len(m.forget), self.floor)
         return Verdict(out, overshoot=overshoot)
 
     def failing_ids(self, m: Measurement) -> np.ndarray:
         f = m.forget
-        if f.acc <= self.gold_metrics["forget_acc"]:
+        if self.forget_rate(f) <= self.gold_metrics[self.forget_key]:
             return np.zeros(0, np.int64)
-        still = f.correct > 0.5
+        still = self.still_right(f)
         return f.ids[still][np.argsort(f.loss[still], kind="stable")]
 
     def reference_loss(self, original: Measurement) -> float:
@@ -543,14 +566,24 @@ class GoldTarget(Target):
         return {"target": self.name, "gold_metrics": self.gold_metrics}
 
 
-def _rates(m: Measurement) -> dict[str, float]:
-    """forget_acc and (with retain and held-out samples) the SVC MIA efficacy, as :func:`evaluate` computes them."""
-    from erasus_ray.evaluation.classification import svc_mia_efficacy
+@TARGETS.register("gold_exact")
+class GoldExactTarget(GoldTarget):
+    """As ``gold``, on the forget set's exact-answer rate (``forget_exact``: the fraction of samples with every
+    prediction unit right, teacher-forced) instead of its mean unit accuracy; a sample counts as still known while all
+    its units are right. For one unit per sample (a classifier) the two are the same. For a short answer of several
+    tokens the unit accuracy also counts the tokens after the answer word, which a retrained model predicts after a
+    word it never saw at a rate its initialisation sets: on the ``llava`` benchmark (answer "three </s>") three
+    retrains of one split from init seeds 0/1/2 predict that ``</s>`` at 0.79/0.49/0.02 while none answers "three", so
+    their forget accuracies (0.39/0.25/0.01) differ by more than any tolerance that still tells a forgotten answer
+    from a known one; their exact rates are all 0.0."""
 
-    out = {"forget_acc": m.forget.acc}
-    if m.retain is not None and m.heldout is not None:
-        out["mia_svc_efficacy"] = svc_mia_efficacy(np.exp(-m.retain.loss), np.exp(-m.heldout.loss), np.exp(-m.forget.loss))
-    return out
+    forget_key = "forget_exact"
+
+    def forget_rate(self, stats: SetStats) -> float:
+        return float(self.still_right(stats).mean()) if len(stats) else float("nan")
+
+    def still_right(self, stats: SetStats) -> np.ndarray:
+        return stats.correct >= 1.0 - 1e-9
 
 
 #: metrics a :class:`BoundsTarget` may bound, and what each needs
@@ -615,7 +648,7 @@ class BoundsTarget(Target):
 
 
 #: what ``target=`` accepts besides a dict of bounds
-TARGET_NAMES = ("auto", "class", "heldout", "gold", "generation")
+TARGET_NAMES = ("auto", "class", "heldout", "gold", "gold_exact", "generation")
 
 #: metrics of the ``generation`` target that a dict of bounds may name (:mod:`erasus_ray.evaluation.diffusion`)
 GENERATION_BOUNDS = ("erased_generation_rate", "retained_generation_acc")
@@ -713,10 +746,11 @@ def _resolve(
     if not isinstance(target, str) or target not in TARGET_NAMES:
         raise InvalidConfigError(f"unknown target {target!r}; known: {', '.join(TARGET_NAMES)}, or a dict of metric bounds")
     # "auto" takes the gold rule only where it can be measured (it compares accuracies); otherwise it falls through
-    if target == "gold" or (target == "auto" and gold is not None and task.provides(Capability.LOGITS)):
+    if target in ("gold", "gold_exact") or (target == "auto" and gold is not None and task.provides(Capability.LOGITS)):
         if gold is None:
-            raise InvalidConfigError("target 'gold' needs gold= (a model retrained without the forget set, or its metrics)")
-        return ResolvedTarget(GoldTarget(gold, probe), "a retrained model was given" if target == "auto" else "requested")
+            raise InvalidConfigError(f"target {target!r} needs gold= (a model retrained without the forget set, or its metrics)")
+        kind = GoldExactTarget if target == "gold_exact" else GoldTarget
+        return ResolvedTarget(kind(gold, probe), "a retrained model was given" if target == "auto" else "requested")
     if target in ("class", "auto") and (target == "class" or task.provides(Capability.LOGITS)):
         classes = removed_classes(task, forget, retain)
         if classes is not None:

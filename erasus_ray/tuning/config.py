@@ -390,13 +390,13 @@ class SweepConfig:
 
     # ------------------------------------------------------------------------------------------------------------
     def task_adapter(self) -> Task:
-        """A default instance of the benchmark's adapter class: what it declares, without building the benchmark; for
-        a ``job:`` sweep, the adapter of the job's model (the model is loaded once per process)."""
+        """The benchmark's declared adapter (``BenchmarkSpec.declared_task``: what it declares, without building the
+        benchmark); for a ``job:`` sweep, the adapter of the job's model (the model is loaded once per process)."""
         if self.job is not None:
             return loaded_job(self.job)[2]
         from erasus_ray.benchmarks import benchmark_spec_class
 
-        return benchmark_spec_class(self.benchmark).task_class()
+        return benchmark_spec_class(self.benchmark).declared_task()
 
     def task_name(self) -> str:
         return self.task_adapter().name
