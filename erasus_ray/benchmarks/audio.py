@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
+from torch.utils.data import Dataset
 
 from erasus_ray.benchmarks.audio_data import RATE, SPEAKERS, WORDS, spoken_words
 from erasus_ray.benchmarks.base import BenchmarkSpec, TaskData
@@ -57,7 +58,7 @@ class AudioBenchmark(BenchmarkSpec):
     def build_data(self, scenario: str, seed: int) -> TaskData:
         # the speech itself does not depend on the split seed: every seed splits the same utterances
         waves, words, speakers = spoken_words(self.repeats, seed=0)
-        base = ArrayDataset(waves, words)
+        base = self.dataset(waves, words)
         rows = np.arange(len(words))
         train_idx, test_idx = train_test_split(rows, test_size=self.test_size, random_state=seed,
                                                stratify=speakers * len(WORDS) + words)
@@ -69,6 +70,10 @@ class AudioBenchmark(BenchmarkSpec):
             forget = np.sort(rng.choice(train_idx, size=int(round(0.1 * len(train_idx))), replace=False))
         info = {"forget_speaker": self.forget_speaker if scenario == "speaker" else None, "sampling_rate": RATE}
         return TaskData(IdDataset(base, train_idx, train_idx), IdDataset(base, test_idx, test_idx), forget, info)
+
+    def dataset(self, waves: np.ndarray, words: np.ndarray) -> Dataset:
+        """The items over the utterances: ``(waveform, word)`` (a transcribing variant makes Whisper items)."""
+        return ArrayDataset(waves, words)
 
     def build_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
