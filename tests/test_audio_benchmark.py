@@ -1,8 +1,11 @@
 """The audio benchmark: synthetic formant speech, the speaker-forgetting splits, word error rate, and (slow) the demo
 strategy's effect against the retrained model."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 
 from erasus_ray.benchmarks.audio_data import RATE, SAMPLES, SPEAKERS, WORDS, Speaker, spoken_words, utterance
 from erasus_ray.errors import InvalidConfigError, InvalidDataError
@@ -73,6 +76,60 @@ def test_audio_task_refuses_a_record_at_the_wrong_sampling_rate():
     assert x.shape == (1, SAMPLES) and y.tolist() == [1]
     with pytest.raises(InvalidDataError, match="16000 Hz.*8000 Hz"):
         task.collate([({"array": wave, "sampling_rate": 16000}, 1)])
+
+
+def test_greedy_transcripts_stop_at_the_end_token_and_feed_the_word_error_rate():
+    """A scripted decoder (its argmax at step t is a fixed token per row) through the audio_asr decoding loop: row 0
+    says [word 0, END] -> transcript [3], right; row 1 says [3 + 1, 3 + 2, END] -> [4, 5] against reference [3]: one
+    substitution and one insertion. WER = (0 + 2) / 2 reference words = 1.0."""
+    from torch import nn
+
+    from erasus_ray.benchmarks.audio_asr import END, FRAMES, FREQ_BINS, VOCAB, greedy_transcripts, transcript_wer
+    from erasus_ray.data import IdDataset
+
+    script = torch.tensor([[3, END, END, END], [4, 5, END, END]])
+
+    class Scripted(nn.Module):
+        def forward(self, input_features, decoder_input_ids):
+            rows = input_features[:, 0, 0].long()  # each item's row of the script, written into its features
+            step = decoder_input_ids.shape[1] - 1
+            logits = torch.zeros(len(rows), decoder_input_ids.shape[1], VOCAB)
+            logits[torch.arange(len(rows)), -1, script[rows, step]] = 1.0
+            return SimpleNamespace(logits=logits)
+
+    items = [{"input_features": torch.full((FREQ_BINS, FRAMES), float(r)), "labels": torch.tensor([3, END])}
+             for r in range(2)]
+    data = IdDataset(items, np.arange(2), np.arange(2))
+    assert greedy_transcripts(Scripted(), data) == [[3], [4, 5]]
+    assert transcript_wer(Scripted(), data) == pytest.approx(1.0)
+
+
+def test_whisper_reads_the_asr_features_and_its_loss_is_the_adapters():
+    """The audio_asr items fit the tiny Whisper (input_features [FREQ_BINS, 2 x max_source_positions]) and the seq2seq
+    adapter's mean per-sample loss equals the model's own loss on the same batch (one label length: equal means)."""
+    from erasus_ray.benchmarks.audio_asr import AudioAsrBenchmark
+
+    spec = AudioAsrBenchmark()
+    data = spec.build_data("speaker", seed=0)
+    model, task = spec.build_model(0), spec.make_task()
+    batch = task.collate([data.train[r][1] for r in range(4)])
+    own = model(input_features=batch["input_features"], labels=batch["labels"]).loss
+    torch.testing.assert_close(task.per_sample_loss(model, batch).mean(), own, atol=1e-5, rtol=1e-5)
+
+
+def test_demo_task_audio_runs_the_speaker_benchmark_against_the_retrained_model(monkeypatch):
+    """--task audio: the audio benchmark with its demo defaults (grad_diff, el2n, target gold, the test split as
+    held-out data); the defaults validate as a job."""
+    import erasus_ray.cli.demo as demo
+    from erasus_ray.cli import main
+    from erasus_ray.experiment import DEMO_DEFAULTS, JobConfig
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.update(kw))
+    assert main(["demo", "--task", "audio", "--no-progress", "--no-ray"]) == 0
+    assert seen["benchmark"] == "audio" and seen["selector"] == "el2n"
+    cfg = JobConfig.from_dict({"benchmark": "audio"})
+    assert (cfg.strategy, cfg.target, DEMO_DEFAULTS["audio"]["heldout"]) == ("grad_diff", "gold", "test")
 
 
 @pytest.mark.slow
