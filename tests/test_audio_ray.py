@@ -32,3 +32,28 @@ def test_ray_scoring_pool_and_ray_train_run_the_audio_model_like_one_process(ray
     for name in a:
         torch.testing.assert_close(c[name], a[name], atol=1e-5, rtol=1e-4, msg=name)
     assert any(not torch.equal(a[n], before[n]) for n in a), "the run changed the model"
+
+
+def test_a_parametrized_model_pickles_through_shippable_with_its_parametrization_intact():
+    """Wav2Vec2's positional convolution is weight-normed (a torch parametrization), which plain pickling refuses -
+    the reason ray.put / Ray Train could not ship the audio model. shippable's copy keeps the parametrization (weight_g
+    and weight_v stay separate parameters), every state_dict tensor and the outputs bit for bit."""
+    from ray import cloudpickle as pickle  # what ray.put and Ray Train pickle with
+    from torch.nn.utils import parametrize
+
+    from erasus_ray.benchmarks.audio import tiny_speech_wav2vec2
+    from erasus_ray.utils.shipping import shippable
+
+    torch.manual_seed(0)
+    model = tiny_speech_wav2vec2().eval()
+    with pytest.raises(RuntimeError, match="parametrized"):
+        pickle.dumps(model)
+    copy = pickle.loads(pickle.dumps(shippable(model)))
+    assert type(copy) is type(model)
+    assert [n for n, m in copy.named_modules() if parametrize.is_parametrized(m)] == \
+        [n for n, m in model.named_modules() if parametrize.is_parametrized(m)] != []
+    a, b = model.state_dict(), copy.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3200)
+    assert torch.equal(model(x).logits, copy(x).logits)
+    assert shippable(torch.nn.Linear(2, 2)).__class__ is torch.nn.Linear  # nothing to fold: sent as it is

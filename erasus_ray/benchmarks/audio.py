@@ -42,7 +42,7 @@ def tiny_speech_wav2vec2(num_labels: int = len(WORDS)) -> nn.Module:
 
 
 class AudioBenchmark(BenchmarkSpec):
-    """Word recognition on synthetic formant speech; forget a speaker. Adam 2e-3, batch 32 (see :meth:`recipe`)."""
+    """Word recognition on synthetic formant speech; forget a speaker. Adam 1e-3, 40 epochs, batch 32."""
 
     name = "audio"
     scenarios = ("speaker", "random10")
@@ -83,7 +83,8 @@ class AudioBenchmark(BenchmarkSpec):
         return ClassificationTask(sampling_rate=RATE)
 
     def recipe(self, seed: int) -> TrainRecipe:
-        return TrainRecipe(epochs=30, lr=3e-3, batch_size=32, optimizer="adam", seed=seed)
+        # lr 3e-3 (the matrix family's) reached 98% on seed 0 but stalled at 82-87% train accuracy on seeds 1 and 2
+        return TrainRecipe(epochs=40, lr=1e-3, batch_size=32, optimizer="adam", seed=seed)
 
     def config(self, scenario: str, seed: int) -> dict[str, Any]:
         return {**super().config(scenario, seed), "model": "tiny_speech_wav2vec2", "data": "formant_speech_v1"}

@@ -81,6 +81,20 @@ def run_seed(seed: int, names: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of an earlier run's results.csv with numbers and booleans restored, empty cells dropped."""
+    import csv
+
+    def value(key: str, text: str) -> Any:
+        if text == "" or key in ("task", "scenario", "strategy", "status"):
+            return text if key in ("task", "scenario", "strategy", "status") else None
+        return text == "True" if text in ("True", "False") else float(text)
+
+    with path.open() as fh:
+        rows = [{k: value(k, v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    return [{k: v for k, v in row.items() if v is not None} for row in rows]  # as run: a row has only its own keys
+
+
 def closed_loop_table(rows: list[dict[str, Any]]) -> str:
     """Per closed-loop configuration: how many seeds verified, steps and coreset size (mean over seeds)."""
     lines = ["| closed-loop run | verified | steps (mean) | coreset (mean) | forget loss (mean) |", "| --- | --- | --- | --- | --- |"]
@@ -98,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--strategies", default=GENERIC)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "multimodal" / "audio"))
+    p.add_argument("--from-csv", default="", help="comma-separated results.csv files of earlier runs (e.g. one per seed, "
+                   "run in parallel): merge them into one leaderboard instead of running")
     args = p.parse_args(argv)
     import torch
 
@@ -111,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     load0, wall0 = os.getloadavg()[0], time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    for seed in (int(s) for s in args.seeds.split(",")):
+    rows: list[dict[str, Any]] = [row for path in filter(None, args.from_csv.split(",")) for row in _read_csv(Path(path))]
+    for seed in () if rows else (int(s) for s in args.seeds.split(",")):
         rows += run_seed(seed, [s.strip() for s in args.strategies.split(",") if s.strip()])
         write_csv(rows, out / "results.csv")  # after every seed: a long run leaves what it measured
     board = _leaderboard_module().leaderboard(rows) + "\n" + closed_loop_table(rows)

@@ -1,0 +1,65 @@
+"""Send a model to Ray actors and workers when it has ``torch.nn.utils.parametrize`` parametrizations.
+
+A parametrized module refuses to be pickled ("Serialization of parametrized modules is only supported through
+state_dict()"), so ``ray.put(model)`` and a Ray Train ``train_loop_config`` holding it fail. Hugging Face's
+``Wav2Vec2`` (its positional convolution uses ``weight_norm``) is one such model. :func:`shippable` wraps the model so
+that pickling sends a copy with each parametrization folded into a plain tensor, plus the parametrization modules and
+their original tensors; unpickling re-registers them and restores the originals exactly, so the receiver gets a
+module of the same structure, ``state_dict`` and training behaviour (``weight_g`` / ``weight_v`` stay separate
+parameters). A model without parametrizations is sent as it is.
+
+Cost: one deep copy of a parametrized model per pickling.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+class _Shipped:
+    """Pickles as :func:`_restore` of a parametrization-free copy; never seen by the receiver."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        plain = copy.deepcopy(self.model)
+        specs = []
+        for path, module in [(p, m) for p, m in plain.named_modules() if parametrize.is_parametrized(m)]:
+            # a deep copy shares its parametrized class with the original, and removing a parametrization deletes
+            # the tensor's property from that class: give the copy a class of its own so the original keeps working
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__,
+                                    {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+            for tensor_name in list(module.parametrizations):
+                chain = module.parametrizations[tensor_name]
+                originals = {k: v.detach().clone() for k, v in chain.named_parameters(recurse=False)}
+                specs.append((path, tensor_name, list(chain), originals))
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+        return _restore, (plain, specs)
+
+
+def _restore(plain: nn.Module, specs: list[tuple[str, str, list[nn.Module], dict[str, torch.Tensor]]]) -> nn.Module:
+    for path, tensor_name, chain, originals in specs:
+        module = plain.get_submodule(path)
+        for parametrization in chain:
+            parametrize.register_parametrization(module, tensor_name, parametrization, unsafe=True)
+        with torch.no_grad():
+            for key, value in originals.items():
+                getattr(module.parametrizations[tensor_name], key).copy_(value)
+    return plain
+
+
+def shippable(model: nn.Module) -> Any:
+    """``model`` itself, or (when some submodule is parametrized) a wrapper that pickles into an equal module."""
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        return _Shipped(model)
+    return model
+
+
+__all__ = ["shippable"]
