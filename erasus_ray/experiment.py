@@ -56,7 +56,7 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits_prompt_diffusion": {"strategy": "grad_diff", "selector": "loss", "runner": {}, "target": "generation"},
     # a forgotten speaker: the retrained model still recognises most of their words (it generalises across voices),
     # so "forgotten" is measured against the retrained model (target gold), never a class-style forget acc of 0. Its
-    # forget accuracy alone does not tell them apart (seed 0: original 98.7, gold 93.4, within the tolerance), so the
+    # forget accuracy alone does not tell them apart (seeds 0, 1: original 100, gold 98.7, within tolerance), so the
     # test split goes in as held-out data ("heldout": "test") and the loop also matches gold's SVC MIA efficacy
     "audio": {"strategy": "grad_diff", "selector": "el2n", "runner": {}, "target": "gold", "heldout": "test"},
 }

@@ -134,11 +134,11 @@ def test_demo_task_audio_runs_the_speaker_benchmark_against_the_retrained_model(
 
 @pytest.mark.slow
 def test_demo_strategy_moves_the_forgotten_speaker_towards_the_retrained_model():
-    """Seed 0, speaker 2 (original + gold cached under ERASUS_RAY_CACHE; training both takes ~45 s of CPU the first
+    """Seed 0, speaker 2 (original + gold cached under ERASUS_RAY_CACHE; training both takes ~65 s of CPU the first
     time). The demo default (closed-loop grad_diff, target gold with the test split as held-out data) on the full
-    forget set. Measured: 30 steps, verified; forget loss 0.029 -> 0.130 (gold 0.212), SVC MIA efficacy 0.013 ->
-    0.132 (gold 0.118), retain acc 97.9 -> 98.2, Avg.Gap 4.7 -> 1.3 pts. Bound: retain accuracy within 5 points of
-    the original's."""
+    forget set. Measured (benchmarks/multimodal/audio/RESULTS.md): 24 steps, verified; forget loss 0.010 -> 0.052
+    (gold 0.096), SVC MIA efficacy 0 -> 0.066 (gold 0.105), retain acc 100 -> 100, Avg.Gap 3.5 -> 1.8 pts; 24 s at
+    load ~17. Bound: retain accuracy within 5 points of the original's."""
     from erasus_ray.benchmarks import load_benchmark
     from erasus_ray.evaluation import evaluate
     from erasus_ray.experiment import JobConfig, run_job

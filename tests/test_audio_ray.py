@@ -35,8 +35,9 @@ def test_ray_scoring_pool_and_ray_train_run_the_audio_model_like_one_process(ray
 
 
 def test_a_parametrized_model_pickles_through_shippable_with_its_parametrization_intact():
-    """Wav2Vec2's positional convolution is weight-normed (a torch parametrization), which plain pickling refuses -
-    the reason ray.put / Ray Train could not ship the audio model. shippable's copy keeps the parametrization (weight_g
+    """Wav2Vec2's positional convolution is weight-normed (a torch parametrization), which pickling refuses, and after
+    its first forward transformers' capture hooks hold a ContextVar - why ray.put / Ray Train could not ship the audio
+    model. shippable's copy keeps the parametrization (weight_g
     and weight_v stay separate parameters), every state_dict tensor and the outputs bit for bit."""
     from ray import cloudpickle as pickle  # what ray.put and Ray Train pickle with
     from torch.nn.utils import parametrize
@@ -56,4 +57,9 @@ def test_a_parametrized_model_pickles_through_shippable_with_its_parametrization
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     x = torch.randn(2, 3200)
     assert torch.equal(model(x).logits, copy(x).logits)
+    # after a forward, transformers' output-capturing hooks (closing over a ContextVar) are installed: still ships
+    assert any(m._forward_hooks for m in model.modules())
+    again = pickle.loads(pickle.dumps(shippable(model)))
+    assert torch.equal(again(x).logits, model(x).logits)
+    assert model(x, output_hidden_states=True).hidden_states is not None  # the original's hooks still work
     assert shippable(torch.nn.Linear(2, 2)).__class__ is torch.nn.Linear  # nothing to fold: sent as it is

@@ -6,7 +6,9 @@ state_dict()"), so ``ray.put(model)`` and a Ray Train ``train_loop_config`` hold
 that pickling sends a copy with each parametrization folded into a plain tensor, plus the parametrization modules and
 their original tensors; unpickling re-registers them and restores the originals exactly, so the receiver gets a
 module of the same structure, ``state_dict`` and training behaviour (``weight_g`` / ``weight_v`` stay separate
-parameters). A model without parametrizations is sent as it is.
+parameters). Transformers 5 also installs output-capturing forward hooks on a model's first forward that close over a
+ContextVar (unpicklable): the copy drops them and the receiver's model installs its own on its first forward. A
+model with neither is sent as it is.
 
 Cost: one deep copy of a parametrized model per pickling.
 """
@@ -21,6 +23,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 
+#: transformers (5.x) installs these forward hooks on a model's first forward (``install_output_capuring_hook``, its
+#: spelling); they close over a module-level ContextVar, which cannot be pickled
+_CAPTURE_HOOK = "install_output_capuring_hook.<locals>."
+
+
 class _Shipped:
     """Pickles as :func:`_restore` of a parametrization-free copy; never seen by the receiver."""
 
@@ -29,6 +36,7 @@ class _Shipped:
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         plain = copy.deepcopy(self.model)
+        _drop_capture_hooks(plain)
         specs = []
         for path, module in [(p, m) for p, m in plain.named_modules() if parametrize.is_parametrized(m)]:
             # a deep copy shares its parametrized class with the original, and removing a parametrization deletes
@@ -44,6 +52,20 @@ class _Shipped:
         return _restore, (plain, specs)
 
 
+def _is_capture_hook(hook: Any) -> bool:
+    return getattr(hook, "__qualname__", "").startswith(_CAPTURE_HOOK)
+
+
+def _drop_capture_hooks(model: nn.Module) -> None:
+    """Remove transformers' output-capturing forward hooks and clear its "installed" flag, so the receiver's model
+    installs its own on its first forward."""
+    for module in model.modules():
+        for key in [k for k, hook in module._forward_hooks.items() if _is_capture_hook(hook)]:
+            del module._forward_hooks[key]
+        if getattr(module, "_output_capturing_hooks_installed", False):
+            module._output_capturing_hooks_installed = False
+
+
 def _restore(plain: nn.Module, specs: list[tuple[str, str, list[nn.Module], dict[str, torch.Tensor]]]) -> nn.Module:
     for path, tensor_name, chain, originals in specs:
         module = plain.get_submodule(path)
@@ -56,8 +78,9 @@ def _restore(plain: nn.Module, specs: list[tuple[str, str, list[nn.Module], dict
 
 
 def shippable(model: nn.Module) -> Any:
-    """``model`` itself, or (when some submodule is parametrized) a wrapper that pickles into an equal module."""
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
+    """``model`` itself, or (when some submodule is parametrized or carries transformers' capture hooks) a wrapper
+    that pickles into an equal module."""
+    if any(parametrize.is_parametrized(m) or any(map(_is_capture_hook, m._forward_hooks.values())) for m in model.modules()):
         return _Shipped(model)
     return model
 

@@ -88,7 +88,7 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
     def value(key: str, text: str) -> Any:
         if text == "" or key in ("task", "scenario", "strategy", "status"):
             return text if key in ("task", "scenario", "strategy", "status") else None
-        return text == "True" if text in ("True", "False") else float(text)
+        return text == "True" if text in ("True", "False") else int(text) if key == "seed" else float(text)
 
     with path.open() as fh:
         rows = [{k: value(k, v) for k, v in row.items()} for row in csv.DictReader(fh)]
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in () if rows else (int(s) for s in args.seeds.split(",")):
         rows += run_seed(seed, [s.strip() for s in args.strategies.split(",") if s.strip()])
         write_csv(rows, out / "results.csv")  # after every seed: a long run leaves what it measured
+    write_csv(rows, out / "results.csv")
     board = _leaderboard_module().leaderboard(rows) + "\n" + closed_loop_table(rows)
     atomic_write_text(out / "leaderboard.md", board)
     command = "python benchmarks/multimodal/audio/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
