@@ -10,6 +10,9 @@ parameters). Transformers 5 also installs output-capturing forward hooks on a mo
 ContextVar (unpicklable): the copy drops them and the receiver's model installs its own on its first forward. A
 model with neither is sent as it is.
 
+Receivers call :func:`unshipped` on what arrived: the wrapper survives every hop (a Ray Train config goes from the
+driver to the controller to the workers, pickled again at each).
+
 Cost: one deep copy of a parametrized model per pickling.
 """
 
@@ -49,7 +52,7 @@ class _Shipped:
                 originals = {k: v.detach().clone() for k, v in chain.named_parameters(recurse=False)}
                 specs.append((path, tensor_name, list(chain), originals))
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
-        return _restore, (plain, specs)
+        return _restore_shipped, (plain, specs)
 
 
 def _is_capture_hook(hook: Any) -> bool:
@@ -77,6 +80,16 @@ def _restore(plain: nn.Module, specs: list[tuple[str, str, list[nn.Module], dict
     return plain
 
 
+def _restore_shipped(plain: nn.Module, specs: list[Any]) -> "_Shipped":
+    # still wrapped: a Ray Train config travels driver -> controller -> workers, and the controller pickles it again
+    return _Shipped(_restore(plain, specs))
+
+
+def unshipped(value: Any) -> Any:
+    """The module a :func:`shippable` wrapper carries (what a receiver calls on what arrived); anything else as it is."""
+    return value.model if isinstance(value, _Shipped) else value
+
+
 def shippable(model: nn.Module) -> Any:
     """``model`` itself, or (when some submodule is parametrized or carries transformers' capture hooks) a wrapper
     that pickles into an equal module."""
@@ -85,4 +98,4 @@ def shippable(model: nn.Module) -> Any:
     return model
 
 
-__all__ = ["shippable"]
+__all__ = ["shippable", "unshipped"]
