@@ -1,6 +1,6 @@
 """Offline benchmark tasks (``digits``, ``mnist5k``, ``authors``; tabular ``wine``, ``iris``, ``breast_cancer``;
 ``digits_diffusion``; vision-language ``clip`` and ``llava`` on captioned / questioned digits; ``video``, VideoMAE on
-moving-digit clips) with cached original
+moving-digit clips; ``audio`` / ``audio_asr`` on synthetic formant speech) with cached original
 and gold models.
 
 ``load_benchmark("digits", scenario="class", seed=0)`` returns a :class:`Benchmark`: forget/retain/test splits by
@@ -23,6 +23,8 @@ BENCHMARKS: dict[str, str] = {
     "clip": "erasus_ray.benchmarks.clip:ClipDigitsBenchmark",
     "llava": "erasus_ray.benchmarks.llava:LlavaDigitsBenchmark",
     "video": "erasus_ray.benchmarks.video:VideoDigitsBenchmark",
+    "audio": "erasus_ray.benchmarks.audio:AudioBenchmark",
+    "audio_asr": "erasus_ray.benchmarks.audio_asr:AudioAsrBenchmark",
     "digits_prompt_diffusion": "erasus_ray.benchmarks.diffusion:DigitsPromptDiffusionBenchmark",
     "mnist5k": "erasus_ray.benchmarks.vision:Mnist5kBenchmark",
     "authors": "erasus_ray.benchmarks.authors:AuthorsBenchmark",

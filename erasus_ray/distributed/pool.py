@@ -45,6 +45,7 @@ from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError, InvalidDataError, ScoringPoolError
 from erasus_ray.selectors.base import Coreset, Selector, SharedState, resolve_budget
 from erasus_ray.tasks import Task
+from erasus_ray.utils.shipping import shippable, unshipped
 
 #: ``distributed="auto"`` uses the pool when Ray is already initialised or the forget set is at least this large.
 #: Measured (benchmarks/selector_scoring, crossover part: MNIST-5k CNN tiled, gradient_norm, 2-core machine): a cold
@@ -254,7 +255,7 @@ class _ScoringWorker:
 
     @staticmethod
     def _own(model: nn.Module, shard: IdDataset, context: dict[str, Any]) -> tuple[nn.Module, IdDataset, dict[str, Any]]:
-        return own_in_process(model).eval(), own_in_process(shard), {k: own_in_process(v) for k, v in context.items()}
+        return own_in_process(unshipped(model)).eval(), own_in_process(shard), {k: own_in_process(v) for k, v in context.items()}
 
     def score(
         self, model: nn.Module, selector: Selector, shard: IdDataset, seed: int, context: dict[str, Any],
@@ -380,7 +381,9 @@ class ScoringPool:
         actors = self._actors(task)
         was_training = model.training
         model.eval()
-        model_ref = ray.put(model)  # this request's weights, shipped once; each actor fetches them once
+        # this request's weights, shipped once; each actor fetches them once (shippable: a parametrized module,
+        # e.g. Wav2Vec2's weight-normed convolution, cannot be pickled as it is)
+        model_ref = ray.put(shippable(model))
         try:
             if selector.distributed_merge == "scores":
                 # set-level statistics once, over the whole forget set, on the driver; every shard reuses them

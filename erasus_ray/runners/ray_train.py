@@ -54,6 +54,7 @@ import torch
 
 from erasus_ray.control.controller import ClosedLoopRunner, Controller, Seat
 from erasus_ray.distributed.pool import ensure_ray, materialise
+from erasus_ray.utils.shipping import shippable, unshipped
 from erasus_ray.errors import ErasusError
 from erasus_ray.runners.local import LocalRunner, RunnerConfig, RunReport, StepExecutor
 from erasus_ray.strategies.base import Strategy, UnlearnContext, refuse_driver_only
@@ -169,7 +170,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     strategy: Strategy = config["strategy"]
-    model = config["model"]
+    model = unshipped(config["model"])
     device = ray.train.torch.get_device()
     model.to(device)
     forget, retain = config["forget"], config["retain"]
@@ -334,7 +335,7 @@ class RayTrainRunner:
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={
-                "model": cpu_model,
+                "model": shippable(cpu_model),  # a parametrized module cannot be pickled as it is
                 "strategy": strategy,
                 "task": ctx.task,
                 "forget": materialise(ctx.forget),
