@@ -92,6 +92,21 @@ def test_salun_diffusion_path_moves_only_salient_weights_and_remaps_the_class(fa
     assert "forget_remap_loss" in result.report.history[-1] or result.report.steps == 3
 
 
+def test_salun_defaults_to_its_diffusion_epochs_on_a_diffusion_task_only(family):
+    """The runner's default epochs follow the task the strategy was checked against: 10 on the diffusion path (50
+    steps erase the class, measured), the classifier path's 30 on a task with logits; an explicit value wins."""
+    from erasus_ray.strategies.saliency_unlearning import SaliencyUnlearning
+
+    def epochs(model, task, **kw):
+        return ErasusUnlearner(model, strategy="saliency_unlearning", selector=None, fraction=None, task=task,
+                               progress=False, **kw).runner_config(family.forget, None).epochs
+
+    assert SaliencyUnlearning.diffusion_epochs < SaliencyUnlearning.default_epochs
+    assert epochs(copy.deepcopy(family.model), family.task) == SaliencyUnlearning.diffusion_epochs
+    assert epochs(torch.nn.Linear(64, 10), "classification") == SaliencyUnlearning.default_epochs
+    assert epochs(copy.deepcopy(family.model), family.task, epochs=2) == 2
+
+
 def test_salun_remap_target_is_another_classes_prediction(family):
     from erasus_ray.strategies.saliency_unlearning import SaliencyUnlearning
 
