@@ -90,19 +90,27 @@ def ray_job_submit(dashboard, env, command, timeout=600, working_dir=ROOT):
         time.sleep(5)
 
 
-@pytest.mark.slow
-def test_ray_job_submit_runs_unlearn_config(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head():
+    """One loopback head for this module's jobs (each job gets its own working dir and output folder): starting a
+    head and waiting for its job agent costs 15-30 s on a loaded 2-core machine."""
     pytest.importorskip("ray")
     with local_ray_head() as (_, dashboard, env):
-        out = tmp_path / "results"
-        job = ray_job_submit(dashboard, env, [str(BIN / "erasus-ray"), "unlearn", "--config", "examples/configs/digits_class.yaml",
-                                              "--out", str(out), "--no-progress"])
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        doc = json.loads((out / "results.json").read_text())
-        assert doc["config"]["strategy"] == "grad_diff" and doc["metrics"]["forget_acc"] <= 0.05
+        yield dashboard, env
 
 
-def _submit_example_folder(tmp_path: Path, name: str):
+@pytest.mark.slow
+def test_ray_job_submit_runs_unlearn_config(tmp_path, ray_head):
+    dashboard, env = ray_head
+    out = tmp_path / "results"
+    job = ray_job_submit(dashboard, env, [str(BIN / "erasus-ray"), "unlearn", "--config", "examples/configs/digits_class.yaml",
+                                          "--out", str(out), "--no-progress"])
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["config"]["strategy"] == "grad_diff" and doc["metrics"]["forget_acc"] <= 0.05
+
+
+def _submit_example_folder(tmp_path: Path, name: str, head):
     """A copy of examples/<name> with its job's files written (tests/test_examples.py's ``example_job``), shipped
     with ``ray job submit --working-dir`` to a loopback head running ``erasus-ray unlearn --config job.yaml --out``;
     checks the job ran in Ray's copy of the folder and returns ``(folder, out, module)``."""
@@ -110,35 +118,33 @@ def _submit_example_folder(tmp_path: Path, name: str):
 
     folder, module = example_job(tmp_path, name)
     out = tmp_path / "results"
-    with local_ray_head() as (_, dashboard, env):
-        job = ray_job_submit(dashboard, env, [str(BIN / "erasus-ray"), "unlearn", "--config", "job.yaml", "--out", str(out),
-                                              "--no-progress"], working_dir=folder)
+    dashboard, env = head
+    job = ray_job_submit(dashboard, env, [str(BIN / "erasus-ray"), "unlearn", "--config", "job.yaml", "--out", str(out),
+                                          "--no-progress"], working_dir=folder)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert not (folder / "out").exists()  # the job ran in Ray's copy of the folder, not in ours
     return folder, out, module
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_own_data_example_folder(tmp_path):
+def test_ray_job_submit_runs_the_own_data_example_folder(tmp_path, ray_head):
     """examples/own_data (checkpoint, Parquet table and factory module written into a copy) shipped with
     ``--working-dir``: the job imports its factory from the shipped folder and writes to ``--out``, which forgot
     class 2 in the table's ids (the same checks as the local run in tests/test_examples.py)."""
-    pytest.importorskip("ray")
     from test_examples import check_own_data_output
 
-    folder, out, module = _submit_example_folder(tmp_path, "own_data")
+    folder, out, module = _submit_example_folder(tmp_path, "own_data", ray_head)
     check_own_data_output(folder, out, module)
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_own_hf_example_folder(tmp_path):
+def test_ray_job_submit_runs_the_own_hf_example_folder(tmp_path, ray_head):
     """examples/own_hf (a save_pretrained BERT folder, a tokenizer folder and a save_to_disk dataset written into a
     copy) shipped with ``--working-dir``: ``--out`` holds a ``model/`` folder that reloads with ``from_pretrained``
     and forgot topic 2, and results in the dataset's ids (the same checks as the local run in tests/test_examples.py)."""
-    pytest.importorskip("ray")
     from test_examples import check_own_hf_output
 
-    folder, out, _ = _submit_example_folder(tmp_path, "own_hf")
+    folder, out, _ = _submit_example_folder(tmp_path, "own_hf", ray_head)
     check_own_hf_output(folder, out)
 
 

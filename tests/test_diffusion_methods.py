@@ -275,10 +275,11 @@ def test_new_methods_lower_the_erased_rate_towards_gold_and_keep_the_other_class
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gradient_ascent", "grad_diff", "esd", "selective_amnesia"])
+@pytest.mark.parametrize("name", ["grad_diff", "esd", "selective_amnesia"])
 def test_ray_train_runs_the_loss_based_diffusion_strategies_like_the_local_runner(name, family, ray_cluster):
     """backend='ray_train' with one worker takes the same steps on a DiffusionTask as the local runner (id-keyed
-    draws travel with the batches; ESD's frozen reference and SA's Fisher are built in the worker's setup)."""
+    draws travel with the batches; ESD's frozen reference and SA's Fisher are built in the worker's setup).
+    gradient_ascent is grad_diff's forget term alone, so grad_diff (forget and retain batches) covers its path."""
     kw = dict(strategy=name, selector=None, fraction=None, task=family.task, seed=0, progress=False, max_steps=3,
               lr=1e-3, batch_size=8)
     local = ErasusUnlearner(copy.deepcopy(family.model), **kw).fit(forget_data=family.forget, retain_data=family.retain)

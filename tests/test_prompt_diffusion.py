@@ -227,7 +227,8 @@ def test_uce_and_esd_x_erase_the_prompt_towards_gold_on_the_default_prompt_bench
     from erasus_ray.benchmarks import load_benchmark
     from erasus_ray.evaluation.diffusion import generation_rate
 
-    bench = load_benchmark("digits_prompt_diffusion", seed=0)
+    bench = load_benchmark("digits_prompt_diffusion", seed=0, gold=False)
+    assert bench.gold is None
 
     def rates(model):
         r = [generation_rate(bench.task, model, c, n=32) for c in range(10)]

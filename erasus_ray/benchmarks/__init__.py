@@ -47,10 +47,13 @@ def get_benchmark_spec(name: str, **options: Any) -> BenchmarkSpec:
 
 
 def load_benchmark(
-    name: str, scenario: str | None = None, seed: int = 0, cache_dir: str | os.PathLike | None = None, **options: Any
+    name: str, scenario: str | None = None, seed: int = 0, cache_dir: str | os.PathLike | None = None,
+    gold: bool = True, **options: Any,
 ) -> Benchmark:
-    """Build benchmark ``name`` (data, task, recipe) and its original and gold models (cached on disk)."""
-    return build_benchmark(get_benchmark_spec(name, **options), scenario=scenario, seed=seed, cache_dir=cache_dir)
+    """Build benchmark ``name`` (data, task, recipe) and its original and gold models (cached on disk);
+    ``gold=False`` skips the gold model (``bench.gold is None``)."""
+    return build_benchmark(get_benchmark_spec(name, **options), scenario=scenario, seed=seed, cache_dir=cache_dir,
+                           gold=gold)
 
 
 __all__ = ["BENCHMARKS", "Benchmark", "BenchmarkSpec", "TaskData", "benchmark_spec_class", "build_benchmark", "cache_root", "get_benchmark_spec", "load_benchmark"]

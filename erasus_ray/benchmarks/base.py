@@ -108,7 +108,8 @@ class Benchmark:
     recipe: TrainRecipe
     model_factory: Callable[[], nn.Module]
     original: nn.Module
-    gold: nn.Module
+    #: ``None`` only when built with ``gold=False`` (a check that needs the original alone skips the retrain)
+    gold: nn.Module | None
     seconds: dict[str, float]
     info: dict[str, Any]
     config: dict[str, Any]
@@ -141,9 +142,11 @@ def _train_cached(
 
 
 def build_benchmark(
-    spec: BenchmarkSpec, scenario: str | None = None, seed: int = 0, cache_dir: str | os.PathLike | None = None
+    spec: BenchmarkSpec, scenario: str | None = None, seed: int = 0, cache_dir: str | os.PathLike | None = None,
+    gold: bool = True,
 ) -> Benchmark:
-    """Build ``spec``: data splits, then the original and gold models (trained once, then loaded from cache)."""
+    """Build ``spec``: data splits, then the original and gold models (trained once, then loaded from cache).
+    ``gold=False`` neither trains nor loads the gold model (``Benchmark.gold`` is ``None``)."""
     scenario = scenario or spec.default_scenario
     if scenario not in spec.scenarios:
         raise InvalidConfigError(f"unknown scenario {scenario!r} for {spec.name}; known: {', '.join(spec.scenarios)}")
@@ -162,7 +165,8 @@ def build_benchmark(
         return spec.build_model(seed)
 
     original, t_orig = _train_cached(root / f"{spec.name}-{key}-original.pt", factory, data.train, task, recipe, "original")
-    gold, t_gold = _train_cached(root / f"{spec.name}-{key}-gold.pt", factory, retain, task, recipe, "retrain (gold)")
+    gold_model, t_gold = (_train_cached(root / f"{spec.name}-{key}-gold.pt", factory, retain, task, recipe, "retrain (gold)")
+                          if gold else (None, None))
     return Benchmark(
         name=spec.name,
         scenario=scenario,
@@ -175,7 +179,7 @@ def build_benchmark(
         recipe=recipe,
         model_factory=factory,
         original=original,
-        gold=gold,
+        gold=gold_model,
         seconds={"train_original": t_orig, "retrain": t_gold},
         info=data.info,
         config=config,
