@@ -75,6 +75,12 @@ class BenchmarkSpec(ABC):
     @abstractmethod
     def recipe(self, seed: int) -> TrainRecipe: ...
 
+    def train(self, model: nn.Module, data: IdDataset, task: Task, recipe: TrainRecipe, desc: str = "train") -> nn.Module:
+        """Train ``model`` in place on ``data`` with ``recipe`` (the original on the training set, the gold model on the
+        retain set: same method for both). Default: :func:`~erasus_ray.training.train_model`; a spec with a cheaper
+        way to fit its model (e.g. fine-tuning a pretrained model's top layers) overrides it."""
+        return train_model(model, data, task, recipe, progress=True, desc=desc)
+
     def config(self, scenario: str, seed: int) -> dict[str, Any]:
         return {
             "benchmark": self.name,
@@ -116,7 +122,8 @@ class Benchmark:
 
 
 def _train_cached(
-    path: Path, factory: Callable[[], nn.Module], data: IdDataset, task: Task, recipe: TrainRecipe, desc: str
+    path: Path, spec: BenchmarkSpec, factory: Callable[[], nn.Module], data: IdDataset, task: Task, recipe: TrainRecipe,
+    desc: str,
 ) -> tuple[nn.Module, float]:
     model = factory()
     meta_path = path.with_suffix(".json")
@@ -125,7 +132,7 @@ def _train_cached(
         model.eval()
         return model, float(json.loads(meta_path.read_text())["train_seconds"])
     start = time.perf_counter()
-    train_model(model, data, task, recipe, progress=True, desc=desc)
+    spec.train(model, data, task, recipe, desc=desc)
     seconds = time.perf_counter() - start
     # weights first, then the metadata whose presence marks the cache entry complete (both atomic)
     atomic_torch_save(model.state_dict(), path)
@@ -154,8 +161,8 @@ def build_benchmark(
     def factory() -> nn.Module:
         return spec.build_model(seed)
 
-    original, t_orig = _train_cached(root / f"{spec.name}-{key}-original.pt", factory, data.train, task, recipe, "original")
-    gold, t_gold = _train_cached(root / f"{spec.name}-{key}-gold.pt", factory, retain, task, recipe, "retrain (gold)")
+    original, t_orig = _train_cached(root / f"{spec.name}-{key}-original.pt", spec, factory, data.train, task, recipe, "original")
+    gold, t_gold = _train_cached(root / f"{spec.name}-{key}-gold.pt", spec, factory, retain, task, recipe, "retrain (gold)")
     return Benchmark(
         name=spec.name,
         scenario=scenario,
