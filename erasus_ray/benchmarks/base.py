@@ -122,9 +122,11 @@ class Benchmark:
 
 
 def _train_cached(
-    path: Path, spec: BenchmarkSpec, factory: Callable[[], nn.Module], data: IdDataset, task: Task, recipe: TrainRecipe,
-    desc: str,
+    path: Path, factory: Callable[[], nn.Module], data: IdDataset, task: Task, recipe: TrainRecipe, desc: str,
+    train: Callable[..., nn.Module] | None = None,
 ) -> tuple[nn.Module, float]:
+    """``(model, training seconds)``: loaded from ``path`` if cached, else trained with ``train`` (a spec's
+    :meth:`BenchmarkSpec.train`; default :func:`~erasus_ray.training.train_model`) and saved."""
     model = factory()
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
@@ -132,7 +134,10 @@ def _train_cached(
         model.eval()
         return model, float(json.loads(meta_path.read_text())["train_seconds"])
     start = time.perf_counter()
-    spec.train(model, data, task, recipe, desc=desc)
+    if train is None:
+        train_model(model, data, task, recipe, progress=True, desc=desc)
+    else:
+        train(model, data, task, recipe, desc=desc)
     seconds = time.perf_counter() - start
     # weights first, then the metadata whose presence marks the cache entry complete (both atomic)
     atomic_torch_save(model.state_dict(), path)
@@ -161,8 +166,10 @@ def build_benchmark(
     def factory() -> nn.Module:
         return spec.build_model(seed)
 
-    original, t_orig = _train_cached(root / f"{spec.name}-{key}-original.pt", spec, factory, data.train, task, recipe, "original")
-    gold, t_gold = _train_cached(root / f"{spec.name}-{key}-gold.pt", spec, factory, retain, task, recipe, "retrain (gold)")
+    original, t_orig = _train_cached(root / f"{spec.name}-{key}-original.pt", factory, data.train, task, recipe, "original",
+                                     spec.train)
+    gold, t_gold = _train_cached(root / f"{spec.name}-{key}-gold.pt", factory, retain, task, recipe, "retrain (gold)",
+                                 spec.train)
     return Benchmark(
         name=spec.name,
         scenario=scenario,
