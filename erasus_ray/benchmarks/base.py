@@ -82,6 +82,12 @@ class BenchmarkSpec(ABC):
     @abstractmethod
     def recipe(self, seed: int) -> TrainRecipe: ...
 
+    def train(self, model: nn.Module, data: IdDataset, task: Task, recipe: TrainRecipe, desc: str = "train") -> nn.Module:
+        """Train ``model`` in place on ``data`` with ``recipe`` (the original on the training set, the gold model on the
+        retain set: same method for both). Default: :func:`~erasus_ray.training.train_model`; a spec with a cheaper
+        way to fit its model (e.g. fine-tuning a pretrained model's top layers) overrides it."""
+        return train_model(model, data, task, recipe, progress=True, desc=desc)
+
     def config(self, scenario: str, seed: int) -> dict[str, Any]:
         return {
             "benchmark": self.name,
@@ -124,8 +130,11 @@ class Benchmark:
 
 
 def _train_cached(
-    path: Path, factory: Callable[[], nn.Module], data: IdDataset, task: Task, recipe: TrainRecipe, desc: str
+    path: Path, factory: Callable[[], nn.Module], data: IdDataset, task: Task, recipe: TrainRecipe, desc: str,
+    train: Callable[..., nn.Module] | None = None,
 ) -> tuple[nn.Module, float]:
+    """``(model, training seconds)``: loaded from ``path`` if cached, else trained with ``train`` (a spec's
+    :meth:`BenchmarkSpec.train`; default :func:`~erasus_ray.training.train_model`) and saved."""
     model = factory()
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
@@ -133,7 +142,10 @@ def _train_cached(
         model.eval()
         return model, float(json.loads(meta_path.read_text())["train_seconds"])
     start = time.perf_counter()
-    train_model(model, data, task, recipe, progress=True, desc=desc)
+    if train is None:
+        train_model(model, data, task, recipe, progress=True, desc=desc)
+    else:
+        train(model, data, task, recipe, desc=desc)
     seconds = time.perf_counter() - start
     # weights first, then the metadata whose presence marks the cache entry complete (both atomic)
     atomic_torch_save(model.state_dict(), path)
@@ -164,9 +176,10 @@ def build_benchmark(
     def factory() -> nn.Module:
         return spec.build_model(seed)
 
-    original, t_orig = _train_cached(root / f"{spec.name}-{key}-original.pt", factory, data.train, task, recipe, "original")
-    gold_model, t_gold = (_train_cached(root / f"{spec.name}-{key}-gold.pt", factory, retain, task, recipe, "retrain (gold)")
-                          if gold else (None, None))
+    original, t_orig = _train_cached(root / f"{spec.name}-{key}-original.pt", factory, data.train, task, recipe, "original",
+                                     spec.train)
+    gold_model, t_gold = (_train_cached(root / f"{spec.name}-{key}-gold.pt", factory, retain, task, recipe, "retrain (gold)",
+                                        spec.train) if gold else (None, None))
     return Benchmark(
         name=spec.name,
         scenario=scenario,
