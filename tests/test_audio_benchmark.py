@@ -206,3 +206,23 @@ def test_demo_strategy_moves_the_forgotten_speaker_towards_the_retrained_model()
         assert abs(m[key] - gold[key]) < 0.7 * abs(orig[key] - gold[key]), (key, orig[key], m[key], gold[key])
     assert m["retain_acc"] >= orig["retain_acc"] - 0.05
     assert m["avg_gap"] < orig["avg_gap"]
+
+
+def test_leaderboard_sections_replace_their_own_text_and_keep_the_others(tmp_path):
+    """benchmarks/multimodal/audio/run.py writes each benchmark's table into one RESULTS.md: the audio classifier's
+    as the file's head, audio_asr's between markers; rewriting one leaves the other as it was."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "multimodal" / "audio" / "run.py"
+    spec = importlib.util.spec_from_file_location("audio_leaderboard_run", path)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    results = tmp_path / "RESULTS.md"
+    run.write_section(results, "audio", "# audio v1\n")
+    run.write_section(results, "audio_asr", "## asr v1\n")
+    run.write_section(results, "audio_asr", "## asr v2\n")
+    run.write_section(results, "audio", "# audio v2\n")
+    text = results.read_text()
+    assert text.startswith("# audio v2\n") and text.count("asr v") == 1 and "## asr v2\n" in text
+    assert "audio v1" not in text and text.count("<!-- section: audio_asr -->") == 1

@@ -86,7 +86,9 @@ def transcript_wer(model: nn.Module, data: IdDataset) -> float:
 
 
 class AudioAsrBenchmark(AudioBenchmark):
-    """Whisper transcribing the synthetic words; Adam 3e-3, 30 epochs, batch 32."""
+    """Whisper transcribing the synthetic words; Adam 1e-3, 60 epochs, batch 32 (Adam 3e-3 for 30 epochs left the
+    original wrong on 13-25% of its own training utterances on seeds 0 and 2; this recipe: 0% on seeds 0-2, ~11 s of
+    one CPU thread per model)."""
 
     name = "audio_asr"
     task_class = Seq2SeqTask
@@ -102,7 +104,7 @@ class AudioAsrBenchmark(AudioBenchmark):
         return Seq2SeqTask(pad_token_id=PAD, decoder_start_token_id=START)
 
     def recipe(self, seed: int) -> TrainRecipe:
-        return TrainRecipe(epochs=30, lr=3e-3, batch_size=32, optimizer="adam", seed=seed)
+        return TrainRecipe(epochs=60, lr=1e-3, batch_size=32, optimizer="adam", seed=seed)
 
     def config(self, scenario: str, seed: int) -> dict[str, Any]:
         return {**super().config(scenario, seed), "model": "tiny_speech_whisper"}
