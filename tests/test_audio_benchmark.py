@@ -183,6 +183,34 @@ def test_demo_task_audio_runs_the_speaker_benchmark_against_the_retrained_model(
     assert (cfg.strategy, cfg.target, DEMO_DEFAULTS["audio"]["heldout"]) == ("grad_diff", "gold", "test")
 
 
+def test_audio_asr_demo_default_bounds_the_loss_mia_against_the_test_speakers():
+    """audio_asr's demo default closes the loop on the loss MIA (at most 0.52) with the test split as held-out data:
+    run_job hands that split to fit for a bounds target too (before, only gold targets got it), and no gold model."""
+    from erasus_ray.experiment import JobConfig, run_job
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    class Recording:  # stands in for ErasusUnlearner: records what run_job passes, stops before any work
+        def __init__(self, *args, **kwargs):
+            seen["target"] = kwargs["target"]
+
+        def fit(self, **kwargs):
+            seen.update(kwargs)
+            raise Stop
+
+    bench = SimpleNamespace(name="audio_asr", original=None, gold="gold model", task=None, model_factory=None,
+                            recipe=None, forget="forget split", retain="retain split", test="test split")
+    cfg = JobConfig.from_dict({"benchmark": "audio_asr"})
+    assert cfg.strategy == "grad_diff"
+    with pytest.raises(Stop):
+        run_job(cfg, bench=bench, gold_metrics={}, progress=False, unlearner_cls=Recording)
+    assert seen["target"] == {"mia_loss_auc": {"max": 0.52}}
+    assert seen["heldout_data"] == "test split" and "gold" not in seen
+
+
 @pytest.mark.slow
 def test_demo_strategy_moves_the_forgotten_speaker_towards_the_retrained_model():
     """Seed 0, speaker 2 (original + gold cached under ERASUS_RAY_CACHE; training both takes ~65 s of CPU the first
