@@ -66,6 +66,14 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     # forget accuracy alone does not tell them apart (seeds 0, 1: original 100, gold 98.7, within tolerance), so the
     # test split goes in as held-out data ("heldout": "test") and the loop also matches gold's SVC MIA efficacy
     "audio": {"strategy": "grad_diff", "selector": "el2n", "runner": {}, "target": "gold", "heldout": "test"},
+    # the same speaker through the Whisper transcriber: the retrained model still transcribes their words (forget WER
+    # 0-4% on seeds 0-2, like the original's), so target gold holds before any step; what sets them apart is the loss
+    # MIA against held-out speakers (original 57 vs gold 47 pts), so the loop bounds it. Seeds 0-2: full forget set
+    # verified 3 of 3 in 12-18 steps, Avg.Gap 0.8 / 0.3 / 2.8 pts (original 1.9 / 1.7 / 3.6); the adaptive el2n
+    # coreset 2 of 3 (Avg.Gap 2.5 / 3.9 / 3.5: an MIA bound names no failing sample, so the coreset does not grow).
+    # benchmarks/multimodal/audio/RESULTS.md (speech recognition section)
+    "audio_asr": {"strategy": "grad_diff", "selector": "el2n", "runner": {}, "target": {"mia_loss_auc": {"max": 0.52}},
+                  "heldout": "test"},
 }
 
 #: targets that are measured against the benchmark's gold model: :func:`run_job` passes it to ``fit`` for them
@@ -221,8 +229,9 @@ def run_job(
         **cfg.strategy_params,
     )
     gold = {"gold": bench.gold} if cfg.target in GOLD_TARGETS else {}
-    if gold and DEMO_DEFAULTS.get(bench.name, {}).get("heldout") == "test":
-        gold["heldout_data"] = bench.test  # the gold target then also matches the retrained model's SVC MIA efficacy
+    if cfg.target != "auto" and DEMO_DEFAULTS.get(bench.name, {}).get("heldout") == "test":
+        # a gold target then also matches the retrained model's SVC MIA efficacy; bounds may name held-out metrics
+        gold["heldout_data"] = bench.test
     result = unlearner.fit(forget_data=bench.forget, retain_data=bench.retain, **gold)
     metrics = evaluate(
         result.model, forget=bench.forget, retain=bench.retain, test=bench.test, task=bench.task, gold_metrics=gold_metrics, seed=cfg.seed

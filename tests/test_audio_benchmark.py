@@ -104,6 +104,57 @@ def test_greedy_transcripts_stop_at_the_end_token_and_feed_the_word_error_rate()
     assert transcript_wer(Scripted(), data) == pytest.approx(1.0)
 
 
+def test_registered_wer_matches_a_hand_count_on_scripted_transcripts():
+    """``<split>_wer`` through ``run_metrics`` and the seq2seq adapter's greedy decoding. Scripted transcripts: row 0
+    says [3] for reference [3] (right); row 1 says [5, 7] for [4] (a substitution and an insertion); row 2 says [5] for
+    the two-word [5, 6] (a deletion). forget = rows 0, 1: (0 + 2) / 2 words = 1.0; retain = row 2: 1 / 2 = 0.5;
+    test = rows 0, 2: (0 + 1) / 3 = 1/3."""
+    from torch import nn
+
+    from erasus_ray.benchmarks.audio_asr import END, FRAMES, FREQ_BINS, PAD, START, VOCAB
+    from erasus_ray.data import IdDataset
+    from erasus_ray.evaluation import run_metrics
+    from erasus_ray.tasks.seq2seq import Seq2SeqTask
+
+    script = torch.tensor([[3, END, END, END], [5, 7, END, END], [5, END, END, END]])
+
+    class Scripted(nn.Module):  # the row's scripted token at each decoder position, whatever the decoder input
+        def forward(self, input_features, decoder_input_ids):
+            rows = input_features[:, 0, 0].long()
+            steps = torch.arange(decoder_input_ids.shape[1]).clamp_max(script.shape[1] - 1)
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(script[rows][:, steps], VOCAB).float())
+
+    labels = [[3, END], [4, END], [5, 6, END]]
+    items = [{"input_features": torch.full((FREQ_BINS, FRAMES), float(r)), "labels": torch.tensor(labels[r])}
+             for r in range(3)]
+
+    def split(rows: list[int]) -> IdDataset:
+        return IdDataset(items, np.array(rows), np.array(rows))
+
+    names = ["forget_wer", "retain_wer", "test_wer"]
+    values = run_metrics(Scripted(), Seq2SeqTask(pad_token_id=PAD, decoder_start_token_id=START),
+                         {"forget": split([0, 1]), "retain": split([2]), "test": split([0, 2])}, names,
+                         eos_token_id=END)
+    assert values == pytest.approx({"forget_wer": 1.0, "retain_wer": 0.5, "test_wer": 1 / 3})
+
+
+def test_wer_is_in_the_seq2seq_suite_and_refused_by_adapters_that_cannot_transcribe():
+    """A classifier cannot generate (CapabilityError); a causal LM generates but has no decoding from an encoder
+    input (``greedy_decode``): neither gets WER in its default suite, and asking for it by name is refused."""
+    from erasus_ray.evaluation import metric_names_for, run_metrics
+    from erasus_ray.tasks import CapabilityError
+    from erasus_ray.tasks.causal_lm import CausalLMTask
+    from erasus_ray.tasks.classification import ClassificationTask
+    from erasus_ray.tasks.seq2seq import Seq2SeqTask
+
+    assert {"forget_wer", "retain_wer", "test_wer"} <= set(metric_names_for(Seq2SeqTask))
+    assert not {n for n in metric_names_for(ClassificationTask) + metric_names_for(CausalLMTask) if n.endswith("_wer")}
+    with pytest.raises(CapabilityError, match="generation"):
+        run_metrics(torch.nn.Linear(2, 2), ClassificationTask(), {}, ["forget_wer"])
+    with pytest.raises(InvalidConfigError, match="greedy_decode"):
+        run_metrics(torch.nn.Linear(2, 2), CausalLMTask(), {"forget": []}, ["forget_wer"])
+
+
 def test_whisper_reads_the_asr_features_and_its_loss_is_the_adapters():
     """The audio_asr items fit the tiny Whisper (input_features [FREQ_BINS, 2 x max_source_positions]) and the seq2seq
     adapter's mean per-sample loss equals the model's own loss on the same batch (one label length: equal means)."""
@@ -132,6 +183,34 @@ def test_demo_task_audio_runs_the_speaker_benchmark_against_the_retrained_model(
     assert (cfg.strategy, cfg.target, DEMO_DEFAULTS["audio"]["heldout"]) == ("grad_diff", "gold", "test")
 
 
+def test_audio_asr_demo_default_bounds_the_loss_mia_against_the_test_speakers():
+    """audio_asr's demo default closes the loop on the loss MIA (at most 0.52) with the test split as held-out data:
+    run_job hands that split to fit for a bounds target too (before, only gold targets got it), and no gold model."""
+    from erasus_ray.experiment import JobConfig, run_job
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    class Recording:  # stands in for ErasusUnlearner: records what run_job passes, stops before any work
+        def __init__(self, *args, **kwargs):
+            seen["target"] = kwargs["target"]
+
+        def fit(self, **kwargs):
+            seen.update(kwargs)
+            raise Stop
+
+    bench = SimpleNamespace(name="audio_asr", original=None, gold="gold model", task=None, model_factory=None,
+                            recipe=None, forget="forget split", retain="retain split", test="test split")
+    cfg = JobConfig.from_dict({"benchmark": "audio_asr"})
+    assert cfg.strategy == "grad_diff"
+    with pytest.raises(Stop):
+        run_job(cfg, bench=bench, gold_metrics={}, progress=False, unlearner_cls=Recording)
+    assert seen["target"] == {"mia_loss_auc": {"max": 0.52}}
+    assert seen["heldout_data"] == "test split" and "gold" not in seen
+
+
 @pytest.mark.slow
 def test_demo_strategy_moves_the_forgotten_speaker_towards_the_retrained_model():
     """Seed 0, speaker 2 (original + gold cached under ERASUS_RAY_CACHE; training both takes ~65 s of CPU the first
@@ -155,3 +234,23 @@ def test_demo_strategy_moves_the_forgotten_speaker_towards_the_retrained_model()
         assert abs(m[key] - gold[key]) < 0.7 * abs(orig[key] - gold[key]), (key, orig[key], m[key], gold[key])
     assert m["retain_acc"] >= orig["retain_acc"] - 0.05
     assert m["avg_gap"] < orig["avg_gap"]
+
+
+def test_leaderboard_sections_replace_their_own_text_and_keep_the_others(tmp_path):
+    """benchmarks/multimodal/audio/run.py writes each benchmark's table into one RESULTS.md: the audio classifier's
+    as the file's head, audio_asr's between markers; rewriting one leaves the other as it was."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "multimodal" / "audio" / "run.py"
+    spec = importlib.util.spec_from_file_location("audio_leaderboard_run", path)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    results = tmp_path / "RESULTS.md"
+    run.write_section(results, "audio", "# audio v1\n")
+    run.write_section(results, "audio_asr", "## asr v1\n")
+    run.write_section(results, "audio_asr", "## asr v2\n")
+    run.write_section(results, "audio", "# audio v2\n")
+    text = results.read_text()
+    assert text.startswith("# audio v2\n") and text.count("asr v") == 1 and "## asr v2\n" in text
+    assert "audio v1" not in text and text.count("<!-- section: audio_asr -->") == 1

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from erasus_ray.benchmarks.audio import AudioBenchmark
 from erasus_ray.benchmarks.audio_data import SAMPLES, WORDS
-from erasus_ray.data import IdDataset
+from erasus_ray.data import IdDataset, make_loader
 from erasus_ray.evaluation.asr import word_error_rate
 from erasus_ray.tasks import Task
 from erasus_ray.tasks.seq2seq import Seq2SeqTask
@@ -65,23 +65,18 @@ def tiny_speech_whisper() -> nn.Module:
     return WhisperForConditionalGeneration(cfg)
 
 
-@torch.no_grad()
 def greedy_transcripts(model: nn.Module, data: IdDataset, max_tokens: int = 4, batch_size: int = 128) -> list[list[int]]:
-    """Each item's greedy transcript: decoder tokens after START up to (not including) END, at most ``max_tokens``.
-    Cost: ``max_tokens`` decoder passes (and encoder passes: no cache kept) per batch."""
+    """Each item's greedy transcript: decoder tokens after START up to (not including) END, at most ``max_tokens``
+    (the seq2seq adapter's :meth:`~erasus_ray.tasks.seq2seq.Seq2SeqTask.greedy_decode`, which the registered
+    ``<split>_wer`` metrics also use). Cost: up to ``max_tokens`` encoder + decoder passes per batch."""
+    task = Seq2SeqTask(pad_token_id=PAD, decoder_start_token_id=START)
     was_training = model.training
     model.eval()
-    out: list[list[int]] = []
-    for lo in range(0, len(data), batch_size):
-        feats = torch.stack([data[r][1]["input_features"] for r in range(lo, min(lo + batch_size, len(data)))])
-        tokens = torch.full((len(feats), 1), START, dtype=torch.long)
-        for _ in range(max_tokens):
-            logits = model(input_features=feats, decoder_input_ids=tokens).logits[:, -1]
-            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
-        for row in tokens[:, 1:].tolist():
-            out.append(row[:row.index(END)] if END in row else row)
-    model.train(was_training)
-    return out
+    try:
+        return [t for batch in make_loader(data, task.collate, batch_size=batch_size)
+                for t in task.greedy_decode(model, batch.data, max_tokens, {END})]
+    finally:
+        model.train(was_training)
 
 
 def transcript_wer(model: nn.Module, data: IdDataset) -> float:
@@ -91,7 +86,9 @@ def transcript_wer(model: nn.Module, data: IdDataset) -> float:
 
 
 class AudioAsrBenchmark(AudioBenchmark):
-    """Whisper transcribing the synthetic words; Adam 3e-3, 30 epochs, batch 32."""
+    """Whisper transcribing the synthetic words; Adam 1e-3, 60 epochs, batch 32 (Adam 3e-3 for 30 epochs left the
+    original wrong on 13-25% of its own training utterances on seeds 0 and 2; this recipe: 0% on seeds 0-2, ~11 s of
+    one CPU thread per model)."""
 
     name = "audio_asr"
     task_class = Seq2SeqTask
@@ -107,7 +104,7 @@ class AudioAsrBenchmark(AudioBenchmark):
         return Seq2SeqTask(pad_token_id=PAD, decoder_start_token_id=START)
 
     def recipe(self, seed: int) -> TrainRecipe:
-        return TrainRecipe(epochs=30, lr=3e-3, batch_size=32, optimizer="adam", seed=seed)
+        return TrainRecipe(epochs=60, lr=1e-3, batch_size=32, optimizer="adam", seed=seed)
 
     def config(self, scenario: str, seed: int) -> dict[str, Any]:
         return {**super().config(scenario, seed), "model": "tiny_speech_whisper"}

@@ -24,6 +24,7 @@ from erasus_ray.evaluation import privacy as _privacy  # noqa: F401
 from erasus_ray.evaluation import lira as _lira  # noqa: F401
 from erasus_ray.evaluation import cost as _cost  # noqa: F401
 from erasus_ray.evaluation import retrieval as _retrieval  # noqa: F401
+from erasus_ray.evaluation import asr as _asr  # noqa: F401
 from erasus_ray.evaluation.classification import evaluate_classification
 from erasus_ray.evaluation.metrics import (
     METRICS,

@@ -154,7 +154,8 @@ def create_app(service: DeletionService) -> FastAPI:
 
     @app.post("/predict")
     def predict(body: PredictBody, who: Principal = Depends(principal)) -> dict[str, Any]:
-        if service.task.provides(Capability.GENERATION):
+        # only where /generate serves it (a seq2seq adapter generates too, but without a tokenizer has no text to take)
+        if service.task.provides(Capability.GENERATION) and getattr(service.task, "tokenizer", None) is not None:
             raise HTTPException(409, {"code": "wrong_endpoint", "message": f"the served {service.task.name} model "
                                                                           "generates text: use POST /generate"})
         version, model = served.get()

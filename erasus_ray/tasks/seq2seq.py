@@ -5,13 +5,15 @@ Items are dicts with ``labels`` and the encoder input: ``input_ids`` (text, opti
 shifted right behind ``decoder_start_token_id`` (T5's ``_shift_right``); logits at position ``t`` predict label ``t``
 (no causal shift of the output, unlike :mod:`~erasus_ray.tasks.causal_lm`). Label ``-100`` and padding are never
 supervised. The feature of a sample is the mean of the encoder's last hidden state over its unpadded positions.
+Generation is greedy decoding from the encoder input (:meth:`Seq2SeqTask.greedy_decode`: transcripts, translations),
+which the word error rate (``<split>_wer``, :mod:`~erasus_ray.evaluation.asr`) reads.
 
 Cost: one encoder and one teacher-forced decoder pass per batch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from erasus_ray.tasks.base import Task, TaskOutput, at_least_fp32
 from erasus_ray.tasks.capabilities import Capability as C
 from erasus_ray.tasks.causal_lm import IGNORE
 from erasus_ray.tasks.registry import register_task
+from erasus_ray.utils import model_device
 
 
 def _rows(items: list[dict], key: str, pad: int) -> torch.Tensor:
@@ -40,7 +43,7 @@ class Seq2SeqTask(Task):
         decoder_start_token_id: the first decoder input (T5: the pad id; Whisper: ``<|startoftranscript|>``).
     """
 
-    capabilities = frozenset({C.LOGITS, C.FEATURES, C.INDEPENDENT, C.MODEL_LOGITS})
+    capabilities = frozenset({C.LOGITS, C.FEATURES, C.INDEPENDENT, C.MODEL_LOGITS, C.GENERATION})
     # above the causal LM (an encoder-decoder is not a decoder-only LM, whatever its class name says)
     match_priority = 15
 
@@ -117,6 +120,26 @@ class Seq2SeqTask(Task):
         logits, targets, weights = self.dense_units(raw, data)
         unit = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         return (unit.view_as(weights) * weights).sum(1)
+
+    @torch.no_grad()
+    def greedy_decode(self, model: nn.Module, data: Any, max_new_tokens: int, eos_token_ids: Iterable[int]) -> list[list[int]]:
+        """Each sample's greedy output tokens after the decoder start, cut before the first of ``eos_token_ids``, at
+        most ``max_new_tokens``, from a collated batch. A plain loop over the model's forward rather than
+        ``model.generate``: Whisper's ``generate`` adds language / task prompts and timestamp rules that a model built
+        from a small config lacks, and the loop runs on any encoder-decoder (or a scripted stand-in). Cost: up to
+        ``max_new_tokens`` encoder + decoder passes (no cache: the sequences here are a few tokens), ending early once
+        every row has ended."""
+        eos = set(int(t) for t in eos_token_ids)
+        device = model_device(model)
+        _, kwargs = self.model_inputs(data)
+        inputs = {k: v.to(device) for k, v in kwargs.items() if k != "decoder_input_ids"}
+        tokens = torch.full((self.batch_size(data), 1), self.decoder_start_token_id, dtype=torch.long, device=device)
+        for _ in range(max_new_tokens):
+            logits = model(**inputs, decoder_input_ids=tokens).logits[:, -1]
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
+            if all(eos & set(row) for row in tokens[:, 1:].tolist()):
+                break
+        return [next((row[:i] for i, t in enumerate(row) if t in eos), row) for row in tokens[:, 1:].tolist()]
 
     def _forward_with_features(self, model: nn.Module, args: tuple, kwargs: dict, data: Any) -> TaskOutput:
         raw = model(*args, **kwargs)
