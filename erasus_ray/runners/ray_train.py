@@ -54,10 +54,10 @@ import torch
 
 from erasus_ray.control.controller import ClosedLoopRunner, Controller, Seat
 from erasus_ray.distributed.pool import ensure_ray, materialise
-from erasus_ray.utils.shipping import shippable, unshipped
 from erasus_ray.errors import ErasusError
 from erasus_ray.runners.local import LocalRunner, RunnerConfig, RunReport, StepExecutor
 from erasus_ray.strategies.base import Strategy, UnlearnContext, refuse_driver_only
+from erasus_ray.utils.shipping import shippable, unshipped
 
 STATE_FILE = "unlearn_state.pt"
 
