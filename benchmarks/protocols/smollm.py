@@ -34,20 +34,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="unlearning lr (default: each strategy's; setting it opens the loop)")
     p.add_argument("--closed-loop", default="", help="comma-separated strategies that ignore --epochs / --lr (closed loop)")
     p.add_argument("--budget-seconds", type=float, default=None, help="the closed loop's budget (default: its own, 600 s)")
+    p.add_argument("--train-top", type=int, default=None,
+                   help="unlearn only the top K decoder layers (default: the K layers the fine-tune trained; 0: every parameter)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-privacy", action="store_true")
     p.add_argument("--out", default="benchmarks/protocols/tofu-smollm")
     return p.parse_args(argv)
 
 
-def unlearn_one(standin, name: str, epochs: int | None, lr: float | None, budget_seconds: float | None = None):
+def unlearn_one(standin, name: str, epochs: int | None, lr: float | None, budget_seconds: float | None = None,
+                train_top: int = 0):
     """(model, scoring seconds, unlearning seconds) of ``name`` on the stand-in's forget set. The held-out authors are
     the closed loop's target (forget-set loss like never-seen authors') and utility reference: no retrained model is
-    needed, as in a real deletion."""
+    needed, as in a real deletion. ``train_top``: only the top K decoder layers are updated (0: all)."""
     from erasus_ray import ErasusUnlearner
+    from erasus_ray.benchmarks.authors_smollm import train_top_layers_only
 
     b = standin.bench
-    model = copy.deepcopy(b.original)
+    model = train_top_layers_only(copy.deepcopy(b.original), train_top)
     kwargs = {} if name == "default" else {"strategy": name, "selector": None, "fraction": None}
     if lr is not None:
         kwargs["lr"] = lr
@@ -58,6 +62,7 @@ def unlearn_one(standin, name: str, epochs: int | None, lr: float | None, budget
         forget_data=b.forget, retain_data=b.retain, heldout_data=b.test, epochs=epochs)
     total = time.perf_counter() - start
     scoring = float(result.timings.get("select", 0.0))
+    result.model.requires_grad_(True)
     return result.model.eval(), scoring, total - scoring
 
 
@@ -72,6 +77,7 @@ def load_average() -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from erasus_ray.benchmarks.authors_smollm import SMOLLM_VARIANTS
     from erasus_ray.cli.protocols import markdown, write_outputs
     from erasus_ray.errors import ErasusError
     from erasus_ray.evaluation.protocols import UnlearningBenchmark
@@ -95,16 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         reports[label], secs = evaluate(models[label])
         print(f"{label}: {reports[label].verdict} ({secs:.0f} s, load {load_average()})", flush=True)
     retrain = b.seconds["retrain"]
+    train_top = SMOLLM_VARIANTS["forget10x"].top_layers if args.train_top is None else args.train_top
     for name in args.strategies.split(","):
         try:
             epochs, lr = (None, None) if name in args.closed_loop.split(",") else (args.epochs, args.lr)
-            model, scoring, unlearning = unlearn_one(standin, name, epochs, lr, args.budget_seconds)
+            model, scoring, unlearning = unlearn_one(standin, name, epochs, lr, args.budget_seconds, train_top)
         except ErasusError as err:
             errors[name] = f"{type(err).__name__}: {err}"
             print(f"{name}: did not run: {errors[name]}", flush=True)
             continue
         report, verification = evaluate(model)
-        report.settings.update(strategy=name, epochs=epochs, lr=lr)
+        report.settings.update(strategy=name, epochs=epochs, lr=lr, train_top_layers=train_top)
         reports[name], models[name] = report, model
         total = scoring + unlearning + verification
         rows.append(f"| {name} | {report.verdict} | {report.metrics['forget_quality']:.3f} | "

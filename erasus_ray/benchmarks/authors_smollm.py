@@ -123,6 +123,22 @@ def top_layers_only(model: nn.Module, k: int) -> Iterator[None]:
         model.model.layers = layers
 
 
+def train_top_layers_only(model: nn.Module, k: int) -> nn.Module:
+    """Let only ``model``'s last ``k`` decoder layers require grad (``k=0``: every parameter), in place; returns it.
+
+    Why: the authors-smollm fine-tune wrote the facts into the top ``variant.top_layers`` layers only (the original and
+    the gold model share every other weight), so unlearning there searches exactly the space in which the two differ,
+    and every runner step skips the backward pass below those layers and the optimizer state of the rest (the
+    runners update the parameters that require grad). Measured cost per step: ``benchmarks/protocols/RESULTS.md``."""
+    if k < 0:
+        raise InvalidConfigError(f"train_top_layers_only: k must be >= 0, got {k}")
+    model.requires_grad_(k == 0)
+    if k:
+        for layer in list(model.model.layers)[-k:]:
+            layer.requires_grad_(True)
+    return model
+
+
 def frozen_features(model: nn.Module, dataset: IdDataset, task: Task, k: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sample, ``(hidden states entering layer n - k [T, H], labels [T])``, unpadded: what the frozen lower layers
     compute, once. Cost: one no-grad forward pass over ``dataset``."""
@@ -244,4 +260,4 @@ class AuthorsSmolLMBenchmark(AuthorsBenchmark):
                 "fine_tune": "top_layers_cached_features"}
 
 
-__all__ = ["AuthorsSmolLMBenchmark", "SMOLLM_VARIANTS", "SmolLMVariant", "fine_tune_top_layers", "gguf_path", "pretrained_dir", "smollm_available"]
+__all__ = ["AuthorsSmolLMBenchmark", "SMOLLM_VARIANTS", "SmolLMVariant", "fine_tune_top_layers", "gguf_path", "pretrained_dir", "smollm_available", "train_top_layers_only"]
