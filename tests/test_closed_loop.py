@@ -294,3 +294,24 @@ def test_an_explicit_stopping_rule_means_open_loop(wine):
         r = ErasusUnlearner(wine["original"], selector=None, progress=False, **kw).fit(forget_data=wine["forget"], retain_data=wine["retain"])
         assert r.verification["mode"] == "open_loop" and r.verification["target"] == "class", kw
         assert r.verified is (r.verification["criteria"][0]["passed"] and r.verification["guard_ok"])
+
+
+def test_the_time_budget_ends_a_long_window_early(wine):
+    """Steps that take 0.2 s, a 50-step verification window and a 1 s budget: the loop stops within the first window
+    (a few steps and one verification), instead of finishing the window (before: a 135M LM's window overran a 300 s
+    budget by 350 s)."""
+    import time
+
+    from erasus_ray.strategies import STRATEGIES
+
+    class Slow(STRATEGIES.get("grad_diff")):
+        def loss(self, ctx, forget, retain):
+            time.sleep(0.2)
+            return super().loss(ctx, forget, retain)
+
+    r = ErasusUnlearner(wine["original"], strategy=Slow(), selector=None, progress=False,
+                        control=ControlConfig(verify_every=50, budget_seconds=1.0)).fit(
+        forget_data=wine["forget"], retain_data=wine["retain"])
+    v = r.verification
+    assert 1 <= r.report.steps < 50 and v["verifications"] == 1, (r.report.steps, v["stopped"])
+    assert v["stopped"].startswith("budget spent") or r.verified
