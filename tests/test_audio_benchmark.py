@@ -151,8 +151,9 @@ def test_wer_is_in_the_seq2seq_suite_and_refused_by_adapters_that_cannot_transcr
     assert not {n for n in metric_names_for(ClassificationTask) + metric_names_for(CausalLMTask) if n.endswith("_wer")}
     with pytest.raises(CapabilityError, match="generation"):
         run_metrics(torch.nn.Linear(2, 2), ClassificationTask(), {}, ["forget_wer"])
-    with pytest.raises(InvalidConfigError, match="greedy_decode"):
+    with pytest.raises(InvalidConfigError, match="greedy_decode") as refused:
         run_metrics(torch.nn.Linear(2, 2), CausalLMTask(), {"forget": []}, ["forget_wer"])
+    assert "tokenizer" not in str(refused.value)  # no hint at a tokenizer, which would not help
 
 
 def test_whisper_reads_the_asr_features_and_its_loss_is_the_adapters():

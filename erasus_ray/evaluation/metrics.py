@@ -365,8 +365,9 @@ def _check_options(metric: Metric, options: MetricOptions, task: Task) -> None:
         raise InvalidConfigError(f"metric {metric.name!r} needs the evaluation option(s) {unset} (see MetricOptions)")
     absent = [a for a in metric.task_attrs if getattr(task, a, None) is None]
     if absent:
+        hint = "e.g. CausalLMTask(tokenizer=...)" if absent == ["tokenizer"] else "an adapter that provides them"
         raise InvalidConfigError(f"metric {metric.name!r} needs the task adapter's {absent} (the {task.name!r} "
-                                 f"adapter here has none; e.g. CausalLMTask(tokenizer=...))")
+                                 f"adapter here has none; {hint})")
 
 
 def _check_item_fields(metric: Metric, splits: Mapping[str, IdDataset]) -> None:
