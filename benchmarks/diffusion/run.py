@@ -34,11 +34,21 @@ from erasus_ray.evaluation import gap_metrics, gap_names_for, run_metrics
 from erasus_ray.tasks.capabilities import CapabilityError
 
 METRICS = ("erased_generation_rate", "retained_generation_acc", "retained_frechet", "mia_loss_auc")
-COLUMNS = ("seed", "method", "seconds", *METRICS, "mia_fixed_t_auc", "avg_gap")
+COLUMNS = ("seed", "method", "seconds", *METRICS, "mia_fixed_t_auc", "avg_gap", "load1")
 #: (column, header, format) of the printed tables
 SHOWN = (("erased_generation_rate", "erased-class rate", ".3f"), ("retained_generation_acc", "other classes judged acc", ".3f"),
          ("retained_frechet", "Frechet (judge feats)", ".2f"), ("mia_loss_auc", "loss MIA AUC", ".3f"),
-         ("mia_fixed_t_auc", "MIA AUC, fixed t, same class", ".3f"), ("avg_gap", "Avg.Gap", ".3f"), ("seconds", "seconds", ".1f"))
+         ("mia_fixed_t_auc", "MIA AUC, fixed t, same class", ".3f"), ("avg_gap", "Avg.Gap", ".3f"), ("seconds", "seconds", ".1f"),
+         ("load1", "load avg (1 min)", ".1f"))
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (``/proc/loadavg``; nan where there is none): seconds measured on shared
+    cores mean little without it."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return float("nan")
 
 
 def _value(text: str) -> int | float | str:
@@ -211,6 +221,7 @@ def main() -> None:
         writer.writeheader()
 
         def write(row: dict) -> None:
+            row = {**row, "load1": load_average()}  # when the row (its method, then its metrics) ended
             rows.append(row)
             writer.writerow(row)
             fh.flush()

@@ -88,6 +88,9 @@ class ESD(Strategy):
     ESD-x defaults to lr 1e-3 (:data:`ESD_X_DEFAULT_LR`; same 3 epochs): at ESD-u's 1e-4 its 15 steps on the ~25k
     cross-attention weights leave "a handwritten three" on digits_prompt_diffusion at the original's 0.97; at 1e-3 it
     goes to 0.00 (gold 0.00) with the other classes at 0.94 (original 0.94; seed 0, 32 / 16 judged samples per class).
+    Not robust across seeds: on seeds 1 and 2 it also erases (0.00) but the other classes fall to 0.57 / 0.74 (gold
+    0.92), and lr 3e-4 / 5e-4 leave the concept on some seed (benchmarks/diffusion/RESULTS.md, prompt leaderboard);
+    stop it with the closed loop (``target="generation"``) rather than trusting the step count.
 
     Cost: per step, one forward+backward of the model and two forwards of the frozen copy over ``B * draws`` noised
     inputs (``B`` with ``source="model"``, plus on average ``sample_steps / 2`` guided sampling forwards over ``2B``);
