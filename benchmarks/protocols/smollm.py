@@ -8,7 +8,9 @@ held-out authors unless ``--epochs`` / ``--lr``; ``default`` is ``ErasusUnlearne
 and selector) and evaluates it with
 TOFU's protocol against the gold model. Each row records the seconds of scoring (the selector), unlearning and
 verification (the TOFU evaluation), their sum, and that sum over the cost of fine-tuning again without the forget
-authors (the gold model's fine-tuning seconds). Writes ``<out>/report.json``, ``report.md`` and ``timings.md``.
+authors, timed in the same run (:func:`time_retrain`), in wall and in CPU seconds (CPU seconds are what compares on a
+shared, loaded box). Only the top layers the fine-tune trained are unlearned (``--train-top``). Writes
+``<out>/report.json``, ``report.md``, ``timings.md`` and ``timings.json`` (with each run's closed-loop record).
 
 Example::
 
@@ -36,8 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-seconds", type=float, default=None, help="the closed loop's budget (default: its own, 600 s)")
     p.add_argument("--train-top", type=int, default=None,
                    help="unlearn only the top K decoder layers (default: the K layers the fine-tune trained; 0: every parameter)")
+    p.add_argument("--seed", type=int, default=0, help="the stand-in's seed (fine-tuning order) and the unlearning seed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-privacy", action="store_true")
+    p.add_argument("--cached-retrain-seconds", action="store_true",
+                   help="compare with the cached build's retrain seconds instead of timing the retrain in this run")
     p.add_argument("--time-retrain", action="store_true",
                    help="only fine-tune again without the forget authors (nothing cached) and print wall / CPU seconds")
     p.add_argument("--out", default="benchmarks/protocols/tofu-smollm")
@@ -45,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def unlearn_one(standin, name: str, epochs: int | None, lr: float | None, budget_seconds: float | None = None,
-                train_top: int = 0):
+                train_top: int = 0, seed: int = 0):
     """(model, scoring seconds, unlearning seconds) of ``name`` on the stand-in's forget set. The held-out authors are
     the closed loop's target (forget-set loss like never-seen authors') and utility reference: no retrained model is
     needed, as in a real deletion. ``train_top``: only the top K decoder layers are updated (0: all)."""
@@ -60,25 +65,25 @@ def unlearn_one(standin, name: str, epochs: int | None, lr: float | None, budget
     if budget_seconds is not None:
         kwargs["budget_seconds"] = budget_seconds
     start, cpu = time.perf_counter(), time.process_time()
-    result = ErasusUnlearner(model, seed=0, progress=False, task=b.task, **kwargs).fit(
+    result = ErasusUnlearner(model, seed=seed, progress=False, task=b.task, **kwargs).fit(
         forget_data=b.forget, retain_data=b.retain, heldout_data=b.test, epochs=epochs)
     total, cpu = time.perf_counter() - start, time.process_time() - cpu
     scoring = float(result.timings.get("select", 0.0))
     result.model.requires_grad_(True)
-    return result.model.eval(), scoring, total - scoring, cpu
+    return result.model.eval(), scoring, total - scoring, cpu, result.verification
 
 
-def time_retrain(threads: int) -> dict[str, float]:
+def time_retrain(threads: int, seed: int = 0) -> dict[str, float]:
     """Fine-tune the pretrained model again without the forget authors, as the gold model was (same recipe, same top
     layers), and return its wall and CPU seconds; nothing is cached. CPU seconds are what a loaded, shared box can
     compare: unlearning CPU seconds over these is the cost ratio the issue asks for."""
     from erasus_ray.benchmarks.authors_smollm import AuthorsSmolLMBenchmark
 
     spec = AuthorsSmolLMBenchmark(variant="forget10x")
-    data = spec.build_data("forget10", seed=0)
-    task, model = spec.make_task(), spec.build_model(seed=0)
+    data = spec.build_data("forget10", seed=seed)
+    task, model = spec.make_task(), spec.build_model(seed=seed)
     start, cpu = time.perf_counter(), time.process_time()
-    spec.train(model, data.train.exclude(data.forget_ids), task, spec.recipe(0))
+    spec.train(model, data.train.exclude(data.forget_ids), task, spec.recipe(seed))
     return {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, "threads": threads,
             "load_average": load_average()}
 
@@ -103,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.time_retrain:
-        print(json.dumps(time_retrain(args.threads)), flush=True)
+        print(json.dumps(time_retrain(args.threads, args.seed)), flush=True)
         return 0
     start = time.perf_counter()
-    standin = TofuProtocol.standin("smollm")
+    standin = TofuProtocol.standin("smollm", seed=args.seed)
     b = standin.bench
     print(f"stand-in ready in {time.perf_counter() - start:.0f} s; fine-tuning seconds {b.seconds}", flush=True)
     judge = UnlearningBenchmark("tofu", n_runs=1, include_privacy=not args.no_privacy)
@@ -116,36 +121,45 @@ def main(argv: list[str] | None = None) -> int:
         report = judge.evaluate(model, standin.forget, standin.retain, standin.test, gold_model=b.gold, task=b.task)
         return report, time.perf_counter() - t0, time.process_time() - cpu
 
-    reports, models, rows, errors = {}, {"original": b.original, "gold": b.gold}, [], {}
+    reports, models, rows, errors, loops = {}, {"original": b.original, "gold": b.gold}, [], {}, {}
     for label in ("original", "gold"):
         reports[label], secs, _ = evaluate(models[label])
         print(f"{label}: {reports[label].verdict} ({secs:.0f} s, load {load_average()})", flush=True)
-    retrain = b.seconds["retrain"]
+    # the retrain is timed here, beside the unlearning runs (same box, same load): the cached build's seconds were
+    # measured once, possibly under another load (768 s at load 12-15 vs 42 s at load ~10 for the same fine-tune)
+    timed = time_retrain(args.threads, args.seed) if not args.cached_retrain_seconds else None
+    print(f"retrain timed: {timed}", flush=True)
+    retrain = timed["wall_s"] if timed else b.seconds["retrain"]
+    retrain_cpu = timed["cpu_s"] if timed else float("nan")
     train_top = SMOLLM_VARIANTS["forget10x"].top_layers if args.train_top is None else args.train_top
     for name in args.strategies.split(","):
         try:
             epochs, lr = (None, None) if name in args.closed_loop.split(",") else (args.epochs, args.lr)
-            model, scoring, unlearning, unlearning_cpu = unlearn_one(standin, name, epochs, lr, args.budget_seconds, train_top)
+            model, scoring, unlearning, unlearning_cpu, loop = unlearn_one(standin, name, epochs, lr, args.budget_seconds,
+                                                                       train_top, args.seed)
         except ErasusError as err:
             errors[name] = f"{type(err).__name__}: {err}"
             print(f"{name}: did not run: {errors[name]}", flush=True)
             continue
         report, verification, verification_cpu = evaluate(model)
         report.settings.update(strategy=name, epochs=epochs, lr=lr, train_top_layers=train_top)
+        loops[name] = {k: loop.get(k) for k in ("mode", "passed", "stopped", "steps", "lr", "guard_events", "final_fraction")}
         reports[name], models[name] = report, model
         total = scoring + unlearning + verification
         rows.append(f"| {name} | {report.verdict} | {report.metrics['forget_quality']:.3f} | "
                     f"{report.metrics['model_utility']:.3f} | {scoring:.0f} | {unlearning:.0f} | {verification:.0f} | "
-                    f"{total:.0f} | {total / retrain:.3f} | {unlearning_cpu:.0f} | {verification_cpu:.0f} | {load_average()} |")
+                    f"{total:.0f} | {total / retrain:.3f} | {unlearning_cpu:.0f} | {verification_cpu:.0f} | "
+                    f"{(unlearning_cpu + verification_cpu) / retrain_cpu:.2f} | {load_average()} |")
         print(rows[-1], flush=True)
     out = Path(args.out)
     write_outputs("tofu", reports, models, standin, b.gold, out, errors)
     head = ("| strategy | verdict | forget_quality | model_utility | scoring s | unlearning s | verification s | "
-            "total s | total / retrain | unlearning CPU s | verification CPU s | load average |\n" + "|" + " --- |" * 12 + "\n")
-    note = (f"fine-tuning: original {b.seconds['train_original']:.0f} s, retrain without the forget authors "
-            f"{retrain:.0f} s; wall {time.perf_counter() - start:.0f} s")
+            "total s | total / retrain | unlearning CPU s | verification CPU s | CPU / retrain CPU | load average |\n"
+            + "|" + " --- |" * 13 + "\n")
+    note = (f"fine-tuning (cached build): original {b.seconds['train_original']:.0f} s, retrain "
+            f"{b.seconds['retrain']:.0f} s; retrain timed in this run: {timed}; wall {time.perf_counter() - start:.0f} s")
     (out / "timings.md").write_text(head + "\n".join(rows) + f"\n\n{note}\n\n" + markdown("tofu (authors-smollm)", reports))
-    (out / "timings.json").write_text(json.dumps({"rows": rows, "seconds": b.seconds, "errors": errors}, indent=1))
+    (out / "timings.json").write_text(json.dumps({"rows": rows, "seconds": b.seconds, "retrain_timed": timed, "errors": errors, "unlearner_verification": loops}, indent=1, default=str))
     return 0
 
 
