@@ -10,7 +10,7 @@ import torch
 
 from erasus_ray.data import Batch
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.strategies._diffusion import require_guidance
+from erasus_ray.strategies._diffusion import add_retain_loss, require_guidance
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.strategies._composed import freeze_except, unfreeze
 from erasus_ray.strategies.esd import esd_parameters, esd_target
@@ -108,12 +108,8 @@ class TimestepMasking(Strategy):
         target = esd_target(task, ctx.state["tm_reference"], x_t, t, labels, self.eta)
         pred = task.predict_noise(ctx.model, x_t, t, labels)  # type: ignore[attr-defined]
         masked = weighted_mean(task.draw_loss(pred, target, data), forget)  # type: ignore[attr-defined]
-        total, logs = masked, {"masked_esd_loss": masked.detach()}
-        if retain is not None and self.alpha > 0:
-            retain_loss = ctx.forward(retain).sample_loss().mean()
-            total = total + self.alpha * retain_loss
-            logs["retain_loss"] = retain_loss.detach()
-        return total, logs
+        logs = {"masked_esd_loss": masked.detach()}
+        return add_retain_loss(ctx, masked, logs, retain, self.alpha), logs
 
     def finish(self, ctx: UnlearnContext) -> None:
         unfreeze(ctx)
