@@ -179,6 +179,14 @@ def test_timestep_masking_trains_only_inside_its_window(family):
     with torch.no_grad():
         by_hand = (ctx.model(x_t, tt, class_labels=c).sample - esd_target(task, family.model, x_t, tt, c, 1.0)).pow(2).mean()
     torch.testing.assert_close(loss.detach(), by_hand)
+    # the preservation term: alpha x the retain batch's ordinary denoising loss, on top of the masked ESD loss
+    retain = _batch(family, family.retain)
+    total, logs = TimestepMasking(window=(0.5, 0.6), alpha=2.0).loss(ctx, forget, retain)
+    with torch.no_grad():
+        retain_by_hand = task.per_sample_loss(ctx.model, retain.data).mean()
+    torch.testing.assert_close(logs["retain_loss"], retain_by_hand)
+    torch.testing.assert_close(total.detach(), by_hand + 2.0 * retain_by_hand)
+    assert TimestepMasking().needs_retain and not TimestepMasking(alpha=0.0).needs_retain
 
 
 def test_meta_unlearning_adds_the_esd_loss_after_a_simulated_relearning_step(family):
@@ -257,18 +265,19 @@ def _rates(bench, model, forget_class):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", NEW_METHODS)
-def test_new_methods_lower_the_erased_rate_towards_gold_and_keep_the_other_classes(method):
+@pytest.mark.parametrize(("method", "seed"), [(m, 0) for m in NEW_METHODS] + [("timestep_masking", 1)])
+def test_new_methods_lower_the_erased_rate_towards_gold_and_keep_the_other_classes(method, seed):
     """On digits_diffusion (class 3, seed 0; cached under ERASUS_RAY_CACHE): each method with its defaults takes the
     erased class's judged generation rate to at most ERASED_RATE_MAX (original ~1.0, gold 0.0) while the other
-    classes' judged accuracy stays within OTHERS_DROP_MAX of the gold model's."""
+    classes' judged accuracy stays within OTHERS_DROP_MAX of the gold model's. timestep_masking also on seed 1, where
+    its earlier defaults (no retain term) over-erased and took the other classes to 0.76 (bound 0.84)."""
     from erasus_ray.benchmarks import load_benchmark
 
-    bench = load_benchmark("digits_diffusion", seed=0)
+    bench = load_benchmark("digits_diffusion", seed=seed)
     forget_class = bench.info["forget_class"]
     gold = _rates(bench, bench.gold, forget_class)
     result = ErasusUnlearner(copy.deepcopy(bench.original), strategy=method, selector=None, fraction=None,
-                             task=bench.task, seed=0, progress=False).fit(forget_data=bench.forget, retain_data=bench.retain)
+                             task=bench.task, seed=seed, progress=False).fit(forget_data=bench.forget, retain_data=bench.retain)
     erased, others = _rates(bench, result.model, forget_class)
     assert erased <= ERASED_RATE_MAX, (method, gold, erased)
     assert others >= gold[1] - OTHERS_DROP_MAX, (method, gold, others)

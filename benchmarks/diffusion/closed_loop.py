@@ -45,17 +45,29 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="grad_diff,esd")
     parser.add_argument("--budget-seconds", type=float, default=300.0)
+    parser.add_argument("--loops", default="open,closed", help="which runs per method: open (defaults), closed (gold)")
     args = parser.parse_args()
+    loops = [{"open": False, "closed": True}[name] for name in args.loops.split(",")]
     torch.set_num_threads(1)
     bench = load_benchmark("digits_diffusion", seed=args.seed)
-    print("| seed | method | loop | erased-class rate | other classes judged acc | Frechet | steps | seconds | stopped |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| seed | method | loop | erased-class rate | other classes judged acc | Frechet | steps | seconds | stopped "
+          "| load average |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for method in args.methods.split(","):
-        for closed in (False, True):
+        for closed in loops:
             r, s = unlearn(bench, method, closed, args.budget_seconds)
             print(f"| {args.seed} | {method} | {'closed (gold)' if closed else 'open (defaults)'} | "
                   f"{r['erased_generation_rate']:.3f} | {r['retained_generation_acc']:.3f} | {r['retained_frechet']:.2f} | "
-                  f"{r['steps']} | {s:.1f} | {r['mode']}, passed={r['passed']}: {r['stopped']} |", flush=True)
+                  f"{r['steps']} | {s:.1f} | {r['mode']}, passed={r['passed']}: {r['stopped']} | {_load()} |", flush=True)
+
+
+def _load() -> str:
+    """The 1-minute load average when a row is written: seconds on a shared machine mean little without it."""
+    try:
+        with open("/proc/loadavg") as fh:
+            return fh.read().split()[0]
+    except OSError:
+        return "-"
 
 
 if __name__ == "__main__":

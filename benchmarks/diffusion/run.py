@@ -105,12 +105,13 @@ def save_grid(bench, models: dict[str, torch.nn.Module], path: Path, per_class: 
 
 
 def unlearn(bench, method: str, overrides: dict[str, float], selector: str | None = None,
-            fraction: float | None = None) -> tuple[torch.nn.Module, float]:
-    """``method`` on the whole forget set, or (``selector``) on its ``fraction`` coreset scored in-process (no Ray:
-    146 images); seconds include the selection."""
+            fraction: float | None = None, selector_kwargs: dict | None = None) -> tuple[torch.nn.Module, float]:
+    """``method`` on the whole forget set, or (``selector``, built with ``selector_kwargs``) on its ``fraction``
+    coreset scored in-process (no Ray: 146 images); seconds include the selection."""
     start = time.perf_counter()
     result = ErasusUnlearner(copy.deepcopy(bench.original), strategy=method, selector=selector,
                              fraction=fraction if selector else None, distributed="none", task=bench.task,
+                             selector_kwargs=selector_kwargs if selector else None,
                              seed=bench.seed, progress=False, model_factory=bench.model_factory, recipe=bench.recipe,
                              **overrides).fit(forget_data=bench.forget, retain_data=bench.retain)
     return result.model, time.perf_counter() - start
@@ -153,11 +154,13 @@ def run_seed(args, seed: int, overrides: dict, write) -> None:
     models = {"original": bench.original, "gold": bench.gold}
     for method in args.methods.split(","):
         try:
-            models[method], seconds = unlearn(bench, method, overrides.get(method, {}), args.selector, args.fraction)
+            models[method], seconds = unlearn(bench, method, overrides.get(method, {}), args.selector, args.fraction,
+                                              overrides.get("selector"))
         except CapabilityError as exc:  # the registry's honest refusal: reported, not a crash of the whole board
             print(f"seed {seed}: {method} refused: {exc}", flush=True)
             continue
-        name = label(method, overrides.get(method, {})) + (f" [{args.selector} {args.fraction:.0%}]" if args.selector else "")
+        name = label(method, overrides.get(method, {})) + (
+            f" [{label(args.selector, overrides.get('selector', {}))} {args.fraction:.0%}]" if args.selector else "")
         write(with_gap({"seed": seed, "method": name, "seconds": seconds,
                         **measure(bench, models[method])}, gold, bench.task))
     if args.grid:
@@ -202,7 +205,8 @@ def main() -> None:
     parser.add_argument("--judge-samples", type=int, default=0, help="images per class judged (0: benchmark default, 64)")
     parser.add_argument("--selector", default=None, help="coreset selector (default: the whole forget set)")
     parser.add_argument("--fraction", type=float, default=0.1, help="coreset fraction with --selector")
-    parser.add_argument("--set", action="append", default=[], help="method.key=value override")
+    parser.add_argument("--set", action="append", default=[], help="method.key=value override (selector.key=value: "
+                        "a --selector constructor argument)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results.csv"))
     parser.add_argument("--grid", default=str(Path(__file__).parent / "samples_seed{seed}.png"),
                         help="PNG of samples per class: original, gold, then each method ('' to skip)")

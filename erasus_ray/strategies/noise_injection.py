@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from erasus_ray.data import Batch
-from erasus_ray.strategies._diffusion import denoising_loss, require_guidance, step_generator, uniform_images
+from erasus_ray.strategies._diffusion import (add_retain_loss, denoising_loss, require_guidance, step_generator,
+                                              uniform_images)
 from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
 from erasus_ray.tasks import Capability
 
@@ -67,9 +68,5 @@ class NoiseInjection(Strategy):
         target = injected.reshape(-1, *data["x"].shape[1:])
         per_sample = denoising_loss(ctx, ctx.model, forget, data["x"], task.labels_of(data), target)
         forget_loss = weighted_mean(per_sample, forget)
-        total, logs = forget_loss, {"injected_noise_loss": forget_loss.detach()}
-        if retain is not None and self.alpha > 0:
-            retain_loss = ctx.forward(retain).sample_loss().mean()
-            total = total + self.alpha * retain_loss
-            logs["retain_loss"] = retain_loss.detach()
-        return total, logs
+        logs = {"injected_noise_loss": forget_loss.detach()}
+        return add_retain_loss(ctx, forget_loss, logs, retain, self.alpha), logs
