@@ -299,3 +299,18 @@ def test_ray_train_runs_the_loss_based_diffusion_strategies_like_the_local_runne
                             family.model.state_dict().values()):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=0, msg=n)
     assert any(not torch.equal(a, o) for a, o in zip(remote.model.state_dict().values(), family.model.state_dict().values()))
+
+
+def test_per_sample_gradients_leave_the_task_picklable(family):
+    """gradient_norm runs the denoising loss inside torch.func transforms; diffusers' add_noise caches its tables on
+    the scheduler, which used to leave a functorch wrapper on the task's scheduler: the task no longer pickled (the Ray
+    scoring pool refused it) and the table was not a plain tensor any more."""
+    import pickle
+
+    from erasus_ray.selectors import get_selector
+
+    task = copy.deepcopy(family.task)
+    get_selector("gradient_norm").select(family.model, family.forget, task=task, fraction=0.25, seed=0)
+    assert type(task.scheduler.alphas_cumprod) is torch.Tensor
+    restored = pickle.loads(pickle.dumps(task))
+    torch.testing.assert_close(restored.scheduler.alphas_cumprod, family.task.scheduler.alphas_cumprod)

@@ -254,7 +254,10 @@ class DiffusionTask(DenoisingTask):
         x, t, noise = data["x"], data["t"], data["noise"]
         x_rep = x.unsqueeze(1).expand(noise.shape).reshape(-1, *x.shape[1:])
         t_flat = t.reshape(-1)
-        return self.scheduler.add_noise(x_rep, noise.reshape(x_rep.shape), t_flat), t_flat
+        # on a shallow copy: diffusers' add_noise caches its tables on the scheduler (``self.alphas_cumprod =
+        # ....to(device)``); inside a torch.func transform (per-sample gradients) that cached a functorch wrapper on
+        # the task's scheduler, which no longer pickles (the Ray scoring pool refused the task) or outlives its transform
+        return copy.copy(self.scheduler).add_noise(x_rep, noise.reshape(x_rep.shape), t_flat), t_flat
 
     def model_inputs(self, data: Any) -> tuple[tuple, dict]:
         x_t, t = self.noised(data)
