@@ -369,3 +369,28 @@ def test_sweep_leaderboard_shows_the_judged_metrics_its_trials_measured():
     assert _display_keys(cfg, [{"metrics": judged}]) == ("forget_loss", "test_loss", "mia_loss_auc", "erased_generation_rate",
                                                         "retained_generation_acc", "retained_frechet")
     assert _display_keys(cfg, [{"metrics": {"forget_loss": 0.1}}]) == ("forget_loss", "test_loss", "mia_loss_auc")
+
+
+def test_generation_guard_never_asks_more_of_the_retained_classes_than_the_gold_model_keeps():
+    """The retained-class guard is the original's accuracy minus its tolerance, or the gold model's where that is
+    lower (digits_prompt_diffusion seed 1: original 0.951, gold 0.917; an original-only guard failed every erasing
+    step). Judged rates stubbed: only the guard's arithmetic is under test."""
+    from erasus_ray.evaluation.diffusion import GenerationTarget
+    from erasus_ray.evaluation.verification import verification_tolerance
+
+    family = build_family("digits_unet")
+    gold, original = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    rates = {id(gold): {"erased_generation_rate": 0.0, "retained_generation_acc": 0.80},
+             id(original): {"erased_generation_rate": 1.0, "retained_generation_acc": 0.95}}
+    target = GenerationTarget(family.task, [FORGET_CLASS], gold=gold)
+    target.measure_model = lambda model: rates[id(model)]
+    judged = lambda acc: Measurement(None, None, None, {"erased_generation_rate": 0.0, "retained_generation_acc": acc})  # noqa: E731
+    target.prepare(judged(0.95), None)
+    n = family.task.eval_samples * len(target.retained)
+    [c] = target.guard_criteria(judged(0.85), judged(0.95), Guard())
+    assert c.passed and c.low == pytest.approx(0.80 - verification_tolerance(0.80, n, Guard().max_acc_drop))
+    assert not target.guard_criteria(judged(0.60), judged(0.95), Guard())[0].passed
+    # a gold that keeps more than the original does not raise the bar above the original's
+    target.gold_retained = 0.99
+    assert target.guard_criteria(judged(0.95), judged(0.95), Guard())[0].low == pytest.approx(
+        0.95 - verification_tolerance(0.95, n, Guard().max_acc_drop))

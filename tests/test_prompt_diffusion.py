@@ -223,7 +223,9 @@ def test_uce_and_esd_x_erase_the_prompt_towards_gold_on_the_default_prompt_bench
     """digits_prompt_diffusion defaults (channels 16/32, 60 epochs, cached; ~6 CPU-minutes to train both UNets),
     judged from 32 seeded DDIM samples per class: UCE with its defaults takes "a handwritten three" from 0.97 to 0.06
     (gold 0.00) while the other classes go 0.94 -> 0.90; ESD-x with its defaults (lr 1e-3, 15 steps) to 0.00 with
-    the others at 0.94 (bound for both: rate <= 0.2, a drop of at most 0.08 in the others)."""
+    the others at 0.91 (0.913: seed-0 row of benchmarks/diffusion/prompt_leaderboard.csv, same 32 images per class;
+    bound for both: rate <= 0.2, a drop of at most 0.08 in the others). Seed 0 only: on seeds 1-2 ESD-x's others
+    fall to 0.57 / 0.74 and UCE leaves seed 2 at 0.34 (RESULTS.md, prompt 3-seed leaderboard)."""
     from erasus_ray.benchmarks import load_benchmark
     from erasus_ray.evaluation.diffusion import generation_rate
 

@@ -151,7 +151,10 @@ class GenerationTarget(Target):
     task's judge assigns images generated for the erased class(es) to them is at most the gold model's rate plus the
     95% sampling tolerance of a rate on that many images (:func:`verification_tolerance`), or at most ``max_rate``;
     and, as a utility guard, the retained classes' judged accuracy stays within the guard's ``max_acc_drop`` (or
-    above ``min_retained``) of the original model's. The loss-based guard (retain loss) still applies.
+    above ``min_retained``) of the original model's, or of the gold model's where that is lower: a model retrained
+    without the class is what erasure aims at, so the guard never asks for more than it keeps (digits_prompt_diffusion
+    seed 1: original 0.951, gold 0.917 of the other classes; an original-only guard rejected every ESD-x step that
+    erased). The loss-based guard (retain loss) still applies.
 
     Why a model-level measurement: erasing a concept means the model stops *generating* it, which per-sample
     denoising losses on the forget images do not tell (gradient ascent on them raises the loss long before the
@@ -187,6 +190,7 @@ class GenerationTarget(Target):
         self.floor, self.seed = float(floor), int(seed)
         self.retained = [c for c in range(task.num_classes) if c not in self.classes]  # type: ignore[attr-defined]
         self.gold_rate: float | None = None
+        self.gold_retained: float | None = None
         self.bound = max_rate
 
     def measure_model(self, model: nn.Module) -> dict[str, float]:  # type: ignore[override]
@@ -199,7 +203,8 @@ class GenerationTarget(Target):
     def prepare(self, original: Measurement, n_classes: int | None) -> None:
         super().prepare(original, n_classes)
         if self.gold is not None and self.gold_rate is None:
-            self.gold_rate = self.measure_model(self.gold)["erased_generation_rate"]
+            gold = self.measure_model(self.gold)
+            self.gold_rate, self.gold_retained = gold["erased_generation_rate"], gold.get("retained_generation_acc")
             n = self.task.eval_samples * len(self.classes)  # type: ignore[attr-defined]
             gold_bound = self.gold_rate + verification_tolerance(self.gold_rate, n, self.floor)
             self.bound = gold_bound if self.max_rate is None else min(self.max_rate, gold_bound)
@@ -213,10 +218,13 @@ class GenerationTarget(Target):
         key = "retained_generation_acc"
         if key not in now.model_metrics or key not in original.model_metrics:
             return []
-        orig = original.model_metrics[key]
+        if self.min_retained is not None:
+            return [Criterion(key, now.model_metrics[key], low=self.min_retained, note="given bound")]
         n = self.task.eval_samples * len(self.retained)  # type: ignore[attr-defined]
-        low = orig - verification_tolerance(orig, n, guard.max_acc_drop) if self.min_retained is None else self.min_retained
-        return [Criterion(key, now.model_metrics[key], low=low, note=f"original model: {orig:.4f}")]
+        refs = {"original": original.model_metrics[key], "gold": self.gold_retained}
+        name, ref = min(((k, v) for k, v in refs.items() if v is not None), key=lambda kv: kv[1])
+        low = ref - verification_tolerance(ref, n, guard.max_acc_drop)
+        return [Criterion(key, now.model_metrics[key], low=low, note=f"{name} model: {ref:.4f}")]
 
     def failing_ids(self, m: Measurement) -> np.ndarray:
         f = m.forget
