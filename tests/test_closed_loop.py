@@ -315,3 +315,22 @@ def test_the_time_budget_ends_a_long_window_early(wine):
     v = r.verification
     assert 1 <= r.report.steps < 50 and v["verifications"] == 1, (r.report.steps, v["stopped"])
     assert v["stopped"].startswith("budget spent") or r.verified
+
+
+def test_a_verification_that_could_not_have_failed_warns():
+    """A passed target whose detectable AUC at this n exceeds its reference AUC warns; a failed one, or one with
+    enough samples to detect the reference, does not."""
+    from erasus_ray.evaluation.verification import HeldoutTarget
+    from erasus_ray.unlearner import warn_if_weakly_verified
+
+    weak, strong = HeldoutTarget().power(10, 10), HeldoutTarget().power(200, 400)
+    assert weak["detectable"] > 0.75 > strong["detectable"]
+    with pytest.warns(UserWarning, match="verified, but weakly: indistinguishable at n=10"):
+        assert warn_if_weakly_verified({"passed": True, "power": weak})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_if_weakly_verified({"passed": False, "power": weak})
+        assert not warn_if_weakly_verified({"passed": True, "power": strong})
+        assert not warn_if_weakly_verified({"passed": True})
