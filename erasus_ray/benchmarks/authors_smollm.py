@@ -181,16 +181,12 @@ def fine_tune_top_layers(model: nn.Module, dataset: IdDataset, task: Task, recip
     Why: full fine-tuning of the 135M model costs a forward and backward pass through all 30 layers per step; with
     the lower layers frozen their output is computed once (:func:`frozen_features`) and every epoch runs ``k``
     layers. Cost: one forward pass + ``recipe.epochs`` x (forward + backward through ``k`` layers). Every parameter
-    requires grad again afterwards (unlearning updates the whole model).
+    requires grad again afterwards (what an unlearning run trains is its caller's choice: :func:`train_top_layers_only`).
     """
     seed_everything(recipe.seed)
     model.eval()  # no dropout in the cached features
     features = frozen_features(model, dataset, task, k, recipe.batch_size)
-    top = [p for layer in list(model.model.layers)[-k:] for p in layer.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in top:
-        p.requires_grad_(True)
+    top = [p for p in train_top_layers_only(model, k).parameters() if p.requires_grad]
     opt = make_optimizer(recipe.optimizer, top, recipe.lr, recipe.weight_decay)
     rng = np.random.default_rng(recipe.seed)
     model.train()
@@ -203,8 +199,7 @@ def fine_tune_top_layers(model: nn.Module, dataset: IdDataset, task: Task, recip
                 loss.backward()
                 opt.step()
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        train_top_layers_only(model, 0)
         model.eval()
     return model
 

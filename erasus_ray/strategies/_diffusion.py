@@ -78,16 +78,3 @@ def other_labels(labels: torch.Tensor, ids: torch.Tensor, num_classes: int, seed
 
 def require_guidance(ctx: UnlearnContext, who: str) -> None:
     ctx.task.require_conditional(f"strategy {who!r}")  # type: ignore[attr-defined]
-
-
-
-def add_retain_loss(ctx: UnlearnContext, total: torch.Tensor, logs: dict, retain: Batch | None,
-                    alpha: float) -> torch.Tensor:
-    """``total + alpha * `` the retain batch's ordinary denoising loss (logged as ``retain_loss``): the preservation
-    term the fine-tuning erasers share (EraseDiff's, SalUn's, concept ablation's regulariser). Unchanged without a
-    retain batch or at ``alpha = 0``. Cost: one forward+backward over the retain batch's noised inputs."""
-    if retain is None or alpha <= 0:
-        return total
-    retain_loss = ctx.forward(retain).sample_loss().mean()
-    logs["retain_loss"] = retain_loss.detach()
-    return total + alpha * retain_loss

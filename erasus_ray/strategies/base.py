@@ -209,6 +209,19 @@ class Runner(Protocol):
         ...
 
 
+def add_retain_loss(ctx: UnlearnContext, total: torch.Tensor, logs: dict, retain: Batch | None,
+                    alpha: float) -> torch.Tensor:
+    """``total + alpha *`` the retain batch's mean per-sample loss through the task adapter (logged as
+    ``retain_loss``): the preservation term many strategies share (a diffusion model's denoising loss: EraseDiff's,
+    SalUn's, concept ablation's regulariser). Unchanged without a retain batch or at ``alpha = 0``. Cost: one
+    forward+backward over the retain batch."""
+    if retain is None or alpha <= 0:
+        return total
+    retain_loss = ctx.forward(retain).sample_loss().mean()
+    logs["retain_loss"] = retain_loss.detach()
+    return total + alpha * retain_loss
+
+
 def refuse_driver_only(strategy: Strategy, where: str = "backend='ray_train'") -> None:
     """Raise :class:`InvalidConfigError` if ``strategy`` would compute in the calling process (see
     :meth:`Strategy.driver_only`): a distributed runner must not silently run it on the driver."""

@@ -10,8 +10,8 @@ from torch import nn
 from torch.func import functional_call
 
 from erasus_ray.data import Batch
-from erasus_ray.strategies._diffusion import add_retain_loss, require_guidance
-from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
+from erasus_ray.strategies._diffusion import require_guidance
+from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, add_retain_loss, weighted_mean
 from erasus_ray.strategies.esd import esd_target
 from erasus_ray.strategies.scrub import frozen_copy
 from erasus_ray.tasks import Capability

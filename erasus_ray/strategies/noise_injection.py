@@ -8,9 +8,8 @@ from typing import Any
 import torch
 
 from erasus_ray.data import Batch
-from erasus_ray.strategies._diffusion import (add_retain_loss, denoising_loss, require_guidance, step_generator,
-                                              uniform_images)
-from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
+from erasus_ray.strategies._diffusion import denoising_loss, require_guidance, step_generator, uniform_images
+from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, add_retain_loss, weighted_mean
 from erasus_ray.tasks import Capability
 
 

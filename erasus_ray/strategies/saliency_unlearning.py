@@ -12,7 +12,7 @@ from torch import nn
 
 from erasus_ray.data import Batch, IdDataset, make_loader
 from erasus_ray.strategies._diffusion import other_labels, require_guidance
-from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, weighted_mean
+from erasus_ray.strategies.base import STRATEGIES, Strategy, UnlearnContext, add_retain_loss, weighted_mean
 from erasus_ray.tasks import Capability, Task, TaskOutput
 
 
@@ -148,12 +148,7 @@ class SaliencyUnlearning(Strategy):
 
     def loss(self, ctx: UnlearnContext, forget: Batch | None, retain: Batch | None) -> tuple[torch.Tensor, dict[str, Any]]:
         forget_loss, logs = (self.random_label_loss if ctx.task.provides(Capability.LOGITS) else self.remap_loss)(ctx, forget)
-        total = forget_loss
-        if retain is not None and self.alpha > 0:
-            retain_loss = ctx.forward(retain).sample_loss().mean()
-            total = total + self.alpha * retain_loss
-            logs["retain_loss"] = retain_loss.detach()
-        return total, logs
+        return add_retain_loss(ctx, forget_loss, logs, retain, self.alpha), logs
 
     def random_label_loss(self, ctx: UnlearnContext, forget: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
         """Cross-entropy of the forget batch against random wrong labels (the classification variant)."""
