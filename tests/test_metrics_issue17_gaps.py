@@ -193,6 +193,26 @@ def test_rouge_words_and_f1_by_hand():
     assert rouge_l_recall([1, 2, 3], [1, 3]) == pytest.approx(2 / 3)  # TOFU's stays recall on ids
 
 
+def test_rouge_l_f1_stems_like_rouge_score_with_use_stemmer():
+    """MUSE's ROUGE-L (open-unlearning's ``RougeScorer(["rougeL"], use_stemmer=True)``): inflections match after
+    Porter stemming ("memorised" / "memorising", "studies" / "study"), short words are never stemmed, and every
+    score equals the ``rouge_score`` package's on sentences built to differ with and without the stemmer."""
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    assert rouge_words("She studies memorised facts", stem=True) == ["she", "studi", "memoris", "fact"]
+    assert rouge_words("was is", stem=True) == ["was", "is"]  # <= 3 characters: kept as they are
+    # 'running'/'runs' -> 'run' and 'cities'/'city' -> 'citi' match only with the stemmer: 3 of 4 words -> F1 0.75
+    assert rouge_l_f1_words("running cities grow fast", "runs city grows", stem=False) == 0.0
+    assert rouge_l_f1_words("running cities grow fast", "runs city grows") == pytest.approx(2 * 1 * 0.75 / 1.75)
+    pairs = [("The author memorised the facts.", "the authors were memorising facts"),
+             ("Ingrid was born in Jakobstad in 1962.", "Ingrid, born 1962 in Jakobstad, writes poems"),
+             ("running cities grow fast", "runs city grows"), ("", "anything"), ("Généralement connu", "generally known"),
+             ("He studied nationalization policies", "they study a nationalized policy")]
+    for stem in (True, False):
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
+        for ref, cand in pairs:
+            assert rouge_l_f1_words(ref, cand, stem=stem) == pytest.approx(scorer.score(ref, cand)["rougeL"].fmeasure)
+
+
 class _WordTokenizer:
     vocab = {1: "New", 2: " York", 3: " city", 4: "<eos>"}
 

@@ -84,17 +84,37 @@ def rouge_l_recall(reference: Sequence[Any], candidate: Sequence[Any]) -> float:
     return lcs_length(ref, cand) / len(ref)
 
 
-def rouge_words(text: str) -> list[str]:
-    """``rouge_score``'s default tokenisation (``tokenize.tokenize`` without stemming): lowercase, every run of
-    characters other than ``a-z0-9`` a separator."""
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+def _porter_stemmer() -> Any:
+    """NLTK's Porter stemmer in its default mode, the one ``rouge_score(use_stemmer=True)`` builds."""
+    try:
+        from nltk.stem import porter
+    except ImportError as err:  # the hf extra pins it
+        raise ImportError("ROUGE with stemming needs nltk: pip install 'erasus-ray[hf]' (nltk==3.10.4)") from err
+    return porter.PorterStemmer()
 
 
-def rouge_l_f1_words(reference: str, candidate: str) -> float:
-    """ROUGE-L F1 on words (``rouge_score.rouge_scorer.RougeScorer(["rougeL"]).score(reference, candidate)
-    ["rougeL"].fmeasure``, no stemmer): ``2 P R / (P + R)`` with ``P = LCS / len(candidate)``, ``R = LCS /
-    len(reference)`` over :func:`rouge_words`; 0.0 when either is empty or nothing is shared (MUSE's ROUGE)."""
-    ref, cand = rouge_words(reference), rouge_words(candidate)
+_STEMMER: Any = None
+
+
+def rouge_words(text: str, stem: bool = False) -> list[str]:
+    """``rouge_score``'s tokenisation (``tokenize.tokenize``): lowercase, every run of characters other than ``a-z0-9``
+    a separator; with ``stem``, words longer than 3 characters reduced by the Porter stemmer as
+    ``RougeScorer(use_stemmer=True)`` does (NLTK's ``PorterStemmer()``: "memorised" and "memorising" -> "memoris")."""
+    words = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+    if not stem:
+        return words
+    global _STEMMER
+    if _STEMMER is None:
+        _STEMMER = _porter_stemmer()
+    return [w for w in (_STEMMER.stem(w) if len(w) > 3 else w for w in words) if re.fullmatch(r"[a-z0-9]+", w)]
+
+
+def rouge_l_f1_words(reference: str, candidate: str, stem: bool = True) -> float:
+    """ROUGE-L F1 on words, ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem).score(reference,
+    candidate)["rougeL"].fmeasure`` (MUSE's ROUGE, with open-unlearning's ``use_stemmer=True`` by default):
+    ``2 P R / (P + R)`` with ``P = LCS / len(candidate)``, ``R = LCS / len(reference)`` over :func:`rouge_words`;
+    0.0 when either is empty or nothing is shared."""
+    ref, cand = rouge_words(reference, stem), rouge_words(candidate, stem)
     lcs = lcs_length(ref, cand) if ref and cand else 0
     if not lcs:
         return 0.0

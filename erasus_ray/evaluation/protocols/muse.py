@@ -15,10 +15,10 @@ authors), retain (other trained authors), test (held-out authors, never trained 
   retrained model's AUC, so the protocol computes it (as TOFU's forget quality), not a registered metric.
 
 ROUGE-L here is MUSE's: F1 on words (:func:`~erasus_ray.evaluation.lm.rouge_l_f1_words`, the ``rouge_score``
-package's tokenisation: lowercase, split on non-alphanumerics), of the reference and the greedy output both decoded
-with the task's tokenizer (``CausalLMTask(tokenizer=...)``; a task without one is refused). Not applied: the Porter
-stemmer of ``rouge_score(use_stemmer=True)`` (open-unlearning's setting; no stemmer is installed offline), which
-only matters for inflected words. TOFU's ``<split>_rougeL`` stays ROUGE-L recall on token ids, TOFU's definition. On
+package's tokenisation: lowercase, split on non-alphanumerics, Porter-stemmed as ``RougeScorer(["rougeL"],
+use_stemmer=True)``, open-unlearning's setting; NLTK's stemmer, equal to the package's scores in the tests), of the
+reference and the greedy output both decoded with the task's tokenizer (``CausalLMTask(tokenizer=...)``; a task
+without one is refused). TOFU's ``<split>_rougeL`` stays ROUGE-L recall on token ids, TOFU's definition. On
 the corpus differences see :mod:`.muse_data`.
 
 Cost per model: the shared forward pass over forget / test, greedy generation over the forget biographies and over
