@@ -10,6 +10,7 @@ import os
 import random
 import select
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +40,24 @@ def _result(width: int, fill: float, note_mb: int = 0) -> UnlearningResult:
 
 
 def _write_forever(write_version, ready_fd: int) -> None:
-    """The forked writer: alternate versions 0 and 1 forever; say 'ready' after the first complete write."""
+    """The forked writer: alternate versions 0 and 1 forever; say 'ready' after each of the first two complete
+    writes (the parent times one whole write from them)."""
     version = 0
+    for _ in range(2):
+        write_version(version)
+        os.write(ready_fd, b"r")
+        version = 1 - version
     while True:
         write_version(version)
-        if ready_fd >= 0:
-            os.write(ready_fd, b"r")
-            ready_fd = -1
         version = 1 - version
 
 
 def _kill_at_random_points(folder: Path, write_version, check, trials: int, window_s: float, seed: int) -> int:
-    """Fork a writer ``trials`` times, SIGKILL it a random time after its first whole write, run ``check`` on what
-    is left. Returns how many kills landed during a write (a temp file was left behind). While none has, up to
-    ``3 * trials`` more trials run: on a loaded machine a write can outlast or miss every kill of a short run."""
+    """Fork a writer ``trials`` times, SIGKILL it a random time after its second whole write (uniform over
+    ``window_s`` or over one whole write as timed between its first two, whichever is longer: on a loaded machine a
+    write can take longer than ``window_s``, and kills inside a fixed window would all land before the file is
+    opened), run ``check`` on what is left. Returns how many kills landed during a write (a temp file was left
+    behind). While none has, up to ``3 * trials`` more trials run."""
     rng = random.Random(seed)
     mid_write = 0
     done = 0
@@ -65,7 +70,11 @@ def _kill_at_random_points(folder: Path, write_version, check, trials: int, wind
         try:
             ready, _, _ = select.select([read_fd], [], [], 120)
             assert ready and os.read(read_fd, 1) == b"r", "the writer never finished its first write"
-            select.select([], [], [], rng.uniform(0, window_s))  # sleep, without a wall-clock assertion
+            start = time.monotonic()
+            ready, _, _ = select.select([read_fd], [], [], 120)
+            assert ready and os.read(read_fd, 1) == b"r", "the writer never finished its second write"
+            one_write = time.monotonic() - start  # sizes the window only: nothing is asserted on time
+            select.select([], [], [], rng.uniform(0, max(window_s, one_write)))  # sleep
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.join()
