@@ -32,7 +32,7 @@ from erasus_ray.evaluation import run_metrics
 
 METRICS = ("erased_generation_rate", "retained_generation_acc", "retained_frechet")
 FIELDS = ("seed", "method", "mode", "passed", "steps", "strength", "erased_generation_rate", "retained_generation_acc",
-          "retained_frechet", "seconds", "load1", "stopped")
+          "retained_frechet", "seconds", "load1", "stopped", "guard")
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--budget-seconds", type=float, default=600.0)
     parser.add_argument("--judge-samples", type=int, default=32)
     parser.add_argument("--out", default="")
+    parser.add_argument("--note", default="", help="written to the csv's last column (named guard for its first use): "
+                        "the library version the rows were measured with, e.g. its commit")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| seed | method | mode | passed | steps / strength tried | rate | other classes | Frechet | seconds | load |")
@@ -79,7 +81,8 @@ def main() -> None:
         bench = load_benchmark("digits_prompt_diffusion", seed=seed, judge_samples=args.judge_samples)
         for spec in args.methods.split(","):
             method, params = parse_method(spec)
-            r = {"seed": seed, "method": spec, **closed_loop(bench, method, params, args.budget_seconds)}
+            r = {"seed": seed, "method": spec, **closed_loop(bench, method, params, args.budget_seconds),
+                 "guard": args.note}
             print(f"| {seed} | {spec} | {r['mode']} | {r['passed']} | {r['steps']} {r['strength']} | "
                   f"{r['erased_generation_rate']:.3f} | {r['retained_generation_acc']:.3f} | "
                   f"{r['retained_frechet']:.2f} | {r['seconds']} | {r['load1']} |", flush=True)
