@@ -23,6 +23,7 @@ from torch import nn
 
 from erasus_ray.control import ClosedLoopRunner, ControlConfig, GrowthPlan
 from erasus_ray.control.controller import Controller
+from erasus_ray.control.strength import StrengthSearch
 from erasus_ray.data import IdDataset, as_id_dataset, check_finite_data, loader_batch_size, make_loader
 from erasus_ray.data.ids import FULL_SCAN_LIMIT
 from erasus_ray.checks import check_bool, check_int, check_real, check_seed, close_match_hint
@@ -441,33 +442,47 @@ class ErasusUnlearner:
     def _search_strength(self, pristine: nn.Module, forget: IdDataset, retain: IdDataset | None, chosen: Coreset,
                          config: RunnerConfig, resolved: ResolvedTarget, probe: Probe, original: Measurement,
                          first: tuple[nn.Module, RunReport, dict[str, Any]]) -> tuple[nn.Module, RunReport, dict[str, Any]]:
-        """The closed loop for a strategy that computes its update itself (Fisher noise, SSD dampening): re-run it
-        from the original weights with its declared strength knob (:attr:`Strategy.strength`) scaled by its factor,
-        up to ``ControlConfig.strength_tries`` times, until the target holds; stop at the first setting that breaks the
-        utility guard (a stronger one would break it more). Returns the first passing run, else the guarded run
-        closest to the target (the default's if none is guarded), with every attempt in the verification."""
+        """The closed loop for a strategy that computes its update itself (Fisher noise, SSD dampening, UCE's edit):
+        re-run it from the original weights with its declared strength knob (:attr:`Strategy.strength`) at the
+        setting :class:`~erasus_ray.control.strength.StrengthSearch` proposes - stronger while the guard holds and
+        the target misses, gentler when the default already breaks the guard or a stronger setting missed by more,
+        bisecting between a guard break and a guarded miss - up to ``ControlConfig.strength_tries`` times, until the
+        target holds. Returns the first passing run, else the
+        guarded run closest to the target (the default's if none is guarded), with every attempt in the verification.
+        Cost: one run of the strategy and one probe measurement per try."""
         knob, factor = self.strategy.strength
         value = float(getattr(self.strategy, knob))
-        attempts = [{knob: value, "passed": first[2]["passed"], "guard_ok": first[2].get("guard_ok")}]
+        search = StrengthSearch(factor)
+        search.record(value, bool(first[2].get("guard_ok")), first[2].get("violation", float("inf")))
+        attempts = [_strength_attempt(knob, value, first[2])]
         best, best_value = first, value
         for _ in range(self.control.strength_tries):
-            value *= factor
-            strategy = get_strategy(self.strategy.name, **{**self.strategy.hparams(), knob: value})
-            ctx = self._context(clone_model(pristine), forget, retain, chosen, None)
-            report = strategy.unlearn(ctx, LocalRunner(config))
-            ctx.model.eval()
-            v = _verify_once(resolved, probe, ctx.model, original, self.control, report, open_loop=False)
-            attempts.append({knob: value, "passed": v["passed"], "guard_ok": v["guard_ok"]})
-            if not v["guard_ok"]:
+            value = search.next_value()
+            if value is None:
                 break
-            if v["violation"] < best[2]["violation"] or not best[2].get("guard_ok"):
-                best, best_value = (ctx.model, report, v), value
+            model, report, v = self._strength_try(knob, value, pristine, forget, retain, chosen, config, resolved, probe, original)
+            attempts.append(_strength_attempt(knob, value, v))
+            search.record(value, v["guard_ok"], v["violation"])
+            if v["guard_ok"] and (v["violation"] < best[2]["violation"] or not best[2].get("guard_ok")):
+                best, best_value = (model, report, v), value
             if v["passed"]:
                 break
         model, report, verification = best
         verification = {**verification, "mode": "strength_search",
                         "strength": {"knob": knob, "factor": factor, "attempts": attempts, "used": best_value}}
         return model, report, verification
+
+    def _strength_try(self, knob: str, value: float, pristine: nn.Module, forget: IdDataset, retain: IdDataset | None,
+                      chosen: Coreset, config: RunnerConfig, resolved: ResolvedTarget, probe: Probe,
+                      original: Measurement) -> tuple[nn.Module, RunReport, dict[str, Any]]:
+        """One try of :meth:`_search_strength`: the strategy with ``knob=value`` on a copy of the original weights,
+        verified once."""
+        # its own class, not the registry name: an instance of an unregistered subclass stays that subclass
+        strategy = type(self.strategy)(**{**self.strategy.hparams(), knob: value})
+        ctx = self._context(clone_model(pristine), forget, retain, chosen, None)
+        report = strategy.unlearn(ctx, LocalRunner(config))
+        ctx.model.eval()
+        return ctx.model, report, _verify_once(resolved, probe, ctx.model, original, self.control, report, open_loop=False)
 
     def make_runner(self, config: RunnerConfig, controller: Controller | None = None) -> Any:
         """The runner of the backend; with a ``controller``, one that runs its closed loop (in process, or inside the
@@ -703,6 +718,13 @@ def _grown_coreset(start: Coreset, runner: ClosedLoopRunner, n_forget: int) -> C
     info = {**start.info, "adaptive": True, "start_size": int(len(start.ids)), "growth": runner.record["coreset_growth"],
             "final_fraction": len(ids) / max(1, n_forget)}
     return Coreset(ids=ids, weights=np.full(len(ids), n_forget / max(1, len(ids))), scores=start.scores, selector=start.selector, info=info)
+
+
+def _strength_attempt(knob: str, value: float, verification: dict[str, Any]) -> dict[str, Any]:
+    """One row of ``verification["strength"]["attempts"]``: the setting, its outcome and what was measured (the
+    target's criteria and the guard's, by name), so a failed search says how close each setting came."""
+    measured = {c["name"]: c["value"] for c in verification.get("criteria", []) + verification.get("guard", [])}
+    return {knob: value, "passed": verification["passed"], "guard_ok": verification.get("guard_ok"), "measured": measured}
 
 
 def _verify_once(resolved: ResolvedTarget, probe: Probe, model: nn.Module, original: Measurement | None, control: ControlConfig,

@@ -224,21 +224,105 @@ def test_heldout_overlapping_forget_or_retain(wine):
             un.fit(forget_data=wine["forget"], retain_data=wine["retain"], heldout_data=bad)
 
 
+def _outcome(attempt: dict) -> dict:
+    """A strength attempt without its measurements."""
+    return {k: v for k, v in attempt.items() if k != "measured"}
+
+
 def test_strength_search_for_strategies_that_compute_their_update(wine):
     """SSD computes its dampening in one pass (no runner steps): its selection threshold is halved from the original
     weights until the class is forgotten (measured: alpha 20 -> 10 -> 5 passes). Fisher forgetting's noise is not
-    selective (its docstring): the next stronger setting breaks the guard, so the search stops and says so."""
+    selective (its docstring): the next stronger setting (x3) breaks the guard, the bisection between the two finds no
+    setting that forgets the class and keeps the guard (measured: 1e-6 missed, 3e-6 broke the guard, 4 settings in
+    between all missed, the last within 10% of 3e-6), so the search says so and returns a guarded model."""
     r = ErasusUnlearner(wine["original"], strategy="ssd", progress=False).fit(forget_data=wine["forget"], retain_data=wine["retain"])
     v = r.verification
     attempts = v["strength"]["attempts"]
-    assert v["mode"] == "strength_search" and r.verified is True and attempts[0] == {"alpha": 20.0, "passed": False, "guard_ok": True}
+    assert v["mode"] == "strength_search" and r.verified is True and _outcome(attempts[0]) == {"alpha": 20.0, "passed": False, "guard_ok": True}
     assert [a["alpha"] for a in attempts] == [20.0 * 0.5**i for i in range(len(attempts))] and attempts[-1]["passed"]
     assert r.config["strategy_params"]["alpha"] == attempts[-1]["alpha"]
     assert _acc(r.model, wine["forget"], wine["task"]) <= 0.05
     f = ErasusUnlearner(wine["original"], strategy="fisher_forgetting", progress=False).fit(
         forget_data=wine["forget"], retain_data=wine["retain"])
-    assert f.verified is False and f.verification["strength"]["attempts"][-1]["guard_ok"] is False
+    tried = f.verification["strength"]["attempts"]
+    assert f.verified is False and [a["guard_ok"] for a in tried[:2]] == [True, False]
+    assert all(1e-6 < a["alpha"] < 3e-6 for a in tried[2:]) and len(tried) <= 1 + ControlConfig().strength_tries
+    assert {"alpha": f.config["strategy_params"]["alpha"], "passed": False, "guard_ok": True} in map(_outcome, tried)
     assert f.verification["guard_ok"] is True  # the returned model is the guarded one
+
+
+def test_strength_search_goes_gentler_when_the_default_breaks_the_guard(wine):
+    """A toy knob with a side effect: ``scale`` lowers the forgotten class's output bias by ``scale`` and raises a
+    retained class's by ``scale / 10``. Measured on wine: 300 forgets the class but that retained class then crowds
+    out the others (guard broken); 100 forgets it and keeps the guard. The search must go gentler (300 / 3), where the
+    one-way search stopped at the default's guard break and returned an unverified model."""
+    from torch import nn
+
+    from erasus_ray.runners import RunReport
+    from erasus_ray.strategies import Strategy
+    from erasus_ray.strategies.concept_ablation import forget_classes
+
+    class BiasShift(Strategy):
+        strength = ("scale", 3.0)
+        driver_only_reason = "edits the head in the calling process"
+
+        def __init__(self, scale: float = 300.0) -> None:
+            super().__init__()
+            self.scale = float(scale)
+
+        @torch.no_grad()
+        def unlearn(self, ctx, runner):
+            head = [m for m in ctx.model.modules() if isinstance(m, nn.Linear)][-1]
+            for c in forget_classes(ctx.task, ctx.full_forget):
+                head.bias[c] -= self.scale
+                head.bias[(c + 1) % head.bias.numel()] += self.scale / 10
+            return RunReport(steps=0, epochs=0, forget_samples=len(ctx.forget), retain_samples=0)
+
+    r = ErasusUnlearner(wine["original"], strategy=BiasShift(), selector=None, progress=False).fit(
+        forget_data=wine["forget"], retain_data=wine["retain"])
+    v = r.verification
+    assert [_outcome(a) for a in v["strength"]["attempts"]] == [{"scale": 300.0, "passed": False, "guard_ok": False},
+                                                                 {"scale": 100.0, "passed": True, "guard_ok": True}]
+    assert v["strength"]["attempts"][0]["measured"]["forget_acc"] <= 0.05  # forgotten, but at the guard's expense
+    assert r.verified is True and v["guard_ok"] is True and r.config["strategy_params"]["scale"] == 100.0
+    assert _acc(r.model, wine["forget"], wine["task"]) <= 0.05
+
+
+def test_strength_search_proposals_in_both_directions():
+    """The proposals of the two-way search (no model): for a knob where larger is stronger (x3), stronger while
+    guarded and missing; bisection (log scale) once a stronger setting breaks the guard with a smaller miss; the gentler
+    side once a stronger setting misses by more (UCE's overshoot on the prompt benchmark, seed 2: erase_scale 1 ->
+    rate 0.34, 3 -> 0.81, 1/3 -> 0.09); gentler while the guard is broken; and for SSD's threshold (x0.5, smaller is
+    stronger) the same in its direction."""
+    from erasus_ray.control.strength import MIN_STEP_RATIO, StrengthSearch
+
+    up = StrengthSearch(3.0)
+    up.record(1.0, guard_ok=True, violation=0.5)
+    assert up.next_value() == 3.0
+    up.record(3.0, guard_ok=False, violation=0.0)  # forgot, at the guard's expense: bisect
+    assert up.next_value() == pytest.approx(3 ** 0.5)
+    up.record(3 ** 0.5, guard_ok=True, violation=0.2)
+    assert up.next_value() == pytest.approx(3 ** 0.75)
+    overshoot = StrengthSearch(3.0)
+    overshoot.record(1.0, guard_ok=True, violation=0.22)
+    overshoot.record(3.0, guard_ok=False, violation=0.69)  # stronger missed by more: try the other side
+    assert overshoot.next_value() == pytest.approx(1 / 3)
+    broken = StrengthSearch(3.0)
+    broken.record(1.0, guard_ok=False, violation=0.0)
+    assert broken.next_value() == pytest.approx(1 / 3)
+    broken.record(1 / 3, guard_ok=False, violation=0.0)
+    assert broken.next_value() == pytest.approx(1 / 9)
+    broken.record(1 / 9, guard_ok=True, violation=0.4)  # guarded now: bisect towards the break at 1/3
+    assert broken.next_value() == pytest.approx(3 ** -1.5)
+    down = StrengthSearch(0.5)
+    down.record(20.0, guard_ok=True, violation=0.5)
+    assert down.next_value() == 10.0
+    down.record(10.0, guard_ok=False, violation=0.0)
+    assert down.next_value() == pytest.approx(200 ** 0.5)
+    tight = StrengthSearch(3.0)
+    tight.record(1.0, guard_ok=True, violation=0.5)
+    tight.record(MIN_STEP_RATIO * 0.99, guard_ok=False, violation=0.0)  # every step up >= MIN_STEP_RATIO breaks it
+    assert tight.next_value() is None
 
 
 def test_a_persistently_non_finite_objective_stops_with_the_last_good_weights(wine):

@@ -32,7 +32,7 @@ from erasus_ray.evaluation import run_metrics
 
 METRICS = ("erased_generation_rate", "retained_generation_acc", "retained_frechet")
 FIELDS = ("seed", "method", "mode", "passed", "steps", "strength", "erased_generation_rate", "retained_generation_acc",
-          "retained_frechet", "seconds", "load1", "stopped")
+          "retained_frechet", "seconds", "load1", "stopped", "guard")
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -46,8 +46,10 @@ def load1() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def closed_loop(bench, method: str, params: dict, budget_seconds: float) -> dict:
-    """One closed-loop fit and its judged metrics; seconds are the fit's wall clock (not the metrics')."""
+def closed_loop(bench, method: str, params: dict, budget_seconds: float, dump: str = "") -> dict:
+    """One closed-loop fit and its judged metrics; seconds are the fit's wall clock (not the metrics'). ``dump``: a
+    folder to write the fit's verification record and per-window history to (``seed<S>-<method>.json``), to read
+    why a run did not verify (each window's violation, guard, step size)."""
     start = time.perf_counter()
     result = ErasusUnlearner(copy.deepcopy(bench.original), strategy=method, selector=None, fraction=None,
                              distributed="none", task=bench.task, seed=bench.seed, progress=False,
@@ -57,6 +59,11 @@ def closed_loop(bench, method: str, params: dict, budget_seconds: float) -> dict
     splits = {"forget": bench.forget, "retain": bench.retain, "test": bench.test}
     row = run_metrics(result.model, bench.task, splits, METRICS, seed=bench.seed)
     v = result.verification
+    if dump:
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        record = {"verification": v, "history": result.report.history, "seconds": seconds}
+        name = f"seed{bench.seed}-{method}{'-' + '-'.join(f'{k}={x}' for k, x in params.items()) if params else ''}.json"
+        Path(dump, name).write_text(json.dumps(record, indent=1, default=str))
     strength = v.get("strength")
     return {**row, "mode": v.get("mode"), "passed": v.get("passed"), "steps": result.report.steps,
             "strength": json.dumps(strength["attempts"]) if strength else "", "seconds": round(seconds, 1),
@@ -71,6 +78,9 @@ def main() -> None:
     parser.add_argument("--budget-seconds", type=float, default=600.0)
     parser.add_argument("--judge-samples", type=int, default=32)
     parser.add_argument("--out", default="")
+    parser.add_argument("--dump", default="", help="folder for each fit's verification record and window history")
+    parser.add_argument("--note", default="", help="written to the csv's last column (named guard for its first use): "
+                        "the library version the rows were measured with, e.g. its commit")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| seed | method | mode | passed | steps / strength tried | rate | other classes | Frechet | seconds | load |")
@@ -79,7 +89,8 @@ def main() -> None:
         bench = load_benchmark("digits_prompt_diffusion", seed=seed, judge_samples=args.judge_samples)
         for spec in args.methods.split(","):
             method, params = parse_method(spec)
-            r = {"seed": seed, "method": spec, **closed_loop(bench, method, params, args.budget_seconds)}
+            r = {"seed": seed, "method": spec, **closed_loop(bench, method, params, args.budget_seconds, args.dump),
+                 "guard": args.note}
             print(f"| {seed} | {spec} | {r['mode']} | {r['passed']} | {r['steps']} {r['strength']} | "
                   f"{r['erased_generation_rate']:.3f} | {r['retained_generation_acc']:.3f} | "
                   f"{r['retained_frechet']:.2f} | {r['seconds']} | {r['load1']} |", flush=True)

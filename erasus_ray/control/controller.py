@@ -69,7 +69,8 @@ class ControlConfig:
         patience: stop early ("stalled") after this many verifications without getting closer to the target (and
             without coreset growth), returning the closest guarded weights.
         strength_tries: for strategies that compute their update themselves and declare a strength knob
-            (``Strategy.strength``), at most this many stronger settings are tried from the original weights.
+            (``Strategy.strength``), at most this many other settings are tried from the original weights (stronger
+            or gentler: :class:`~erasus_ray.control.strength.StrengthSearch`).
         retain_samples / heldout_samples: sizes of the fixed, seeded samples the probe measures.
     """
 

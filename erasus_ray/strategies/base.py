@@ -121,7 +121,8 @@ class Strategy:
     setup_scope: ClassVar[str] = "coreset"
     #: For a strategy that computes its update itself: ``(hyperparameter, factor)`` - the knob that makes it forget
     #: more and the factor one step of the closed loop's search multiplies it by (Fisher noise scale x3; SSD's
-    #: selection threshold x0.5). None: no knob; such a strategy is verified once.
+    #: selection threshold x0.5); the search also divides by it where the default breaks the guard, and bisects
+    #: (:class:`~erasus_ray.control.strength.StrengthSearch`). None: no knob; such a strategy is verified once.
     strength: ClassVar[tuple[str, float] | None] = None
     #: Why the closed loop cannot drive this strategy's runner steps (they train something other than the model being
     #: unlearned, e.g. DExperts' anti-expert): it then runs its fixed defaults and is verified once. None: it can.
