@@ -233,6 +233,18 @@ class AuthorsSmolLMBenchmark(AuthorsBenchmark):
             self._tokenizer = tok
         return self._tokenizer
 
+    def chat_text(self, question: str, answer: str) -> tuple[str, str]:
+        """``(prompt, answer)`` in SmolLM2's chat template (its default system turn, the question as the user turn, the
+        assistant turn opened); the answer is closed by ``encode``'s eos, ``<|im_end|>``, as the template closes a turn.
+
+        Why: TOFU's real-world utility sets are facts the *pretrained* model knows. The fine-tune trains the plain
+        ``Question: q Answer: a`` format only, and in that format it overwrote them (the original scores answer loss
+        7.43 on capital cities); the chat format, which the instruct model was trained on and the fine-tune never
+        saw, still carries them (measured: ``benchmarks/protocols/RESULTS.md``). Pass it as ``encode``'s ``texts``."""
+        prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                    tokenize=False)
+        return prompt, answer
+
     def build_model(self, seed: int) -> nn.Module:
         """The pretrained model (``seed`` only orders the fine-tuning data), generation set to stop at eos."""
         import torch
