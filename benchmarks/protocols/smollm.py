@@ -135,13 +135,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate(model):
         t0, cpu = time.perf_counter(), time.process_time()
-        report = judge.evaluate(model, standin.forget, standin.retain, standin.test, gold_model=b.gold, task=b.task)
+        report = judge.evaluate(model, standin.forget, standin.retain, standin.test, gold_model=b.gold, task=b.task,
+                                utility_sets=standin.utility_sets or None)
         return report, time.perf_counter() - t0, time.process_time() - cpu
 
     reports, models, rows, errors, loops = {}, {"original": b.original, "gold": b.gold}, [], {}, {}
     for label in ("original", "gold"):
         reports[label], secs, _ = evaluate(models[label])
-        print(f"{label}: {reports[label].verdict} ({secs:.0f} s, load {load_average()})", flush=True)
+        print(f"{label}: {reports[label].verdict} ({secs:.0f} s, load {load_average()}): "
+              + json.dumps({k: round(v, 4) for k, v in reports[label].metrics.items()}), flush=True)
     # the retrain is timed here, beside the unlearning runs (same box, same load): the cached build's seconds were
     # measured once, possibly under another load (768 s at load 12-15 vs 42 s at load ~10 for the same fine-tune)
     timed = time_retrain(args.threads, args.seed) if not args.cached_retrain_seconds else None
