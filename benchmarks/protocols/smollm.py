@@ -9,7 +9,9 @@ and selector) and evaluates it with
 TOFU's protocol against the gold model. Each row records the seconds of scoring (the selector), unlearning and
 verification (the TOFU evaluation), their sum, and that sum over the cost of fine-tuning again without the forget
 authors, timed in the same run (:func:`time_retrain`), in wall and in CPU seconds (CPU seconds are what compares on a
-shared, loaded box). Only the top layers the fine-tune trained are unlearned (``--train-top``). Writes
+shared, loaded box). Only the top layers the fine-tune trained are unlearned (``--train-top``). ``--target gold`` gives the closed
+loop the gold (retrained) model as its target (TOFU-style; the held-out target compares only 10 forget vs 10 held-out
+authors, a weak test), ``--heldout-authors N`` widens the held-out reference to N of the data file's 20. Writes
 ``<out>/report.json``, ``report.md``, ``timings.md`` and ``timings.json`` (with each run's closed-loop record).
 
 Example::
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -38,9 +41,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-seconds", type=float, default=None, help="the closed loop's budget (default: its own, 600 s)")
     p.add_argument("--train-top", type=int, default=None,
                    help="unlearn only the top K decoder layers (default: the K layers the fine-tune trained; 0: every parameter)")
+    p.add_argument("--heldout-authors", type=int, default=None,
+                   help="the closed loop's held-out reference: the first N of the data file's 20 held-out authors, same "
+                        "question (default: the variant's 10, the TOFU test set)")
+    p.add_argument("--target", choices=("heldout", "gold"), default="heldout",
+                   help="the closed loop's target: forget losses like the held-out authors' ('heldout'), or forget "
+                        "accuracy and SVC MIA efficacy like the gold (retrained) model's ('gold', TOFU-style)")
     p.add_argument("--seed", type=int, default=0, help="the stand-in's seed (fine-tuning order) and the unlearning seed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-privacy", action="store_true")
+    p.add_argument("--no-utility-sets", action="store_true",
+                   help="model utility from the retain set alone (skips the real-world sets: about half of each "
+                        "evaluation's cost; forget quality is unchanged)")
     p.add_argument("--cached-retrain-seconds", action="store_true",
                    help="compare with the cached build's retrain seconds instead of timing the retrain in this run")
     p.add_argument("--time-retrain", action="store_true",
@@ -50,10 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def unlearn_one(standin, name: str, epochs: int | None, lr: float | None, budget_seconds: float | None = None,
-                train_top: int = 0, seed: int = 0):
-    """(model, scoring seconds, unlearning seconds) of ``name`` on the stand-in's forget set. The held-out authors are
-    the closed loop's target (forget-set loss like never-seen authors') and utility reference: no retrained model is
-    needed, as in a real deletion. ``train_top``: only the top K decoder layers are updated (0: all)."""
+                train_top: int = 0, seed: int = 0, heldout=None, gold=None):
+    """(model, scoring seconds, unlearning seconds, CPU seconds, verification) of ``name`` on the stand-in's forget
+    set. ``heldout`` (default: the stand-in's test authors) is the utility guard's reference and, without ``gold``,
+    the closed loop's target (forget-set loss like never-seen authors'): no retrained model is needed, as in a real
+    deletion. ``gold``: a retrained model, the TOFU-style target instead. ``train_top``: only the top K decoder layers
+    are updated (0: all)."""
     from erasus_ray import ErasusUnlearner
     from erasus_ray.benchmarks.authors_smollm import train_top_layers_only
 
@@ -66,7 +80,8 @@ def unlearn_one(standin, name: str, epochs: int | None, lr: float | None, budget
         kwargs["budget_seconds"] = budget_seconds
     start, cpu = time.perf_counter(), time.process_time()
     result = ErasusUnlearner(model, seed=seed, progress=False, task=b.task, **kwargs).fit(
-        forget_data=b.forget, retain_data=b.retain, heldout_data=b.test, epochs=epochs)
+        forget_data=b.forget, retain_data=b.retain, heldout_data=b.test if heldout is None else heldout, gold=gold,
+        epochs=epochs)
     total, cpu = time.perf_counter() - start, time.process_time() - cpu
     scoring = float(result.timings.get("select", 0.0))
     result.model.requires_grad_(True)
@@ -99,7 +114,7 @@ def load_average() -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from erasus_ray.benchmarks.authors_smollm import SMOLLM_VARIANTS
+    from erasus_ray.benchmarks.authors_smollm import SMOLLM_VARIANTS, AuthorsSmolLMBenchmark
     from erasus_ray.cli.protocols import markdown, write_outputs
     from erasus_ray.errors import ErasusError
     from erasus_ray.evaluation.protocols import UnlearningBenchmark
@@ -112,19 +127,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     standin = TofuProtocol.standin("smollm", seed=args.seed)
+    if args.no_utility_sets:
+        standin = dataclasses.replace(standin, utility_sets={})
     b = standin.bench
     print(f"stand-in ready in {time.perf_counter() - start:.0f} s; fine-tuning seconds {b.seconds}", flush=True)
     judge = UnlearningBenchmark("tofu", n_runs=1, include_privacy=not args.no_privacy)
 
     def evaluate(model):
         t0, cpu = time.perf_counter(), time.process_time()
-        report = judge.evaluate(model, standin.forget, standin.retain, standin.test, gold_model=b.gold, task=b.task)
+        report = judge.evaluate(model, standin.forget, standin.retain, standin.test, gold_model=b.gold, task=b.task,
+                                utility_sets=standin.utility_sets or None)
         return report, time.perf_counter() - t0, time.process_time() - cpu
 
     reports, models, rows, errors, loops = {}, {"original": b.original, "gold": b.gold}, [], {}, {}
     for label in ("original", "gold"):
         reports[label], secs, _ = evaluate(models[label])
-        print(f"{label}: {reports[label].verdict} ({secs:.0f} s, load {load_average()})", flush=True)
+        print(f"{label}: {reports[label].verdict} ({secs:.0f} s, load {load_average()}): "
+              + json.dumps({k: round(v, 4) for k, v in reports[label].metrics.items()}), flush=True)
     # the retrain is timed here, beside the unlearning runs (same box, same load): the cached build's seconds were
     # measured once, possibly under another load (768 s at load 12-15 vs 42 s at load ~10 for the same fine-tune)
     timed = time_retrain(args.threads, args.seed) if not args.cached_retrain_seconds else None
@@ -132,18 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     retrain = timed["wall_s"] if timed else b.seconds["retrain"]
     retrain_cpu = timed["cpu_s"] if timed else float("nan")
     train_top = SMOLLM_VARIANTS["forget10x"].top_layers if args.train_top is None else args.train_top
+    heldout = None if args.heldout_authors is None else AuthorsSmolLMBenchmark().heldout_set(args.heldout_authors)
+    gold = b.gold if args.target == "gold" else None
     for name in args.strategies.split(","):
         try:
             epochs, lr = (None, None) if name in args.closed_loop.split(",") else (args.epochs, args.lr)
             model, scoring, unlearning, unlearning_cpu, loop = unlearn_one(standin, name, epochs, lr, args.budget_seconds,
-                                                                       train_top, args.seed)
+                                                                       train_top, args.seed, heldout, gold)
         except ErasusError as err:
             errors[name] = f"{type(err).__name__}: {err}"
             print(f"{name}: did not run: {errors[name]}", flush=True)
             continue
         report, verification, verification_cpu = evaluate(model)
         report.settings.update(strategy=name, epochs=epochs, lr=lr, train_top_layers=train_top)
-        loops[name] = {k: loop.get(k) for k in ("mode", "passed", "stopped", "steps", "lr", "guard_events", "final_fraction")}
+        loops[name] = {k: loop.get(k) for k in ("mode", "target", "passed", "stopped", "steps", "lr", "guard_events",
+                                                 "final_fraction", "criteria", "power")}
         reports[name], models[name] = report, model
         total = scoring + unlearning + verification
         rows.append(f"| {name} | {report.verdict} | {report.metrics['forget_quality']:.3f} | "

