@@ -441,19 +441,20 @@ def test_verification_rule_by_hand():
 
 @pytest.fixture(scope="module")
 def noop_strategy():
-    """A strategy that leaves the model as it is (zero loss: Adam takes zero steps), registered for these tests."""
+    """A strategy that leaves the model as it is (zero loss: Adam takes zero steps), registered for these tests and
+    removed after them (the registry is global: tests/test_capabilities.py pins what is registered, and under
+    pytest-xdist it may run after this module in the same process)."""
     from erasus_ray.strategies.base import STRATEGIES, Strategy
 
-    if "noop_for_tests" not in STRATEGIES:
+    @STRATEGIES.register("noop_for_tests")
+    class NoOp(Strategy):
+        default_epochs = 1
 
-        @STRATEGIES.register("noop_for_tests")
-        class NoOp(Strategy):
-            default_epochs = 1
+        def loss(self, ctx, forget, retain):
+            return sum(p.sum() * 0.0 for p in ctx.model.parameters()), {}
 
-            def loss(self, ctx, forget, retain):
-                return sum(p.sum() * 0.0 for p in ctx.model.parameters()), {}
-
-    return "noop_for_tests"
+    yield "noop_for_tests"
+    STRATEGIES._entries.pop("noop_for_tests")
 
 
 @pytest.mark.parametrize("repair_rounds", [0, 1])
