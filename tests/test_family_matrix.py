@@ -18,8 +18,9 @@ from erasus_ray.testing import build_family, check_metric, check_selector, check
 
 #: (algorithm, family) -> why the pair does not pass yet: every remaining entry is an algorithm that runs but shows no
 #: effect (or no information) within the matrix's small budget, said here rather than hidden. Strict xfail: a pair that
-#: starts passing must be removed from the file.
-PENDING = {(p["algorithm"], p["family"]): p["reason"]
+#: starts passing must be removed from the file - unless the entry says ``"strict": false``, for an outcome that depends
+#: on the CPU's float kernels (a family trained to a different point on another CPU; the reason names both).
+PENDING = {(p["algorithm"], p["family"]): (p["reason"], p.get("strict", True))
            for p in json.loads((Path(__file__).parent / "data" / "family_matrix_pending.json").read_text())}
 
 
@@ -29,7 +30,8 @@ def _cases(registry, cheap):
         for name in registry.names():
             marks = [pytest.mark.slow] if not cheap else []
             if (name, fam) in PENDING:
-                marks.append(pytest.mark.xfail(strict=True, reason=PENDING[(name, fam)]))
+                reason, strict = PENDING[(name, fam)]
+                marks.append(pytest.mark.xfail(strict=strict, reason=reason))
             out.append(pytest.param(name, fam, marks=marks, id=f"{name}-{fam}"))
     return out
 

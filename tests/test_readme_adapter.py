@@ -65,6 +65,15 @@ def test_readme_adapter_example_runs_and_forgets(fresh_registry):
     assert result.coreset.selector == "loss"  # the default selector for a task without logits
     assert result.verification["target"] == "heldout"
     assert result.verified is True, result.verification
+    # the effect, measured here rather than read from the result: the held-out target stops once a loss attack can no
+    # longer tell the forget errors from held-out ones (AUC within its band, ~0.68 at 20 vs 100) - so recompute that AUC
+    # independently (memorised: ~1.0). Not a bar on the mean error: the target is distributional, and where it stops
+    # depends on the CPU's float kernels (on an AMD EPYC it verifies at mean forget error 0.82 vs held-out 1.81).
     with torch.no_grad():
-        after_forget = err(result.model, forget_set)
-    assert after_forget > 0.5 * heldout  # the forget errors reached the held-out level
+        per = lambda m, s: ((m(torch.stack([s[i][0] for i in range(len(s))])).squeeze(-1)  # noqa: E731
+                             - torch.stack([s[i][1] for i in range(len(s))])) ** 2)
+        auc = lambda m: (per(m, val_set)[None, :] > per(m, forget_set)[:, None]).float().mean().item()  # noqa: E731
+        auc_before, auc_after, after_forget = auc(model), auc(result.model), err(result.model, forget_set)
+    assert auc_before > 0.95, auc_before
+    assert auc_after < 0.7, auc_after  # a loss attack is near chance
+    assert after_forget > 100 * before_forget  # the memorised (near-zero) errors are gone
