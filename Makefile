@@ -38,10 +38,10 @@ demo: $(STAMP)
 # Default suite, then the slow end-to-end tests (pytest exit 5 = "no tests selected" is not a failure). The default suite
 # runs on two pytest-xdist workers: each test process runs torch on one thread (tests/conftest.py), so two use both
 # cores; every module stays on one worker and the modules that start Ray share one, as do those that start Flower
-# (tests/conftest.py: xdist_scope). The slow suite stays in one process (PYTEST_SLOW_PAR): with two workers one of its
-# tests failed in a local run (2026-12-07), not yet diagnosed.
+# (tests/conftest.py: xdist_scope). The slow suite too (PYTEST_SLOW_PAR; `PYTEST_SLOW_PAR=` runs it in one process):
+# its Ray modules, on one worker, are its long pole (~55% of its test seconds).
 PYTEST_PAR ?= -n 2
-PYTEST_SLOW_PAR ?=
+PYTEST_SLOW_PAR ?= -n 2
 test: $(STAMP) $(SMOLLM)
 	FLWR_HOME=$$(mktemp -d) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_PAR) --durations=25
 	FLWR_HOME=$$(mktemp -d) $(BIN)/python -m pytest -q -m slow $(PYTEST_SLOW_PAR) --durations=40; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
