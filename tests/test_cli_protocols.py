@@ -46,3 +46,28 @@ def test_evaluate_a_saved_model_and_refuse_another_architecture(tmp_path, digits
     assert main(["evaluate", "--protocol", "general", "--model", str(path), "--gold-model", str(other),
                  "--out", str(out)]) == 2
     assert "--gold-model" in capsys.readouterr().err
+
+
+def test_seeds_table_aggregates_verdicts_and_mean_std_over_seed_folders(tmp_path):
+    """benchmarks/protocols/seeds_table.py (the committed 3-seed leaderboards): verdicts in seed order, mean +- std
+    (population std) of each metric, unlearning CPU seconds from smollm.py's timing rows, '-' where a seed lacks it."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "protocols" / "seeds_table.py"
+    spec = importlib.util.spec_from_file_location("seeds_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for seed, (fq, verdict) in enumerate([(0.2, "PASS"), (0.6, "FAIL")]):
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        report = {"npo": {"verdict": verdict, "metrics": {"forget_quality": fq, "model_utility": 0.5}}}
+        if seed == 0:
+            report["rmu"] = {"verdict": "PASS", "metrics": {"forget_quality": 1.0, "model_utility": 0.4}}
+        (d / "report.json").write_text(json.dumps(report))
+        (d / "timings.json").write_text(json.dumps({"rows": [f"| npo | {verdict} | {fq} | 0.5 | 0 | 9 | 9 | 9 | 1 | {10 + 20 * seed} | 5 | 1 | 1 |"]}))
+    out = mod.table([tmp_path / "s0", tmp_path / "s1"], ("forget_quality", "model_utility"))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in out.splitlines()[2:]}
+    assert rows["npo"] == ["PASS / FAIL", "0.400 +- 0.200", "0.500 +- 0.000", "20 +- 10"]
+    assert rows["rmu"] == ["PASS / -", "1.000", "0.400", "-"]
