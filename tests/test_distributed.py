@@ -466,6 +466,50 @@ def test_node_removed_mid_scoring_keeps_the_coreset():
     assert out["disturbed_info"] == {"lost_actors": 1, "reassigned_shards": 1}
 
 
+#: run in a subprocess with a ``ray.cluster_utils.Cluster`` head up (it writes /tmp/ray/ray_current_cluster, which a
+#: ``ray.init()`` without an address on this machine joins until the cluster shuts down): a plain init with num_cpus
+#: (what Flower's simulation backend calls) is refused; the simulation's own init args start a Ray of their own
+_INIT_PROBE = (
+    "import sys, ray\n"
+    "from erasus_ray.federated.simulation import ray_init_args\n"
+    "kw = ray_init_args(1) if sys.argv[1] == 'ours' else {'num_cpus': 1, 'include_dashboard': False}\n"
+    "try:\n"
+    "    ray.init(**kw)\n"
+    "except ValueError as err:\n"
+    "    print('REFUSED', err); sys.exit(0)\n"
+    "print('OWN', ray.cluster_resources().get('CPU'))\n"
+)
+_CLUSTER_PROBE = (
+    "import subprocess, sys\n"
+    "from ray.cluster_utils import Cluster\n"
+    "cluster = Cluster(initialize_head=True, connect=False, head_node_args={'num_cpus': 3, 'include_dashboard': False})\n"
+    "try:\n"
+    "    for kind in ('plain', 'ours'):\n"
+    "        out = subprocess.run([sys.executable, '-c', sys.argv[1], kind], capture_output=True, text=True, timeout=300)\n"
+    "        print(kind.upper(), out.returncode, out.stdout.strip().replace(chr(10), ' | '), flush=True)\n"
+    "finally:\n"
+    "    cluster.shutdown()\n"
+)
+
+
+@pytest.mark.slow
+def test_flower_simulation_starts_its_own_ray_beside_a_simulated_cluster():
+    """The 2-worker CI failure of test_simulation_ten_clients_all_three_levels ("When connecting to an existing cluster,
+    num_cpus and num_gpus must not be provided"): it ran while test_node_removed_mid_scoring_keeps_the_coreset's
+    ``cluster_utils.Cluster`` was up. With such a cluster on the machine a plain ``ray.init(num_cpus=1)`` joins it and
+    is refused; ``erasus_ray.federated.simulation.ray_init_args`` starts a 1-CPU Ray of its own."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", _CLUSTER_PROBE, _INIT_PROBE], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()[:1] in (["PLAIN"], ["OURS"])}
+    assert "REFUSED" in lines["PLAIN"] and "existing cluster" in lines["PLAIN"], proc.stdout  # the hazard is real
+    assert lines["OURS"].split()[1:] == ["0", "OWN", "1.0"], proc.stdout  # its own 1-CPU instance, not the 3-CPU head
+
+
 def test_ray_missing_names_the_extra(monkeypatch, digits_class):
     """distributed='ray' without Ray installed: an ImportError naming the extra to install."""
     import builtins

@@ -58,6 +58,15 @@ def run_simulation_subprocess(
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def ray_init_args(num_cpus: int) -> dict[str, Any]:
+    """The ``ray.init`` arguments of a simulation: ``address="local"``, always a Ray instance of its own. Without it
+    Ray joins a cluster that ``ray start`` left on the machine (``/tmp/ray/ray_current_cluster``) and then refuses
+    Flower's ``num_cpus`` ("When connecting to an existing cluster, num_cpus and num_gpus must not be provided"): seen
+    when a test's ``ray start`` head was up beside a simulation."""
+    return {"address": "local", "num_cpus": int(num_cpus), "include_dashboard": False, "log_to_driver": True,
+            "object_store_memory": 256 * 1024**2}
+
+
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="federated deletion under Flower's simulation runtime")
     parser.add_argument("--config", required=True)
@@ -83,11 +92,7 @@ def _main(argv: list[str] | None = None) -> int:
         server_app=server_app,
         client_app=client_app,
         num_supernodes=n,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": args.num_cpus, "include_dashboard": False, "log_to_driver": True,
-                          "object_store_memory": 256 * 1024**2},
-        },
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": ray_init_args(args.num_cpus)},
     )
     return 0
 
