@@ -1,7 +1,7 @@
 """Leaderboard over seeds from the per-seed outputs of ``smollm.py`` (or any protocol run that writes ``report.json``).
 
 Reads ``<dir>/report.json`` (one protocol report per model / strategy) and, where present, ``<dir>/timings.json``
-(``smollm.py``'s rows: the unlearning CPU seconds and the closed-loop record) of each directory given, in seed order,
+(``smollm.py``'s rows: the unlearning CPU seconds) of each directory given, in seed order,
 and prints a Markdown table: the verdict per seed, then mean +- std over seeds of the chosen metrics.
 
     python benchmarks/protocols/seeds_table.py benchmarks/protocols/tofu-smollm-rw-seed{0,1,2}
@@ -31,18 +31,16 @@ def _unlearning_cpu(timings: dict) -> dict[str, float]:
     return out
 
 
-def load(dirs: list[Path]) -> tuple[list[str], dict[str, list[dict | None]], dict[str, list[float | None]], dict[str, list[str | None]]]:
-    """``(labels, reports[label][seed], cpu[label][seed], stopped[label][seed])``; None where a seed lacks the label."""
-    reports, cpus, loops = [], [], []
+def load(dirs: list[Path]) -> tuple[list[str], dict[str, list[dict | None]], dict[str, list[float | None]]]:
+    """``(labels, reports[label][seed], cpu[label][seed])``; None where a seed lacks the label."""
+    reports, cpus = [], []
     for d in dirs:
         reports.append(json.loads((d / "report.json").read_text()))
         t = json.loads((d / "timings.json").read_text()) if (d / "timings.json").exists() else {}
         cpus.append(_unlearning_cpu(t))
-        loops.append({k: v.get("stopped") for k, v in t.get("unlearner_verification", {}).items()})
     labels = list(dict.fromkeys(label for r in reports for label in r))
     return (labels, {label: [r.get(label) for r in reports] for label in labels},
-            {label: [c.get(label) for c in cpus] for label in labels},
-            {label: [lp.get(label) for lp in loops] for label in labels})
+            {label: [c.get(label) for c in cpus] for label in labels})
 
 
 def _mean_std(values: list[float | None]) -> str:
@@ -51,7 +49,7 @@ def _mean_std(values: list[float | None]) -> str:
 
 
 def table(dirs: list[Path], metrics: tuple[str, ...] = METRICS) -> str:
-    labels, reports, cpus, _ = load(dirs)
+    labels, reports, cpus = load(dirs)
     head = ["strategy", f"verdicts (seeds {' / '.join(str(i) for i in range(len(dirs)))})", *metrics, "unlearning CPU s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for label in labels:

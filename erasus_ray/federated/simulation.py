@@ -60,9 +60,10 @@ def run_simulation_subprocess(
 
 def ray_init_args(num_cpus: int) -> dict[str, Any]:
     """The ``ray.init`` arguments of a simulation: ``address="local"``, always a Ray instance of its own. Without it
-    Ray joins a cluster that ``ray start`` left on the machine (``/tmp/ray/ray_current_cluster``) and then refuses
-    Flower's ``num_cpus`` ("When connecting to an existing cluster, num_cpus and num_gpus must not be provided"): seen
-    when a test's ``ray start`` head was up beside a simulation."""
+    Ray joins the cluster named in ``/tmp/ray/ray_current_cluster`` (written by ``ray start --head`` with the default
+    temp dir and by ``ray.cluster_utils.Cluster``) and then refuses Flower's ``num_cpus`` ("When connecting to an
+    existing cluster, num_cpus and num_gpus must not be provided"): seen when a test's ``Cluster`` was up beside a
+    simulation."""
     return {"address": "local", "num_cpus": int(num_cpus), "include_dashboard": False, "log_to_driver": True,
             "object_store_memory": 256 * 1024**2}
 
