@@ -325,3 +325,23 @@ def test_fact_sets_load_by_name_and_encode_in_the_format_asked():
     assert tok.decode(item["input_ids"][:item["answer_start"]]) == "<user> Who wrote Pride and Prejudice? <assistant>"
     para = item[PARAPHRASED]
     assert tok.decode(para["input_ids"][para["answer_start"]:-1]) == " Jane Austen wrote Pride and Prejudice."
+
+
+def test_each_utility_set_is_reported_beside_the_model_utility():
+    """TOFU reports model utility per set; the suite keeps each utility set's three parts (their harmonic mean with
+    the retain set's three is the utility, by hand), and the set the wrecked model lost shows where utility went."""
+    from scipy.stats import hmean
+
+    from erasus_ray.evaluation.suite import MetricSuite
+
+    retain = IdDataset([_tofu_item(1, [3, 4], [6, 4])], np.arange(1), np.arange(1))
+    world = {"world_facts": IdDataset([_tofu_item(2, [5, 4], [6, 4])], np.arange(1), np.arange(1))}
+    names = ["model_utility", "retain_prob", "retain_rougeL", "retain_truth_ratio"]
+    run = lambda model: MetricSuite(names).run(model, retain, retain, task=CausalLMTask(), utility_sets=world)  # noqa: E731
+    good, wrecked = run(_BigramLM(_table(True))), run(_BigramLM(_table(False)))
+    keys = ["world_facts_prob", "world_facts_rougeL", "world_facts_truth_ratio"]
+    assert sorted(good.parts) == sorted(keys) and good.to_dict()["parts"].keys() == set(keys)
+    parts = [good[n] for n in names[1:]] + [good.parts[k] for k in keys]
+    assert good["model_utility"] == pytest.approx(hmean(parts))
+    assert wrecked.parts["world_facts_prob"] < good.parts["world_facts_prob"] - 0.1
+    assert MetricSuite(names).run(_BigramLM(_table(True)), retain, retain, task=CausalLMTask()).parts == {}

@@ -82,6 +82,9 @@ class EvalContext:
         self.model, self.task, self.splits, self.options = model, task, dict(splits), options
         self.columns = dict(columns)
         self._cache: dict[Any, Any] = {}
+        #: components a metric computed on its way (e.g. each utility set's parts of TOFU's model utility), by name:
+        #: reported beside the metrics by :class:`~erasus_ray.evaluation.suite.MetricSuite` (``SuiteResult.parts``)
+        self.parts: dict[str, float] = {}
 
     @property
     def seed(self) -> int:
@@ -335,6 +338,18 @@ def run_metrics(
     Cost: one no-grad forward pass per split that some selected metric reads (shared by all of them, whatever their
     number), plus what a metric memoises (greedy generation per split for ROUGE), never a pass per metric.
     """
+    return run_metrics_with_parts(model, task, splits, names, **options)[0]
+
+
+def run_metrics_with_parts(
+    model: nn.Module,
+    task: Task,
+    splits: Mapping[str, IdDataset | None],
+    names: Iterable[str] | None = None,
+    **options: Any,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """:func:`run_metrics` and the parts its metrics computed on the way (:attr:`EvalContext.parts`): ``(values,
+    parts)``."""
     opts = _options(options)
     names = metric_names_for(task) if names is None else tuple(names)
     metrics = [METRICS.get(n) for n in names]
@@ -353,7 +368,8 @@ def run_metrics(
     was_training = model.training
     model.eval()
     try:
-        return {m.name: m.compute(ctx) for m in metrics}
+        values = {m.name: m.compute(ctx) for m in metrics}
+        return values, dict(ctx.parts)
     finally:
         model.train(was_training)
 
@@ -393,6 +409,6 @@ def _options(options: Mapping[str, Any]) -> MetricOptions:
 __all__ = [
     "METRICS", "SPLITS", "EvalContext", "Metric", "MetricOptions", "MetricRegistry", "display_names_for",
     "display_names_for_row",
-    "gap_metrics", "gap_names_for", "metric_names_for", "register_column", "register_metric", "register_split_metric",
+    "gap_metrics", "gap_names_for", "metric_names_for", "register_column", "register_metric", "register_split_metric", "run_metrics_with_parts",
     "run_metrics",
 ]

@@ -26,7 +26,7 @@ from torch import nn
 
 from erasus_ray.data import as_id_dataset
 from erasus_ray.errors import InvalidConfigError
-from erasus_ray.evaluation.metrics import METRICS, run_metrics
+from erasus_ray.evaluation.metrics import METRICS, run_metrics_with_parts
 from erasus_ray.tasks import Task, get_task
 from erasus_ray.utils.atomic import atomic_write_text
 
@@ -54,6 +54,8 @@ class SuiteResult:
     task: str
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    #: what the metrics computed on their way, by name (e.g. each TOFU utility set's parts; ``EvalContext.parts``)
+    parts: dict[str, float] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> float:
         return self.metrics[name]
@@ -67,7 +69,8 @@ class SuiteResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN as None)."""
         return {"task": self.task, "seed": self.seed, "options": dict(self.options),
-                "metrics": {k: json_number(v) for k, v in self.metrics.items()}}
+                "metrics": {k: json_number(v) for k, v in self.metrics.items()},
+                **({"parts": {k: json_number(v) for k, v in self.parts.items()}} if self.parts else {})}
 
     def save(self, path: str | os.PathLike) -> None:
         """:meth:`to_dict` as JSON at ``path``, written atomically."""
@@ -126,8 +129,8 @@ class MetricSuite:
         given = {"forget": forget, "retain": retain, "test": test}
         self._check_splits({s for s, d in given.items() if d is not None})
         data = {s: as_id_dataset(d) for s, d in given.items() if d is not None}
-        values = run_metrics(model, adapter, data, self.names, seed=seed, **options)
-        return SuiteResult(values, adapter.name, seed, {k: _recordable(v) for k, v in options.items()})
+        values, parts = run_metrics_with_parts(model, adapter, data, self.names, seed=seed, **options)
+        return SuiteResult(values, adapter.name, seed, {k: _recordable(v) for k, v in options.items()}, parts)
 
     def _check_splits(self, given: set[str]) -> None:
         for metric in self.metrics:

@@ -16,7 +16,8 @@ Registered metrics (TOFU's aggregation, as in the reference ``aggregate_eval_sta
   set of the ``utility_sets`` option (TOFU's "Real Authors" and "World Facts", :func:`utility_set_parts`), the
   same three values on that set, TOFU's way: the probability normalised over the answer options,
   ``P(a|q) / (P(a|q) + sum_k P(a_pert_k|q))`` (length-normalised likelihoods), ROUGE-L recall, and ``max(0, 1 - R)``.
-  Without ``utility_sets`` it is the retain set's three values only.
+  Without ``utility_sets`` it is the retain set's three values only; each set's three are reported beside it
+  (``<set>_prob``, ``<set>_rougeL``, ``<set>_truth_ratio``: ``SuiteResult.parts``, and the TOFU protocol's metrics).
 
 **Forget quality** (:func:`forget_quality`) is the p-value of the two-sample Kolmogorov-Smirnov test between the
 per-sample truth ratios of the unlearned and of the gold (retrained) model on the forget set: high (p >= 0.05) means
@@ -171,9 +172,16 @@ def model_utility(ctx: EvalContext) -> float:
     each ``utility_sets`` set (TOFU's model utility)."""
     prob = METRICS.get("retain_prob").compute(ctx)
     rouge_l = METRICS.get("retain_rougeL").compute(ctx)  # shares the evaluation's cached generation
-    extra = [v for name, data in sorted((ctx.options.utility_sets or {}).items())
-             for v in utility_set_parts(ctx, name, data)]
+    extra = []
+    for name, data in sorted((ctx.options.utility_sets or {}).items()):
+        parts = utility_set_parts(ctx, name, data)
+        ctx.parts.update({f"{name}_{part}": value for part, value in zip(UTILITY_PARTS, parts)})
+        extra += parts
     return utility_from_parts(prob, rouge_l, retain_truth_ratio(ctx), *extra)
+
+
+#: the names of a utility set's parts (:func:`utility_set_parts`), reported as ``<set>_<part>`` beside the utility
+UTILITY_PARTS = ("prob", "rougeL", "truth_ratio")
 
 
 RETAIN_METRICS = ("model_utility", "retain_prob", "retain_rougeL", "retain_truth_ratio")
@@ -232,7 +240,7 @@ class TofuProtocol(Protocol):
                   "forget_truth_ratio": forget_truth_ratio_stat(ratios)}
         suite = MetricSuite(self.names()).run(model, data.forget, data.retain, data.test, task=data.task, seed=seed,
                                               utility_sets=data.utility_sets or None)
-        return {**values, **suite.metrics}
+        return {**values, **suite.metrics, **suite.parts}  # parts: each utility set's (TOFU reports them per set)
 
     def criteria(self, mean: Mapping[str, float], gold: Mapping[str, float], thresholds: VerdictThresholds) -> dict[str, bool]:
         result = {
