@@ -394,3 +394,26 @@ def test_generation_guard_never_asks_more_of_the_retained_classes_than_the_gold_
     target.gold_retained = 0.99
     assert target.guard_criteria(judged(0.95), judged(0.95), Guard())[0].low == pytest.approx(
         0.95 - verification_tolerance(0.95, n, Guard().max_acc_drop))
+
+
+def test_closed_loop_table_counts_verified_runs_and_runs_inside_the_effect_bounds(tmp_path):
+    """benchmarks/diffusion/closed_loop.py --table (the committed 3-seed closed-loop table): per method, verified runs
+    (target and guard) and runs inside the effect bounds against each seed's own gold row (rate <= 0.25, others >=
+    gold - 0.15), mean +- std (ddof 1)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "diffusion" / "closed_loop.py"
+    spec = importlib.util.spec_from_file_location("closed_loop_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    head = "seed,method,loop,erased_generation_rate,retained_generation_acc,retained_frechet,passed,steps,verifications,seconds\n"
+    body = ["0,gold,-,0.0,0.95,9,,,,", "1,gold,-,0.1,0.80,9,,,,",
+            "0,esd,closed,0.05,0.90,10,True,14,2,30", "1,esd,closed,0.30,0.70,12,False,200,29,90",  # 1: rate too high
+            "0,sa,closed,0.10,0.79,10,False,50,7,40", "1,sa,closed,0.10,0.66,10,True,21,3,20"]  # 0: others < 0.80
+    (tmp_path / "c.csv").write_text(head + "\n".join(body) + "\n")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in mod.table(str(tmp_path / "c.csv")).splitlines()[2:]}
+    assert rows["esd"][:5] == ["0,1", "1/2", "1/2", "0.175 +- 0.177", "0.800 +- 0.141"]
+    assert rows["sa"][:3] == ["0,1", "1/2", "1/2"] and rows["sa"][6:] == ["36", "5.0", "30"]
+    assert rows["gold"][3] == "0.050 +- 0.071"
