@@ -418,3 +418,28 @@ def test_a_verification_that_could_not_have_failed_warns():
         assert not warn_if_weakly_verified({"passed": False, "power": weak})
         assert not warn_if_weakly_verified({"passed": True, "power": strong})
         assert not warn_if_weakly_verified({"passed": True})
+
+
+def test_a_guard_that_trips_at_every_step_size_stops_the_loop_early(wine):
+    """A target whose guard fails whatever the weights (ESD-x on digits_prompt_diffusion seed 1 sat at the guard's
+    edge: every window tripped, the step size fell to 5e-10 and 190 steps changed nothing): the loop stops once the
+    trips have halved the step size below min_lr_ratio x the start, well inside its budget, with the original
+    weights (nothing passed the guard) and says why."""
+    from erasus_ray.evaluation.verification import ClassTarget, Criterion
+
+    class NeverGuarded(ClassTarget):
+        def guard_criteria(self, now, original, guard):
+            return [Criterion("never", 0.0, low=1.0)]
+
+    classes = np.unique(wine["forget"].base.y.numpy()[wine["forget"].ids])
+    before = [p.detach().clone() for p in wine["original"].parameters()]
+    control = ControlConfig(budget_steps=1000, verify_every=2, min_lr_ratio=1e-2)
+    r = ErasusUnlearner(wine["original"], selector=None, control=control, progress=False,
+                        target=NeverGuarded(classes)).fit(forget_data=wine["forget"], retain_data=wine["retain"])
+    v = r.verification
+    # 2^-7 < 1e-2 <= 2^-6: the 7th trip ends it (each trip counts against patience too, which is 20)
+    assert v["stopped"].startswith("stalled: guard trips halved the step size") and len(v["guard_events"]) == 7
+    assert r.report.steps == 14 and r.verified is False
+    assert all(torch.equal(a, b) for a, b in zip(before, r.model.parameters()))
+    with pytest.raises(InvalidConfigError, match="min_lr_ratio"):
+        ControlConfig(min_lr_ratio=2.0).validate()

@@ -67,7 +67,11 @@ class ControlConfig:
         coreset_start: the adaptive coreset starts at this fraction of the forget set (at least ``coreset_min``).
         coreset_min: smallest starting coreset.
         patience: stop early ("stalled") after this many verifications without getting closer to the target (and
-            without coreset growth), returning the closest guarded weights.
+            without coreset growth; a guard trip counts as one), returning the closest guarded weights.
+        min_lr_ratio: stop early ("stalled") when guard trips have halved the step size below this fraction of the
+            starting one: no step size the strategy can take approaches the target without breaking the guard.
+            (digits_prompt_diffusion seed 1, ESD-x: from step 112 every window at the guard's edge tripped, the
+            step size fell to 5e-10 and 190 steps and 27 verifications changed nothing.)
         strength_tries: for strategies that compute their update themselves and declare a strength knob
             (``Strategy.strength``), at most this many other settings are tried from the original weights (stronger
             or gentler: :class:`~erasus_ray.control.strength.StrengthSearch`).
@@ -84,6 +88,7 @@ class ControlConfig:
     coreset_start: float = 0.05
     coreset_min: int = 8
     patience: int = 20
+    min_lr_ratio: float = 1e-4
     strength_tries: int = 6
     retain_samples: int = 512
     heldout_samples: int = 2048
@@ -97,11 +102,12 @@ class ControlConfig:
             raise InvalidConfigError(f"verify_every must be a positive integer or 'auto', got {self.verify_every!r}")
         if not (_positive_number(self.lr_growth) and self.lr_growth > 1):
             raise InvalidConfigError(f"lr_growth must be a number > 1, got {self.lr_growth!r}")
-        for name in ("max_lr", "min_progress", "coreset_start"):
+        for name in ("max_lr", "min_progress", "coreset_start", "min_lr_ratio"):
             if not _positive_number(getattr(self, name)):
                 raise InvalidConfigError(f"{name} must be a positive finite number, got {getattr(self, name)!r}")
-        if self.coreset_start > 1:
-            raise InvalidConfigError(f"coreset_start must be in (0, 1], got {self.coreset_start!r}")
+        for name in ("coreset_start", "min_lr_ratio"):
+            if getattr(self, name) > 1:
+                raise InvalidConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
         for name in ("coreset_min", "patience", "strength_tries", "retain_samples", "heldout_samples"):
             if not _positive_int(getattr(self, name)):
                 raise InvalidConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -251,6 +257,11 @@ class Controller:
             self._trip(steps, why, retain_boost=not guard_ok)
             self.prev_loss = _mean_loss(self.good.forget, state.coreset)  # the restored weights' (measured when kept)
             d = {"trip": True}
+            state.stalled += 1  # restored: no closer than before
+            if state.lr < self.config.lr * self.control.min_lr_ratio:
+                self.stalled_why = (f"stalled: guard trips halved the step size to {state.lr:.3g} (below "
+                                    f"{self.control.min_lr_ratio:g} x the start, {self.config.lr:g})")
+                return self._stop(steps, **d)
         elif verdict.passed:
             return self._stop(steps, reason=f"verified at step {steps}")
         else:
