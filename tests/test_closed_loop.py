@@ -7,6 +7,8 @@ classes, 178 samples), an MLP trained to train loss 4e-6 - a converged, very con
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -443,3 +445,26 @@ def test_a_guard_that_trips_at_every_step_size_stops_the_loop_early(wine):
     assert all(torch.equal(a, b) for a, b in zip(before, r.model.parameters()))
     with pytest.raises(InvalidConfigError, match="min_lr_ratio"):
         ControlConfig(min_lr_ratio=2.0).validate()
+
+
+def test_a_run_that_never_passes_the_guard_returns_the_measured_weights_not_the_pruned_ones(wine):
+    """A strategy whose setup edits the weights (sparse_aware prunes half of them; unet_surgery trims) and no window
+    that passes the guard: the run must return the weights the loop measured - the original - not the edited ones
+    it never measured. (Measured before the fix: unet_surgery on digits_diffusion seed 0 returned its trimmed UNet,
+    other classes judged 0.27 against the original's 0.97, reported as "the last guarded weights".)"""
+    from erasus_ray.evaluation.verification import ClassTarget, Criterion
+
+    class NeverGuarded(ClassTarget):
+        def guard_criteria(self, now, original, guard):
+            return [Criterion("never", 0.0, low=1.0)]
+
+    classes = np.unique(wine["forget"].base.y.numpy()[wine["forget"].ids])
+    before = [p.detach().clone() for p in wine["original"].parameters()]
+    model = copy.deepcopy(wine["original"])
+    r = ErasusUnlearner(model, strategy="sparse_aware", selector=None, progress=False, target=NeverGuarded(classes),
+                        control=ControlConfig(verify_every=2, min_lr_ratio=1e-2)).fit(
+        forget_data=wine["forget"], retain_data=wine["retain"])
+    assert r.verified is False and r.verification["guard_events"]
+    assert all(torch.equal(a, b) for a, b in zip(before, r.model.parameters()))
+    zeros = lambda m: sum(int((p == 0).sum()) for p in m.parameters())  # noqa: E731
+    assert zeros(r.model) == zeros(wine["original"])  # not pruned

@@ -458,10 +458,14 @@ class ClosedLoopRunner(LocalRunner):
         if d.stop:
             report.stopped = d.reason
             return self._finish(report, ctx, strategy=None)
+        measured = _snapshot(ctx.model)  # the weights the controller measured (begin)
         self._setup(strategy, ctx, full)
         coreset = np.sort(np.asarray(ctx.forget.ids))
         ctx.forget = seat.shard(ctx.forget)  # after setup: every rank sets up on the same (whole) coreset
         loop = _Streams(self, strategy, ctx, d.lr, coreset)
+        # a setup that edits the weights (pruning, trimming): a trip still restarts from the edited weights (the
+        # strategy's state belongs to them), but a run in which no window passed the guard returns the measured ones
+        loop.fallback = measured if _edited(measured, loop.snapshot) else None
         saved = seat.resumed()
         if saved is not None:
             d = loop.load(saved, full, report)
@@ -490,6 +494,12 @@ class ClosedLoopRunner(LocalRunner):
             if bar is not None:
                 bar.close()
         report.stopped = d.reason
+        if d.final == "snapshot" and loop.fallback is not None:  # nothing passed the guard: the original, unedited
+            strategy.finish(ctx)  # its clean-up first (a pruning strategy's finish re-applies its masks)
+            _restore(ctx.model, loop.fallback)
+            if seat.rank == 0:
+                ctl.conclude(ctx.model, d)
+            return self._finish(report, ctx, strategy=None)
         if d.final is not None:
             _restore(ctx.model, loop.best if d.final == "best" else loop.snapshot)
             if seat.rank == 0:
@@ -582,6 +592,8 @@ class _Streams:
         self.forget_iter, self.forget_drawn = runner._forget_stream(ctx), 0
         self.snapshot: dict[str, torch.Tensor] = _snapshot(ctx.model)
         self.best: dict[str, torch.Tensor] | None = None
+        #: the measured weights from before a setup that edited them, returned when no window passes the guard
+        self.fallback: dict[str, torch.Tensor] | None = None
         self.retain_boost = 0.0
         self.coreset = coreset  # the whole coreset's ids (ctx.forget may hold this rank's shard of it)
 
@@ -669,6 +681,13 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _restore(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(snapshot)
+
+
+def _edited(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    """Whether a strategy's setup changed the values of the weights (``unet_surgery`` trims, ``sparse_aware``
+    prunes). A setup that only adds modules (LoRA adapters, mask parametrisations) renames keys instead and keeps
+    the function at its start; it is not an edit (its own ``finish`` folds the additions back)."""
+    return before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def _mean_loss(stats: Any, ids: np.ndarray) -> float:
