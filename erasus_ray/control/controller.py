@@ -44,7 +44,7 @@ from erasus_ray.data import Batch, IdDataset, make_loader
 import warnings
 
 from erasus_ray.errors import InvalidConfigError, NonFiniteLossError, NonFiniteWeightsError
-from erasus_ray.evaluation.verification import Guard, Measurement, Probe, Target
+from erasus_ray.evaluation.verification import Criterion, Guard, Measurement, Probe, Target
 from erasus_ray.runners.local import LocalRunner, RunnerConfig, RunReport, StepExecutor, _cycle
 from erasus_ray.strategies.base import Strategy, UnlearnContext
 from erasus_ray.tasks import Capability
@@ -222,6 +222,8 @@ class Controller:
         self.record = {"start_lr": self.config.lr, "lr_history": [], "coreset_growth": [int(len(self.state.coreset))],
                        "guard_events": [], "verifications": 0, "n_forget": int(len(full))}
         self.n_full, self.stalled_why = len(full), ""
+        self.repair_start: dict[str, float] | None = None  # guard violations of the edited weights being mended
+        self.repair: float | None = None  # the smallest total guard violation reached while mending them
         if self.verdict.passed:
             return Decision(0, self.config.lr, stop=True, reason="verified: the original model already meets the target")
         self.ref = self.target.reference_loss(original)
@@ -229,6 +231,39 @@ class Controller:
         self.good = original  # the measurement of the last weights that passed the guard
         self.prev_loss = _mean_loss(original.forget, self.state.coreset)
         return Decision(self._window(0), self.config.lr)
+
+    def after_setup(self, model: nn.Module) -> Decision:
+        """A strategy's setup edited the weights (pruning, trimming: :func:`_edited`): measure the edited model once.
+        It may already meet the target and the guard (the edit alone did it: stop). Where it breaks the guard, the
+        strategy's steps are expected to mend it (Scissorhands trims, then repairs on the retain set), so until the
+        guard first holds a window whose guard violations all shrink is not a trip (:meth:`_repairing`)."""
+        m = self.probe.measure(model)
+        self.record["verifications"] += 1
+        verdict, guard = self.target.verdict(m), self.control.guard.check(m, self.original, self.target)
+        self.record["setup_edit"] = {"violation": verdict.violation, "guard": [c.to_dict() for c in guard]}
+        if all(c.passed for c in guard):
+            if verdict.passed:
+                self.verdict, self.guard = verdict, guard
+                return Decision(0, self.state.lr, stop=True, reason="verified: the strategy's setup alone meets the target")
+            return Decision(self._window(0), self.state.lr)
+        self.repair_start, self.repair = {c.name: c.violation for c in guard}, None
+        return Decision(self._window(0), self.state.lr)
+
+    def _repairing(self, guard: list[Criterion]) -> bool:
+        """While mending a setup's edit (:meth:`after_setup`): whether no guard criterion is further off than on the
+        edited model (then the window goes on, neither restored nor kept as guarded weights). A window that brings
+        the guard no closer than the best so far counts against ``patience``, as any window that does not progress."""
+        if self.repair_start is None:
+            return False
+        now = {c.name: c.violation for c in guard}
+        if set(now) != set(self.repair_start) or any(now[k] > self.repair_start[k] + 1e-12 for k in now):
+            return False
+        total = sum(now.values())
+        if self.repair is None or total < self.repair - 1e-9:
+            self.repair, self.state.stalled = total, 0
+        else:
+            self.state.stalled += 1
+        return True
 
     def observe(self, model: nn.Module, steps: int, non_finite: str | None = None) -> Decision:
         """The decision after a window that ended at runner step ``steps`` (``non_finite``: the window stopped on a
@@ -251,12 +286,15 @@ class Controller:
         self.entry = {"step": steps, "lr": state.lr, "coreset": int(len(state.coreset)), "violation": verdict.violation,
                       "passed": verdict.passed, "guard_ok": guard_ok, "forget_loss": m.forget.mean_loss}
         d: dict[str, Any] = {}
-        if not guard_ok or verdict.overshoot:
+        if not guard_ok and not verdict.overshoot and self._repairing(guard):  # mending a setup's edit: go on
+            self.entry["repairing"] = True
+        elif not guard_ok or verdict.overshoot:
             why = "overshoot: " + "; ".join(verdict.failing()) if verdict.overshoot else "guard: " + "; ".join(
                 f"{c.name}={c.value:.4g} outside [{c.low}, {c.high}]" for c in guard if not c.passed)
             self._trip(steps, why, retain_boost=not guard_ok)
             self.prev_loss = _mean_loss(self.good.forget, state.coreset)  # the restored weights' (measured when kept)
             d = {"trip": True}
+            self.repair = None  # restored to the edited weights (when mending them): mend them again
             state.stalled += 1  # restored: no closer than before
             if state.lr < self.config.lr * self.control.min_lr_ratio:
                 self.stalled_why = (f"stalled: guard trips halved the step size to {state.lr:.3g} (below "
@@ -266,7 +304,8 @@ class Controller:
             return self._stop(steps, reason=f"verified at step {steps}")
         else:
             d = {"keep": True, "best": False}
-            self.good = m
+            self.good, self.repair, self.repair_start = m, None, None  # guarded weights: the usual rules from here
+
             if state.best is None or verdict.violation < state.best[0] - 1e-9:
                 state.best, state.stalled, d["best"] = (verdict.violation, steps), 0, True
             else:
@@ -301,7 +340,7 @@ class Controller:
 
     # --- checkpoints ------------------------------------------------------------------------------------------------------
     #: what changes as the loop runs (the rest is set once by ``begin``, again on a resume)
-    _MUTABLE = ("record", "verdict", "guard", "state", "good", "prev_loss", "stalled_why", "entry")
+    _MUTABLE = ("record", "verdict", "guard", "state", "good", "prev_loss", "stalled_why", "entry", "repair", "repair_start")
 
     def state_dict(self) -> dict[str, Any]:
         return {**{k: getattr(self, k) for k in self._MUTABLE if hasattr(self, k)}, "elapsed": time.perf_counter() - self.start}
@@ -467,6 +506,11 @@ class ClosedLoopRunner(LocalRunner):
         # strategy's state belongs to them), but a run in which no window passed the guard returns the measured ones
         loop.fallback = measured if _edited(measured, loop.snapshot) else None
         saved = seat.resumed()
+        if loop.fallback is not None and saved is None:
+            d = seat.decide(lambda: ctl.after_setup(ctx.model))
+            if d.stop:
+                report.stopped = d.reason
+                return self._finish(report, ctx, strategy=strategy)
         if saved is not None:
             d = loop.load(saved, full, report)
             if seat.rank == 0:
