@@ -53,6 +53,7 @@ def unlearn(bench, method: str, closed: bool, budget_seconds: float, budget_step
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--forget-class", type=int, default=3, help="the digit to erase (the defaults were chosen on 3)")
     parser.add_argument("--methods", default="grad_diff,esd")
     parser.add_argument("--budget-seconds", type=float, default=300.0, help="wall-clock budget; 0: none (the steps "
                         "alone: a run that does not depend on the machine's load)")
@@ -67,7 +68,7 @@ def main() -> None:
         return
     loops = [{"open": False, "closed": True}[name] for name in args.loops.split(",")]
     torch.set_num_threads(1)
-    bench = load_benchmark("digits_diffusion", seed=args.seed)
+    bench = load_benchmark("digits_diffusion", seed=args.seed, forget_class=args.forget_class)
     print("| seed | method | loop | erased-class rate | other classes judged acc | Frechet | steps | seconds | stopped "
           "| load average |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -77,7 +78,7 @@ def main() -> None:
         print(f"| {args.seed} | {name} | - | {r['erased_generation_rate']:.3f} | {r['retained_generation_acc']:.3f} | "
               f"{r['retained_frechet']:.2f} | - | - | - | {_load()} |", flush=True)
         if args.out:
-            _append(args.out, {"seed": args.seed, "method": name, "loop": "-", "budget_steps": "", "budget_seconds": "",
+            _append(args.out, {"seed": args.seed, "forget_class": args.forget_class, "method": name, "loop": "-", "budget_steps": "", "budget_seconds": "",
                                **r, "passed": "", "steps": "", "verifications": "", "stopped": "", "seconds": "",
                                "load1": _load()})
     for method in args.methods.split(","):
@@ -87,7 +88,7 @@ def main() -> None:
                   f"{r['erased_generation_rate']:.3f} | {r['retained_generation_acc']:.3f} | {r['retained_frechet']:.2f} | "
                   f"{r['steps']} ({r['verifications']} verifications) | {s:.1f} | {r['mode']}, passed={r['passed']}: {r['stopped']} | {_load()} |", flush=True)
             if args.out:
-                _append(args.out, {"seed": args.seed, "method": method, "loop": "closed" if closed else "open",
+                _append(args.out, {"seed": args.seed, "forget_class": args.forget_class, "method": method, "loop": "closed" if closed else "open",
                                    "budget_steps": args.budget_steps, "budget_seconds": args.budget_seconds,
                                    **{k: r[k] for k in (*METRICS, "passed", "steps", "verifications", "stopped")},
                                    "seconds": round(s, 1), "load1": _load()})

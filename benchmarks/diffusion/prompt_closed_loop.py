@@ -32,7 +32,7 @@ from erasus_ray.control import ControlConfig
 from erasus_ray.evaluation import run_metrics
 
 METRICS = ("erased_generation_rate", "retained_generation_acc", "retained_frechet")
-FIELDS = ("seed", "method", "mode", "passed", "steps", "strength", "erased_generation_rate", "retained_generation_acc",
+FIELDS = ("seed", "forget_class", "method", "mode", "passed", "steps", "strength", "erased_generation_rate", "retained_generation_acc",
           "retained_frechet", "seconds", "load1", "stopped", "guard")
 
 
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--budget-seconds", type=float, default=600.0, help="wall-clock budget; 0: none")
     parser.add_argument("--budget-steps", type=int, default=1000, help="runner-step budget of the closed loop")
     parser.add_argument("--judge-samples", type=int, default=32)
+    parser.add_argument("--forget-class", type=int, default=3, help="the digit to erase (the defaults were chosen on 3)")
     parser.add_argument("--out", default="")
     parser.add_argument("--dump", default="", help="folder for each fit's verification record and window history")
     parser.add_argument("--note", default="", help="written to the csv's last column (named guard for its first use): "
@@ -90,10 +91,11 @@ def main() -> None:
     print("| seed | method | mode | passed | steps / strength tried | rate | other classes | Frechet | seconds | load |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for seed in (int(s) for s in args.seeds.split(",")):
-        bench = load_benchmark("digits_prompt_diffusion", seed=seed, judge_samples=args.judge_samples)
+        bench = load_benchmark("digits_prompt_diffusion", seed=seed, judge_samples=args.judge_samples,
+                               forget_class=args.forget_class)
         for spec in args.methods.split(","):
             method, params = parse_method(spec)
-            r = {"seed": seed, "method": spec, **closed_loop(bench, method, params, args.budget_seconds, args.dump, args.budget_steps),
+            r = {"seed": seed, "forget_class": args.forget_class, "method": spec, **closed_loop(bench, method, params, args.budget_seconds, args.dump, args.budget_steps),
                  "guard": args.note}
             print(f"| {seed} | {spec} | {r['mode']} | {r['passed']} | {r['steps']} {r['strength']} | "
                   f"{r['erased_generation_rate']:.3f} | {r['retained_generation_acc']:.3f} | "
