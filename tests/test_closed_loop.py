@@ -494,26 +494,3 @@ def test_a_setup_that_breaks_the_guard_is_mended_not_restored(wine):
     assert r.verified is True and v["guard_ok"] is True and not v["guard_events"]  # ... the steps mended it
     assert any(e.get("repairing") for e in r.report.history)
     assert _acc(r.model, wine["retain"], wine["task"]) >= edited["retain_acc"]["low"]
-
-
-def test_a_guarded_plateau_grows_the_step_size_until_a_trip_caps_it():
-    """The step size found while the forget loss moved can be too small once the target's own measurement stops
-    moving (selective amnesia on digits_diffusion class 7 sat at judged rate 0.14 for 20 verifications with the
-    other classes at 0.993): every ``plateau`` verifications without getting closer, the step grows by lr_growth,
-    never past max_lr, and not at all after a guard trip (its cap)."""
-    from erasus_ray.control.controller import Controller, GrowthPlan, _LoopState
-    from erasus_ray.runners.local import RunnerConfig
-
-    ctl = Controller(RunnerConfig(lr=1e-3), ControlConfig(plateau=5, max_lr=2e-2), None, None, GrowthPlan(None))
-    ctl.state, ctl.record = _LoopState(lr=1e-3, coreset=np.arange(3), best=(1.0, 0)), {"lr_history": []}
-    for k in range(1, 21):
-        ctl.state.stalled = k
-        ctl._plateau(k)
-    assert [round(h["lr"], 6) for h in ctl.record["lr_history"]] == [3e-3, 9e-3]  # 27e-3 would pass max_lr
-    assert ctl.state.lr == pytest.approx(9e-3)
-    ctl.state.lr_cap = ctl.state.lr = 4.5e-3  # a trip halved it
-    ctl.state.stalled = 25
-    ctl._plateau(25)
-    assert ctl.state.lr == 4.5e-3 and len(ctl.record["lr_history"]) == 2
-    with pytest.raises(InvalidConfigError, match="plateau"):
-        ControlConfig(plateau=0).validate()

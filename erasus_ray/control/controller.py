@@ -68,8 +68,6 @@ class ControlConfig:
         coreset_min: smallest starting coreset.
         patience: stop early ("stalled") after this many verifications without getting closer to the target (and
             without coreset growth; a guard trip counts as one), returning the closest guarded weights.
-        plateau: after this many verifications in a row without getting closer to the target, the last one guarded,
-            the step size grows by ``lr_growth`` (not past ``max_lr`` or a guard trip's cap).
         min_lr_ratio: stop early ("stalled") when guard trips have halved the step size below this fraction of the
             starting one: no step size the strategy can take approaches the target without breaking the guard.
             (digits_prompt_diffusion seed 1, ESD-x: from step 112 every window at the guard's edge tripped, the
@@ -90,7 +88,6 @@ class ControlConfig:
     coreset_start: float = 0.05
     coreset_min: int = 8
     patience: int = 20
-    plateau: int = 5
     min_lr_ratio: float = 1e-4
     strength_tries: int = 6
     retain_samples: int = 512
@@ -111,7 +108,7 @@ class ControlConfig:
         for name in ("coreset_start", "min_lr_ratio"):
             if getattr(self, name) > 1:
                 raise InvalidConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
-        for name in ("coreset_min", "patience", "plateau", "strength_tries", "retain_samples", "heldout_samples"):
+        for name in ("coreset_min", "patience", "strength_tries", "retain_samples", "heldout_samples"):
             if not _positive_int(getattr(self, name)):
                 raise InvalidConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.guard, Guard):
@@ -308,11 +305,11 @@ class Controller:
         else:
             d = {"keep": True, "best": False}
             self.good, self.repair, self.repair_start = m, None, None  # guarded weights: the usual rules from here
+
             if state.best is None or verdict.violation < state.best[0] - 1e-9:
                 state.best, state.stalled, d["best"] = (verdict.violation, steps), 0, True
             else:
                 state.stalled += 1
-                self._plateau(steps)
             if self._grow(m):
                 d["coreset"], state.stalled = state.coreset.copy(), 0
             now_loss = _mean_loss(m.forget, state.coreset)
@@ -401,21 +398,6 @@ class Controller:
         state.coreset = np.sort(np.concatenate([state.coreset, new]))
         self.record["coreset_growth"].append(int(len(state.coreset)))
         return True
-
-    def _plateau(self, steps: int) -> None:
-        """A guarded plateau: after every ``plateau`` verifications without getting closer to the target (the last
-        one kept the guard), the step size grows by ``lr_growth`` - never past ``max_lr`` or a guard trip's cap, so
-        after a trip it stays. The step size found while the forget loss moved (:meth:`_adapt_lr`) can be too small
-        once the target's own measurement stops moving: selective amnesia on digits_diffusion class 7 sat at judged
-        rate 0.14 for 20 verifications with the other classes at 0.993."""
-        state = self.state
-        if state.stalled % self.control.plateau:
-            return
-        grown = state.lr * self.control.lr_growth
-        if grown <= min(self.control.max_lr, state.lr_cap) + 1e-15:
-            state.lr = grown
-            self.record["lr_history"].append({"step": steps, "lr": grown,
-                                              "why": f"plateau: {state.stalled} verifications without getting closer"})
 
     def _adapt_lr(self, prev: float, now: float, start: float, step: int) -> None:
         """Grow the learning rate geometrically after a window that moved the coreset's log forget loss by less than
