@@ -305,7 +305,6 @@ class Controller:
         else:
             d = {"keep": True, "best": False}
             self.good, self.repair, self.repair_start = m, None, None  # guarded weights: the usual rules from here
-
             if state.best is None or verdict.violation < state.best[0] - 1e-9:
                 state.best, state.stalled, d["best"] = (verdict.violation, steps), 0, True
             else:
@@ -501,10 +500,12 @@ class ClosedLoopRunner(LocalRunner):
         self._setup(strategy, ctx, full)
         coreset = np.sort(np.asarray(ctx.forget.ids))
         ctx.forget = seat.shard(ctx.forget)  # after setup: every rank sets up on the same (whole) coreset
-        loop = _Streams(self, strategy, ctx, d.lr, coreset)
         # a setup that edits the weights (pruning, trimming): a trip still restarts from the edited weights (the
-        # strategy's state belongs to them), but a run in which no window passed the guard returns the measured ones
-        loop.fallback = measured if _edited(measured, loop.snapshot) else None
+        # strategy's state belongs to them), but a run in which no window passed the guard returns the measured ones.
+        # Otherwise the measured weights are the loop's first snapshot (one copy of the model, not two).
+        edited = _edited(measured, ctx.model.state_dict())
+        loop = _Streams(self, strategy, ctx, d.lr, coreset, snapshot=None if edited else measured)
+        loop.fallback = measured if edited else None
         saved = seat.resumed()
         if loop.fallback is not None and saved is None:
             d = seat.decide(lambda: ctl.after_setup(ctx.model))
@@ -629,12 +630,13 @@ class _Streams:
     how many batches each has given since it was made, so a resumed run replays them), the last good and the best
     weights, and the retain-boost weight. Applies a :class:`Decision`."""
 
-    def __init__(self, runner: ClosedLoopRunner, strategy: Strategy, ctx: UnlearnContext, lr: float, coreset: np.ndarray) -> None:
+    def __init__(self, runner: ClosedLoopRunner, strategy: Strategy, ctx: UnlearnContext, lr: float, coreset: np.ndarray,
+                 snapshot: dict[str, torch.Tensor] | None = None) -> None:
         self.runner, self.strategy, self.ctx = runner, strategy, ctx
         self.executor = runner._executor(strategy, ctx, lr)
         self.retain_iter, self.retain_drawn = runner._retain_stream(ctx), 0
         self.forget_iter, self.forget_drawn = runner._forget_stream(ctx), 0
-        self.snapshot: dict[str, torch.Tensor] = _snapshot(ctx.model)
+        self.snapshot: dict[str, torch.Tensor] = _snapshot(ctx.model) if snapshot is None else snapshot
         self.best: dict[str, torch.Tensor] | None = None
         #: the measured weights from before a setup that edited them, returned when no window passes the guard
         self.fallback: dict[str, torch.Tensor] | None = None
