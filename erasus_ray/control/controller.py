@@ -502,9 +502,12 @@ class ClosedLoopRunner(LocalRunner):
         ctx.forget = seat.shard(ctx.forget)  # after setup: every rank sets up on the same (whole) coreset
         # a setup that edits the weights (pruning, trimming): a trip still restarts from the edited weights (the
         # strategy's state belongs to them), but a run in which no window passed the guard returns the measured ones.
-        # Otherwise the measured weights are the loop's first snapshot (one copy of the model, not two).
-        edited = _edited(measured, ctx.model.state_dict())
-        loop = _Streams(self, strategy, ctx, d.lr, coreset, snapshot=None if edited else measured)
+        # Where the setup left the weights as they were, the measured copy is the loop's first snapshot (one copy of
+        # the model, not two); a setup that added modules (LoRA) needs a snapshot with their keys.
+        now = ctx.model.state_dict()
+        edited = _edited(measured, now)
+        same = not edited and measured.keys() == now.keys()
+        loop = _Streams(self, strategy, ctx, d.lr, coreset, snapshot=measured if same else None)
         loop.fallback = measured if edited else None
         saved = seat.resumed()
         if loop.fallback is not None and saved is None:
