@@ -8,6 +8,7 @@ classes, 178 samples), an MLP trained to train loss 4e-6 - a converged, very con
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -494,3 +495,74 @@ def test_a_setup_that_breaks_the_guard_is_mended_not_restored(wine):
     assert r.verified is True and v["guard_ok"] is True and not v["guard_events"]  # ... the steps mended it
     assert any(e.get("repairing") for e in r.report.history)
     assert _acc(r.model, wine["retain"], wine["task"]) >= edited["retain_acc"]["low"]
+
+
+def test_a_guarded_plateau_grows_the_step_size_past_an_early_trips_cap():
+    """One guard trip early in a run (selective amnesia on digits_diffusion class 7: at step 21) fixed the step size
+    for good, and the judged rate then sat at 0.14 for 20 verifications with the other classes at 0.993. Every
+    ``plateau`` guarded verifications without getting closer, the step grows by lr_growth, never past max_lr; the
+    trip's cap moves up with it, and a later trip halves it again."""
+    from erasus_ray.control.controller import Controller, GrowthPlan, _LoopState
+    from erasus_ray.runners.local import RunnerConfig
+
+    ctl = Controller(RunnerConfig(lr=1e-3), ControlConfig(plateau=5, max_lr=2e-2), None, None, GrowthPlan(None))
+    ctl.state, ctl.record = _LoopState(lr=1e-3, coreset=np.arange(3), best=(1.0, 0)), {"lr_history": [], "guard_events": []}
+    for k in range(1, 21):
+        ctl.state.stalled = k
+        ctl._plateau(k)
+    assert [round(h["lr"], 6) for h in ctl.record["lr_history"]] == [3e-3, 9e-3, 2e-2]  # 27e-3 would pass max_lr
+    assert ctl.state.lr_cap == math.inf  # no trip, no cap
+    ctl._trip(21, "guard", retain_boost=True)  # halves: 1e-2, capped there
+    assert ctl.state.lr == ctl.state.lr_cap == pytest.approx(1e-2)
+    ctl.state.stalled = 4
+    ctl._plateau(22)
+    assert ctl.state.lr == pytest.approx(1e-2)  # not yet a plateau
+    ctl.state.stalled = 5
+    ctl._plateau(23)
+    assert ctl.state.lr == ctl.state.lr_cap == pytest.approx(2e-2)  # past the trip's cap (max_lr bounds it)
+    with pytest.raises(InvalidConfigError, match="plateau"):
+        ControlConfig(plateau=0).validate()
+
+
+def test_strength_search_for_a_strategy_whose_steps_cannot_deepen_its_edit(wine):
+    """Scissorhands-shaped: the setup's edit erases (here: the forgotten class's output bias lowered by ``scale``)
+    and the runner steps cannot erase more (unet_surgery's repair steps mend the other classes; on digits_diffusion
+    class 7 its default trim plateaued at judged rate 0.19 with the guard holding). The closed loop stalls on the
+    default; the strength search then re-runs the whole closed loop from the original weights with a stronger
+    setting (x3) until the edit alone meets the target. A try in which no window kept the guard returns the original
+    weights; it counts as a guard break, not as a guarded miss."""
+    from torch import nn
+
+    from erasus_ray.strategies import Strategy
+    from erasus_ray.strategies.concept_ablation import forget_classes
+    from erasus_ray.unlearner import _kept_guard
+
+    class EditThenIdle(Strategy):
+        strength = ("scale", 3.0)
+        default_optimizer = "sgd"
+        needs_retain = True
+
+        def __init__(self, scale: float = 1.0) -> None:
+            super().__init__()
+            self.scale = float(scale)
+
+        @torch.no_grad()
+        def setup(self, ctx):
+            head = [m for m in ctx.model.modules() if isinstance(m, nn.Linear)][-1]
+            for c in forget_classes(ctx.task, ctx.full_forget):
+                head.bias[c] -= self.scale
+
+        def loss(self, ctx, forget, retain):
+            return 0.0 * ctx.forward(retain).sample_loss().mean(), {}
+
+    control = ControlConfig(verify_every=2, patience=4)
+    r = ErasusUnlearner(copy.deepcopy(wine["original"]), strategy=EditThenIdle(), selector=None, progress=False,
+                        control=control).fit(forget_data=wine["forget"], retain_data=wine["retain"])
+    v = r.verification
+    attempts = v["strength"]["attempts"]
+    assert v["mode"] == "strength_search" and v["runs"] == "closed_loop" and r.verified is True, v
+    assert [a["scale"] for a in attempts] == pytest.approx([3.0**i for i in range(len(attempts))])
+    assert len(attempts) >= 2 and not attempts[0]["passed"] and attempts[-1]["passed"]
+    assert r.config["strategy_params"]["scale"] == pytest.approx(attempts[-1]["scale"])
+    assert _acc(r.model, wine["forget"], wine["task"]) <= 0.05
+    assert _kept_guard({"guard_ok": True}) and not _kept_guard({"guard_ok": True, "returned_unedited": True})

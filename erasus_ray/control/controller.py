@@ -7,12 +7,13 @@ measurements, every ``verify_every`` steps, by forward passes only (:class:`~era
 1. **Stop when the target holds** on the whole forget set (:mod:`erasus_ray.evaluation.verification`), not after a
    number of epochs; a model that already meets it is left unchanged.
 2. **Utility guard**: when retain / held-out utility falls more than the guard allows, or forgetting overshoots the
-   target, restore the last weights that passed, halve the step size (and never grow it past that again), raise the
-   weight of an extra retain-descent step (0 -> 1 -> 2 -> ...), and continue.
+   target, restore the last weights that passed, halve the step size (grown past that again only on a guarded
+   plateau), raise the weight of an extra retain-descent step (0 -> 1 -> 2 -> ...), and continue.
 3. **Step size found, not guessed**: starting from the strategy's default, the learning rate grows geometrically
    (``lr_growth``) after each window in which the coreset's mean forget loss moved less than ``min_progress`` of its
    log-distance to the target's reference loss (e.g. ``log C`` for a removed class, the held-out median loss), until
-   the first window that moves; then it is kept (only a guard trip halves it).
+   the first window that moves; then it is kept (a guard trip halves it; ``plateau`` verifications in a row
+   without getting closer, guarded, grow it again).
 4. **Adaptive coreset**: from a small coreset chosen by the selector, forget samples that still fail the target's
    per-sample criterion join - in the selector's order, at most doubling the coreset per verification - once the
    coreset's own samples pass but the whole forget set does not (the coreset did not stand in for the rest). The
@@ -68,6 +69,12 @@ class ControlConfig:
         coreset_min: smallest starting coreset.
         patience: stop early ("stalled") after this many verifications without getting closer to the target (and
             without coreset growth; a guard trip counts as one), returning the closest guarded weights.
+        plateau: after this many verifications in a row without getting closer to the target, the last one guarded,
+            the step size grows by ``lr_growth`` (never past ``max_lr``) and a guard trip's cap moves up with it: a
+            cap set by one early trip does not hold for the rest of the run (selective amnesia on digits_diffusion
+            class 7: one trip at step 21 fixed the step size at 5e-5, where the judged rate sat at 0.14 for 20
+            verifications with the other classes at 0.993). A trip after the growth halves it again; ``patience``
+            still bounds the run.
         min_lr_ratio: stop early ("stalled") when guard trips have halved the step size below this fraction of the
             starting one: no step size the strategy can take approaches the target without breaking the guard.
             (digits_prompt_diffusion seed 1, ESD-x: from step 112 every window at the guard's edge tripped, the
@@ -88,6 +95,7 @@ class ControlConfig:
     coreset_start: float = 0.05
     coreset_min: int = 8
     patience: int = 20
+    plateau: int = 5
     min_lr_ratio: float = 1e-4
     strength_tries: int = 6
     retain_samples: int = 512
@@ -108,7 +116,7 @@ class ControlConfig:
         for name in ("coreset_start", "min_lr_ratio"):
             if getattr(self, name) > 1:
                 raise InvalidConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
-        for name in ("coreset_min", "patience", "strength_tries", "retain_samples", "heldout_samples"):
+        for name in ("coreset_min", "patience", "plateau", "strength_tries", "retain_samples", "heldout_samples"):
             if not _positive_int(getattr(self, name)):
                 raise InvalidConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.guard, Guard):
@@ -309,6 +317,7 @@ class Controller:
                 state.best, state.stalled, d["best"] = (verdict.violation, steps), 0, True
             else:
                 state.stalled += 1
+                self._plateau(steps)
             if self._grow(m):
                 d["coreset"], state.stalled = state.coreset.copy(), 0
             now_loss = _mean_loss(m.forget, state.coreset)
@@ -397,6 +406,19 @@ class Controller:
         state.coreset = np.sort(np.concatenate([state.coreset, new]))
         self.record["coreset_growth"].append(int(len(state.coreset)))
         return True
+
+    def _plateau(self, steps: int) -> None:
+        """A guarded plateau (see ``ControlConfig.plateau``): after every ``plateau`` verifications without getting
+        closer to the target (this one guarded), grow the step size by ``lr_growth`` up to ``max_lr``, past a guard
+        trip's cap (the cap moves with it: the trip was measured at other weights, and a new trip halves it again)."""
+        state = self.state
+        if state.stalled % self.control.plateau:
+            return
+        grown = min(state.lr * self.control.lr_growth, self.control.max_lr)
+        if grown > state.lr * (1 + 1e-9):
+            state.lr, state.lr_cap = grown, max(state.lr_cap, grown)
+            self.record["lr_history"].append({"step": steps, "lr": grown,
+                                              "why": f"plateau: {state.stalled} verifications without getting closer"})
 
     def _adapt_lr(self, prev: float, now: float, start: float, step: int) -> None:
         """Grow the learning rate geometrically after a window that moved the coreset's log forget loss by less than
@@ -547,6 +569,7 @@ class ClosedLoopRunner(LocalRunner):
             _restore(ctx.model, loop.fallback)
             if seat.rank == 0:
                 ctl.conclude(ctx.model, d)
+                ctl.record["returned_unedited"] = True  # a strength search counts this as a guard break
             return self._finish(report, ctx, strategy=None)
         if d.final is not None:
             _restore(ctx.model, loop.best if d.final == "best" else loop.snapshot)
