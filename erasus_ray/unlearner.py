@@ -439,50 +439,67 @@ class ErasusUnlearner:
                                         "optimizer": self.runner_kwargs["optimizer"]}},
         )
 
-    def _search_strength(self, pristine: nn.Module, forget: IdDataset, retain: IdDataset | None, chosen: Coreset,
-                         config: RunnerConfig, resolved: ResolvedTarget, probe: Probe, original: Measurement,
-                         first: tuple[nn.Module, RunReport, dict[str, Any]]) -> tuple[nn.Module, RunReport, dict[str, Any]]:
-        """The closed loop for a strategy that computes its update itself (Fisher noise, SSD dampening, UCE's edit):
-        re-run it from the original weights with its declared strength knob (:attr:`Strategy.strength`) at the
-        setting :class:`~erasus_ray.control.strength.StrengthSearch` proposes - stronger while the guard holds and
-        the target misses, gentler when the default already breaks the guard or a stronger setting missed by more,
-        bisecting between a guard break and a guarded miss - up to ``ControlConfig.strength_tries`` times, until the
-        target holds. Returns the first passing run, else the
-        guarded run closest to the target (the default's if none is guarded), with every attempt in the verification.
-        Cost: one run of the strategy and one probe measurement per try."""
+    def _closed_runner(self, config: RunnerConfig, resolved: ResolvedTarget, probe: Probe, original: Measurement | None,
+                       start: Coreset, adaptive: bool) -> Any:
+        """The closed-loop runner of one run, from the coreset ``start`` (grown from it where ``adaptive``)."""
+        growth = GrowthPlan.from_coreset(start.scores, start.info.get("order"), adaptive)
+        return self.make_runner(config, Controller(config, self.control, resolved.target, probe, growth, original=original))
+
+    def _search_strength(self, pristine: nn.Module, forget: IdDataset, retain: IdDataset | None, start: Coreset,
+                         adaptive: bool, config: RunnerConfig, resolved: ResolvedTarget, probe: Probe,
+                         original: Measurement, first: tuple[nn.Module, RunReport, dict[str, Any], Coreset],
+                         ) -> tuple[nn.Module, RunReport, dict[str, Any], Coreset]:
+        """The closed loop over a strategy's declared strength knob (:attr:`Strategy.strength`): re-run it from the
+        original weights at the setting :class:`~erasus_ray.control.strength.StrengthSearch` proposes - stronger while
+        the guard holds and the target misses, gentler when the default already breaks the guard or a stronger
+        setting missed by more, bisecting between a guard break and a guarded miss - up to
+        ``ControlConfig.strength_tries`` times, until the target holds.
+
+        A strategy that computes its update itself (Fisher noise, SSD dampening, UCE's edit) is verified once per
+        try. One that takes runner steps after an edit the steps cannot deepen (Scissorhands' trim: the repair steps
+        mend the other classes but never erase more) gets a whole closed-loop run per try, from ``start``; a try in
+        which no window kept the guard (the loop returned the original, unedited weights) counts as a guard break.
+        Returns the first passing run, else the guarded run closest to the target (the default's if none is
+        guarded), with every attempt in the verification, and the coreset that run ended with. Cost: one run of the
+        strategy and its verification(s) per try."""
         knob, factor = self.strategy.strength
         value = float(getattr(self.strategy, knob))
         search = StrengthSearch(factor)
-        search.record(value, bool(first[2].get("guard_ok")), first[2].get("violation", float("inf")))
+        search.record(value, _kept_guard(first[2]), first[2].get("violation", float("inf")))
         attempts = [_strength_attempt(knob, value, first[2])]
         best, best_value = first, value
         for _ in range(self.control.strength_tries):
             value = search.next_value()
             if value is None:
                 break
-            model, report, v = self._strength_try(knob, value, pristine, forget, retain, chosen, config, resolved, probe, original)
+            tried = self._strength_try(knob, value, pristine, forget, retain, start, adaptive, config, resolved, probe, original)
+            v = tried[2]
             attempts.append(_strength_attempt(knob, value, v))
-            search.record(value, v["guard_ok"], v["violation"])
-            if v["guard_ok"] and (v["violation"] < best[2]["violation"] or not best[2].get("guard_ok")):
-                best, best_value = (model, report, v), value
+            search.record(value, _kept_guard(v), v["violation"])
+            if _kept_guard(v) and (v["violation"] < best[2]["violation"] or not _kept_guard(best[2])):
+                best, best_value = tried, value
             if v["passed"]:
                 break
-        model, report, verification = best
-        verification = {**verification, "mode": "strength_search",
+        model, report, verification, chosen = best
+        verification = {**verification, "mode": "strength_search", "runs": verification.get("mode"),
                         "strength": {"knob": knob, "factor": factor, "attempts": attempts, "used": best_value}}
-        return model, report, verification
+        return model, report, verification, chosen
 
     def _strength_try(self, knob: str, value: float, pristine: nn.Module, forget: IdDataset, retain: IdDataset | None,
-                      chosen: Coreset, config: RunnerConfig, resolved: ResolvedTarget, probe: Probe,
-                      original: Measurement) -> tuple[nn.Module, RunReport, dict[str, Any]]:
+                      start: Coreset, adaptive: bool, config: RunnerConfig, resolved: ResolvedTarget, probe: Probe,
+                      original: Measurement) -> tuple[nn.Module, RunReport, dict[str, Any], Coreset]:
         """One try of :meth:`_search_strength`: the strategy with ``knob=value`` on a copy of the original weights,
-        verified once."""
+        under a fresh closed loop (verified once where the strategy does not take runner steps)."""
         # its own class, not the registry name: an instance of an unregistered subclass stays that subclass
         strategy = type(self.strategy)(**{**self.strategy.hparams(), knob: value})
-        ctx = self._context(clone_model(pristine), forget, retain, chosen, None)
-        report = strategy.unlearn(ctx, LocalRunner(config))
+        ctx = self._context(clone_model(pristine), forget, retain, start, None)
+        runner = self._closed_runner(config, resolved, probe, original, start, adaptive)
+        report = strategy.unlearn(ctx, runner)
         ctx.model.eval()
-        return ctx.model, report, _verify_once(resolved, probe, ctx.model, original, self.control, report, open_loop=False)
+        if runner.ran:
+            chosen = _grown_coreset(start, runner, len(forget)) if adaptive else start
+            return ctx.model, report, _closed_loop_verification(runner, resolved, report), chosen
+        return ctx.model, report, _verify_once(resolved, probe, ctx.model, original, self.control, report, open_loop=False), start
 
     def make_runner(self, config: RunnerConfig, controller: Controller | None = None) -> Any:
         """The runner of the backend; with a ``controller``, one that runs its closed loop (in process, or inside the
@@ -594,9 +611,9 @@ class ErasusUnlearner:
             if len(unknown):
                 raise InvalidDataError(f"coreset ids not in the forget set: {unknown[:20].tolist()}")
             ctx = self._context(model, forget, retain, chosen, epochs)
+            start = chosen  # the coreset the loop starts from (a strength search's tries start from it again)
             if closed:
-                growth = GrowthPlan.from_coreset(chosen.scores, chosen.info.get("order"), adaptive)
-                runner: Any = self.make_runner(config, Controller(config, self.control, resolved.target, probe, growth, original=original))
+                runner: Any = self._closed_runner(config, resolved, probe, original, chosen, adaptive)
             else:
                 runner = self.make_runner(config)
             search = closed and self.strategy.strength is not None
@@ -614,9 +631,10 @@ class ErasusUnlearner:
                     verification = _verify_once(resolved, probe, model, original, self.control, report, open_loop)
                     if self.strategy.closed_loop_reason and not open_loop:
                         verification["note"] = f"not closed-loop: {self.strategy.closed_loop_reason}"
-                if search and not runner.ran and not verification["passed"]:
-                    model, report, verification = self._search_strength(
-                        pristine, forget, retain, chosen, config, resolved, probe, original, (model, report, verification))
+                if search and not verification["passed"]:
+                    model, report, verification, chosen = self._search_strength(
+                        pristine, forget, retain, start, adaptive, config, resolved, probe, original,
+                        (model, report, verification, chosen))
         hash_after = model_hash(model)
         stuck = (report.steps > 0 and hash_after == hash_before) or "non-finite" in report.stopped
         if verification.get("passed") is None and stuck:  # never a normal result: a failed verification, said aloud
@@ -718,6 +736,12 @@ def _grown_coreset(start: Coreset, runner: ClosedLoopRunner, n_forget: int) -> C
     info = {**start.info, "adaptive": True, "start_size": int(len(start.ids)), "growth": runner.record["coreset_growth"],
             "final_fraction": len(ids) / max(1, n_forget)}
     return Coreset(ids=ids, weights=np.full(len(ids), n_forget / max(1, len(ids))), scores=start.scores, selector=start.selector, info=info)
+
+
+def _kept_guard(verification: dict[str, Any]) -> bool:
+    """Whether a run kept the utility guard with weights of its own: a closed loop in which no window kept it returns
+    the original, unedited weights (guarded, but not the strategy's) and counts as a guard break."""
+    return bool(verification.get("guard_ok")) and not verification.get("returned_unedited")
 
 
 def _strength_attempt(knob: str, value: float, verification: dict[str, Any]) -> dict[str, Any]:

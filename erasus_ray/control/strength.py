@@ -18,7 +18,7 @@ class StrengthSearch:
     from what the settings tried so far did: a one-dimensional compass search in log scale that minimises the
     target's violation among the settings that keep the utility guard.
 
-    From the best guarded setting so far (``c``, lowest violation) and a step ``r`` (``factor``, then its square
+    From the best guarded setting so far (``c``, lowest violation; the stronger one on a tie) and a step ``r`` (``factor``, then its square
     root, its fourth root, ...), the next setting is
 
     * ``c * r`` (stronger), unless tried already or at least as strong as a setting that broke the guard (the guard
@@ -47,7 +47,9 @@ class StrengthSearch:
         guarded = {v: viol for v, (ok, viol) in self.tried.items() if ok}
         if not guarded:
             return min(self.tried, key=self._strength) / self.factor
-        best = min(guarded, key=guarded.get)  # type: ignore[arg-type]
+        # the lowest violation; on a tie the stronger setting (a flat stretch, e.g. a judged rate that did not move
+        # yet, is crossed towards the stronger side, not bisected back towards the default)
+        best = min(guarded, key=lambda v: (round(guarded[v], 12), -self._strength(v)))
         exponent = 1.0
         while max(self.factor, 1 / self.factor) ** exponent >= MIN_STEP_RATIO:
             step = self.factor ** exponent
