@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import json
 import time
 from pathlib import Path
 
@@ -34,8 +35,10 @@ from erasus_ray.evaluation import run_metrics
 METRICS = ("erased_generation_rate", "retained_generation_acc", "retained_frechet")
 
 
-def unlearn(bench, method: str, closed: bool, budget_seconds: float, budget_steps: int = 1000) -> tuple[dict, float]:
-    """One run of ``method`` (closed: with ``gold=``); ``budget_seconds`` 0 = no time limit, only ``budget_steps``."""
+def unlearn(bench, method: str, closed: bool, budget_seconds: float, budget_steps: int = 1000,
+            records: str = "", tag: str = "") -> tuple[dict, float]:
+    """One run of ``method`` (closed: with ``gold=``); ``budget_seconds`` 0 = no time limit, only ``budget_steps``.
+    ``records``: a folder to write the run's verification record and window history to (json, named by ``tag``)."""
     start = time.perf_counter()
     control = ControlConfig(budget_steps=budget_steps, budget_seconds=budget_seconds or None)
     result = ErasusUnlearner(copy.deepcopy(bench.original), strategy=method, selector=None, fraction=None,
@@ -47,6 +50,10 @@ def unlearn(bench, method: str, closed: bool, budget_seconds: float, budget_step
     v = result.verification
     row.update(mode=v.get("mode"), passed=v.get("passed"), steps=result.report.steps, stopped=v.get("stopped", ""),
                verifications=v.get("verifications", "-"))
+    if records:
+        out = Path(records) / f"seed{bench.seed}_{tag}{method}_{'closed' if closed else 'open'}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"verification": v, "history": result.report.history, "seconds": seconds}, indent=1, default=str))
     return row, seconds
 
 
@@ -61,6 +68,7 @@ def main() -> None:
     parser.add_argument("--loops", default="open,closed", help="which runs per method: open (defaults), closed (gold)")
     parser.add_argument("--out", default="", help="csv to append the rows to (written as measured)")
     parser.add_argument("--references", action="store_true", help="first measure the original and the gold model")
+    parser.add_argument("--records", default="", help="folder for each run's verification record and window history (json)")
     parser.add_argument("--table", default="", help="a csv written by --out: only print its summary table")
     args = parser.parse_args()
     if args.table:
@@ -83,7 +91,7 @@ def main() -> None:
                                "load1": _load()})
     for method in args.methods.split(","):
         for closed in loops:
-            r, s = unlearn(bench, method, closed, args.budget_seconds, args.budget_steps)
+            r, s = unlearn(bench, method, closed, args.budget_seconds, args.budget_steps, args.records, f"class{args.forget_class}_")
             print(f"| {args.seed} | {method} | {'closed (gold)' if closed else 'open (defaults)'} | "
                   f"{r['erased_generation_rate']:.3f} | {r['retained_generation_acc']:.3f} | {r['retained_frechet']:.2f} | "
                   f"{r['steps']} ({r['verifications']} verifications) | {s:.1f} | {r['mode']}, passed={r['passed']}: {r['stopped']} | {_load()} |", flush=True)
