@@ -566,3 +566,19 @@ def test_strength_search_for_a_strategy_whose_steps_cannot_deepen_its_edit(wine)
     assert r.config["strategy_params"]["scale"] == pytest.approx(attempts[-1]["scale"])
     assert _acc(r.model, wine["forget"], wine["task"]) <= 0.05
     assert _kept_guard({"guard_ok": True}) and not _kept_guard({"guard_ok": True, "returned_unedited": True})
+
+
+def test_a_gold_model_that_did_not_train_is_refused(wine):
+    """A gold model that does not fit the retain set it was retrained on (the llava benchmark's seed-1 retrain ended
+    at chance: retain answer accuracy 0.113 vs the original's 0.993, and the loop verified against it) would make any
+    model that forgets everything "as forgotten as the retrained model": refused with the measured numbers. A gold
+    model that learned is accepted."""
+    untrained = copy.deepcopy(wine["original"])
+    for p in untrained.parameters():
+        torch.nn.init.zeros_(p)  # predicts one class for every input
+    with pytest.raises(InvalidConfigError, match=r"gold model does not fit the retain set: retain accuracy 0\.\d+ against the original"):
+        ErasusUnlearner(copy.deepcopy(wine["original"]), selector=None, progress=False, target="gold").fit(
+            forget_data=wine["forget"], retain_data=wine["retain"], gold=untrained)
+    r = ErasusUnlearner(copy.deepcopy(wine["original"]), selector=None, progress=False, target="gold").fit(
+        forget_data=wine["forget"], retain_data=wine["retain"], gold=wine["gold"])
+    assert r.verification["target"] == "gold" and r.verified is True
