@@ -496,10 +496,9 @@ class ErasusUnlearner:
         runner = self._closed_runner(config, resolved, probe, original, start, adaptive)
         report = strategy.unlearn(ctx, runner)
         ctx.model.eval()
-        if runner.ran:
-            chosen = _grown_coreset(start, runner, len(forget)) if adaptive else start
-            return ctx.model, report, _closed_loop_verification(runner, resolved, report), chosen
-        return ctx.model, report, _verify_once(resolved, probe, ctx.model, original, self.control, report, open_loop=False), start
+        verification, chosen = _run_verification(runner, resolved, probe, ctx.model, original, self.control, report,
+                                                  start, adaptive, len(forget), open_loop=False)
+        return ctx.model, report, verification, chosen
 
     def make_runner(self, config: RunnerConfig, controller: Controller | None = None) -> Any:
         """The runner of the backend; with a ``controller``, one that runs its closed loop (in process, or inside the
@@ -623,14 +622,10 @@ class ErasusUnlearner:
                     report = self.strategy.unlearn(ctx, runner)
                 model = ctx.model  # inference-time strategies (dexperts, activation_steering) return a wrapper around it
                 model.eval()
-                if closed and runner.ran:
-                    verification = _closed_loop_verification(runner, resolved, report)
-                    if adaptive:
-                        chosen = _grown_coreset(chosen, runner, len(forget))
-                else:  # open loop, or a strategy that computed its update without the runner: verified once
-                    verification = _verify_once(resolved, probe, model, original, self.control, report, open_loop)
-                    if self.strategy.closed_loop_reason and not open_loop:
-                        verification["note"] = f"not closed-loop: {self.strategy.closed_loop_reason}"
+                verification, chosen = _run_verification(runner if closed else None, resolved, probe, model, original,
+                                                         self.control, report, start, adaptive, len(forget), open_loop)
+                if verification["mode"] != "closed_loop" and self.strategy.closed_loop_reason and not open_loop:
+                    verification["note"] = f"not closed-loop: {self.strategy.closed_loop_reason}"
                 if search and not verification["passed"]:
                     model, report, verification, chosen = self._search_strength(
                         pristine, forget, retain, start, adaptive, config, resolved, probe, original,
@@ -738,6 +733,17 @@ def _grown_coreset(start: Coreset, runner: ClosedLoopRunner, n_forget: int) -> C
     return Coreset(ids=ids, weights=np.full(len(ids), n_forget / max(1, len(ids))), scores=start.scores, selector=start.selector, info=info)
 
 
+def _run_verification(runner: Any, resolved: ResolvedTarget, probe: Probe, model: nn.Module, original: Measurement | None,
+                      control: ControlConfig, report: RunReport, start: Coreset, adaptive: bool, n_forget: int,
+                      open_loop: bool) -> tuple[dict[str, Any], Coreset]:
+    """A run's verification and the coreset it ended with: the closed loop's record (and its grown coreset) where
+    ``runner`` (a closed-loop runner, else None) drove the run; else one measurement (open loop, or a strategy that
+    computed its update without the runner) and ``start``."""
+    if runner is not None and runner.ran:
+        return _closed_loop_verification(runner, resolved, report), (_grown_coreset(start, runner, n_forget) if adaptive else start)
+    return _verify_once(resolved, probe, model, original, control, report, open_loop), start
+
+
 def _kept_guard(verification: dict[str, Any]) -> bool:
     """Whether a run kept the utility guard with weights of its own: a closed loop in which no window kept it returns
     the original, unedited weights (guarded, but not the strategy's) and counts as a guard break."""
@@ -748,7 +754,8 @@ def _strength_attempt(knob: str, value: float, verification: dict[str, Any]) -> 
     """One row of ``verification["strength"]["attempts"]``: the setting, its outcome and what was measured (the
     target's criteria and the guard's, by name), so a failed search says how close each setting came."""
     measured = {c["name"]: c["value"] for c in verification.get("criteria", []) + verification.get("guard", [])}
-    return {knob: value, "passed": verification["passed"], "guard_ok": verification.get("guard_ok"), "measured": measured}
+    unedited = {"returned_unedited": True} if verification.get("returned_unedited") else {}  # a guard break (_kept_guard)
+    return {knob: value, "passed": verification["passed"], "guard_ok": verification.get("guard_ok"), **unedited, "measured": measured}
 
 
 def _verify_once(resolved: ResolvedTarget, probe: Probe, model: nn.Module, original: Measurement | None, control: ControlConfig,
